@@ -1,0 +1,1 @@
+"""authsvc: an authentication microservice (gRPC auth.v1, PostgreSQL)."""

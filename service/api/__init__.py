@@ -1,0 +1,1 @@
+"""gRPC adapters: requests in, responses and statuses out. No business logic here."""

@@ -1,0 +1,227 @@
+"""auth.v1.AuthService: a thin adapter between gRPC messages and the TokenService."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+from google.protobuf import message_factory
+from google.protobuf.message import DecodeError, Message
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from service.api.requests import (
+    MAX_AUDIENCE_BYTES,
+    MAX_ID_BYTES,
+    MAX_PASSWORD_BYTES,
+    MAX_TOKEN_BYTES,
+    MAX_USERNAME_BYTES,
+    RequestCheck,
+)
+from service.api.status import maps_errors
+from service.domain.access_tokens import TokenProblem
+from service.domain.tokens import CallerInfo, TokenPair, TokenService
+from service.errors import FieldViolation, InvalidArgument
+from service.gen.auth.v1 import auth_pb2
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+_PROBLEMS = {
+    TokenProblem.MALFORMED: auth_pb2.VALIDATION_ERROR_MALFORMED,
+    TokenProblem.BAD_SIGNATURE: auth_pb2.VALIDATION_ERROR_BAD_SIGNATURE,
+    TokenProblem.EXPIRED: auth_pb2.VALIDATION_ERROR_EXPIRED,
+    TokenProblem.NOT_YET_VALID: auth_pb2.VALIDATION_ERROR_NOT_YET_VALID,
+    TokenProblem.REVOKED: auth_pb2.VALIDATION_ERROR_REVOKED,
+    TokenProblem.WRONG_AUDIENCE: auth_pb2.VALIDATION_ERROR_WRONG_AUDIENCE,
+    TokenProblem.INSUFFICIENT_SCOPE: auth_pb2.VALIDATION_ERROR_INSUFFICIENT_SCOPE,
+}
+
+
+class UndecodableRequest:
+    """Stands in for a request whose bytes did not parse (for example invalid UTF-8).
+
+    gRPC answers INTERNAL when a deserializer raises; we answer INVALID_ARGUMENT.
+    """
+
+
+def _timestamp(seconds: float) -> Timestamp:
+    ts = Timestamp()
+    ts.FromNanoseconds(int(seconds * 1_000_000_000))
+    return ts
+
+
+def _token_pair(pair: TokenPair) -> auth_pb2.TokenPair:
+    return auth_pb2.TokenPair(
+        access_token=pair.access_token,
+        refresh_token=pair.refresh_token,
+        token_type="Bearer",
+        access_token_expires_at=_timestamp(pair.access_token_expires_at),
+        refresh_token_expires_at=_timestamp(pair.refresh_token_expires_at),
+        session_id=pair.session_id,
+        scopes=list(pair.scopes),
+    )
+
+
+def _caller(context: Context) -> CallerInfo:
+    user_agent = None
+    for key, value in context.invocation_metadata() or ():
+        if key == "user-agent" and isinstance(value, str):
+            user_agent = value[:256]
+    return CallerInfo(peer=context.peer(), user_agent=user_agent)
+
+
+def _bearer_token(context: Context) -> str | None:
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization" and isinstance(value, str):
+            scheme, _, token = value.partition(" ")
+            if scheme.lower() == "bearer" and 0 < len(token) <= MAX_TOKEN_BYTES:
+                return token.strip()
+    return None
+
+
+def _reject_undecodable(request: object) -> None:
+    if isinstance(request, UndecodableRequest):
+        raise InvalidArgument([FieldViolation("request", "is not a valid protobuf message")])
+
+
+class AuthServicer:
+    """Implements auth.v1.AuthService over a TokenService."""
+
+    def __init__(self, tokens: TokenService) -> None:
+        self._tokens = tokens
+
+    @maps_errors
+    async def Issue(
+        self, request: auth_pb2.IssueRequest, context: Context
+    ) -> auth_pb2.IssueResponse:  # noqa: N802
+        _reject_undecodable(request)
+        check = RequestCheck()
+        if request.WhichOneof("credentials") != "password":
+            check.missing("password")
+        username = check.text(
+            "password.username", request.password.username, limit=MAX_USERNAME_BYTES
+        )
+        password = check.text(
+            "password.password", request.password.password, limit=MAX_PASSWORD_BYTES
+        )
+        scopes = check.scopes("scopes", request.scopes)
+        audience = check.text(
+            "audience", request.audience, limit=MAX_AUDIENCE_BYTES, required=False
+        )
+        check.done()
+        pair = await self._tokens.issue(
+            username=username,
+            password=password,
+            scopes=scopes,
+            audience=audience or None,
+            caller=_caller(context),
+        )
+        return auth_pb2.IssueResponse(tokens=_token_pair(pair))
+
+    @maps_errors
+    async def Refresh(  # noqa: N802
+        self, request: auth_pb2.RefreshRequest, context: Context
+    ) -> auth_pb2.RefreshResponse:
+        _reject_undecodable(request)
+        check = RequestCheck()
+        token = check.text("refresh_token", request.refresh_token, limit=MAX_TOKEN_BYTES)
+        check.done()
+        pair = await self._tokens.refresh(token, caller=_caller(context))
+        return auth_pb2.RefreshResponse(tokens=_token_pair(pair))
+
+    @maps_errors
+    async def Validate(  # noqa: N802
+        self, request: auth_pb2.ValidateRequest, context: Context
+    ) -> auth_pb2.ValidateResponse:
+        _reject_undecodable(request)
+        check = RequestCheck()
+        token = check.text("access_token", request.access_token, limit=MAX_TOKEN_BYTES)
+        required = check.scopes("required_scopes", request.required_scopes)
+        audience = check.text(
+            "audience", request.audience, limit=MAX_AUDIENCE_BYTES, required=False
+        )
+        check.done()
+        result = await self._tokens.validate(
+            token, required_scopes=required, audience=audience or None
+        )
+        if result.claims is None:
+            assert result.problem is not None
+            return auth_pb2.ValidateResponse(valid=False, error=_PROBLEMS[result.problem])
+        claims = result.claims
+        return auth_pb2.ValidateResponse(
+            valid=True,
+            subject=claims.subject,
+            session_id=claims.session_id,
+            scopes=list(claims.scopes),
+            expires_at=_timestamp(claims.expires_at),
+            token_id=claims.token_id,
+        )
+
+    @maps_errors
+    async def Revoke(  # noqa: N802
+        self, request: auth_pb2.RevokeRequest, context: Context
+    ) -> auth_pb2.RevokeResponse:
+        _reject_undecodable(request)
+        check = RequestCheck()
+        target = request.WhichOneof("target")
+        caller = _caller(context)
+        if target is None:
+            check.missing("target")
+            check.done()
+        value = check.text(
+            str(target),
+            getattr(request, str(target)),
+            limit=MAX_TOKEN_BYTES if target in ("refresh_token", "access_token") else MAX_ID_BYTES,
+        )
+        check.done()
+        if target == "refresh_token":
+            count = await self._tokens.revoke_refresh_token(value, caller=caller)
+        elif target == "access_token":
+            count = await self._tokens.revoke_access_token(value, caller=caller)
+        elif target == "session_id":
+            count = await self._tokens.revoke_session(
+                value, caller_token=_bearer_token(context), caller=caller
+            )
+        else:
+            count = await self._tokens.revoke_subject(
+                value, caller_token=_bearer_token(context), caller=caller
+            )
+        return auth_pb2.RevokeResponse(revoked_sessions=count)
+
+    @maps_errors
+    async def GetJwks(  # noqa: N802
+        self, request: auth_pb2.GetJwksRequest, context: Context
+    ) -> auth_pb2.GetJwksResponse:
+        _reject_undecodable(request)
+        return auth_pb2.GetJwksResponse(jwks_json=self._tokens.jwks_json)
+
+
+def _tolerant_deserializer(cls: type[Message]) -> Callable[[bytes], object]:
+    def deserialize(data: bytes) -> object:
+        try:
+            return cls.FromString(data)
+        except DecodeError:
+            return UndecodableRequest()
+
+    return deserialize
+
+
+def add_auth_servicer(servicer: AuthServicer, server: grpc.aio.Server) -> None:
+    """Register like the generated `add_AuthServiceServicer_to_server`, except that a
+    request that does not parse reaches the servicer (and becomes INVALID_ARGUMENT)."""
+    service = auth_pb2.DESCRIPTOR.services_by_name["AuthService"]
+    handlers = {
+        method.name: grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, method.name),
+            request_deserializer=_tolerant_deserializer(
+                message_factory.GetMessageClass(method.input_type)
+            ),
+            response_serializer=message_factory.GetMessageClass(
+                method.output_type
+            ).SerializeToString,
+        )
+        for method in service.methods
+    }
+    generic = grpc.method_handlers_generic_handler(service.full_name, handlers)
+    server.add_generic_rpc_handlers((generic,))
+    server.add_registered_method_handlers(service.full_name, handlers)

@@ -1,0 +1,64 @@
+"""Request checks: required fields and limits, reported as INVALID_ARGUMENT with field names.
+
+Every limit here is documented in the proto and the README, and tested.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from service.errors import FieldViolation, InvalidArgument
+
+MAX_TOKEN_BYTES = 8 * 1024
+MAX_USERNAME_BYTES = 256
+MAX_PASSWORD_BYTES = 1024
+MAX_SCOPES = 32
+MAX_SCOPE_BYTES = 128
+MAX_AUDIENCE_BYTES = 256
+MAX_ID_BYTES = 256  # session_id and subject in Revoke
+
+# RFC 6749 §3.3 scope-token: printable ASCII except space, '"' and '\'.
+_SCOPE_RE = re.compile(r"[\x21\x23-\x5B\x5D-\x7E]+")
+
+
+class RequestCheck:
+    """Collects violations; `done()` raises them all at once."""
+
+    def __init__(self) -> None:
+        self._violations: list[FieldViolation] = []
+
+    def text(self, field: str, value: str, *, limit: int, required: bool = True) -> str:
+        if not value:
+            if required:
+                self._violations.append(FieldViolation(field, "is required"))
+            return value
+        if len(value) > limit or len(value.encode("utf-8")) > limit:
+            self._violations.append(FieldViolation(field, f"is longer than {limit} bytes"))
+        return value
+
+    def scopes(self, field: str, values: Sequence[str]) -> tuple[str, ...]:
+        if len(values) > MAX_SCOPES:
+            self._violations.append(FieldViolation(field, f"has more than {MAX_SCOPES} entries"))
+            return ()
+        for i, scope in enumerate(values):
+            if len(scope) > MAX_SCOPE_BYTES:
+                self._violations.append(
+                    FieldViolation(f"{field}[{i}]", f"is longer than {MAX_SCOPE_BYTES} bytes")
+                )
+            elif _SCOPE_RE.fullmatch(scope) is None:
+                self._violations.append(
+                    FieldViolation(
+                        f"{field}[{i}]",
+                        "must be printable ASCII without spaces, quotes or backslashes",
+                    )
+                )
+        # Order kept, duplicates dropped.
+        return tuple(dict.fromkeys(values))
+
+    def missing(self, field: str) -> None:
+        self._violations.append(FieldViolation(field, "is required"))
+
+    def done(self) -> None:
+        if self._violations:
+            raise InvalidArgument(self._violations)

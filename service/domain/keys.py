@@ -1,0 +1,124 @@
+"""Signing keys: generated once, stored sealed in PostgreSQL, loaded into key objects once.
+
+Every replica signs with the newest unretired key and verifies with any key
+in the ring, so a token signed anywhere validates everywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
+
+from service.domain.records import SigningKeyRecord
+from service.secrets_box import SecretBox
+
+PrivateKey = ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+PublicKey = ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey | rsa.RSAPublicKey
+
+_RSA_BITS = 3072
+
+
+def _generate_private_key(alg: str) -> PrivateKey:
+    if alg == "EdDSA":
+        return ed25519.Ed25519PrivateKey.generate()
+    if alg == "ES256":
+        return ec.generate_private_key(ec.SECP256R1())
+    if alg == "RS256":
+        return rsa.generate_private_key(public_exponent=65537, key_size=_RSA_BITS)
+    raise ValueError(f"unsupported signing algorithm {alg!r}")
+
+
+def _public_jwk(public_key: PublicKey) -> dict[str, Any]:
+    if isinstance(public_key, ed25519.Ed25519PublicKey):
+        return OKPAlgorithm.to_jwk(public_key, as_dict=True)
+    if isinstance(public_key, ec.EllipticCurvePublicKey):
+        return ECAlgorithm.to_jwk(public_key, as_dict=True)
+    return RSAAlgorithm.to_jwk(public_key, as_dict=True)
+
+
+def _seal_label(kid: str) -> str:
+    return f"signing-key:{kid}"
+
+
+@dataclass(frozen=True, slots=True)
+class SigningKey:
+    """A key pair ready to use: parsed once, never per call."""
+
+    kid: str
+    alg: str
+    private_key: PrivateKey
+    public_key: PublicKey
+    public_jwk: dict[str, str]
+    created_at: datetime
+    retired_at: datetime | None
+
+
+def generate_signing_key(alg: str, box: SecretBox, now: datetime) -> SigningKeyRecord:
+    """A new key pair, its private half sealed for storage."""
+    private_key = _generate_private_key(alg)
+    kid = secrets.token_urlsafe(12)
+    jwk = {**_public_jwk(private_key.public_key()), "kid": kid, "alg": alg, "use": "sig"}
+    der = private_key.private_bytes(
+        serialization.Encoding.DER,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return SigningKeyRecord(
+        kid=kid,
+        alg=alg,
+        public_jwk=jwk,
+        private_key_sealed=box.seal(der, label=_seal_label(kid)),
+        created_at=now,
+        retired_at=None,
+    )
+
+
+def open_signing_key(record: SigningKeyRecord, box: SecretBox) -> SigningKey:
+    """Unseal and parse a stored key."""
+    der = box.open(record.private_key_sealed, label=_seal_label(record.kid))
+    private_key = serialization.load_der_private_key(der, password=None)
+    if not isinstance(private_key, PrivateKey):
+        raise ValueError(f"signing key {record.kid}: unsupported key type")
+    return SigningKey(
+        kid=record.kid,
+        alg=record.alg,
+        private_key=private_key,
+        public_key=private_key.public_key(),
+        public_jwk=record.public_jwk,
+        created_at=record.created_at,
+        retired_at=record.retired_at,
+    )
+
+
+class KeyRing:
+    """The keys this process signs and verifies with."""
+
+    def __init__(self, keys: list[SigningKey]) -> None:
+        active = [k for k in keys if k.retired_at is None]
+        if not active:
+            raise ValueError("the key ring needs at least one unretired signing key")
+        # The newest unretired key signs; all keys verify.
+        self.signing_key: SigningKey = max(active, key=lambda k: k.created_at)
+        self._by_kid: dict[str, SigningKey] = {k.kid: k for k in keys}
+        self._jwks_json = json.dumps(
+            {"keys": [k.public_jwk for k in sorted(keys, key=lambda k: k.created_at)]},
+            separators=(",", ":"),
+        )
+
+    def verification_key(self, kid: object) -> SigningKey | None:
+        """The key named by an (untrusted) `kid` header, or None."""
+        if not isinstance(kid, str):
+            return None
+        return self._by_kid.get(kid)
+
+    @property
+    def jwks_json(self) -> str:
+        """The public keys as an RFC 7517 JWK Set."""
+        return self._jwks_json

@@ -1,0 +1,79 @@
+"""Records passed between the domain and the store."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+
+
+@dataclass(frozen=True, slots=True)
+class UserRecord:
+    """A user as stored."""
+
+    id: uuid.UUID
+    username: str
+    password_hash: str
+    scopes: tuple[str, ...]
+    disabled: bool
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class NewSession:
+    """What Issue writes: a session (token family) and its first refresh token."""
+
+    id: uuid.UUID
+    user_id: uuid.UUID
+    scopes: tuple[str, ...]
+    audience: str
+    created_at: datetime
+    expires_at: datetime
+    first_token_hash: bytes
+    first_token_expires_at: datetime
+    peer: str | None
+    user_agent: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class RefreshTokenState:
+    """A presented refresh token with everything needed to decide its fate."""
+
+    token_hash: bytes
+    session_id: uuid.UUID
+    user_id: uuid.UUID
+    issued_at: datetime
+    expires_at: datetime
+    used_at: datetime | None
+    child_hash: bytes | None
+    child_expires_at: datetime | None
+    child_used: bool
+    session_scopes: tuple[str, ...]
+    session_audience: str
+    session_expires_at: datetime
+    session_revoked: bool
+    user_scopes: tuple[str, ...]
+    user_disabled: bool
+
+
+@dataclass(frozen=True, slots=True)
+class SigningKeyRecord:
+    """A signing key as stored: the private half sealed under the KEK."""
+
+    kid: str
+    alg: str
+    public_jwk: dict[str, str]
+    private_key_sealed: bytes
+    created_at: datetime
+    retired_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class SecurityEvent:
+    """Something an operator should be able to see later (logins, theft, revocations)."""
+
+    kind: str
+    subject: str | None = None
+    session_id: uuid.UUID | None = None
+    peer: str | None = None
+    detail: dict[str, str] | None = None

@@ -1,0 +1,123 @@
+"""Refresh tokens: opaque random strings, stored only as SHA-256, rotated on use.
+
+Within one family each token has at most one child. The child is derived from
+its parent with an HMAC under a server secret, so a client that presents the
+parent again within the grace window gets the *same* child back, although the
+database stores no token in plaintext.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import re
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from service.domain.records import RefreshTokenState
+from service.errors import (
+    AuthError,
+    RefreshTokenExpired,
+    RefreshTokenInvalid,
+    SessionRevoked,
+)
+
+_TOKEN_BYTES = 32  # 256 bits
+# base64url of 32 bytes without padding: exactly 43 characters.
+_TOKEN_RE = re.compile(r"[A-Za-z0-9_-]{43}")
+
+
+def _encode(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+def new_refresh_token() -> str:
+    """A fresh token for a new family: 256 bits from the OS CSPRNG, URL-safe."""
+    return _encode(secrets.token_bytes(_TOKEN_BYTES))
+
+
+def derive_child_token(parent: str, secret: bytes) -> str:
+    """The one child of `parent`: HMAC-SHA256 under the server's derivation secret."""
+    return _encode(hmac.new(secret, parent.encode("ascii"), hashlib.sha256).digest())
+
+
+def hash_token(token: str) -> bytes:
+    """What the database stores and looks up: SHA-256 of the token text."""
+    return hashlib.sha256(token.encode("ascii")).digest()
+
+
+def is_well_formed(token: str) -> bool:
+    """True if `token` could be one of ours (no database lookup needed otherwise)."""
+    return _TOKEN_RE.fullmatch(token) is not None
+
+
+# What to do with a presented refresh token; chosen by `decide_refresh`.
+
+
+@dataclass(frozen=True, slots=True)
+class Rotate:
+    """Mark the token used and store its child."""
+
+    child_hash: bytes
+    child_expires_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Replay:
+    """Within the grace window: answer with the child the first call created."""
+
+
+@dataclass(frozen=True, slots=True)
+class RevokeForReuse:
+    """A rotated token came back: revoke the family."""
+
+
+@dataclass(frozen=True, slots=True)
+class Reject:
+    """Refuse with this error; change nothing."""
+
+    error: type[AuthError]
+
+
+RefreshDecision = Rotate | Replay | RevokeForReuse | Reject
+
+
+def decide_refresh(
+    state: RefreshTokenState | None,
+    *,
+    now: datetime,
+    grace: timedelta,
+    idle_ttl: timedelta,
+    child_hash: bytes,
+) -> RefreshDecision:
+    """Decide the fate of a presented refresh token, with the token row locked.
+
+    Order matters: a revoked session is reported as such even for an old token;
+    reuse is checked before expiry so that a thief replaying an expired
+    sibling still kills a live family.
+    """
+    if state is None:
+        return Reject(RefreshTokenInvalid)
+    if state.session_revoked or state.user_disabled:
+        return Reject(SessionRevoked)
+    if state.used_at is not None:
+        in_grace = now < state.used_at + grace
+        # Only the immediate parent of an unused child may be replayed, and
+        # only while the family is still live: older generations are theft.
+        if in_grace and not state.child_used and state.child_hash == child_hash:
+            if state.child_expires_at is not None and now >= state.child_expires_at:
+                return Reject(RefreshTokenExpired)
+            return Replay()
+        return RevokeForReuse()
+    if now >= state.expires_at or now >= state.session_expires_at:
+        return Reject(RefreshTokenExpired)
+    child_expires_at = min(now + idle_ttl, state.session_expires_at)
+    return Rotate(child_hash=child_hash, child_expires_at=child_expires_at)
+
+
+def granted_scopes(state: RefreshTokenState) -> tuple[str, ...]:
+    """A refresh never widens the grant: the session's scopes the user still holds."""
+    held = set(state.user_scopes)
+    return tuple(s for s in state.session_scopes if s in held)

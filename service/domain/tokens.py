@@ -1,0 +1,379 @@
+"""The token service: log in, rotate, validate and revoke, over sessions (token families)."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+
+from service.clock import Clock, to_datetime
+from service.domain.access_tokens import (
+    AccessClaims,
+    AccessTokenCodec,
+    TokenProblem,
+    TokenRejected,
+)
+from service.domain.keys import KeyRing, generate_signing_key, open_signing_key
+from service.domain.passwords import PasswordHasher
+from service.domain.records import NewSession, RefreshTokenState, SecurityEvent
+from service.domain.refresh_tokens import (
+    Reject,
+    Replay,
+    RevokeForReuse,
+    Rotate,
+    decide_refresh,
+    derive_child_token,
+    granted_scopes,
+    hash_token,
+    is_well_formed,
+    new_refresh_token,
+)
+from service.errors import (
+    CallerNotAllowed,
+    CallerUnauthenticated,
+    InvalidCredentials,
+    RefreshTokenInvalid,
+    RefreshTokenReused,
+    ScopeNotAllowed,
+)
+from service.secrets_box import SecretBox
+from service.settings import Settings
+from service.store.postgres import PostgresStore
+
+log = logging.getLogger(__name__)
+
+_REFRESH_SECRET = "refresh-token-derivation"
+
+
+@dataclass(frozen=True, slots=True)
+class TokenPair:
+    """What a successful Issue or Refresh returns."""
+
+    access_token: str
+    access_token_expires_at: float
+    refresh_token: str
+    refresh_token_expires_at: float
+    session_id: str
+    scopes: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Validation:
+    """The verdict on an access token: claims when valid, else the problem."""
+
+    claims: AccessClaims | None
+    problem: TokenProblem | None
+
+
+@dataclass(frozen=True, slots=True)
+class CallerInfo:
+    """Where a call came from, recorded with sessions and security events."""
+
+    peer: str | None = None
+    user_agent: str | None = None
+
+
+async def load_key_ring(store: PostgresStore, box: SecretBox, *, alg: str, clock: Clock) -> KeyRing:
+    """The stored signing keys, creating the first one on first start."""
+    records = await store.signing_keys()
+    if not any(r.retired_at is None for r in records):
+        async with store.bootstrap_lock():
+            records = await store.signing_keys()
+            if not any(r.retired_at is None for r in records):
+                record = generate_signing_key(alg, box, to_datetime(clock.now()))
+                await store.insert_signing_key(record)
+                log.info("created signing key kid=%s alg=%s", record.kid, record.alg)
+                records.append(record)
+    return KeyRing([open_signing_key(r, box) for r in records])
+
+
+async def load_refresh_secret(store: PostgresStore, box: SecretBox, *, clock: Clock) -> bytes:
+    """The server-wide secret that derives a refresh token's child, shared by replicas."""
+    sealed = await store.server_secret(_REFRESH_SECRET)
+    if sealed is None:
+        async with store.bootstrap_lock():
+            sealed = await store.server_secret(_REFRESH_SECRET)
+            if sealed is None:
+                sealed = box.seal(secrets.token_bytes(32), label=_REFRESH_SECRET)
+                await store.insert_server_secret(
+                    _REFRESH_SECRET, sealed, now=to_datetime(clock.now())
+                )
+    return box.open(sealed, label=_REFRESH_SECRET)
+
+
+def _parse_uuid(value: str) -> uuid.UUID | None:
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        return None
+
+
+class TokenService:
+    """Issues, rotates, validates and revokes tokens; one per server process."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        store: PostgresStore,
+        codec: AccessTokenCodec,
+        hasher: PasswordHasher,
+        refresh_secret: bytes,
+        clock: Clock,
+    ) -> None:
+        self._settings = settings
+        self._store = store
+        self._codec = codec
+        self._hasher = hasher
+        self._refresh_secret = refresh_secret
+        self._clock = clock
+
+    # Issue
+
+    async def issue(
+        self,
+        *,
+        username: str,
+        password: str,
+        scopes: tuple[str, ...],
+        audience: str | None,
+        caller: CallerInfo,
+    ) -> TokenPair:
+        user = await self._store.find_user(username)
+        # Unknown users are verified against a dummy hash: the same work, the same answer.
+        matches = await self._hasher.verify(None if user is None else user.password_hash, password)
+        now = self._clock.now()
+        if user is None or not matches or user.disabled:
+            await self._store.record_event(
+                SecurityEvent(
+                    kind="login_failed",
+                    subject=None if user is None else str(user.id),
+                    peer=caller.peer,
+                    detail={"username": username},
+                ),
+                now=to_datetime(now),
+            )
+            raise InvalidCredentials()
+        granted = scopes or user.scopes
+        if not set(granted) <= set(user.scopes):
+            raise ScopeNotAllowed()
+        if self._hasher.needs_rehash(user.password_hash):
+            new_hash = await self._hasher.hash(password)
+            await self._store.set_password_hash(user.id, new_hash, now=to_datetime(now))
+
+        session_id = uuid.uuid4()
+        refresh_token = new_refresh_token()
+        session_expires = now + self._settings.refresh_absolute_ttl
+        token_expires = min(now + self._settings.refresh_idle_ttl, session_expires)
+        aud = audience or self._settings.audience
+        await self._store.create_session(
+            NewSession(
+                id=session_id,
+                user_id=user.id,
+                scopes=granted,
+                audience=aud,
+                created_at=to_datetime(now),
+                expires_at=to_datetime(session_expires),
+                first_token_hash=hash_token(refresh_token),
+                first_token_expires_at=to_datetime(token_expires),
+                peer=caller.peer,
+                user_agent=caller.user_agent,
+            ),
+            SecurityEvent(
+                kind="login_succeeded",
+                subject=str(user.id),
+                session_id=session_id,
+                peer=caller.peer,
+            ),
+        )
+        access = self._codec.sign(
+            subject=str(user.id),
+            session_id=str(session_id),
+            audience=aud,
+            scopes=granted,
+            ttl=self._settings.access_ttl,
+        )
+        return TokenPair(
+            access_token=access.token,
+            access_token_expires_at=access.expires_at,
+            refresh_token=refresh_token,
+            refresh_token_expires_at=token_expires,
+            session_id=str(session_id),
+            scopes=granted,
+        )
+
+    # Refresh
+
+    async def refresh(self, refresh_token: str, *, caller: CallerInfo) -> TokenPair:
+        if not is_well_formed(refresh_token):
+            raise RefreshTokenInvalid()
+        child = derive_child_token(refresh_token, self._refresh_secret)
+        child_hash = hash_token(child)
+        now = to_datetime(self._clock.now())
+
+        def reuse_event(state: RefreshTokenState) -> SecurityEvent:
+            return SecurityEvent(
+                kind="refresh_token_reused",
+                subject=str(state.user_id),
+                session_id=state.session_id,
+                peer=caller.peer,
+            )
+
+        state, decision = await self._store.refresh(
+            hash_token(refresh_token),
+            lambda s: decide_refresh(
+                s,
+                now=now,
+                grace=timedelta(seconds=self._settings.refresh_reuse_grace),
+                idle_ttl=timedelta(seconds=self._settings.refresh_idle_ttl),
+                child_hash=child_hash,
+            ),
+            now=now,
+            reuse_event=reuse_event,
+        )
+        if isinstance(decision, Reject):
+            raise decision.error()
+        assert state is not None
+        if isinstance(decision, RevokeForReuse):
+            log.warning(
+                "refresh token reuse detected: session revoked",
+                extra={"session_id": str(state.session_id), "subject": str(state.user_id)},
+            )
+            raise RefreshTokenReused()
+        if isinstance(decision, Rotate):
+            child_expires_at = decision.child_expires_at
+        else:
+            assert isinstance(decision, Replay) and state.child_expires_at is not None
+            child_expires_at = state.child_expires_at
+        scopes = granted_scopes(state)
+        access = self._codec.sign(
+            subject=str(state.user_id),
+            session_id=str(state.session_id),
+            audience=state.session_audience,
+            scopes=scopes,
+            ttl=self._settings.access_ttl,
+        )
+        return TokenPair(
+            access_token=access.token,
+            access_token_expires_at=access.expires_at,
+            refresh_token=child,
+            refresh_token_expires_at=child_expires_at.timestamp(),
+            session_id=str(state.session_id),
+            scopes=scopes,
+        )
+
+    # Validate
+
+    async def validate(
+        self, access_token: str, *, required_scopes: tuple[str, ...], audience: str | None
+    ) -> Validation:
+        try:
+            claims = await self._verified(access_token)
+        except TokenRejected as rejected:
+            return Validation(claims=None, problem=rejected.problem)
+        if audience and audience not in claims.audiences:
+            return Validation(claims=None, problem=TokenProblem.WRONG_AUDIENCE)
+        if not set(required_scopes) <= set(claims.scopes):
+            return Validation(claims=None, problem=TokenProblem.INSUFFICIENT_SCOPE)
+        return Validation(claims=claims, problem=None)
+
+    async def _verified(self, access_token: str) -> AccessClaims:
+        """Signature, claims and revocation: everything but audience and scope."""
+        claims = self._codec.verify(access_token)
+        session_id = _parse_uuid(claims.session_id)
+        if session_id is None:
+            raise TokenRejected(TokenProblem.MALFORMED)
+        if await self._store.is_session_revoked(session_id):
+            raise TokenRejected(TokenProblem.REVOKED)
+        return claims
+
+    # Revoke
+
+    async def revoke_refresh_token(self, refresh_token: str, *, caller: CallerInfo) -> int:
+        """Revoke the session of a refresh token; 0 for unknown tokens (RFC 7009)."""
+        if not is_well_formed(refresh_token):
+            return 0
+        session_id = await self._store.session_of_refresh_token(hash_token(refresh_token))
+        if session_id is None:
+            return 0
+        return await self._revoke_session(session_id, "refresh_token_revoked", caller)
+
+    async def revoke_access_token(self, access_token: str, *, caller: CallerInfo) -> int:
+        """Revoke the session of an access token whose signature verifies (expired is fine)."""
+        try:
+            claims = self._codec.verify(access_token, check_time=False)
+        except TokenRejected:
+            return 0
+        session_id = _parse_uuid(claims.session_id)
+        if session_id is None:
+            return 0
+        return await self._revoke_session(session_id, "access_token_revoked", caller)
+
+    async def revoke_session(
+        self, session_id: str, *, caller_token: str | None, caller: CallerInfo
+    ) -> int:
+        """Revoke a session of the calling subject."""
+        subject = await self._authenticate_caller(caller_token)
+        sid = _parse_uuid(session_id)
+        owner = None if sid is None else await self._store.session_owner(sid)
+        # An unknown session is "not yours" too: no oracle for which ids exist.
+        if owner is None or str(owner) != subject:
+            raise CallerNotAllowed()
+        assert sid is not None
+        return await self._revoke_session(sid, "session_revoked", caller)
+
+    async def revoke_subject(
+        self, subject: str, *, caller_token: str | None, caller: CallerInfo
+    ) -> int:
+        """Log a subject out everywhere: every live session of theirs."""
+        caller_subject = await self._authenticate_caller(caller_token)
+        user_id = _parse_uuid(subject)
+        if subject != caller_subject or user_id is None:
+            raise CallerNotAllowed()
+        return await self.revoke_all_sessions(user_id, reason="logout_everywhere", caller=caller)
+
+    async def revoke_all_sessions(
+        self, user_id: uuid.UUID, *, reason: str, caller: CallerInfo
+    ) -> int:
+        return await self._store.revoke_user_sessions(
+            user_id,
+            reason=reason,
+            now=to_datetime(self._clock.now()),
+            event=SecurityEvent(
+                kind="sessions_revoked",
+                subject=str(user_id),
+                peer=caller.peer,
+                detail={"reason": reason},
+            ),
+        )
+
+    async def _revoke_session(self, session_id: uuid.UUID, reason: str, caller: CallerInfo) -> int:
+        return await self._store.revoke_session(
+            session_id,
+            reason=reason,
+            now=to_datetime(self._clock.now()),
+            event=SecurityEvent(
+                kind="session_revoked",
+                session_id=session_id,
+                peer=caller.peer,
+                detail={"reason": reason},
+            ),
+        )
+
+    async def _authenticate_caller(self, caller_token: str | None) -> str:
+        """The subject of the caller's live access token, or CallerUnauthenticated."""
+        if not caller_token:
+            raise CallerUnauthenticated()
+        try:
+            claims = await self._verified(caller_token)
+        except TokenRejected:
+            raise CallerUnauthenticated() from None
+        return claims.subject
+
+    # Keys
+
+    @property
+    def jwks_json(self) -> str:
+        return self._codec.key_ring.jwks_json

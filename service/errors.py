@@ -1,0 +1,147 @@
+"""Domain errors: one root, each class carrying its gRPC status code and ErrorInfo reason.
+
+The domain raises these; `service.api.status` is the one place that turns them
+into gRPC statuses. Messages are fixed strings chosen here, never built from
+client input, so no token or password can leak through them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+ERROR_DOMAIN = "authsvc"
+
+# gRPC status code names. The domain names them but imports no gRPC: the adapter
+# turns the name into grpc.StatusCode.
+StatusName = Literal[
+    "INVALID_ARGUMENT",
+    "UNAUTHENTICATED",
+    "PERMISSION_DENIED",
+    "ALREADY_EXISTS",
+    "NOT_FOUND",
+    "UNAVAILABLE",
+    "UNKNOWN",
+]
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    """One invalid request field, for google.rpc.BadRequest."""
+
+    field: str
+    description: str
+
+
+class AuthError(Exception):
+    """Root of every error the domain reports to a caller."""
+
+    code: StatusName = "UNKNOWN"
+    reason: str = "UNKNOWN"
+    message: str = "request failed"
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or self.message)
+        if message is not None:
+            self.message = message
+
+
+class InvalidArgument(AuthError):
+    """A request field is missing, malformed or over its limit."""
+
+    code: StatusName = "INVALID_ARGUMENT"
+    reason = "INVALID_ARGUMENT"
+    message = "invalid request"
+
+    def __init__(self, violations: list[FieldViolation]) -> None:
+        self.violations = violations
+        fields = ", ".join(v.field for v in violations)
+        super().__init__(f"invalid request field(s): {fields}")
+
+
+class InvalidCredentials(AuthError):
+    """Unknown user, wrong password or disabled user: one answer for all three."""
+
+    code: StatusName = "UNAUTHENTICATED"
+    reason = "INVALID_CREDENTIALS"
+    message = "invalid username or password"
+
+
+class ScopeNotAllowed(AuthError):
+    """Issue asked for a scope the user does not hold."""
+
+    code: StatusName = "PERMISSION_DENIED"
+    reason = "SCOPE_NOT_ALLOWED"
+    message = "a requested scope is not allowed for this user"
+
+
+class RefreshTokenInvalid(AuthError):
+    """The refresh token is unknown, malformed or not ours."""
+
+    code: StatusName = "UNAUTHENTICATED"
+    reason = "REFRESH_TOKEN_INVALID"
+    message = "refresh token is not valid"
+
+
+class RefreshTokenExpired(AuthError):
+    """The refresh token is past its idle or absolute expiry."""
+
+    code: StatusName = "UNAUTHENTICATED"
+    reason = "REFRESH_TOKEN_EXPIRED"
+    message = "refresh token has expired"
+
+
+class SessionRevoked(AuthError):
+    """The refresh token's session was revoked."""
+
+    code: StatusName = "UNAUTHENTICATED"
+    reason = "SESSION_REVOKED"
+    message = "session has been revoked"
+
+
+class RefreshTokenReused(AuthError):
+    """An already rotated refresh token came back: the session is now revoked."""
+
+    code: StatusName = "UNAUTHENTICATED"
+    reason = "REFRESH_TOKEN_REUSED"
+    message = "refresh token was already used; the session has been revoked"
+
+
+class CallerUnauthenticated(AuthError):
+    """The call needs a valid `authorization: Bearer` access token and has none."""
+
+    code: StatusName = "UNAUTHENTICATED"
+    reason = "CALLER_UNAUTHENTICATED"
+    message = "this call needs a valid access token in the authorization metadata"
+
+
+class CallerNotAllowed(AuthError):
+    """The caller's token belongs to another subject than the target."""
+
+    code: StatusName = "PERMISSION_DENIED"
+    reason = "CALLER_NOT_ALLOWED"
+    message = "the caller may not act on this subject or session"
+
+
+class UserAlreadyExists(AuthError):
+    """A user with that username exists already."""
+
+    code: StatusName = "ALREADY_EXISTS"
+    reason = "USER_ALREADY_EXISTS"
+    message = "a user with this username already exists"
+
+
+class UserNotFound(AuthError):
+    """No user has that username."""
+
+    code: StatusName = "NOT_FOUND"
+    reason = "USER_NOT_FOUND"
+    message = "no such user"
+
+
+class DatabaseUnavailable(AuthError):
+    """PostgreSQL cannot be reached or did not answer in time."""
+
+    code: StatusName = "UNAVAILABLE"
+    reason = "DATABASE_UNAVAILABLE"
+    message = "the database is unavailable; retry later"

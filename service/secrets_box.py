@@ -1,0 +1,58 @@
+"""Encryption at rest for private key material (AES-256-GCM under the KEK)."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import stat
+from pathlib import Path
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+_NONCE_BYTES = 12
+
+
+class KeyDecryptionError(Exception):
+    """Stored key material does not decrypt under this KEK (wrong AUTH_KEK?)."""
+
+
+class SecretBox:
+    """Seals and opens small secrets; `label` is bound as associated data so a
+    ciphertext cannot be moved to another row."""
+
+    def __init__(self, kek: bytes) -> None:
+        if len(kek) != 32:
+            raise ValueError("the key-encryption key must be 32 bytes")
+        self._aead = AESGCM(kek)
+
+    def seal(self, plaintext: bytes, *, label: str) -> bytes:
+        nonce = os.urandom(_NONCE_BYTES)
+        return nonce + self._aead.encrypt(nonce, plaintext, label.encode())
+
+    def open(self, sealed: bytes, *, label: str) -> bytes:
+        nonce, ciphertext = sealed[:_NONCE_BYTES], sealed[_NONCE_BYTES:]
+        try:
+            return self._aead.decrypt(nonce, ciphertext, label.encode())
+        except InvalidTag:
+            raise KeyDecryptionError(
+                f"stored secret {label!r} does not decrypt: is AUTH_KEK the key it was sealed with?"
+            ) from None
+
+
+def load_or_create_kek_file(path: Path) -> bytes:
+    """Read the KEK from `path`, creating it (mode 0600) with 32 random bytes if absent."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        key = path.read_bytes()
+        if len(key) != 32:
+            raise ValueError(f"{path}: expected a 32-byte key file") from None
+        if stat.S_IMODE(path.stat().st_mode) & 0o077:
+            raise ValueError(f"{path}: key file must not be readable by group or others")
+        return key
+    key = secrets.token_bytes(32)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key)
+    return key

@@ -1,0 +1,185 @@
+"""Configuration: one frozen dataclass, built from `AUTH_*` environment variables.
+
+Parsing is strict: a bad value raises `SettingsError` whose message is one line
+naming the variable, and start-up stops there.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+SIGNING_ALGORITHMS = ("EdDSA", "ES256", "RS256")
+
+T = TypeVar("T")
+
+
+class SettingsError(ValueError):
+    """A configuration variable has a value we cannot use."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """Everything the service reads from its environment."""
+
+    listen: str = "127.0.0.1:50051"
+    """Address the gRPC server binds (`AUTH_LISTEN`); port 0 picks a free one."""
+
+    database_url: str | None = None
+    """PostgreSQL DSN (`AUTH_DATABASE_URL`); unset runs an embedded PostgreSQL."""
+
+    data_dir: Path = Path(".authsvc")
+    """Where the embedded PostgreSQL and the generated KEK live (`AUTH_DATA_DIR`)."""
+
+    issuer: str = "authsvc"
+    """The `iss` claim of every access token (`AUTH_ISSUER`)."""
+
+    audience: str = "authsvc"
+    """The default `aud` claim when Issue names none (`AUTH_AUDIENCE`)."""
+
+    signing_alg: str = "EdDSA"
+    """JWS algorithm for new signing keys (`AUTH_SIGNING_ALG`): EdDSA, ES256 or RS256."""
+
+    kek: bytes | None = field(default=None, repr=False)
+    """Key-encryption key for private keys at rest (`AUTH_KEK`, base64 of 32 bytes)."""
+
+    access_ttl: int = 900
+    """Access-token lifetime in seconds (`AUTH_ACCESS_TTL`)."""
+
+    refresh_idle_ttl: int = 1_209_600
+    """A refresh token unused this long expires (`AUTH_REFRESH_IDLE_TTL`)."""
+
+    refresh_absolute_ttl: int = 2_592_000
+    """No session outlives this, however often it rotates (`AUTH_REFRESH_ABSOLUTE_TTL`)."""
+
+    refresh_reuse_grace: int = 10
+    """Seconds after a rotation in which the parent may be presented again (0: off)."""
+
+    leeway: int = 0
+    """Clock skew in seconds allowed on exp/nbf/iat checks (`AUTH_LEEWAY`)."""
+
+    db_pool_size: int = 10
+    """Maximum connections per server process (`AUTH_DB_POOL_SIZE`)."""
+
+    db_timeout: float = 5.0
+    """Seconds a database call may take, pool wait included (`AUTH_DB_TIMEOUT`)."""
+
+    shutdown_grace: float = 5.0
+    """Seconds in-flight calls get to finish on SIGTERM (`AUTH_SHUTDOWN_GRACE`)."""
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Build settings from `environ` (default: the process environment)."""
+        env = os.environ if environ is None else environ
+        reader = _EnvReader(env)
+        settings = cls(
+            listen=reader.get("AUTH_LISTEN", _address, cls.listen),
+            database_url=reader.get("AUTH_DATABASE_URL", _nonempty, None),
+            data_dir=reader.get("AUTH_DATA_DIR", lambda s: Path(_nonempty(s)), cls.data_dir),
+            issuer=reader.get("AUTH_ISSUER", _nonempty, cls.issuer),
+            audience=reader.get("AUTH_AUDIENCE", _nonempty, cls.audience),
+            signing_alg=reader.get("AUTH_SIGNING_ALG", _algorithm, cls.signing_alg),
+            kek=reader.get("AUTH_KEK", parse_kek, None),
+            access_ttl=reader.get("AUTH_ACCESS_TTL", _positive_int, cls.access_ttl),
+            refresh_idle_ttl=reader.get(
+                "AUTH_REFRESH_IDLE_TTL", _positive_int, cls.refresh_idle_ttl
+            ),
+            refresh_absolute_ttl=reader.get(
+                "AUTH_REFRESH_ABSOLUTE_TTL", _positive_int, cls.refresh_absolute_ttl
+            ),
+            refresh_reuse_grace=reader.get(
+                "AUTH_REFRESH_REUSE_GRACE", _non_negative_int, cls.refresh_reuse_grace
+            ),
+            leeway=reader.get("AUTH_LEEWAY", _non_negative_int, cls.leeway),
+            db_pool_size=reader.get("AUTH_DB_POOL_SIZE", _positive_int, cls.db_pool_size),
+            db_timeout=reader.get("AUTH_DB_TIMEOUT", _positive_float, cls.db_timeout),
+            shutdown_grace=reader.get(
+                "AUTH_SHUTDOWN_GRACE", _non_negative_float, cls.shutdown_grace
+            ),
+        )
+        if settings.refresh_reuse_grace > 300:
+            raise SettingsError("AUTH_REFRESH_REUSE_GRACE: at most 300 seconds")
+        return settings
+
+
+class _EnvReader:
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self._env = env
+
+    def get(self, name: str, parse: Callable[[str], T], default: T) -> T:
+        raw = self._env.get(name)
+        if raw is None or raw == "":
+            return default
+        try:
+            return parse(raw.strip())
+        except ValueError as exc:
+            # The value itself is not echoed: AUTH_KEK and AUTH_DATABASE_URL hold secrets.
+            raise SettingsError(f"{name}: {exc}") from None
+
+
+def _nonempty(raw: str) -> str:
+    if not raw:
+        raise ValueError("must not be empty")
+    return raw
+
+
+def _positive_int(raw: str) -> int:
+    value = _non_negative_int(raw)
+    if value == 0:
+        raise ValueError("must be a positive whole number")
+    return value
+
+
+def _non_negative_int(raw: str) -> int:
+    if not raw.isdigit() or len(raw) > 12:
+        raise ValueError("must be a whole number of seconds (0 or more)")
+    return int(raw)
+
+
+def _non_negative_float(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError("must be a number of seconds") from None
+    if not (value >= 0 and value < 1e9):
+        raise ValueError("must be a number of seconds (0 or more)")
+    return value
+
+
+def _positive_float(raw: str) -> float:
+    value = _non_negative_float(raw)
+    if value == 0:
+        raise ValueError("must be more than 0 seconds")
+    return value
+
+
+def _algorithm(raw: str) -> str:
+    if raw not in SIGNING_ALGORITHMS:
+        raise ValueError(f"must be one of {', '.join(SIGNING_ALGORITHMS)}")
+    return raw
+
+
+def _address(raw: str) -> str:
+    host, sep, port = raw.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError("must be HOST:PORT, for example 127.0.0.1:50051")
+    return raw
+
+
+def parse_kek(raw: str) -> bytes:
+    """Decode a base64 key-encryption key; it must be exactly 32 bytes."""
+    try:
+        key = base64.b64decode(raw, validate=True)
+    except (binascii.Error, ValueError):
+        try:
+            key = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4))
+        except (binascii.Error, ValueError):
+            raise ValueError("must be base64 of 32 random bytes") from None
+    if len(key) != 32:
+        raise ValueError("must be base64 of exactly 32 bytes")
+    return key

@@ -1,0 +1,383 @@
+"""PostgreSQL store: every SQL statement of the service lives in this module.
+
+The store takes a pool; it never creates one behind your back. Errors are
+mapped by asyncpg exception class (SQLSTATE), never by message text: lost or
+refused connections and timeouts become `DatabaseUnavailable`.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from service.domain.records import (
+    NewSession,
+    RefreshTokenState,
+    SecurityEvent,
+    SigningKeyRecord,
+    UserRecord,
+)
+from service.domain.refresh_tokens import (
+    RefreshDecision,
+    Replay,
+    RevokeForReuse,
+    Rotate,
+)
+from service.errors import DatabaseUnavailable, UserAlreadyExists
+
+# Connection trouble, by class: SQLSTATE 08 (connection), 57 (operator
+# intervention: shutdown, cancel, cannot connect now), 53 (out of resources),
+# client-side interface errors (closed connection or pool), OS-level socket
+# errors and timeouts.
+UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.InsufficientResourcesError,
+    asyncpg.InterfaceError,
+    OSError,
+    TimeoutError,
+)
+
+# Serializes key and secret creation between replicas starting together.
+_BOOTSTRAP_LOCK_ID = 0x61757468  # "auth"
+
+_REFRESH_STATE_SQL = """
+SELECT rt.token_hash, rt.session_id, s.user_id, rt.issued_at, rt.expires_at, rt.used_at,
+       rt.child_hash, c.expires_at AS child_expires_at, (c.used_at IS NOT NULL) AS child_used,
+       s.scopes AS session_scopes, s.audience, s.expires_at AS session_expires_at,
+       (s.revoked_at IS NOT NULL) AS session_revoked, u.scopes AS user_scopes, u.disabled
+  FROM refresh_tokens rt
+  JOIN sessions s ON s.id = rt.session_id
+  JOIN users u ON u.id = s.user_id
+  LEFT JOIN refresh_tokens c ON c.token_hash = rt.child_hash
+ WHERE rt.token_hash = $1
+   FOR UPDATE OF rt
+"""
+
+
+def _user(row: asyncpg.Record) -> UserRecord:
+    return UserRecord(
+        id=row["id"],
+        username=row["username"],
+        password_hash=row["password_hash"],
+        scopes=tuple(row["scopes"]),
+        disabled=row["disabled"],
+        created_at=row["created_at"],
+    )
+
+
+def _refresh_state(row: asyncpg.Record) -> RefreshTokenState:
+    return RefreshTokenState(
+        token_hash=bytes(row["token_hash"]),
+        session_id=row["session_id"],
+        user_id=row["user_id"],
+        issued_at=row["issued_at"],
+        expires_at=row["expires_at"],
+        used_at=row["used_at"],
+        child_hash=None if row["child_hash"] is None else bytes(row["child_hash"]),
+        child_expires_at=row["child_expires_at"],
+        child_used=row["child_used"],
+        session_scopes=tuple(row["session_scopes"]),
+        session_audience=row["audience"],
+        session_expires_at=row["session_expires_at"],
+        session_revoked=row["session_revoked"],
+        user_scopes=tuple(row["user_scopes"]),
+        user_disabled=row["disabled"],
+    )
+
+
+class PostgresStore:
+    """All persistence of authsvc."""
+
+    def __init__(self, pool: asyncpg.Pool, *, timeout: float) -> None:
+        self._pool = pool
+        self._timeout = timeout
+
+    @asynccontextmanager
+    async def _connection(self) -> AsyncIterator[asyncpg.Connection]:
+        try:
+            async with self._pool.acquire(timeout=self._timeout) as conn:
+                yield conn
+        except UNAVAILABLE_ERRORS as exc:
+            raise DatabaseUnavailable() from exc
+
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[asyncpg.Connection]:
+        async with self._connection() as conn, conn.transaction():
+            yield conn
+
+    # Users
+
+    async def create_user(
+        self,
+        *,
+        user_id: uuid.UUID,
+        username: str,
+        password_hash: str,
+        scopes: tuple[str, ...],
+        now: datetime,
+    ) -> UserRecord:
+        try:
+            async with self._connection() as conn:
+                row = await conn.fetchrow(
+                    """INSERT INTO users (id, username, password_hash, scopes, created_at, updated_at)
+                       VALUES ($1, $2, $3, $4, $5, $5) RETURNING *""",
+                    user_id,
+                    username,
+                    password_hash,
+                    list(scopes),
+                    now,
+                )
+        except asyncpg.UniqueViolationError:
+            raise UserAlreadyExists() from None
+        assert row is not None
+        return _user(row)
+
+    async def find_user(self, username: str) -> UserRecord | None:
+        async with self._connection() as conn:
+            row = await conn.fetchrow("SELECT * FROM users WHERE username = $1", username)
+        return None if row is None else _user(row)
+
+    async def find_user_by_id(self, user_id: uuid.UUID) -> UserRecord | None:
+        async with self._connection() as conn:
+            row = await conn.fetchrow("SELECT * FROM users WHERE id = $1", user_id)
+        return None if row is None else _user(row)
+
+    async def list_users(self) -> list[UserRecord]:
+        async with self._connection() as conn:
+            rows = await conn.fetch("SELECT * FROM users ORDER BY username")
+        return [_user(r) for r in rows]
+
+    async def set_password_hash(
+        self, user_id: uuid.UUID, password_hash: str, *, now: datetime
+    ) -> None:
+        async with self._connection() as conn:
+            await conn.execute(
+                "UPDATE users SET password_hash = $2, updated_at = $3 WHERE id = $1",
+                user_id,
+                password_hash,
+                now,
+            )
+
+    async def set_user_disabled(self, user_id: uuid.UUID, disabled: bool, *, now: datetime) -> None:
+        async with self._connection() as conn:
+            await conn.execute(
+                "UPDATE users SET disabled = $2, updated_at = $3 WHERE id = $1",
+                user_id,
+                disabled,
+                now,
+            )
+
+    # Signing keys and server secrets
+
+    @asynccontextmanager
+    async def bootstrap_lock(self) -> AsyncIterator[None]:
+        """Held while a replica creates the first key or secret, so only one does."""
+        async with self._transaction() as conn:
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", _BOOTSTRAP_LOCK_ID)
+            yield
+
+    async def signing_keys(self) -> list[SigningKeyRecord]:
+        async with self._connection() as conn:
+            rows = await conn.fetch("SELECT * FROM signing_keys ORDER BY created_at")
+        return [
+            SigningKeyRecord(
+                kid=r["kid"],
+                alg=r["alg"],
+                public_jwk=json.loads(r["public_jwk"]),
+                private_key_sealed=bytes(r["private_key_sealed"]),
+                created_at=r["created_at"],
+                retired_at=r["retired_at"],
+            )
+            for r in rows
+        ]
+
+    async def insert_signing_key(self, key: SigningKeyRecord) -> None:
+        async with self._connection() as conn:
+            await conn.execute(
+                """INSERT INTO signing_keys (kid, alg, public_jwk, private_key_sealed, created_at)
+                   VALUES ($1, $2, $3, $4, $5)""",
+                key.kid,
+                key.alg,
+                json.dumps(key.public_jwk),
+                key.private_key_sealed,
+                key.created_at,
+            )
+
+    async def server_secret(self, name: str) -> bytes | None:
+        async with self._connection() as conn:
+            value = await conn.fetchval("SELECT sealed FROM server_secrets WHERE name = $1", name)
+        return None if value is None else bytes(value)
+
+    async def insert_server_secret(self, name: str, sealed: bytes, *, now: datetime) -> None:
+        async with self._connection() as conn:
+            await conn.execute(
+                "INSERT INTO server_secrets (name, sealed, created_at) VALUES ($1, $2, $3)",
+                name,
+                sealed,
+                now,
+            )
+
+    # Sessions and refresh tokens
+
+    async def create_session(self, session: NewSession, event: SecurityEvent) -> None:
+        """Start a token family: the session, its first token and the login event."""
+        async with self._transaction() as conn:
+            await conn.execute(
+                """INSERT INTO sessions (id, user_id, scopes, audience, created_at, expires_at,
+                                         peer, user_agent)
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8)""",
+                session.id,
+                session.user_id,
+                list(session.scopes),
+                session.audience,
+                session.created_at,
+                session.expires_at,
+                session.peer,
+                session.user_agent,
+            )
+            await conn.execute(
+                """INSERT INTO refresh_tokens (token_hash, session_id, issued_at, expires_at)
+                   VALUES ($1, $2, $3, $4)""",
+                session.first_token_hash,
+                session.id,
+                session.created_at,
+                session.first_token_expires_at,
+            )
+            await self._insert_event(conn, event, session.created_at)
+
+    async def refresh(
+        self,
+        token_hash: bytes,
+        decide: Callable[[RefreshTokenState | None], RefreshDecision],
+        *,
+        now: datetime,
+        reuse_event: Callable[[RefreshTokenState], SecurityEvent],
+    ) -> tuple[RefreshTokenState | None, RefreshDecision]:
+        """Lock the presented token, let the domain `decide`, and apply the decision.
+
+        The row lock serializes every call presenting the same token: the first
+        rotates, the others see it used and replay the child or report reuse.
+        """
+        async with self._transaction() as conn:
+            row = await conn.fetchrow(_REFRESH_STATE_SQL, token_hash)
+            state = None if row is None else _refresh_state(row)
+            decision = decide(state)
+            if state is None:
+                return state, decision
+            if isinstance(decision, Rotate):
+                await conn.execute(
+                    """WITH parent AS (
+                           UPDATE refresh_tokens SET used_at = $3, child_hash = $4
+                            WHERE token_hash = $1 AND used_at IS NULL RETURNING 1),
+                       session AS (
+                           UPDATE sessions SET last_refreshed_at = $3 WHERE id = $2)
+                       INSERT INTO refresh_tokens
+                              (token_hash, session_id, parent_hash, issued_at, expires_at)
+                       SELECT $4, $2, $1, $3, $5 FROM parent""",
+                    token_hash,
+                    state.session_id,
+                    now,
+                    decision.child_hash,
+                    decision.child_expires_at,
+                )
+            elif isinstance(decision, RevokeForReuse):
+                await self._revoke_session(conn, state.session_id, "refresh_token_reused", now)
+                await self._insert_event(conn, reuse_event(state), now)
+            elif isinstance(decision, Replay):
+                pass  # the child exists already; nothing to write
+            return state, decision
+
+    async def session_owner(self, session_id: uuid.UUID) -> uuid.UUID | None:
+        async with self._connection() as conn:
+            owner: uuid.UUID | None = await conn.fetchval(
+                "SELECT user_id FROM sessions WHERE id = $1", session_id
+            )
+        return owner
+
+    async def session_of_refresh_token(self, token_hash: bytes) -> uuid.UUID | None:
+        async with self._connection() as conn:
+            session_id: uuid.UUID | None = await conn.fetchval(
+                "SELECT session_id FROM refresh_tokens WHERE token_hash = $1", token_hash
+            )
+        return session_id
+
+    async def is_session_revoked(self, session_id: uuid.UUID) -> bool:
+        """True if revoked, or gone (a session the janitor removed is not live)."""
+        async with self._connection() as conn:
+            live = await conn.fetchval(
+                "SELECT revoked_at IS NULL FROM sessions WHERE id = $1", session_id
+            )
+        return live is not True
+
+    async def revoke_session(
+        self, session_id: uuid.UUID, *, reason: str, now: datetime, event: SecurityEvent
+    ) -> int:
+        """Revoke one session; 1 if this call revoked it, 0 if it was already revoked or unknown."""
+        async with self._transaction() as conn:
+            count = await self._revoke_session(conn, session_id, reason, now)
+            if count:
+                await self._insert_event(conn, event, now)
+        return count
+
+    async def revoke_user_sessions(
+        self, user_id: uuid.UUID, *, reason: str, now: datetime, event: SecurityEvent
+    ) -> int:
+        """Revoke every live session of a user; how many this call revoked."""
+        async with self._transaction() as conn:
+            rows = await conn.fetch(
+                """UPDATE sessions SET revoked_at = $2, revoke_reason = $3
+                    WHERE user_id = $1 AND revoked_at IS NULL RETURNING id""",
+                user_id,
+                now,
+                reason,
+            )
+            await self._insert_event(conn, event, now)
+        return len(rows)
+
+    @staticmethod
+    async def _revoke_session(
+        conn: asyncpg.Connection, session_id: uuid.UUID, reason: str, now: datetime
+    ) -> int:
+        status: str = await conn.execute(
+            """UPDATE sessions SET revoked_at = $2, revoke_reason = $3
+                WHERE id = $1 AND revoked_at IS NULL""",
+            session_id,
+            now,
+            reason,
+        )
+        return int(status.split()[-1])
+
+    # Security events
+
+    async def record_event(self, event: SecurityEvent, *, now: datetime) -> None:
+        async with self._connection() as conn:
+            await self._insert_event(conn, event, now)
+
+    async def events(self, *, since: datetime) -> list[dict[str, Any]]:
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                """SELECT occurred_at, kind, subject, session_id, peer, detail
+                     FROM security_events WHERE occurred_at >= $1 ORDER BY id""",
+                since,
+            )
+        return [{**dict(r), "detail": json.loads(r["detail"])} for r in rows]
+
+    @staticmethod
+    async def _insert_event(conn: asyncpg.Connection, event: SecurityEvent, now: datetime) -> None:
+        await conn.execute(
+            """INSERT INTO security_events (occurred_at, kind, subject, session_id, peer, detail)
+               VALUES ($1, $2, $3, $4, $5, $6)""",
+            now,
+            event.kind,
+            event.subject,
+            event.session_id,
+            event.peer,
+            json.dumps(event.detail or {}),
+        )

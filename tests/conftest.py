@@ -1,0 +1,191 @@
+"""Shared fixtures: one real PostgreSQL per test run, a fresh database per test,
+and the real server started on port 0 and reached over gRPC with the generated stubs.
+
+Set AUTH_DATABASE_URL to run against an existing server instead of the embedded
+one; the role needs CREATEDB (each test gets its own database).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import grpc
+import pytest
+
+from service.app import RunningServer, start_server
+from service.clock import ManualClock
+from service.database import embedded_server_uri
+from service.domain.records import UserRecord
+from service.gen.auth.v1 import auth_pb2, auth_pb2_grpc
+from service.settings import Settings
+from service.store import apply_migrations
+
+TEMPLATE_DB = "authsvc_test_template"
+TEST_KEK = bytes(range(32))
+PASSWORD = "correct horse battery staple"
+
+
+def database_uri(base_uri: str, name: str) -> str:
+    """`base_uri` pointing at database `name` instead."""
+    parts = urlsplit(base_uri)
+    return urlunsplit(parts._replace(path="/" + name))
+
+
+@pytest.fixture(scope="session")
+def pg_admin_uri() -> Iterator[str]:
+    configured = os.environ.get("AUTH_DATABASE_URL")
+    if configured:
+        yield configured
+        return
+    with tempfile.TemporaryDirectory(prefix="authsvc-test-pg-") as tmp:
+        yield embedded_server_uri(Path(tmp))
+
+
+@pytest.fixture(scope="session")
+def template_database(pg_admin_uri: str) -> str:
+    """A database with every migration applied, cloned for each test."""
+
+    async def build() -> None:
+        admin = await asyncpg.connect(pg_admin_uri)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{TEMPLATE_DB}" WITH (FORCE)')
+            await admin.execute(f'CREATE DATABASE "{TEMPLATE_DB}"')
+        finally:
+            await admin.close()
+        conn = await asyncpg.connect(database_uri(pg_admin_uri, TEMPLATE_DB))
+        try:
+            await apply_migrations(conn)
+        finally:
+            await conn.close()
+
+    asyncio.run(build())
+    return TEMPLATE_DB
+
+
+@pytest.fixture
+async def database_url(pg_admin_uri: str, template_database: str) -> AsyncIterator[str]:
+    """A fresh, migrated database for one test."""
+    name = f"t_{uuid.uuid4().hex[:16]}"
+    admin = await asyncpg.connect(pg_admin_uri)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"')
+    finally:
+        await admin.close()
+    yield database_uri(pg_admin_uri, name)
+    admin = await asyncpg.connect(pg_admin_uri)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock(start=1_900_000_000.0)
+
+
+@pytest.fixture
+def settings(database_url: str, tmp_path: Path) -> Settings:
+    return Settings(
+        listen="127.0.0.1:0",
+        database_url=database_url,
+        data_dir=tmp_path / "data",
+        kek=TEST_KEK,
+        db_timeout=5.0,
+    )
+
+
+@dataclass
+class LiveServer:
+    """A real server on a free port, with a channel and stub to call it."""
+
+    running: RunningServer
+    channel: grpc.aio.Channel
+    stub: auth_pb2_grpc.AuthServiceStub
+    pool: asyncpg.Pool
+    clock: ManualClock
+    settings: Settings
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.running.port}"
+
+    async def create_user(
+        self, username: str | None = None, *, password: str = PASSWORD, scopes: tuple[str, ...] = ()
+    ) -> UserRecord:
+        return await self.running.components.users.create(
+            username or f"user-{uuid.uuid4().hex[:8]}", password, scopes
+        )
+
+    async def login(
+        self,
+        username: str,
+        *,
+        password: str = PASSWORD,
+        scopes: tuple[str, ...] = (),
+        audience: str = "",
+    ) -> auth_pb2.TokenPair:
+        response = await self.stub.Issue(
+            auth_pb2.IssueRequest(
+                password=auth_pb2.PasswordCredentials(username=username, password=password),
+                scopes=list(scopes),
+                audience=audience,
+            )
+        )
+        return response.tokens
+
+
+async def start_live_server(settings: Settings, clock: ManualClock) -> LiveServer:
+    pool = await asyncpg.create_pool(
+        settings.database_url, min_size=1, max_size=settings.db_pool_size
+    )
+    assert pool is not None
+    running = await start_server(settings, pool=pool, clock=clock)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
+    return LiveServer(
+        running=running,
+        channel=channel,
+        stub=auth_pb2_grpc.AuthServiceStub(channel),
+        pool=pool,
+        clock=clock,
+        settings=settings,
+    )
+
+
+async def stop_live_server(live: LiveServer) -> None:
+    await live.channel.close()
+    await live.running.stop(None)
+    await live.pool.close()
+
+
+@pytest.fixture
+async def server_factory(settings: Settings, clock: ManualClock) -> AsyncIterator[ServerFactory]:
+    started: list[LiveServer] = []
+
+    async def make(**overrides: object) -> LiveServer:
+        live = await start_live_server(replace(settings, **overrides), clock)  # type: ignore[arg-type]
+        started.append(live)
+        return live
+
+    yield make
+    for live in started:
+        await stop_live_server(live)
+
+
+class ServerFactory:
+    """Type of the `server_factory` fixture: `await server_factory(**settings_overrides)`."""
+
+    async def __call__(self, **overrides: object) -> LiveServer: ...
+
+
+@pytest.fixture
+async def server(server_factory: ServerFactory) -> LiveServer:
+    return await server_factory()
