@@ -36,6 +36,8 @@ def generate(out: Path) -> list[Path]:
     """Run protoc for every proto under protos/ and write the package to `out`."""
     from grpc_tools import protoc  # dev dependency, pinned exactly: its version shapes the output
 
+    # mypy-protobuf's plugin types the gRPC stubs (grpc_tools' --pyi_out covers messages only).
+    grpc_stub_plugin = Path(sys.executable).parent / "protoc-gen-mypy_grpc"
     protos = sorted(p.relative_to(PROTO_ROOT) for p in PROTO_ROOT.rglob("*.proto"))
     include = Path(protoc.__file__).parent / "_proto"
     with tempfile.TemporaryDirectory() as tmp:
@@ -46,6 +48,8 @@ def generate(out: Path) -> list[Path]:
             f"--python_out={tmp}",
             f"--pyi_out={tmp}",
             f"--grpc_python_out={tmp}",
+            f"--plugin=protoc-gen-mypy_grpc={grpc_stub_plugin}",
+            f"--mypy_grpc_out={tmp}",
             *(str(p) for p in protos),
         ]
         if protoc.main(args) != 0:

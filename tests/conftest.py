@@ -14,6 +14,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -109,7 +110,7 @@ class LiveServer:
 
     running: RunningServer
     channel: grpc.aio.Channel
-    stub: auth_pb2_grpc.AuthServiceStub
+    stub: auth_pb2_grpc.AuthServiceAsyncStub
     pool: asyncpg.Pool
     clock: ManualClock
     settings: Settings
@@ -180,7 +181,7 @@ async def server_factory(settings: Settings, clock: ManualClock) -> AsyncIterato
         await stop_live_server(live)
 
 
-class ServerFactory:
+class ServerFactory(Protocol):
     """Type of the `server_factory` fixture: `await server_factory(**settings_overrides)`."""
 
     async def __call__(self, **overrides: object) -> LiveServer: ...

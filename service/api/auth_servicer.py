@@ -93,7 +93,7 @@ class AuthServicer:
     @maps_errors
     async def Issue(
         self, request: auth_pb2.IssueRequest, context: Context
-    ) -> auth_pb2.IssueResponse:  # noqa: N802
+    ) -> auth_pb2.IssueResponse:
         _reject_undecodable(request)
         check = RequestCheck()
         if request.WhichOneof("credentials") != "password":
@@ -119,7 +119,7 @@ class AuthServicer:
         return auth_pb2.IssueResponse(tokens=_token_pair(pair))
 
     @maps_errors
-    async def Refresh(  # noqa: N802
+    async def Refresh(
         self, request: auth_pb2.RefreshRequest, context: Context
     ) -> auth_pb2.RefreshResponse:
         _reject_undecodable(request)
@@ -130,7 +130,7 @@ class AuthServicer:
         return auth_pb2.RefreshResponse(tokens=_token_pair(pair))
 
     @maps_errors
-    async def Validate(  # noqa: N802
+    async def Validate(
         self, request: auth_pb2.ValidateRequest, context: Context
     ) -> auth_pb2.ValidateResponse:
         _reject_undecodable(request)
@@ -158,7 +158,7 @@ class AuthServicer:
         )
 
     @maps_errors
-    async def Revoke(  # noqa: N802
+    async def Revoke(
         self, request: auth_pb2.RevokeRequest, context: Context
     ) -> auth_pb2.RevokeResponse:
         _reject_undecodable(request)
@@ -189,7 +189,7 @@ class AuthServicer:
         return auth_pb2.RevokeResponse(revoked_sessions=count)
 
     @maps_errors
-    async def GetJwks(  # noqa: N802
+    async def GetJwks(
         self, request: auth_pb2.GetJwksRequest, context: Context
     ) -> auth_pb2.GetJwksResponse:
         _reject_undecodable(request)

@@ -245,7 +245,8 @@ class TokenService:
         if isinstance(decision, Rotate):
             child_expires_at = decision.child_expires_at
         else:
-            assert isinstance(decision, Replay) and state.child_expires_at is not None
+            assert isinstance(decision, Replay)
+            assert state.child_expires_at is not None
             child_expires_at = state.child_expires_at
         scopes = granted_scopes(state)
         access = self._codec.sign(

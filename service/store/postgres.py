@@ -126,7 +126,8 @@ class PostgresStore:
         try:
             async with self._connection() as conn:
                 row = await conn.fetchrow(
-                    """INSERT INTO users (id, username, password_hash, scopes, created_at, updated_at)
+                    """INSERT INTO users
+                              (id, username, password_hash, scopes, created_at, updated_at)
                        VALUES ($1, $2, $3, $4, $5, $5) RETURNING *""",
                     user_id,
                     username,

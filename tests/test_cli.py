@@ -1,0 +1,178 @@
+"""The `authsvc` command as an operator meets it: real processes, real signals."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import grpc
+import pytest
+
+from service.gen.auth.v1 import auth_pb2, auth_pb2_grpc
+from tests.conftest import PASSWORD
+
+_SERVING_RE = re.compile(r"authsvc serving on 127\.0\.0\.1:(\d+)")
+
+
+def _env(**values: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AUTH_")}
+    env.update(values)
+    return env
+
+
+def _authsvc(
+    *args: str, env: dict[str, str], stdin: str = "", cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "service", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=60,
+        check=False,
+    )
+
+
+@contextmanager
+def _serving(env: dict[str, str], cwd: Path | None = None) -> Iterator[tuple[int, list[str]]]:
+    """Run `authsvc serve`; yield its port and its output lines so far; SIGTERM it after."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service", "serve"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        cwd=cwd,
+    )
+    lines: list[str] = []
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 60
+        port = None
+        while port is None and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            match = _SERVING_RE.search(line)
+            if match:
+                port = int(match.group(1))
+        assert port is not None, "server did not start:\n" + "".join(lines)
+        yield port, lines
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, "serve did not exit cleanly on SIGTERM"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _login(port: int, username: str) -> auth_pb2.TokenPair:
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = auth_pb2_grpc.AuthServiceStub(channel)
+        response = stub.Issue(
+            auth_pb2.IssueRequest(
+                password=auth_pb2.PasswordCredentials(username=username, password=PASSWORD)
+            ),
+            timeout=10,
+        )
+        verdict = stub.Validate(
+            auth_pb2.ValidateRequest(access_token=response.tokens.access_token), timeout=10
+        )
+    assert verdict.valid
+    return response.tokens
+
+
+def test_serve_with_database_url_and_users_cli(database_url: str, tmp_path: Path) -> None:
+    env = _env(
+        AUTH_DATABASE_URL=database_url,
+        AUTH_LISTEN="127.0.0.1:0",
+        AUTH_DATA_DIR=str(tmp_path / "data"),
+    )
+    with _serving(env) as (port, _):
+        created = _authsvc(
+            "users",
+            "create",
+            "carol",
+            "--scope",
+            "read",
+            "--password-stdin",
+            env=env,
+            stdin=PASSWORD + "\n",
+        )
+        assert created.returncode == 0, created.stderr
+        assert "created user carol" in created.stdout
+        pair = _login(port, "carol")
+        assert list(pair.scopes) == ["read"]
+
+        listed = _authsvc("users", "list", env=env)
+        assert "carol" in listed.stdout and "active" in listed.stdout
+
+        disabled = _authsvc("users", "disable", "carol", env=env)
+        assert "sessions revoked: 1" in disabled.stdout
+        with pytest.raises(grpc.RpcError) as caught:
+            _login(port, "carol")
+        assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+    # The password never reaches the output of any command.
+    for result in (created, listed, disabled):
+        assert PASSWORD not in result.stdout + result.stderr
+
+
+def test_quick_start_embedded_postgres_shared_by_serve_and_cli(tmp_path: Path) -> None:
+    """`make run`'s path: no AUTH_DATABASE_URL, an embedded PostgreSQL in AUTH_DATA_DIR,
+    reached by `authsvc users` run from the same directory while serve runs."""
+    env = _env(AUTH_LISTEN="127.0.0.1:0")
+    with _serving(env, cwd=tmp_path) as (port, lines):
+        assert any("users create" in line for line in lines), "no first-user hint printed"
+        created = _authsvc(
+            "users",
+            "create",
+            "dave",
+            "--password-stdin",
+            env=env,
+            stdin=PASSWORD + "\n",
+            cwd=tmp_path,
+        )
+        assert created.returncode == 0, created.stderr
+        _login(port, "dave")
+        kek = tmp_path / ".authsvc" / "kek"
+        assert kek.stat().st_mode & 0o777 == 0o600
+    # The embedded server stops with its last user.
+    time.sleep(0.5)
+    assert not (tmp_path / ".authsvc" / "postgres" / "postmaster.pid").exists()
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("AUTH_ACCESS_TTL", "soon"),
+        ("AUTH_REFRESH_REUSE_GRACE", "-1"),
+        ("AUTH_SIGNING_ALG", "HS256"),
+        ("AUTH_KEK", "c2VjcmV0LWJ1dC10b28tc2hvcnQ="),
+        ("AUTH_LISTEN", "nowhere"),
+    ],
+)
+def test_bad_setting_stops_start_up_with_one_line_naming_it(variable: str, value: str) -> None:
+    result = _authsvc("serve", env=_env(**{variable: value}))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"authsvc: {variable}:")
+    assert value not in lines[0]
+
+
+def test_users_create_rejects_short_password(database_url: str, tmp_path: Path) -> None:
+    env = _env(AUTH_DATABASE_URL=database_url, AUTH_DATA_DIR=str(tmp_path))
+    result = _authsvc("users", "create", "eve", "--password-stdin", env=env, stdin="short\n")
+    assert result.returncode != 0
+    assert "at least 8 characters" in result.stderr
