@@ -15,11 +15,13 @@ from service.clock import Clock, SystemClock
 from service.database import create_pool, resolve_database_url
 from service.domain.access_tokens import AccessTokenCodec
 from service.domain.passwords import PasswordHasher
+from service.domain.revocation import RevocationState, VerifiedTokenCache
 from service.domain.tokens import TokenService, load_key_ring, load_refresh_secret
 from service.domain.users import UserDirectory
 from service.secrets_box import SecretBox, load_or_create_kek_file
 from service.settings import Settings
 from service.store import PostgresStore, apply_migrations
+from service.store.revocation_feed import RevocationFeed
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +45,18 @@ class Components:
     tokens: TokenService
     users: UserDirectory
     hasher: PasswordHasher
+    revocations: RevocationState
+    token_cache: VerifiedTokenCache
 
     def close(self) -> None:
         self.hasher.close()
 
 
 async def build_components(settings: Settings, *, pool: asyncpg.Pool, clock: Clock) -> Components:
+    """Everything but the revocation feed (the CLI needs no feed)."""
     store = PostgresStore(pool, timeout=settings.db_timeout)
+    revocations = RevocationState(access_ttl=settings.access_ttl, leeway=settings.leeway)
+    token_cache = VerifiedTokenCache(settings.token_cache_size)
     box = SecretBox(key_encryption_key(settings))
     key_ring = await load_key_ring(store, box, alg=settings.signing_alg, clock=clock)
     refresh_secret = await load_refresh_secret(store, box, clock=clock)
@@ -63,10 +70,19 @@ async def build_components(settings: Settings, *, pool: asyncpg.Pool, clock: Clo
         codec=codec,
         hasher=hasher,
         refresh_secret=refresh_secret,
+        revocations=revocations,
+        cache=token_cache,
         clock=clock,
     )
     users = UserDirectory(store=store, hasher=hasher, tokens=tokens, clock=clock)
-    return Components(store=store, tokens=tokens, users=users, hasher=hasher)
+    return Components(
+        store=store,
+        tokens=tokens,
+        users=users,
+        hasher=hasher,
+        revocations=revocations,
+        token_cache=token_cache,
+    )
 
 
 async def migrate(pool: asyncpg.Pool) -> list[str]:
@@ -81,17 +97,36 @@ class RunningServer:
     server: grpc.aio.Server
     port: int
     components: Components
+    revocation_feed: RevocationFeed
 
     async def stop(self, grace: float | None) -> None:
         await self.server.stop(grace)
+        await self.revocation_feed.stop()
         self.components.close()
 
 
 async def start_server(
-    settings: Settings, *, pool: asyncpg.Pool, clock: Clock, listen: str | None = None
+    settings: Settings,
+    *,
+    dsn: str,
+    pool: asyncpg.Pool,
+    clock: Clock,
+    listen: str | None = None,
 ) -> RunningServer:
-    """Build the components and start serving on `listen` (default settings.listen)."""
+    """Build the components, load revocations, and serve on `listen` (default settings.listen).
+
+    `dsn` is for the revocation listener's own connection, outside the pool.
+    """
     components = await build_components(settings, pool=pool, clock=clock)
+    feed = RevocationFeed(
+        dsn=dsn,
+        pool=pool,
+        state=components.revocations,
+        clock=clock,
+        poll_interval=settings.revocation_poll_interval,
+        timeout=settings.db_timeout,
+    )
+    await feed.start()
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -104,7 +139,7 @@ async def start_server(
     if port == 0:
         raise OSError(f"could not bind {address}")
     await server.start()
-    return RunningServer(server=server, port=port, components=components)
+    return RunningServer(server=server, port=port, components=components, revocation_feed=feed)
 
 
 async def serve(settings: Settings) -> None:
@@ -115,7 +150,7 @@ async def serve(settings: Settings) -> None:
         applied = await migrate(pool)
         for name in applied:
             log.info("applied migration %s", name)
-        running = await start_server(settings, pool=pool, clock=SystemClock())
+        running = await start_server(settings, dsn=dsn, pool=pool, clock=SystemClock())
         host = settings.listen.rpartition(":")[0]
         where = "embedded PostgreSQL in " + str(settings.data_dir / "postgres")
         if settings.database_url:

@@ -72,6 +72,12 @@ class Settings:
     shutdown_grace: float = 5.0
     """Seconds in-flight calls get to finish on SIGTERM (`AUTH_SHUTDOWN_GRACE`)."""
 
+    token_cache_size: int = 100_000
+    """Verified access tokens remembered per process (`AUTH_TOKEN_CACHE_SIZE`; 0: off)."""
+
+    revocation_poll_interval: float = 5.0
+    """Seconds between safety-net polls of revoked sessions (`AUTH_REVOCATION_POLL_INTERVAL`)."""
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         """Build settings from `environ` (default: the process environment)."""
@@ -100,6 +106,12 @@ class Settings:
             db_timeout=reader.get("AUTH_DB_TIMEOUT", _positive_float, cls.db_timeout),
             shutdown_grace=reader.get(
                 "AUTH_SHUTDOWN_GRACE", _non_negative_float, cls.shutdown_grace
+            ),
+            token_cache_size=reader.get(
+                "AUTH_TOKEN_CACHE_SIZE", _non_negative_int, cls.token_cache_size
+            ),
+            revocation_poll_interval=reader.get(
+                "AUTH_REVOCATION_POLL_INTERVAL", _positive_float, cls.revocation_poll_interval
             ),
         )
         if settings.refresh_reuse_grace > 300:

@@ -149,7 +149,8 @@ async def start_live_server(settings: Settings, clock: ManualClock) -> LiveServe
         settings.database_url, min_size=1, max_size=settings.db_pool_size
     )
     assert pool is not None
-    running = await start_server(settings, pool=pool, clock=clock)
+    assert settings.database_url is not None
+    running = await start_server(settings, dsn=settings.database_url, pool=pool, clock=clock)
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
     return LiveServer(
         running=running,

@@ -61,6 +61,7 @@ class AccessClaims:
     audiences: tuple[str, ...]
     issued_at: float
     expires_at: float
+    not_before: float | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,9 +151,7 @@ class AccessTokenCodec:
         claims = _json_object(_b64decode(payload_b64))
         self._check_required(claims)
         self._check_issuer(claims)
-        if check_time:
-            self._check_times(claims)
-        return AccessClaims(
+        verified = AccessClaims(
             subject=claims["sub"],
             session_id=claims["sid"],
             token_id=claims["jti"],
@@ -160,7 +159,20 @@ class AccessTokenCodec:
             audiences=self._audiences(claims),
             issued_at=claims["iat"],
             expires_at=claims["exp"],
+            not_before=claims.get("nbf"),
         )
+        if check_time:
+            self.check_lifetime(verified)
+        return verified
+
+    def check_lifetime(self, claims: AccessClaims) -> None:
+        """exp, iat and nbf against the clock, with the configured leeway."""
+        now = self._clock.now()
+        if now >= claims.expires_at + self._leeway:
+            raise TokenRejected(TokenProblem.EXPIRED)
+        latest_start = now + self._leeway
+        if claims.issued_at > latest_start or (claims.not_before or 0) > latest_start:
+            raise TokenRejected(TokenProblem.NOT_YET_VALID)
 
     @staticmethod
     def _check_type(header: dict[str, Any]) -> None:
@@ -189,13 +201,6 @@ class AccessTokenCodec:
     def _check_issuer(self, claims: dict[str, Any]) -> None:
         if claims["iss"] != self._issuer:
             raise TokenRejected(TokenProblem.MALFORMED)
-
-    def _check_times(self, claims: dict[str, Any]) -> None:
-        now = self._clock.now()
-        if now >= claims["exp"] + self._leeway:
-            raise TokenRejected(TokenProblem.EXPIRED)
-        if claims["iat"] > now + self._leeway or claims.get("nbf", 0) > now + self._leeway:
-            raise TokenRejected(TokenProblem.NOT_YET_VALID)
 
     @staticmethod
     def _audiences(claims: dict[str, Any]) -> tuple[str, ...]:

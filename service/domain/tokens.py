@@ -30,6 +30,7 @@ from service.domain.refresh_tokens import (
     is_well_formed,
     new_refresh_token,
 )
+from service.domain.revocation import RevocationState, VerifiedTokenCache
 from service.errors import (
     CallerNotAllowed,
     CallerUnauthenticated,
@@ -121,9 +122,13 @@ class TokenService:
         codec: AccessTokenCodec,
         hasher: PasswordHasher,
         refresh_secret: bytes,
+        revocations: RevocationState,
+        cache: VerifiedTokenCache,
         clock: Clock,
     ) -> None:
         self._settings = settings
+        self._revocations = revocations
+        self._cache = cache
         self._store = store
         self._codec = codec
         self._hasher = hasher
@@ -237,6 +242,7 @@ class TokenService:
             raise decision.error()
         assert state is not None
         if isinstance(decision, RevokeForReuse):
+            self._revocations.add([(str(state.session_id), now.timestamp())])
             log.warning(
                 "refresh token reuse detected: session revoked",
                 extra={"session_id": str(state.session_id), "subject": str(state.user_id)},
@@ -267,11 +273,12 @@ class TokenService:
 
     # Validate
 
-    async def validate(
+    def validate(
         self, access_token: str, *, required_scopes: tuple[str, ...], audience: str | None
     ) -> Validation:
+        """The hot path: CPU only, no awaits, no database."""
         try:
-            claims = await self._verified(access_token)
+            claims = self._verified(access_token)
         except TokenRejected as rejected:
             return Validation(claims=None, problem=rejected.problem)
         if audience and audience not in claims.audiences:
@@ -280,13 +287,20 @@ class TokenService:
             return Validation(claims=None, problem=TokenProblem.INSUFFICIENT_SCOPE)
         return Validation(claims=claims, problem=None)
 
-    async def _verified(self, access_token: str) -> AccessClaims:
-        """Signature, claims and revocation: everything but audience and scope."""
-        claims = self._codec.verify(access_token)
-        session_id = _parse_uuid(claims.session_id)
-        if session_id is None:
-            raise TokenRejected(TokenProblem.MALFORMED)
-        if await self._store.is_session_revoked(session_id):
+    def _verified(self, access_token: str) -> AccessClaims:
+        """Signature, claims, lifetime and revocation: all but audience and scope.
+
+        No database round trip: revocations come from the in-memory state, and a
+        token verified before skips the signature check (never the others).
+        """
+        key = self._cache.key(access_token)
+        claims = self._cache.get(key)
+        if claims is None:
+            claims = self._codec.verify(access_token)
+            self._cache.put(key, claims)
+        else:
+            self._codec.check_lifetime(claims)
+        if self._revocations.is_revoked(claims.session_id):
             raise TokenRejected(TokenProblem.REVOKED)
         return claims
 
@@ -338,10 +352,11 @@ class TokenService:
     async def revoke_all_sessions(
         self, user_id: uuid.UUID, *, reason: str, caller: CallerInfo
     ) -> int:
-        return await self._store.revoke_user_sessions(
+        now = self._clock.now()
+        revoked = await self._store.revoke_user_sessions(
             user_id,
             reason=reason,
-            now=to_datetime(self._clock.now()),
+            now=to_datetime(now),
             event=SecurityEvent(
                 kind="sessions_revoked",
                 subject=str(user_id),
@@ -349,12 +364,14 @@ class TokenService:
                 detail={"reason": reason},
             ),
         )
+        return self._revoked_here(revoked, now)
 
     async def _revoke_session(self, session_id: uuid.UUID, reason: str, caller: CallerInfo) -> int:
-        return await self._store.revoke_session(
+        now = self._clock.now()
+        revoked = await self._store.revoke_session(
             session_id,
             reason=reason,
-            now=to_datetime(self._clock.now()),
+            now=to_datetime(now),
             event=SecurityEvent(
                 kind="session_revoked",
                 session_id=session_id,
@@ -362,13 +379,19 @@ class TokenService:
                 detail={"reason": reason},
             ),
         )
+        return self._revoked_here(revoked, now)
+
+    def _revoked_here(self, session_ids: list[uuid.UUID], now: float) -> int:
+        """This process sees its own revocations at once, not when the NOTIFY arrives."""
+        self._revocations.add((str(sid), now) for sid in session_ids)
+        return len(session_ids)
 
     async def _authenticate_caller(self, caller_token: str | None) -> str:
         """The subject of the caller's live access token, or CallerUnauthenticated."""
         if not caller_token:
             raise CallerUnauthenticated()
         try:
-            claims = await self._verified(caller_token)
+            claims = self._verified(caller_token)
         except TokenRejected:
             raise CallerUnauthenticated() from None
         return claims.subject

@@ -30,6 +30,7 @@ from service.domain.refresh_tokens import (
     Rotate,
 )
 from service.errors import DatabaseUnavailable, UserAlreadyExists
+from service.store.notifications import CHANNEL, notify_payloads
 
 # Connection trouble, by class: SQLSTATE 08 (connection), 57 (operator
 # intervention: shutdown, cancel, cannot connect now), 53 (out of resources),
@@ -309,28 +310,20 @@ class PostgresStore:
             )
         return session_id
 
-    async def is_session_revoked(self, session_id: uuid.UUID) -> bool:
-        """True if revoked, or gone (a session the janitor removed is not live)."""
-        async with self._connection() as conn:
-            live = await conn.fetchval(
-                "SELECT revoked_at IS NULL FROM sessions WHERE id = $1", session_id
-            )
-        return live is not True
-
     async def revoke_session(
         self, session_id: uuid.UUID, *, reason: str, now: datetime, event: SecurityEvent
-    ) -> int:
-        """Revoke one session; 1 if this call revoked it, 0 if it was already revoked or unknown."""
+    ) -> list[uuid.UUID]:
+        """Revoke one session: [its id] if this call revoked it, else []."""
         async with self._transaction() as conn:
-            count = await self._revoke_session(conn, session_id, reason, now)
-            if count:
+            revoked = await self._revoke_session(conn, session_id, reason, now)
+            if revoked:
                 await self._insert_event(conn, event, now)
-        return count
+        return revoked
 
     async def revoke_user_sessions(
         self, user_id: uuid.UUID, *, reason: str, now: datetime, event: SecurityEvent
-    ) -> int:
-        """Revoke every live session of a user; how many this call revoked."""
+    ) -> list[uuid.UUID]:
+        """Revoke every live session of a user; the ids this call revoked."""
         async with self._transaction() as conn:
             rows = await conn.fetch(
                 """UPDATE sessions SET revoked_at = $2, revoke_reason = $3
@@ -339,21 +332,36 @@ class PostgresStore:
                 now,
                 reason,
             )
+            revoked = [r["id"] for r in rows]
+            await self._notify_revoked(conn, revoked, now)
             await self._insert_event(conn, event, now)
-        return len(rows)
+        return revoked
+
+    @classmethod
+    async def _revoke_session(
+        cls, conn: asyncpg.Connection, session_id: uuid.UUID, reason: str, now: datetime
+    ) -> list[uuid.UUID]:
+        revoked: list[uuid.UUID] = [
+            r["id"]
+            for r in await conn.fetch(
+                """UPDATE sessions SET revoked_at = $2, revoke_reason = $3
+                    WHERE id = $1 AND revoked_at IS NULL RETURNING id""",
+                session_id,
+                now,
+                reason,
+            )
+        ]
+        await cls._notify_revoked(conn, revoked, now)
+        return revoked
 
     @staticmethod
-    async def _revoke_session(
-        conn: asyncpg.Connection, session_id: uuid.UUID, reason: str, now: datetime
-    ) -> int:
-        status: str = await conn.execute(
-            """UPDATE sessions SET revoked_at = $2, revoke_reason = $3
-                WHERE id = $1 AND revoked_at IS NULL""",
-            session_id,
-            now,
-            reason,
-        )
-        return int(status.split()[-1])
+    async def _notify_revoked(
+        conn: asyncpg.Connection, session_ids: list[uuid.UUID], now: datetime
+    ) -> None:
+        """Tell every replica, on commit (NOTIFY is transactional)."""
+        at = now.timestamp()
+        for payload in notify_payloads((str(sid), at) for sid in session_ids):
+            await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, payload)
 
     # Security events
 

@@ -1,0 +1,138 @@
+"""Keeps a process's `RevocationState` equal to the database's, without Validate asking it.
+
+- At start: a full read of the sessions revoked within the window that matters.
+- Then: PostgreSQL LISTEN on a dedicated connection (not a pooled one, so a busy
+  pool never delays it). Every revoking transaction sends a NOTIFY on commit.
+- When that connection drops: reconnect with backoff, LISTEN again, and read the
+  window in full, so nothing revoked meanwhile is missed.
+- A periodic poll through the pool is a safety net for anything in between.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import asyncpg
+
+from service.clock import Clock, to_datetime
+from service.domain.revocation import RevocationState
+from service.store.notifications import CHANNEL, parse_payload
+from service.store.postgres import UNAVAILABLE_ERRORS
+
+log = logging.getLogger(__name__)
+
+LISTENER_APPLICATION_NAME = "authsvc-revocation-listener"
+# Revocations committed late (long transactions) still show up in the poll.
+_POLL_OVERLAP_SECONDS = 60.0
+
+_WINDOW_SQL = """
+SELECT id::text AS id, extract(epoch FROM revoked_at)::float8 AS revoked_at
+  FROM sessions WHERE revoked_at >= $1
+"""
+
+
+class RevocationFeed:
+    """Runs the listener and the poll for one process."""
+
+    def __init__(
+        self,
+        *,
+        dsn: str,
+        pool: asyncpg.Pool,
+        state: RevocationState,
+        clock: Clock,
+        poll_interval: float,
+        timeout: float,
+    ) -> None:
+        self._dsn = dsn
+        self._pool = pool
+        self._state = state
+        self._clock = clock
+        self._poll_interval = poll_interval
+        self._timeout = timeout
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = asyncio.Event()
+        self.listening = asyncio.Event()
+        """Set while the LISTEN connection is up (tests wait on it)."""
+        self.reconnects = 0
+
+    async def start(self) -> None:
+        """Load the window (failing start-up if the database is down), then follow it."""
+        async with self._pool.acquire(timeout=self._timeout) as conn:
+            await self._load_window(conn)
+        self._tasks = [
+            asyncio.create_task(self._listen_forever(), name="revocation-listener"),
+            asyncio.create_task(self._poll_forever(), name="revocation-poll"),
+        ]
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _load_window(self, conn: asyncpg.Connection) -> None:
+        now = self._clock.now()
+        rows = await conn.fetch(_WINDOW_SQL, to_datetime(self._state.window_start(now)))
+        self._state.replace(((r["id"], r["revoked_at"]) for r in rows), now=now)
+        self._state.synced_at = now
+
+    def _on_notify(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
+        if isinstance(payload, str):
+            self._state.add(parse_payload(payload))
+
+    async def _listen_forever(self) -> None:
+        delay = 0.1
+        while not self._stopping.is_set():
+            conn: asyncpg.Connection | None = None
+            try:
+                conn = await asyncpg.connect(
+                    self._dsn,
+                    timeout=self._timeout,
+                    server_settings={"application_name": LISTENER_APPLICATION_NAME},
+                )
+                lost = asyncio.Event()
+                conn.add_termination_listener(lambda _c, event=lost: event.set())
+                await conn.add_listener(CHANNEL, self._on_notify)
+                # Listening first, then reading: a revocation lands in one or both.
+                await self._load_window(conn)
+                self.listening.set()
+                delay = 0.1
+                while not lost.is_set() and not conn.is_closed():
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(lost.wait(), timeout=1.0)
+                log.warning("revocation listener connection lost; reconnecting")
+            except UNAVAILABLE_ERRORS as exc:
+                log.warning("revocation listener cannot connect (%s); retrying", type(exc).__name__)
+            finally:
+                self.listening.clear()
+                self._state.synced_at = None
+                if conn is not None and not conn.is_closed():
+                    with contextlib.suppress(*UNAVAILABLE_ERRORS):
+                        await conn.close(timeout=1.0)
+            self.reconnects += 1
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), timeout=delay)
+            delay = min(delay * 2, 2.0)
+
+    async def _poll_forever(self) -> None:
+        while not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), timeout=self._poll_interval)
+            if self._stopping.is_set():
+                return
+            now = self._clock.now()
+            try:
+                async with self._pool.acquire(timeout=self._timeout) as conn:
+                    rows = await conn.fetch(
+                        _WINDOW_SQL, to_datetime(now - self._poll_interval - _POLL_OVERLAP_SECONDS)
+                    )
+            except UNAVAILABLE_ERRORS as exc:
+                log.warning("revocation poll failed (%s)", type(exc).__name__)
+                continue
+            self._state.add((r["id"], r["revoked_at"]) for r in rows)
+            self._state.prune(now)
