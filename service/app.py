@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from dataclasses import dataclass
 
@@ -24,6 +25,8 @@ from service.store import PostgresStore, apply_migrations
 from service.store.revocation_feed import RevocationFeed
 
 log = logging.getLogger(__name__)
+
+READY_FD_VARIABLE = "AUTHSVC_WORKER_READY_FD"
 
 # Larger than any valid request (tokens are capped at 8 KiB), small enough that
 # a flood of huge messages cannot exhaust memory.
@@ -112,6 +115,7 @@ async def start_server(
     pool: asyncpg.Pool,
     clock: Clock,
     listen: str | None = None,
+    reuse_port: bool = False,
 ) -> RunningServer:
     """Build the components, load revocations, and serve on `listen` (default settings.listen).
 
@@ -130,7 +134,9 @@ async def start_server(
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.so_reuseport", 0),
+            # Off unless we are one of several workers: a second server started
+            # by mistake must fail to bind, not silently share the port.
+            ("grpc.so_reuseport", 1 if reuse_port else 0),
         ]
     )
     add_auth_servicer(AuthServicer(components.tokens), server)
@@ -142,25 +148,25 @@ async def start_server(
     return RunningServer(server=server, port=port, components=components, revocation_feed=feed)
 
 
-async def serve(settings: Settings) -> None:
-    """`authsvc serve`: migrate, start, and run until SIGTERM or SIGINT."""
+async def serve(settings: Settings, *, worker: bool = False) -> None:
+    """`authsvc serve` in one process: migrate, start, and run until SIGTERM or SIGINT.
+
+    As a `--workers` child (`worker=True`) it binds with SO_REUSEPORT beside its
+    siblings and tells the supervisor through a pipe when it is ready.
+    """
     dsn = await resolve_database_url(settings)
     pool = await create_pool(dsn, settings)
     try:
-        applied = await migrate(pool)
-        for name in applied:
+        for name in await migrate(pool):
             log.info("applied migration %s", name)
-        running = await start_server(settings, dsn=dsn, pool=pool, clock=SystemClock())
-        host = settings.listen.rpartition(":")[0]
-        where = "embedded PostgreSQL in " + str(settings.data_dir / "postgres")
-        if settings.database_url:
-            where = "AUTH_DATABASE_URL"
-        print(
-            "create a first user (in another terminal, same directory):\n"
-            "  .venv/bin/authsvc users create alice --scope read --password-stdin",
-            flush=True,
+        running = await start_server(
+            settings, dsn=dsn, pool=pool, clock=SystemClock(), reuse_port=worker
         )
-        print(f"authsvc serving on {host}:{running.port} (database: {where})", flush=True)
+        if worker:
+            _tell_supervisor_ready()
+        else:
+            host = settings.listen.rpartition(":")[0]
+            print_banner(settings, f"{host}:{running.port}", workers=1)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -171,3 +177,27 @@ async def serve(settings: Settings) -> None:
     finally:
         # The pool closes after the server, so in-flight calls could finish.
         await pool.close()
+
+
+def _tell_supervisor_ready() -> None:
+    fd = os.environ.get(READY_FD_VARIABLE)
+    if fd is not None:
+        os.write(int(fd), b"r")
+        os.close(int(fd))
+
+
+def print_banner(settings: Settings, address: str, *, workers: int) -> None:
+    """What `make run` shows: the first-user command, then the address."""
+    where = "AUTH_DATABASE_URL"
+    if settings.database_url is None:
+        where = "embedded PostgreSQL in " + str(settings.data_dir / "postgres")
+    print(
+        "create a first user (in another terminal, same directory):\n"
+        "  .venv/bin/authsvc users create alice --scope read --password-stdin",
+        flush=True,
+    )
+    print(
+        f"authsvc serving on {address} ({workers} worker{'s' if workers != 1 else ''}, "
+        f"database: {where})",
+        flush=True,
+    )

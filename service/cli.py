@@ -20,6 +20,7 @@ from service.database import create_pool, resolve_database_url
 from service.domain.users import UserDirectory
 from service.errors import AuthError
 from service.settings import Settings, SettingsError
+from service.supervisor import run_supervisor
 
 MIN_PASSWORD_CHARS = 8
 MAX_PASSWORD_BYTES = 1024
@@ -108,7 +109,17 @@ def build_parser() -> argparse.ArgumentParser:
         prog="authsvc", description="Authentication service (gRPC auth.v1)."
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("serve", help="apply migrations and serve gRPC on AUTH_LISTEN")
+    serve_parser = commands.add_parser(
+        "serve", help="apply migrations and serve gRPC on AUTH_LISTEN"
+    )
+    serve_parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="server processes sharing the port (default: AUTH_WORKERS, else the CPU count)",
+    )
+    serve_parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     commands.add_parser("migrate", help="apply pending database migrations")
 
     users = commands.add_parser("users", help="manage users")
@@ -155,7 +166,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         if args.command == "serve":
-            asyncio.run(serve(settings))
+            workers = settings.workers if args.workers is None else args.workers
+            if workers < 1:
+                print("authsvc: --workers must be at least 1", file=sys.stderr)
+                return 2
+            if workers > 1 and not args.worker:
+                return run_supervisor(settings, workers)
+            asyncio.run(serve(settings, worker=args.worker))
             return 0
         if args.command == "migrate":
             return asyncio.run(_migrate_command(settings))

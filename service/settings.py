@@ -72,6 +72,9 @@ class Settings:
     shutdown_grace: float = 5.0
     """Seconds in-flight calls get to finish on SIGTERM (`AUTH_SHUTDOWN_GRACE`)."""
 
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    """Server processes for `serve` (`AUTH_WORKERS`; default: the number of CPUs)."""
+
     token_cache_size: int = 100_000
     """Verified access tokens remembered per process (`AUTH_TOKEN_CACHE_SIZE`; 0: off)."""
 
@@ -107,6 +110,7 @@ class Settings:
             shutdown_grace=reader.get(
                 "AUTH_SHUTDOWN_GRACE", _non_negative_float, cls.shutdown_grace
             ),
+            workers=reader.get("AUTH_WORKERS", _positive_int, os.cpu_count() or 1),
             token_cache_size=reader.get(
                 "AUTH_TOKEN_CACHE_SIZE", _non_negative_int, cls.token_cache_size
             ),

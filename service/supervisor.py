@@ -1,0 +1,194 @@
+"""`authsvc serve --workers N`: N server processes on one port, one command for the operator.
+
+The supervisor itself creates no gRPC object: it prepares the database (starts
+the embedded PostgreSQL if configured so, applies migrations), then starts N
+worker processes that each run their own event loop, pool, revocation listener
+and gRPC server bound with SO_REUSEPORT, so the kernel spreads connections over
+them. It restarts a worker that dies and passes SIGTERM/SIGINT on for a
+graceful stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+from service.app import READY_FD_VARIABLE, key_encryption_key, migrate, print_banner
+from service.database import create_pool, resolve_database_url
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+_START_TIMEOUT = 60.0
+_RESTART_BACKOFF_MAX = 10.0
+
+
+async def _prepare_database(settings: Settings) -> str:
+    dsn = await resolve_database_url(settings)
+    pool = await create_pool(dsn, settings)
+    try:
+        for name in await migrate(pool):
+            log.info("applied migration %s", name)
+    finally:
+        await pool.close()
+    return dsn
+
+
+def _reserve_port(listen: str) -> tuple[str, int, socket.socket]:
+    """Resolve port 0 to a concrete free port and hold it with SO_REUSEPORT.
+
+    A port held by something else (another server without SO_REUSEPORT, or
+    another authsvc) is refused here, instead of silently shared.
+    """
+    host, _, port_text = listen.rpartition(":")
+    host = host.strip("[]")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    probe = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        probe.bind((host, int(port_text)))  # no SO_REUSEPORT: fails if anyone holds it
+        port = probe.getsockname()[1]
+    finally:
+        probe.close()
+    holder = socket.socket(family, socket.SOCK_STREAM)
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    holder.bind((host, port))  # bound, never listening: receives no connections
+    return host, port, holder
+
+
+@dataclass
+class _Worker:
+    index: int
+    process: subprocess.Popen[bytes]
+    ready_read: int
+    started_at: float = field(default_factory=time.monotonic)
+
+
+class WorkerSupervisor:
+    """Starts, watches and stops the worker processes."""
+
+    def __init__(self, settings: Settings, *, workers: int, dsn: str, host: str, port: int):
+        self._settings = settings
+        self._count = workers
+        self._dsn = dsn
+        self._host = host
+        self._port = port
+        self._workers: dict[int, _Worker] = {}
+        self._stopping = False
+        self.restarts = 0
+
+    def _spawn(self, index: int) -> _Worker:
+        ready_read, ready_write = os.pipe()
+        env = dict(os.environ)
+        env["AUTH_DATABASE_URL"] = self._dsn
+        env["AUTH_LISTEN"] = f"{self._host}:{self._port}"
+        env[READY_FD_VARIABLE] = str(ready_write)
+        if self._settings.kek is None:
+            # Workers read the same KEK file; the supervisor created it already.
+            env["AUTH_DATA_DIR"] = str(self._settings.data_dir.resolve())
+        process = subprocess.Popen(
+            [sys.executable, "-m", "service", "serve", "--worker"],
+            env=env,
+            pass_fds=(ready_write,),
+        )
+        os.close(ready_write)
+        return _Worker(index=index, process=process, ready_read=ready_read)
+
+    def _wait_ready(self, worker: _Worker, deadline: float) -> bool:
+        while time.monotonic() < deadline:
+            readable, _, _ = select.select([worker.ready_read], [], [], 0.2)
+            if readable:
+                ok = os.read(worker.ready_read, 1) == b"r"
+                os.close(worker.ready_read)
+                worker.ready_read = -1
+                return ok
+            if worker.process.poll() is not None:
+                break
+        return False
+
+    def start(self) -> None:
+        deadline = time.monotonic() + _START_TIMEOUT
+        for index in range(self._count):
+            self._workers[index] = self._spawn(index)
+        for worker in self._workers.values():
+            if not self._wait_ready(worker, deadline):
+                self.stop(grace=1.0)
+                raise RuntimeError(f"worker {worker.index} did not start; see its log above")
+
+    def watch(self, stop_requested: list[bool]) -> None:
+        """Restart workers that die until a stop is requested."""
+        backoff = 0.5
+        while not stop_requested[0]:
+            time.sleep(0.2)
+            for index, worker in list(self._workers.items()):
+                code = worker.process.poll()
+                if code is None or stop_requested[0]:
+                    continue
+                log.warning(
+                    "worker %d (pid %d) exited with %s; restarting", index, worker.process.pid, code
+                )
+                # A worker that dies at once is crash-looping: slow the restarts down.
+                if time.monotonic() - worker.started_at < 5.0:
+                    time.sleep(backoff)
+                    backoff = min(backoff * 2, _RESTART_BACKOFF_MAX)
+                else:
+                    backoff = 0.5
+                replacement = self._spawn(index)
+                self._workers[index] = replacement
+                self.restarts += 1
+                if not self._wait_ready(replacement, time.monotonic() + _START_TIMEOUT):
+                    log.warning("restarted worker %d is not ready yet", index)
+
+    def stop(self, grace: float) -> None:
+        """SIGTERM every worker, wait for the graceful stop, then kill stragglers."""
+        for worker in self._workers.values():
+            if worker.process.poll() is None:
+                worker.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace + 5.0
+        for worker in self._workers.values():
+            try:
+                worker.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("worker %d did not stop in time; killing it", worker.index)
+                worker.process.kill()
+                worker.process.wait()
+            if worker.ready_read >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(worker.ready_read)
+
+    @property
+    def pids(self) -> list[int]:
+        return [w.process.pid for w in self._workers.values()]
+
+
+def run_supervisor(settings: Settings, workers: int) -> int:
+    """The `serve --workers N` parent: returns the process exit code."""
+    dsn = asyncio.run(_prepare_database(settings))
+    if settings.kek is None:
+        key_encryption_key(settings)  # create the KEK file once, before workers race for it
+    host, port, holder = _reserve_port(settings.listen)
+    stop_requested = [False]
+
+    def request_stop(_signum: int, _frame: object) -> None:
+        stop_requested[0] = True
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    supervisor = WorkerSupervisor(settings, workers=workers, dsn=dsn, host=host, port=port)
+    try:
+        supervisor.start()
+        print_banner(settings, f"{host}:{port}", workers=workers)
+        supervisor.watch(stop_requested)
+        log.info("stopping %d workers: in-flight calls get %.1fs", workers, settings.shutdown_grace)
+        supervisor.stop(settings.shutdown_grace)
+    finally:
+        holder.close()
+    return 0
