@@ -10,6 +10,9 @@ from dataclasses import dataclass
 
 import asyncpg
 import grpc
+from grpc_health.v1 import _async as health_async
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
 from service.api.auth_servicer import AuthServicer, add_auth_servicer
 from service.clock import Clock, SystemClock
@@ -19,6 +22,7 @@ from service.domain.passwords import PasswordHasher
 from service.domain.revocation import RevocationState, VerifiedTokenCache
 from service.domain.tokens import TokenService, load_key_ring, load_refresh_secret
 from service.domain.users import UserDirectory
+from service.gen.auth.v1 import auth_pb2
 from service.secrets_box import SecretBox, load_or_create_kek_file
 from service.settings import Settings
 from service.store import PostgresStore, apply_migrations
@@ -27,6 +31,7 @@ from service.store.revocation_feed import RevocationFeed
 log = logging.getLogger(__name__)
 
 READY_FD_VARIABLE = "AUTHSVC_WORKER_READY_FD"
+AUTH_SERVICE_NAME = auth_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name
 
 # Larger than any valid request (tokens are capped at 8 KiB), small enough that
 # a flood of huge messages cannot exhaust memory.
@@ -101,8 +106,11 @@ class RunningServer:
     port: int
     components: Components
     revocation_feed: RevocationFeed
+    health: health_async.HealthServicer
 
     async def stop(self, grace: float | None) -> None:
+        # Probes see NOT_SERVING first, so load balancers drain us while calls finish.
+        await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
         await self.revocation_feed.stop()
         self.components.close()
@@ -140,12 +148,26 @@ async def start_server(
         ]
     )
     add_auth_servicer(AuthServicer(components.tokens), server)
+    health = health_async.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(
+        (
+            AUTH_SERVICE_NAME,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        server,
+    )
     address = listen or settings.listen
     port = server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"could not bind {address}")
     await server.start()
-    return RunningServer(server=server, port=port, components=components, revocation_feed=feed)
+    for service_name in ("", AUTH_SERVICE_NAME):
+        await health.set(service_name, health_pb2.HealthCheckResponse.SERVING)
+    return RunningServer(
+        server=server, port=port, components=components, revocation_feed=feed, health=health
+    )
 
 
 async def serve(settings: Settings, *, worker: bool = False) -> None:

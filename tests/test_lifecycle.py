@@ -38,3 +38,22 @@ async def test_login_validate_refresh_and_reuse_kills_the_family(server: LiveSer
     )
     assert not verdict.valid
     assert verdict.error == auth_pb2.VALIDATION_ERROR_REVOKED
+
+
+async def test_health_and_reflection_are_served(server: LiveServer) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    health = health_pb2_grpc.HealthStub(server.channel)
+    for service in ("", "auth.v1.AuthService"):
+        reply = await health.Check(health_pb2.HealthCheckRequest(service=service))
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+    reflection = reflection_pb2_grpc.ServerReflectionStub(server.channel)
+    request = reflection_pb2.ServerReflectionRequest(list_services="")
+    async for reply in reflection.ServerReflectionInfo(iter([request])):
+        names = {s.name for s in reply.list_services_response.service}
+        assert "auth.v1.AuthService" in names
+        break
+    else:
+        raise AssertionError("no reflection reply")
