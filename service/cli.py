@@ -11,8 +11,10 @@ import argparse
 import asyncio
 import getpass
 import logging
+import os
 import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 from service.app import build_components, migrate, serve
 from service.clock import SystemClock
@@ -150,7 +152,108 @@ def build_parser() -> argparse.ArgumentParser:
         sub = user_commands.add_parser(name, help=text)
         sub.add_argument("username")
     user_commands.add_parser("list", help="list users")
+    _add_load_commands(commands)
     return parser
+
+
+def _add_load_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from service.loadtest.runner import SCENARIOS
+
+    load = commands.add_parser(
+        "load", help="load-test a server (default: one started here on 127.0.0.1)"
+    )
+    load.add_argument(
+        "--target",
+        default=os.environ.get("AUTH_TARGET") or None,
+        help="HOST:PORT of a running server (default: AUTH_TARGET, else start one); "
+        "its users are seeded through the AUTH_* database configuration",
+    )
+    load.add_argument("--scenario", choices=SCENARIOS, default="mixed")
+    load.add_argument(
+        "--tokens",
+        choices=("hot", "cold"),
+        default="hot",
+        help="validate: a hot set of 64 tokens per process, or 2000 distinct ones",
+    )
+    load.add_argument("--concurrency", type=int, default=32, help="in-flight calls in all")
+    load.add_argument("--processes", type=int, default=2, help="load-generating processes")
+    load.add_argument("--duration", type=float, default=10.0, help="seconds of measurement")
+    load.add_argument(
+        "--rate",
+        type=float,
+        default=None,
+        help="open loop: requests per second in all (default: closed loop)",
+    )
+    load.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="workers of the server started here",
+    )
+    load.add_argument("--users", type=int, default=16, help="users to seed")
+    load.add_argument("--json", type=Path, default=None, help="also write the results here")
+
+    bench = commands.add_parser("bench", help="the benchmark suite (ratios to baselines)")
+    bench.add_argument("--duration", type=float, default=8.0, help="seconds per row")
+    bench.add_argument("--concurrency", type=int, default=32)
+    bench.add_argument("--processes", type=int, default=2)
+    bench.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    bench.add_argument("--output", type=Path, default=None, help="also write the table here")
+
+
+def _load_command(args: argparse.Namespace) -> int:
+    from service.loadtest.local import local_server, seed_users
+    from service.loadtest.runner import LoadPlan, run_load
+    from service.loadtest.stats import render_table, write_json
+
+    for name in ("concurrency", "processes", "users", "workers"):
+        if getattr(args, name) < 1:
+            print(f"authsvc: --{name} must be at least 1", file=sys.stderr)
+            return 2
+    if args.duration <= 0 or (args.rate is not None and args.rate <= 0):
+        print("authsvc: --duration and --rate must be positive", file=sys.stderr)
+        return 2
+
+    def plan_for(target: str, settings: Settings) -> LoadPlan:
+        usernames, password = seed_users(settings, args.users)
+        return LoadPlan(
+            target=target,
+            scenario=args.scenario,
+            usernames=usernames,
+            password=password,
+            processes=args.processes,
+            concurrency=args.concurrency,
+            duration=args.duration,
+            rate=args.rate,
+            cold_tokens=2000 if args.tokens == "cold" else 0,
+        )
+
+    if args.target:
+        summary = run_load(plan_for(args.target, Settings.from_env()))
+    else:
+        with local_server(workers=args.workers) as (target, settings):
+            summary = run_load(plan_for(target, settings))
+    print(render_table([summary]))
+    if args.json is not None:
+        write_json(args.json, [summary])
+    return 1 if summary.error_count else 0
+
+
+def _bench_command(args: argparse.Namespace) -> int:
+    from service.loadtest.bench import BenchOptions, run_bench
+
+    report = run_bench(
+        BenchOptions(
+            duration=args.duration,
+            processes=args.processes,
+            concurrency=args.concurrency,
+            workers=args.workers,
+        )
+    )
+    print(report)
+    if args.output is not None:
+        args.output.write_text(report + "\n")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,6 +279,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "migrate":
             return asyncio.run(_migrate_command(settings))
+        if args.command == "load":
+            return _load_command(args)
+        if args.command == "bench":
+            return _bench_command(args)
         return asyncio.run(_users_command(settings, args))
     except AuthError as exc:
         print(f"authsvc: {exc.message}", file=sys.stderr)

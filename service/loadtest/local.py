@@ -1,0 +1,97 @@
+"""A server started for a load run, and the users a load run logs in as."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+
+from service.app import build_components, migrate
+from service.clock import SystemClock
+from service.database import attach_embedded_uri, create_pool, resolve_database_url
+from service.settings import Settings
+
+_SERVING_RE = re.compile(r"authsvc serving on (\S+):(\d+)")
+
+
+@contextmanager
+def local_server(
+    *, workers: int, extra_env: dict[str, str] | None = None
+) -> Iterator[tuple[str, Settings]]:
+    """`authsvc serve` on 127.0.0.1 with a fresh embedded PostgreSQL (or AUTH_DATABASE_URL).
+
+    Yields the target address and the settings that reach the same database.
+    The server is stopped with SIGTERM when the block ends.
+    """
+    with tempfile.TemporaryDirectory(prefix="authsvc-load-") as data_dir:
+        env = dict(os.environ)
+        env.update(extra_env or {})
+        env["AUTH_DATA_DIR"] = data_dir
+        env["AUTH_LISTEN"] = "127.0.0.1:0"
+        process = subprocess.Popen(
+            [sys.executable, "-m", "service", "serve", "--workers", str(workers)],
+            env=env,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            target = _wait_for_address(process)
+            settings = Settings.from_env(env)
+            if settings.database_url is None:
+                # Reach the server's embedded PostgreSQL without sharing its lifetime.
+                settings = replace(settings, database_url=attach_embedded_uri(Path(data_dir)))
+            yield target, settings
+        finally:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                try:
+                    process.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+
+
+def _wait_for_address(process: subprocess.Popen[str]) -> str:
+    assert process.stdout is not None
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            break
+        match = _SERVING_RE.search(line)
+        if match:
+            return f"{match.group(1)}:{match.group(2)}"
+    raise RuntimeError("the load-test server did not start")
+
+
+def seed_users(settings: Settings, count: int) -> tuple[tuple[str, ...], str]:
+    """Create `count` users for the run (through the same domain code as `authsvc users`)."""
+    password = secrets.token_urlsafe(18)
+    prefix = f"load-{secrets.token_hex(4)}"
+
+    async def create() -> tuple[str, ...]:
+        dsn = await resolve_database_url(settings)
+        pool = await create_pool(dsn, settings)
+        try:
+            await migrate(pool)
+            components = await build_components(settings, pool=pool, clock=SystemClock())
+            try:
+                names = tuple(f"{prefix}-{i}" for i in range(count))
+                await asyncio.gather(*(components.users.create(n, password, ()) for n in names))
+                return names
+            finally:
+                components.close()
+        finally:
+            await pool.close()
+
+    return asyncio.run(create()), password

@@ -1,0 +1,513 @@
+"""Pure functions, no server: settings parsing, the refresh decision table,
+refresh-token helpers and request limits."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import uuid
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from service.api.requests import (
+    MAX_PASSWORD_BYTES,
+    MAX_SCOPE_BYTES,
+    MAX_SCOPES,
+    MAX_TOKEN_BYTES,
+    MAX_USERNAME_BYTES,
+    RequestCheck,
+)
+from service.domain.records import RefreshTokenState
+from service.domain.refresh_tokens import (
+    Reject,
+    Replay,
+    RevokeForReuse,
+    Rotate,
+    decide_refresh,
+    derive_child_token,
+    hash_token,
+    is_well_formed,
+    new_refresh_token,
+)
+from service.errors import (
+    FieldViolation,
+    InvalidArgument,
+    RefreshTokenExpired,
+    RefreshTokenInvalid,
+    SessionRevoked,
+)
+from service.settings import Settings, SettingsError
+
+# Settings.from_env
+
+INT_VARS = (
+    "AUTH_ACCESS_TTL",
+    "AUTH_REFRESH_IDLE_TTL",
+    "AUTH_REFRESH_ABSOLUTE_TTL",
+    "AUTH_REFRESH_REUSE_GRACE",
+    "AUTH_LEEWAY",
+    "AUTH_DB_POOL_SIZE",
+    "AUTH_TOKEN_CACHE_SIZE",
+)
+FLOAT_VARS = ("AUTH_DB_TIMEOUT", "AUTH_SHUTDOWN_GRACE", "AUTH_REVOCATION_POLL_INTERVAL")
+NUMERIC_VARS = INT_VARS + FLOAT_VARS
+KEK_32 = bytes(range(100, 132))
+
+
+def settings_error(env: dict[str, str]) -> str:
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_env(env)
+    return str(caught.value)
+
+
+def assert_one_line_naming(message: str, variable: str, value: str) -> None:
+    assert message.startswith(variable), message
+    assert "\n" not in message and "\r" not in message
+    assert value not in message, f"the message echoes the value: {message!r}"
+
+
+def test_defaults_from_an_empty_environment() -> None:
+    settings = Settings.from_env({})
+    assert settings == Settings()
+    assert settings.listen == "127.0.0.1:50051"
+    assert settings.database_url is None
+    assert settings.data_dir == Path(".authsvc")
+    assert settings.issuer == "authsvc"
+    assert settings.audience == "authsvc"
+    assert settings.signing_alg == "EdDSA"
+    assert settings.kek is None
+    assert settings.access_ttl == 900
+    assert settings.refresh_idle_ttl == 1_209_600
+    assert settings.refresh_absolute_ttl == 2_592_000
+    assert settings.refresh_reuse_grace == 10
+    assert settings.leeway == 0
+
+
+def test_every_variable_is_read() -> None:
+    env = {
+        "AUTH_LISTEN": "0.0.0.0:6000",
+        "AUTH_DATABASE_URL": "postgresql://u:p@db/auth",
+        "AUTH_DATA_DIR": "/var/lib/authsvc",
+        "AUTH_ISSUER": "https://auth.example",
+        "AUTH_AUDIENCE": "api",
+        "AUTH_SIGNING_ALG": "RS256",
+        "AUTH_KEK": base64.b64encode(KEK_32).decode(),
+        "AUTH_ACCESS_TTL": "60",
+        "AUTH_REFRESH_IDLE_TTL": "3600",
+        "AUTH_REFRESH_ABSOLUTE_TTL": "7200",
+        "AUTH_REFRESH_REUSE_GRACE": "0",
+        "AUTH_LEEWAY": "5",
+        "AUTH_DB_POOL_SIZE": "3",
+        "AUTH_DB_TIMEOUT": "2.5",
+        "AUTH_SHUTDOWN_GRACE": "0",
+        "AUTH_TOKEN_CACHE_SIZE": "0",
+        "AUTH_REVOCATION_POLL_INTERVAL": "0.5",
+    }
+    settings = Settings.from_env(env)
+    assert settings == Settings(
+        listen="0.0.0.0:6000",
+        database_url="postgresql://u:p@db/auth",
+        data_dir=Path("/var/lib/authsvc"),
+        issuer="https://auth.example",
+        audience="api",
+        signing_alg="RS256",
+        kek=KEK_32,
+        access_ttl=60,
+        refresh_idle_ttl=3600,
+        refresh_absolute_ttl=7200,
+        refresh_reuse_grace=0,
+        leeway=5,
+        db_pool_size=3,
+        db_timeout=2.5,
+        shutdown_grace=0.0,
+        token_cache_size=0,
+        revocation_poll_interval=0.5,
+    )
+    # The KEK never shows in a repr (logs, tracebacks).
+    assert base64.b64encode(KEK_32).decode() not in repr(settings)
+    assert KEK_32.hex() not in repr(settings)
+
+
+@pytest.mark.parametrize("variable", NUMERIC_VARS)
+@pytest.mark.parametrize("value", ["abc", "-1", "12x", "1 2", "ten", "0x10", "-0.5", "nan", "inf"])
+def test_a_bad_number_stops_with_one_line_naming_the_variable(variable: str, value: str) -> None:
+    message = settings_error({variable: value})
+    assert_one_line_naming(message, variable, value)
+
+
+@pytest.mark.parametrize("variable", INT_VARS)
+@pytest.mark.parametrize("value", ["1.5", "1e3", "99999999999999999999"])
+def test_whole_seconds_only(variable: str, value: str) -> None:
+    message = settings_error({variable: value})
+    assert_one_line_naming(message, variable, value)
+
+
+@pytest.mark.parametrize(
+    "variable",
+    ["AUTH_ACCESS_TTL", "AUTH_REFRESH_IDLE_TTL", "AUTH_REFRESH_ABSOLUTE_TTL", "AUTH_DB_POOL_SIZE"],
+)
+def test_zero_is_refused_where_it_makes_no_sense(variable: str) -> None:
+    assert settings_error({variable: "0"}).startswith(variable)
+
+
+def test_zero_is_allowed_where_it_means_off() -> None:
+    settings = Settings.from_env(
+        {"AUTH_REFRESH_REUSE_GRACE": "0", "AUTH_LEEWAY": "0", "AUTH_TOKEN_CACHE_SIZE": "0"}
+    )
+    assert settings.refresh_reuse_grace == 0
+    assert settings.leeway == 0
+    assert settings.token_cache_size == 0
+    assert Settings.from_env({"AUTH_ACCESS_TTL": " 60 "}).access_ttl == 60
+
+
+@pytest.mark.parametrize("variable", NUMERIC_VARS)
+def test_an_empty_value_means_unset(variable: str) -> None:
+    """`AUTH_X=` (as in a compose file) keeps the default rather than failing."""
+    assert Settings.from_env({variable: ""}) == Settings()
+
+
+def test_reuse_grace_has_an_upper_bound() -> None:
+    assert Settings.from_env({"AUTH_REFRESH_REUSE_GRACE": "300"}).refresh_reuse_grace == 300
+    assert settings_error({"AUTH_REFRESH_REUSE_GRACE": "301"}).startswith(
+        "AUTH_REFRESH_REUSE_GRACE"
+    )
+
+
+def test_kek_parsing() -> None:
+    standard = base64.b64encode(KEK_32).decode()
+    url_safe = base64.urlsafe_b64encode(KEK_32).decode().rstrip("=")
+    assert Settings.from_env({"AUTH_KEK": standard}).kek == KEK_32
+    assert Settings.from_env({"AUTH_KEK": url_safe}).kek == KEK_32
+
+    for value in (
+        "not base64!!",
+        base64.b64encode(bytes(31)).decode(),
+        base64.b64encode(bytes(33)).decode(),
+        base64.b64encode(b"secret-kek-material-0123456789ab" * 2).decode(),
+        "c2VjcmV0",
+    ):
+        message = settings_error({"AUTH_KEK": value})
+        assert_one_line_naming(message, "AUTH_KEK", value)
+
+
+@pytest.mark.parametrize("value", ["HS256", "none", "RS512", "eddsa ", "ES256K", "HS256,EdDSA"])
+def test_only_asymmetric_signing_algorithms(value: str) -> None:
+    message = settings_error({"AUTH_SIGNING_ALG": value})
+    assert message.startswith("AUTH_SIGNING_ALG")
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("alg", ["EdDSA", "ES256", "RS256"])
+def test_supported_signing_algorithms(alg: str) -> None:
+    assert Settings.from_env({"AUTH_SIGNING_ALG": alg}).signing_alg == alg
+
+
+@pytest.mark.parametrize(
+    "value", ["nope", "127.0.0.1", ":50051", "127.0.0.1:", "127.0.0.1:99999", "host:port"]
+)
+def test_a_bad_listen_address(value: str) -> None:
+    message = settings_error({"AUTH_LISTEN": value})
+    assert message.startswith("AUTH_LISTEN")
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("value", ["0.0.0.0:0", "[::1]:50051", "localhost:65535"])
+def test_good_listen_addresses(value: str) -> None:
+    assert Settings.from_env({"AUTH_LISTEN": value}).listen == value
+
+
+# decide_refresh
+
+NOW = datetime(2030, 3, 1, 12, 0, tzinfo=UTC)
+GRACE = timedelta(seconds=10)
+IDLE = timedelta(days=14)
+CHILD_HASH = hashlib.sha256(b"child").digest()
+
+
+def token_state(**changes: object) -> RefreshTokenState:
+    """An unused token of a live session, issued an hour ago."""
+    state = RefreshTokenState(
+        token_hash=hashlib.sha256(b"parent").digest(),
+        session_id=uuid.uuid4(),
+        user_id=uuid.uuid4(),
+        issued_at=NOW - timedelta(hours=1),
+        expires_at=NOW + timedelta(days=13),
+        used_at=None,
+        child_hash=None,
+        child_expires_at=None,
+        child_used=False,
+        session_scopes=("read",),
+        session_audience="authsvc",
+        session_expires_at=NOW + timedelta(days=29),
+        session_revoked=False,
+        user_scopes=("read",),
+        user_disabled=False,
+    )
+    return replace(state, **changes)  # type: ignore[arg-type]
+
+
+def used_state(used_ago: timedelta, **changes: object) -> RefreshTokenState:
+    """A token rotated `used_ago`, whose child exists."""
+    base: dict[str, object] = {
+        "used_at": NOW - used_ago,
+        "child_hash": CHILD_HASH,
+        "child_expires_at": NOW - used_ago + IDLE,
+    }
+    return token_state(**{**base, **changes})
+
+
+def decide(
+    state: RefreshTokenState | None, *, grace: timedelta = GRACE, now: datetime = NOW
+) -> object:
+    return decide_refresh(state, now=now, grace=grace, idle_ttl=IDLE, child_hash=CHILD_HASH)
+
+
+SECOND = timedelta(seconds=1)
+
+DECISIONS: list[tuple[str, RefreshTokenState | None, timedelta, object]] = [
+    ("unknown token", None, GRACE, Reject(RefreshTokenInvalid)),
+    ("revoked session", token_state(session_revoked=True), GRACE, Reject(SessionRevoked)),
+    ("disabled user", token_state(user_disabled=True), GRACE, Reject(SessionRevoked)),
+    (
+        "revoked session, used token",
+        used_state(SECOND, session_revoked=True),
+        GRACE,
+        Reject(SessionRevoked),
+    ),
+    ("idle expired", token_state(expires_at=NOW - SECOND), GRACE, Reject(RefreshTokenExpired)),
+    ("idle expiry is exclusive", token_state(expires_at=NOW), GRACE, Reject(RefreshTokenExpired)),
+    (
+        "absolute expiry",
+        token_state(session_expires_at=NOW - SECOND),
+        GRACE,
+        Reject(RefreshTokenExpired),
+    ),
+    (
+        "absolute expiry is exclusive",
+        token_state(session_expires_at=NOW),
+        GRACE,
+        Reject(RefreshTokenExpired),
+    ),
+    (
+        "unused: child lives idle_ttl",
+        token_state(),
+        GRACE,
+        Rotate(child_hash=CHILD_HASH, child_expires_at=NOW + IDLE),
+    ),
+    (
+        "unused: child capped by the session",
+        token_state(session_expires_at=NOW + timedelta(days=2)),
+        GRACE,
+        Rotate(child_hash=CHILD_HASH, child_expires_at=NOW + timedelta(days=2)),
+    ),
+    (
+        "unused, one second before idle expiry",
+        token_state(expires_at=NOW + SECOND),
+        GRACE,
+        Rotate(child_hash=CHILD_HASH, child_expires_at=NOW + IDLE),
+    ),
+    ("used within grace, child unused", used_state(SECOND), GRACE, Replay()),
+    ("used just now", used_state(timedelta(0)), GRACE, Replay()),
+    (
+        "used within grace, child used",
+        used_state(SECOND, child_used=True),
+        GRACE,
+        RevokeForReuse(),
+    ),
+    (
+        "used within grace, another child",
+        used_state(SECOND, child_hash=hashlib.sha256(b"other").digest()),
+        GRACE,
+        RevokeForReuse(),
+    ),
+    ("used outside grace", used_state(timedelta(minutes=5)), GRACE, RevokeForReuse()),
+    ("grace ends exactly at used_at + grace", used_state(GRACE), GRACE, RevokeForReuse()),
+    ("grace 0: any replay is reuse", used_state(timedelta(0)), timedelta(0), RevokeForReuse()),
+    ("grace 0, a second later", used_state(SECOND), timedelta(0), RevokeForReuse()),
+    (
+        "reuse outranks expiry: an expired rotated token still kills the family",
+        used_state(timedelta(days=20), expires_at=NOW - timedelta(days=6)),
+        GRACE,
+        RevokeForReuse(),
+    ),
+    (
+        "within grace but the child has expired",
+        used_state(SECOND, child_expires_at=NOW),
+        GRACE,
+        Reject(RefreshTokenExpired),
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("state", "grace", "expected"),
+    [case[1:] for case in DECISIONS],
+    ids=[case[0] for case in DECISIONS],
+)
+def test_decide_refresh(
+    state: RefreshTokenState | None, grace: timedelta, expected: object
+) -> None:
+    assert decide(state, grace=grace) == expected
+
+
+def test_grace_window_edges() -> None:
+    just_used = used_state(timedelta(0))
+    assert decide(just_used, now=NOW + GRACE - timedelta(microseconds=1)) == Replay()
+    assert decide(just_used, now=NOW + GRACE) == RevokeForReuse()
+
+
+# Refresh-token helpers
+
+SECRET_A = bytes(32)
+SECRET_B = bytes([1]) * 32
+
+
+def test_new_refresh_tokens_are_256_bit_url_safe_and_unique() -> None:
+    tokens = {new_refresh_token() for _ in range(200)}
+    assert len(tokens) == 200
+    for token in tokens:
+        assert is_well_formed(token)
+        assert len(base64.urlsafe_b64decode(token + "=")) == 32
+
+
+def test_derive_child_token_is_deterministic_per_parent_and_secret() -> None:
+    parent = new_refresh_token()
+    child = derive_child_token(parent, SECRET_A)
+    assert derive_child_token(parent, SECRET_A) == child
+    assert is_well_formed(child)
+    assert child != parent
+    assert derive_child_token(parent, SECRET_B) != child
+    assert derive_child_token(new_refresh_token(), SECRET_A) != child
+    # Grandchildren keep deriving (a chain never repeats a token).
+    chain = [parent]
+    for _ in range(20):
+        chain.append(derive_child_token(chain[-1], SECRET_A))
+    assert len(set(chain)) == len(chain)
+
+
+def test_hash_token_is_sha256_of_the_token_text() -> None:
+    token = new_refresh_token()
+    digest = hash_token(token)
+    assert len(digest) == 32
+    assert digest == hashlib.sha256(token.encode("ascii")).digest()
+    assert hash_token(token) == digest
+    assert hash_token(new_refresh_token()) != digest
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        "",
+        "A" * 42,
+        "A" * 44,
+        "A" * 42 + "=",
+        "A" * 42 + "+",
+        "A" * 42 + "/",
+        "A" * 42 + ".",
+        "A" * 42 + "é",
+        "A" * 43 + "\n",
+        " " + "A" * 43,
+        "A" * 21 + " " + "A" * 21,
+    ],
+)
+def test_is_well_formed_rejects(token: str) -> None:
+    assert not is_well_formed(token)
+
+
+def test_is_well_formed_accepts_the_alphabet() -> None:
+    assert is_well_formed("A" * 43)
+    assert is_well_formed("-_" * 21 + "z")
+    assert is_well_formed("0123456789abcdefghijklmnopqrstuvwxyzABCDEFG")
+
+
+# RequestCheck limits, counted in UTF-8 bytes
+
+
+def violations(check: RequestCheck) -> list[FieldViolation]:
+    with pytest.raises(InvalidArgument) as caught:
+        check.done()
+    return caught.value.violations
+
+
+@pytest.mark.parametrize("limit", [MAX_TOKEN_BYTES, MAX_USERNAME_BYTES, MAX_PASSWORD_BYTES, 256])
+@pytest.mark.parametrize("char", ["a", "é", "€", "🔑"])
+def test_text_limits_count_utf8_bytes(limit: int, char: str) -> None:
+    width = len(char.encode())
+    fits = char * (limit // width) + "a" * (limit % width)
+    assert len(fits.encode()) == limit
+    check = RequestCheck()
+    assert check.text("field", fits, limit=limit) == fits
+    check.done()
+
+    over = fits + "a"
+    check = RequestCheck()
+    check.text("field", over, limit=limit)
+    [violation] = violations(check)
+    assert violation.field == "field"
+    assert str(limit) in violation.description
+
+    if width > 1:
+        # Fewer characters than the limit, more bytes: still too long.
+        sneaky = char * (limit // width + 1)
+        assert len(sneaky) <= limit < len(sneaky.encode())
+        check = RequestCheck()
+        check.text("field", sneaky, limit=limit)
+        assert [v.field for v in violations(check)] == ["field"]
+
+
+def test_required_and_optional_text() -> None:
+    check = RequestCheck()
+    check.text("audience", "", limit=256, required=False)
+    check.done()
+    check = RequestCheck()
+    check.text("password.username", "", limit=MAX_USERNAME_BYTES)
+    check.text("password.password", "", limit=MAX_PASSWORD_BYTES)
+    found = violations(check)
+    assert [v.field for v in found] == ["password.username", "password.password"]
+    assert all(v.description == "is required" for v in found)
+
+
+def test_scope_limits() -> None:
+    check = RequestCheck()
+    scopes = [f"s{i}" for i in range(MAX_SCOPES)]
+    assert check.scopes("scopes", scopes) == tuple(scopes)
+    check.done()
+
+    check = RequestCheck()
+    check.scopes("scopes", [*scopes, "one-more"])
+    assert [v.field for v in violations(check)] == ["scopes"]
+
+    check = RequestCheck()
+    longest = "x" * MAX_SCOPE_BYTES
+    assert check.scopes("scopes", [longest]) == (longest,)
+    check.done()
+
+    check = RequestCheck()
+    check.scopes("scopes", ["ok", longest + "x"])
+    assert [v.field for v in violations(check)] == ["scopes[1]"]
+
+
+@pytest.mark.parametrize("scope", ["has space", 'quo"te', "back\\slash", "é", "tab\t", ""])
+def test_scope_characters(scope: str) -> None:
+    check = RequestCheck()
+    check.scopes("required_scopes", ["read", scope])
+    assert [v.field for v in violations(check)] == ["required_scopes[1]"]
+
+
+def test_scopes_keep_order_and_drop_duplicates() -> None:
+    check = RequestCheck()
+    assert check.scopes("scopes", ["b", "a", "b", "c", "a"]) == ("b", "a", "c")
+    check.done()
+
+
+def test_all_violations_are_reported_at_once() -> None:
+    check = RequestCheck()
+    check.text("password.username", "u" * (MAX_USERNAME_BYTES + 1), limit=MAX_USERNAME_BYTES)
+    check.text("password.password", "", limit=MAX_PASSWORD_BYTES)
+    check.scopes("scopes", ["bad scope"])
+    check.missing("password")
+    error_fields = [v.field for v in violations(check)]
+    assert error_fields == ["password.username", "password.password", "scopes[0]", "password"]
