@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test lint fmt proto check-proto bench clean
+.PHONY: run test lint fmt proto check-proto load bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,16 @@ proto: $(STAMP)
 # Fails if service/gen/ does not match protos/ (also run as a test).
 check-proto: $(STAMP)
 	$(PY) -m pytest -q tests/test_generated_code.py
+
+# The mixed scenario against AUTH_TARGET, or against a server started for the run.
+# Tune with LOAD_ARGS, e.g. make load LOAD_ARGS="--scenario validate --duration 30".
+LOAD_ARGS ?=
+load: $(STAMP)
+	$(VENV)/bin/authsvc load --scenario mixed $(if $(AUTH_TARGET),--target $(AUTH_TARGET)) $(LOAD_ARGS)
+
+# Every figure against one server in one run, as ratios to baselines (about 2 minutes).
+bench: $(STAMP)
+	$(VENV)/bin/authsvc bench --output bench-results.md
 
 clean:
 	rm -rf $(VENV) .authsvc .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,95 @@
+"""`authsvc load` end to end: a few seconds of each scenario against a real server, zero errors.
+
+Speed is not asserted here (see `make bench`); only that the tool works and reports.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from service.loadtest.stats import ProcessResult, percentile, summarize
+from tests.test_cli import _authsvc, _env
+from tests.test_replicas import _server_process
+
+
+def _run_load(env: dict[str, str], tmp_path: Path, *args: str) -> dict[str, object]:
+    out = tmp_path / "load.json"
+    result = _authsvc(
+        "load",
+        "--duration",
+        "1.5",
+        "--processes",
+        "2",
+        "--concurrency",
+        "4",
+        "--users",
+        "4",
+        "--json",
+        str(out),
+        *args,
+        env=env,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "p99.9 ms" in result.stdout  # the table
+    report = json.loads(out.read_text())
+    (scenario,) = report["scenarios"]
+    assert scenario["errors"] == {}
+    assert scenario["ok"] > 0
+    assert scenario["requests_per_second"] > 0
+    return dict(scenario)
+
+
+def test_make_load_path_starts_its_own_server(database_url: str, tmp_path: Path) -> None:
+    env = _env(AUTH_DATABASE_URL=database_url)
+    scenario = _run_load(env, tmp_path, "--scenario", "mixed", "--workers", "1")
+    assert scenario["scenario"] == "mixed"
+
+
+@pytest.mark.parametrize(
+    ("args", "name"),
+    [
+        (("--scenario", "health"), "health"),
+        (("--scenario", "validate"), "validate-hot"),
+        (("--scenario", "validate", "--tokens", "cold"), "validate-cold"),
+        (("--scenario", "refresh"), "refresh"),
+        (("--scenario", "issue"), "issue"),
+        (("--scenario", "validate", "--rate", "200"), "validate-hot"),
+    ],
+)
+def test_each_scenario_against_a_running_target(
+    database_url: str, tmp_path: Path, args: tuple[str, ...], name: str
+) -> None:
+    env = _env(
+        AUTH_DATABASE_URL=database_url,
+        AUTH_LISTEN="127.0.0.1:0",
+        AUTH_DATA_DIR=str(tmp_path / "data"),
+    )
+    with _server_process(env) as (port, _):
+        scenario = _run_load(env, tmp_path, "--target", f"127.0.0.1:{port}", *args)
+    assert scenario["scenario"] == name
+    if "--rate" in args:
+        # Open loop: about rate x duration requests were sent, whatever the latency.
+        assert 150 <= int(str(scenario["ok"])) <= 350
+
+
+def test_percentiles_are_nearest_rank() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert percentile(values, 50) == 50.0
+    assert percentile(values, 99) == 99.0
+    assert percentile(values, 99.9) == 100.0
+    assert percentile([], 50) == 0.0
+
+
+def test_summaries_merge_processes_exactly() -> None:
+    a = ProcessResult(latencies=[0.001] * 90, elapsed=1.0)
+    b = ProcessResult(latencies=[0.1] * 10, elapsed=1.0)
+    b.errors["UNAVAILABLE"] = 5
+    summary = summarize("x", [a, b], processes=2, concurrency=2, rate=None)
+    assert summary.ok == 100
+    assert summary.errors == {"UNAVAILABLE": 5}
+    assert summary.requests_per_second == 105.0
+    assert summary.latency_ms["p50"] == pytest.approx(1.0)
+    assert summary.latency_ms["p99"] == pytest.approx(100.0)
