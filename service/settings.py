@@ -42,8 +42,11 @@ class Settings:
     audience: str = "authsvc"
     """The default `aud` claim when Issue names none (`AUTH_AUDIENCE`)."""
 
-    signing_alg: str = "EdDSA"
-    """JWS algorithm for new signing keys (`AUTH_SIGNING_ALG`): EdDSA, ES256 or RS256."""
+    signing_alg: str = "ES256"
+    """JWS algorithm for new signing keys (`AUTH_SIGNING_ALG`): ES256, EdDSA or RS256.
+
+    ES256 by measurement: the fastest verification after RS256 (whose 3072-bit signing
+    costs milliseconds per token) and the most widely supported by JOSE libraries."""
 
     kek: bytes | None = field(default=None, repr=False)
     """Key-encryption key for private keys at rest (`AUTH_KEK`, base64 of 32 bytes)."""

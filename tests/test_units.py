@@ -77,7 +77,7 @@ def test_defaults_from_an_empty_environment() -> None:
     assert settings.data_dir == Path(".authsvc")
     assert settings.issuer == "authsvc"
     assert settings.audience == "authsvc"
-    assert settings.signing_alg == "EdDSA"
+    assert settings.signing_alg == "ES256"
     assert settings.kek is None
     assert settings.access_ttl == 900
     assert settings.refresh_idle_ttl == 1_209_600

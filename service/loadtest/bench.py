@@ -164,6 +164,48 @@ def _memory_probe() -> tuple[float, float]:
     return float(out[0]), float(out[1])
 
 
+def signing_algorithm_costs(samples: int = 300) -> list[tuple[str, float, float, int]]:
+    """Per algorithm: microseconds to sign and to verify one access token, and its size."""
+    from service.clock import SystemClock
+    from service.domain.access_tokens import AccessTokenCodec
+    from service.domain.keys import KeyRing, generate_signing_key, open_signing_key
+    from service.secrets_box import SecretBox
+    from service.settings import SIGNING_ALGORITHMS
+
+    box = SecretBox(secrets.token_bytes(32))
+    rows = []
+    for alg in SIGNING_ALGORITHMS:
+        key = open_signing_key(generate_signing_key(alg, box, datetime.now(UTC)), box)
+        codec = AccessTokenCodec(
+            issuer="bench", key_ring=KeyRing([key]), clock=SystemClock(), leeway=0
+        )
+
+        def sign(codec: AccessTokenCodec = codec) -> str:
+            return codec.sign(
+                subject=str(uuid.uuid4()),
+                session_id=str(uuid.uuid4()),
+                audience="bench",
+                scopes=("read", "write"),
+                ttl=900,
+            ).token
+
+        start = time.perf_counter()
+        tokens = [sign() for _ in range(samples)]
+        signed = time.perf_counter()
+        for token in tokens:
+            codec.verify(token)
+        verified = time.perf_counter()
+        rows.append(
+            (
+                alg,
+                (signed - start) / samples * 1e6,
+                (verified - signed) / samples * 1e6,
+                len(tokens[0]),
+            )
+        )
+    return rows
+
+
 def _concurrently(*plans: LoadPlan) -> list[ScenarioSummary]:
     results: list[ScenarioSummary | None] = [None] * len(plans)
 
@@ -214,6 +256,7 @@ def run_bench(options: BenchOptions) -> str:
     cores = os.cpu_count() or 1
     argon2 = _argon2_rate(threads=cores, duration=options.duration)
     rss_before, rss_after = _memory_probe()
+    algorithms = signing_algorithm_costs()
     return _report(
         options,
         health=health,
@@ -225,6 +268,7 @@ def run_bench(options: BenchOptions) -> str:
         sql_rate=sql,
         argon2_rate=argon2,
         rss=(rss_before, rss_after),
+        algorithms=algorithms,
     )
 
 
@@ -240,6 +284,7 @@ def _report(
     sql_rate: float,
     argon2_rate: float,
     rss: tuple[float, float],
+    algorithms: list[tuple[str, float, float, int]],
 ) -> str:
     def row(s: ScenarioSummary, baseline: str, ratio: float | None, target: str) -> str:
         errors = s.error_count
@@ -280,4 +325,10 @@ def _report(
         f"{options.concurrency} concurrent calls in all, {options.duration:g} s per row; "
         f"argon2id m={ARGON2_MEMORY_KIB} KiB t={ARGON2_TIME_COST} p={ARGON2_PARALLELISM}"
     )
-    return "\n".join([*lines, "", machine])
+    alg_lines = [
+        "",
+        "| signing algorithm | sign µs | verify µs | token bytes |",
+        "|---|---:|---:|---:|",
+        *(f"| {a} | {s:.0f} | {v:.0f} | {n} |" for a, s, v, n in algorithms),
+    ]
+    return "\n".join([*lines, *alg_lines, "", machine])
