@@ -68,7 +68,8 @@ async def build_components(settings: Settings, *, pool: asyncpg.Pool, clock: Clo
     box = SecretBox(key_encryption_key(settings))
     key_ring = await load_key_ring(store, box, alg=settings.signing_alg, clock=clock)
     refresh_secret = await load_refresh_secret(store, box, clock=clock)
-    hasher = PasswordHasher()
+    # Each worker process hashes on its share of the cores.
+    hasher = PasswordHasher(threads=(os.cpu_count() or 1) // settings.workers)
     codec = AccessTokenCodec(
         issuer=settings.issuer, key_ring=key_ring, clock=clock, leeway=settings.leeway
     )

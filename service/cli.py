@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 
 from service.app import build_components, migrate, serve
@@ -194,7 +195,13 @@ def _add_load_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
     load.add_argument("--json", type=Path, default=None, help="also write the results here")
 
     bench = commands.add_parser("bench", help="the benchmark suite (ratios to baselines)")
-    bench.add_argument("--duration", type=float, default=8.0, help="seconds per row")
+    bench.add_argument("--duration", type=float, default=6.0, help="seconds per run")
+    bench.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="interleaved runs of health and validate (medians are reported)",
+    )
     bench.add_argument("--concurrency", type=int, default=32)
     bench.add_argument("--processes", type=int, default=2)
     bench.add_argument("--workers", type=int, default=os.cpu_count() or 1)
@@ -244,6 +251,7 @@ def _bench_command(args: argparse.Namespace) -> int:
 
     report = run_bench(
         BenchOptions(
+            rounds=args.rounds,
             duration=args.duration,
             processes=args.processes,
             concurrency=args.concurrency,
@@ -273,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
             if workers < 1:
                 print("authsvc: --workers must be at least 1", file=sys.stderr)
                 return 2
+            settings = replace(settings, workers=workers)
             if workers > 1 and not args.worker:
                 return run_supervisor(settings, workers)
             asyncio.run(serve(settings, worker=args.worker))

@@ -90,6 +90,7 @@ class WorkerSupervisor:
         env = dict(os.environ)
         env["AUTH_DATABASE_URL"] = self._dsn
         env["AUTH_LISTEN"] = f"{self._host}:{self._port}"
+        env["AUTH_WORKERS"] = str(self._count)
         env[READY_FD_VARIABLE] = str(ready_write)
         if self._settings.kek is None:
             # Workers read the same KEK file; the supervisor created it already.

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -128,9 +130,22 @@ def test_serve_with_database_url_and_users_cli(database_url: str, tmp_path: Path
         assert PASSWORD not in result.stdout + result.stderr
 
 
-def test_quick_start_embedded_postgres_shared_by_serve_and_cli(tmp_path: Path) -> None:
+@pytest.fixture
+def world_traversable_dir() -> Iterator[Path]:
+    """A scratch directory outside pytest's tmp_path: as root, PostgreSQL runs as the
+    `embedded_postgres` user, which cannot enter pytest's 0700 temporary root."""
+    path = Path(tempfile.mkdtemp(prefix="authsvc-cli-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_quick_start_embedded_postgres_shared_by_serve_and_cli(
+    world_traversable_dir: Path,
+) -> None:
     """`make run`'s path: no AUTH_DATABASE_URL, an embedded PostgreSQL in AUTH_DATA_DIR,
     reached by `authsvc users` run from the same directory while serve runs."""
+    tmp_path = world_traversable_dir
     env = _env(AUTH_LISTEN="127.0.0.1:0")
     with _serving(env, cwd=tmp_path) as (port, lines):
         assert any("users create" in line for line in lines), "no first-user hint printed"

@@ -11,6 +11,7 @@ import hashlib
 import os
 import platform
 import secrets
+import statistics
 import subprocess
 import sys
 import threading
@@ -42,7 +43,9 @@ COLD_TOKENS_PER_PROCESS = 2000
 
 @dataclass(frozen=True)
 class BenchOptions:
-    duration: float = 8.0
+    rounds: int = 3
+    """health, validate-hot and validate-cold run interleaved this many times; medians count."""
+    duration: float = 6.0
     processes: int = 2
     concurrency: int = 32
     workers: int = 2
@@ -164,8 +167,11 @@ def _memory_probe() -> tuple[float, float]:
     return float(out[0]), float(out[1])
 
 
-def signing_algorithm_costs(samples: int = 300) -> list[tuple[str, float, float, int]]:
-    """Per algorithm: microseconds to sign and to verify one access token, and its size."""
+def signing_algorithm_costs(
+    rounds: int = 7, samples: int = 100
+) -> list[tuple[str, float, float, int]]:
+    """Per algorithm: median microseconds to sign and to verify one access token, and
+    the token's size. Algorithms alternate within each round, so noise hits all alike."""
     from service.clock import SystemClock
     from service.domain.access_tokens import AccessTokenCodec
     from service.domain.keys import KeyRing, generate_signing_key, open_signing_key
@@ -173,37 +179,49 @@ def signing_algorithm_costs(samples: int = 300) -> list[tuple[str, float, float,
     from service.settings import SIGNING_ALGORITHMS
 
     box = SecretBox(secrets.token_bytes(32))
-    rows = []
-    for alg in SIGNING_ALGORITHMS:
-        key = open_signing_key(generate_signing_key(alg, box, datetime.now(UTC)), box)
-        codec = AccessTokenCodec(
-            issuer="bench", key_ring=KeyRing([key]), clock=SystemClock(), leeway=0
+    codecs = {
+        alg: AccessTokenCodec(
+            issuer="bench",
+            key_ring=KeyRing(
+                [open_signing_key(generate_signing_key(alg, box, datetime.now(UTC)), box)]
+            ),
+            clock=SystemClock(),
+            leeway=0,
         )
+        for alg in SIGNING_ALGORITHMS
+    }
+    sign_us: dict[str, list[float]] = {alg: [] for alg in codecs}
+    verify_us: dict[str, list[float]] = {alg: [] for alg in codecs}
+    sizes: dict[str, int] = {}
+    for _ in range(rounds):
+        for alg, codec in codecs.items():
+            start = time.perf_counter()
+            tokens = [
+                codec.sign(
+                    subject=str(uuid.uuid4()),
+                    session_id=str(uuid.uuid4()),
+                    audience="bench",
+                    scopes=("read", "write"),
+                    ttl=900,
+                ).token
+                for _ in range(samples)
+            ]
+            signed = time.perf_counter()
+            for token in tokens:
+                codec.verify(token)
+            verified = time.perf_counter()
+            sign_us[alg].append((signed - start) / samples * 1e6)
+            verify_us[alg].append((verified - signed) / samples * 1e6)
+            sizes[alg] = len(tokens[0])
+    return [
+        (alg, statistics.median(sign_us[alg]), statistics.median(verify_us[alg]), sizes[alg])
+        for alg in codecs
+    ]
 
-        def sign(codec: AccessTokenCodec = codec) -> str:
-            return codec.sign(
-                subject=str(uuid.uuid4()),
-                session_id=str(uuid.uuid4()),
-                audience="bench",
-                scopes=("read", "write"),
-                ttl=900,
-            ).token
 
-        start = time.perf_counter()
-        tokens = [sign() for _ in range(samples)]
-        signed = time.perf_counter()
-        for token in tokens:
-            codec.verify(token)
-        verified = time.perf_counter()
-        rows.append(
-            (
-                alg,
-                (signed - start) / samples * 1e6,
-                (verified - signed) / samples * 1e6,
-                len(tokens[0]),
-            )
-        )
-    return rows
+def _median(runs: list[ScenarioSummary]) -> ScenarioSummary:
+    """The run with the median throughput."""
+    return sorted(runs, key=lambda s: s.requests_per_second)[len(runs) // 2]
 
 
 def _concurrently(*plans: LoadPlan) -> list[ScenarioSummary]:
@@ -235,9 +253,18 @@ def run_bench(options: BenchOptions) -> str:
             concurrency=options.concurrency,
             duration=options.duration,
         )
-        health = run_load(base)
-        hot = run_load(replace(base, scenario="validate"))
-        cold = run_load(replace(base, scenario="validate", cold_tokens=COLD_TOKENS_PER_PROCESS))
+        # The three compared with each other run interleaved, so that a noisy
+        # minute on this shared machine hits all of them alike.
+        interleaved = [
+            base,
+            replace(base, scenario="validate"),
+            replace(base, scenario="validate", cold_tokens=COLD_TOKENS_PER_PROCESS),
+        ]
+        runs: list[list[ScenarioSummary]] = [[] for _ in interleaved]
+        for _ in range(options.rounds):
+            for i, plan in enumerate(interleaved):
+                runs[i].append(run_load(plan))
+        health, hot, cold = (_median(r) for r in runs)
         refresh = run_load(replace(base, scenario="refresh"))
         issue = run_load(replace(base, scenario="issue"))
         under_login, _ = _concurrently(
@@ -322,7 +349,8 @@ def _report(
         f"{os.cpu_count()} cores ({platform.processor() or platform.machine()}), "
         f"Python {platform.python_version()}, {datetime.now(UTC):%Y-%m-%d}; "
         f"server: {options.workers} workers, load: {options.processes} processes x "
-        f"{options.concurrency} concurrent calls in all, {options.duration:g} s per row; "
+        f"{options.concurrency} concurrent calls in all, {options.duration:g} s per run "
+        f"(health and validate: median of {options.rounds} interleaved runs); "
         f"argon2id m={ARGON2_MEMORY_KIB} KiB t={ARGON2_TIME_COST} p={ARGON2_PARALLELISM}"
     )
     alg_lines = [
