@@ -272,10 +272,22 @@ DECISIONS: list[tuple[str, RefreshTokenState | None, timedelta, object]] = [
     ("revoked session", token_state(session_revoked=True), GRACE, Reject(SessionRevoked)),
     ("disabled user", token_state(user_disabled=True), GRACE, Reject(SessionRevoked)),
     (
-        "revoked session, used token",
+        "revoked session, parent replayed within grace (a retry, not theft)",
         used_state(SECOND, session_revoked=True),
         GRACE,
         Reject(SessionRevoked),
+    ),
+    (
+        "revoked session, rotated token outside grace: still reported as reuse",
+        used_state(timedelta(minutes=5), session_revoked=True),
+        GRACE,
+        RevokeForReuse(),
+    ),
+    (
+        "grace off, family already revoked by a concurrent reuse: reuse",
+        used_state(timedelta(0), session_revoked=True),
+        timedelta(0),
+        RevokeForReuse(),
     ),
     ("idle expired", token_state(expires_at=NOW - SECOND), GRACE, Reject(RefreshTokenExpired)),
     ("idle expiry is exclusive", token_state(expires_at=NOW), GRACE, Reject(RefreshTokenExpired)),

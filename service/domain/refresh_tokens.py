@@ -94,23 +94,33 @@ def decide_refresh(
 ) -> RefreshDecision:
     """Decide the fate of a presented refresh token, with the token row locked.
 
-    Order matters: a revoked session is reported as such even for an old token;
-    reuse is checked before expiry so that a thief replaying an expired
-    sibling still kills a live family.
+    Order matters. A rotated token presented again outside the grace window is
+    reuse whatever else holds: it tells the caller precisely what happened, and
+    every replay of a stolen token is recorded, even into a family that is dead
+    already. Reuse is also checked before expiry, so that a thief replaying an
+    expired ancestor still kills a live family.
     """
     if state is None:
         return Reject(RefreshTokenInvalid)
-    if state.session_revoked or state.user_disabled:
-        return Reject(SessionRevoked)
+    live = not (state.session_revoked or state.user_disabled)
     if state.used_at is not None:
-        in_grace = now < state.used_at + grace
-        # Only the immediate parent of an unused child may be replayed, and
-        # only while the family is still live: older generations are theft.
-        if in_grace and not state.child_used and state.child_hash == child_hash:
-            if state.child_expires_at is not None and now >= state.child_expires_at:
-                return Reject(RefreshTokenExpired)
-            return Replay()
-        return RevokeForReuse()
+        # Only the immediate parent of an unused child may be replayed, and only
+        # within the window: older generations, or a used child, mean theft.
+        replayable = (
+            now < state.used_at + grace
+            and not state.child_used
+            and state.child_hash == child_hash
+            and state.child_expires_at is not None
+        )
+        if not replayable:
+            return RevokeForReuse()
+        if not live:
+            return Reject(SessionRevoked)
+        if state.child_expires_at is not None and now >= state.child_expires_at:
+            return Reject(RefreshTokenExpired)
+        return Replay()
+    if not live:
+        return Reject(SessionRevoked)
     if now >= state.expires_at or now >= state.session_expires_at:
         return Reject(RefreshTokenExpired)
     child_expires_at = min(now + idle_ttl, state.session_expires_at)

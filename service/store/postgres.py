@@ -48,7 +48,13 @@ UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
 # Serializes key and secret creation between replicas starting together.
 _BOOTSTRAP_LOCK_ID = 0x61757468  # "auth"
 
-# The refresh path's two statements (also run bare by the benchmark's SQL baseline).
+# The refresh path's statements (also run bare by the benchmark's SQL baseline).
+# The lock is taken in a statement of its own: under READ COMMITTED, a call that
+# waited for it must read the parent's child and session in a fresh snapshot,
+# which a joined `SELECT ... FOR UPDATE OF rt` would not give it (it would see the
+# updated parent beside the pre-wait view of the child, that is: no child).
+LOCK_REFRESH_TOKEN_SQL = "SELECT 1 FROM refresh_tokens WHERE token_hash = $1 FOR UPDATE"
+
 REFRESH_STATE_SQL = """
 SELECT rt.token_hash, rt.session_id, s.user_id, rt.issued_at, rt.expires_at, rt.used_at,
        rt.child_hash, c.expires_at AS child_expires_at, (c.used_at IS NOT NULL) AS child_used,
@@ -59,7 +65,6 @@ SELECT rt.token_hash, rt.session_id, s.user_id, rt.issued_at, rt.expires_at, rt.
   JOIN users u ON u.id = s.user_id
   LEFT JOIN refresh_tokens c ON c.token_hash = rt.child_hash
  WHERE rt.token_hash = $1
-   FOR UPDATE OF rt
 """
 
 # Mark the parent used, store its only child, touch the session: one round trip.
@@ -280,7 +285,8 @@ class PostgresStore:
         rotates, the others see it used and replay the child or report reuse.
         """
         async with self._transaction() as conn:
-            row = await conn.fetchrow(REFRESH_STATE_SQL, token_hash)
+            locked = await conn.fetchval(LOCK_REFRESH_TOKEN_SQL, token_hash)
+            row = None if locked is None else await conn.fetchrow(REFRESH_STATE_SQL, token_hash)
             state = None if row is None else _refresh_state(row)
             decision = decide(state)
             if state is None:
@@ -295,6 +301,7 @@ class PostgresStore:
                     decision.child_expires_at,
                 )
             elif isinstance(decision, RevokeForReuse):
+                # Recorded even when the family was dead already: each replay is a theft signal.
                 await self._revoke_session(conn, state.session_id, "refresh_token_reused", now)
                 await self._insert_event(conn, reuse_event(state), now)
             elif isinstance(decision, Replay):
