@@ -68,8 +68,9 @@ async def build_components(settings: Settings, *, pool: asyncpg.Pool, clock: Clo
     box = SecretBox(key_encryption_key(settings))
     key_ring = await load_key_ring(store, box, alg=settings.signing_alg, clock=clock)
     refresh_secret = await load_refresh_secret(store, box, clock=clock)
-    # Each worker process hashes on its share of the cores.
-    hasher = PasswordHasher(threads=(os.cpu_count() or 1) // settings.workers)
+    # As many hashing threads as cores in every worker: at the lowest priority
+    # they take only idle CPU, so one busy worker may use all of it.
+    hasher = PasswordHasher(threads=os.cpu_count() or 1)
     codec = AccessTokenCodec(
         issuer=settings.issuer, key_ring=key_ring, clock=clock, leeway=settings.leeway
     )

@@ -46,8 +46,7 @@ def _lower_thread_priority() -> None:
 
 
 class PasswordHasher:
-    """Hashes and verifies passwords in a thread pool sized to this process's share of
-    the cores, at low priority.
+    """Hashes and verifies passwords in a thread pool (sized to the cores), at low priority.
 
     argon2-cffi releases the GIL while hashing, so the pool runs hashes truly in
     parallel while the event loop keeps serving other calls.

@@ -38,6 +38,9 @@ SCENARIOS = ("validate", "refresh", "issue", "mixed", "health")
 # mixed: validate / refresh / issue
 MIXED_WEIGHTS = (0.90, 0.08, 0.02)
 _SETUP_TIMEOUT = 300.0
+# Each process spreads its virtual clients over this many connections, so that
+# SO_REUSEPORT can balance them over the server's workers as it would many clients.
+CONNECTIONS_PER_PROCESS = 4
 _CALL_TIMEOUT = 10.0
 
 
@@ -85,23 +88,27 @@ class _Session:
 
 
 class _Client:
-    """The calls a load process makes, over one channel."""
+    """The calls a load process makes, spread over its channels."""
 
-    def __init__(self, plan: LoadPlan, channel: grpc.aio.Channel, seed: int) -> None:
+    def __init__(self, plan: LoadPlan, channels: list[grpc.aio.Channel], seed: int) -> None:
         self._plan = plan
-        self._auth = auth_pb2_grpc.AuthServiceStub(channel)
-        self._health = health_pb2_grpc.HealthStub(channel)
+        auth = [auth_pb2_grpc.AuthServiceStub(c) for c in channels]
+        health = [health_pb2_grpc.HealthStub(c) for c in channels]
+        self._stubs = itertools.cycle(list(zip(auth, health, strict=True)))
         self._random = random.Random(seed)
         self.tokens: list[str] = []
         self._token_index = itertools.count()
         self.sessions: asyncio.Queue[_Session] = asyncio.Queue()
+
+    def _auth(self) -> auth_pb2_grpc.AuthServiceAsyncStub:
+        return next(self._stubs)[0]
 
     async def login(self) -> auth_pb2.TokenPair:
         username = self._random.choice(self._plan.usernames)
         request = auth_pb2.IssueRequest(
             password=auth_pb2.PasswordCredentials(username=username, password=self._plan.password)
         )
-        response: auth_pb2.IssueResponse = await self._auth.Issue(request, timeout=_CALL_TIMEOUT)
+        response: auth_pb2.IssueResponse = await self._auth().Issue(request, timeout=_CALL_TIMEOUT)
         return response.tokens
 
     async def mint_tokens(self, count: int, chains: int = 8) -> None:
@@ -112,7 +119,7 @@ class _Client:
         async def walk(pair: auth_pb2.TokenPair, n: int) -> None:
             token = pair.refresh_token
             for _ in range(n):
-                response: auth_pb2.RefreshResponse = await self._auth.Refresh(
+                response: auth_pb2.RefreshResponse = await self._auth().Refresh(
                     auth_pb2.RefreshRequest(refresh_token=token), timeout=_CALL_TIMEOUT
                 )
                 token = response.tokens.refresh_token
@@ -130,7 +137,7 @@ class _Client:
 
     async def validate(self) -> None:
         token = self.tokens[next(self._token_index) % len(self.tokens)]
-        response: auth_pb2.ValidateResponse = await self._auth.Validate(
+        response: auth_pb2.ValidateResponse = await self._auth().Validate(
             auth_pb2.ValidateRequest(access_token=token), timeout=_CALL_TIMEOUT
         )
         if not response.valid:
@@ -142,7 +149,7 @@ class _Client:
         except asyncio.QueueEmpty:
             raise _Rejected("NO_FREE_SESSION") from None
         try:
-            response: auth_pb2.RefreshResponse = await self._auth.Refresh(
+            response: auth_pb2.RefreshResponse = await self._auth().Refresh(
                 auth_pb2.RefreshRequest(refresh_token=session.refresh_token),
                 timeout=_CALL_TIMEOUT,
             )
@@ -154,7 +161,7 @@ class _Client:
         await self.login()
 
     async def health(self) -> None:
-        response: health_pb2.HealthCheckResponse = await self._health.Check(
+        response: health_pb2.HealthCheckResponse = await next(self._stubs)[1].Check(
             health_pb2.HealthCheckRequest(), timeout=_CALL_TIMEOUT
         )
         if response.status != health_pb2.HealthCheckResponse.SERVING:
@@ -199,10 +206,11 @@ async def _run_process(
     barrier: multiprocessing.synchronize.Barrier,
     progress: Synchronized[int],
 ) -> ProcessResult:
-    channel = grpc.aio.insecure_channel(
-        plan.target, options=[("grpc.use_local_subchannel_pool", 1)]
-    )
-    client = _Client(plan, channel, seed=index)
+    channels = [
+        grpc.aio.insecure_channel(plan.target, options=[("grpc.use_local_subchannel_pool", 1)])
+        for _ in range(CONNECTIONS_PER_PROCESS)
+    ]
+    client = _Client(plan, channels, seed=index)
     result = ProcessResult()
     try:
         if plan.scenario in ("validate", "mixed"):
@@ -227,7 +235,8 @@ async def _run_process(
         reporter.cancel()
         progress.value = len(result.latencies) + sum(result.errors.values())
     finally:
-        await channel.close()
+        for channel in channels:
+            await channel.close()
     return result
 
 
