@@ -882,3 +882,23 @@ async def test_the_raw_channel_reaches_the_service(server: LiveServer) -> None:
     # Unknown fields in valid protobuf are not an error.
     answer = auth_pb2.GetJwksResponse.FromString(await call(b"\x0a\x02hi", timeout=10))
     assert '"keys"' in answer.jwks_json
+
+
+async def test_a_request_over_the_message_limit_is_resource_exhausted(server: LiveServer) -> None:
+    """Whole requests are capped at 64 KiB (service.app.MAX_MESSAGE_BYTES): far above any
+    valid request, so a flood of huge messages cannot exhaust memory."""
+    from service.app import MAX_MESSAGE_BYTES
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await server.stub.Validate(
+            auth_pb2.ValidateRequest(access_token="a" * (MAX_MESSAGE_BYTES + 1))
+        )
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    # Just under the cap, the request reaches the service and gets its own answer.
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await server.stub.Validate(
+            auth_pb2.ValidateRequest(access_token="a" * (MAX_MESSAGE_BYTES - 100))
+        )
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    # The server is still up.
+    assert (await server.stub.GetJwks(auth_pb2.GetJwksRequest())).jwks_json

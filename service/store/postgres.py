@@ -49,22 +49,41 @@ UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
 _BOOTSTRAP_LOCK_ID = 0x61757468  # "auth"
 
 # The refresh path's statements (also run bare by the benchmark's SQL baseline).
-# The lock is taken in a statement of its own: under READ COMMITTED, a call that
-# waited for it must read the parent's child and session in a fresh snapshot,
-# which a joined `SELECT ... FOR UPDATE OF rt` would not give it (it would see the
-# updated parent beside the pre-wait view of the child, that is: no child).
-LOCK_REFRESH_TOKEN_SQL = "SELECT 1 FROM refresh_tokens WHERE token_hash = $1 FOR UPDATE"
-
-REFRESH_STATE_SQL = """
+# The common case takes the lock and reads everything in one statement. A token
+# found used needs a second statement: under READ COMMITTED a call that waited
+# for the lock sees the parent's new version, but the joined rows (its child, its
+# session) only as they were before the wait, so they are read again, fresh.
+LOCK_REFRESH_TOKEN_SQL = """
 SELECT rt.token_hash, rt.session_id, s.user_id, rt.issued_at, rt.expires_at, rt.used_at,
-       rt.child_hash, c.expires_at AS child_expires_at, (c.used_at IS NOT NULL) AS child_used,
-       s.scopes AS session_scopes, s.audience, s.expires_at AS session_expires_at,
-       (s.revoked_at IS NOT NULL) AS session_revoked, u.scopes AS user_scopes, u.disabled
+       rt.child_hash, s.scopes AS session_scopes, s.audience,
+       s.expires_at AS session_expires_at, (s.revoked_at IS NOT NULL) AS session_revoked,
+       u.scopes AS user_scopes, u.disabled
   FROM refresh_tokens rt
   JOIN sessions s ON s.id = rt.session_id
   JOIN users u ON u.id = s.user_id
-  LEFT JOIN refresh_tokens c ON c.token_hash = rt.child_hash
  WHERE rt.token_hash = $1
+   FOR UPDATE OF rt
+"""
+
+ROTATED_TOKEN_STATE_SQL = """
+SELECT c.expires_at AS child_expires_at, (c.used_at IS NOT NULL) AS child_used,
+       (s.revoked_at IS NOT NULL) AS session_revoked, u.disabled
+  FROM sessions s
+  JOIN users u ON u.id = s.user_id
+  LEFT JOIN refresh_tokens c ON c.token_hash = $2
+ WHERE s.id = $1
+"""
+
+# A login: the session, its first refresh token and the security event.
+CREATE_SESSION_SQL = """
+WITH session AS (
+    INSERT INTO sessions (id, user_id, scopes, audience, created_at, expires_at, peer, user_agent)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8)),
+token AS (
+    INSERT INTO refresh_tokens (token_hash, session_id, issued_at, expires_at)
+    VALUES ($9, $1, $5, $10))
+INSERT INTO security_events (occurred_at, kind, subject, session_id, peer, detail)
+VALUES ($5, $11, $12, $1, $7, $13)
 """
 
 # Mark the parent used, store its only child, touch the session: one round trip.
@@ -90,7 +109,8 @@ def _user(row: asyncpg.Record) -> UserRecord:
     )
 
 
-def _refresh_state(row: asyncpg.Record) -> RefreshTokenState:
+def _refresh_state(row: asyncpg.Record, rotated: asyncpg.Record | None) -> RefreshTokenState:
+    """The presented token's state; `rotated` is the fresh read made when it was used."""
     return RefreshTokenState(
         token_hash=bytes(row["token_hash"]),
         session_id=row["session_id"],
@@ -99,14 +119,14 @@ def _refresh_state(row: asyncpg.Record) -> RefreshTokenState:
         expires_at=row["expires_at"],
         used_at=row["used_at"],
         child_hash=None if row["child_hash"] is None else bytes(row["child_hash"]),
-        child_expires_at=row["child_expires_at"],
-        child_used=row["child_used"],
+        child_expires_at=None if rotated is None else rotated["child_expires_at"],
+        child_used=False if rotated is None else rotated["child_used"],
         session_scopes=tuple(row["session_scopes"]),
         session_audience=row["audience"],
         session_expires_at=row["session_expires_at"],
-        session_revoked=row["session_revoked"],
+        session_revoked=(rotated or row)["session_revoked"],
         user_scopes=tuple(row["user_scopes"]),
-        user_disabled=row["disabled"],
+        user_disabled=(rotated or row)["disabled"],
     )
 
 
@@ -246,12 +266,11 @@ class PostgresStore:
     # Sessions and refresh tokens
 
     async def create_session(self, session: NewSession, event: SecurityEvent) -> None:
-        """Start a token family: the session, its first token and the login event."""
-        async with self._transaction() as conn:
+        """Start a token family: the session, its first token and the login event, in one
+        statement (atomic, one round trip)."""
+        async with self._connection() as conn:
             await conn.execute(
-                """INSERT INTO sessions (id, user_id, scopes, audience, created_at, expires_at,
-                                         peer, user_agent)
-                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8)""",
+                CREATE_SESSION_SQL,
                 session.id,
                 session.user_id,
                 list(session.scopes),
@@ -260,16 +279,12 @@ class PostgresStore:
                 session.expires_at,
                 session.peer,
                 session.user_agent,
-            )
-            await conn.execute(
-                """INSERT INTO refresh_tokens (token_hash, session_id, issued_at, expires_at)
-                   VALUES ($1, $2, $3, $4)""",
                 session.first_token_hash,
-                session.id,
-                session.created_at,
                 session.first_token_expires_at,
+                event.kind,
+                event.subject,
+                json.dumps(event.detail or {}),
             )
-            await self._insert_event(conn, event, session.created_at)
 
     async def refresh(
         self,
@@ -285,9 +300,13 @@ class PostgresStore:
         rotates, the others see it used and replay the child or report reuse.
         """
         async with self._transaction() as conn:
-            locked = await conn.fetchval(LOCK_REFRESH_TOKEN_SQL, token_hash)
-            row = None if locked is None else await conn.fetchrow(REFRESH_STATE_SQL, token_hash)
-            state = None if row is None else _refresh_state(row)
+            row = await conn.fetchrow(LOCK_REFRESH_TOKEN_SQL, token_hash)
+            rotated = None
+            if row is not None and row["used_at"] is not None:
+                rotated = await conn.fetchrow(
+                    ROTATED_TOKEN_STATE_SQL, row["session_id"], row["child_hash"]
+                )
+            state = None if row is None else _refresh_state(row, rotated)
             decision = decide(state)
             if state is None:
                 return state, decision
