@@ -93,3 +93,41 @@ def test_summaries_merge_processes_exactly() -> None:
     assert summary.requests_per_second == 105.0
     assert summary.latency_ms["p50"] == pytest.approx(1.0)
     assert summary.latency_ms["p99"] == pytest.approx(100.0)
+
+
+def test_bench_runs_end_to_end_and_prints_its_table(database_url: str, tmp_path: Path) -> None:
+    """`make bench` in miniature (half-second runs): every row is there, with zero errors."""
+    out = tmp_path / "bench.md"
+    result = _authsvc(
+        "bench",
+        "--duration",
+        "0.5",
+        "--rounds",
+        "1",
+        "--concurrency",
+        "4",
+        "--workers",
+        "1",
+        "--output",
+        str(out),
+        env=_env(AUTH_DATABASE_URL=database_url),
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    table = out.read_text()
+    for row in (
+        "| health |",
+        "| validate-hot |",
+        "| validate-cold |",
+        "| refresh |",
+        "| issue |",
+        "| validate-hot+login |",
+        "SQL-only rotation",
+        "argon2id-only",
+        "memory: 100k",
+        "| ES256 |",
+    ):
+        assert row in table, row
+    # The errors column of every load row is 0.
+    for line in table.splitlines():
+        if line.startswith(("| health", "| validate", "| refresh |", "| issue |")):
+            assert line.split("|")[5].strip() == "0", line

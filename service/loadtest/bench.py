@@ -17,21 +17,27 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
 
+from service.app import build_components
+from service.clock import SystemClock
+from service.database import create_pool
 from service.domain.passwords import (
     ARGON2_MEMORY_KIB,
     ARGON2_PARALLELISM,
     ARGON2_TIME_COST,
     make_argon2_hasher,
 )
+from service.domain.tokens import CallerInfo
 from service.loadtest.local import local_server, seed_users
 from service.loadtest.runner import LoadPlan, run_load
 from service.loadtest.stats import ScenarioSummary
+from service.settings import Settings
 from service.store.postgres import LOCK_REFRESH_TOKEN_SQL, ROTATE_SQL
 
 # The bench server's verified-token cache is smaller than the cold token set,
@@ -115,6 +121,62 @@ async def _sql_rotation_rate(
         await asyncio.gather(*(walk(s, t) for s, t in chains))
         return done / (time.perf_counter() - start)
     finally:
+        await pool.close()
+
+
+async def _in_process_rates(
+    settings: Settings,
+    usernames: tuple[str, ...],
+    password: str,
+    *,
+    concurrency: int,
+    duration: float,
+) -> tuple[float, float]:
+    """Refresh and login through the domain and store alone (no gRPC), same concurrency:
+    the middle step between the bare baselines and the full calls."""
+    assert settings.database_url is not None
+    pool_size = settings.db_pool_size * settings.workers
+    pool = await create_pool(settings.database_url, replace(settings, db_pool_size=pool_size))
+    components = await build_components(settings, pool=pool, clock=SystemClock())
+    caller = CallerInfo()
+    try:
+
+        async def login(i: int) -> str:
+            pair = await components.tokens.issue(
+                username=usernames[i % len(usernames)],
+                password=password,
+                scopes=(),
+                audience=None,
+                caller=caller,
+            )
+            return pair.refresh_token
+
+        async def rate(step: Callable[[int], Awaitable[None]]) -> float:
+            done = 0
+            deadline = time.perf_counter() + duration
+
+            async def loop(i: int) -> None:
+                nonlocal done
+                while time.perf_counter() < deadline:
+                    await step(i)
+                    done += 1
+
+            start = time.perf_counter()
+            await asyncio.gather(*(loop(i) for i in range(concurrency)))
+            return done / (time.perf_counter() - start)
+
+        tokens = list(await asyncio.gather(*(login(i) for i in range(concurrency))))
+
+        async def refresh(i: int) -> None:
+            pair = await components.tokens.refresh(tokens[i], caller=caller)
+            tokens[i] = pair.refresh_token
+
+        async def issue(i: int) -> None:
+            await login(i)
+
+        return await rate(refresh), await rate(issue)
+    finally:
+        components.close()
         await pool.close()
 
 
@@ -272,6 +334,15 @@ def run_bench(options: BenchOptions) -> str:
             replace(base, scenario="issue", processes=1, concurrency=8, label="login-load"),
         )
         assert settings.database_url is not None
+        in_process_refresh, in_process_issue = asyncio.run(
+            _in_process_rates(
+                replace(settings, workers=options.workers),
+                usernames,
+                password,
+                concurrency=options.concurrency,
+                duration=options.duration,
+            )
+        )
         sql = asyncio.run(
             _sql_rotation_rate(
                 settings.database_url,
@@ -294,6 +365,7 @@ def run_bench(options: BenchOptions) -> str:
         under_login=under_login,
         sql_rate=sql,
         argon2_rate=argon2,
+        in_process=(in_process_refresh, in_process_issue),
         rss=(rss_before, rss_after),
         algorithms=algorithms,
     )
@@ -310,6 +382,7 @@ def _report(
     under_login: ScenarioSummary,
     sql_rate: float,
     argon2_rate: float,
+    in_process: tuple[float, float],
     rss: tuple[float, float],
     algorithms: list[tuple[str, float, float, int]],
 ) -> str:
@@ -342,6 +415,10 @@ def _report(
             "≥ 0.8",
         ),
         row(under_login, "validate-hot p99 alone", p99_ratio, "p99 ≤ 2x"),
+        f"| refresh in-process (domain + store, no gRPC) | {in_process[0]:,.0f} | | | | "
+        f"SQL-only rotation | {in_process[0] / sql_rate:.2f} | (decomposition) |",
+        f"| issue in-process (domain + store, no gRPC) | {in_process[1]:,.1f} | | | | "
+        f"argon2id-only | {in_process[1] / argon2_rate:.2f} | (decomposition) |",
         f"| memory: 100k cached tokens + 100k revoked sessions | | | | | "
         f"RSS {rss[0]:.0f} → {rss[1]:.0f} MiB | | < 150 MiB |",
     ]
