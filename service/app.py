@@ -6,6 +6,8 @@ import asyncio
 import logging
 import os
 import signal
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import asyncpg
@@ -93,6 +95,23 @@ async def build_components(settings: Settings, *, pool: asyncpg.Pool, clock: Clo
         revocations=revocations,
         token_cache=token_cache,
     )
+
+
+@asynccontextmanager
+async def open_components(settings: Settings) -> AsyncIterator[Components]:
+    """The components over the configured database (migrated), for one-shot commands
+    such as `authsvc users` and the load tool's seeding; closed on exit."""
+    dsn = await resolve_database_url(settings)
+    pool = await create_pool(dsn, settings)
+    try:
+        await migrate(pool)
+        components = await build_components(settings, pool=pool, clock=SystemClock())
+        try:
+            yield components
+        finally:
+            components.close()
+    finally:
+        await pool.close()
 
 
 async def migrate(pool: asyncpg.Pool) -> list[str]:

@@ -17,8 +17,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
 
-from service.app import build_components, migrate, serve
-from service.clock import SystemClock
+from service.app import migrate, open_components, serve
 from service.database import create_pool, resolve_database_url
 from service.domain.users import UserDirectory
 from service.errors import AuthError
@@ -43,17 +42,8 @@ def _read_password() -> str:
 
 
 async def _with_users(settings: Settings, action: Callable[[UserDirectory], Awaitable[int]]) -> int:
-    dsn = await resolve_database_url(settings)
-    pool = await create_pool(dsn, settings)
-    try:
-        await migrate(pool)
-        components = await build_components(settings, pool=pool, clock=SystemClock())
-        try:
-            return await action(components.users)
-        finally:
-            components.close()
-    finally:
-        await pool.close()
+    async with open_components(settings) as components:
+        return await action(components.users)
 
 
 async def _users_command(settings: Settings, args: argparse.Namespace) -> int:

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import grpc
+import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+
+from service.gen.auth.v1 import auth_pb2
+from tests.conftest import LiveServer
 
 
 def error_info(error: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
@@ -36,3 +40,31 @@ def assert_error(error: grpc.aio.AioRpcError, code: grpc.StatusCode, reason: str
     info = error_info(error)
     assert info.domain == "authsvc"
     assert info.reason == reason
+
+
+async def refresh(server: LiveServer, token: str) -> auth_pb2.TokenPair:
+    """Refresh over gRPC; the new token pair."""
+    response = await server.stub.Refresh(auth_pb2.RefreshRequest(refresh_token=token))
+    return response.tokens
+
+
+async def refresh_fails(server: LiveServer, token: str, reason: str) -> None:
+    """Refresh(token) must fail UNAUTHENTICATED with `reason`."""
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await refresh(server, token)
+    assert_error(caught.value, grpc.StatusCode.UNAUTHENTICATED, reason)
+
+
+async def validate(
+    server: LiveServer,
+    token: str,
+    *,
+    required_scopes: tuple[str, ...] = (),
+    audience: str = "",
+) -> auth_pb2.ValidateResponse:
+    """Validate over gRPC."""
+    return await server.stub.Validate(
+        auth_pb2.ValidateRequest(
+            access_token=token, required_scopes=list(required_scopes), audience=audience
+        )
+    )

@@ -31,7 +31,7 @@ from service.domain.records import SigningKeyRecord
 from service.gen.auth.v1 import auth_pb2
 from service.secrets_box import SecretBox
 from tests.conftest import TEST_KEK, LiveServer, ServerFactory
-from tests.helpers import assert_error
+from tests.helpers import assert_error, validate
 
 ALGS = ("EdDSA", "ES256", "RS256")
 MALFORMED = auth_pb2.VALIDATION_ERROR_MALFORMED
@@ -60,20 +60,6 @@ def header_of(token: str) -> dict[str, Any]:
 def claims_of(token: str) -> dict[str, Any]:
     value: dict[str, Any] = json.loads(b64d(token.split(".")[1]))
     return value
-
-
-async def validate(
-    server: LiveServer,
-    token: str,
-    *,
-    required_scopes: tuple[str, ...] = (),
-    audience: str = "",
-) -> auth_pb2.ValidateResponse:
-    return await server.stub.Validate(
-        auth_pb2.ValidateRequest(
-            access_token=token, required_scopes=list(required_scopes), audience=audience
-        )
-    )
 
 
 async def assert_rejected(server: LiveServer, token: str, *expected: int) -> None:

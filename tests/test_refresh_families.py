@@ -13,12 +13,11 @@ import re
 import uuid
 
 import grpc
-import pytest
 
 from service.clock import ManualClock
 from service.gen.auth.v1 import auth_pb2
 from tests.conftest import LiveServer, ServerFactory
-from tests.helpers import assert_error
+from tests.helpers import assert_error, refresh, refresh_fails, validate
 
 Code = grpc.StatusCode
 REVOKED = auth_pb2.VALIDATION_ERROR_REVOKED
@@ -29,26 +28,10 @@ TOKEN_RE = re.compile(r"[A-Za-z0-9_-]{43}")
 # Helpers
 
 
-async def refresh(server: LiveServer, token: str) -> auth_pb2.TokenPair:
-    response = await server.stub.Refresh(auth_pb2.RefreshRequest(refresh_token=token))
-    return response.tokens
-
-
-async def refresh_fails(server: LiveServer, token: str, reason: str) -> None:
-    """Refresh(token) must fail UNAUTHENTICATED with `reason`."""
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await refresh(server, token)
-    assert_error(caught.value, Code.UNAUTHENTICATED, reason)
-
-
 async def rotated_token_of_dead_family_fails(server: LiveServer, token: str) -> None:
     """An already-rotated token presented outside the grace window is reuse, even when
     its family is dead already: every replay of a stolen token is reported and recorded."""
     await refresh_fails(server, token, "REFRESH_TOKEN_REUSED")
-
-
-async def validate(server: LiveServer, token: str) -> auth_pb2.ValidateResponse:
-    return await server.stub.Validate(auth_pb2.ValidateRequest(access_token=token))
 
 
 async def assert_valid(server: LiveServer, token: str) -> auth_pb2.ValidateResponse:

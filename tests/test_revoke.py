@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from service.clock import ManualClock
 from service.gen.auth.v1 import auth_pb2
 from tests.conftest import PASSWORD, LiveServer
-from tests.helpers import assert_error
+from tests.helpers import assert_error, refresh, refresh_fails, validate
 
 Code = grpc.StatusCode
 REVOKED = auth_pb2.VALIDATION_ERROR_REVOKED
@@ -63,21 +63,6 @@ async def revoke_fails(
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await server.stub.Revoke(request, metadata=metadata)
     assert_error(caught.value, code, reason)
-
-
-async def refresh(server: LiveServer, token: str) -> auth_pb2.TokenPair:
-    response = await server.stub.Refresh(auth_pb2.RefreshRequest(refresh_token=token))
-    return response.tokens
-
-
-async def refresh_fails(server: LiveServer, token: str, reason: str) -> None:
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await refresh(server, token)
-    assert_error(caught.value, Code.UNAUTHENTICATED, reason)
-
-
-async def validate(server: LiveServer, token: str) -> auth_pb2.ValidateResponse:
-    return await server.stub.Validate(auth_pb2.ValidateRequest(access_token=token))
 
 
 async def assert_live(server: LiveServer, pair: auth_pb2.TokenPair) -> None:

@@ -17,7 +17,7 @@ from service.domain.refresh_tokens import hash_token
 from service.gen.auth.v1 import auth_pb2
 from service.secrets_box import SecretBox
 from tests.conftest import PASSWORD, TEST_KEK, LiveServer
-from tests.helpers import assert_error
+from tests.helpers import assert_error, refresh
 
 NEW_PASSWORD = "n3w passw0rd, with unicode: 🔑 ü"
 WRONG_PASSWORD = "wrong-password-zq7"
@@ -74,11 +74,6 @@ async def dump_database(server: LiveServer) -> dict[str, list[str]]:
             rows = await conn.fetch(f"SELECT row_to_json(t)::text AS j FROM {quoted} t")
             dump[name] = [r["j"] for r in rows]
     return dump
-
-
-async def refresh(server: LiveServer, token: str) -> auth_pb2.TokenPair:
-    response = await server.stub.Refresh(auth_pb2.RefreshRequest(refresh_token=token))
-    return response.tokens
 
 
 async def busy_run(server: LiveServer) -> tuple[list[str], list[str], list[str]]:

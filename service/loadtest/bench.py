@@ -24,9 +24,7 @@ from datetime import UTC, datetime, timedelta
 
 import asyncpg
 
-from service.app import build_components
-from service.clock import SystemClock
-from service.database import create_pool
+from service.app import open_components
 from service.domain.passwords import (
     ARGON2_MEMORY_KIB,
     ARGON2_PARALLELISM,
@@ -134,12 +132,10 @@ async def _in_process_rates(
 ) -> tuple[float, float]:
     """Refresh and login through the domain and store alone (no gRPC), same concurrency:
     the middle step between the bare baselines and the full calls."""
-    assert settings.database_url is not None
+    # As many connections as the server's workers have together.
     pool_size = settings.db_pool_size * settings.workers
-    pool = await create_pool(settings.database_url, replace(settings, db_pool_size=pool_size))
-    components = await build_components(settings, pool=pool, clock=SystemClock())
     caller = CallerInfo()
-    try:
+    async with open_components(replace(settings, db_pool_size=pool_size)) as components:
 
         async def login(i: int) -> str:
             pair = await components.tokens.issue(
@@ -175,9 +171,6 @@ async def _in_process_rates(
             await login(i)
 
         return await rate(refresh), await rate(issue)
-    finally:
-        components.close()
-        await pool.close()
 
 
 def _argon2_rate(*, threads: int, duration: float) -> float:

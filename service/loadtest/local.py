@@ -16,9 +16,8 @@ from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
-from service.app import build_components, migrate
-from service.clock import SystemClock
-from service.database import attach_embedded_uri, create_pool, resolve_database_url
+from service.app import open_components
+from service.database import attach_embedded_uri
 from service.settings import Settings
 
 _SERVING_RE = re.compile(r"authsvc serving on (\S+):(\d+)")
@@ -80,18 +79,9 @@ def seed_users(settings: Settings, count: int) -> tuple[tuple[str, ...], str]:
     prefix = f"load-{secrets.token_hex(4)}"
 
     async def create() -> tuple[str, ...]:
-        dsn = await resolve_database_url(settings)
-        pool = await create_pool(dsn, settings)
-        try:
-            await migrate(pool)
-            components = await build_components(settings, pool=pool, clock=SystemClock())
-            try:
-                names = tuple(f"{prefix}-{i}" for i in range(count))
-                await asyncio.gather(*(components.users.create(n, password, ()) for n in names))
-                return names
-            finally:
-                components.close()
-        finally:
-            await pool.close()
+        async with open_components(settings) as components:
+            names = tuple(f"{prefix}-{i}" for i in range(count))
+            await asyncio.gather(*(components.users.create(n, password, ()) for n in names))
+            return names
 
     return asyncio.run(create()), password
