@@ -22,6 +22,7 @@ from service.database import create_pool, resolve_database_url
 from service.domain.access_tokens import AccessTokenCodec
 from service.domain.passwords import PasswordHasher
 from service.domain.revocation import RevocationState, VerifiedTokenCache
+from service.domain.throttle import LoginThrottle
 from service.domain.tokens import TokenService, load_key_ring, load_refresh_secret
 from service.domain.users import UserDirectory
 from service.gen.auth.v1 import auth_pb2
@@ -85,6 +86,11 @@ async def build_components(settings: Settings, *, pool: asyncpg.Pool, clock: Clo
         revocations=revocations,
         cache=token_cache,
         clock=clock,
+        throttle=(
+            LoginThrottle.from_settings(settings, store=store, clock=clock)
+            if settings.login_throttle
+            else None
+        ),
     )
     users = UserDirectory(store=store, hasher=hasher, tokens=tokens, clock=clock)
     return Components(
@@ -161,12 +167,15 @@ async def start_server(
     )
     await feed.start()
     server = grpc.aio.server(
+        # Beyond this, calls are refused at once (RESOURCE_EXHAUSTED) instead of queueing
+        # without bound behind a slow database or a login burst.
+        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             # Off unless we are one of several workers: a second server started
             # by mistake must fail to bind, not silently share the port.
             ("grpc.so_reuseport", 1 if reuse_port else 0),
-        ]
+        ],
     )
     add_auth_servicer(AuthServicer(components.tokens), server)
     health = health_async.HealthServicer()

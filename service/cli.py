@@ -13,8 +13,10 @@ import getpass
 import logging
 import os
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 
 from service.app import migrate, open_components, serve
@@ -86,6 +88,33 @@ async def _users_command(settings: Settings, args: argparse.Namespace) -> int:
     return await _with_users(settings, list_users)
 
 
+def _duration(text: str) -> float:
+    """Seconds in "90s", "30m", "1h" or "7d"."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    number, unit = text[:-1], text[-1:]
+    if unit not in units or not number.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r}: use a whole number with s, m, h or d")
+    return int(number) * units[unit]
+
+
+async def _events_command(settings: Settings, since: float) -> int:
+    async with open_components(settings) as components:
+        events = await components.store.events(
+            since=datetime.fromtimestamp(time.time() - since, tz=UTC)
+        )
+    for event in events:
+        detail = " ".join(f"{k}={v}" for k, v in sorted(event["detail"].items()))
+        fields = [
+            event["occurred_at"].isoformat(timespec="seconds"),
+            event["kind"],
+            f"subject={event['subject'] or '-'}",
+            f"session={event['session_id'] or '-'}",
+            f"peer={event['peer'] or '-'}",
+        ]
+        print("  ".join(fields) + (f"  {detail}" if detail else ""))
+    return 0
+
+
 async def _migrate_command(settings: Settings) -> int:
     dsn = await resolve_database_url(settings)
     pool = await create_pool(dsn, settings)
@@ -143,6 +172,14 @@ def build_parser() -> argparse.ArgumentParser:
         sub = user_commands.add_parser(name, help=text)
         sub.add_argument("username")
     user_commands.add_parser("list", help="list users")
+    events = commands.add_parser("events", help="print security events")
+    events.add_argument(
+        "--since",
+        type=_duration,
+        default=_duration("1h"),
+        metavar="DURATION",
+        help="how far back, e.g. 30m, 1h, 7d (default 1h)",
+    )
     _add_load_commands(commands)
     return parser
 
@@ -278,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "migrate":
             return asyncio.run(_migrate_command(settings))
+        if args.command == "events":
+            return asyncio.run(_events_command(settings, args.since))
         if args.command == "load":
             return _load_command(args)
         if args.command == "bench":

@@ -21,6 +21,7 @@ StatusName = Literal[
     "ALREADY_EXISTS",
     "NOT_FOUND",
     "UNAVAILABLE",
+    "RESOURCE_EXHAUSTED",
     "UNKNOWN",
 ]
 
@@ -73,6 +74,18 @@ class ScopeNotAllowed(AuthError):
     code: StatusName = "PERMISSION_DENIED"
     reason = "SCOPE_NOT_ALLOWED"
     message = "a requested scope is not allowed for this user"
+
+
+class LoginThrottled(AuthError):
+    """Too many failed logins for this username or address: wait before trying again."""
+
+    code: StatusName = "RESOURCE_EXHAUSTED"
+    reason = "LOGIN_THROTTLED"
+    message = "too many failed logins; retry later"
+
+    def __init__(self, retry_after: float) -> None:
+        super().__init__()
+        self.retry_after = retry_after
 
 
 class RefreshTokenInvalid(AuthError):

@@ -78,8 +78,27 @@ class Settings:
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     """Server processes for `serve` (`AUTH_WORKERS`; default: the number of CPUs)."""
 
+    max_concurrent_rpcs: int = 1000
+    """Calls one process serves at once; more are refused with RESOURCE_EXHAUSTED
+    (`AUTH_MAX_CONCURRENT_RPCS`)."""
+
     token_cache_size: int = 100_000
     """Verified access tokens remembered per process (`AUTH_TOKEN_CACHE_SIZE`; 0: off)."""
+
+    login_throttle: bool = True
+    """Throttle failed logins per username and per address (`AUTH_LOGIN_THROTTLE`: on/off)."""
+
+    throttle_user_failures: int = 5
+    """Failed logins a username gets free within the window (`AUTH_THROTTLE_USER_FAILURES`)."""
+
+    throttle_peer_failures: int = 20
+    """Failed logins an address gets free within the window (`AUTH_THROTTLE_PEER_FAILURES`)."""
+
+    throttle_max_delay: int = 900
+    """The longest wait a throttled key is given, seconds (`AUTH_THROTTLE_MAX_DELAY`)."""
+
+    throttle_window: int = 3600
+    """A key's failures are forgotten after this long without one (`AUTH_THROTTLE_WINDOW`)."""
 
     revocation_poll_interval: float = 5.0
     """Seconds between safety-net polls of revoked sessions (`AUTH_REVOCATION_POLL_INTERVAL`)."""
@@ -114,9 +133,23 @@ class Settings:
                 "AUTH_SHUTDOWN_GRACE", _non_negative_float, cls.shutdown_grace
             ),
             workers=reader.get("AUTH_WORKERS", _positive_int, os.cpu_count() or 1),
+            max_concurrent_rpcs=reader.get(
+                "AUTH_MAX_CONCURRENT_RPCS", _positive_int, cls.max_concurrent_rpcs
+            ),
             token_cache_size=reader.get(
                 "AUTH_TOKEN_CACHE_SIZE", _non_negative_int, cls.token_cache_size
             ),
+            login_throttle=reader.get("AUTH_LOGIN_THROTTLE", _switch, cls.login_throttle),
+            throttle_user_failures=reader.get(
+                "AUTH_THROTTLE_USER_FAILURES", _non_negative_int, cls.throttle_user_failures
+            ),
+            throttle_peer_failures=reader.get(
+                "AUTH_THROTTLE_PEER_FAILURES", _non_negative_int, cls.throttle_peer_failures
+            ),
+            throttle_max_delay=reader.get(
+                "AUTH_THROTTLE_MAX_DELAY", _positive_int, cls.throttle_max_delay
+            ),
+            throttle_window=reader.get("AUTH_THROTTLE_WINDOW", _positive_int, cls.throttle_window),
             revocation_poll_interval=reader.get(
                 "AUTH_REVOCATION_POLL_INTERVAL", _positive_float, cls.revocation_poll_interval
             ),
@@ -175,6 +208,15 @@ def _positive_float(raw: str) -> float:
     if value == 0:
         raise ValueError("must be more than 0 seconds")
     return value
+
+
+def _switch(raw: str) -> bool:
+    value = raw.lower()
+    if value in ("on", "true", "1", "yes"):
+        return True
+    if value in ("off", "false", "0", "no"):
+        return False
+    raise ValueError("must be on or off")
 
 
 def _algorithm(raw: str) -> str:

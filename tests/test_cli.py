@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import shutil
@@ -18,7 +19,7 @@ import grpc
 import pytest
 
 from service.gen.auth.v1 import auth_pb2, auth_pb2_grpc
-from tests.conftest import PASSWORD
+from tests.conftest import PASSWORD, TEST_KEK, LiveServer
 
 _SERVING_RE = re.compile(r"authsvc serving on 127\.0\.0\.1:(\d+)")
 
@@ -191,3 +192,25 @@ def test_users_create_rejects_short_password(database_url: str, tmp_path: Path) 
     result = _authsvc("users", "create", "eve", "--password-stdin", env=env, stdin="short\n")
     assert result.returncode != 0
     assert "at least 8 characters" in result.stderr
+
+
+async def test_events_command_prints_security_events(server: LiveServer, tmp_path: Path) -> None:
+    await server.create_user("oscar")
+    with pytest.raises(grpc.aio.AioRpcError):
+        await server.login("oscar", password="wrong password")
+    await server.login("oscar")
+    assert server.settings.database_url is not None
+    env = _env(
+        AUTH_DATABASE_URL=server.settings.database_url,
+        AUTH_DATA_DIR=str(tmp_path),
+        AUTH_KEK=base64.b64encode(TEST_KEK).decode(),
+    )
+    result = _authsvc("events", "--since", "1h", env=env)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert any("login_failed" in line and "username=oscar" in line for line in lines)
+    assert any("login_succeeded" in line and "session=" in line for line in lines)
+    assert "wrong password" not in result.stdout
+    assert PASSWORD not in result.stdout
+    bad = _authsvc("events", "--since", "yesterday", env=env)
+    assert bad.returncode == 2

@@ -12,7 +12,7 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from service.errors import ERROR_DOMAIN, AuthError, InvalidArgument
+from service.errors import ERROR_DOMAIN, AuthError, InvalidArgument, LoginThrottled
 
 log = logging.getLogger(__name__)
 
@@ -23,14 +23,19 @@ Context = grpc.aio.ServicerContext[Any, Any]
 Handler = Callable[[Servicer, Req, Context], Awaitable[Resp]]
 
 
-def _packed(message: error_details_pb2.ErrorInfo | error_details_pb2.BadRequest) -> any_pb2.Any:
+def _packed(
+    message: error_details_pb2.ErrorInfo
+    | error_details_pb2.BadRequest
+    | error_details_pb2.RetryInfo,
+) -> any_pb2.Any:
     detail = any_pb2.Any()
     detail.Pack(message)
     return detail
 
 
 def to_status(error: AuthError) -> grpc.Status:
-    """A google.rpc.Status with an ErrorInfo (and BadRequest for field errors)."""
+    """A google.rpc.Status with an ErrorInfo (plus BadRequest for field errors, RetryInfo
+    for throttling)."""
     code = grpc.StatusCode[error.code]
     details = [_packed(error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN))]
     if isinstance(error, InvalidArgument):
@@ -46,6 +51,10 @@ def to_status(error: AuthError) -> grpc.Status:
                 )
             )
         )
+    if isinstance(error, LoginThrottled):
+        retry_info = error_details_pb2.RetryInfo()
+        retry_info.retry_delay.FromMilliseconds(max(1, round(error.retry_after * 1000)))
+        details.append(_packed(retry_info))
     status = status_pb2.Status(code=code.value[0], message=error.message, details=details)
     return rpc_status.to_status(status)
 

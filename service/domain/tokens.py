@@ -31,10 +31,12 @@ from service.domain.refresh_tokens import (
     new_refresh_token,
 )
 from service.domain.revocation import RevocationState, VerifiedTokenCache
+from service.domain.throttle import LoginThrottle
 from service.errors import (
     CallerNotAllowed,
     CallerUnauthenticated,
     InvalidCredentials,
+    LoginThrottled,
     RefreshTokenInvalid,
     RefreshTokenReused,
     ScopeNotAllowed,
@@ -125,8 +127,10 @@ class TokenService:
         revocations: RevocationState,
         cache: VerifiedTokenCache,
         clock: Clock,
+        throttle: LoginThrottle | None = None,
     ) -> None:
         self._settings = settings
+        self._throttle = throttle
         self._revocations = revocations
         self._cache = cache
         self._store = store
@@ -146,11 +150,26 @@ class TokenService:
         audience: str | None,
         caller: CallerInfo,
     ) -> TokenPair:
+        throttle_keys = LoginThrottle.keys(username, caller.peer)
+        if self._throttle is not None:
+            try:
+                await self._throttle.check(throttle_keys)
+            except LoginThrottled:
+                await self._store.record_event(
+                    SecurityEvent(
+                        kind="login_throttled", peer=caller.peer, detail={"username": username}
+                    ),
+                    now=to_datetime(self._clock.now()),
+                )
+                log.warning("login throttled", extra={"peer": caller.peer})
+                raise
         user = await self._store.find_user(username)
         # Unknown users are verified against a dummy hash: the same work, the same answer.
         matches = await self._hasher.verify(None if user is None else user.password_hash, password)
         now = self._clock.now()
         if user is None or not matches or user.disabled:
+            if self._throttle is not None:
+                await self._throttle.failed(throttle_keys)
             await self._store.record_event(
                 SecurityEvent(
                     kind="login_failed",
@@ -161,6 +180,8 @@ class TokenService:
                 now=to_datetime(now),
             )
             raise InvalidCredentials()
+        if self._throttle is not None:
+            await self._throttle.succeeded(username)
         granted = scopes or user.scopes
         if not set(granted) <= set(user.scopes):
             raise ScopeNotAllowed()

@@ -394,6 +394,54 @@ class PostgresStore:
         for payload in notify_payloads((str(sid), at) for sid in session_ids):
             await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, payload)
 
+    # Login throttling
+
+    async def login_locked_until(self, keys: list[str], *, now: datetime) -> datetime | None:
+        """The latest time until which any of `keys` must wait, if one must wait now."""
+        async with self._connection() as conn:
+            until: datetime | None = await conn.fetchval(
+                """SELECT max(locked_until) FROM login_throttle
+                    WHERE key = ANY($1::text[]) AND locked_until > $2""",
+                keys,
+                now,
+            )
+        return until
+
+    async def record_login_failure(
+        self, keys: list[str], *, now: datetime, window_start: datetime
+    ) -> dict[str, int]:
+        """Count a failed login against each key (restarting stale counts); the new counts."""
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                """INSERT INTO login_throttle AS t (key, failures, last_failure_at)
+                   SELECT k, 1, $2 FROM unnest($1::text[]) AS k
+                   ON CONFLICT (key) DO UPDATE
+                      SET failures = CASE WHEN t.last_failure_at < $3 THEN 1
+                                          ELSE t.failures + 1 END,
+                          last_failure_at = $2
+                   RETURNING key, failures""",
+                keys,
+                now,
+                window_start,
+            )
+        return {r["key"]: r["failures"] for r in rows}
+
+    async def lock_logins(self, until: dict[str, datetime]) -> None:
+        """Make each key wait until its time (never shortening a longer wait)."""
+        async with self._connection() as conn:
+            await conn.execute(
+                """UPDATE login_throttle AS t
+                      SET locked_until = greatest(t.locked_until, v.until)
+                     FROM unnest($1::text[], $2::timestamptz[]) AS v(key, until)
+                    WHERE t.key = v.key""",
+                list(until),
+                list(until.values()),
+            )
+
+    async def clear_login_failures(self, key: str) -> None:
+        async with self._connection() as conn:
+            await conn.execute("DELETE FROM login_throttle WHERE key = $1", key)
+
     # Security events
 
     async def record_event(self, event: SecurityEvent, *, now: datetime) -> None:
