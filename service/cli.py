@@ -12,6 +12,7 @@ import asyncio
 import getpass
 import logging
 import os
+import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -19,10 +20,11 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
+from service.api.requests import MAX_USERNAME_BYTES, RequestCheck
 from service.app import migrate, open_components, serve
 from service.database import create_pool, resolve_database_url
 from service.domain.users import UserDirectory
-from service.errors import AuthError
+from service.errors import AuthError, InvalidArgument
 from service.settings import Settings, SettingsError
 from service.supervisor import run_supervisor
 
@@ -43,6 +45,18 @@ def _read_password() -> str:
     return line
 
 
+def _check_new_user(username: str, scopes: list[str]) -> None:
+    """The same limits the API applies, so that every user created can log in."""
+    check = RequestCheck()
+    check.text("username", username, limit=MAX_USERNAME_BYTES)
+    check.scopes("--scope", scopes)
+    try:
+        check.done()
+    except InvalidArgument as exc:
+        details = "; ".join(f"{v.field} {v.description}" for v in exc.violations)
+        raise SystemExit(f"authsvc: {details}") from None
+
+
 async def _with_users(settings: Settings, action: Callable[[UserDirectory], Awaitable[int]]) -> int:
     async with open_components(settings) as components:
         return await action(components.users)
@@ -50,6 +64,7 @@ async def _with_users(settings: Settings, action: Callable[[UserDirectory], Awai
 
 async def _users_command(settings: Settings, args: argparse.Namespace) -> int:
     if args.users_command == "create":
+        _check_new_user(args.username, args.scope)
         password = _read_password()
 
         async def create(users: UserDirectory) -> int:
@@ -103,7 +118,12 @@ async def _events_command(settings: Settings, since: float) -> int:
             since=datetime.fromtimestamp(time.time() - since, tz=UTC)
         )
     for event in events:
-        detail = " ".join(f"{k}={v}" for k, v in sorted(event["detail"].items()))
+        # Details hold client-chosen text (usernames): escaped, so that it can neither
+        # forge lines nor send control sequences to the operator's terminal.
+        detail = " ".join(
+            f"{k}={v!r}" if not str(v).isprintable() or " " in str(v) else f"{k}={v}"
+            for k, v in sorted(event["detail"].items())
+        )
         fields = [
             event["occurred_at"].isoformat(timespec="seconds"),
             event["kind"],
@@ -291,7 +311,14 @@ def _bench_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _exit_on_sigterm(_signum: int, _frame: object) -> None:
+    # Until serve installs its graceful handler: exit through SystemExit, so that
+    # atexit runs (it stops the embedded PostgreSQL) instead of dying on the spot.
+    raise SystemExit(143)
+
+
 def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"

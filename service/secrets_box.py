@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import stat
+import tempfile
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
@@ -41,16 +43,24 @@ class SecretBox:
 
 
 def load_or_create_kek_file(path: Path) -> bytes:
-    """Read the KEK from `path`, creating it (mode 0600) with 32 random bytes if absent."""
+    """Read the KEK from `path`, creating it (mode 0600) with 32 random bytes if absent.
+
+    The new key is written to a temporary file and linked into place, so a reader
+    never sees a partial file and two processes starting together agree on one key.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
+    if path.exists():
         return _read_kek_file(path)
-    key = secrets.token_bytes(32)
-    with os.fdopen(fd, "wb") as f:
-        f.write(key)
-    return key
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".kek-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(secrets.token_bytes(32))
+        os.chmod(tmp, 0o600)
+        with contextlib.suppress(FileExistsError):  # another process won the race
+            os.link(tmp, path)
+    finally:
+        os.unlink(tmp)
+    return _read_kek_file(path)
 
 
 def _read_kek_file(path: Path) -> bytes:

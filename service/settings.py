@@ -18,6 +18,8 @@ SIGNING_ALGORITHMS = ("EdDSA", "ES256", "RS256")
 
 T = TypeVar("T")
 
+_TEN_YEARS = 315_360_000
+
 
 class SettingsError(ValueError):
     """A configuration variable has a value we cannot use."""
@@ -156,6 +158,17 @@ class Settings:
         )
         if settings.refresh_reuse_grace > 300:
             raise SettingsError("AUTH_REFRESH_REUSE_GRACE: at most 300 seconds")
+        for name, value in (
+            ("AUTH_ACCESS_TTL", settings.access_ttl),
+            ("AUTH_REFRESH_IDLE_TTL", settings.refresh_idle_ttl),
+            ("AUTH_REFRESH_ABSOLUTE_TTL", settings.refresh_absolute_ttl),
+            ("AUTH_LEEWAY", settings.leeway),
+        ):
+            if value > _TEN_YEARS:
+                raise SettingsError(f"{name}: at most {_TEN_YEARS} seconds (ten years)")
+        if settings.db_pool_size < 2:
+            # Creating the first key holds one connection while it uses another.
+            raise SettingsError("AUTH_DB_POOL_SIZE: at least 2")
         return settings
 
 

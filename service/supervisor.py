@@ -64,6 +64,21 @@ def _reserve_port(listen: str) -> tuple[str, int, socket.socket]:
     return host, port, holder
 
 
+def _die_with_parent() -> None:
+    """In the worker, before exec: SIGTERM it if the supervisor dies (even by SIGKILL),
+    so no orphaned worker keeps serving the port (Linux only; elsewhere a no-op)."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+def _address(host: str, port: int) -> str:
+    """HOST:PORT, with an IPv6 host in brackets again."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 @dataclass
 class _Worker:
     index: int
@@ -89,7 +104,7 @@ class WorkerSupervisor:
         ready_read, ready_write = os.pipe()
         env = dict(os.environ)
         env["AUTH_DATABASE_URL"] = self._dsn
-        env["AUTH_LISTEN"] = f"{self._host}:{self._port}"
+        env["AUTH_LISTEN"] = _address(self._host, self._port)
         env["AUTH_WORKERS"] = str(self._count)
         env[READY_FD_VARIABLE] = str(ready_write)
         if self._settings.kek is None:
@@ -99,6 +114,7 @@ class WorkerSupervisor:
             [sys.executable, "-m", "service", "serve", "--worker"],
             env=env,
             pass_fds=(ready_write,),
+            preexec_fn=_die_with_parent,
         )
         os.close(ready_write)
         return _Worker(index=index, process=process, ready_read=ready_read)
@@ -186,7 +202,7 @@ def run_supervisor(settings: Settings, workers: int) -> int:
     supervisor = WorkerSupervisor(settings, workers=workers, dsn=dsn, host=host, port=port)
     try:
         supervisor.start()
-        print_banner(settings, f"{host}:{port}", workers=workers)
+        print_banner(settings, _address(host, port), workers=workers)
         supervisor.watch(stop_requested)
         log.info("stopping %d workers: in-flight calls get %.1fs", workers, settings.shutdown_grace)
         supervisor.stop(settings.shutdown_grace)

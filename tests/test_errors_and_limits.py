@@ -921,3 +921,16 @@ async def test_calls_over_the_concurrency_limit_are_refused_not_queued(
     assert len(served) + len(refused) == 12
     # Once the burst is over, the server serves again.
     await server.login("busy")
+
+
+async def test_nul_characters_are_invalid_arguments(server: LiveServer) -> None:
+    """NUL is valid UTF-8 but PostgreSQL text cannot hold it: refused up front, never INTERNAL."""
+    credentials = auth_pb2.PasswordCredentials(username="a\x00b", password="x")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await server.stub.Issue(auth_pb2.IssueRequest(password=credentials))
+    assert_error(caught.value, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT")
+    assert bad_request_fields(caught.value) == ["password.username"]
+    await server.create_user("nul-audience")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await server.login("nul-audience", audience="aud\x00")
+    assert bad_request_fields(caught.value) == ["audience"]

@@ -414,3 +414,44 @@ async def test_password_change_without_revocation_keeps_sessions(server: LiveSer
     assert await session_revoked_at(server, old.session_id) is None
     fresh = await server.login("alice", password=NEW_PASSWORD)
     await assert_live(server, fresh)
+
+
+async def test_a_login_checked_against_a_password_changed_meanwhile_starts_no_session(
+    server: LiveServer,
+) -> None:
+    """The session is written only if the hash that was verified is still the user's:
+    a password change (or a disable) during the slow hash check wins over the login."""
+    import uuid as _uuid
+
+    from service.clock import to_datetime
+    from service.domain.records import NewSession, SecurityEvent
+
+    user = await server.create_user("racer")
+    old_hash = user.password_hash
+    await server.running.components.users.set_password("racer", "a brand new password")
+    now = to_datetime(server.clock.now())
+    session = NewSession(
+        id=_uuid.uuid4(),
+        user_id=user.id,
+        scopes=(),
+        audience="a",
+        created_at=now,
+        expires_at=now,
+        first_token_hash=bytes(32),
+        first_token_expires_at=now,
+        peer=None,
+        user_agent=None,
+    )
+    store = server.running.components.store
+    created = await store.create_session(
+        session, SecurityEvent(kind="login_succeeded"), verified_hash=old_hash
+    )
+    assert created is False
+    assert await server.pool.fetchval("SELECT count(*) FROM sessions") == 0
+
+    await server.running.components.users.set_disabled("racer", True)
+    current = await server.pool.fetchval("SELECT password_hash FROM users WHERE id = $1", user.id)
+    created = await store.create_session(
+        session, SecurityEvent(kind="login_succeeded"), verified_hash=current
+    )
+    assert created is False

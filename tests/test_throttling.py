@@ -3,6 +3,8 @@ growing delays with RetryInfo, expiring by itself, cleared by a successful login
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 import pytest
 from google.rpc import error_details_pb2
@@ -11,7 +13,7 @@ from grpc_status import rpc_status
 from service.domain.throttle import ThrottlePolicy, peer_key
 from service.gen.auth.v1 import auth_pb2
 from tests.conftest import PASSWORD, LiveServer, ServerFactory
-from tests.helpers import assert_error
+from tests.helpers import assert_error, error_info
 
 WRONG = "not the password"
 
@@ -178,3 +180,19 @@ async def test_validation_of_requests_is_not_a_failed_login(server_factory: Serv
             )
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert await _login(server, "careful", PASSWORD) is None
+
+
+async def test_a_burst_of_concurrent_guesses_cannot_slip_past_the_allowance(
+    server_factory: ServerFactory,
+) -> None:
+    """Attempts are counted before the (slow) password check, one at a time per key."""
+    server = await server_factory(throttle_user_failures=3, throttle_peer_failures=10**6)
+    await server.create_user("burst")
+    results = await asyncio.gather(
+        *(_login(server, "burst", WRONG) for _ in range(30)), return_exceptions=True
+    )
+    reasons = [error_info(r).reason for r in results if isinstance(r, grpc.aio.AioRpcError)]
+    assert len(reasons) == 30
+    # The 3 free attempts and the 4th (which starts the wait) had their password checked.
+    assert reasons.count("INVALID_CREDENTIALS") == 4
+    assert reasons.count("LOGIN_THROTTLED") == 26

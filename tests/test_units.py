@@ -340,6 +340,12 @@ DECISIONS: list[tuple[str, RefreshTokenState | None, timedelta, object]] = [
     ("grace 0: any replay is reuse", used_state(timedelta(0)), timedelta(0), RevokeForReuse()),
     ("grace 0, a second later", used_state(SECOND), timedelta(0), RevokeForReuse()),
     (
+        "grace 0, the winner's clock read came after ours: still reuse",
+        used_state(-SECOND),
+        timedelta(0),
+        RevokeForReuse(),
+    ),
+    (
         "reuse outranks expiry: an expired rotated token still kills the family",
         used_state(timedelta(days=20), expires_at=NOW - timedelta(days=6)),
         GRACE,

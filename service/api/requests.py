@@ -35,6 +35,9 @@ class RequestCheck:
             return value
         if len(value) > limit or len(value.encode("utf-8")) > limit:
             self._violations.append(FieldViolation(field, f"is longer than {limit} bytes"))
+        elif "\x00" in value:
+            # Valid UTF-8, but PostgreSQL text cannot hold it.
+            self._violations.append(FieldViolation(field, "must not contain NUL characters"))
         return value
 
     def scopes(self, field: str, values: Sequence[str]) -> tuple[str, ...]:

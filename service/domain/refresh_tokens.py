@@ -106,17 +106,20 @@ def decide_refresh(
     if state.used_at is not None:
         # Only the immediate parent of an unused child may be replayed, and only
         # within the window: older generations, or a used child, mean theft.
+        # `grace > 0` on its own: with the window off, a call whose clock read came
+        # just before the winner's must not count as "within" a zero-length window.
+        child_expiry = state.child_expires_at
         replayable = (
-            now < state.used_at + grace
+            grace > timedelta(0)
+            and now < state.used_at + grace
             and not state.child_used
             and state.child_hash == child_hash
-            and state.child_expires_at is not None
         )
-        if not replayable:
+        if not replayable or child_expiry is None:
             return RevokeForReuse()
         if not live:
             return Reject(SessionRevoked)
-        if state.child_expires_at is not None and now >= state.child_expires_at:
+        if now >= child_expiry:
             return Reject(RefreshTokenExpired)
         return Replay()
     if not live:

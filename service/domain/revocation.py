@@ -44,12 +44,6 @@ class RevocationState:
             if self._revoked.get(session_id, 0.0) < forget_after:
                 self._revoked[session_id] = forget_after
 
-    def replace(self, revocations: Iterable[tuple[str, float]], *, now: float) -> None:
-        """Start over from a full read of the database."""
-        self._revoked = {}
-        self.add(revocations)
-        self.prune(now)
-
     def prune(self, now: float) -> int:
         """Forget sessions whose access tokens have all expired; how many were dropped."""
         expired = [sid for sid, forget_after in self._revoked.items() if forget_after <= now]

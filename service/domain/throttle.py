@@ -3,10 +3,18 @@
 After `free_failures` failed logins within `window`, each further failure makes
 the key wait `base_delay * 2**(n - free_failures - 1)` seconds, capped at
 `max_delay`; a login attempt while a key waits is refused before any password
-is checked. A key's count starts over once `window` passes without a failure,
-so throttling always ends by itself (no permanent lock-out), and a successful
-login clears the username's count. The state lives in PostgreSQL, so it holds
-across replicas.
+is checked. Within a process, attempts for one username take turns (check,
+verify, count), so a burst of concurrent guesses cannot all pass the check
+before the first failure is counted; across processes at most one guess per
+process is in flight for a username. A key's count starts over once `window`
+passes without a failure, so throttling always ends by itself (no permanent
+lock-out), and a successful login clears the username's count. The state lives
+in PostgreSQL, so it holds across replicas.
+
+Known limits: anyone who knows a username can make its owner wait (at most
+`max_delay` at a time), as with any per-account throttle; and behind a proxy
+every client shares the proxy's address key, so raise
+AUTH_THROTTLE_PEER_FAILURES there.
 
 With the defaults (5 free failures per username, delays from 1 s doubling to
 15 min, a 1 h window), an account takes at most about 17 failures an hour,
@@ -16,7 +24,10 @@ ones, so throttling reveals nothing about which usernames exist.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from service.clock import Clock, to_datetime
@@ -68,6 +79,7 @@ class LoginThrottle:
         self._store = store
         self._clock = clock
         self._policies = {"user": user_policy, "peer": peer_policy}
+        self._turns: dict[str, _Turn] = {}
 
     @classmethod
     def from_settings(
@@ -89,6 +101,7 @@ class LoginThrottle:
 
     @staticmethod
     def keys(username: str, peer: str | None) -> list[str]:
+        """The keys a login attempt counts against: its username first, then its address."""
         return [user_key(username)] + ([peer_key(peer)] if peer else [])
 
     async def check(self, keys: list[str]) -> None:
@@ -115,3 +128,25 @@ class LoginThrottle:
 
     async def succeeded(self, username: str) -> None:
         await self._store.clear_login_failures(user_key(username))
+
+    @asynccontextmanager
+    async def turn(self, username: str) -> AsyncIterator[None]:
+        """Hold the username's turn in this process for one attempt."""
+        turn = self._turns.get(username)
+        if turn is None:
+            turn = self._turns[username] = _Turn()
+        turn.holders += 1
+        try:
+            async with turn.lock:
+                yield
+        finally:
+            turn.holders -= 1
+            # Forget it once nobody holds or waits: the map holds only usernames in play.
+            if turn.holders == 0:
+                del self._turns[username]
+
+
+@dataclass
+class _Turn:
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    holders: int = 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 import uuid
@@ -89,7 +90,16 @@ async def load_key_ring(store: PostgresStore, box: SecretBox, *, alg: str, clock
                 await store.insert_signing_key(record)
                 log.info("created signing key kid=%s alg=%s", record.kid, record.alg)
                 records.append(record)
-    return KeyRing([open_signing_key(r, box) for r in records])
+    ring = KeyRing([open_signing_key(r, box) for r in records])
+    if ring.signing_key.alg != alg:
+        log.warning(
+            "AUTH_SIGNING_ALG is %s but the active signing key (kid=%s) is %s; "
+            "it applies to keys created from now on",
+            alg,
+            ring.signing_key.kid,
+            ring.signing_key.alg,
+        )
+    return ring
 
 
 async def load_refresh_secret(store: PostgresStore, box: SecretBox, *, clock: Clock) -> bytes:
@@ -150,51 +160,52 @@ class TokenService:
         audience: str | None,
         caller: CallerInfo,
     ) -> TokenPair:
+        throttle = self._throttle
+        turn = throttle.turn(username) if throttle else contextlib.nullcontext()
         throttle_keys = LoginThrottle.keys(username, caller.peer)
-        if self._throttle is not None:
-            try:
-                await self._throttle.check(throttle_keys)
-            except LoginThrottled:
+        async with turn:
+            if throttle is not None:
+                try:
+                    await throttle.check(throttle_keys)
+                except LoginThrottled:
+                    await self._store.record_event(
+                        SecurityEvent(
+                            kind="login_throttled", peer=caller.peer, detail={"username": username}
+                        ),
+                        now=to_datetime(self._clock.now()),
+                    )
+                    log.warning("login throttled", extra={"peer": caller.peer})
+                    raise
+            user = await self._store.find_user(username)
+            # Unknown users are verified against a dummy hash: the same work, the same answer.
+            matches = await self._hasher.verify(
+                None if user is None else user.password_hash, password
+            )
+            now = self._clock.now()
+            if user is None or not matches or user.disabled:
+                if throttle is not None:
+                    await throttle.failed(throttle_keys)
                 await self._store.record_event(
                     SecurityEvent(
-                        kind="login_throttled", peer=caller.peer, detail={"username": username}
+                        kind="login_failed",
+                        subject=None if user is None else str(user.id),
+                        peer=caller.peer,
+                        detail={"username": username},
                     ),
-                    now=to_datetime(self._clock.now()),
+                    now=to_datetime(now),
                 )
-                log.warning("login throttled", extra={"peer": caller.peer})
-                raise
-        user = await self._store.find_user(username)
-        # Unknown users are verified against a dummy hash: the same work, the same answer.
-        matches = await self._hasher.verify(None if user is None else user.password_hash, password)
-        now = self._clock.now()
-        if user is None or not matches or user.disabled:
-            if self._throttle is not None:
-                await self._throttle.failed(throttle_keys)
-            await self._store.record_event(
-                SecurityEvent(
-                    kind="login_failed",
-                    subject=None if user is None else str(user.id),
-                    peer=caller.peer,
-                    detail={"username": username},
-                ),
-                now=to_datetime(now),
-            )
-            raise InvalidCredentials()
-        if self._throttle is not None:
-            await self._throttle.succeeded(username)
+                raise InvalidCredentials()
+            if throttle is not None:
+                await throttle.succeeded(username)
         granted = scopes or user.scopes
         if not set(granted) <= set(user.scopes):
             raise ScopeNotAllowed()
-        if self._hasher.needs_rehash(user.password_hash):
-            new_hash = await self._hasher.hash(password)
-            await self._store.set_password_hash(user.id, new_hash, now=to_datetime(now))
-
         session_id = uuid.uuid4()
         refresh_token = new_refresh_token()
         session_expires = now + self._settings.refresh_absolute_ttl
         token_expires = min(now + self._settings.refresh_idle_ttl, session_expires)
         aud = audience or self._settings.audience
-        await self._store.create_session(
+        created = await self._store.create_session(
             NewSession(
                 id=session_id,
                 user_id=user.id,
@@ -213,7 +224,16 @@ class TokenService:
                 session_id=session_id,
                 peer=caller.peer,
             ),
+            verified_hash=user.password_hash,
         )
+        if not created:
+            # Disabled, or the password changed, while we were checking it.
+            raise InvalidCredentials()
+        if self._hasher.needs_rehash(user.password_hash):
+            new_hash = await self._hasher.hash(password)
+            await self._store.set_password_hash(
+                user.id, new_hash, now=to_datetime(now), replacing=user.password_hash
+            )
         access = self._codec.sign(
             subject=str(user.id),
             session_id=str(session_id),

@@ -74,16 +74,24 @@ SELECT c.expires_at AS child_expires_at, (c.used_at IS NOT NULL) AS child_used,
  WHERE s.id = $1
 """
 
-# A login: the session, its first refresh token and the security event.
+# A login: the session, its first refresh token and the security event, written
+# only if the user is still enabled and still has the password hash that was just
+# verified: a disable or password change that commits during the (slow) hash check
+# must not be outrun by the login it should stop.
 CREATE_SESSION_SQL = """
-WITH session AS (
+WITH still_valid AS (
+    SELECT 1 FROM users WHERE id = $2 AND NOT disabled AND password_hash = $14),
+session AS (
     INSERT INTO sessions (id, user_id, scopes, audience, created_at, expires_at, peer, user_agent)
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8)),
+    SELECT $1, $2, $3, $4, $5, $6, $7, $8 FROM still_valid
+    RETURNING id),
 token AS (
     INSERT INTO refresh_tokens (token_hash, session_id, issued_at, expires_at)
-    VALUES ($9, $1, $5, $10))
-INSERT INTO security_events (occurred_at, kind, subject, session_id, peer, detail)
-VALUES ($5, $11, $12, $1, $7, $13)
+    SELECT $9, id, $5, $10 FROM session),
+event AS (
+    INSERT INTO security_events (occurred_at, kind, subject, session_id, peer, detail)
+    SELECT $5, $11, $12, id, $7, $13 FROM session)
+SELECT count(*) FROM session
 """
 
 # Mark the parent used, store its only child, touch the session: one round trip.
@@ -194,14 +202,23 @@ class PostgresStore:
         return [_user(r) for r in rows]
 
     async def set_password_hash(
-        self, user_id: uuid.UUID, password_hash: str, *, now: datetime
+        self,
+        user_id: uuid.UUID,
+        password_hash: str,
+        *,
+        now: datetime,
+        replacing: str | None = None,
     ) -> None:
+        """Store a new hash; with `replacing`, only if the stored hash is still that one
+        (a rehash must never undo a password change that happened meanwhile)."""
         async with self._connection() as conn:
             await conn.execute(
-                "UPDATE users SET password_hash = $2, updated_at = $3 WHERE id = $1",
+                """UPDATE users SET password_hash = $2, updated_at = $3
+                    WHERE id = $1 AND ($4::text IS NULL OR password_hash = $4)""",
                 user_id,
                 password_hash,
                 now,
+                replacing,
             )
 
     async def set_user_disabled(self, user_id: uuid.UUID, disabled: bool, *, now: datetime) -> None:
@@ -265,11 +282,14 @@ class PostgresStore:
 
     # Sessions and refresh tokens
 
-    async def create_session(self, session: NewSession, event: SecurityEvent) -> None:
+    async def create_session(
+        self, session: NewSession, event: SecurityEvent, *, verified_hash: str
+    ) -> bool:
         """Start a token family: the session, its first token and the login event, in one
-        statement (atomic, one round trip)."""
+        statement (atomic, one round trip). False if the user was disabled or changed
+        password since `verified_hash` was read."""
         async with self._connection() as conn:
-            await conn.execute(
+            created = await conn.fetchval(
                 CREATE_SESSION_SQL,
                 session.id,
                 session.user_id,
@@ -284,7 +304,9 @@ class PostgresStore:
                 event.kind,
                 event.subject,
                 json.dumps(event.detail or {}),
+                verified_hash,
             )
+        return bool(created)
 
     async def refresh(
         self,

@@ -72,13 +72,16 @@ class RevocationFeed:
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
 
     async def _load_window(self, conn: asyncpg.Connection) -> None:
         now = self._clock.now()
         rows = await conn.fetch(_WINDOW_SQL, to_datetime(self._state.window_start(now)))
-        self._state.replace(((r["id"], r["revoked_at"]) for r in rows), now=now)
+        # Added, never replaced: revocations are never undone, and one made by this
+        # process after the read's snapshot must not vanish until its NOTIFY arrives.
+        self._state.add((r["id"], r["revoked_at"]) for r in rows)
+        self._state.prune(now)
         self._state.synced_at = now
 
     def _on_notify(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
@@ -106,7 +109,7 @@ class RevocationFeed:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(lost.wait(), timeout=1.0)
                 log.warning("revocation listener connection lost; reconnecting")
-            except UNAVAILABLE_ERRORS as exc:
+            except Exception as exc:  # any failure: retry; never let the listener die
                 log.warning("revocation listener cannot connect (%s); retrying", type(exc).__name__)
             finally:
                 self.listening.clear()
@@ -131,7 +134,7 @@ class RevocationFeed:
                     rows = await conn.fetch(
                         _WINDOW_SQL, to_datetime(now - self._poll_interval - _POLL_OVERLAP_SECONDS)
                     )
-            except UNAVAILABLE_ERRORS as exc:
+            except Exception as exc:  # any failure: try again next round
                 log.warning("revocation poll failed (%s)", type(exc).__name__)
                 continue
             self._state.add((r["id"], r["revoked_at"]) for r in rows)
