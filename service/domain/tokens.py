@@ -174,7 +174,7 @@ class TokenService:
                         ),
                         now=to_datetime(self._clock.now()),
                     )
-                    log.warning("login throttled", extra={"peer": caller.peer})
+                    log.warning("security: login throttled (peer %s)", caller.peer)
                     raise
             user = await self._store.find_user(username)
             # Unknown users are verified against a dummy hash: the same work, the same answer.
@@ -285,8 +285,9 @@ class TokenService:
         if isinstance(decision, RevokeForReuse):
             self._revocations.add([(str(state.session_id), now.timestamp())])
             log.warning(
-                "refresh token reuse detected: session revoked",
-                extra={"session_id": str(state.session_id), "subject": str(state.user_id)},
+                "security: refresh token reuse detected; session %s of subject %s revoked",
+                state.session_id,
+                state.user_id,
             )
             raise RefreshTokenReused()
         if isinstance(decision, Rotate):

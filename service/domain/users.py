@@ -72,7 +72,7 @@ class UserDirectory:
         await self._store.record_event(SecurityEvent(kind=kind, subject=str(user.id)), now=now)
         if not disabled:
             return 0
-        log.warning("user disabled", extra={"subject": str(user.id)})
+        log.warning("security: user %s disabled; revoking their sessions", user.id)
         return await self._tokens.revoke_all_sessions(
             user.id, reason="user_disabled", caller=CallerInfo()
         )
