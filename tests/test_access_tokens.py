@@ -573,3 +573,24 @@ async def test_access_token_expiry_boundary(server: LiveServer, clock: ManualClo
     clock.advance(1)
     # Verified once already: the cache must not skip the lifetime check.
     await assert_rejected(server, pair.access_token, auth_pb2.VALIDATION_ERROR_EXPIRED)
+
+
+async def test_a_token_has_exactly_one_spelling(server: LiveServer) -> None:
+    """Changing the spare bits of a segment's last base64url character decodes to the same
+    bytes; such a respelling must not validate (no malleable tokens)."""
+    await server.create_user("speller")
+    pair = await server.login("speller")
+    header, payload, signature = pair.access_token.split(".")
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    last = signature[-1]
+    # ES256 signatures are 64 bytes: 86 characters, the last carrying 4 spare bits.
+    respelled = alphabet[alphabet.index(last) | 0b0001]
+    if respelled == last:
+        respelled = alphabet[alphabet.index(last) & ~0b0001]
+    assert base64.urlsafe_b64decode(signature + "==") == base64.urlsafe_b64decode(
+        signature[:-1] + respelled + "=="
+    )
+    verdict = await validate(server, f"{header}.{payload}.{signature[:-1]}{respelled}")
+    assert not verdict.valid
+    assert verdict.error == auth_pb2.VALIDATION_ERROR_MALFORMED
+    assert (await validate(server, pair.access_token)).valid

@@ -78,9 +78,14 @@ def _b64decode(segment: str) -> bytes:
     if _SEGMENT_RE.fullmatch(segment) is None or len(segment) % 4 == 1:
         raise TokenRejected(TokenProblem.MALFORMED)
     try:
-        return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+        raw = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
     except (binascii.Error, ValueError):
         raise TokenRejected(TokenProblem.MALFORMED) from None
+    # Canonical only: the spare low bits of the last character must be zero, or many
+    # strings would carry one signature (a token must have exactly one spelling).
+    if base64.urlsafe_b64encode(raw).rstrip(b"=") != segment.encode("ascii"):
+        raise TokenRejected(TokenProblem.MALFORMED)
+    return raw
 
 
 def _json_object(raw: bytes) -> dict[str, Any]:
