@@ -281,9 +281,31 @@ async def test_keys_embedded_in_the_token_are_not_trusted(server: LiveServer) ->
         {"typ": "at+jwt", "jku": "https://attacker.example/jwks.json"},
         {"typ": "at+jwt", "kid": kid, "jku": "https://attacker.example/jwks.json"},
         {"typ": "at+jwt", "kid": kid, "x5u": "https://attacker.example/cert.pem"},
+        {"typ": "at+jwt", "kid": kid, "x5c": ["MIIBIjANBgkqhkiG9w0BAQEFAAOCAQ8AMIIBCgKCAQEA"]},
     ):
         forged = pyjwt.encode(claims, attacker, algorithm="EdDSA", headers=headers)
         await assert_rejected(server, forged, MALFORMED, BAD_SIGNATURE)
+    # Even the service's own, validly signed token is refused when it names a key source:
+    # such a header marks a forgery attempt, and `crit` extensions are not understood.
+    own_headers = header_of(pair.access_token)
+    for extra in ({"x5u": "https://attacker.example/c"}, {"crit": ["exp"]}, {"jwk": attacker_jwk}):
+        key = await service_key(server)
+        signed = sign_segments(
+            key.alg, key.private_key, b64json({**own_headers, **extra}), b64json(claims)
+        )
+        await assert_rejected(server, signed, MALFORMED)
+
+
+async def test_the_jws_json_serialization_is_refused(server: LiveServer) -> None:
+    """Only the compact form is an access token; the JSON forms of RFC 7515 are not."""
+    pair = await logged_in(server)
+    header, payload, signature = pair.access_token.split(".")
+    flattened = json.dumps({"protected": header, "payload": payload, "signature": signature})
+    general = json.dumps(
+        {"payload": payload, "signatures": [{"protected": header, "signature": signature}]}
+    )
+    for form in (flattened, general):
+        await assert_rejected(server, form, MALFORMED)
 
 
 async def test_hostile_kid_values_are_rejected(server: LiveServer) -> None:

@@ -113,7 +113,8 @@ def decide_refresh(
             grace > timedelta(0)
             and now < state.used_at + grace
             and not state.child_used
-            and state.child_hash == child_hash
+            and state.child_hash is not None
+            and hmac.compare_digest(state.child_hash, child_hash)
         )
         if not replayable or child_expiry is None:
             return RevokeForReuse()
