@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 
 READY_FD_VARIABLE = "AUTHSVC_WORKER_READY_FD"
 AUTH_SERVICE_NAME = auth_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name
+# A health "service" that says whether revocations are heard live (see README).
+REVOCATIONS_HEALTH_NAME = "authsvc.revocations"
 
 # Larger than any valid request (tokens are capped at 8 KiB), small enough that
 # a flood of huge messages cannot exhaust memory.
@@ -157,6 +159,18 @@ async def start_server(
     `dsn` is for the revocation listener's own connection, outside the pool.
     """
     components = await build_components(settings, pool=pool, clock=clock)
+    health = health_async.HealthServicer()
+
+    async def revocations_followed(listening: bool) -> None:
+        # NOT_SERVING while this process is not hearing revocations live: Validate
+        # still answers, from state that may lag until the listener is back.
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if listening
+            else (health_pb2.HealthCheckResponse.NOT_SERVING)
+        )
+        await health.set(REVOCATIONS_HEALTH_NAME, status)
+
     feed = RevocationFeed(
         dsn=dsn,
         pool=pool,
@@ -164,6 +178,7 @@ async def start_server(
         clock=clock,
         poll_interval=settings.revocation_poll_interval,
         timeout=settings.db_timeout,
+        on_listening=revocations_followed,
     )
     await feed.start()
     server = grpc.aio.server(
@@ -178,7 +193,6 @@ async def start_server(
         ],
     )
     add_auth_servicer(AuthServicer(components.tokens), server)
-    health = health_async.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
         (

@@ -23,7 +23,7 @@ import pytest
 
 from service.app import RunningServer, start_server
 from service.clock import ManualClock
-from service.database import embedded_server_uri
+from service.database import create_pool, embedded_server_uri
 from service.domain.records import UserRecord
 from service.gen.auth.v1 import auth_pb2, auth_pb2_grpc
 from service.settings import Settings
@@ -145,11 +145,9 @@ class LiveServer:
 
 
 async def start_live_server(settings: Settings, clock: ManualClock) -> LiveServer:
-    pool = await asyncpg.create_pool(
-        settings.database_url, min_size=1, max_size=settings.db_pool_size
-    )
-    assert pool is not None
     assert settings.database_url is not None
+    # The same pool configuration as `authsvc serve` (sizes, per-call timeout).
+    pool = await create_pool(settings.database_url, settings)
     running = await start_server(settings, dsn=settings.database_url, pool=pool, clock=clock)
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
     return LiveServer(

@@ -934,3 +934,57 @@ async def test_nul_characters_are_invalid_arguments(server: LiveServer) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await server.login("nul-audience", audience="aud\x00")
     assert bad_request_fields(caught.value) == ["audience"]
+
+
+async def test_pool_exhaustion_is_unavailable_not_a_hang(server_factory: ServerFactory) -> None:
+    """With every pooled connection busy, a call waits AUTH_DB_TIMEOUT at most, then fails
+    with UNAVAILABLE / DATABASE_UNAVAILABLE."""
+    server = await server_factory(db_pool_size=2, db_timeout=0.5)
+    await server.create_user("pooled")
+    pair = await server.login("pooled")
+    held = [await server.pool.acquire() for _ in range(2)]  # the server's own pool
+    try:
+        started = time.monotonic()
+        await expect_error(
+            server.stub.Refresh(auth_pb2.RefreshRequest(refresh_token=pair.refresh_token)),
+            grpc.StatusCode.UNAVAILABLE,
+            "DATABASE_UNAVAILABLE",
+        )
+        assert time.monotonic() - started < 3.0
+    finally:
+        for conn in held:
+            await server.pool.release(conn)
+    # Connections back: the same token still works (nothing was half done).
+    assert (await refresh(server, pair.refresh_token)).tokens.session_id == pair.session_id
+
+
+async def test_a_database_call_over_its_timeout_is_unavailable(
+    server_factory: ServerFactory, database_url: str
+) -> None:
+    """A statement stuck behind a lock is abandoned after AUTH_DB_TIMEOUT."""
+    import hashlib
+
+    server = await server_factory(db_timeout=0.5)
+    await server.create_user("stuck")
+    pair = await server.login("stuck")
+    blocker = await asyncpg.connect(database_url)
+    try:
+        transaction = blocker.transaction()
+        await transaction.start()
+        await blocker.execute(
+            "SELECT 1 FROM refresh_tokens WHERE token_hash = $1 FOR UPDATE",
+            hashlib.sha256(pair.refresh_token.encode()).digest(),
+        )
+        started = time.monotonic()
+        await expect_error(
+            server.stub.Refresh(
+                auth_pb2.RefreshRequest(refresh_token=pair.refresh_token), timeout=10
+            ),
+            grpc.StatusCode.UNAVAILABLE,
+            "DATABASE_UNAVAILABLE",
+        )
+        assert time.monotonic() - started < 3.0
+        await transaction.rollback()
+    finally:
+        await blocker.close()
+    assert (await refresh(server, pair.refresh_token)).tokens.session_id == pair.session_id

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 
 import asyncpg
 
@@ -45,6 +46,7 @@ class RevocationFeed:
         clock: Clock,
         poll_interval: float,
         timeout: float,
+        on_listening: Callable[[bool], Awaitable[None]] | None = None,
     ) -> None:
         self._dsn = dsn
         self._pool = pool
@@ -52,6 +54,7 @@ class RevocationFeed:
         self._clock = clock
         self._poll_interval = poll_interval
         self._timeout = timeout
+        self._on_listening = on_listening
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
         self.listening = asyncio.Event()
@@ -104,6 +107,7 @@ class RevocationFeed:
                 # Listening first, then reading: a revocation lands in one or both.
                 await self._load_window(conn)
                 self.listening.set()
+                await self._tell_listening(True)
                 delay = 0.1
                 while not lost.is_set() and not conn.is_closed():
                     with contextlib.suppress(TimeoutError):
@@ -112,7 +116,9 @@ class RevocationFeed:
             except Exception as exc:  # any failure: retry; never let the listener die
                 log.warning("revocation listener cannot connect (%s); retrying", type(exc).__name__)
             finally:
-                self.listening.clear()
+                if self.listening.is_set():
+                    self.listening.clear()
+                    await self._tell_listening(False)
                 self._state.synced_at = None
                 if conn is not None and not conn.is_closed():
                     with contextlib.suppress(*UNAVAILABLE_ERRORS):
@@ -121,6 +127,11 @@ class RevocationFeed:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), timeout=delay)
             delay = min(delay * 2, 2.0)
+
+    async def _tell_listening(self, listening: bool) -> None:
+        if self._on_listening is not None:
+            with contextlib.suppress(Exception):
+                await self._on_listening(listening)
 
     async def _poll_forever(self) -> None:
         while not self._stopping.is_set():

