@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test lint fmt proto check-proto load bench clean
+.PHONY: run test lint fmt proto check-proto load bench soak clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,12 @@ load: $(STAMP)
 # Every figure against one server in one run, as ratios to baselines (about 2 minutes).
 bench: $(STAMP)
 	$(VENV)/bin/authsvc bench --output bench-results.md
+
+# The mixed load for SOAK_SECONDS (default 180) with scripted faults: PostgreSQL restarted
+# twice, a worker killed, a reuse attack every second; then the invariants. Loopback only.
+SOAK_SECONDS ?= 180
+soak: $(STAMP)
+	$(PY) -m service.loadtest.soak --duration $(SOAK_SECONDS)
 
 clean:
 	rm -rf $(VENV) .authsvc .pytest_cache .mypy_cache .ruff_cache

@@ -34,10 +34,13 @@ from service.store.notifications import CHANNEL, notify_payloads
 
 # Connection trouble, by class: SQLSTATE 08 (connection), 57 (operator
 # intervention: shutdown, cancel, cannot connect now), 53 (out of resources),
-# client-side interface errors (closed connection or pool), OS-level socket
-# errors and timeouts.
+# client-side interface and protocol-state errors (closed connection or pool),
+# OS-level socket errors and timeouts.
 UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.PostgresConnectionError,
+    # asyncpg's protocol can end in an inconsistent state when the server shuts down
+    # mid-call ("cannot switch to state ..."); the connection is gone either way.
+    asyncpg.exceptions.InternalClientError,
     asyncpg.exceptions.OperatorInterventionError,
     asyncpg.exceptions.InsufficientResourcesError,
     asyncpg.InterfaceError,
