@@ -38,10 +38,6 @@ AUTH_SERVICE_NAME = auth_pb2.DESCRIPTOR.services_by_name["AuthService"].full_nam
 # A health "service" that says whether revocations are heard live (see README).
 REVOCATIONS_HEALTH_NAME = "authsvc.revocations"
 
-# Larger than any valid request (tokens are capped at 8 KiB), small enough that
-# a flood of huge messages cannot exhaust memory.
-MAX_MESSAGE_BYTES = 64 * 1024
-
 
 def key_encryption_key(settings: Settings) -> bytes:
     """AUTH_KEK, or the KEK file in AUTH_DATA_DIR (created with mode 0600 on first use)."""
@@ -186,7 +182,7 @@ async def start_server(
         # without bound behind a slow database or a login burst.
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
         options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
             # Off unless we are one of several workers: a second server started
             # by mistake must fail to bind, not silently share the port.
             ("grpc.so_reuseport", 1 if reuse_port else 0),

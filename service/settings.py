@@ -80,6 +80,10 @@ class Settings:
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     """Server processes for `serve` (`AUTH_WORKERS`; default: the number of CPUs)."""
 
+    max_message_bytes: int = 64 * 1024
+    """Largest request accepted, bytes (`AUTH_MAX_MESSAGE_BYTES`): above any valid request
+    (tokens are capped at 8 KiB), small enough that huge messages cannot exhaust memory."""
+
     max_concurrent_rpcs: int = 1000
     """Calls one process serves at once; more are refused with RESOURCE_EXHAUSTED
     (`AUTH_MAX_CONCURRENT_RPCS`)."""
@@ -135,6 +139,9 @@ class Settings:
                 "AUTH_SHUTDOWN_GRACE", _non_negative_float, cls.shutdown_grace
             ),
             workers=reader.get("AUTH_WORKERS", _positive_int, os.cpu_count() or 1),
+            max_message_bytes=reader.get(
+                "AUTH_MAX_MESSAGE_BYTES", _positive_int, cls.max_message_bytes
+            ),
             max_concurrent_rpcs=reader.get(
                 "AUTH_MAX_CONCURRENT_RPCS", _positive_int, cls.max_concurrent_rpcs
             ),
@@ -166,6 +173,8 @@ class Settings:
         ):
             if value > _TEN_YEARS:
                 raise SettingsError(f"{name}: at most {_TEN_YEARS} seconds (ten years)")
+        if settings.max_message_bytes < 16 * 1024:
+            raise SettingsError("AUTH_MAX_MESSAGE_BYTES: at least 16384 (valid requests need it)")
         if settings.db_pool_size < 2:
             # Creating the first key holds one connection while it uses another.
             raise SettingsError("AUTH_DB_POOL_SIZE: at least 2")

@@ -884,21 +884,19 @@ async def test_the_raw_channel_reaches_the_service(server: LiveServer) -> None:
     assert '"keys"' in answer.jwks_json
 
 
-async def test_a_request_over_the_message_limit_is_resource_exhausted(server: LiveServer) -> None:
-    """Whole requests are capped at 64 KiB (service.app.MAX_MESSAGE_BYTES): far above any
+async def test_a_request_over_the_message_limit_is_resource_exhausted(
+    server_factory: ServerFactory,
+) -> None:
+    """Whole requests are capped (AUTH_MAX_MESSAGE_BYTES, default 64 KiB): far above any
     valid request, so a flood of huge messages cannot exhaust memory."""
-    from service.app import MAX_MESSAGE_BYTES
-
+    server = await server_factory(max_message_bytes=32 * 1024)
+    cap = server.settings.max_message_bytes
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await server.stub.Validate(
-            auth_pb2.ValidateRequest(access_token="a" * (MAX_MESSAGE_BYTES + 1))
-        )
+        await server.stub.Validate(auth_pb2.ValidateRequest(access_token="a" * (cap + 1)))
     assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     # Just under the cap, the request reaches the service and gets its own answer.
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await server.stub.Validate(
-            auth_pb2.ValidateRequest(access_token="a" * (MAX_MESSAGE_BYTES - 100))
-        )
+        await server.stub.Validate(auth_pb2.ValidateRequest(access_token="a" * (cap - 100)))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     # The server is still up.
     assert (await server.stub.GetJwks(auth_pb2.GetJwksRequest())).jwks_json

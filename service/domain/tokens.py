@@ -88,7 +88,13 @@ async def load_key_ring(store: PostgresStore, box: SecretBox, *, alg: str, clock
             if not any(r.retired_at is None for r in records):
                 record = generate_signing_key(alg, box, to_datetime(clock.now()))
                 await store.insert_signing_key(record)
-                log.info("created signing key kid=%s alg=%s", record.kid, record.alg)
+                await store.record_event(
+                    SecurityEvent(
+                        kind="signing_key_created", detail={"kid": record.kid, "alg": record.alg}
+                    ),
+                    now=record.created_at,
+                )
+                log.warning("security: created signing key kid=%s alg=%s", record.kid, record.alg)
                 records.append(record)
     ring = KeyRing([open_signing_key(r, box) for r in records])
     if ring.signing_key.alg != alg:
