@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -20,6 +21,7 @@ from service.api.auth_servicer import AuthServicer, add_auth_servicer
 from service.clock import Clock, SystemClock
 from service.database import create_pool, resolve_database_url
 from service.domain.access_tokens import AccessTokenCodec
+from service.domain.janitor import Janitor
 from service.domain.passwords import PasswordHasher
 from service.domain.revocation import RevocationState, VerifiedTokenCache
 from service.domain.throttle import LoginThrottle
@@ -56,6 +58,7 @@ class Components:
     hasher: PasswordHasher
     revocations: RevocationState
     token_cache: VerifiedTokenCache
+    janitor: Janitor
 
     def close(self) -> None:
         self.hasher.close()
@@ -98,6 +101,7 @@ async def build_components(settings: Settings, *, pool: asyncpg.Pool, clock: Clo
         hasher=hasher,
         revocations=revocations,
         token_cache=token_cache,
+        janitor=Janitor(settings=settings, store=store, clock=clock),
     )
 
 
@@ -132,10 +136,14 @@ class RunningServer:
     components: Components
     revocation_feed: RevocationFeed
     health: health_async.HealthServicer
+    janitor_task: asyncio.Task[None]
 
     async def stop(self, grace: float | None) -> None:
         # Probes see NOT_SERVING first, so load balancers drain us while calls finish.
         await self.health.enter_graceful_shutdown()
+        self.janitor_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.janitor_task
         await self.server.stop(grace)
         await self.revocation_feed.stop()
         self.components.close()
@@ -206,7 +214,12 @@ async def start_server(
     for service_name in ("", AUTH_SERVICE_NAME):
         await health.set(service_name, health_pb2.HealthCheckResponse.SERVING)
     return RunningServer(
-        server=server, port=port, components=components, revocation_feed=feed, health=health
+        server=server,
+        port=port,
+        components=components,
+        revocation_feed=feed,
+        health=health,
+        janitor_task=asyncio.create_task(components.janitor.run_forever(), name="janitor"),
     )
 
 

@@ -106,6 +106,12 @@ class Settings:
     throttle_window: int = 3600
     """A key's failures are forgotten after this long without one (`AUTH_THROTTLE_WINDOW`)."""
 
+    janitor_interval: float = 60.0
+    """Seconds between clean-up runs (`AUTH_JANITOR_INTERVAL`); one replica at a time runs it."""
+
+    event_retention: int = 7_776_000
+    """Security events are kept this long, seconds (`AUTH_EVENT_RETENTION`; default 90 days)."""
+
     revocation_poll_interval: float = 5.0
     """Seconds between safety-net polls of revoked sessions (`AUTH_REVOCATION_POLL_INTERVAL`)."""
 
@@ -159,6 +165,10 @@ class Settings:
                 "AUTH_THROTTLE_MAX_DELAY", _positive_int, cls.throttle_max_delay
             ),
             throttle_window=reader.get("AUTH_THROTTLE_WINDOW", _positive_int, cls.throttle_window),
+            janitor_interval=reader.get(
+                "AUTH_JANITOR_INTERVAL", _positive_float, cls.janitor_interval
+            ),
+            event_retention=reader.get("AUTH_EVENT_RETENTION", _positive_int, cls.event_retention),
             revocation_poll_interval=reader.get(
                 "AUTH_REVOCATION_POLL_INTERVAL", _positive_float, cls.revocation_poll_interval
             ),

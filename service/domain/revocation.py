@@ -21,14 +21,14 @@ from service.domain.access_tokens import AccessClaims
 
 # Tokens are at most a few seconds older than the revocation that races them
 # (a Refresh committing just before a Revoke); keep entries this much longer.
-_MARGIN_SECONDS = 60.0
+REVOCATION_MARGIN_SECONDS = 60.0
 
 
 class RevocationState:
     """Revoked session ids, each kept until its last access token has expired."""
 
     def __init__(self, *, access_ttl: int, leeway: int) -> None:
-        self._keep_for = access_ttl + leeway + _MARGIN_SECONDS
+        self._keep_for = access_ttl + leeway + REVOCATION_MARGIN_SECONDS
         self._revoked: dict[str, float] = {}  # session id -> forget after (epoch seconds)
         self.synced_at: float | None = None
         """When the state was last known to match the database (None: never, or stale)."""

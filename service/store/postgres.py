@@ -50,6 +50,30 @@ UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
 
 # Serializes key and secret creation between replicas starting together.
 _BOOTSTRAP_LOCK_ID = 0x61757468  # "auth"
+# Held by the one replica whose janitor is running.
+_JANITOR_LOCK_ID = 0x6A616E69  # "jani"
+
+# Clean-up, in small batches (each its own short transaction).
+_PURGE_SQL = {
+    # Sessions nobody can use any more: past their absolute lifetime, revoked, or whose
+    # every refresh token has expired; their tokens go with them (ON DELETE CASCADE).
+    "sessions": """
+        DELETE FROM sessions WHERE id IN (
+            SELECT s.id FROM sessions s
+             WHERE s.expires_at < $1 OR s.revoked_at < $1
+                OR NOT EXISTS (SELECT 1 FROM refresh_tokens t
+                                WHERE t.session_id = s.id AND t.used_at IS NULL
+                                  AND t.expires_at >= $1)
+             LIMIT $2)""",
+    "security_events": """
+        DELETE FROM security_events WHERE id IN (
+            SELECT id FROM security_events WHERE occurred_at < $1 ORDER BY id LIMIT $2)""",
+    "login_throttle": """
+        DELETE FROM login_throttle WHERE key IN (
+            SELECT key FROM login_throttle
+             WHERE last_failure_at < $1 AND (locked_until IS NULL OR locked_until < $1)
+             LIMIT $2)""",
+}
 
 # The refresh path's statements (also run bare by the benchmark's SQL baseline).
 # The common case takes the lock and reads everything in one statement. A token
@@ -466,6 +490,28 @@ class PostgresStore:
     async def clear_login_failures(self, key: str) -> None:
         async with self._connection() as conn:
             await conn.execute("DELETE FROM login_throttle WHERE key = $1", key)
+
+    # Clean-up
+
+    async def purge(self, cutoffs: dict[str, datetime], *, batch: int) -> dict[str, int] | None:
+        """Delete, table by table, rows older than the table's cutoff, `batch` rows at a
+        time; how many per table. None if another replica's janitor is running."""
+        async with self._connection() as conn:
+            if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", _JANITOR_LOCK_ID):
+                return None
+            try:
+                deleted: dict[str, int] = {}
+                for table, cutoff in cutoffs.items():
+                    deleted[table] = 0
+                    while True:
+                        status: str = await conn.execute(_PURGE_SQL[table], cutoff, batch)
+                        count = int(status.split()[-1])
+                        deleted[table] += count
+                        if count < batch:
+                            break
+                return deleted
+            finally:
+                await conn.execute("SELECT pg_advisory_unlock($1)", _JANITOR_LOCK_ID)
 
     # Security events
 
