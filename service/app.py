@@ -229,6 +229,11 @@ async def serve(settings: Settings, *, worker: bool = False) -> None:
     As a `--workers` child (`worker=True`) it binds with SO_REUSEPORT beside its
     siblings and tells the supervisor through a pipe when it is ready.
     """
+    # From here on a signal asks for a graceful stop (even one that arrives while starting).
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     dsn = await resolve_database_url(settings)
     pool = await create_pool(dsn, settings)
     try:
@@ -242,10 +247,6 @@ async def serve(settings: Settings, *, worker: bool = False) -> None:
         else:
             host = settings.listen.rpartition(":")[0]
             print_banner(settings, f"{host}:{running.port}", workers=1)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         log.info("stopping: in-flight calls get %.1fs", settings.shutdown_grace)
         await running.stop(settings.shutdown_grace)

