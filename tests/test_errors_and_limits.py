@@ -951,3 +951,38 @@ async def test_a_database_call_over_its_timeout_is_unavailable(
     finally:
         await blocker.close()
     assert (await refresh(server, pair.refresh_token)).tokens.session_id == pair.session_id
+
+
+async def test_a_call_whose_deadline_passes_stops_its_database_work(
+    server: LiveServer, database_url: str
+) -> None:
+    """The client's deadline cancels the call on the server, and its query with it: the
+    server's backend stops waiting at once, and nothing is left half done."""
+    import hashlib
+
+    await server.create_user("late")
+    pair = await server.login("late")
+    blocker = await asyncpg.connect(database_url)
+    try:
+        transaction = blocker.transaction()
+        await transaction.start()
+        await blocker.execute(
+            "SELECT 1 FROM refresh_tokens WHERE token_hash = $1 FOR UPDATE",
+            hashlib.sha256(pair.refresh_token.encode()).digest(),
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await server.stub.Refresh(
+                auth_pb2.RefreshRequest(refresh_token=pair.refresh_token), timeout=0.3
+            )
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        deadline = time.monotonic() + 2.0
+        while await blocker.fetchval(
+            """SELECT count(*) FROM pg_stat_activity
+                WHERE wait_event_type = 'Lock' AND datname = current_database()"""
+        ):
+            assert time.monotonic() < deadline, "the server's query kept waiting"
+            await asyncio.sleep(0.05)
+        await transaction.rollback()
+    finally:
+        await blocker.close()
+    assert (await refresh(server, pair.refresh_token)).tokens.session_id == pair.session_id
