@@ -2,37 +2,41 @@
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import grpc
 import pytest
+from google.protobuf.message import Message
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from service.gen.auth.v1 import auth_pb2
 from tests.conftest import LiveServer
 
+Detail = TypeVar("Detail", bound=Message)
 
-def error_info(error: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
-    """The ErrorInfo detail of a failed call (fails the test if there is none)."""
+
+def status_detail(error: grpc.aio.AioRpcError, kind: type[Detail]) -> Detail:
+    """The detail of type `kind` in a failed call's google.rpc.Status (fails the test if
+    there is none)."""
     status = rpc_status.from_call(error)  # type: ignore[arg-type]
     assert status is not None, "the call carried no google.rpc.Status"
     for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            return info
-    raise AssertionError("the status carried no ErrorInfo")
+        if detail.Is(kind.DESCRIPTOR):
+            found = kind()
+            detail.Unpack(found)
+            return found
+    raise AssertionError(f"the status carried no {kind.DESCRIPTOR.name}")
+
+
+def error_info(error: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
+    """The ErrorInfo detail of a failed call."""
+    return status_detail(error, error_details_pb2.ErrorInfo)
 
 
 def bad_request_fields(error: grpc.aio.AioRpcError) -> list[str]:
     """The field names of the BadRequest detail of a failed call."""
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
-    assert status is not None
-    for detail in status.details:
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            detail.Unpack(bad)
-            return [v.field for v in bad.field_violations]
-    raise AssertionError("the status carried no BadRequest")
+    return [v.field for v in status_detail(error, error_details_pb2.BadRequest).field_violations]
 
 
 def assert_error(error: grpc.aio.AioRpcError, code: grpc.StatusCode, reason: str) -> None:

@@ -24,11 +24,9 @@ import pytest
 from grpc_status import rpc_status
 
 from service.clock import ManualClock
-from service.database import embedded_server_uri
 from service.domain.passwords import PasswordHasher
 from service.gen.auth.v1 import auth_pb2
 from service.settings import Settings
-from service.store import apply_migrations
 from tests.conftest import (
     PASSWORD,
     TEST_KEK,
@@ -38,7 +36,7 @@ from tests.conftest import (
     stop_live_server,
 )
 from tests.helpers import assert_error, bad_request_fields, error_info
-from tests.throwaway_pg import stop_embedded_postgres
+from tests.throwaway_pg import start_migrated, stop_embedded_postgres
 
 Code = grpc.StatusCode
 WRONG_PASSWORD = "wrong-password-Zq9xK"
@@ -488,12 +486,7 @@ async def test_database_unreachable_is_unavailable(
     throwaway_pg_dir: Path, tmp_path: Path, clock: ManualClock
 ) -> None:
     pg_dir = throwaway_pg_dir
-    uri = await asyncio.to_thread(embedded_server_uri, pg_dir)
-    conn = await asyncpg.connect(uri)
-    try:
-        await apply_migrations(conn)
-    finally:
-        await conn.close()
+    uri = await start_migrated(pg_dir)
     settings = Settings(
         listen="127.0.0.1:0",
         database_url=uri,

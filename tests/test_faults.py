@@ -25,11 +25,9 @@ import grpc
 import pytest
 
 from service.clock import ManualClock, to_datetime
-from service.database import embedded_server_uri
 from service.domain.refresh_tokens import hash_token
 from service.gen.auth.v1 import auth_pb2
 from service.settings import Settings
-from service.store import apply_migrations
 from service.store.invariants import (
     family_invariant_violations as store_invariant_violations,
 )
@@ -47,6 +45,7 @@ from tests.helpers import assert_error
 from tests.throwaway_pg import (
     socket_dir_of,
     start_embedded_postgres,
+    start_migrated,
     stop_embedded_postgres,
 )
 
@@ -319,13 +318,8 @@ async def test_postgres_stopped_and_restarted_under_the_server(
     throwaway_pg_dir: Path, tmp_path: Path, clock: ManualClock
 ) -> None:
     pg_dir = throwaway_pg_dir
-    uri = await asyncio.to_thread(embedded_server_uri, pg_dir)
+    uri = await start_migrated(pg_dir)
     running = True
-    conn = await asyncpg.connect(uri)
-    try:
-        await apply_migrations(conn)
-    finally:
-        await conn.close()
     settings = Settings(
         listen="127.0.0.1:0",
         database_url=uri,

@@ -8,12 +8,11 @@ import asyncio
 import grpc
 import pytest
 from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from service.domain.throttle import ThrottlePolicy, peer_key
 from service.gen.auth.v1 import auth_pb2
 from tests.conftest import PASSWORD, LiveServer, ServerFactory
-from tests.helpers import assert_error, error_info
+from tests.helpers import assert_error, error_info, status_detail
 
 WRONG = "not the password"
 
@@ -41,14 +40,8 @@ async def _fails(
 
 
 def _retry_delay(error: grpc.aio.AioRpcError) -> float:
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
-    assert status is not None
-    for detail in status.details:
-        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-            info = error_details_pb2.RetryInfo()
-            detail.Unpack(info)
-            return info.retry_delay.ToMilliseconds() / 1000
-    raise AssertionError("no RetryInfo")
+    info = status_detail(error, error_details_pb2.RetryInfo)
+    return info.retry_delay.ToMilliseconds() / 1000
 
 
 async def test_growing_delays_then_a_success_clears_the_count(

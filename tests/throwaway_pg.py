@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import os
 from collections.abc import Callable
 from pathlib import Path
+
+import asyncpg
+
+from service.database import embedded_server_uri
+from service.store import apply_migrations
 
 
 def pgdata_of(pg_dir: Path) -> Path:
@@ -56,3 +62,14 @@ def start_embedded_postgres(pg_dir: Path, socket_dir: Path) -> None:
         ["-w", "-o", '-h ""', "-o", f"-k {socket_dir}", "-l", str(pgdata / "log"), "start"],
         pgdata,
     )
+
+
+async def start_migrated(pg_dir: Path) -> str:
+    """Start a throw-away cluster in `pg_dir`, apply the migrations; its URI."""
+    uri = await asyncio.to_thread(embedded_server_uri, pg_dir)
+    conn = await asyncpg.connect(uri)
+    try:
+        await apply_migrations(conn)
+    finally:
+        await conn.close()
+    return uri
