@@ -17,17 +17,21 @@ from grpc_health.v1 import _async as health_async
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from service.api.admin_servicer import AdminServicer, add_admin_servicer
 from service.api.auth_servicer import AuthServicer, add_auth_servicer
+from service.api.callers import CallerAuthInterceptor, ServiceDirectory
 from service.clock import Clock, SystemClock
 from service.database import create_pool, resolve_database_url
 from service.domain.access_tokens import AccessTokenCodec
 from service.domain.janitor import Janitor
 from service.domain.passwords import PasswordHasher
 from service.domain.revocation import RevocationState, VerifiedTokenCache
+from service.domain.signing_keys import SigningKeys
+from service.domain.telemetry import NoTelemetry, Telemetry
 from service.domain.throttle import LoginThrottle
-from service.domain.tokens import TokenService, load_key_ring, load_refresh_secret
+from service.domain.tokens import TokenService, load_refresh_secret
 from service.domain.users import UserDirectory
-from service.gen.auth.v1 import auth_pb2
+from service.gen.auth.v1 import admin_pb2, auth_pb2
 from service.secrets_box import SecretBox, load_or_create_kek_file
 from service.settings import Settings
 from service.store import PostgresStore, apply_migrations
@@ -37,6 +41,7 @@ log = logging.getLogger(__name__)
 
 READY_FD_VARIABLE = "AUTHSVC_WORKER_READY_FD"
 AUTH_SERVICE_NAME = auth_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name
+ADMIN_SERVICE_NAME = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
 # A health "service" that says whether revocations are heard live (see README).
 REVOCATIONS_HEALTH_NAME = "authsvc.revocations"
 
@@ -58,19 +63,36 @@ class Components:
     hasher: PasswordHasher
     revocations: RevocationState
     token_cache: VerifiedTokenCache
+    signing_keys: SigningKeys
     janitor: Janitor
 
     def close(self) -> None:
         self.hasher.close()
 
 
-async def build_components(settings: Settings, *, pool: asyncpg.Pool, clock: Clock) -> Components:
+async def build_components(
+    settings: Settings,
+    *,
+    pool: asyncpg.Pool,
+    clock: Clock,
+    telemetry: Telemetry | None = None,
+) -> Components:
     """Everything but the revocation feed (the CLI needs no feed)."""
+    telemetry = telemetry or NoTelemetry()
     store = PostgresStore(pool, timeout=settings.db_timeout)
     revocations = RevocationState(access_ttl=settings.access_ttl, leeway=settings.leeway)
     token_cache = VerifiedTokenCache(settings.token_cache_size)
     box = SecretBox(key_encryption_key(settings))
-    key_ring = await load_key_ring(store, box, alg=settings.signing_alg, clock=clock)
+    signing_keys = SigningKeys(
+        store=store,
+        box=box,
+        clock=clock,
+        alg=settings.signing_alg,
+        access_ttl=settings.access_ttl,
+        leeway=settings.leeway,
+        telemetry=telemetry,
+    )
+    key_ring = await signing_keys.load()
     refresh_secret = await load_refresh_secret(store, box, clock=clock)
     # As many hashing threads as cores in every worker: at the lowest priority
     # they take only idle CPU, so one busy worker may use all of it.
@@ -92,6 +114,7 @@ async def build_components(settings: Settings, *, pool: asyncpg.Pool, clock: Clo
             if settings.login_throttle
             else None
         ),
+        telemetry=telemetry,
     )
     users = UserDirectory(store=store, hasher=hasher, tokens=tokens, clock=clock)
     return Components(
@@ -101,7 +124,8 @@ async def build_components(settings: Settings, *, pool: asyncpg.Pool, clock: Clo
         hasher=hasher,
         revocations=revocations,
         token_cache=token_cache,
-        janitor=Janitor(settings=settings, store=store, clock=clock),
+        signing_keys=signing_keys,
+        janitor=Janitor(settings=settings, store=store, keys=signing_keys, clock=clock),
     )
 
 
@@ -183,9 +207,18 @@ async def start_server(
         poll_interval=settings.revocation_poll_interval,
         timeout=settings.db_timeout,
         on_listening=revocations_followed,
+        on_keys_changed=components.signing_keys.reload,
     )
     await feed.start()
+    interceptors: list[grpc.aio.ServerInterceptor] = []
+    if settings.caller_auth:
+        interceptors.append(
+            CallerAuthInterceptor(
+                directory=service_directory(settings), guarded=settings.caller_auth
+            )
+        )
     server = grpc.aio.server(
+        interceptors=interceptors,
         # Beyond this, calls are refused at once (RESOURCE_EXHAUSTED) instead of queueing
         # without bound behind a slow database or a login burst.
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
@@ -197,21 +230,27 @@ async def start_server(
         ],
     )
     add_auth_servicer(AuthServicer(components.tokens), server)
+    add_admin_servicer(AdminServicer(users=components.users, keys=components.signing_keys), server)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
         (
             AUTH_SERVICE_NAME,
+            ADMIN_SERVICE_NAME,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         ),
         server,
     )
     address = listen or settings.listen
-    port = server.add_insecure_port(address)
+    credentials = server_credentials(settings)
+    if credentials is None:
+        port = server.add_insecure_port(address)
+    else:
+        port = server.add_secure_port(address, credentials)
     if port == 0:
         raise OSError(f"could not bind {address}")
     await server.start()
-    for service_name in ("", AUTH_SERVICE_NAME):
+    for service_name in ("", AUTH_SERVICE_NAME, ADMIN_SERVICE_NAME):
         await health.set(service_name, health_pb2.HealthCheckResponse.SERVING)
     return RunningServer(
         server=server,
@@ -221,6 +260,27 @@ async def start_server(
         health=health,
         janitor_task=asyncio.create_task(components.janitor.run_forever(), name="janitor"),
     )
+
+
+def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """TLS from AUTH_TLS_CERT/KEY, requiring client certificates if AUTH_TLS_CLIENT_CA is set;
+    None for plaintext."""
+    settings.check_transport()
+    if settings.tls_cert is None or settings.tls_key is None:
+        return None
+    client_ca = None if settings.tls_client_ca is None else settings.tls_client_ca.read_bytes()
+    return grpc.ssl_server_credentials(
+        [(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
+
+
+def service_directory(settings: Settings) -> ServiceDirectory:
+    """The known calling services (none without AUTH_SERVICE_TOKENS_FILE)."""
+    if settings.service_tokens_file is None:
+        return ServiceDirectory([])
+    return ServiceDirectory.from_file(settings.service_tokens_file)
 
 
 async def serve(settings: Settings, *, worker: bool = False) -> None:

@@ -158,3 +158,28 @@ class DatabaseUnavailable(AuthError):
     code: StatusName = "UNAVAILABLE"
     reason = "DATABASE_UNAVAILABLE"
     message = "the database is unavailable; retry later"
+
+
+class ServiceCredentialsRequired(AuthError):
+    """A guarded call (Validate or admin, per AUTH_CALLER_AUTH) came without a known
+    service token or client certificate."""
+
+    code: StatusName = "UNAUTHENTICATED"
+    reason = "SERVICE_CREDENTIALS_REQUIRED"
+    message = "this call needs a known service token or client certificate"
+
+
+class ServiceNotPermitted(AuthError):
+    """The calling service is known but not allowed this group of calls."""
+
+    code: StatusName = "PERMISSION_DENIED"
+    reason = "SERVICE_NOT_PERMITTED"
+    message = "the calling service may not make this call"
+
+
+class SessionNotFound(AuthError):
+    """No session has that id (admin API)."""
+
+    code: StatusName = "NOT_FOUND"
+    reason = "SESSION_NOT_FOUND"
+    message = "no such session"

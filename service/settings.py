@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ipaddress
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -118,6 +119,30 @@ class Settings:
     revocation_poll_interval: float = 5.0
     """Seconds between safety-net polls of revoked sessions (`AUTH_REVOCATION_POLL_INTERVAL`)."""
 
+    key_rotation_period: int = 0
+    """Rotate the signing key when the newest is this many seconds old
+    (`AUTH_KEY_ROTATION_PERIOD`; 0: only by hand). Checked on each janitor run."""
+
+    metrics_listen: str | None = None
+    """Serve Prometheus metrics on http://HOST:PORT/metrics (`AUTH_METRICS_LISTEN`; unset: off)."""
+
+    tls_cert: Path | None = None
+    """PEM certificate chain of the gRPC server (`AUTH_TLS_CERT`; with `AUTH_TLS_KEY`)."""
+
+    tls_key: Path | None = None
+    """PEM private key of the gRPC server (`AUTH_TLS_KEY`)."""
+
+    tls_client_ca: Path | None = None
+    """PEM CA bundle: only clients with a certificate it signed may connect
+    (`AUTH_TLS_CLIENT_CA`: mutual TLS; needs AUTH_TLS_CERT)."""
+
+    service_tokens_file: Path | None = None
+    """The calling services and their credentials (`AUTH_SERVICE_TOKENS_FILE`; see README)."""
+
+    caller_auth: frozenset[str] = frozenset()
+    """Call groups that only known services may make (`AUTH_CALLER_AUTH`, comma-separated:
+    `validate`, `admin`; empty: off, allowed only on a loopback address)."""
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         """Build settings from `environ` (default: the process environment)."""
@@ -176,6 +201,15 @@ class Settings:
             revocation_poll_interval=reader.get(
                 "AUTH_REVOCATION_POLL_INTERVAL", _positive_float, cls.revocation_poll_interval
             ),
+            key_rotation_period=reader.get(
+                "AUTH_KEY_ROTATION_PERIOD", _non_negative_int, cls.key_rotation_period
+            ),
+            metrics_listen=reader.get("AUTH_METRICS_LISTEN", _address, None),
+            tls_cert=reader.get("AUTH_TLS_CERT", _readable_file, None),
+            tls_key=reader.get("AUTH_TLS_KEY", _readable_file, None),
+            tls_client_ca=reader.get("AUTH_TLS_CLIENT_CA", _readable_file, None),
+            service_tokens_file=reader.get("AUTH_SERVICE_TOKENS_FILE", _readable_file, None),
+            caller_auth=reader.get("AUTH_CALLER_AUTH", _call_groups, cls.caller_auth),
         )
         if settings.refresh_reuse_grace > 300:
             raise SettingsError("AUTH_REFRESH_REUSE_GRACE: at most 300 seconds")
@@ -192,7 +226,24 @@ class Settings:
         if settings.db_pool_size < 2:
             # Creating the first key holds one connection while it uses another.
             raise SettingsError("AUTH_DB_POOL_SIZE: at least 2")
+        settings.check_transport()
         return settings
+
+    def check_transport(self) -> None:
+        """The TLS and caller settings fit together (also run by the server at start)."""
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise SettingsError("AUTH_TLS_KEY: AUTH_TLS_CERT and AUTH_TLS_KEY go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise SettingsError("AUTH_TLS_CLIENT_CA: needs AUTH_TLS_CERT and AUTH_TLS_KEY")
+        if self.caller_auth and self.service_tokens_file is None and self.tls_client_ca is None:
+            raise SettingsError(
+                "AUTH_CALLER_AUTH: needs AUTH_SERVICE_TOKENS_FILE or AUTH_TLS_CLIENT_CA"
+            )
+        if "admin" not in self.caller_auth and not is_loopback(self.listen):
+            raise SettingsError(
+                "AUTH_CALLER_AUTH: must include admin when AUTH_LISTEN is not a loopback "
+                "address (the admin API would be open to the network)"
+            )
 
 
 class _EnvReader:
@@ -272,6 +323,35 @@ def _address(raw: str) -> str:
     if not sep or not host or not port.isdigit() or int(port) > 65535:
         raise ValueError("must be HOST:PORT, for example 127.0.0.1:50051")
     return raw
+
+
+CALL_GROUPS = ("validate", "admin")
+
+
+def _call_groups(raw: str) -> frozenset[str]:
+    groups = frozenset(g.strip() for g in raw.split(",") if g.strip())
+    unknown = groups - set(CALL_GROUPS)
+    if unknown:
+        raise ValueError(f"unknown group(s) {', '.join(sorted(unknown))}; known: validate, admin")
+    return groups
+
+
+def _readable_file(raw: str) -> Path:
+    path = Path(raw)
+    if not path.is_file() or not os.access(path, os.R_OK):
+        raise ValueError("must name a readable file")
+    return path
+
+
+def is_loopback(listen: str) -> bool:
+    """Whether HOST:PORT binds only the loopback interface."""
+    host = listen.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def parse_kek(raw: str) -> bytes:

@@ -210,6 +210,7 @@ async def test_private_signing_keys_are_sealed(server: LiveServer) -> None:
         public_jwk=json.loads(row["public_jwk"]),
         private_key_sealed=sealed,
         created_at=row["created_at"],
+        activates_at=row["activates_at"],
         retired_at=row["retired_at"],
     )
     key = open_signing_key(record, SecretBox(TEST_KEK))

@@ -51,6 +51,7 @@ INT_VARS = (
     "AUTH_LEEWAY",
     "AUTH_DB_POOL_SIZE",
     "AUTH_TOKEN_CACHE_SIZE",
+    "AUTH_KEY_ROTATION_PERIOD",
 )
 FLOAT_VARS = ("AUTH_DB_TIMEOUT", "AUTH_SHUTDOWN_GRACE", "AUTH_REVOCATION_POLL_INTERVAL")
 NUMERIC_VARS = INT_VARS + FLOAT_VARS
@@ -86,7 +87,10 @@ def test_defaults_from_an_empty_environment() -> None:
     assert settings.leeway == 0
 
 
-def test_every_variable_is_read() -> None:
+def test_every_variable_is_read(tmp_path: Path) -> None:
+    files = {name: tmp_path / name for name in ("cert.pem", "key.pem", "ca.pem", "services")}
+    for path in files.values():
+        path.write_text("x")
     env = {
         "AUTH_LISTEN": "0.0.0.0:6000",
         "AUTH_DATABASE_URL": "postgresql://u:p@db/auth",
@@ -105,6 +109,13 @@ def test_every_variable_is_read() -> None:
         "AUTH_SHUTDOWN_GRACE": "0",
         "AUTH_TOKEN_CACHE_SIZE": "0",
         "AUTH_REVOCATION_POLL_INTERVAL": "0.5",
+        "AUTH_KEY_ROTATION_PERIOD": "86400",
+        "AUTH_METRICS_LISTEN": "0.0.0.0:9464",
+        "AUTH_TLS_CERT": str(files["cert.pem"]),
+        "AUTH_TLS_KEY": str(files["key.pem"]),
+        "AUTH_TLS_CLIENT_CA": str(files["ca.pem"]),
+        "AUTH_SERVICE_TOKENS_FILE": str(files["services"]),
+        "AUTH_CALLER_AUTH": "validate, admin",
     }
     settings = Settings.from_env(env)
     assert settings == Settings(
@@ -125,6 +136,13 @@ def test_every_variable_is_read() -> None:
         shutdown_grace=0.0,
         token_cache_size=0,
         revocation_poll_interval=0.5,
+        key_rotation_period=86400,
+        metrics_listen="0.0.0.0:9464",
+        tls_cert=files["cert.pem"],
+        tls_key=files["key.pem"],
+        tls_client_ca=files["ca.pem"],
+        service_tokens_file=files["services"],
+        caller_auth=frozenset({"validate", "admin"}),
     )
     # The KEK never shows in a repr (logs, tracebacks).
     assert base64.b64encode(KEK_32).decode() not in repr(settings)
@@ -214,9 +232,31 @@ def test_a_bad_listen_address(value: str) -> None:
     assert "\n" not in message
 
 
-@pytest.mark.parametrize("value", ["0.0.0.0:0", "[::1]:50051", "localhost:65535"])
+@pytest.mark.parametrize("value", ["127.0.0.1:0", "[::1]:50051", "localhost:65535"])
 def test_good_listen_addresses(value: str) -> None:
     assert Settings.from_env({"AUTH_LISTEN": value}).listen == value
+
+
+def test_transport_settings_that_do_not_fit_stop_start_up(tmp_path: Path) -> None:
+    readable = tmp_path / "file.pem"
+    readable.write_text("x")
+    path = str(readable)
+    cases = {
+        "AUTH_TLS_KEY": {"AUTH_TLS_CERT": path},
+        "AUTH_TLS_CLIENT_CA": {"AUTH_TLS_CLIENT_CA": path},
+        "AUTH_CALLER_AUTH": {"AUTH_CALLER_AUTH": "validate"},
+        "AUTH_SERVICE_TOKENS_FILE": {"AUTH_SERVICE_TOKENS_FILE": str(tmp_path / "missing")},
+        "AUTH_METRICS_LISTEN": {"AUTH_METRICS_LISTEN": "9464"},
+    }
+    for variable, env in cases.items():
+        assert_one_line_naming(settings_error(env), variable, str(tmp_path))
+    # The admin API may not be open beyond loopback.
+    message = settings_error({"AUTH_LISTEN": "0.0.0.0:50051"})
+    assert message.startswith("AUTH_CALLER_AUTH") and "admin" in message
+    guarded = {"AUTH_CALLER_AUTH": "admin", "AUTH_SERVICE_TOKENS_FILE": path}
+    assert Settings.from_env({"AUTH_LISTEN": "0.0.0.0:50051", **guarded}).caller_auth == {"admin"}
+    message = settings_error({"AUTH_CALLER_AUTH": "validate,tokens", "AUTH_TLS_CLIENT_CA": path})
+    assert message.startswith("AUTH_CALLER_AUTH") and "tokens" in message
 
 
 # decide_refresh

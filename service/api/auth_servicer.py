@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import grpc
-from google.protobuf import message_factory
-from google.protobuf.message import DecodeError, Message
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from service.api.requests import (
     MAX_AUDIENCE_BYTES,
@@ -19,9 +15,9 @@ from service.api.requests import (
     RequestCheck,
 )
 from service.api.status import maps_errors
+from service.api.wire import add_servicer, caller_info, reject_undecodable, timestamp
 from service.domain.access_tokens import TokenProblem
-from service.domain.tokens import CallerInfo, TokenPair, TokenService
-from service.errors import FieldViolation, InvalidArgument
+from service.domain.tokens import TokenPair, TokenService
 from service.gen.auth.v1 import auth_pb2
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -37,37 +33,16 @@ _PROBLEMS = {
 }
 
 
-class UndecodableRequest:
-    """Stands in for a request whose bytes did not parse (for example invalid UTF-8).
-
-    gRPC answers INTERNAL when a deserializer raises; we answer INVALID_ARGUMENT.
-    """
-
-
-def _timestamp(seconds: float) -> Timestamp:
-    ts = Timestamp()
-    ts.FromNanoseconds(int(seconds * 1_000_000_000))
-    return ts
-
-
 def _token_pair(pair: TokenPair) -> auth_pb2.TokenPair:
     return auth_pb2.TokenPair(
         access_token=pair.access_token,
         refresh_token=pair.refresh_token,
         token_type="Bearer",
-        access_token_expires_at=_timestamp(pair.access_token_expires_at),
-        refresh_token_expires_at=_timestamp(pair.refresh_token_expires_at),
+        access_token_expires_at=timestamp(pair.access_token_expires_at),
+        refresh_token_expires_at=timestamp(pair.refresh_token_expires_at),
         session_id=pair.session_id,
         scopes=list(pair.scopes),
     )
-
-
-def _caller(context: Context) -> CallerInfo:
-    user_agent = None
-    for key, value in context.invocation_metadata() or ():
-        if key == "user-agent" and isinstance(value, str):
-            user_agent = value[:256]
-    return CallerInfo(peer=context.peer(), user_agent=user_agent)
 
 
 def _bearer_token(context: Context) -> str | None:
@@ -77,11 +52,6 @@ def _bearer_token(context: Context) -> str | None:
             if scheme.lower() == "bearer" and 0 < len(token) <= MAX_TOKEN_BYTES:
                 return token.strip()
     return None
-
-
-def _reject_undecodable(request: object) -> None:
-    if isinstance(request, UndecodableRequest):
-        raise InvalidArgument([FieldViolation("request", "is not a valid protobuf message")])
 
 
 class AuthServicer:
@@ -94,7 +64,7 @@ class AuthServicer:
     async def Issue(
         self, request: auth_pb2.IssueRequest, context: Context
     ) -> auth_pb2.IssueResponse:
-        _reject_undecodable(request)
+        reject_undecodable(request)
         check = RequestCheck()
         if request.WhichOneof("credentials") != "password":
             check.missing("password")
@@ -114,7 +84,7 @@ class AuthServicer:
             password=password,
             scopes=scopes,
             audience=audience or None,
-            caller=_caller(context),
+            caller=caller_info(context),
         )
         return auth_pb2.IssueResponse(tokens=_token_pair(pair))
 
@@ -122,18 +92,18 @@ class AuthServicer:
     async def Refresh(
         self, request: auth_pb2.RefreshRequest, context: Context
     ) -> auth_pb2.RefreshResponse:
-        _reject_undecodable(request)
+        reject_undecodable(request)
         check = RequestCheck()
         token = check.text("refresh_token", request.refresh_token, limit=MAX_TOKEN_BYTES)
         check.done()
-        pair = await self._tokens.refresh(token, caller=_caller(context))
+        pair = await self._tokens.refresh(token, caller=caller_info(context))
         return auth_pb2.RefreshResponse(tokens=_token_pair(pair))
 
     @maps_errors
     async def Validate(
         self, request: auth_pb2.ValidateRequest, context: Context
     ) -> auth_pb2.ValidateResponse:
-        _reject_undecodable(request)
+        reject_undecodable(request)
         check = RequestCheck()
         token = check.text("access_token", request.access_token, limit=MAX_TOKEN_BYTES)
         required = check.scopes("required_scopes", request.required_scopes)
@@ -151,7 +121,7 @@ class AuthServicer:
             subject=claims.subject,
             session_id=claims.session_id,
             scopes=list(claims.scopes),
-            expires_at=_timestamp(claims.expires_at),
+            expires_at=timestamp(claims.expires_at),
             token_id=claims.token_id,
         )
 
@@ -159,10 +129,10 @@ class AuthServicer:
     async def Revoke(
         self, request: auth_pb2.RevokeRequest, context: Context
     ) -> auth_pb2.RevokeResponse:
-        _reject_undecodable(request)
+        reject_undecodable(request)
         check = RequestCheck()
         target = request.WhichOneof("target")
-        caller = _caller(context)
+        caller = caller_info(context)
         if target is None:
             check.missing("target")
             check.done()
@@ -190,36 +160,9 @@ class AuthServicer:
     async def GetJwks(
         self, request: auth_pb2.GetJwksRequest, context: Context
     ) -> auth_pb2.GetJwksResponse:
-        _reject_undecodable(request)
+        reject_undecodable(request)
         return auth_pb2.GetJwksResponse(jwks_json=self._tokens.jwks_json)
 
 
-def _tolerant_deserializer(cls: type[Message]) -> Callable[[bytes], object]:
-    def deserialize(data: bytes) -> object:
-        try:
-            return cls.FromString(data)
-        except DecodeError:
-            return UndecodableRequest()
-
-    return deserialize
-
-
 def add_auth_servicer(servicer: AuthServicer, server: grpc.aio.Server) -> None:
-    """Register like the generated `add_AuthServiceServicer_to_server`, except that a
-    request that does not parse reaches the servicer (and becomes INVALID_ARGUMENT)."""
-    service = auth_pb2.DESCRIPTOR.services_by_name["AuthService"]
-    handlers = {
-        method.name: grpc.unary_unary_rpc_method_handler(
-            getattr(servicer, method.name),
-            request_deserializer=_tolerant_deserializer(
-                message_factory.GetMessageClass(method.input_type)
-            ),
-            response_serializer=message_factory.GetMessageClass(
-                method.output_type
-            ).SerializeToString,
-        )
-        for method in service.methods
-    }
-    generic = grpc.method_handlers_generic_handler(service.full_name, handlers)
-    server.add_generic_rpc_handlers((generic,))
-    server.add_registered_method_handlers(service.full_name, handlers)
+    add_servicer(servicer, auth_pb2.DESCRIPTOR.services_by_name["AuthService"], server)

@@ -59,6 +59,9 @@ class RequestCheck:
         # Order kept, duplicates dropped.
         return tuple(dict.fromkeys(values))
 
+    def violation(self, violation: FieldViolation) -> None:
+        self._violations.append(violation)
+
     def missing(self, field: str) -> None:
         self._violations.append(FieldViolation(field, "is required"))
 

@@ -120,8 +120,9 @@ class AccessTokenCodec:
         scopes: tuple[str, ...],
         ttl: int,
     ) -> IssuedAccessToken:
-        key = self.key_ring.signing_key
-        iat = int(self._clock.now())
+        now = self._clock.now()
+        key = self.key_ring.signing_key(now)
+        iat = int(now)
         exp = iat + ttl
         claims = {
             "iss": self._issuer,

@@ -7,6 +7,10 @@ without bound under steady load.
   state keeps), so that no revocation is forgotten while a token it stops is alive.
 - Security events older than `AUTH_EVENT_RETENTION`.
 - Throttle counts whose window has passed and that make no one wait.
+- Deleted users, once their last session is gone.
+- Signing keys: it retires superseded keys once no token they signed can be alive, deletes
+  retired keys after `AUTH_EVENT_RETENTION`, and rotates when `AUTH_KEY_ROTATION_PERIOD`
+  says the newest key is old enough.
 
 Used refresh tokens of live sessions are kept on purpose: they are what reuse detection
 recognises when a stolen old token comes back.
@@ -20,6 +24,7 @@ import logging
 
 from service.clock import Clock, to_datetime
 from service.domain.revocation import REVOCATION_MARGIN_SECONDS
+from service.domain.signing_keys import SigningKeys
 from service.settings import Settings
 from service.store.postgres import PostgresStore
 
@@ -31,19 +36,28 @@ BATCH = 500
 class Janitor:
     """Runs the clean-up now and then; the store makes sure one replica at a time does."""
 
-    def __init__(self, *, settings: Settings, store: PostgresStore, clock: Clock) -> None:
+    def __init__(
+        self, *, settings: Settings, store: PostgresStore, keys: SigningKeys, clock: Clock
+    ) -> None:
         self._settings = settings
         self._store = store
+        self._keys = keys
         self._clock = clock
 
     async def run_once(self) -> dict[str, int] | None:
         """One pass; rows deleted per table, or None if another replica is at it."""
-        now = self._clock.now()
         settings = self._settings
+        # Key upkeep takes its own lock (rotation must be serialized with admin calls).
+        if settings.key_rotation_period:
+            await self._keys.rotate_if_due(settings.key_rotation_period)
+        await self._keys.retire_superseded()
+        now = self._clock.now()
         dead_before = now - (settings.access_ttl + settings.leeway + REVOCATION_MARGIN_SECONDS)
         deleted = await self._store.purge(
             {
                 "sessions": to_datetime(dead_before),
+                "users": to_datetime(dead_before),
+                "signing_keys": to_datetime(now - settings.event_retention),
                 "security_events": to_datetime(now - settings.event_retention),
                 "login_throttle": to_datetime(now - settings.throttle_window),
             },

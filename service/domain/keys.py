@@ -1,7 +1,8 @@
-"""Signing keys: generated once, stored sealed in PostgreSQL, loaded into key objects once.
+"""Signing keys: generated, stored sealed in PostgreSQL, parsed into key objects once.
 
-Every replica signs with the newest unretired key and verifies with any key
-in the ring, so a token signed anywhere validates everywhere.
+Every replica verifies with every unretired key and signs with the newest active
+one, so a token signed anywhere validates everywhere (see `service.domain.signing_keys`
+for rotation and retirement).
 """
 
 from __future__ import annotations
@@ -57,10 +58,13 @@ class SigningKey:
     public_key: PublicKey
     public_jwk: dict[str, str]
     created_at: datetime
-    retired_at: datetime | None
+    activates_at: float
+    """Epoch seconds from which it signs (it verifies from the moment it is loaded)."""
 
 
-def generate_signing_key(alg: str, box: SecretBox, now: datetime) -> SigningKeyRecord:
+def generate_signing_key(
+    alg: str, box: SecretBox, now: datetime, *, activates_at: datetime | None = None
+) -> SigningKeyRecord:
     """A new key pair, its private half sealed for storage."""
     private_key = _generate_private_key(alg)
     kid = secrets.token_urlsafe(12)
@@ -76,12 +80,15 @@ def generate_signing_key(alg: str, box: SecretBox, now: datetime) -> SigningKeyR
         public_jwk=jwk,
         private_key_sealed=box.seal(der, label=_seal_label(kid)),
         created_at=now,
+        activates_at=activates_at or now,
         retired_at=None,
     )
 
 
 def open_signing_key(record: SigningKeyRecord, box: SecretBox) -> SigningKey:
-    """Unseal and parse a stored key."""
+    """Unseal and parse a stored key (a retired key has nothing left to open)."""
+    if record.private_key_sealed is None:
+        raise ValueError(f"signing key {record.kid} is retired")
     der = box.open(record.private_key_sealed, label=_seal_label(record.kid))
     private_key = serialization.load_der_private_key(der, password=None)
     if not isinstance(private_key, PrivateKey):
@@ -93,32 +100,62 @@ def open_signing_key(record: SigningKeyRecord, box: SecretBox) -> SigningKey:
         public_key=private_key.public_key(),
         public_jwk=record.public_jwk,
         created_at=record.created_at,
-        retired_at=record.retired_at,
+        activates_at=record.activates_at.timestamp(),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _RingState:
+    by_kid: dict[str, SigningKey]
+    newest_first: tuple[SigningKey, ...]  # by activation time
+    jwks_json: str
+
+
+def _ring_state(keys: list[SigningKey]) -> _RingState:
+    if not keys:
+        raise ValueError("the key ring needs at least one signing key")
+    ordered = sorted(keys, key=lambda k: (k.activates_at, k.created_at))
+    return _RingState(
+        by_kid={k.kid: k for k in ordered},
+        newest_first=tuple(reversed(ordered)),
+        jwks_json=json.dumps({"keys": [k.public_jwk for k in ordered]}, separators=(",", ":")),
     )
 
 
 class KeyRing:
-    """The keys this process signs and verifies with."""
+    """The keys this process signs and verifies with: every unretired key verifies and is
+    published; the newest one whose activation time has come signs.
+
+    `replace` swaps the whole set at once (one assignment), so a call on the event loop
+    never sees half of a rotation.
+    """
 
     def __init__(self, keys: list[SigningKey]) -> None:
-        active = [k for k in keys if k.retired_at is None]
-        if not active:
-            raise ValueError("the key ring needs at least one unretired signing key")
-        # The newest unretired key signs; all keys verify.
-        self.signing_key: SigningKey = max(active, key=lambda k: k.created_at)
-        self._by_kid: dict[str, SigningKey] = {k.kid: k for k in keys}
-        self._jwks_json = json.dumps(
-            {"keys": [k.public_jwk for k in sorted(keys, key=lambda k: k.created_at)]},
-            separators=(",", ":"),
-        )
+        self._state = _ring_state(keys)
+
+    def replace(self, keys: list[SigningKey]) -> None:
+        self._state = _ring_state(keys)
+
+    def signing_key(self, now: float) -> SigningKey:
+        """The key that signs at `now`: the newest active one (the oldest if none is yet)."""
+        newest_first = self._state.newest_first
+        for key in newest_first:
+            if key.activates_at <= now:
+                return key
+        return newest_first[-1]
 
     def verification_key(self, kid: object) -> SigningKey | None:
         """The key named by an (untrusted) `kid` header, or None."""
         if not isinstance(kid, str):
             return None
-        return self._by_kid.get(kid)
+        return self._state.by_kid.get(kid)
+
+    @property
+    def kids(self) -> tuple[str, ...]:
+        """The loaded keys, newest first."""
+        return tuple(k.kid for k in self._state.newest_first)
 
     @property
     def jwks_json(self) -> str:
         """The public keys as an RFC 7517 JWK Set."""
-        return self._jwks_json
+        return self._state.jwks_json

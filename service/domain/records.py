@@ -36,6 +36,21 @@ class NewSession:
 
 
 @dataclass(frozen=True, slots=True)
+class SessionRecord:
+    """A stored session, as the admin API lists it."""
+
+    id: uuid.UUID
+    user_id: uuid.UUID
+    scopes: tuple[str, ...]
+    audience: str
+    created_at: datetime
+    expires_at: datetime
+    last_refreshed_at: datetime | None
+    peer: str | None
+    user_agent: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class RefreshTokenState:
     """A presented refresh token with everything needed to decide its fate."""
 
@@ -58,13 +73,14 @@ class RefreshTokenState:
 
 @dataclass(frozen=True, slots=True)
 class SigningKeyRecord:
-    """A signing key as stored: the private half sealed under the KEK."""
+    """A signing key as stored: the private half sealed under the KEK (None once retired)."""
 
     kid: str
     alg: str
     public_jwk: dict[str, str]
-    private_key_sealed: bytes
+    private_key_sealed: bytes | None
     created_at: datetime
+    activates_at: datetime
     retired_at: datetime | None
 
 

@@ -32,6 +32,8 @@ class RevocationState:
         self._revoked: dict[str, float] = {}  # session id -> forget after (epoch seconds)
         self.synced_at: float | None = None
         """When the state was last known to match the database (None: never, or stale)."""
+        self.lag: float | None = None
+        """Seconds between the latest notified revocation and this process hearing it."""
 
     def is_revoked(self, session_id: str) -> bool:
         return session_id in self._revoked

@@ -16,7 +16,6 @@ from service.domain.access_tokens import (
     TokenProblem,
     TokenRejected,
 )
-from service.domain.keys import KeyRing, generate_signing_key, open_signing_key
 from service.domain.passwords import PasswordHasher
 from service.domain.records import NewSession, RefreshTokenState, SecurityEvent
 from service.domain.refresh_tokens import (
@@ -32,6 +31,7 @@ from service.domain.refresh_tokens import (
     new_refresh_token,
 )
 from service.domain.revocation import RevocationState, VerifiedTokenCache
+from service.domain.telemetry import NoTelemetry, RevocationTarget, Telemetry
 from service.domain.throttle import LoginThrottle
 from service.errors import (
     CallerNotAllowed,
@@ -77,35 +77,12 @@ class CallerInfo:
 
     peer: str | None = None
     user_agent: str | None = None
+    actor: str | None = None
+    """Who acted, for operators' calls: "cli", or "admin:<calling service>"."""
 
-
-async def load_key_ring(store: PostgresStore, box: SecretBox, *, alg: str, clock: Clock) -> KeyRing:
-    """The stored signing keys, creating the first one on first start."""
-    records = await store.signing_keys()
-    if not any(r.retired_at is None for r in records):
-        async with store.bootstrap_lock():
-            records = await store.signing_keys()
-            if not any(r.retired_at is None for r in records):
-                record = generate_signing_key(alg, box, to_datetime(clock.now()))
-                await store.insert_signing_key(record)
-                await store.record_event(
-                    SecurityEvent(
-                        kind="signing_key_created", detail={"kid": record.kid, "alg": record.alg}
-                    ),
-                    now=record.created_at,
-                )
-                log.warning("security: created signing key kid=%s alg=%s", record.kid, record.alg)
-                records.append(record)
-    ring = KeyRing([open_signing_key(r, box) for r in records])
-    if ring.signing_key.alg != alg:
-        log.warning(
-            "AUTH_SIGNING_ALG is %s but the active signing key (kid=%s) is %s; "
-            "it applies to keys created from now on",
-            alg,
-            ring.signing_key.kid,
-            ring.signing_key.alg,
-        )
-    return ring
+    def detail(self, **detail: str) -> dict[str, str]:
+        """An event's detail, with the actor when there is one."""
+        return detail if self.actor is None else {**detail, "actor": self.actor}
 
 
 async def load_refresh_secret(store: PostgresStore, box: SecretBox, *, clock: Clock) -> bytes:
@@ -144,8 +121,10 @@ class TokenService:
         cache: VerifiedTokenCache,
         clock: Clock,
         throttle: LoginThrottle | None = None,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self._settings = settings
+        self._telemetry = telemetry or NoTelemetry()
         self._throttle = throttle
         self._revocations = revocations
         self._cache = cache
@@ -181,6 +160,7 @@ class TokenService:
                         now=to_datetime(self._clock.now()),
                     )
                     log.warning("security: login throttled (peer %s)", caller.peer)
+                    self._telemetry.login("throttled")
                     raise
             user = await self._store.find_user(username)
             # Unknown users are verified against a dummy hash: the same work, the same answer.
@@ -200,6 +180,7 @@ class TokenService:
                     ),
                     now=to_datetime(now),
                 )
+                self._telemetry.login("failed")
                 raise InvalidCredentials()
             if throttle is not None:
                 await throttle.succeeded(username)
@@ -234,7 +215,9 @@ class TokenService:
         )
         if not created:
             # Disabled, or the password changed, while we were checking it.
+            self._telemetry.login("failed")
             raise InvalidCredentials()
+        self._telemetry.login("succeeded")
         if self._hasher.needs_rehash(user.password_hash):
             new_hash = await self._hasher.hash(password)
             await self._store.set_password_hash(
@@ -290,6 +273,8 @@ class TokenService:
         assert state is not None
         if isinstance(decision, RevokeForReuse):
             self._revocations.add([(str(state.session_id), now.timestamp())])
+            self._telemetry.refresh_reuse_detected()
+            self._telemetry.sessions_revoked("reuse", 1)
             log.warning(
                 "security: refresh token reuse detected; session %s of subject %s revoked",
                 state.session_id,
@@ -361,7 +346,9 @@ class TokenService:
         session_id = await self._store.session_of_refresh_token(hash_token(refresh_token))
         if session_id is None:
             return 0
-        return await self._revoke_session(session_id, "refresh_token_revoked", caller)
+        return await self._revoke_session(
+            session_id, "refresh_token_revoked", caller, "refresh_token"
+        )
 
     async def revoke_access_token(self, access_token: str, *, caller: CallerInfo) -> int:
         """Revoke the session of an access token whose signature verifies (expired is fine)."""
@@ -372,7 +359,9 @@ class TokenService:
         session_id = _parse_uuid(claims.session_id)
         if session_id is None:
             return 0
-        return await self._revoke_session(session_id, "access_token_revoked", caller)
+        return await self._revoke_session(
+            session_id, "access_token_revoked", caller, "access_token"
+        )
 
     async def revoke_session(
         self, session_id: str, *, caller_token: str | None, caller: CallerInfo
@@ -385,7 +374,7 @@ class TokenService:
         if owner is None or str(owner) != subject:
             raise CallerNotAllowed()
         assert sid is not None
-        return await self._revoke_session(sid, "session_revoked", caller)
+        return await self._revoke_session(sid, "session_revoked", caller, "session")
 
     async def revoke_subject(
         self, subject: str, *, caller_token: str | None, caller: CallerInfo
@@ -395,10 +384,17 @@ class TokenService:
         user_id = _parse_uuid(subject)
         if subject != caller_subject or user_id is None:
             raise CallerNotAllowed()
-        return await self.revoke_all_sessions(user_id, reason="logout_everywhere", caller=caller)
+        return await self.revoke_all_sessions(
+            user_id, reason="logout_everywhere", caller=caller, target="subject"
+        )
 
     async def revoke_all_sessions(
-        self, user_id: uuid.UUID, *, reason: str, caller: CallerInfo
+        self,
+        user_id: uuid.UUID,
+        *,
+        reason: str,
+        caller: CallerInfo,
+        target: RevocationTarget = "admin",
     ) -> int:
         now = self._clock.now()
         revoked = await self._store.revoke_user_sessions(
@@ -409,12 +405,20 @@ class TokenService:
                 kind="sessions_revoked",
                 subject=str(user_id),
                 peer=caller.peer,
-                detail={"reason": reason},
+                detail=caller.detail(reason=reason),
             ),
         )
-        return self._revoked_here(revoked, now)
+        return self._revoked_here(revoked, now, target)
 
-    async def _revoke_session(self, session_id: uuid.UUID, reason: str, caller: CallerInfo) -> int:
+    async def revoke_session_of_anyone(
+        self, session_id: uuid.UUID, *, reason: str, caller: CallerInfo
+    ) -> int:
+        """An operator's revocation (admin API): any session, no ownership check."""
+        return await self._revoke_session(session_id, reason, caller, "admin")
+
+    async def _revoke_session(
+        self, session_id: uuid.UUID, reason: str, caller: CallerInfo, target: RevocationTarget
+    ) -> int:
         now = self._clock.now()
         revoked = await self._store.revoke_session(
             session_id,
@@ -424,14 +428,22 @@ class TokenService:
                 kind="session_revoked",
                 session_id=session_id,
                 peer=caller.peer,
-                detail={"reason": reason},
+                detail=caller.detail(reason=reason),
             ),
         )
-        return self._revoked_here(revoked, now)
+        return self._revoked_here(revoked, now, target)
 
-    def _revoked_here(self, session_ids: list[uuid.UUID], now: float) -> int:
+    def revoked_elsewhere(self, session_ids: list[uuid.UUID], target: RevocationTarget) -> int:
+        """Revocations the store made in another domain operation (a user deleted)."""
+        return self._revoked_here(session_ids, self._clock.now(), target)
+
+    def _revoked_here(
+        self, session_ids: list[uuid.UUID], now: float, target: RevocationTarget
+    ) -> int:
         """This process sees its own revocations at once, not when the NOTIFY arrives."""
         self._revocations.add((str(sid), now) for sid in session_ids)
+        if session_ids:
+            self._telemetry.sessions_revoked(target, len(session_ids))
         return len(session_ids)
 
     async def _authenticate_caller(self, caller_token: str | None) -> str:

@@ -1,18 +1,45 @@
-"""Users: create, change password, disable, list. Used by the CLI (and later the admin API)."""
+"""Users and their sessions, as operators manage them: the CLI (`authsvc users ...`) and
+the admin API share this code, so both check and record the same things."""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
 import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 
 from service.clock import Clock, to_datetime
 from service.domain.passwords import PasswordHasher
-from service.domain.records import SecurityEvent, UserRecord
+from service.domain.records import SecurityEvent, SessionRecord, UserRecord
 from service.domain.tokens import CallerInfo, TokenService
-from service.errors import UserNotFound
+from service.errors import FieldViolation, InvalidArgument, SessionNotFound, UserNotFound
 from service.store.postgres import PostgresStore
 
 log = logging.getLogger(__name__)
+
+# A user is named by id (uuid.UUID) or by username (str).
+UserRef = uuid.UUID | str
+
+CLI = CallerInfo(actor="cli")
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+MIN_PASSWORD_LENGTH = 8
+
+
+@dataclass(frozen=True, slots=True)
+class SessionPage:
+    sessions: list[SessionRecord]
+    next_page_token: str
+    """Empty on the last page."""
+
+
+def check_new_password(password: str, field: str = "password") -> None:
+    """The rule for passwords an operator sets (logins accept any stored password)."""
+    if len(password) < MIN_PASSWORD_LENGTH:
+        raise InvalidArgument(
+            [FieldViolation(field, f"must be at least {MIN_PASSWORD_LENGTH} characters")]
+        )
 
 
 class UserDirectory:
@@ -31,7 +58,14 @@ class UserDirectory:
         self._tokens = tokens
         self._clock = clock
 
-    async def create(self, username: str, password: str, scopes: tuple[str, ...]) -> UserRecord:
+    async def create(
+        self,
+        username: str,
+        password: str,
+        scopes: tuple[str, ...],
+        *,
+        caller: CallerInfo = CLI,
+    ) -> UserRecord:
         password_hash = await self._hasher.hash(password)
         now = to_datetime(self._clock.now())
         user = await self._store.create_user(
@@ -41,47 +75,136 @@ class UserDirectory:
             scopes=tuple(dict.fromkeys(scopes)),
             now=now,
         )
-        await self._store.record_event(
-            SecurityEvent(kind="user_created", subject=str(user.id)), now=now
-        )
+        await self._record("user_created", user.id, caller, now)
         return user
 
     async def set_password(
-        self, username: str, password: str, *, revoke_sessions: bool = True
-    ) -> UserRecord:
-        """Change a password; by default every existing session ends with it."""
-        user = await self._require(username)
+        self,
+        user: UserRef,
+        password: str,
+        *,
+        revoke_sessions: bool = True,
+        caller: CallerInfo = CLI,
+    ) -> int:
+        """Change a password; by default every existing session ends with it (how many)."""
+        record = await self.find(user)
         password_hash = await self._hasher.hash(password)
         now = to_datetime(self._clock.now())
-        await self._store.set_password_hash(user.id, password_hash, now=now)
-        await self._store.record_event(
-            SecurityEvent(kind="password_changed", subject=str(user.id)), now=now
+        await self._store.set_password_hash(record.id, password_hash, now=now)
+        await self._record("password_changed", record.id, caller, now)
+        if not revoke_sessions:
+            return 0
+        return await self._tokens.revoke_all_sessions(
+            record.id, reason="password_changed", caller=caller
         )
-        if revoke_sessions:
-            await self._tokens.revoke_all_sessions(
-                user.id, reason="password_changed", caller=CallerInfo()
-            )
-        return user
 
-    async def set_disabled(self, username: str, disabled: bool) -> int:
+    async def set_disabled(self, user: UserRef, disabled: bool, *, caller: CallerInfo = CLI) -> int:
         """Disable (ending every session; returns how many) or enable a user."""
-        user = await self._require(username)
+        record = await self.find(user)
         now = to_datetime(self._clock.now())
-        await self._store.set_user_disabled(user.id, disabled, now=now)
+        await self._store.set_user_disabled(record.id, disabled, now=now)
         kind = "user_disabled" if disabled else "user_enabled"
-        await self._store.record_event(SecurityEvent(kind=kind, subject=str(user.id)), now=now)
+        await self._record(kind, record.id, caller, now)
         if not disabled:
             return 0
-        log.warning("security: user %s disabled; revoking their sessions", user.id)
+        log.warning("security: user %s disabled; revoking their sessions", record.id)
         return await self._tokens.revoke_all_sessions(
-            user.id, reason="user_disabled", caller=CallerInfo()
+            record.id, reason="user_disabled", caller=caller
         )
+
+    async def delete(self, user: UserRef, *, caller: CallerInfo = CLI) -> int:
+        """Delete a user: sessions revoked, username free; how many sessions ended."""
+        record = await self.find(user)
+        revoked = await self._store.delete_user(
+            record.id,
+            now=to_datetime(self._clock.now()),
+            event=SecurityEvent(
+                kind="user_deleted",
+                subject=str(record.id),
+                peer=caller.peer,
+                detail=caller.detail(),
+            ),
+        )
+        if revoked is None:  # deleted by someone else meanwhile
+            raise UserNotFound()
+        log.warning("security: user %s deleted; %d sessions revoked", record.id, len(revoked))
+        return self._tokens.revoked_elsewhere(revoked, "admin")
 
     async def list(self) -> list[UserRecord]:
         return await self._store.list_users()
 
-    async def _require(self, username: str) -> UserRecord:
-        user = await self._store.find_user(username)
-        if user is None:
+    async def sessions(
+        self, user: UserRef, *, page_size: int, page_token: str, caller: CallerInfo
+    ) -> SessionPage:
+        """A page of the user's live sessions, newest first."""
+        record = await self.find(user)
+        now = self._clock.now()
+        sessions = await self._store.live_sessions(
+            record.id,
+            now=to_datetime(now),
+            limit=page_size + 1,
+            before=_parse_page_token(page_token),
+        )
+        await self._record("sessions_listed", record.id, caller, to_datetime(now))
+        if len(sessions) <= page_size:
+            return SessionPage(sessions=sessions, next_page_token="")
+        last = sessions[page_size - 1]
+        return SessionPage(
+            sessions=sessions[:page_size], next_page_token=_page_token(last.created_at, last.id)
+        )
+
+    async def revoke_session(self, session_id: str, *, caller: CallerInfo) -> int:
+        """End any session (1), or 0 if it had ended already; SessionNotFound if unknown."""
+        try:
+            sid = uuid.UUID(session_id)
+        except ValueError:
+            raise InvalidArgument([FieldViolation("session_id", "must be a UUID")]) from None
+        if not await self._store.session_exists(sid):
+            raise SessionNotFound()
+        return await self._tokens.revoke_session_of_anyone(
+            sid, reason="revoked_by_operator", caller=caller
+        )
+
+    async def audit(self, kind: str, *, caller: CallerInfo) -> None:
+        """Record an operator's read (listing keys) as a security event."""
+        await self._store.record_event(
+            SecurityEvent(kind=kind, peer=caller.peer, detail=caller.detail()),
+            now=to_datetime(self._clock.now()),
+        )
+
+    async def find(self, user: UserRef) -> UserRecord:
+        if isinstance(user, uuid.UUID):
+            record = await self._store.find_user_by_id(user)
+        else:
+            record = await self._store.find_user(user)
+        if record is None:
             raise UserNotFound()
-        return user
+        return record
+
+    async def _record(
+        self, kind: str, user_id: uuid.UUID, caller: CallerInfo, now: datetime
+    ) -> None:
+        await self._store.record_event(
+            SecurityEvent(
+                kind=kind, subject=str(user_id), peer=caller.peer, detail=caller.detail()
+            ),
+            now=now,
+        )
+
+
+def _page_token(created_at: datetime, session_id: uuid.UUID) -> str:
+    # Whole microseconds (PostgreSQL's precision): a float would not round-trip.
+    micros = (created_at - _EPOCH) // timedelta(microseconds=1)
+    raw = f"{micros}/{session_id}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _parse_page_token(token: str) -> tuple[datetime, uuid.UUID] | None:
+    if not token:
+        return None
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+        micros, _, sid = raw.partition("/")
+        return _EPOCH + timedelta(microseconds=int(micros)), uuid.UUID(sid)
+    except (binascii.Error, ValueError, UnicodeDecodeError, OverflowError):
+        raise InvalidArgument([FieldViolation("page_token", "not a token from this API")]) from None

@@ -9,6 +9,8 @@ from collections.abc import Iterable
 log = logging.getLogger(__name__)
 
 CHANNEL = "authsvc_revocations"
+# Signing keys were added or retired: every replica reloads them (the payload is empty).
+KEYS_CHANNEL = "authsvc_signing_keys"
 # NOTIFY payloads are limited to 8000 bytes; ~60 bytes per session.
 _SESSIONS_PER_NOTIFY = 100
 

@@ -11,6 +11,7 @@ import json
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
@@ -20,6 +21,7 @@ from service.domain.records import (
     NewSession,
     RefreshTokenState,
     SecurityEvent,
+    SessionRecord,
     SigningKeyRecord,
     UserRecord,
 )
@@ -30,7 +32,7 @@ from service.domain.refresh_tokens import (
     Rotate,
 )
 from service.errors import DatabaseUnavailable, UserAlreadyExists
-from service.store.notifications import CHANNEL, notify_payloads
+from service.store.notifications import CHANNEL, KEYS_CHANNEL, notify_payloads
 
 # Connection trouble, by class: SQLSTATE 08 (connection), 57 (operator
 # intervention: shutdown, cancel, cannot connect now), 53 (out of resources),
@@ -64,6 +66,17 @@ _PURGE_SQL = {
                 OR NOT EXISTS (SELECT 1 FROM refresh_tokens t
                                 WHERE t.session_id = s.id AND t.used_at IS NULL
                                   AND t.expires_at >= $1)
+             LIMIT $2)""",
+    # Retired keys are kept as long as the security events that may name their kid.
+    "signing_keys": """
+        DELETE FROM signing_keys WHERE kid IN (
+            SELECT kid FROM signing_keys WHERE retired_at < $1 LIMIT $2)""",
+    # Deleted users, once the janitor has deleted their last session.
+    "users": """
+        DELETE FROM users WHERE id IN (
+            SELECT u.id FROM users u
+             WHERE u.deleted_at < $1
+               AND NOT EXISTS (SELECT 1 FROM sessions s WHERE s.user_id = u.id)
              LIMIT $2)""",
     "security_events": """
         DELETE FROM security_events WHERE id IN (
@@ -215,17 +228,23 @@ class PostgresStore:
 
     async def find_user(self, username: str) -> UserRecord | None:
         async with self._connection() as conn:
-            row = await conn.fetchrow("SELECT * FROM users WHERE username = $1", username)
+            row = await conn.fetchrow(
+                "SELECT * FROM users WHERE username = $1 AND deleted_at IS NULL", username
+            )
         return None if row is None else _user(row)
 
     async def find_user_by_id(self, user_id: uuid.UUID) -> UserRecord | None:
         async with self._connection() as conn:
-            row = await conn.fetchrow("SELECT * FROM users WHERE id = $1", user_id)
+            row = await conn.fetchrow(
+                "SELECT * FROM users WHERE id = $1 AND deleted_at IS NULL", user_id
+            )
         return None if row is None else _user(row)
 
     async def list_users(self) -> list[UserRecord]:
         async with self._connection() as conn:
-            rows = await conn.fetch("SELECT * FROM users ORDER BY username")
+            rows = await conn.fetch(
+                "SELECT * FROM users WHERE deleted_at IS NULL ORDER BY username"
+            )
         return [_user(r) for r in rows]
 
     async def set_password_hash(
@@ -241,7 +260,8 @@ class PostgresStore:
         async with self._connection() as conn:
             await conn.execute(
                 """UPDATE users SET password_hash = $2, updated_at = $3
-                    WHERE id = $1 AND ($4::text IS NULL OR password_hash = $4)""",
+                    WHERE id = $1 AND deleted_at IS NULL
+                      AND ($4::text IS NULL OR password_hash = $4)""",
                 user_id,
                 password_hash,
                 now,
@@ -251,47 +271,160 @@ class PostgresStore:
     async def set_user_disabled(self, user_id: uuid.UUID, disabled: bool, *, now: datetime) -> None:
         async with self._connection() as conn:
             await conn.execute(
-                "UPDATE users SET disabled = $2, updated_at = $3 WHERE id = $1",
+                """UPDATE users SET disabled = $2, updated_at = $3
+                    WHERE id = $1 AND deleted_at IS NULL""",
                 user_id,
                 disabled,
                 now,
             )
 
+    async def delete_user(
+        self, user_id: uuid.UUID, *, now: datetime, event: SecurityEvent
+    ) -> list[uuid.UUID] | None:
+        """Mark a user deleted (disabled, no password, username free) and revoke their
+        sessions, in one transaction; the revoked ids, or None if there was no such user.
+        The janitor deletes the row once their sessions are gone."""
+        async with self._transaction() as conn:
+            found = await conn.fetchval(
+                """UPDATE users SET deleted_at = $2, disabled = true, password_hash = '!',
+                                    scopes = '{}', updated_at = $2
+                    WHERE id = $1 AND deleted_at IS NULL RETURNING id""",
+                user_id,
+                now,
+            )
+            if found is None:
+                return None
+            rows = await conn.fetch(
+                """UPDATE sessions SET revoked_at = $2, revoke_reason = 'user_deleted'
+                    WHERE user_id = $1 AND revoked_at IS NULL RETURNING id""",
+                user_id,
+                now,
+            )
+            revoked = [r["id"] for r in rows]
+            await self._notify_revoked(conn, revoked, now)
+            await self._insert_event(conn, event, now)
+        return revoked
+
+    async def live_sessions(
+        self,
+        user_id: uuid.UUID,
+        *,
+        now: datetime,
+        limit: int,
+        before: tuple[datetime, uuid.UUID] | None,
+    ) -> list[SessionRecord]:
+        """A user's sessions that can still be refreshed, newest first, `limit` of them,
+        starting after the (created_at, id) cursor `before`."""
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                """SELECT s.* FROM sessions s
+                    WHERE s.user_id = $1 AND s.revoked_at IS NULL AND s.expires_at > $2
+                      AND EXISTS (SELECT 1 FROM refresh_tokens t
+                                   WHERE t.session_id = s.id AND t.used_at IS NULL
+                                     AND t.expires_at > $2)
+                      AND ($3::timestamptz IS NULL OR (s.created_at, s.id) < ($3, $4))
+                    ORDER BY s.created_at DESC, s.id DESC
+                    LIMIT $5""",
+                user_id,
+                now,
+                None if before is None else before[0],
+                None if before is None else before[1],
+                limit,
+            )
+        return [
+            SessionRecord(
+                id=r["id"],
+                user_id=r["user_id"],
+                scopes=tuple(r["scopes"]),
+                audience=r["audience"],
+                created_at=r["created_at"],
+                expires_at=r["expires_at"],
+                last_refreshed_at=r["last_refreshed_at"],
+                peer=r["peer"],
+                user_agent=r["user_agent"],
+            )
+            for r in rows
+        ]
+
+    async def session_exists(self, session_id: uuid.UUID) -> bool:
+        async with self._connection() as conn:
+            found = await conn.fetchval("SELECT 1 FROM sessions WHERE id = $1", session_id)
+        return found is not None
+
     # Signing keys and server secrets
 
     @asynccontextmanager
     async def bootstrap_lock(self) -> AsyncIterator[None]:
-        """Held while a replica creates the first key or secret, so only one does."""
+        """Held while a replica creates or rotates keys or the first secret, so only one
+        does at a time (it holds one pooled connection; the work inside uses others)."""
         async with self._transaction() as conn:
             await conn.execute("SELECT pg_advisory_xact_lock($1)", _BOOTSTRAP_LOCK_ID)
             yield
 
     async def signing_keys(self) -> list[SigningKeyRecord]:
+        """Every stored key, retired ones included, oldest first."""
         async with self._connection() as conn:
-            rows = await conn.fetch("SELECT * FROM signing_keys ORDER BY created_at")
+            rows = await conn.fetch("SELECT * FROM signing_keys ORDER BY created_at, kid")
         return [
             SigningKeyRecord(
                 kid=r["kid"],
                 alg=r["alg"],
                 public_jwk=json.loads(r["public_jwk"]),
-                private_key_sealed=bytes(r["private_key_sealed"]),
+                private_key_sealed=(
+                    None if r["private_key_sealed"] is None else bytes(r["private_key_sealed"])
+                ),
                 created_at=r["created_at"],
+                activates_at=r["activates_at"],
                 retired_at=r["retired_at"],
             )
             for r in rows
         ]
 
-    async def insert_signing_key(self, key: SigningKeyRecord) -> None:
+    async def signing_key_versions(self) -> list[tuple[str, bool]]:
+        """(kid, retired) of every key: what a replica compares to see whether to reload."""
         async with self._connection() as conn:
+            rows = await conn.fetch(
+                "SELECT kid, retired_at IS NOT NULL AS retired FROM signing_keys ORDER BY kid"
+            )
+        return [(r["kid"], r["retired"]) for r in rows]
+
+    async def insert_signing_key(self, key: SigningKeyRecord, event: SecurityEvent) -> None:
+        """Store a new key, record why, and tell every replica (on commit)."""
+        async with self._transaction() as conn:
             await conn.execute(
-                """INSERT INTO signing_keys (kid, alg, public_jwk, private_key_sealed, created_at)
-                   VALUES ($1, $2, $3, $4, $5)""",
+                """INSERT INTO signing_keys
+                          (kid, alg, public_jwk, private_key_sealed, created_at, activates_at)
+                   VALUES ($1, $2, $3, $4, $5, $6)""",
                 key.kid,
                 key.alg,
                 json.dumps(key.public_jwk),
                 key.private_key_sealed,
                 key.created_at,
+                key.activates_at,
             )
+            await self._insert_event(conn, event, key.created_at)
+            await conn.execute("SELECT pg_notify($1, '')", KEYS_CHANNEL)
+
+    async def retire_signing_keys(
+        self, kids: list[str], *, now: datetime, event: SecurityEvent
+    ) -> list[str]:
+        """Retire keys (wiping their private halves); the kids this call retired."""
+        async with self._transaction() as conn:
+            rows = await conn.fetch(
+                """UPDATE signing_keys SET retired_at = $2, private_key_sealed = NULL
+                    WHERE kid = ANY($1::text[]) AND retired_at IS NULL RETURNING kid""",
+                kids,
+                now,
+            )
+            retired = sorted(r["kid"] for r in rows)
+            if retired:
+                await self._insert_event(
+                    conn,
+                    replace(event, detail={**(event.detail or {}), "kids": ",".join(retired)}),
+                    now,
+                )
+                await conn.execute("SELECT pg_notify($1, '')", KEYS_CHANNEL)
+        return retired
 
     async def server_secret(self, name: str) -> bytes | None:
         async with self._connection() as conn:

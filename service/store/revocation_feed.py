@@ -6,6 +6,10 @@
 - When that connection drops: reconnect with backoff, LISTEN again, and read the
   window in full, so nothing revoked meanwhile is missed.
 - A periodic poll through the pool is a safety net for anything in between.
+
+The same connection hears when signing keys change (`KEYS_CHANNEL`); the feed then calls
+`on_keys_changed` (which reloads the key ring), and also after every reconnect and poll,
+so a missed key notification is made up the same way as a missed revocation.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import asyncpg
 
 from service.clock import Clock, to_datetime
 from service.domain.revocation import RevocationState
-from service.store.notifications import CHANNEL, parse_payload
+from service.store.notifications import CHANNEL, KEYS_CHANNEL, parse_payload
 from service.store.postgres import UNAVAILABLE_ERRORS
 
 log = logging.getLogger(__name__)
@@ -47,6 +51,7 @@ class RevocationFeed:
         poll_interval: float,
         timeout: float,
         on_listening: Callable[[bool], Awaitable[None]] | None = None,
+        on_keys_changed: Callable[[], Awaitable[object]] | None = None,
     ) -> None:
         self._dsn = dsn
         self._pool = pool
@@ -55,6 +60,8 @@ class RevocationFeed:
         self._poll_interval = poll_interval
         self._timeout = timeout
         self._on_listening = on_listening
+        self._on_keys_changed = on_keys_changed
+        self._key_reloads: set[asyncio.Task[None]] = set()
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
         self.listening = asyncio.Event()
@@ -72,9 +79,9 @@ class RevocationFeed:
 
     async def stop(self) -> None:
         self._stopping.set()
-        for task in self._tasks:
+        for task in [*self._tasks, *self._key_reloads]:
             task.cancel()
-        for task in self._tasks:
+        for task in [*self._tasks, *self._key_reloads]:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
 
@@ -89,7 +96,24 @@ class RevocationFeed:
 
     def _on_notify(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
         if isinstance(payload, str):
-            self._state.add(parse_payload(payload))
+            revocations = parse_payload(payload)
+            self._state.add(revocations)
+            if revocations:
+                # How long the news took to reach us, for the metrics.
+                self._state.lag = max(0.0, self._clock.now() - max(at for _, at in revocations))
+
+    def _on_keys_notify(self, _conn: object, _pid: int, _channel: str, _payload: object) -> None:
+        task = asyncio.get_running_loop().create_task(self._reload_keys())
+        self._key_reloads.add(task)  # a reference, so the task is not collected mid-way
+        task.add_done_callback(self._key_reloads.discard)
+
+    async def _reload_keys(self) -> None:
+        if self._on_keys_changed is None:
+            return
+        try:
+            await self._on_keys_changed()
+        except Exception as exc:  # the next notification, reconnect or poll tries again
+            log.warning("signing keys reload failed (%s)", type(exc).__name__)
 
     async def _listen_forever(self) -> None:
         delay = 0.1
@@ -104,8 +128,10 @@ class RevocationFeed:
                 lost = asyncio.Event()
                 conn.add_termination_listener(lambda _c, event=lost: event.set())
                 await conn.add_listener(CHANNEL, self._on_notify)
+                await conn.add_listener(KEYS_CHANNEL, self._on_keys_notify)
                 # Listening first, then reading: a revocation lands in one or both.
                 await self._load_window(conn)
+                await self._reload_keys()
                 self.listening.set()
                 await self._tell_listening(True)
                 delay = 0.1
@@ -150,3 +176,4 @@ class RevocationFeed:
                 continue
             self._state.add((r["id"], r["revoked_at"]) for r in rows)
             self._state.prune(now)
+            await self._reload_keys()

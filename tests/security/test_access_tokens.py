@@ -87,6 +87,7 @@ async def service_key(server: LiveServer) -> SigningKey:
         public_jwk=json.loads(row["public_jwk"]),
         private_key_sealed=bytes(row["private_key_sealed"]),
         created_at=row["created_at"],
+        activates_at=row["activates_at"],
         retired_at=row["retired_at"],
     )
     return open_signing_key(record, SecretBox(TEST_KEK))

@@ -1,0 +1,74 @@
+"""What every servicer needs from the gRPC side: registration with a request parser that
+never turns bad bytes into INTERNAL, the caller's address and agent, timestamps."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+from google.protobuf import message_factory
+from google.protobuf.descriptor import ServiceDescriptor
+from google.protobuf.message import DecodeError, Message
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from service.domain.tokens import CallerInfo
+from service.errors import FieldViolation, InvalidArgument
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+class UndecodableRequest:
+    """Stands in for a request whose bytes did not parse (for example invalid UTF-8).
+
+    gRPC answers INTERNAL when a deserializer raises; we answer INVALID_ARGUMENT.
+    """
+
+
+def timestamp(seconds: float) -> Timestamp:
+    ts = Timestamp()
+    ts.FromNanoseconds(int(seconds * 1_000_000_000))
+    return ts
+
+
+def caller_info(context: Context) -> CallerInfo:
+    user_agent = None
+    for key, value in context.invocation_metadata() or ():
+        if key == "user-agent" and isinstance(value, str):
+            user_agent = value[:256]
+    return CallerInfo(peer=context.peer(), user_agent=user_agent)
+
+
+def reject_undecodable(request: object) -> None:
+    if isinstance(request, UndecodableRequest):
+        raise InvalidArgument([FieldViolation("request", "is not a valid protobuf message")])
+
+
+def _tolerant_deserializer(cls: type[Message]) -> Callable[[bytes], object]:
+    def deserialize(data: bytes) -> object:
+        try:
+            return cls.FromString(data)
+        except DecodeError:
+            return UndecodableRequest()
+
+    return deserialize
+
+
+def add_servicer(servicer: object, service: ServiceDescriptor, server: grpc.aio.Server) -> None:
+    """Register like the generated `add_*Servicer_to_server`, except that a request that
+    does not parse reaches the servicer (and becomes INVALID_ARGUMENT)."""
+    handlers = {
+        method.name: grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, method.name),
+            request_deserializer=_tolerant_deserializer(
+                message_factory.GetMessageClass(method.input_type)
+            ),
+            response_serializer=message_factory.GetMessageClass(
+                method.output_type
+            ).SerializeToString,
+        )
+        for method in service.methods
+    }
+    generic = grpc.method_handlers_generic_handler(service.full_name, handlers)
+    server.add_generic_rpc_handlers((generic,))
+    server.add_registered_method_handlers(service.full_name, handlers)

@@ -1,0 +1,39 @@
+"""What the domain tells the outside world about itself (metrics), without knowing how
+it is exported: the Prometheus implementation lives in `service.metrics`."""
+
+from __future__ import annotations
+
+from typing import Literal, Protocol
+
+LoginOutcome = Literal["succeeded", "failed", "throttled"]
+# What a revocation named: a refresh token, an access token, one session (by id), every
+# session of a subject, an admin call, or reuse detection.
+RevocationTarget = Literal["refresh_token", "access_token", "session", "subject", "admin", "reuse"]
+
+
+class Telemetry(Protocol):
+    """Counters the domain bumps as things happen (each call must be cheap)."""
+
+    def login(self, outcome: LoginOutcome) -> None: ...
+
+    def refresh_reuse_detected(self) -> None: ...
+
+    def sessions_revoked(self, target: RevocationTarget, count: int) -> None: ...
+
+    def signing_key_rotated(self) -> None: ...
+
+
+class NoTelemetry:
+    """Counts nothing (tests and one-shot CLI commands)."""
+
+    def login(self, outcome: LoginOutcome) -> None:
+        pass
+
+    def refresh_reuse_detected(self) -> None:
+        pass
+
+    def sessions_revoked(self, target: RevocationTarget, count: int) -> None:
+        pass
+
+    def signing_key_rotated(self) -> None:
+        pass
