@@ -184,7 +184,7 @@ class SigningKeys:
             record, SecurityEvent(kind="signing_key_created", detail=detail)
         )
         log.warning(
-            "security: signing key created kid=%s alg=%s (%s); signs from %s",
+            "security: created signing key kid=%s alg=%s (%s); signs from %s",
             record.kid,
             record.alg,
             reason,
