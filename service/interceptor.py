@@ -1,0 +1,308 @@
+"""A grpc.aio server interceptor that requires an authsvc access token on chosen methods.
+
+    auth = AuthClient(target="authsvc:50051", service_token=...)
+    server = grpc.aio.server(interceptors=[RequireAccessToken(auth, {
+        "/example.Orders/Create": ("orders:write",),   # a valid token with this scope
+        "/example.Orders/List": (),                      # any valid token
+    }, audience="orders")])
+
+Methods not in the map pass through untouched. For a protected method the interceptor reads
+"authorization: Bearer <access token>" from the caller's metadata and asks authsvc
+(Validate, with the method's scopes and the audience), then:
+
+- no token, a malformed header, or a token authsvc finds not valid → UNAUTHENTICATED;
+- a valid token without a required scope → PERMISSION_DENIED;
+- authsvc unreachable (or overloaded, or too slow for the call's deadline) → UNAVAILABLE, so
+  that callers retry instead of dropping their tokens.
+
+Inside the handler, `current_principal()` returns the validated subject, scopes and session.
+
+Validate answers are cached for `cache_ttl` seconds (default 5), keyed on a SHA-256 digest
+of the token (never the token), in a bounded LRU; an entry never outlives the token's own
+expiry. The price: a revoked session keeps passing here for up to `cache_ttl` seconds.
+`cache_ttl=0` asks authsvc on every call.
+
+Handlers of protected methods must be async (coroutine functions, or async generators for
+streaming responses), as grpc.aio servers normally have; a synchronous one is refused with
+INTERNAL rather than run unprotected.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import hashlib
+import inspect
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, NoReturn, TypeAlias
+
+import grpc
+
+from service.client import AuthClient, AuthServiceError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Principal", "RequireAccessToken", "current_principal"]
+
+# authsvc refuses longer tokens with INVALID_ARGUMENT; refusing them here saves the call.
+MAX_TOKEN_BYTES = 8 * 1024
+# Codes from authsvc that mean "cannot tell right now", not "your token is bad".
+_UNAVAILABLE_CODES = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.CANCELLED,
+    }
+)
+
+Context = grpc.aio.ServicerContext[Any, Any]
+if TYPE_CHECKING:  # grpc's RpcMethodHandler is generic only in the type stubs
+    Handler: TypeAlias = grpc.RpcMethodHandler[Any, Any]
+    Continuation: TypeAlias = Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]]
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who called: the validated access token's claims."""
+
+    subject: str
+    scopes: frozenset[str]
+    session_id: str
+    token_id: str
+    expires_at: float  # seconds since the epoch
+
+
+_principal: contextvars.ContextVar[Principal] = contextvars.ContextVar("authsvc_principal")
+
+
+def current_principal() -> Principal:
+    """The caller of the RPC being handled, validated by `RequireAccessToken`.
+
+    grpc.aio runs each RPC (interceptors and handler) in its own contextvars.Context, so
+    this is per call. Raises LookupError in a method the interceptor does not protect.
+    """
+    try:
+        return _principal.get()
+    except LookupError:
+        raise LookupError(
+            "no principal: this method is not protected by RequireAccessToken"
+        ) from None
+
+
+@dataclass(frozen=True)
+class _Entry:
+    principal: Principal
+    stored_at: float
+    good_until: float
+
+
+class _ValidationCache:
+    """Bounded LRU of positive Validate answers: (token digest, audience) → Principal.
+
+    Required scopes are not part of the key: the answer carries all the token's scopes, so one
+    entry serves every method and the scope check is local.
+    """
+
+    def __init__(self, *, ttl: float, max_entries: int, clock: Callable[[], float]) -> None:
+        self._ttl = ttl
+        self._max = max_entries
+        self._clock = clock
+        self._entries: OrderedDict[tuple[bytes, str], _Entry] = OrderedDict()
+
+    def get(self, key: tuple[bytes, str]) -> Principal | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        now = self._clock()
+        # `stored_at <= now` also drops entries when the clock jumps back.
+        if not entry.stored_at <= now < entry.good_until:
+            del self._entries[key]
+            return None
+        self._entries.move_to_end(key)
+        return entry.principal
+
+    def put(self, key: tuple[bytes, str], principal: Principal) -> None:
+        if self._ttl <= 0 or self._max <= 0:
+            return
+        now = self._clock()
+        good_until = min(now + self._ttl, principal.expires_at)
+        if good_until <= now:
+            return
+        self._entries[key] = _Entry(principal, now, good_until)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self._max:
+            self._entries.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def _bearer_token(context: Context) -> str | None:
+    """The token of the first "authorization" header if it is "Bearer <token>"."""
+    for key, value in context.invocation_metadata() or ():
+        if key != "authorization":
+            continue
+        if not isinstance(value, str):
+            return None
+        scheme, _, token = value.partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            return None
+        return token
+    return None
+
+
+def _is_async(behavior: Callable[..., Any]) -> bool:
+    return inspect.iscoroutinefunction(behavior) or inspect.isasyncgenfunction(behavior)
+
+
+class RequireAccessToken(grpc.aio.ServerInterceptor):
+    """Requires a valid authsvc access token on the methods in `required_scopes`.
+
+    - `auth`: the AuthClient that calls Validate (give it the service token if authsvc
+      requires one).
+    - `required_scopes`: full method name ("/package.Service/Method") → scopes the token must
+      all carry (empty: any valid token). Other methods are not touched.
+    - `audience`: if set, the token's "aud" must contain it.
+    - `cache_ttl`, `cache_size`: the Validate answer cache (see the module docstring).
+    - `clock`: seconds since the epoch, for the cache (the token's expiry is wall-clock time);
+      injectable for tests.
+    - `validate_timeout`: the longest wait for authsvc, further capped by the call's deadline.
+    """
+
+    def __init__(
+        self,
+        auth: AuthClient,
+        required_scopes: Mapping[str, Sequence[str]],
+        *,
+        audience: str = "",
+        cache_ttl: float = 5.0,
+        cache_size: int = 10_000,
+        clock: Callable[[], float] = time.time,
+        validate_timeout: float = 2.0,
+    ) -> None:
+        self._auth = auth
+        self._required = {method: tuple(scopes) for method, scopes in required_scopes.items()}
+        self._audience = audience
+        self._cache = _ValidationCache(ttl=cache_ttl, max_entries=cache_size, clock=clock)
+        self._validate_timeout = validate_timeout
+
+    async def intercept_service(
+        self,
+        continuation: Continuation,
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Handler | None:
+        handler = await continuation(handler_call_details)
+        scopes = self._required.get(handler_call_details.method)
+        if handler is None or scopes is None:
+            return handler
+        return self._wrap(handler, handler_call_details.method, scopes)
+
+    def _wrap(self, handler: Handler, method: str, scopes: tuple[str, ...]) -> Handler:
+        """The same handler with the check run first, inside the call (where `context` is)."""
+        if handler.request_streaming and handler.response_streaming:
+            behavior, make = handler.stream_stream, grpc.stream_stream_rpc_method_handler
+        elif handler.request_streaming:
+            behavior, make = handler.stream_unary, grpc.stream_unary_rpc_method_handler
+        elif handler.response_streaming:
+            behavior, make = handler.unary_stream, grpc.unary_stream_rpc_method_handler
+        else:
+            behavior, make = handler.unary_unary, grpc.unary_unary_rpc_method_handler
+        if behavior is None:  # a malformed handler: refuse to serve it rather than pass it on
+            raise TypeError(f"{method}: the method handler has no behavior")
+        inner: Callable[..., Any] = behavior
+
+        if not _is_async(inner):
+            # Fail closed: a sync handler would need grpc's own sync context, which an
+            # interceptor cannot build; running it unchecked is not an option.
+            log.error("%s has a synchronous handler; RequireAccessToken refuses it", method)
+
+            async def refuse(request: Any, context: Context) -> NoReturn:
+                await context.abort(grpc.StatusCode.INTERNAL, "handler misconfigured")
+
+            wrapped: Callable[..., Any] = refuse
+        elif inspect.isasyncgenfunction(inner):
+
+            async def checked_stream(request: Any, context: Context) -> AsyncIterator[Any]:
+                # No reset: the RPC's own Context ends with it, and a generator may be closed
+                # from another context, where reset would fail.
+                _principal.set(await self._authorize(context, scopes))
+                async for item in inner(request, context):
+                    yield item
+
+            wrapped = checked_stream
+        else:
+
+            async def checked(request: Any, context: Context) -> Any:
+                token = _principal.set(await self._authorize(context, scopes))
+                try:
+                    return await inner(request, context)
+                finally:
+                    _principal.reset(token)
+
+            wrapped = checked
+
+        return make(
+            wrapped,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    async def _authorize(self, context: Context, scopes: tuple[str, ...]) -> Principal:
+        """The caller's Principal, or the call is aborted (abort raises)."""
+        token = _bearer_token(context)
+        if token is None:
+            await _deny(context, grpc.StatusCode.UNAUTHENTICATED, "missing bearer access token")
+        raw = token.encode("utf-8", "surrogatepass")
+        if len(raw) > MAX_TOKEN_BYTES:
+            await _deny(context, grpc.StatusCode.UNAUTHENTICATED, "invalid access token")
+        key = (hashlib.sha256(raw).digest(), self._audience)
+        principal = self._cache.get(key)
+        if principal is None:
+            principal = await self._ask_authsvc(context, token, scopes)
+            self._cache.put(key, principal)
+        elif not principal.scopes.issuperset(scopes):
+            await _deny(context, grpc.StatusCode.PERMISSION_DENIED, "insufficient scope")
+        return principal
+
+    async def _ask_authsvc(
+        self, context: Context, token: str, scopes: tuple[str, ...]
+    ) -> Principal:
+        timeout = self._validate_timeout
+        remaining = context.time_remaining()
+        if remaining is not None:
+            timeout = max(0.001, min(timeout, remaining))
+        try:
+            answer = await self._auth.validate(
+                token, required_scopes=scopes, audience=self._audience, timeout=timeout
+            )
+        except AuthServiceError as error:
+            if error.code == grpc.StatusCode.INVALID_ARGUMENT:
+                await _deny(context, grpc.StatusCode.UNAUTHENTICATED, "invalid access token")
+            if error.code in _UNAVAILABLE_CODES:
+                log.warning("authsvc Validate failed: %s/%s", error.code.name, error.reason)
+                await _deny(context, grpc.StatusCode.UNAVAILABLE, "authentication unavailable")
+            # UNAUTHENTICATED/PERMISSION_DENIED from authsvc concern *this* service's own
+            # credentials, not the caller's token: a misconfiguration, not the caller's fault.
+            log.error("authsvc Validate refused: %s/%s", error.code.name, error.reason)
+            await _deny(context, grpc.StatusCode.INTERNAL, "authentication misconfigured")
+        if answer.error == "INSUFFICIENT_SCOPE":
+            await _deny(context, grpc.StatusCode.PERMISSION_DENIED, "insufficient scope")
+        if not answer.valid or answer.expires_at is None:
+            await _deny(context, grpc.StatusCode.UNAUTHENTICATED, "invalid access token")
+        return Principal(
+            subject=answer.subject,
+            scopes=frozenset(answer.scopes),
+            session_id=answer.session_id,
+            token_id=answer.token_id,
+            expires_at=answer.expires_at.timestamp(),
+        )
+
+
+async def _deny(context: Context, code: grpc.StatusCode, details: str) -> NoReturn:
+    # Fixed texts only: nothing from the token or authsvc's answer reaches the caller.
+    await context.abort(code, details)

@@ -1,0 +1,419 @@
+"""service.interceptor.RequireAccessToken, through the worked example in examples/python.
+
+The example is loaded in-process from its file with importlib (examples/ is not a package),
+so that its server runs on port 0 in the test's event loop, its cache reads the test's
+ManualClock and the test can count the Validate calls it makes to the real authsvc.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import os
+import re
+import socket
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf.wrappers_pb2 import StringValue
+
+from service.client import AuthClient, RetryPolicy, Validation
+from service.interceptor import RequireAccessToken, current_principal
+from tests.conftest import LiveServer, ServerFactory
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "python" / "orders_service.py"
+
+
+def load_example() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("orders_service_example", EXAMPLE)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+example = load_example()
+
+
+class CountingAuthClient(AuthClient):
+    """An AuthClient that counts its Validate calls."""
+
+    validations = 0
+
+    async def validate(
+        self,
+        access_token: str,
+        *,
+        required_scopes: Sequence[str] = (),
+        audience: str = "",
+        timeout: float | None = None,  # noqa: ASYNC109 (the signature of AuthClient.validate)
+    ) -> Validation:
+        self.validations += 1
+        return await super().validate(
+            access_token, required_scopes=required_scopes, audience=audience, timeout=timeout
+        )
+
+
+def bearer(token: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),)
+
+
+@dataclass
+class OrdersApp:
+    """The example service running, and a channel to call it."""
+
+    auth: CountingAuthClient
+    channel: grpc.aio.Channel
+
+    async def create(self, value: str, metadata: Sequence[tuple[str, str]] = ()) -> str:
+        call = self.channel.unary_unary(
+            example.CREATE,
+            request_serializer=StringValue.SerializeToString,
+            response_deserializer=StringValue.FromString,
+        )
+        response: StringValue = await call(StringValue(value=value), metadata=tuple(metadata))
+        return response.value
+
+    async def list(self, metadata: Sequence[tuple[str, str]] = ()) -> list[str]:
+        call = self.channel.unary_stream(
+            example.LIST,
+            request_serializer=StringValue.SerializeToString,
+            response_deserializer=StringValue.FromString,
+        )
+        return [item.value async for item in call(StringValue(), metadata=tuple(metadata))]
+
+    async def ping(self) -> str:
+        call = self.channel.unary_unary(
+            example.PING,
+            request_serializer=StringValue.SerializeToString,
+            response_deserializer=StringValue.FromString,
+        )
+        response: StringValue = await call(StringValue())
+        return response.value
+
+
+AppFactory = Callable[..., Awaitable[OrdersApp]]
+
+
+@pytest.fixture
+async def orders_factory(server: LiveServer) -> AsyncIterator[AppFactory]:
+    """Start the example on port 0 with `build_server(**options)`, its cache on the server's
+    ManualClock."""
+    cleanup: list[tuple[grpc.aio.Server, grpc.aio.Channel, AuthClient]] = []
+
+    async def start(*, target: str | None = None, **options: Any) -> OrdersApp:
+        auth = CountingAuthClient(target=target or server.address, retry=RetryPolicy(1))
+        orders_server, port = example.build_server(auth, clock=server.clock.now, **options)
+        await orders_server.start()
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        cleanup.append((orders_server, channel, auth))
+        return OrdersApp(auth=auth, channel=channel)
+
+    yield start
+    for orders_server, channel, auth in cleanup:
+        await channel.close()
+        await orders_server.stop(None)
+        await auth.close()
+
+
+@pytest.fixture
+async def orders(orders_factory: AppFactory) -> OrdersApp:
+    return await orders_factory()
+
+
+async def rpc_code(call: Awaitable[object]) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call
+    return caught.value.code(), caught.value.details() or ""
+
+
+async def test_good_token_reaches_the_handler_with_its_subject(
+    server: LiveServer, orders: OrdersApp
+) -> None:
+    user = await server.create_user("alice", scopes=("orders:write",))
+    pair = await server.login("alice")
+    assert await orders.create("book", bearer(pair.access_token)) == f"{user.id}:book"
+    assert await orders.create("pen", bearer(pair.access_token)) == f"{user.id}:pen"
+    assert await orders.list(bearer(pair.access_token)) == ["book", "pen"]
+    # another user's List sees only their own orders
+    await server.create_user("bob")
+    other = await server.login("bob")
+    assert await orders.list(bearer(other.access_token)) == []
+
+
+async def test_no_token_is_unauthenticated_and_asks_nobody(orders: OrdersApp) -> None:
+    assert (await rpc_code(orders.create("x")))[0] == grpc.StatusCode.UNAUTHENTICATED
+    assert (await rpc_code(orders.list()))[0] == grpc.StatusCode.UNAUTHENTICATED
+    for header in ("Bearer", "Bearer   ", "Basic dXNlcjpwdw==", "token-without-scheme"):
+        code, _ = await rpc_code(orders.create("x", [("authorization", header)]))
+        assert code == grpc.StatusCode.UNAUTHENTICATED, header
+    assert orders.auth.validations == 0
+
+
+async def test_bad_tokens_are_unauthenticated_without_echoing_them(
+    server: LiveServer, orders: OrdersApp
+) -> None:
+    await server.create_user("carol", scopes=("orders:write",))
+    pair = await server.login("carol")
+    forged = pair.access_token[:-4] + ("AAAA" if not pair.access_token.endswith("AAAA") else "BBBB")
+    for token in ("not-a-jwt", forged, pair.refresh_token):
+        code, details = await rpc_code(orders.create("x", bearer(token)))
+        assert code == grpc.StatusCode.UNAUTHENTICATED
+        assert token not in details
+    assert orders.auth.validations == 3
+
+
+async def test_missing_scope_is_permission_denied(server: LiveServer, orders: OrdersApp) -> None:
+    await server.create_user("dave", scopes=("orders:read",))
+    pair = await server.login("dave")
+    code, _ = await rpc_code(orders.create("x", bearer(pair.access_token)))
+    assert code == grpc.StatusCode.PERMISSION_DENIED
+    assert await orders.list(bearer(pair.access_token)) == []  # List needs no scope
+    # now cached: the scope check is local and still denies
+    validations = orders.auth.validations
+    code, _ = await rpc_code(orders.create("x", bearer(pair.access_token)))
+    assert code == grpc.StatusCode.PERMISSION_DENIED
+    assert orders.auth.validations == validations
+
+
+async def test_unprotected_method_passes_untouched(orders: OrdersApp) -> None:
+    assert await orders.ping() == "pong"
+    assert orders.auth.validations == 0
+
+
+async def test_cache_answers_within_its_ttl(server: LiveServer, orders: OrdersApp) -> None:
+    await server.create_user("erin", scopes=("orders:write",))
+    pair = await server.login("erin")
+    await orders.create("a", bearer(pair.access_token))
+    await orders.create("b", bearer(pair.access_token))
+    await orders.list(bearer(pair.access_token))
+    assert orders.auth.validations == 1
+    server.clock.advance(4.9)
+    await orders.create("c", bearer(pair.access_token))
+    assert orders.auth.validations == 1
+    server.clock.advance(0.2)  # past the default 5 s TTL
+    await orders.create("d", bearer(pair.access_token))
+    assert orders.auth.validations == 2
+
+
+async def test_cache_never_outlives_the_tokens_expiry(
+    server: LiveServer, orders_factory: AppFactory
+) -> None:
+    orders = await orders_factory(cache_ttl=3600)
+    await server.create_user("fay", scopes=("orders:write",))
+    pair = await server.login("fay")
+    await orders.create("a", bearer(pair.access_token))
+    server.clock.advance(899)
+    await orders.create("b", bearer(pair.access_token))
+    assert orders.auth.validations == 1
+    server.clock.advance(2)  # past the token's exp (AUTH_ACCESS_TTL 900)
+    code, _ = await rpc_code(orders.create("c", bearer(pair.access_token)))
+    assert code == grpc.StatusCode.UNAUTHENTICATED
+    assert orders.auth.validations == 2
+
+
+async def test_revocation_is_seen_once_the_cache_entry_expires(
+    server: LiveServer, orders: OrdersApp
+) -> None:
+    await server.create_user("gus", scopes=("orders:write",))
+    pair = await server.login("gus")
+    await orders.create("a", bearer(pair.access_token))
+    assert await orders.auth.revoke(access_token=pair.access_token) == 1
+    # within the TTL the cached answer stands: the documented price of the cache
+    await orders.create("b", bearer(pair.access_token))
+    server.clock.advance(5.0)
+    code, _ = await rpc_code(orders.create("c", bearer(pair.access_token)))
+    assert code == grpc.StatusCode.UNAUTHENTICATED
+    assert orders.auth.validations == 2
+
+
+async def test_audience_is_required_when_configured(
+    server: LiveServer, orders_factory: AppFactory
+) -> None:
+    orders = await orders_factory(audience="orders")
+    await server.create_user("hal", scopes=("orders:write",))
+    for_orders = await server.login("hal", audience="orders")
+    for_default = await server.login("hal")
+    assert (await orders.create("a", bearer(for_orders.access_token))).endswith(":a")
+    code, _ = await rpc_code(orders.create("b", bearer(for_default.access_token)))
+    assert code == grpc.StatusCode.UNAUTHENTICATED
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+async def test_authsvc_unreachable_is_unavailable(orders_factory: AppFactory) -> None:
+    orders = await orders_factory(target=f"127.0.0.1:{free_port()}")
+    code, _ = await rpc_code(orders.create("a", bearer("some.jwt.token")))
+    assert code == grpc.StatusCode.UNAVAILABLE
+    assert orders.auth.validations == 1
+
+
+def test_current_principal_outside_a_protected_call_raises() -> None:
+    with pytest.raises(LookupError, match="not protected"):
+        current_principal()
+
+
+# --- other handler shapes, a bounded cache, and fail-closed sync handlers -----------------
+
+
+@pytest.fixture
+async def shapes(server: LiveServer) -> AsyncIterator[tuple[CountingAuthClient, grpc.aio.Channel]]:
+    """A service with one handler of each shape, all protected, the cache holding one entry."""
+    seen: list[str] = []
+
+    async def written(request: StringValue, context: Any) -> None:
+        # a coroutine streaming handler that writes through the context
+        await context.write(StringValue(value=current_principal().subject))
+
+    async def upload(requests: AsyncIterator[StringValue], context: Any) -> StringValue:
+        values = [r.value async for r in requests]
+        return StringValue(value=f"{current_principal().subject}:{','.join(values)}")
+
+    async def chat(
+        requests: AsyncIterator[StringValue], context: Any
+    ) -> AsyncIterator[StringValue]:
+        async for request in requests:
+            yield StringValue(value=f"{current_principal().subject}:{request.value}")
+
+    def sync_handler(request: StringValue, context: Any) -> StringValue:
+        seen.append("sync handler ran")
+        return StringValue(value="unprotected!")
+
+    codec: dict[str, Any] = {
+        "request_deserializer": StringValue.FromString,
+        "response_serializer": StringValue.SerializeToString,
+    }
+    handlers = {
+        "Written": grpc.unary_stream_rpc_method_handler(written, **codec),
+        "Upload": grpc.stream_unary_rpc_method_handler(upload, **codec),
+        "Chat": grpc.stream_stream_rpc_method_handler(chat, **codec),
+        "Sync": grpc.unary_unary_rpc_method_handler(sync_handler, **codec),
+    }
+    auth = CountingAuthClient(target=server.address)
+    guard = RequireAccessToken(
+        auth,
+        {f"/example.Shapes/{name}": () for name in handlers},
+        cache_size=1,
+        clock=server.clock.now,
+    )
+    shapes_server = grpc.aio.server(interceptors=[guard])
+    shapes_server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("example.Shapes", handlers),)
+    )
+    port = shapes_server.add_insecure_port("127.0.0.1:0")
+    await shapes_server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    yield auth, channel
+    assert seen == []
+    await channel.close()
+    await shapes_server.stop(None)
+    await auth.close()
+
+
+def requests(*values: str) -> Iterator[StringValue]:
+    return (StringValue(value=v) for v in values)
+
+
+async def test_every_handler_shape_is_protected(
+    server: LiveServer, shapes: tuple[CountingAuthClient, grpc.aio.Channel]
+) -> None:
+    auth, channel = shapes
+    user = await server.create_user("ivy")
+    token = (await server.login("ivy")).access_token
+    ser, de = StringValue.SerializeToString, StringValue.FromString
+    written = channel.unary_stream("/example.Shapes/Written", ser, de)
+    upload = channel.stream_unary("/example.Shapes/Upload", ser, de)
+    chat = channel.stream_stream("/example.Shapes/Chat", ser, de)
+    sync = channel.unary_unary("/example.Shapes/Sync", ser, de)
+
+    assert [r.value async for r in written(StringValue(), metadata=bearer(token))] == [str(user.id)]
+    uploaded = await upload(requests("a", "b"), metadata=bearer(token))
+    assert uploaded.value == f"{user.id}:a,b"
+    chatted = [r.value async for r in chat(requests("x", "y"), metadata=bearer(token))]
+    assert chatted == [f"{user.id}:x", f"{user.id}:y"]
+
+    for call in (
+        written(StringValue()).read(),
+        upload(requests("a")),
+        chat(requests("x")).read(),
+    ):
+        assert (await rpc_code(call))[0] == grpc.StatusCode.UNAUTHENTICATED
+    # a synchronous handler is refused, not run unchecked (the fixture asserts it never ran)
+    assert (await rpc_code(sync(StringValue(), metadata=bearer(token))))[0] == (
+        grpc.StatusCode.INTERNAL
+    )
+    assert auth.validations == 1
+
+
+async def test_the_cache_is_bounded(
+    server: LiveServer, shapes: tuple[CountingAuthClient, grpc.aio.Channel]
+) -> None:
+    auth, channel = shapes
+    await server.create_user("jo")
+    first = (await server.login("jo")).access_token
+    second = (await server.login("jo")).access_token
+    upload = channel.stream_unary(
+        "/example.Shapes/Upload", StringValue.SerializeToString, StringValue.FromString
+    )
+    for token in (first, first, second, second, first):
+        await upload(requests("a"), metadata=bearer(token))
+    # one entry: `second` evicted `first`, so `first` was asked for again
+    assert auth.validations == 3
+
+
+async def test_the_example_runs_as_a_script(server: LiveServer) -> None:
+    """`python examples/python/orders_service.py`, as its README says, against authsvc."""
+    await server.create_user("kim", scopes=("orders:write",))
+    pair = await server.login("kim")
+    env = {
+        **os.environ,
+        "AUTHSVC_TARGET": server.address,
+        "ORDERS_LISTEN": "127.0.0.1:0",
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, str(EXAMPLE), env=env, stdout=asyncio.subprocess.PIPE
+    )
+    try:
+        assert process.stdout is not None
+        banner = (await asyncio.wait_for(process.stdout.readline(), timeout=20)).decode()
+        found = re.search(r"on port (\d+)", banner)
+        assert found is not None, banner
+        port = int(found.group(1))
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            app = OrdersApp(auth=CountingAuthClient(target=server.address), channel=channel)
+            assert await app.ping() == "pong"
+            assert (await rpc_code(app.create("x")))[0] == grpc.StatusCode.UNAUTHENTICATED
+            assert (await app.create("x", bearer(pair.access_token))).endswith(":x")
+    finally:
+        process.terminate()
+        await process.wait()
+
+
+async def test_authsvc_refusing_this_service_is_not_the_callers_fault(
+    server_factory: ServerFactory, orders_factory: AppFactory, tmp_path: Path
+) -> None:
+    """authsvc requires a service token for Validate and this service has none: the caller's
+    token is fine, so the caller must not be told UNAUTHENTICATED."""
+    tokens_file = tmp_path / "service-tokens"
+    tokens_file.write_text("orders validate token:orders-service-token-0123456789abcdef\n")
+    guarded = await server_factory(
+        caller_auth=frozenset({"validate"}), service_tokens_file=tokens_file
+    )
+    await guarded.create_user("lee", scopes=("orders:write",))
+    pair = await guarded.login("lee")
+    orders = await orders_factory(target=guarded.address)
+    code, details = await rpc_code(orders.create("x", bearer(pair.access_token)))
+    assert code == grpc.StatusCode.INTERNAL
+    assert pair.access_token not in details
