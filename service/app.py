@@ -7,7 +7,7 @@ import contextlib
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -32,6 +32,14 @@ from service.domain.throttle import LoginThrottle
 from service.domain.tokens import TokenService, load_refresh_secret
 from service.domain.users import UserDirectory
 from service.gen.auth.v1 import admin_pb2, auth_pb2
+from service.metrics import (
+    MetricsEndpoint,
+    MetricsInterceptor,
+    ProcessSample,
+    PrometheusTelemetry,
+    multiprocess_enabled,
+    sample_forever,
+)
 from service.secrets_box import SecretBox, load_or_create_kek_file
 from service.settings import Settings
 from service.store import PostgresStore, apply_migrations
@@ -160,15 +168,22 @@ class RunningServer:
     components: Components
     revocation_feed: RevocationFeed
     health: health_async.HealthServicer
-    janitor_task: asyncio.Task[None]
+    background: list[asyncio.Task[None]]
+    """The janitor and, with metrics on, the sampler."""
+    telemetry: PrometheusTelemetry | None = None
+    metrics_endpoint: MetricsEndpoint | None = None
 
     async def stop(self, grace: float | None) -> None:
         # Probes see NOT_SERVING first, so load balancers drain us while calls finish.
         await self.health.enter_graceful_shutdown()
-        self.janitor_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self.janitor_task
+        for task in self.background:
+            task.cancel()
+        for task in self.background:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await self.server.stop(grace)
+        if self.metrics_endpoint is not None:
+            self.metrics_endpoint.close()
         await self.revocation_feed.stop()
         self.components.close()
 
@@ -186,7 +201,8 @@ async def start_server(
 
     `dsn` is for the revocation listener's own connection, outside the pool.
     """
-    components = await build_components(settings, pool=pool, clock=clock)
+    telemetry = PrometheusTelemetry() if settings.metrics_listen is not None else None
+    components = await build_components(settings, pool=pool, clock=clock, telemetry=telemetry)
     health = health_async.HealthServicer()
 
     async def revocations_followed(listening: bool) -> None:
@@ -211,6 +227,9 @@ async def start_server(
     )
     await feed.start()
     interceptors: list[grpc.aio.ServerInterceptor] = []
+    if telemetry is not None:
+        # First, so refused calls are counted too.
+        interceptors.append(MetricsInterceptor(telemetry))
     if settings.caller_auth:
         interceptors.append(
             CallerAuthInterceptor(
@@ -252,14 +271,46 @@ async def start_server(
     await server.start()
     for service_name in ("", AUTH_SERVICE_NAME, ADMIN_SERVICE_NAME):
         await health.set(service_name, health_pb2.HealthCheckResponse.SERVING)
+    background = [asyncio.create_task(components.janitor.run_forever(), name="janitor")]
+    endpoint = None
+    if telemetry is not None:
+        background.append(
+            asyncio.create_task(
+                sample_forever(telemetry, _sampler(components, feed, pool)), name="metrics"
+            )
+        )
+        # A --workers child writes shared files; its supervisor serves them.
+        if settings.metrics_listen is not None and not multiprocess_enabled():
+            endpoint = MetricsEndpoint.start(settings.metrics_listen, telemetry.registry)
     return RunningServer(
         server=server,
         port=port,
         components=components,
         revocation_feed=feed,
         health=health,
-        janitor_task=asyncio.create_task(components.janitor.run_forever(), name="janitor"),
+        background=background,
+        telemetry=telemetry,
+        metrics_endpoint=endpoint,
     )
+
+
+def _sampler(
+    components: Components, feed: RevocationFeed, pool: asyncpg.Pool
+) -> Callable[[], ProcessSample]:
+    def take_sample() -> ProcessSample:
+        idle = pool.get_idle_size()
+        return ProcessSample(
+            cache_hits=components.token_cache.hits,
+            cache_misses=components.token_cache.misses,
+            revoked_sessions=len(components.revocations),
+            revocation_lag_seconds=components.revocations.lag,
+            revocation_listener_up=feed.listening.is_set(),
+            pool_in_use=pool.get_size() - idle,
+            pool_idle=idle,
+            pool_max=pool.get_max_size(),
+        )
+
+    return take_sample
 
 
 def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
@@ -306,7 +357,13 @@ async def serve(settings: Settings, *, worker: bool = False) -> None:
             _tell_supervisor_ready()
         else:
             host = settings.listen.rpartition(":")[0]
-            print_banner(settings, f"{host}:{running.port}", workers=1)
+            endpoint = running.metrics_endpoint
+            print_banner(
+                settings,
+                f"{host}:{running.port}",
+                workers=1,
+                metrics=None if endpoint is None else f"{endpoint.host}:{endpoint.port}",
+            )
         await stop.wait()
         log.info("stopping: in-flight calls get %.1fs", settings.shutdown_grace)
         await running.stop(settings.shutdown_grace)
@@ -322,8 +379,10 @@ def _tell_supervisor_ready() -> None:
         os.close(int(fd))
 
 
-def print_banner(settings: Settings, address: str, *, workers: int) -> None:
-    """What `make run` shows: the first-user command, then the address."""
+def print_banner(
+    settings: Settings, address: str, *, workers: int, metrics: str | None = None
+) -> None:
+    """What `make run` shows: the first-user command, the metrics address, then the address."""
     where = "AUTH_DATABASE_URL"
     if settings.database_url is None:
         where = "embedded PostgreSQL in " + str(settings.data_dir / "postgres")
@@ -332,6 +391,8 @@ def print_banner(settings: Settings, address: str, *, workers: int) -> None:
         "  .venv/bin/authsvc users create alice --scope read --password-stdin",
         flush=True,
     )
+    if metrics is not None:
+        print(f"metrics on http://{metrics}/metrics", flush=True)
     print(
         f"authsvc serving on {address} ({workers} worker{'s' if workers != 1 else ''}, "
         f"database: {where})",

@@ -15,15 +15,25 @@ import contextlib
 import logging
 import os
 import select
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from service.app import READY_FD_VARIABLE, key_encryption_key, migrate, print_banner
 from service.database import create_pool, resolve_database_url
+from service.metrics import (
+    MULTIPROC_DIR_VARIABLE,
+    MetricsEndpoint,
+    multiprocess_registry,
+    prepare_multiprocess_dir,
+    worker_exited,
+)
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -90,8 +100,18 @@ class _Worker:
 class WorkerSupervisor:
     """Starts, watches and stops the worker processes."""
 
-    def __init__(self, settings: Settings, *, workers: int, dsn: str, host: str, port: int):
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        workers: int,
+        dsn: str,
+        host: str,
+        port: int,
+        metrics_dir: Path | None = None,
+    ):
         self._settings = settings
+        self._metrics_dir = metrics_dir
         self._count = workers
         self._dsn = dsn
         self._host = host
@@ -107,6 +127,10 @@ class WorkerSupervisor:
         env["AUTH_LISTEN"] = _address(self._host, self._port)
         env["AUTH_WORKERS"] = str(self._count)
         env[READY_FD_VARIABLE] = str(ready_write)
+        if self._metrics_dir is not None:
+            # Set before the worker's interpreter starts, so its prometheus_client writes
+            # the shared files the supervisor's /metrics sums.
+            env[MULTIPROC_DIR_VARIABLE] = str(self._metrics_dir)
         if self._settings.kek is None:
             # Workers read the same KEK file; the supervisor created it already.
             env["AUTH_DATA_DIR"] = str(self._settings.data_dir.resolve())
@@ -152,6 +176,7 @@ class WorkerSupervisor:
                 log.warning(
                     "worker %d (pid %d) exited with %s; restarting", index, worker.process.pid, code
                 )
+                self._forget_metrics(worker)
                 # A worker that dies at once is crash-looping: slow the restarts down.
                 if time.monotonic() - worker.started_at < 5.0:
                     time.sleep(backoff)
@@ -180,6 +205,12 @@ class WorkerSupervisor:
             if worker.ready_read >= 0:
                 with contextlib.suppress(OSError):
                     os.close(worker.ready_read)
+            self._forget_metrics(worker)
+
+    def _forget_metrics(self, worker: _Worker) -> None:
+        """A dead worker's gauges leave the totals (its counters stay counted)."""
+        if self._metrics_dir is not None:
+            worker_exited(worker.process.pid, self._metrics_dir)
 
     @property
     def pids(self) -> list[int]:
@@ -199,13 +230,31 @@ def run_supervisor(settings: Settings, workers: int) -> int:
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
-    supervisor = WorkerSupervisor(settings, workers=workers, dsn=dsn, host=host, port=port)
+    metrics_dir: Path | None = None
+    endpoint: MetricsEndpoint | None = None
+    if settings.metrics_listen is not None:
+        metrics_dir = prepare_multiprocess_dir(Path(tempfile.mkdtemp(prefix="authsvc-metrics-")))
+        endpoint = MetricsEndpoint.start(
+            settings.metrics_listen, multiprocess_registry(metrics_dir)
+        )
+    supervisor = WorkerSupervisor(
+        settings, workers=workers, dsn=dsn, host=host, port=port, metrics_dir=metrics_dir
+    )
     try:
         supervisor.start()
-        print_banner(settings, _address(host, port), workers=workers)
+        print_banner(
+            settings,
+            _address(host, port),
+            workers=workers,
+            metrics=None if endpoint is None else _address(endpoint.host, endpoint.port),
+        )
         supervisor.watch(stop_requested)
         log.info("stopping %d workers: in-flight calls get %.1fs", workers, settings.shutdown_grace)
         supervisor.stop(settings.shutdown_grace)
     finally:
         holder.close()
+        if endpoint is not None:
+            endpoint.close()
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
