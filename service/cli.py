@@ -1,4 +1,4 @@
-"""The `authsvc` command: serve, migrate, and manage users.
+"""The `authsvc` command: serve, migrate, and manage users and signing keys.
 
 Every subcommand reads the same `AUTH_*` configuration, so `authsvc users ...`
 run from the directory where `authsvc serve` runs reaches the same database
@@ -84,6 +84,14 @@ async def _users_command(settings: Settings, args: argparse.Namespace) -> int:
             return 0
 
         return await _with_users(settings, set_password)
+    if args.users_command == "delete":
+
+        async def delete(users: UserDirectory) -> int:
+            revoked = await users.delete(args.username)
+            print(f"deleted {args.username}; sessions revoked: {revoked}")
+            return 0
+
+        return await _with_users(settings, delete)
     if args.users_command in ("disable", "enable"):
         disabled = args.users_command == "disable"
 
@@ -101,6 +109,29 @@ async def _users_command(settings: Settings, args: argparse.Namespace) -> int:
         return 0
 
     return await _with_users(settings, list_users)
+
+
+async def _keys_command(settings: Settings, args: argparse.Namespace) -> int:
+    """`authsvc keys rotate|list|retire`: the same domain code as the admin API."""
+    async with open_components(settings) as components:
+        keys = components.signing_keys
+        if args.keys_command == "rotate":
+            info = await keys.rotate(reason="cli", actor="cli")
+            print(
+                f"created signing key {info.kid} ({info.alg}); every replica signs with it "
+                f"from {info.activates_at.isoformat(timespec='seconds')}"
+            )
+            return 0
+        if args.keys_command == "retire":
+            retired = await keys.retire_superseded()
+            print("retired: " + (", ".join(retired) if retired else "nothing is due"))
+            return 0
+        for info in await keys.describe():
+            when = info.retired_at or info.retires_at
+            until = "-" if when is None else when.isoformat(timespec="seconds")
+            created = info.created_at.isoformat(timespec="seconds")
+            print(f"{info.kid}\t{info.alg}\t{info.state}\tcreated {created}\tretire {until}")
+        return 0
 
 
 def _duration(text: str) -> float:
@@ -188,10 +219,20 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in (
         ("disable", "disable a user and revoke every session"),
         ("enable", "enable a disabled user"),
+        ("delete", "delete a user and revoke every session (the username is free again)"),
     ):
         sub = user_commands.add_parser(name, help=text)
         sub.add_argument("username")
     user_commands.add_parser("list", help="list users")
+    keys = commands.add_parser("keys", help="manage the signing keys")
+    key_commands = keys.add_subparsers(dest="keys_command", required=True)
+    key_commands.add_parser(
+        "rotate", help="create a signing key; every replica signs with it within a second"
+    )
+    key_commands.add_parser("list", help="list the signing keys and their states")
+    key_commands.add_parser(
+        "retire", help="retire superseded keys whose tokens have all expired (the janitor does)"
+    )
     events = commands.add_parser("events", help="print security events")
     events.add_argument(
         "--since",
@@ -346,6 +387,8 @@ def main(argv: list[str] | None = None) -> int:
             return _load_command(args)
         if args.command == "bench":
             return _bench_command(args)
+        if args.command == "keys":
+            return asyncio.run(_keys_command(settings, args))
         return asyncio.run(_users_command(settings, args))
     except AuthError as exc:
         print(f"authsvc: {exc.message}", file=sys.stderr)

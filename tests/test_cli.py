@@ -235,3 +235,55 @@ def test_json_logs_are_one_object_per_line(database_url: str, tmp_path: Path) ->
     bad = _authsvc("migrate", env=_env(AUTH_LOG_FORMAT="yaml"))
     assert bad.returncode == 2
     assert bad.stderr.startswith("authsvc: AUTH_LOG_FORMAT:")
+
+
+def _jwks_kids(port: int) -> set[str]:
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        response = auth_pb2_grpc.AuthServiceStub(channel).GetJwks(
+            auth_pb2.GetJwksRequest(), timeout=10
+        )
+    return {key["kid"] for key in json.loads(response.jwks_json)["keys"]}
+
+
+def test_keys_and_user_deletion_from_the_cli_reach_a_running_server(
+    database_url: str, tmp_path: Path
+) -> None:
+    env = _env(
+        AUTH_DATABASE_URL=database_url,
+        AUTH_LISTEN="127.0.0.1:0",
+        AUTH_DATA_DIR=str(tmp_path / "data"),
+    )
+    with _serving(env) as (port, _):
+        before = _jwks_kids(port)
+        rotated = _authsvc("keys", "rotate", env=env)
+        assert rotated.returncode == 0, rotated.stderr
+        new_kid = rotated.stdout.split()[3]
+        assert new_kid not in before
+        # The running server hears of it through NOTIFY, well within a second.
+        deadline = time.monotonic() + 1.0
+        while new_kid not in _jwks_kids(port):
+            assert time.monotonic() < deadline, "the server did not publish the new key in 1 s"
+            time.sleep(0.05)
+        assert _jwks_kids(port) == before | {new_kid}
+        listed = _authsvc("keys", "list", env=env)
+        lines = listed.stdout.splitlines()
+        assert len(lines) == 2 and lines[0].startswith(new_kid)
+        assert {line.split("\t")[2] for line in lines} <= {"pending", "active", "superseded"}
+        # Nothing has expired yet: nothing to retire.
+        assert "nothing is due" in _authsvc("keys", "retire", env=env).stdout
+
+        created = _authsvc("users", "create", "dana", "--password-stdin", env=env, stdin=PASSWORD)
+        assert created.returncode == 0, created.stderr
+        pair = _login(port, "dana")
+        deleted = _authsvc("users", "delete", "dana", env=env)
+        assert "sessions revoked: 1" in deleted.stdout
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            verdict = auth_pb2_grpc.AuthServiceStub(channel).Validate(
+                auth_pb2.ValidateRequest(access_token=pair.access_token), timeout=10
+            )
+        assert verdict.error == auth_pb2.VALIDATION_ERROR_REVOKED
+        assert "dana" not in _authsvc("users", "list", env=env).stdout
+        # The username is free again.
+        again = _authsvc("users", "create", "dana", "--password-stdin", env=env, stdin=PASSWORD)
+        assert again.returncode == 0, again.stderr
+        assert _authsvc("users", "delete", "nobody", env=env).returncode == 1
