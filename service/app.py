@@ -271,6 +271,7 @@ async def start_server(
     await server.start()
     for service_name in ("", AUTH_SERVICE_NAME, ADMIN_SERVICE_NAME):
         await health.set(service_name, health_pb2.HealthCheckResponse.SERVING)
+    _log_start_up(settings, port, components, clock)
     background = [asyncio.create_task(components.janitor.run_forever(), name="janitor")]
     endpoint = None
     if telemetry is not None:
@@ -291,6 +292,29 @@ async def start_server(
         background=background,
         telemetry=telemetry,
         metrics_endpoint=endpoint,
+    )
+
+
+def _log_start_up(settings: Settings, port: int, components: Components, clock: Clock) -> None:
+    """One line an operator can check the deployment against (no secrets in it)."""
+    signing = components.signing_keys.ring.signing_key(clock.now())
+    log.info(
+        "serving auth.v1 on port %d: tls=%s client-certificates=%s caller-auth=%s metrics=%s "
+        "signing-key=%s/%s access-ttl=%ds refresh-idle=%ds refresh-absolute=%ds "
+        "reuse-grace=%ds login-throttle=%s key-rotation=%s",
+        port,
+        "on" if settings.tls_cert else "off",
+        "required" if settings.tls_client_ca else "off",
+        ",".join(sorted(settings.caller_auth)) or "off",
+        settings.metrics_listen or "off",
+        signing.kid,
+        signing.alg,
+        settings.access_ttl,
+        settings.refresh_idle_ttl,
+        settings.refresh_absolute_ttl,
+        settings.refresh_reuse_grace,
+        "on" if settings.login_throttle else "off",
+        f"every {settings.key_rotation_period}s" if settings.key_rotation_period else "manual",
     )
 
 

@@ -8,6 +8,8 @@ one; the role needs CREATEDB (each test gets its own database).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import os
 import shutil
 import tempfile
@@ -15,12 +17,13 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import grpc
 import pytest
+from google.protobuf.message import Message
 
 from service.app import RunningServer, start_server
 from service.clock import ManualClock
@@ -105,6 +108,68 @@ def settings(database_url: str, tmp_path: Path) -> Settings:
     )
 
 
+class SecretsSeen:
+    """Every password a test sent and every token it received through a LiveServer's
+    channel, so that the test's captured logs can be searched for them afterwards."""
+
+    FIELDS = frozenset({"password", "access_token", "refresh_token"})
+    MIN_LENGTH = 12  # shorter values ("x", "password") turn up in ordinary log text
+
+    def __init__(self) -> None:
+        self.values: set[str] = set()
+
+    def record(self, message: object) -> None:
+        if not isinstance(message, Message):
+            return
+        for field, value in message.ListFields():
+            if isinstance(value, Message):
+                self.record(value)
+            elif (
+                field.name in self.FIELDS
+                and isinstance(value, str)
+                and len(value) >= self.MIN_LENGTH
+            ):
+                self.values.add(value)
+
+    def leaked_into(self, text: str) -> int:
+        """How many recorded secrets appear in `text` (the secrets themselves are not
+        repeated in the failure message)."""
+        return sum(1 for value in self.values if value in text)
+
+
+class _RecordSecrets(grpc.aio.UnaryUnaryClientInterceptor):
+    def __init__(self, seen: SecretsSeen) -> None:
+        self._seen = seen
+
+    async def intercept_unary_unary(
+        self, continuation: Any, client_call_details: Any, request: Any
+    ) -> Any:
+        self._seen.record(request)
+        call = await continuation(client_call_details, request)
+        # A failed call records nothing; the caller sees the error when it awaits the call.
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            self._seen.record(await call)
+        return call
+
+
+@pytest.fixture
+def secrets_seen() -> SecretsSeen:
+    return SecretsSeen()
+
+
+@pytest.fixture(autouse=True)
+def _no_secret_in_logs(
+    caplog: pytest.LogCaptureFixture, secrets_seen: SecretsSeen
+) -> Iterator[None]:
+    """Every test, the whole suite's flows: no password or token that went through a
+    LiveServer may appear in any log line captured during the test."""
+    caplog.set_level(logging.INFO)
+    caplog.set_level(logging.DEBUG, logger="service")
+    yield
+    leaked = secrets_seen.leaked_into(caplog.text)
+    assert leaked == 0, f"{leaked} password(s) or token(s) of this test appear in its logs"
+
+
 @dataclass
 class LiveServer:
     """A real server on a free port, with a channel and stub to call it."""
@@ -145,12 +210,17 @@ class LiveServer:
         return response.tokens
 
 
-async def start_live_server(settings: Settings, clock: ManualClock) -> LiveServer:
+async def start_live_server(
+    settings: Settings, clock: ManualClock, secrets_seen: SecretsSeen | None = None
+) -> LiveServer:
     assert settings.database_url is not None
     # The same pool configuration as `authsvc serve` (sizes, per-call timeout).
     pool = await create_pool(settings.database_url, settings)
     running = await start_server(settings, dsn=settings.database_url, pool=pool, clock=clock)
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
+    channel = grpc.aio.insecure_channel(
+        f"127.0.0.1:{running.port}",
+        interceptors=[] if secrets_seen is None else [_RecordSecrets(secrets_seen)],
+    )
     return LiveServer(
         running=running,
         channel=channel,
@@ -168,11 +238,17 @@ async def stop_live_server(live: LiveServer) -> None:
 
 
 @pytest.fixture
-async def server_factory(settings: Settings, clock: ManualClock) -> AsyncIterator[ServerFactory]:
+async def server_factory(
+    settings: Settings, clock: ManualClock, secrets_seen: SecretsSeen
+) -> AsyncIterator[ServerFactory]:
     started: list[LiveServer] = []
 
     async def make(**overrides: object) -> LiveServer:
-        live = await start_live_server(replace(settings, **overrides), clock)  # type: ignore[arg-type]
+        live = await start_live_server(
+            replace(settings, **overrides),  # type: ignore[arg-type]
+            clock,
+            secrets_seen,
+        )
         started.append(live)
         return live
 

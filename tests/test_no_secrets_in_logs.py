@@ -9,7 +9,7 @@ import grpc
 import pytest
 
 from service.gen.auth.v1 import auth_pb2
-from tests.conftest import PASSWORD, TEST_KEK, ServerFactory
+from tests.conftest import PASSWORD, TEST_KEK, LiveServer, SecretsSeen, ServerFactory
 from tests.helpers import refresh
 
 
@@ -42,3 +42,17 @@ async def test_a_whole_session_life_logs_no_secret(
     # Nor the key-encryption key, in any usual spelling.
     for spelling in (base64.b64encode(TEST_KEK).decode(), TEST_KEK.hex()):
         assert spelling not in text
+
+
+async def test_every_test_is_checked_for_the_secrets_it_used(
+    server: LiveServer, secrets_seen: SecretsSeen, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The autouse check in conftest sees what went through the server's channel, and
+    would fail a test whose logs held any of it."""
+    await server.create_user("rita")
+    pair = await server.login("rita")
+    assert {PASSWORD, pair.access_token, pair.refresh_token} <= secrets_seen.values
+    assert secrets_seen.leaked_into(caplog.text) == 0
+    logging.getLogger("service.example").info("a careless line: %s", pair.refresh_token)
+    assert secrets_seen.leaked_into(caplog.text) == 1
+    caplog.clear()  # so that this test's own deliberate leak does not fail it
