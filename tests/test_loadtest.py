@@ -118,6 +118,7 @@ def test_bench_runs_end_to_end_and_prints_its_table(database_url: str, tmp_path:
         "| health |",
         "| validate-hot |",
         "| validate-cold |",
+        "| validate-hot, metrics + service token |",
         "| refresh |",
         "| issue |",
         "| validate-hot+login |",

@@ -62,6 +62,8 @@ class LoadPlan:
     """validate: 0 cycles a hot set of `hot_tokens`; N > 0 cycles N distinct tokens per process."""
     hot_tokens: int = 64
     label: str | None = None
+    service_token: str | None = None
+    """Sent as `authorization: Bearer` on Validate (a server with AUTH_CALLER_AUTH=validate)."""
 
     @property
     def name(self) -> str:
@@ -98,6 +100,11 @@ class _Client:
         self._random = random.Random(seed)
         self.tokens: list[str] = []
         self._token_index = itertools.count()
+        self._validate_metadata: tuple[tuple[str, str], ...] | None = (
+            None
+            if plan.service_token is None
+            else (("authorization", f"Bearer {plan.service_token}"),)
+        )
         self.sessions: asyncio.Queue[_Session] = asyncio.Queue()
 
     def _auth(self) -> auth_pb2_grpc.AuthServiceAsyncStub:
@@ -138,7 +145,9 @@ class _Client:
     async def validate(self) -> None:
         token = self.tokens[next(self._token_index) % len(self.tokens)]
         response: auth_pb2.ValidateResponse = await self._auth().Validate(
-            auth_pb2.ValidateRequest(access_token=token), timeout=_CALL_TIMEOUT
+            auth_pb2.ValidateRequest(access_token=token),
+            timeout=_CALL_TIMEOUT,
+            metadata=self._validate_metadata,
         )
         if not response.valid:
             raise _Rejected("VALID_FALSE_" + auth_pb2.ValidationError.Name(response.error))
