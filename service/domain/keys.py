@@ -114,7 +114,8 @@ class _RingState:
 def _ring_state(keys: list[SigningKey]) -> _RingState:
     if not keys:
         raise ValueError("the key ring needs at least one signing key")
-    ordered = sorted(keys, key=lambda k: (k.activates_at, k.created_at))
+    # The same order as SigningKeys reports: activation, then creation, then kid.
+    ordered = sorted(keys, key=lambda k: (k.activates_at, k.created_at, k.kid))
     return _RingState(
         by_kid={k.kid: k for k in ordered},
         newest_first=tuple(reversed(ordered)),

@@ -79,6 +79,10 @@ class SigningKeys:
         self._opened: dict[str, SigningKey] = {}  # parsed once per process
         self._ring: KeyRing | None = None
         self._reloading = asyncio.Lock()
+        # One key change at a time per process: the database lock holds a pooled
+        # connection while waiting, and the change inside needs another, so a burst of
+        # rotations must not hold every connection waiting for that lock.
+        self._changing = asyncio.Lock()
 
     @property
     def ring(self) -> KeyRing:
@@ -90,7 +94,7 @@ class SigningKeys:
         """The ring of stored keys, creating the first key on first start."""
         records = await self._store.signing_keys()
         if not any(r.retired_at is None for r in records):
-            async with self._store.bootstrap_lock():
+            async with self._changing, self._store.bootstrap_lock():
                 records = await self._store.signing_keys()
                 if not any(r.retired_at is None for r in records):
                     records.append(await self._create(reason="first_start", activation_delay=0))
@@ -127,7 +131,7 @@ class SigningKeys:
 
     async def rotate(self, *, reason: str = "manual", actor: str | None = None) -> SigningKeyInfo:
         """Create a key that signs everywhere from `KEY_ACTIVATION_DELAY` on."""
-        async with self._store.bootstrap_lock():
+        async with self._changing, self._store.bootstrap_lock():
             record = await self._create(reason=reason, actor=actor)
         await self.reload()
         self._telemetry.signing_key_rotated()
@@ -135,7 +139,7 @@ class SigningKeys:
 
     async def rotate_if_due(self, period: int) -> SigningKeyInfo | None:
         """The scheduled rotation: a new key if the newest is `period` seconds old."""
-        async with self._store.bootstrap_lock():
+        async with self._changing, self._store.bootstrap_lock():
             records = await self._store.signing_keys()
             newest = max(records, key=lambda r: r.created_at, default=None)
             now = to_datetime(self._clock.now())
@@ -204,13 +208,20 @@ class SigningKeys:
         return keys
 
     def _infos(self, records: list[SigningKeyRecord], now: float) -> list[SigningKeyInfo]:
-        ordered = sorted(records, key=lambda r: (r.activates_at, r.created_at))
-        live = [r for r in ordered if r.retired_at is None]
+        # The key ring's order (keys.py): activation, then creation, then kid, so that keys
+        # activating at the same instant are ranked the same way here and there.
+        ordered = sorted(records, key=lambda r: (r.activates_at, r.created_at, r.kid))
         infos = []
-        for record in ordered:
-            later = [r for r in live if r.activates_at > record.activates_at]
-            # The key that took over from this one: the first later key already active.
-            successor = next((r for r in later if r.activates_at.timestamp() <= now), None)
+        for index, record in enumerate(ordered):
+            # The key that took over from this one: the next live key already active.
+            successor = next(
+                (
+                    r
+                    for r in ordered[index + 1 :]
+                    if r.retired_at is None and r.activates_at.timestamp() <= now
+                ),
+                None,
+            )
             infos.append(self._info(record, successor=successor, now=now))
         return infos
 
