@@ -199,42 +199,88 @@ async def start_server(
 ) -> RunningServer:
     """Build the components, load revocations, and serve on `listen` (default settings.listen).
 
-    `dsn` is for the revocation listener's own connection, outside the pool.
+    `dsn` is for the revocation listener's own connection, outside the pool. If any step
+    fails, what the earlier ones started is stopped again before the error propagates.
     """
+    # Configuration first: a bad file or setting must stop us before anything runs.
+    credentials = server_credentials(settings)
+    directory = service_directory(settings) if settings.caller_auth else None
     telemetry = PrometheusTelemetry() if settings.metrics_listen is not None else None
-    components = await build_components(settings, pool=pool, clock=clock, telemetry=telemetry)
-    health = health_async.HealthServicer()
+    async with contextlib.AsyncExitStack() as undo:
+        endpoint = None
+        # A --workers child writes shared files; its supervisor serves them.
+        if telemetry is not None and not multiprocess_enabled():
+            assert settings.metrics_listen is not None
+            endpoint = MetricsEndpoint.start(settings.metrics_listen, telemetry.registry)
+            undo.callback(endpoint.close)
+        components = await build_components(settings, pool=pool, clock=clock, telemetry=telemetry)
+        undo.callback(components.close)
+        health = health_async.HealthServicer()
 
-    async def revocations_followed(listening: bool) -> None:
-        # NOT_SERVING while this process is not hearing revocations live: Validate
-        # still answers, from state that may lag until the listener is back.
-        status = (
-            health_pb2.HealthCheckResponse.SERVING
-            if listening
-            else (health_pb2.HealthCheckResponse.NOT_SERVING)
+        async def revocations_followed(listening: bool) -> None:
+            # NOT_SERVING while this process is not hearing revocations live: Validate
+            # still answers, from state that may lag until the listener is back.
+            status = (
+                health_pb2.HealthCheckResponse.SERVING
+                if listening
+                else (health_pb2.HealthCheckResponse.NOT_SERVING)
+            )
+            await health.set(REVOCATIONS_HEALTH_NAME, status)
+
+        feed = RevocationFeed(
+            dsn=dsn,
+            pool=pool,
+            state=components.revocations,
+            clock=clock,
+            poll_interval=settings.revocation_poll_interval,
+            timeout=settings.db_timeout,
+            on_listening=revocations_followed,
+            on_keys_changed=components.signing_keys.reload,
         )
-        await health.set(REVOCATIONS_HEALTH_NAME, status)
-
-    feed = RevocationFeed(
-        dsn=dsn,
-        pool=pool,
-        state=components.revocations,
-        clock=clock,
-        poll_interval=settings.revocation_poll_interval,
-        timeout=settings.db_timeout,
-        on_listening=revocations_followed,
-        on_keys_changed=components.signing_keys.reload,
+        await feed.start()
+        undo.push_async_callback(feed.stop)
+        server, port = await _serve_grpc(
+            settings, components, health, telemetry, directory, credentials, listen, reuse_port
+        )
+        undo.pop_all()  # started: from here on RunningServer.stop undoes it all
+    _log_start_up(settings, port, components, clock)
+    background = [asyncio.create_task(components.janitor.run_forever(), name="janitor")]
+    if telemetry is not None:
+        background.append(
+            asyncio.create_task(
+                sample_forever(telemetry, _sampler(components, feed, pool)), name="metrics"
+            )
+        )
+    return RunningServer(
+        server=server,
+        port=port,
+        components=components,
+        revocation_feed=feed,
+        health=health,
+        background=background,
+        telemetry=telemetry,
+        metrics_endpoint=endpoint,
     )
-    await feed.start()
+
+
+async def _serve_grpc(
+    settings: Settings,
+    components: Components,
+    health: health_async.HealthServicer,
+    telemetry: PrometheusTelemetry | None,
+    directory: ServiceDirectory | None,
+    credentials: grpc.ServerCredentials | None,
+    listen: str | None,
+    reuse_port: bool,
+) -> tuple[grpc.aio.Server, int]:
+    """The gRPC server with every service and interceptor, bound and started."""
     interceptors: list[grpc.aio.ServerInterceptor] = []
     if telemetry is not None:
         # First, so refused calls are counted too.
         interceptors.append(MetricsInterceptor(telemetry))
-    if settings.caller_auth:
+    if directory is not None:
         interceptors.append(
-            CallerAuthInterceptor(
-                directory=service_directory(settings), guarded=settings.caller_auth
-            )
+            CallerAuthInterceptor(directory=directory, guarded=settings.caller_auth)
         )
     server = grpc.aio.server(
         interceptors=interceptors,
@@ -261,7 +307,6 @@ async def start_server(
         server,
     )
     address = listen or settings.listen
-    credentials = server_credentials(settings)
     if credentials is None:
         port = server.add_insecure_port(address)
     else:
@@ -271,28 +316,7 @@ async def start_server(
     await server.start()
     for service_name in ("", AUTH_SERVICE_NAME, ADMIN_SERVICE_NAME):
         await health.set(service_name, health_pb2.HealthCheckResponse.SERVING)
-    _log_start_up(settings, port, components, clock)
-    background = [asyncio.create_task(components.janitor.run_forever(), name="janitor")]
-    endpoint = None
-    if telemetry is not None:
-        background.append(
-            asyncio.create_task(
-                sample_forever(telemetry, _sampler(components, feed, pool)), name="metrics"
-            )
-        )
-        # A --workers child writes shared files; its supervisor serves them.
-        if settings.metrics_listen is not None and not multiprocess_enabled():
-            endpoint = MetricsEndpoint.start(settings.metrics_listen, telemetry.registry)
-    return RunningServer(
-        server=server,
-        port=port,
-        components=components,
-        revocation_feed=feed,
-        health=health,
-        background=background,
-        telemetry=telemetry,
-        metrics_endpoint=endpoint,
-    )
+    return server, port
 
 
 def _log_start_up(settings: Settings, port: int, components: Components, clock: Clock) -> None:
