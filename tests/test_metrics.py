@@ -5,13 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import re
-import signal
-import subprocess
-import sys
 import time
 import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
@@ -21,7 +16,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from service.gen.auth.v1 import admin_pb2, admin_pb2_grpc, auth_pb2, auth_pb2_grpc
 from tests.conftest import PASSWORD, LiveServer, ServerFactory
 from tests.helpers import refresh, refresh_fails
-from tests.test_cli import _SERVING_RE, _authsvc, _env
+from tests.test_cli import _authsvc, _env
+from tests.test_replicas import _server_process
 
 AUTH = "/auth.v1.AuthService/"
 _METRICS_RE = re.compile(r"metrics on http://127\.0\.0\.1:(\d+)/metrics")
@@ -139,7 +135,9 @@ def test_workers_add_up_on_the_supervisors_metrics(database_url: str, tmp_path: 
     )
     created = _authsvc("users", "create", "wes", "--password-stdin", env=env, stdin=PASSWORD + "\n")
     assert created.returncode == 0, created.stderr
-    with _serving_with_workers(env, workers=2) as (port, metrics_port):
+    banner: list[str] = []
+    with _server_process(env, workers=2, banner=banner) as (port, _):
+        metrics_port = _metrics_port(banner)
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         with channel:
             stub = auth_pb2_grpc.AuthServiceStub(channel)
@@ -178,34 +176,8 @@ def test_workers_add_up_on_the_supervisors_metrics(database_url: str, tmp_path: 
         assert value(samples, "authsvc_revocation_listener_up") == 1
 
 
-@contextmanager
-def _serving_with_workers(env: dict[str, str], workers: int) -> Iterator[tuple[int, int]]:
-    """`authsvc serve --workers N`; yields the gRPC port and the metrics port from the
-    banner, and stops it with SIGTERM after."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "service", "serve", "--workers", str(workers)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env=env,
-    )
-    try:
-        assert proc.stdout is not None
-        port = metrics_port = None
-        deadline = time.monotonic() + 60
-        while port is None and time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            if match := _METRICS_RE.search(line):
-                metrics_port = int(match.group(1))
-            if match := _SERVING_RE.search(line):
-                port = int(match.group(1))
-        assert port is not None and metrics_port is not None, "server did not start"
-        yield port, metrics_port
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+def _metrics_port(banner: list[str]) -> int:
+    for line in banner:
+        if match := _METRICS_RE.search(line):
+            return int(match.group(1))
+    raise AssertionError("no metrics address in the banner:\n" + "".join(banner))

@@ -29,8 +29,11 @@ PROPAGATION_LIMIT = 1.0  # seconds: the contract for other replicas
 
 
 @contextmanager
-def _server_process(env: dict[str, str], workers: int = 1) -> Iterator[tuple[int, int]]:
-    """An `authsvc serve` process; yields (port, pid) and stops it with SIGTERM after."""
+def _server_process(
+    env: dict[str, str], workers: int = 1, banner: list[str] | None = None
+) -> Iterator[tuple[int, int]]:
+    """An `authsvc serve` process; yields (port, pid) and stops it with SIGTERM after.
+    The lines it printed up to the address are appended to `banner` if given."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "service", "serve", "--workers", str(workers)],
         stdout=subprocess.PIPE,
@@ -46,6 +49,8 @@ def _server_process(env: dict[str, str], workers: int = 1) -> Iterator[tuple[int
             line = proc.stdout.readline()
             if not line:
                 break
+            if banner is not None:
+                banner.append(line)
             match = _SERVING_RE.search(line)
             if match:
                 port = int(match.group(1))

@@ -316,21 +316,21 @@ def run_bench(options: BenchOptions) -> str:
         }
         with local_server(workers=options.workers, extra_env=production_env) as (prod, prod_set):
             prod_users, prod_password = seed_users(prod_set, 16)
-            production = LoadPlan(
-                target=prod,
-                scenario="validate",
-                usernames=prod_users,
-                password=prod_password,
-                processes=options.processes,
-                concurrency=options.concurrency,
-                duration=options.duration,
-                label="validate-hot, metrics + service token",
-                service_token=service_token,
-            )
+            production = _ProductionServer(prod, prod_users, prod_password, service_token)
             return _run_bench(options, extra_env, production)
 
 
-def _run_bench(options: BenchOptions, extra_env: dict[str, str], production: LoadPlan) -> str:
+@dataclass(frozen=True)
+class _ProductionServer:
+    target: str
+    usernames: tuple[str, ...]
+    password: str
+    service_token: str
+
+
+def _run_bench(
+    options: BenchOptions, extra_env: dict[str, str], production: _ProductionServer
+) -> str:
     with local_server(workers=options.workers, extra_env=extra_env) as (target, settings):
         usernames, password = seed_users(settings, 16)
         base = LoadPlan(
@@ -348,7 +348,15 @@ def _run_bench(options: BenchOptions, extra_env: dict[str, str], production: Loa
             base,
             replace(base, scenario="validate"),
             replace(base, scenario="validate", cold_tokens=COLD_TOKENS_PER_PROCESS),
-            production,
+            replace(
+                base,
+                scenario="validate",
+                target=production.target,
+                usernames=production.usernames,
+                password=production.password,
+                service_token=production.service_token,
+                label="validate-hot, metrics + service token",
+            ),
         ]
         runs: list[list[ScenarioSummary]] = [[] for _ in interleaved]
         for _ in range(options.rounds):
