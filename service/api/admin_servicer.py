@@ -47,8 +47,10 @@ def _user_ref(check: RequestCheck, selector: admin_pb2.UserSelector, present: bo
     kind = selector.WhichOneof("selector") if present else None
     if kind == "user_id":
         raw = check.text("user.user_id", selector.user_id, limit=MAX_ID_BYTES)
+        if not raw or len(raw) > MAX_ID_BYTES:
+            return ""  # already reported
         try:
-            return uuid.UUID(raw) if raw else ""
+            return uuid.UUID(raw)
         except ValueError:
             check.violation(FieldViolation("user.user_id", "must be a UUID"))
             return ""
@@ -214,7 +216,8 @@ class AdminServicer:
         self, request: admin_pb2.RotateSigningKeyRequest, context: Context
     ) -> admin_pb2.RotateSigningKeyResponse:
         reject_undecodable(request)
-        info = await self._keys.rotate(reason="admin", actor=_operator(context).actor)
+        operator = _operator(context)
+        info = await self._keys.rotate(reason="admin", actor=operator.actor, peer=operator.peer)
         return admin_pb2.RotateSigningKeyResponse(key=_signing_key(info))
 
     @maps_errors

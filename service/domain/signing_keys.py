@@ -129,10 +129,12 @@ class SigningKeys:
             log.info("signing keys reloaded: %s", ", ".join(self.ring.kids))
             return True
 
-    async def rotate(self, *, reason: str = "manual", actor: str | None = None) -> SigningKeyInfo:
+    async def rotate(
+        self, *, reason: str = "manual", actor: str | None = None, peer: str | None = None
+    ) -> SigningKeyInfo:
         """Create a key that signs everywhere from `KEY_ACTIVATION_DELAY` on."""
         async with self._changing, self._store.bootstrap_lock():
-            record = await self._create(reason=reason, actor=actor)
+            record = await self._create(reason=reason, actor=actor, peer=peer)
         await self.reload()
         self._telemetry.signing_key_rotated()
         return self._info(record, successor=None, now=self._clock.now())
@@ -171,10 +173,15 @@ class SigningKeys:
     async def describe(self) -> list[SigningKeyInfo]:
         """Every stored key, newest first."""
         infos = self._infos(await self._store.signing_keys(), self._clock.now())
-        return sorted(infos, key=lambda i: (i.created_at, i.kid), reverse=True)
+        return sorted(infos, key=lambda i: (i.activates_at, i.created_at, i.kid), reverse=True)
 
     async def _create(
-        self, *, reason: str, actor: str | None = None, activation_delay: float | None = None
+        self,
+        *,
+        reason: str,
+        actor: str | None = None,
+        peer: str | None = None,
+        activation_delay: float | None = None,
     ) -> SigningKeyRecord:
         now = self._clock.now()
         delay = KEY_ACTIVATION_DELAY if activation_delay is None else activation_delay
@@ -185,7 +192,7 @@ class SigningKeys:
         if actor is not None:
             detail["actor"] = actor
         await self._store.insert_signing_key(
-            record, SecurityEvent(kind="signing_key_created", detail=detail)
+            record, SecurityEvent(kind="signing_key_created", peer=peer, detail=detail)
         )
         log.warning(
             "security: created signing key kid=%s alg=%s (%s); signs from %s",

@@ -413,11 +413,18 @@ class TokenService:
     async def revoke_session_of_anyone(
         self, session_id: uuid.UUID, *, reason: str, caller: CallerInfo
     ) -> int:
-        """An operator's revocation (admin API): any session, no ownership check."""
-        return await self._revoke_session(session_id, reason, caller, "admin")
+        """An operator's revocation (admin API): any session, no ownership check, and
+        recorded even when the session had ended already."""
+        return await self._revoke_session(session_id, reason, caller, "admin", always_record=True)
 
     async def _revoke_session(
-        self, session_id: uuid.UUID, reason: str, caller: CallerInfo, target: RevocationTarget
+        self,
+        session_id: uuid.UUID,
+        reason: str,
+        caller: CallerInfo,
+        target: RevocationTarget,
+        *,
+        always_record: bool = False,
     ) -> int:
         now = self._clock.now()
         revoked = await self._store.revoke_session(
@@ -430,6 +437,7 @@ class TokenService:
                 peer=caller.peer,
                 detail=caller.detail(reason=reason),
             ),
+            record_if_unchanged=always_record,
         )
         return self._revoked_here(revoked, now, target)
 

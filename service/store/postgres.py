@@ -524,13 +524,33 @@ class PostgresStore:
         return session_id
 
     async def revoke_session(
-        self, session_id: uuid.UUID, *, reason: str, now: datetime, event: SecurityEvent
+        self,
+        session_id: uuid.UUID,
+        *,
+        reason: str,
+        now: datetime,
+        event: SecurityEvent,
+        record_if_unchanged: bool = False,
     ) -> list[uuid.UUID]:
-        """Revoke one session: [its id] if this call revoked it, else []."""
+        """Revoke one session: [its id] if this call revoked it, else []. The event names
+        the session's user; it is recorded only if the call revoked the session, unless
+        `record_if_unchanged` (an operator's call is recorded whatever it changed)."""
         async with self._transaction() as conn:
             revoked = await self._revoke_session(conn, session_id, reason, now)
-            if revoked:
-                await self._insert_event(conn, event, now)
+            if revoked or record_if_unchanged:
+                owner = await conn.fetchval(
+                    "SELECT user_id FROM sessions WHERE id = $1", session_id
+                )
+                detail = {**(event.detail or {}), **({} if revoked else {"unchanged": "true"})}
+                await self._insert_event(
+                    conn,
+                    replace(
+                        event,
+                        subject=event.subject or (None if owner is None else str(owner)),
+                        detail=detail,
+                    ),
+                    now,
+                )
         return revoked
 
     async def revoke_user_sessions(
