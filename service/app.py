@@ -283,7 +283,7 @@ async def _serve_grpc(
             CallerAuthInterceptor(directory=directory, guarded=settings.caller_auth)
         )
     server = grpc.aio.server(
-        interceptors=interceptors,
+        interceptors=interceptors or None,
         # Beyond this, calls are refused at once (RESOURCE_EXHAUSTED) instead of queueing
         # without bound behind a slow database or a login burst.
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
