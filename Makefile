@@ -19,15 +19,17 @@ run: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest
 
+LINTED := service tests scripts examples/python/orders_service.py
+
 lint: $(STAMP) check-proto
-	$(VENV)/bin/ruff check service tests scripts
-	$(VENV)/bin/ruff format --check service tests scripts
+	$(VENV)/bin/ruff check $(LINTED)
+	$(VENV)/bin/ruff format --check $(LINTED)
 	$(VENV)/bin/mypy
 	cd protos && ../$(VENV)/bin/buf lint
 
 fmt: $(STAMP)
-	$(VENV)/bin/ruff format service tests scripts
-	$(VENV)/bin/ruff check --fix service tests scripts
+	$(VENV)/bin/ruff format $(LINTED)
+	$(VENV)/bin/ruff check --fix $(LINTED)
 
 # Regenerate service/gen/ from protos/ (the output is committed).
 proto: $(STAMP)
