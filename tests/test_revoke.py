@@ -9,6 +9,7 @@ import json
 import secrets
 import uuid
 
+import asyncpg
 import grpc
 import jwt as pyjwt
 import pytest
@@ -455,3 +456,38 @@ async def test_a_login_checked_against_a_password_changed_meanwhile_starts_no_se
         session, SecurityEvent(kind="login_succeeded"), verified_hash=current
     )
     assert created is False
+
+
+@pytest.mark.parametrize("change", ["disable", "set_password"])
+async def test_a_user_change_cut_short_changes_nothing(server: LiveServer, change: str) -> None:
+    """Disabling a user or changing a password, its event and the end of the user's
+    sessions are one transaction: if any part fails, the user is as before and the
+    sessions live on (never a disabled user, or a new password, with sessions still alive)."""
+    await server.create_user("ursula")
+    pair = await server.login("ursula")
+    async with server.pool.acquire() as conn:
+        await conn.execute(
+            """CREATE FUNCTION refuse_event() RETURNS trigger LANGUAGE plpgsql AS
+               $$ BEGIN RAISE EXCEPTION 'injected failure'; END $$;
+               CREATE TRIGGER refuse_event BEFORE INSERT ON security_events
+               FOR EACH ROW WHEN (NEW.kind = 'sessions_revoked') EXECUTE FUNCTION refuse_event();"""
+        )
+    users = server.running.components.users
+    attempt = (
+        users.set_disabled("ursula", True)
+        if change == "disable"
+        else users.set_password("ursula", "an entirely new password")
+    )
+    with pytest.raises(asyncpg.RaiseError):
+        await attempt
+    async with server.pool.acquire() as conn:
+        row = await conn.fetchrow("SELECT disabled, password_hash FROM users")
+        revoked = await conn.fetchval("SELECT count(*) FROM sessions WHERE revoked_at IS NOT NULL")
+        kinds = await conn.fetch("SELECT kind FROM security_events")
+    assert row is not None and not row["disabled"]
+    assert revoked == 0
+    assert {k["kind"] for k in kinds} == {"signing_key_created", "user_created", "login_succeeded"}
+    verdict = await server.stub.Validate(auth_pb2.ValidateRequest(access_token=pair.access_token))
+    assert verdict.valid
+    # The old password still logs in: the new hash was not kept either.
+    assert (await server.login("ursula")).access_token

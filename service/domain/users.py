@@ -89,28 +89,63 @@ class UserDirectory:
         """Change a password; by default every existing session ends with it (how many)."""
         record = await self.find(user)
         password_hash = await self._hasher.hash(password)
-        now = to_datetime(self._clock.now())
-        await self._store.set_password_hash(record.id, password_hash, now=now)
-        await self._record("password_changed", record.id, caller, now)
-        if not revoke_sessions:
-            return 0
-        return await self._tokens.revoke_all_sessions(
-            record.id, reason="password_changed", caller=caller
+        return await self._change(
+            record,
+            caller,
+            "password_changed",
+            password_hash=password_hash,
+            revoke_reason="password_changed" if revoke_sessions else None,
         )
 
     async def set_disabled(self, user: UserRef, disabled: bool, *, caller: CallerInfo = CLI) -> int:
         """Disable (ending every session; returns how many) or enable a user."""
         record = await self.find(user)
-        now = to_datetime(self._clock.now())
-        await self._store.set_user_disabled(record.id, disabled, now=now)
-        kind = "user_disabled" if disabled else "user_enabled"
-        await self._record(kind, record.id, caller, now)
-        if not disabled:
-            return 0
-        log.warning("security: user %s disabled; revoking their sessions", record.id)
-        return await self._tokens.revoke_all_sessions(
-            record.id, reason="user_disabled", caller=caller
+        if disabled:
+            log.warning("security: user %s disabled; revoking their sessions", record.id)
+        return await self._change(
+            record,
+            caller,
+            "user_disabled" if disabled else "user_enabled",
+            disabled=disabled,
+            revoke_reason="user_disabled" if disabled else None,
         )
+
+    async def _change(
+        self,
+        record: UserRecord,
+        caller: CallerInfo,
+        kind: str,
+        *,
+        password_hash: str | None = None,
+        disabled: bool | None = None,
+        revoke_reason: str | None,
+    ) -> int:
+        """The change, its event and (with `revoke_reason`) the end of every session, all in
+        one transaction; how many sessions ended."""
+        subject = str(record.id)
+        events = [
+            SecurityEvent(kind=kind, subject=subject, peer=caller.peer, detail=caller.detail())
+        ]
+        if revoke_reason is not None:
+            events.append(
+                SecurityEvent(
+                    kind="sessions_revoked",
+                    subject=subject,
+                    peer=caller.peer,
+                    detail=caller.detail(reason=revoke_reason),
+                )
+            )
+        revoked = await self._store.change_user(
+            record.id,
+            now=to_datetime(self._clock.now()),
+            password_hash=password_hash,
+            disabled=disabled,
+            revoke_reason=revoke_reason,
+            events=events,
+        )
+        if revoked is None:  # deleted meanwhile
+            raise UserNotFound()
+        return self._tokens.revoked_elsewhere(revoked, "admin")
 
     async def delete(self, user: UserRef, *, caller: CallerInfo = CLI) -> int:
         """Delete a user: sessions revoked, username free; how many sessions ended."""

@@ -117,10 +117,12 @@ SELECT c.expires_at AS child_expires_at, (c.used_at IS NOT NULL) AS child_used,
 # A login: the session, its first refresh token and the security event, written
 # only if the user is still enabled and still has the password hash that was just
 # verified: a disable or password change that commits during the (slow) hash check
-# must not be outrun by the login it should stop.
+# must not be outrun by the login it should stop. FOR SHARE makes a login that meets a
+# disable, delete or password change in flight wait for it and check the new row, and
+# makes that change wait for the login, whose session its revocation then sees.
 CREATE_SESSION_SQL = """
 WITH still_valid AS (
-    SELECT 1 FROM users WHERE id = $2 AND NOT disabled AND password_hash = $14),
+    SELECT 1 FROM users WHERE id = $2 AND NOT disabled AND password_hash = $14 FOR SHARE),
 session AS (
     INSERT INTO sessions (id, user_id, scopes, audience, created_at, expires_at, peer, user_agent)
     SELECT $1, $2, $3, $4, $5, $6, $7, $8 FROM still_valid
@@ -268,15 +270,40 @@ class PostgresStore:
                 replacing,
             )
 
-    async def set_user_disabled(self, user_id: uuid.UUID, disabled: bool, *, now: datetime) -> None:
-        async with self._connection() as conn:
-            await conn.execute(
-                """UPDATE users SET disabled = $2, updated_at = $3
-                    WHERE id = $1 AND deleted_at IS NULL""",
+    async def change_user(
+        self,
+        user_id: uuid.UUID,
+        *,
+        now: datetime,
+        password_hash: str | None = None,
+        disabled: bool | None = None,
+        revoke_reason: str | None = None,
+        events: list[SecurityEvent],
+    ) -> list[uuid.UUID] | None:
+        """One transaction: set a new password hash and/or the disabled flag, revoke every
+        live session if `revoke_reason` is given (with the NOTIFY), and record the events.
+        All of it or none: a change cut short can never leave the old sessions alive.
+        The ids revoked, or None if there is no such user."""
+        async with self._transaction() as conn:
+            found = await conn.fetchval(
+                """UPDATE users SET password_hash = coalesce($2, password_hash),
+                                    disabled = coalesce($3, disabled), updated_at = $4
+                    WHERE id = $1 AND deleted_at IS NULL RETURNING id""",
                 user_id,
+                password_hash,
                 disabled,
                 now,
             )
+            if found is None:
+                return None
+            revoked = (
+                []
+                if revoke_reason is None
+                else await self._revoke_user_sessions(conn, user_id, revoke_reason, now)
+            )
+            for event in events:
+                await self._insert_event(conn, event, now)
+        return revoked
 
     async def delete_user(
         self, user_id: uuid.UUID, *, now: datetime, event: SecurityEvent
@@ -294,14 +321,7 @@ class PostgresStore:
             )
             if found is None:
                 return None
-            rows = await conn.fetch(
-                """UPDATE sessions SET revoked_at = $2, revoke_reason = 'user_deleted'
-                    WHERE user_id = $1 AND revoked_at IS NULL RETURNING id""",
-                user_id,
-                now,
-            )
-            revoked = [r["id"] for r in rows]
-            await self._notify_revoked(conn, revoked, now)
+            revoked = await self._revoke_user_sessions(conn, user_id, "user_deleted", now)
             await self._insert_event(conn, event, now)
         return revoked
 
@@ -558,16 +578,23 @@ class PostgresStore:
     ) -> list[uuid.UUID]:
         """Revoke every live session of a user; the ids this call revoked."""
         async with self._transaction() as conn:
-            rows = await conn.fetch(
-                """UPDATE sessions SET revoked_at = $2, revoke_reason = $3
-                    WHERE user_id = $1 AND revoked_at IS NULL RETURNING id""",
-                user_id,
-                now,
-                reason,
-            )
-            revoked = [r["id"] for r in rows]
-            await self._notify_revoked(conn, revoked, now)
+            revoked = await self._revoke_user_sessions(conn, user_id, reason, now)
             await self._insert_event(conn, event, now)
+        return revoked
+
+    @classmethod
+    async def _revoke_user_sessions(
+        cls, conn: asyncpg.Connection, user_id: uuid.UUID, reason: str, now: datetime
+    ) -> list[uuid.UUID]:
+        rows = await conn.fetch(
+            """UPDATE sessions SET revoked_at = $2, revoke_reason = $3
+                WHERE user_id = $1 AND revoked_at IS NULL RETURNING id""",
+            user_id,
+            now,
+            reason,
+        )
+        revoked: list[uuid.UUID] = [r["id"] for r in rows]
+        await cls._notify_revoked(conn, revoked, now)
         return revoked
 
     @classmethod
