@@ -123,6 +123,7 @@ async def build_components(
             else None
         ),
         telemetry=telemetry,
+        signing_keys=signing_keys,
     )
     users = UserDirectory(store=store, hasher=hasher, tokens=tokens, clock=clock)
     return Components(

@@ -614,3 +614,52 @@ async def test_rotation_across_two_server_processes_with_tokens_in_flight(
         finally:
             await p1.channel.close()
             await p2.channel.close()
+
+
+# 6. A replica that missed the news.
+
+
+async def test_a_replica_that_missed_a_rotation_still_accepts_the_new_keys_tokens(
+    server_factory: ServerFactory,
+) -> None:
+    """The NOTIFY can be late or lost (listener down and reconnecting, poll minutes away):
+    the first token naming a key a replica has not loaded makes it look for new keys,
+    instead of refusing a valid token. Made-up key ids cost one look a second at most."""
+    first = await server_factory(revocation_poll_interval=600.0)
+    second = await server_factory(revocation_poll_interval=600.0)
+    await second.running.revocation_feed.stop()  # deaf: neither NOTIFY nor poll reach it
+    await first.create_user("milo")
+    rotated = await _admin(first).RotateSigningKey(admin_pb2.RotateSigningKeyRequest())
+    first.clock.advance(KEY_ACTIVATION_DELAY)
+    pair = await first.login("milo")
+    assert _kid(pair.access_token) == rotated.key.kid
+    assert rotated.key.kid not in second.running.components.signing_keys.ring.kids
+
+    verdict = await validate(second, pair.access_token)
+    assert verdict.valid, auth_pb2.ValidationError.Name(verdict.error)
+    assert rotated.key.kid in await _jwks_kids(second.stub)
+
+    # A forged token naming a key nobody has: refused, and it cannot make the replica
+    # read the database more than once a second.
+    header = {"alg": "ES256", "typ": "at+jwt", "kid": "A" * 16}
+    forged = (
+        ".".join(
+            base64.urlsafe_b64encode(json.dumps(part).encode()).rstrip(b"=").decode()
+            for part in (header, {"sub": "x"})
+        )
+        + ".c2ln"
+    )
+    keys = second.running.components.signing_keys
+    reloads = 0
+    original = keys.reload
+
+    async def counting_reload() -> bool:
+        nonlocal reloads
+        reloads += 1
+        return await original()
+
+    keys.reload = counting_reload  # type: ignore[method-assign]
+    for _ in range(20):
+        refused = await validate(second, forged)
+        assert refused.error == auth_pb2.VALIDATION_ERROR_BAD_SIGNATURE
+    assert reloads <= 1

@@ -111,7 +111,9 @@ class AuthServicer:
             "audience", request.audience, limit=MAX_AUDIENCE_BYTES, required=False
         )
         check.done()
-        result = self._tokens.validate(token, required_scopes=required, audience=audience or None)
+        result = await self._tokens.validate_with_new_keys(
+            token, required_scopes=required, audience=audience or None
+        )
         if result.claims is None:
             assert result.problem is not None
             return auth_pb2.ValidateResponse(valid=False, error=_PROBLEMS[result.problem])

@@ -28,6 +28,8 @@ TOKEN_TYPE = "at+jwt"
 _ACCEPTED_TYPES = frozenset({"at+jwt", "application/at+jwt"})
 _SEGMENT_RE = re.compile(r"[A-Za-z0-9_-]+")
 _ALGORITHMS: dict[str, Algorithm] = get_default_algorithms()
+# What our key ids look like (secrets.token_urlsafe(12)); anything else is no key of ours.
+_KID_RE = re.compile(r"[A-Za-z0-9_-]{16}")
 
 
 class TokenProblem(enum.Enum):
@@ -45,9 +47,11 @@ class TokenProblem(enum.Enum):
 class TokenRejected(Exception):
     """An access token failed a check."""
 
-    def __init__(self, problem: TokenProblem) -> None:
+    def __init__(self, problem: TokenProblem, *, unknown_kid: str | None = None) -> None:
         super().__init__(problem.value)
         self.problem = problem
+        self.unknown_kid = unknown_kid
+        """Set when the token names a key this process has not loaded (maybe brand new)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,8 +154,12 @@ class AccessTokenCodec:
             raise TokenRejected(TokenProblem.MALFORMED)
         header = _json_object(_b64decode(header_b64))
         self._check_type(header)
-        key = self.key_ring.verification_key(header.get("kid"))
-        if key is None or header.get("alg") != key.alg:
+        kid = header.get("kid")
+        key = self.key_ring.verification_key(kid)
+        if key is None:
+            plausible = isinstance(kid, str) and _KID_RE.fullmatch(kid) is not None
+            raise TokenRejected(TokenProblem.BAD_SIGNATURE, unknown_kid=kid if plausible else None)
+        if header.get("alg") != key.alg:
             raise TokenRejected(TokenProblem.BAD_SIGNATURE)
         signature = _b64decode(signature_b64)
         signing_input = f"{header_b64}.{payload_b64}".encode("ascii")

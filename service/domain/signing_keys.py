@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
 from service.clock import Clock, to_datetime
@@ -37,6 +38,9 @@ log = logging.getLogger(__name__)
 
 KEY_ACTIVATION_DELAY = 0.5
 """Seconds between a key's creation and its first signature (NOTIFY takes milliseconds)."""
+UNKNOWN_KID_RELOAD_INTERVAL = 1.0
+"""A token naming an unknown key makes this process look for new keys at most this often
+(real seconds), so that made-up key ids cannot turn into database load."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +83,7 @@ class SigningKeys:
         self._opened: dict[str, SigningKey] = {}  # parsed once per process
         self._ring: KeyRing | None = None
         self._reloading = asyncio.Lock()
+        self._looked_at = -UNKNOWN_KID_RELOAD_INTERVAL
         # One key change at a time per process: the database lock holds a pooled
         # connection while waiting, and the change inside needs another, so a burst of
         # rotations must not hold every connection waiting for that lock.
@@ -128,6 +133,22 @@ class SigningKeys:
                 del self._opened[kid]
             log.info("signing keys reloaded: %s", ", ".join(self.ring.kids))
             return True
+
+    async def look_for(self, kid: str) -> bool:
+        """Whether `kid` is loaded, after reloading if it was not and no other unknown key
+        made us look within the last `UNKNOWN_KID_RELOAD_INTERVAL`."""
+        if self.ring.verification_key(kid) is not None:
+            return True
+        now = time.monotonic()
+        if now - self._looked_at < UNKNOWN_KID_RELOAD_INTERVAL:
+            return False
+        self._looked_at = now
+        try:
+            await self.reload()
+        except Exception as exc:  # the database may be down: answer with what we have
+            log.warning("looking for new signing keys failed (%s)", type(exc).__name__)
+            return False
+        return self.ring.verification_key(kid) is not None
 
     async def rotate(
         self, *, reason: str = "manual", actor: str | None = None, peer: str | None = None
@@ -183,10 +204,15 @@ class SigningKeys:
         peer: str | None = None,
         activation_delay: float | None = None,
     ) -> SigningKeyRecord:
-        now = self._clock.now()
         delay = KEY_ACTIVATION_DELAY if activation_delay is None else activation_delay
-        record = generate_signing_key(
-            self._alg, self._box, to_datetime(now), activates_at=to_datetime(now + delay)
+        # Off the event loop (a 3072-bit RSA key takes a good part of a second), and the
+        # activation time counted from when the key is ready, not from before.
+        generated = await asyncio.to_thread(
+            generate_signing_key, self._alg, self._box, to_datetime(self._clock.now())
+        )
+        now = self._clock.now()
+        record = replace(
+            generated, created_at=to_datetime(now), activates_at=to_datetime(now + delay)
         )
         detail = {"kid": record.kid, "alg": record.alg, "reason": reason}
         if actor is not None:

@@ -31,6 +31,7 @@ from service.domain.refresh_tokens import (
     new_refresh_token,
 )
 from service.domain.revocation import RevocationState, VerifiedTokenCache
+from service.domain.signing_keys import SigningKeys
 from service.domain.telemetry import NoTelemetry, RevocationTarget, Telemetry
 from service.domain.throttle import LoginThrottle
 from service.errors import (
@@ -69,6 +70,8 @@ class Validation:
 
     claims: AccessClaims | None
     problem: TokenProblem | None
+    unknown_kid: str | None = None
+    """The token names a key this process has not loaded (see `validate_with_new_keys`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,8 +125,10 @@ class TokenService:
         clock: Clock,
         throttle: LoginThrottle | None = None,
         telemetry: Telemetry | None = None,
+        signing_keys: SigningKeys | None = None,
     ) -> None:
         self._settings = settings
+        self._signing_keys = signing_keys
         self._telemetry = telemetry or NoTelemetry()
         self._throttle = throttle
         self._revocations = revocations
@@ -313,12 +318,29 @@ class TokenService:
         try:
             claims = self._verified(access_token)
         except TokenRejected as rejected:
-            return Validation(claims=None, problem=rejected.problem)
+            return Validation(
+                claims=None, problem=rejected.problem, unknown_kid=rejected.unknown_kid
+            )
         if audience and audience not in claims.audiences:
             return Validation(claims=None, problem=TokenProblem.WRONG_AUDIENCE)
         if not set(required_scopes) <= set(claims.scopes):
             return Validation(claims=None, problem=TokenProblem.INSUFFICIENT_SCOPE)
         return Validation(claims=claims, problem=None)
+
+    async def validate_with_new_keys(
+        self, access_token: str, *, required_scopes: tuple[str, ...], audience: str | None
+    ) -> Validation:
+        """`validate`, except that a token naming a key this process has not loaded yet (one
+        rotated in on another replica a moment ago, whose NOTIFY is late) makes it look for
+        new keys once, rate-limited, before answering."""
+        result = self.validate(access_token, required_scopes=required_scopes, audience=audience)
+        if (
+            result.unknown_kid is not None
+            and self._signing_keys is not None
+            and await self._signing_keys.look_for(result.unknown_kid)
+        ):
+            result = self.validate(access_token, required_scopes=required_scopes, audience=audience)
+        return result
 
     def _verified(self, access_token: str) -> AccessClaims:
         """Signature, claims, lifetime and revocation: all but audience and scope.
