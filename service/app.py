@@ -7,7 +7,8 @@ import contextlib
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator, Callable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -29,8 +30,9 @@ from service.domain.revocation import RevocationState, VerifiedTokenCache
 from service.domain.signing_keys import SigningKeys
 from service.domain.telemetry import NoTelemetry, Telemetry
 from service.domain.throttle import LoginThrottle
-from service.domain.tokens import TokenService, load_refresh_secret
+from service.domain.tokens import CallerInfo, TokenService, load_refresh_secret
 from service.domain.users import UserDirectory
+from service.errors import AuthError
 from service.gen.auth.v1 import admin_pb2, auth_pb2
 from service.metrics import (
     MetricsEndpoint,
@@ -52,6 +54,7 @@ AUTH_SERVICE_NAME = auth_pb2.DESCRIPTOR.services_by_name["AuthService"].full_nam
 ADMIN_SERVICE_NAME = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
 # A health "service" that says whether revocations are heard live (see README).
 REVOCATIONS_HEALTH_NAME = "authsvc.revocations"
+_REFUSALS_RECORDED_PER_SECOND = 20
 
 
 def key_encryption_key(settings: Settings) -> bytes:
@@ -281,7 +284,11 @@ async def _serve_grpc(
         interceptors.append(MetricsInterceptor(telemetry))
     if directory is not None:
         interceptors.append(
-            CallerAuthInterceptor(directory=directory, guarded=settings.caller_auth)
+            CallerAuthInterceptor(
+                directory=directory,
+                guarded=settings.caller_auth,
+                on_admin_refused=_refusal_recorder(components.users),
+            )
         )
     server = grpc.aio.server(
         interceptors=interceptors or None,
@@ -318,6 +325,32 @@ async def _serve_grpc(
     for service_name in ("", AUTH_SERVICE_NAME, ADMIN_SERVICE_NAME):
         await health.set(service_name, health_pb2.HealthCheckResponse.SERVING)
     return server, port
+
+
+def _refusal_recorder(
+    users: UserDirectory,
+) -> Callable[[str, str, str | None, str | None], Awaitable[None]]:
+    """Records admin calls refused for their credentials as security events, at most
+    `_REFUSALS_RECORDED_PER_SECOND` a second per process: an unauthenticated flood must not
+    become as many database writes (the log line is written for every one)."""
+    window = [0.0, 0]  # start of the current second, events recorded in it
+
+    async def record(method: str, reason: str, peer: str | None, service: str | None) -> None:
+        now = time.monotonic()
+        if now - window[0] >= 1.0:
+            window[0], window[1] = now, 0
+        if window[1] >= _REFUSALS_RECORDED_PER_SECOND:
+            return
+        window[1] += 1
+        with contextlib.suppress(AuthError):
+            await users.audit(
+                "admin_call_refused",
+                caller=CallerInfo(peer=peer, actor=f"admin:{service or 'unauthenticated'}"),
+                method=method.rpartition("/")[2],
+                reason=reason,
+            )
+
+    return record
 
 
 def _log_start_up(settings: Settings, port: int, components: Components, clock: Clock) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import time
 import uuid
 from collections.abc import Awaitable
 from pathlib import Path
@@ -760,3 +761,51 @@ async def test_admin_calls_need_an_admin_service_token(
 
     for secret in (ops_secret, reader_secret):
         assert secret not in caplog.text
+    # The refused calls are security events too, naming the known service if there was one.
+    refused = await server.pool.fetch(
+        """SELECT detail->>'method' AS method, detail->>'reason' AS reason,
+                  detail->>'actor' AS actor, peer
+             FROM security_events WHERE kind = 'admin_call_refused' ORDER BY id"""
+    )
+    assert [(r["method"], r["reason"], r["actor"]) for r in refused] == [
+        ("CreateUser", "SERVICE_CREDENTIALS_REQUIRED", "admin:unauthenticated"),
+        ("ListSigningKeys", "SERVICE_CREDENTIALS_REQUIRED", "admin:unauthenticated"),
+        ("CreateUser", "SERVICE_CREDENTIALS_REQUIRED", "admin:unauthenticated"),
+        ("ListSigningKeys", "SERVICE_CREDENTIALS_REQUIRED", "admin:unauthenticated"),
+        ("CreateUser", "SERVICE_NOT_PERMITTED", "admin:reader"),
+        ("RotateSigningKey", "SERVICE_NOT_PERMITTED", "admin:reader"),
+    ]
+    assert all(r["peer"] for r in refused)
+    # A flood of refused calls is logged in full but recorded at a bounded rate.
+    started = time.monotonic()
+    for _ in range(60):
+        await call_error(
+            admin.ListSigningKeys(admin_pb2.ListSigningKeysRequest(), metadata=stranger)
+        )
+    seconds = time.monotonic() - started
+    recorded = await server.pool.fetchval(
+        "SELECT count(*) FROM security_events WHERE kind = 'admin_call_refused'"
+    )
+    assert recorded - len(refused) <= 20 * (int(seconds) + 2)
+
+
+async def test_refused_admin_calls_are_security_events(server: LiveServer) -> None:
+    """An audit trail that only shows what succeeded would hide the probing before it."""
+    admin = admin_stub(server)
+    error = await call_error(
+        admin.DisableUser(
+            admin_pb2.DisableUserRequest(user=admin_pb2.UserSelector(username="nobody"))
+        )
+    )
+    assert_error(error, grpc.StatusCode.NOT_FOUND, "USER_NOT_FOUND")
+    error = await call_error(create(admin, "", "short"))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    refused = await server.pool.fetch(
+        """SELECT detail->>'method' AS method, detail->>'reason' AS reason,
+                  detail->>'actor' AS actor
+             FROM security_events WHERE kind = 'admin_call_refused' ORDER BY id"""
+    )
+    assert [(r["method"], r["reason"], r["actor"]) for r in refused] == [
+        ("DisableUser", "USER_NOT_FOUND", "admin:anonymous"),
+        ("CreateUser", "INVALID_ARGUMENT", "admin:anonymous"),
+    ]

@@ -6,6 +6,8 @@ service's name arrives here as the actor recorded with every security event.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import uuid
 from dataclasses import replace
 
@@ -18,13 +20,13 @@ from service.api.requests import (
     MAX_USERNAME_BYTES,
     RequestCheck,
 )
-from service.api.status import maps_errors
+from service.api.status import Handler, Req, Resp, maps_errors
 from service.api.wire import Context, add_servicer, caller_info, reject_undecodable, timestamp
 from service.domain.records import SessionRecord, UserRecord
 from service.domain.signing_keys import SigningKeyInfo, SigningKeys
 from service.domain.tokens import CallerInfo
 from service.domain.users import MIN_PASSWORD_LENGTH, UserDirectory, UserRef
-from service.errors import FieldViolation
+from service.errors import AuthError, FieldViolation
 from service.gen.auth.v1 import admin_pb2
 
 MAX_PAGE_SIZE = 100
@@ -110,6 +112,30 @@ def _signing_key(info: SigningKeyInfo) -> admin_pb2.SigningKey:
     return key
 
 
+def _records_refusals(
+    handler: Handler[AdminServicer, Req, Resp],
+) -> Handler[AdminServicer, Req, Resp]:
+    """A refused admin call (unknown user, bad argument, ...) is a security event too: an
+    audit trail that only shows what succeeded hides the probing before it."""
+
+    @functools.wraps(handler)
+    async def wrapper(self: AdminServicer, request: Req, context: Context) -> Resp:
+        try:
+            return await handler(self, request, context)
+        except AuthError as error:
+            # Recording must not hide the answer (the database may be what failed).
+            with contextlib.suppress(AuthError):
+                await self._users.audit(
+                    "admin_call_refused",
+                    caller=_operator(context),
+                    method=handler.__name__,
+                    reason=error.reason,
+                )
+            raise
+
+    return wrapper
+
+
 class AdminServicer:
     """Implements auth.v1.AdminService."""
 
@@ -118,6 +144,7 @@ class AdminServicer:
         self._keys = keys
 
     @maps_errors
+    @_records_refusals
     async def CreateUser(
         self, request: admin_pb2.CreateUserRequest, context: Context
     ) -> admin_pb2.CreateUserResponse:
@@ -131,6 +158,7 @@ class AdminServicer:
         return admin_pb2.CreateUserResponse(user=_user(user))
 
     @maps_errors
+    @_records_refusals
     async def SetPassword(
         self, request: admin_pb2.SetPasswordRequest, context: Context
     ) -> admin_pb2.SetPasswordResponse:
@@ -145,6 +173,7 @@ class AdminServicer:
         return admin_pb2.SetPasswordResponse(revoked_sessions=revoked)
 
     @maps_errors
+    @_records_refusals
     async def DisableUser(
         self, request: admin_pb2.DisableUserRequest, context: Context
     ) -> admin_pb2.DisableUserResponse:
@@ -156,6 +185,7 @@ class AdminServicer:
         return admin_pb2.DisableUserResponse(revoked_sessions=revoked)
 
     @maps_errors
+    @_records_refusals
     async def EnableUser(
         self, request: admin_pb2.EnableUserRequest, context: Context
     ) -> admin_pb2.EnableUserResponse:
@@ -167,6 +197,7 @@ class AdminServicer:
         return admin_pb2.EnableUserResponse()
 
     @maps_errors
+    @_records_refusals
     async def DeleteUser(
         self, request: admin_pb2.DeleteUserRequest, context: Context
     ) -> admin_pb2.DeleteUserResponse:
@@ -178,6 +209,7 @@ class AdminServicer:
         return admin_pb2.DeleteUserResponse(revoked_sessions=revoked)
 
     @maps_errors
+    @_records_refusals
     async def ListSessions(
         self, request: admin_pb2.ListSessionsRequest, context: Context
     ) -> admin_pb2.ListSessionsResponse:
@@ -201,6 +233,7 @@ class AdminServicer:
         )
 
     @maps_errors
+    @_records_refusals
     async def RevokeSession(
         self, request: admin_pb2.RevokeSessionRequest, context: Context
     ) -> admin_pb2.RevokeSessionResponse:
@@ -212,6 +245,7 @@ class AdminServicer:
         return admin_pb2.RevokeSessionResponse(revoked_sessions=revoked)
 
     @maps_errors
+    @_records_refusals
     async def RotateSigningKey(
         self, request: admin_pb2.RotateSigningKeyRequest, context: Context
     ) -> admin_pb2.RotateSigningKeyResponse:
@@ -221,6 +255,7 @@ class AdminServicer:
         return admin_pb2.RotateSigningKeyResponse(key=_signing_key(info))
 
     @maps_errors
+    @_records_refusals
     async def ListSigningKeys(
         self, request: admin_pb2.ListSigningKeysRequest, context: Context
     ) -> admin_pb2.ListSigningKeysResponse:

@@ -176,9 +176,21 @@ Behavior = Callable[[Any, Context], Awaitable[Any]]
 class CallerAuthInterceptor(grpc.aio.ServerInterceptor):
     """Refuses guarded calls from unknown services before the method runs."""
 
-    def __init__(self, *, directory: ServiceDirectory, guarded: frozenset[str]) -> None:
+    def __init__(
+        self,
+        *,
+        directory: ServiceDirectory,
+        guarded: frozenset[str],
+        on_admin_refused: Callable[[str, str, str | None, str | None], Awaitable[None]]
+        | None = None,
+    ) -> None:
         self._directory = directory
         self._guarded = guarded
+        # (method, reason, peer, known service or None) of refused admin calls, recorded as
+        # security events.
+        self._on_admin_refused = on_admin_refused
+        # grpc.aio asks the interceptors on every call: wrap each method's handler once.
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler[Any, Any], Any]] = {}
 
     async def intercept_service(
         self,
@@ -188,15 +200,27 @@ class CallerAuthInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(handler_call_details)
-        group = call_group(handler_call_details.method)
-        if handler is None or group not in self._guarded or handler.unary_unary is None:
+        method = handler_call_details.method
+        group = call_group(method)
+        if handler is None or group not in self._guarded:
             return handler
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            guarded_handler: grpc.RpcMethodHandler[Any, Any] | None = cached[1]
+            return guarded_handler
+        if handler.unary_unary is None:
+            # Only unary calls can be guarded here: refuse any other kind (UNIMPLEMENTED)
+            # rather than serve it unguarded.
+            log.error("%s is not unary-unary; caller authentication refuses to serve it", method)
+            return None
         behavior: Behavior = handler.unary_unary  # type: ignore[assignment]  # aio: async
-        return grpc.unary_unary_rpc_method_handler(
-            self._guard(behavior, group, handler_call_details.method),
+        guarded_handler = grpc.unary_unary_rpc_method_handler(
+            self._guard(behavior, group, method),
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
+        self._wrapped[method] = (handler, guarded_handler)
+        return guarded_handler
 
     def _guard(self, behavior: Behavior, group: str, method: str) -> Behavior:
         directory = self._directory
@@ -219,6 +243,13 @@ class CallerAuthInterceptor(grpc.aio.ServerInterceptor):
                     "an unknown caller" if service is None else service.name,
                     context.peer(),
                 )
+                if group == "admin" and self._on_admin_refused is not None:
+                    await self._on_admin_refused(
+                        method,
+                        error.reason,
+                        context.peer(),
+                        None if service is None else service.name,
+                    )
                 await context.abort_with_status(to_status(error))
             assert service is not None
             reset = _calling_service.set(service.name)

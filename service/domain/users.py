@@ -200,10 +200,10 @@ class UserDirectory:
             sid, reason="revoked_by_operator", caller=caller
         )
 
-    async def audit(self, kind: str, *, caller: CallerInfo) -> None:
-        """Record an operator's read (listing keys) as a security event."""
+    async def audit(self, kind: str, *, caller: CallerInfo, **detail: str) -> None:
+        """Record an operator's call that changed nothing (a read, a refusal)."""
         await self._store.record_event(
-            SecurityEvent(kind=kind, peer=caller.peer, detail=caller.detail()),
+            SecurityEvent(kind=kind, peer=caller.peer, detail=caller.detail(**detail)),
             now=to_datetime(self._clock.now()),
         )
 
