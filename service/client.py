@@ -201,7 +201,10 @@ def _token_pair(pair: auth_pb2.TokenPair) -> TokenPair:
 def _validation(response: auth_pb2.ValidateResponse) -> Validation:
     error = None
     if not response.valid:
-        name = auth_pb2.ValidationError.Name(response.error)
+        try:
+            name = auth_pb2.ValidationError.Name(response.error)
+        except ValueError:  # a newer server's reason: still "not valid", never a crash
+            name = f"{_ERROR_PREFIX}UNKNOWN_{int(response.error)}"
         error = name.removeprefix(_ERROR_PREFIX)
     return Validation(
         valid=response.valid,

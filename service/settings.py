@@ -235,9 +235,11 @@ class Settings:
             raise SettingsError("AUTH_TLS_KEY: AUTH_TLS_CERT and AUTH_TLS_KEY go together")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise SettingsError("AUTH_TLS_CLIENT_CA: needs AUTH_TLS_CERT and AUTH_TLS_KEY")
-        if self.caller_auth and self.service_tokens_file is None and self.tls_client_ca is None:
+        if self.caller_auth and self.service_tokens_file is None:
+            # Client certificates identify services only through their cert: lines there.
             raise SettingsError(
-                "AUTH_CALLER_AUTH: needs AUTH_SERVICE_TOKENS_FILE or AUTH_TLS_CLIENT_CA"
+                "AUTH_CALLER_AUTH: needs AUTH_SERVICE_TOKENS_FILE (it lists the calling "
+                "services, by token or by certificate name)"
             )
         if "admin" not in self.caller_auth and not is_loopback(self.listen):
             raise SettingsError(

@@ -23,6 +23,7 @@ from pathlib import Path
 import asyncpg
 import grpc
 import jwt
+import pytest
 
 from service.domain.revocation import REVOCATION_MARGIN_SECONDS
 from service.domain.signing_keys import KEY_ACTIVATION_DELAY
@@ -663,3 +664,26 @@ async def test_a_replica_that_missed_a_rotation_still_accepts_the_new_keys_token
         refused = await validate(second, forged)
         assert refused.error == auth_pb2.VALIDATION_ERROR_BAD_SIGNATURE
     assert reloads <= 1
+
+
+async def test_a_key_lock_held_elsewhere_neither_hangs_rotation_nor_stops_clean_up(
+    server_factory: ServerFactory,
+) -> None:
+    """Another replica holding the key lock for too long: a rotation gives up with
+    UNAVAILABLE after AUTH_DB_TIMEOUT, and the janitor still cleans up."""
+    server = await server_factory(db_timeout=1.0, key_rotation_period=60)
+    assert server.settings.database_url is not None
+    other_replica = await asyncpg.connect(server.settings.database_url)
+    try:
+        await other_replica.execute("SELECT pg_advisory_lock($1)", _BOOTSTRAP_LOCK_ID)
+        started = time.monotonic()
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await _admin(server).RotateSigningKey(admin_pb2.RotateSigningKeyRequest(), timeout=10)
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert time.monotonic() - started < 5
+        server.clock.advance(3600)  # a scheduled rotation is due, and cannot happen
+        deleted = await server.running.components.janitor.run_once()
+        assert deleted is not None and "sessions" in deleted
+    finally:
+        await other_replica.close()
+    assert await _key_count(server.pool) == 1

@@ -373,3 +373,14 @@ async def test_service_token_is_accepted_where_authsvc_requires_one(
             await anonymous.validate(pair.access_token)
     assert caught.value.code == grpc.StatusCode.UNAUTHENTICATED
     assert caught.value.reason == "SERVICE_CREDENTIALS_REQUIRED"
+
+
+def test_a_validation_error_this_client_does_not_know_is_still_not_valid() -> None:
+    """A newer server may add reasons: the answer stays valid=False, with a readable name."""
+    from service.client import _validation
+
+    response = auth_pb2.ValidateResponse(valid=False)
+    response.error = 99  # type: ignore[assignment]
+    verdict = _validation(response)
+    assert not verdict.valid
+    assert verdict.error == "UNKNOWN_99"

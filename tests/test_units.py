@@ -257,6 +257,10 @@ def test_transport_settings_that_do_not_fit_stop_start_up(tmp_path: Path) -> Non
     assert Settings.from_env({"AUTH_LISTEN": "0.0.0.0:50051", **guarded}).caller_auth == {"admin"}
     message = settings_error({"AUTH_CALLER_AUTH": "validate,tokens", "AUTH_TLS_CLIENT_CA": path})
     assert message.startswith("AUTH_CALLER_AUTH") and "tokens" in message
+    # A client CA alone names no service: every guarded call would be refused.
+    tls = {"AUTH_TLS_CERT": path, "AUTH_TLS_KEY": path, "AUTH_TLS_CLIENT_CA": path}
+    message = settings_error({"AUTH_CALLER_AUTH": "validate", **tls})
+    assert message.startswith("AUTH_CALLER_AUTH") and "AUTH_SERVICE_TOKENS_FILE" in message
 
 
 # decide_refresh

@@ -47,10 +47,16 @@ class Janitor:
     async def run_once(self) -> dict[str, int] | None:
         """One pass; rows deleted per table, or None if another replica is at it."""
         settings = self._settings
-        # Key upkeep takes its own lock (rotation must be serialized with admin calls).
-        if settings.key_rotation_period:
-            await self._keys.rotate_if_due(settings.key_rotation_period)
-        await self._keys.retire_superseded()
+        # Key upkeep takes its own lock (rotation must be serialized with admin calls), and
+        # its failure must not keep the clean-up below from running.
+        try:
+            if settings.key_rotation_period:
+                await self._keys.rotate_if_due(settings.key_rotation_period)
+            await self._keys.retire_superseded()
+        except Exception as exc:
+            log.warning(
+                "janitor: signing-key upkeep failed (%s); retried next run", type(exc).__name__
+            )
         now = self._clock.now()
         dead_before = now - (settings.access_ttl + settings.leeway + REVOCATION_MARGIN_SECONDS)
         deleted = await self._store.purge(

@@ -45,6 +45,8 @@ UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.InternalClientError,
     asyncpg.exceptions.OperatorInterventionError,
     asyncpg.exceptions.InsufficientResourcesError,
+    # lock_timeout (SQLSTATE 55P03): another replica held a lock for too long.
+    asyncpg.exceptions.LockNotAvailableError,
     asyncpg.InterfaceError,
     OSError,
     TimeoutError,
@@ -378,6 +380,10 @@ class PostgresStore:
         """Held while a replica creates or rotates keys or the first secret, so only one
         does at a time (it holds one pooled connection; the work inside uses others)."""
         async with self._transaction() as conn:
+            # Never wait forever behind another replica: give up as UNAVAILABLE instead.
+            await conn.execute(
+                "SELECT set_config('lock_timeout', $1, true)", f"{int(self._timeout * 1000)}ms"
+            )
             await conn.execute("SELECT pg_advisory_xact_lock($1)", _BOOTSTRAP_LOCK_ID)
             yield
 
