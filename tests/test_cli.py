@@ -31,6 +31,16 @@ def _env(**values: str) -> dict[str, str]:
     return env
 
 
+def _server_env(database_url: str, tmp_path: Path, **values: str) -> dict[str, str]:
+    """The environment of `authsvc` processes on the test's database, on a free port."""
+    return _env(
+        AUTH_DATABASE_URL=database_url,
+        AUTH_LISTEN="127.0.0.1:0",
+        AUTH_DATA_DIR=str(tmp_path / "data"),
+        **values,
+    )
+
+
 def _authsvc(
     *args: str, env: dict[str, str], stdin: str = "", cwd: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
@@ -97,10 +107,9 @@ def _login(port: int, username: str) -> auth_pb2.TokenPair:
 
 
 def test_serve_with_database_url_and_users_cli(database_url: str, tmp_path: Path) -> None:
-    env = _env(
-        AUTH_DATABASE_URL=database_url,
-        AUTH_LISTEN="127.0.0.1:0",
-        AUTH_DATA_DIR=str(tmp_path / "data"),
+    env = _server_env(
+        database_url,
+        tmp_path,
     )
     with _serving(env) as (port, _):
         created = _authsvc(
@@ -218,10 +227,9 @@ async def test_events_command_prints_security_events(server: LiveServer, tmp_pat
 
 
 def test_json_logs_are_one_object_per_line(database_url: str, tmp_path: Path) -> None:
-    env = _env(
-        AUTH_DATABASE_URL=database_url,
-        AUTH_LISTEN="127.0.0.1:0",
-        AUTH_DATA_DIR=str(tmp_path / "data"),
+    env = _server_env(
+        database_url,
+        tmp_path,
         AUTH_LOG_FORMAT="json",
         AUTH_WORKERS="1",
     )
@@ -248,10 +256,9 @@ def _jwks_kids(port: int) -> set[str]:
 def test_keys_and_user_deletion_from_the_cli_reach_a_running_server(
     database_url: str, tmp_path: Path
 ) -> None:
-    env = _env(
-        AUTH_DATABASE_URL=database_url,
-        AUTH_LISTEN="127.0.0.1:0",
-        AUTH_DATA_DIR=str(tmp_path / "data"),
+    env = _server_env(
+        database_url,
+        tmp_path,
     )
     with _serving(env) as (port, _):
         before = _jwks_kids(port)

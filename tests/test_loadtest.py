@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from service.loadtest.stats import ProcessResult, percentile, summarize
-from tests.test_cli import _authsvc, _env
+from tests.test_cli import _authsvc, _env, _server_env
 from tests.test_replicas import _server_process
 
 
@@ -62,10 +62,9 @@ def test_make_load_path_starts_its_own_server(database_url: str, tmp_path: Path)
 def test_each_scenario_against_a_running_target(
     database_url: str, tmp_path: Path, args: tuple[str, ...], name: str
 ) -> None:
-    env = _env(
-        AUTH_DATABASE_URL=database_url,
-        AUTH_LISTEN="127.0.0.1:0",
-        AUTH_DATA_DIR=str(tmp_path / "data"),
+    env = _server_env(
+        database_url,
+        tmp_path,
     )
     with _server_process(env) as (port, _):
         scenario = _run_load(env, tmp_path, "--target", f"127.0.0.1:{port}", *args)

@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from service.gen.auth.v1 import admin_pb2, admin_pb2_grpc, auth_pb2, auth_pb2_grpc
 from tests.conftest import PASSWORD, LiveServer, ServerFactory
 from tests.helpers import refresh, refresh_fails
-from tests.test_cli import _authsvc, _env
+from tests.test_cli import _authsvc, _server_env
 from tests.test_replicas import _server_process
 
 AUTH = "/auth.v1.AuthService/"
@@ -126,10 +126,9 @@ async def test_revocation_lag_is_measured_between_replicas(server_factory: Serve
 
 
 def test_workers_add_up_on_the_supervisors_metrics(database_url: str, tmp_path: Path) -> None:
-    env = _env(
-        AUTH_DATABASE_URL=database_url,
-        AUTH_LISTEN="127.0.0.1:0",
-        AUTH_DATA_DIR=str(tmp_path / "data"),
+    env = _server_env(
+        database_url,
+        tmp_path,
         AUTH_METRICS_LISTEN="127.0.0.1:0",
         AUTH_DB_POOL_SIZE="3",
     )

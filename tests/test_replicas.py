@@ -23,7 +23,7 @@ import pytest
 
 from service.gen.auth.v1 import auth_pb2, auth_pb2_grpc
 from tests.conftest import PASSWORD
-from tests.test_cli import _SERVING_RE, _authsvc, _env
+from tests.test_cli import _SERVING_RE, _authsvc, _server_env
 
 PROPAGATION_LIMIT = 1.0  # seconds: the contract for other replicas
 
@@ -127,10 +127,9 @@ def _terminate_listeners(database_url: str) -> int:
 
 @pytest.fixture
 def replica_env(database_url: str, tmp_path: Path) -> dict[str, str]:
-    return _env(
-        AUTH_DATABASE_URL=database_url,
-        AUTH_LISTEN="127.0.0.1:0",
-        AUTH_DATA_DIR=str(tmp_path / "data"),
+    return _server_env(
+        database_url,
+        tmp_path,
         # The poll is the safety net; make it slow so these tests prove NOTIFY and resync.
         AUTH_REVOCATION_POLL_INTERVAL="60",
     )

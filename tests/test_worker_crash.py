@@ -17,7 +17,7 @@ import psutil
 
 from service.gen.auth.v1 import auth_pb2, auth_pb2_grpc
 from tests.conftest import PASSWORD
-from tests.test_cli import _env
+from tests.test_cli import _server_env
 from tests.test_faults import assert_family_invariants
 from tests.test_replicas import _create_user, _server_process
 
@@ -28,10 +28,9 @@ STEPS_AFTER_KILL = 3
 async def test_refresh_retried_after_a_worker_dies_continues_the_chain(
     database_url: str, tmp_path: Path
 ) -> None:
-    env = _env(
-        AUTH_DATABASE_URL=database_url,
-        AUTH_LISTEN="127.0.0.1:0",
-        AUTH_DATA_DIR=str(tmp_path / "data"),
+    env = _server_env(
+        database_url,
+        tmp_path,
         AUTH_REFRESH_REUSE_GRACE="30",
     )
     _create_user(env, "crash")
