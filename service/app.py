@@ -330,18 +330,14 @@ async def _serve_grpc(
 def _refusal_recorder(
     users: UserDirectory,
 ) -> Callable[[str, str, str | None, str | None], Awaitable[None]]:
-    """Records admin calls refused for their credentials as security events, at most
+    """Records admin calls refused for their credentials as security events, in the
+    background (the refusal is not held up by a slow database), at most
     `_REFUSALS_RECORDED_PER_SECOND` a second per process: an unauthenticated flood must not
     become as many database writes (the log line is written for every one)."""
     window = [0.0, 0]  # start of the current second, events recorded in it
+    writing: set[asyncio.Task[None]] = set()
 
-    async def record(method: str, reason: str, peer: str | None, service: str | None) -> None:
-        now = time.monotonic()
-        if now - window[0] >= 1.0:
-            window[0], window[1] = now, 0
-        if window[1] >= _REFUSALS_RECORDED_PER_SECOND:
-            return
-        window[1] += 1
+    async def write(method: str, reason: str, peer: str | None, service: str | None) -> None:
         with contextlib.suppress(AuthError):
             await users.audit(
                 "admin_call_refused",
@@ -349,6 +345,20 @@ def _refusal_recorder(
                 method=method.rpartition("/")[2],
                 reason=reason,
             )
+
+    async def record(method: str, reason: str, peer: str | None, service: str | None) -> None:
+        now = time.monotonic()
+        if now - window[0] >= 1.0:
+            window[0], window[1] = now, 0
+        if (
+            window[1] >= _REFUSALS_RECORDED_PER_SECOND
+            or len(writing) >= _REFUSALS_RECORDED_PER_SECOND
+        ):
+            return
+        window[1] += 1
+        task = asyncio.get_running_loop().create_task(write(method, reason, peer, service))
+        writing.add(task)  # a reference until done, so the task is not collected mid-way
+        task.add_done_callback(writing.discard)
 
     return record
 

@@ -3,6 +3,7 @@ disabling and deleting, sessions, signing keys, the audit trail and caller auth.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 import time
@@ -751,20 +752,33 @@ async def test_admin_calls_need_an_admin_service_token(
 
     for secret in (ops_secret, reader_secret):
         assert secret not in caplog.text
-    # The refused calls are security events too, naming the known service if there was one.
+    # The refused calls are security events too, naming the known service if there was one
+    # (written in the background: the refusal does not wait for the database).
+    deadline = time.monotonic() + 5
+    while (
+        await server.pool.fetchval(
+            "SELECT count(*) FROM security_events WHERE kind = 'admin_call_refused'"
+        )
+        < 6
+    ):
+        assert time.monotonic() < deadline, "the refused calls were not recorded"
+        await asyncio.sleep(0.02)
     refused = await server.pool.fetch(
         """SELECT detail->>'method' AS method, detail->>'reason' AS reason,
                   detail->>'actor' AS actor, peer
              FROM security_events WHERE kind = 'admin_call_refused' ORDER BY id"""
     )
-    assert [(r["method"], r["reason"], r["actor"]) for r in refused] == [
-        ("CreateUser", "SERVICE_CREDENTIALS_REQUIRED", "admin:unauthenticated"),
-        ("ListSigningKeys", "SERVICE_CREDENTIALS_REQUIRED", "admin:unauthenticated"),
-        ("CreateUser", "SERVICE_CREDENTIALS_REQUIRED", "admin:unauthenticated"),
-        ("ListSigningKeys", "SERVICE_CREDENTIALS_REQUIRED", "admin:unauthenticated"),
-        ("CreateUser", "SERVICE_NOT_PERMITTED", "admin:reader"),
-        ("RotateSigningKey", "SERVICE_NOT_PERMITTED", "admin:reader"),
-    ]
+    # Written concurrently in the background: compared without their order.
+    assert sorted((r["method"], r["reason"], r["actor"]) for r in refused) == sorted(
+        [
+            ("CreateUser", "SERVICE_CREDENTIALS_REQUIRED", "admin:unauthenticated"),
+            ("ListSigningKeys", "SERVICE_CREDENTIALS_REQUIRED", "admin:unauthenticated"),
+            ("CreateUser", "SERVICE_CREDENTIALS_REQUIRED", "admin:unauthenticated"),
+            ("ListSigningKeys", "SERVICE_CREDENTIALS_REQUIRED", "admin:unauthenticated"),
+            ("CreateUser", "SERVICE_NOT_PERMITTED", "admin:reader"),
+            ("RotateSigningKey", "SERVICE_NOT_PERMITTED", "admin:reader"),
+        ]
+    )
     assert all(r["peer"] for r in refused)
     # A flood of refused calls is logged in full but recorded at a bounded rate.
     started = time.monotonic()
@@ -773,6 +787,7 @@ async def test_admin_calls_need_an_admin_service_token(
             admin.ListSigningKeys(admin_pb2.ListSigningKeysRequest(), metadata=stranger)
         )
     seconds = time.monotonic() - started
+    await asyncio.sleep(0.5)  # let the background writes land
     recorded = await server.pool.fetchval(
         "SELECT count(*) FROM security_events WHERE kind = 'admin_call_refused'"
     )

@@ -687,3 +687,32 @@ async def test_a_key_lock_held_elsewhere_neither_hangs_rotation_nor_stops_clean_
     finally:
         await other_replica.close()
     assert await _key_count(server.pool) == 1
+
+
+async def test_a_deaf_replica_shares_one_look_and_revokes_with_new_keys(
+    server_factory: ServerFactory,
+) -> None:
+    """Concurrent calls naming the same new key share one look (none is refused while it
+    runs), and Revoke by access token looks too: a logout through a replica that missed
+    the rotation must not silently revoke nothing."""
+    first = await server_factory(revocation_poll_interval=600.0)
+    second = await server_factory(revocation_poll_interval=600.0)
+    await second.running.revocation_feed.stop()
+    await first.create_user("nina")
+    admin = _admin(first)
+    await admin.RotateSigningKey(admin_pb2.RotateSigningKeyRequest())
+    first.clock.advance(KEY_ACTIVATION_DELAY)
+    pairs = [await first.login("nina") for _ in range(2)]
+    verdicts = await asyncio.gather(
+        *(validate(second, pairs[i % 2].access_token) for i in range(10))
+    )
+    assert [v.valid for v in verdicts] == [True] * 10
+
+    await asyncio.sleep(0.3)  # past the look's rate limit
+    await admin.RotateSigningKey(admin_pb2.RotateSigningKeyRequest())
+    first.clock.advance(KEY_ACTIVATION_DELAY)
+    pair = await first.login("nina")
+    assert _kid(pair.access_token) not in second.running.components.signing_keys.ring.kids
+    revoked = await second.stub.Revoke(auth_pb2.RevokeRequest(access_token=pair.access_token))
+    assert revoked.revoked_sessions == 1
+    assert (await validate(first, pair.access_token)).error == auth_pb2.VALIDATION_ERROR_REVOKED

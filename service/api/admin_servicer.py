@@ -123,7 +123,9 @@ def _records_refusals(
         try:
             return await handler(self, request, context)
         except AuthError as error:
-            # Recording must not hide the answer (the database may be what failed).
+            if error.code == "UNAVAILABLE":
+                raise  # our failure, not a refusal; and a second try would only delay it
+            # Recording must not hide the answer.
             with contextlib.suppress(AuthError):
                 await self._users.audit(
                     "admin_call_refused",

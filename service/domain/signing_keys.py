@@ -38,9 +38,12 @@ log = logging.getLogger(__name__)
 
 KEY_ACTIVATION_DELAY = 0.5
 """Seconds between a key's creation and its first signature (NOTIFY takes milliseconds)."""
-UNKNOWN_KID_RELOAD_INTERVAL = 1.0
+UNKNOWN_KID_RELOAD_INTERVAL = 0.25
 """A token naming an unknown key makes this process look for new keys at most this often
-(real seconds), so that made-up key ids cannot turn into database load."""
+(real seconds; a look is one small query), so that made-up key ids cannot turn into
+database load."""
+UNKNOWN_KID_WAIT = 1.0
+"""The longest a call waits for that look before answering with the keys it has."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +87,7 @@ class SigningKeys:
         self._ring: KeyRing | None = None
         self._reloading = asyncio.Lock()
         self._looked_at = -UNKNOWN_KID_RELOAD_INTERVAL
+        self._looking: asyncio.Task[None] | None = None
         # One key change at a time per process: the database lock holds a pooled
         # connection while waiting, and the change inside needs another, so a burst of
         # rotations must not hold every connection waiting for that lock.
@@ -135,20 +139,32 @@ class SigningKeys:
             return True
 
     async def look_for(self, kid: str) -> bool:
-        """Whether `kid` is loaded, after reloading if it was not and no other unknown key
-        made us look within the last `UNKNOWN_KID_RELOAD_INTERVAL`."""
+        """Whether `kid` is loaded, after looking in the database if it was not.
+
+        Callers share one look in flight, and a new look starts at most every
+        `UNKNOWN_KID_RELOAD_INTERVAL` (so made-up key ids cannot become database load); a
+        caller waits for it at most `UNKNOWN_KID_WAIT` seconds (the database may hang).
+        """
         if self.ring.verification_key(kid) is not None:
             return True
-        now = time.monotonic()
-        if now - self._looked_at < UNKNOWN_KID_RELOAD_INTERVAL:
+        task = self._looking
+        if task is None or task.done():
+            now = time.monotonic()
+            if now - self._looked_at < UNKNOWN_KID_RELOAD_INTERVAL:
+                return False
+            self._looked_at = now
+            task = self._looking = asyncio.get_running_loop().create_task(self._look())
+        try:
+            await asyncio.wait_for(asyncio.shield(task), timeout=UNKNOWN_KID_WAIT)
+        except TimeoutError:
             return False
-        self._looked_at = now
+        return self.ring.verification_key(kid) is not None
+
+    async def _look(self) -> None:
         try:
             await self.reload()
         except Exception as exc:  # the database may be down: answer with what we have
             log.warning("looking for new signing keys failed (%s)", type(exc).__name__)
-            return False
-        return self.ring.verification_key(kid) is not None
 
     async def rotate(
         self, *, reason: str = "manual", actor: str | None = None, peer: str | None = None

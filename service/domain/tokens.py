@@ -6,6 +6,7 @@ import contextlib
 import logging
 import secrets
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -375,7 +376,9 @@ class TokenService:
     async def revoke_access_token(self, access_token: str, *, caller: CallerInfo) -> int:
         """Revoke the session of an access token whose signature verifies (expired is fine)."""
         try:
-            claims = self._codec.verify(access_token, check_time=False)
+            claims = await self._with_new_keys(
+                lambda: self._codec.verify(access_token, check_time=False)
+            )
         except TokenRejected:
             return 0
         session_id = _parse_uuid(claims.session_id)
@@ -481,10 +484,23 @@ class TokenService:
         if not caller_token:
             raise CallerUnauthenticated()
         try:
-            claims = self._verified(caller_token)
+            claims = await self._with_new_keys(lambda: self._verified(caller_token))
         except TokenRejected:
             raise CallerUnauthenticated() from None
         return claims.subject
+
+    async def _with_new_keys(self, verify: Callable[[], AccessClaims]) -> AccessClaims:
+        """`verify()`, tried again once if it named a key this process has not loaded yet
+        and looking for new keys found it (see `validate_with_new_keys`)."""
+        try:
+            return verify()
+        except TokenRejected as rejected:
+            kid = rejected.unknown_kid
+            if kid is None or self._signing_keys is None:
+                raise
+            if not await self._signing_keys.look_for(kid):
+                raise
+        return verify()
 
     # Keys
 

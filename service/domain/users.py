@@ -100,15 +100,16 @@ class UserDirectory:
     async def set_disabled(self, user: UserRef, disabled: bool, *, caller: CallerInfo = CLI) -> int:
         """Disable (ending every session; returns how many) or enable a user."""
         record = await self.find(user)
-        if disabled:
-            log.warning("security: user %s disabled; revoking their sessions", record.id)
-        return await self._change(
+        revoked = await self._change(
             record,
             caller,
             "user_disabled" if disabled else "user_enabled",
             disabled=disabled,
             revoke_reason="user_disabled" if disabled else None,
         )
+        if disabled:
+            log.warning("security: user %s disabled; %d sessions revoked", record.id, revoked)
+        return revoked
 
     async def _change(
         self,

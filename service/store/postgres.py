@@ -380,9 +380,11 @@ class PostgresStore:
         """Held while a replica creates or rotates keys or the first secret, so only one
         does at a time (it holds one pooled connection; the work inside uses others)."""
         async with self._transaction() as conn:
-            # Never wait forever behind another replica: give up as UNAVAILABLE instead.
+            # Never wait forever behind another replica: give up as UNAVAILABLE instead, a
+            # little before the statement timeout, so the server's clean error comes first.
+            lock_timeout_ms = max(1, int(self._timeout * 900))
             await conn.execute(
-                "SELECT set_config('lock_timeout', $1, true)", f"{int(self._timeout * 1000)}ms"
+                "SELECT set_config('lock_timeout', $1, true)", f"{lock_timeout_ms}ms"
             )
             await conn.execute("SELECT pg_advisory_xact_lock($1)", _BOOTSTRAP_LOCK_ID)
             yield
