@@ -101,8 +101,8 @@ class TokenPair:
 @dataclass(frozen=True)
 class Validation:
     """Validate's verdict. `error` is the ValidationError name without its prefix
-    ("EXPIRED", "REVOKED", "INSUFFICIENT_SCOPE", ...) and None when valid; the other
-    fields are set only when valid."""
+    ("EXPIRED", "REVOKED", "INSUFFICIENT_SCOPE", ...; "UNKNOWN_<n>" for a reason newer than
+    this client) and None when valid; the other fields are set only when valid."""
 
     valid: bool
     error: str | None
