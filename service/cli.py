@@ -22,13 +22,12 @@ from pathlib import Path
 from service.api.requests import MAX_USERNAME_BYTES, RequestCheck
 from service.app import migrate, open_components, serve
 from service.database import create_pool, resolve_database_url
-from service.domain.users import UserDirectory
+from service.domain.users import MIN_PASSWORD_LENGTH, UserDirectory
 from service.errors import AuthError, InvalidArgument
 from service.logs import configure_logging
 from service.settings import Settings, SettingsError
 from service.supervisor import run_supervisor
 
-MIN_PASSWORD_CHARS = 8
 MAX_PASSWORD_BYTES = 1024
 
 
@@ -38,8 +37,8 @@ def _read_password() -> str:
         line = getpass.getpass("password: ")
     else:
         line = sys.stdin.readline().rstrip("\r\n")
-    if len(line) < MIN_PASSWORD_CHARS:
-        raise SystemExit(f"authsvc: the password must be at least {MIN_PASSWORD_CHARS} characters")
+    if len(line) < MIN_PASSWORD_LENGTH:
+        raise SystemExit(f"authsvc: the password must be at least {MIN_PASSWORD_LENGTH} characters")
     if len(line.encode("utf-8")) > MAX_PASSWORD_BYTES:
         raise SystemExit(f"authsvc: the password must be at most {MAX_PASSWORD_BYTES} bytes")
     return line

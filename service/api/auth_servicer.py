@@ -15,7 +15,13 @@ from service.api.requests import (
     RequestCheck,
 )
 from service.api.status import maps_errors
-from service.api.wire import add_servicer, caller_info, reject_undecodable, timestamp
+from service.api.wire import (
+    add_servicer,
+    bearer_credential,
+    caller_info,
+    reject_undecodable,
+    timestamp,
+)
 from service.domain.access_tokens import TokenProblem
 from service.domain.tokens import TokenPair, TokenService
 from service.gen.auth.v1 import auth_pb2
@@ -43,15 +49,6 @@ def _token_pair(pair: TokenPair) -> auth_pb2.TokenPair:
         session_id=pair.session_id,
         scopes=list(pair.scopes),
     )
-
-
-def _bearer_token(context: Context) -> str | None:
-    for key, value in context.invocation_metadata() or ():
-        if key == "authorization" and isinstance(value, str):
-            scheme, _, token = value.partition(" ")
-            if scheme.lower() == "bearer" and 0 < len(token) <= MAX_TOKEN_BYTES:
-                return token.strip()
-    return None
 
 
 class AuthServicer:
@@ -150,11 +147,15 @@ class AuthServicer:
             count = await self._tokens.revoke_access_token(value, caller=caller)
         elif target == "session_id":
             count = await self._tokens.revoke_session(
-                value, caller_token=_bearer_token(context), caller=caller
+                value,
+                caller_token=bearer_credential(context, max_length=MAX_TOKEN_BYTES),
+                caller=caller,
             )
         else:
             count = await self._tokens.revoke_subject(
-                value, caller_token=_bearer_token(context), caller=caller
+                value,
+                caller_token=bearer_credential(context, max_length=MAX_TOKEN_BYTES),
+                caller=caller,
             )
         return auth_pb2.RevokeResponse(revoked_sessions=count)
 

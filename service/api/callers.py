@@ -35,7 +35,7 @@ from typing import Any
 import grpc
 
 from service.api.status import to_status
-from service.api.wire import Context
+from service.api.wire import Context, bearer_credential
 from service.errors import AuthError, ServiceCredentialsRequired, ServiceNotPermitted
 from service.settings import CALL_GROUPS, SettingsError
 
@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 VALIDATE_METHOD = "/auth.v1.AuthService/Validate"
 ADMIN_PREFIX = "/auth.v1.AdminService/"
 MIN_SECRET_LENGTH = 32
+MAX_SECRET_LENGTH = 1024  # of a presented secret; longer ones are no secret of ours
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
 _HEX_DIGEST_RE = re.compile(r"[0-9a-f]{64}")
 
@@ -153,15 +154,6 @@ def _parse_line(fields: list[str]) -> KnownService:
     raise ValueError("the credential must start with token:, sha256: or cert:")
 
 
-def _bearer(context: Context) -> str | None:
-    for key, value in context.invocation_metadata() or ():
-        if key == "authorization" and isinstance(value, str):
-            scheme, _, secret = value.partition(" ")
-            if scheme.lower() == "bearer" and 0 < len(secret) <= 1024:
-                return secret.strip()
-    return None
-
-
 def _certificate_names(context: Context) -> list[str]:
     auth = context.auth_context()
     names: list[str] = []
@@ -226,7 +218,7 @@ class CallerAuthInterceptor(grpc.aio.ServerInterceptor):
         directory = self._directory
 
         async def guarded(request: Any, context: Context) -> Any:
-            token = _bearer(context)
+            token = bearer_credential(context, max_length=MAX_SECRET_LENGTH)
             service = directory.by_token(token) if token is not None else None
             if service is None:
                 service = directory.by_certificate(_certificate_names(context))

@@ -39,6 +39,17 @@ def caller_info(context: Context) -> CallerInfo:
     return CallerInfo(peer=context.peer(), user_agent=user_agent)
 
 
+def bearer_credential(context: Context, *, max_length: int) -> str | None:
+    """The credential of the "authorization: Bearer <credential>" metadata, if any (an end
+    user's access token for Revoke, a service token for guarded calls)."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization" and isinstance(value, str):
+            scheme, _, credential = value.partition(" ")
+            if scheme.lower() == "bearer" and 0 < len(credential) <= max_length:
+                return credential.strip()
+    return None
+
+
 def reject_undecodable(request: object) -> None:
     if isinstance(request, UndecodableRequest):
         raise InvalidArgument([FieldViolation("request", "is not a valid protobuf message")])

@@ -335,11 +335,7 @@ class TokenService:
         rotated in on another replica a moment ago, whose NOTIFY is late) makes it look for
         new keys once, rate-limited, before answering."""
         result = self.validate(access_token, required_scopes=required_scopes, audience=audience)
-        if (
-            result.unknown_kid is not None
-            and self._signing_keys is not None
-            and await self._signing_keys.look_for(result.unknown_kid)
-        ):
+        if await self._found_new_key(result.unknown_kid):
             result = self.validate(access_token, required_scopes=required_scopes, audience=audience)
         return result
 
@@ -409,18 +405,7 @@ class TokenService:
         user_id = _parse_uuid(subject)
         if subject != caller_subject or user_id is None:
             raise CallerNotAllowed()
-        return await self.revoke_all_sessions(
-            user_id, reason="logout_everywhere", caller=caller, target="subject"
-        )
-
-    async def revoke_all_sessions(
-        self,
-        user_id: uuid.UUID,
-        *,
-        reason: str,
-        caller: CallerInfo,
-        target: RevocationTarget = "admin",
-    ) -> int:
+        reason = "logout_everywhere"
         now = self._clock.now()
         revoked = await self._store.revoke_user_sessions(
             user_id,
@@ -433,7 +418,7 @@ class TokenService:
                 detail=caller.detail(reason=reason),
             ),
         )
-        return self._revoked_here(revoked, now, target)
+        return self._revoked_here(revoked, now, "subject")
 
     async def revoke_session_of_anyone(
         self, session_id: uuid.UUID, *, reason: str, caller: CallerInfo
@@ -495,12 +480,15 @@ class TokenService:
         try:
             return verify()
         except TokenRejected as rejected:
-            kid = rejected.unknown_kid
-            if kid is None or self._signing_keys is None:
-                raise
-            if not await self._signing_keys.look_for(kid):
+            if not await self._found_new_key(rejected.unknown_kid):
                 raise
         return verify()
+
+    async def _found_new_key(self, unknown_kid: str | None) -> bool:
+        """Whether a key this process had not loaded is loaded now (after one look)."""
+        if unknown_kid is None or self._signing_keys is None:
+            return False
+        return await self._signing_keys.look_for(unknown_kid)
 
     # Keys
 

@@ -34,14 +34,6 @@ class SessionPage:
     """Empty on the last page."""
 
 
-def check_new_password(password: str, field: str = "password") -> None:
-    """The rule for passwords an operator sets (logins accept any stored password)."""
-    if len(password) < MIN_PASSWORD_LENGTH:
-        raise InvalidArgument(
-            [FieldViolation(field, f"must be at least {MIN_PASSWORD_LENGTH} characters")]
-        )
-
-
 class UserDirectory:
     """The user accounts."""
 
