@@ -21,6 +21,12 @@ from grpc_reflection.v1alpha import reflection
 from service.api.admin_servicer import AdminServicer, add_admin_servicer
 from service.api.auth_servicer import AuthServicer, add_auth_servicer
 from service.api.callers import CallerAuthInterceptor, ServiceDirectory
+from service.api.streams import (
+    CallBudgetInterceptor,
+    StreamBudget,
+    UnaryBudget,
+    transport_options,
+)
 from service.clock import Clock, SystemClock
 from service.database import create_pool, resolve_database_url
 from service.domain.access_tokens import AccessTokenCodec
@@ -174,6 +180,7 @@ class RunningServer:
     health: health_async.HealthServicer
     background: list[asyncio.Task[None]]
     """The janitor and, with metrics on, the sampler."""
+    stream_budget: StreamBudget
     telemetry: PrometheusTelemetry | None = None
     metrics_endpoint: MetricsEndpoint | None = None
 
@@ -243,8 +250,21 @@ async def start_server(
         )
         await feed.start()
         undo.push_async_callback(feed.stop)
+        stream_budget = StreamBudget(
+            limit=settings.max_streams,
+            per_peer=settings.max_streams_per_peer,
+            max_age=settings.stream_max_age,
+        )
         server, port = await _serve_grpc(
-            settings, components, health, telemetry, directory, credentials, listen, reuse_port
+            settings,
+            components,
+            health,
+            telemetry,
+            directory,
+            stream_budget,
+            credentials,
+            listen,
+            reuse_port,
         )
         undo.pop_all()  # started: from here on RunningServer.stop undoes it all
     _log_start_up(settings, port, components, clock)
@@ -262,6 +282,7 @@ async def start_server(
         revocation_feed=feed,
         health=health,
         background=background,
+        stream_budget=stream_budget,
         telemetry=telemetry,
         metrics_endpoint=endpoint,
     )
@@ -273,6 +294,7 @@ async def _serve_grpc(
     health: health_async.HealthServicer,
     telemetry: PrometheusTelemetry | None,
     directory: ServiceDirectory | None,
+    stream_budget: StreamBudget,
     credentials: grpc.ServerCredentials | None,
     listen: str | None,
     reuse_port: bool,
@@ -282,6 +304,10 @@ async def _serve_grpc(
     if telemetry is not None:
         # First, so refused calls are counted too.
         interceptors.append(MetricsInterceptor(telemetry))
+    # Before the caller check, so calls that fail it are held to the budgets too.
+    interceptors.append(
+        CallBudgetInterceptor(UnaryBudget(settings.max_concurrent_rpcs), stream_budget)
+    )
     if directory is not None:
         interceptors.append(
             CallerAuthInterceptor(
@@ -291,15 +317,16 @@ async def _serve_grpc(
             )
         )
     server = grpc.aio.server(
-        interceptors=interceptors or None,
-        # Beyond this, calls are refused at once (RESOURCE_EXHAUSTED) instead of queueing
-        # without bound behind a slow database or a login burst.
-        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+        interceptors=interceptors,
+        # No maximum_concurrent_rpcs: it counts streams and unary calls alike, so idle
+        # streams could use it up. CallBudgetInterceptor refuses calls beyond their own
+        # budget at once (RESOURCE_EXHAUSTED) instead of queueing them without bound.
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             # Off unless we are one of several workers: a second server started
             # by mistake must fail to bind, not silently share the port.
             ("grpc.so_reuseport", 1 if reuse_port else 0),
+            *transport_options(settings),
         ],
     )
     add_auth_servicer(AuthServicer(components.tokens), server)

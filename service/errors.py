@@ -183,3 +183,36 @@ class SessionNotFound(AuthError):
     code: StatusName = "NOT_FOUND"
     reason = "SESSION_NOT_FOUND"
     message = "no such session"
+
+
+class TooManyCalls(AuthError):
+    """The process already has `AUTH_MAX_CONCURRENT_RPCS` unary calls in progress."""
+
+    code: StatusName = "RESOURCE_EXHAUSTED"
+    reason = "TOO_MANY_CALLS"
+    message = "the server has too many calls in progress; retry later"
+
+
+class TooManyStreams(AuthError):
+    """The process already holds `AUTH_MAX_STREAMS` open streams."""
+
+    code: StatusName = "RESOURCE_EXHAUSTED"
+    reason = "TOO_MANY_STREAMS"
+    message = "the server has too many open streams; retry later"
+
+
+class TooManyStreamsFromPeer(AuthError):
+    """The caller's address already holds `AUTH_MAX_STREAMS_PER_PEER` open streams."""
+
+    code: StatusName = "RESOURCE_EXHAUSTED"
+    reason = "TOO_MANY_STREAMS_FROM_PEER"
+    message = "this address has too many open streams; close one first"
+
+
+class StreamMaxAgeReached(AuthError):
+    """A stream was open for `AUTH_STREAM_MAX_AGE`: it ends so its slot comes back; the
+    client opens a new one (UNAVAILABLE is the code clients retry)."""
+
+    code: StatusName = "UNAVAILABLE"
+    reason = "STREAM_MAX_AGE"
+    message = "the stream reached its maximum age; open a new one"

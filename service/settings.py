@@ -86,8 +86,20 @@ class Settings:
     (tokens are capped at 8 KiB), small enough that huge messages cannot exhaust memory."""
 
     max_concurrent_rpcs: int = 1000
-    """Calls one process serves at once; more are refused with RESOURCE_EXHAUSTED
-    (`AUTH_MAX_CONCURRENT_RPCS`)."""
+    """Unary calls one process serves at once; more are refused with RESOURCE_EXHAUSTED
+    (`AUTH_MAX_CONCURRENT_RPCS`). Streams do not count: they have their own budget."""
+
+    max_streams: int = 1000
+    """Streams (health Watch, reflection, any streaming RPC) one process holds open at once;
+    more are refused with RESOURCE_EXHAUSTED (`AUTH_MAX_STREAMS`)."""
+
+    max_streams_per_peer: int = 32
+    """Streams one client address (IPv6: one /64) may hold open in one process, over all its
+    connections (`AUTH_MAX_STREAMS_PER_PEER`)."""
+
+    stream_max_age: float = 1800.0
+    """Seconds a stream may stay open; then it ends with UNAVAILABLE so its slot comes back
+    and the client opens a new one (`AUTH_STREAM_MAX_AGE`)."""
 
     token_cache_size: int = 100_000
     """Verified access tokens remembered per process (`AUTH_TOKEN_CACHE_SIZE`; 0: off)."""
@@ -179,6 +191,11 @@ class Settings:
             max_concurrent_rpcs=reader.get(
                 "AUTH_MAX_CONCURRENT_RPCS", _positive_int, cls.max_concurrent_rpcs
             ),
+            max_streams=reader.get("AUTH_MAX_STREAMS", _positive_int, cls.max_streams),
+            max_streams_per_peer=reader.get(
+                "AUTH_MAX_STREAMS_PER_PEER", _positive_int, cls.max_streams_per_peer
+            ),
+            stream_max_age=reader.get("AUTH_STREAM_MAX_AGE", _positive_float, cls.stream_max_age),
             token_cache_size=reader.get(
                 "AUTH_TOKEN_CACHE_SIZE", _non_negative_int, cls.token_cache_size
             ),
