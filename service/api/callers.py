@@ -25,9 +25,10 @@ from __future__ import annotations
 import contextvars
 import hashlib
 import hmac
+import inspect
 import logging
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -166,7 +167,9 @@ Behavior = Callable[[Any, Context], Awaitable[Any]]
 
 
 class CallerAuthInterceptor(grpc.aio.ServerInterceptor):
-    """Refuses guarded calls from unknown services before the method runs."""
+    """Refuses guarded calls from unknown services before the method runs (for a
+    server-streaming method, before its first response); a guarded method of any other
+    kind is not served at all."""
 
     def __init__(
         self,
@@ -200,53 +203,84 @@ class CallerAuthInterceptor(grpc.aio.ServerInterceptor):
         if cached is not None and cached[0] is handler:
             guarded_handler: grpc.RpcMethodHandler[Any, Any] | None = cached[1]
             return guarded_handler
-        if handler.unary_unary is None:
-            # Only unary calls can be guarded here: refuse any other kind (UNIMPLEMENTED)
-            # rather than serve it unguarded.
-            log.error("%s is not unary-unary; caller authentication refuses to serve it", method)
+        behavior: Any = handler.unary_unary or handler.unary_stream
+        if handler.request_streaming or not (
+            inspect.iscoroutinefunction(behavior) or inspect.isasyncgenfunction(behavior)
+        ):
+            # Unary requests are checked before the handler runs; any other kind of
+            # handler is refused (UNIMPLEMENTED) rather than served unguarded.
+            log.error("%s cannot be guarded; caller authentication refuses to serve it", method)
             return None
-        behavior: Behavior = handler.unary_unary  # type: ignore[assignment]  # aio: async
-        guarded_handler = grpc.unary_unary_rpc_method_handler(
-            self._guard(behavior, group, method),
+        make = (
+            grpc.unary_stream_rpc_method_handler
+            if handler.response_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
+        guarded = (
+            self._guard_streamed(behavior, group, method)
+            if inspect.isasyncgenfunction(behavior)
+            else self._guard(behavior, group, method)
+        )
+        guarded_handler = make(
+            guarded,
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
         self._wrapped[method] = (handler, guarded_handler)
         return guarded_handler
 
-    def _guard(self, behavior: Behavior, group: str, method: str) -> Behavior:
-        directory = self._directory
-
-        async def guarded(request: Any, context: Context) -> Any:
-            token = bearer_credential(context, max_length=MAX_SECRET_LENGTH)
-            service = directory.by_token(token) if token is not None else None
-            if service is None:
-                service = directory.by_certificate(_certificate_names(context))
-            error: AuthError | None = None
-            if service is None:
-                error = ServiceCredentialsRequired()
-            elif group not in service.groups:
-                error = ServiceNotPermitted()
-            if error is not None:
-                log.warning(
-                    "security: %s refused (%s) for %s from %s",
+    async def _admit(self, context: Context, group: str, method: str) -> str:
+        """The calling service's name, or the call is aborted."""
+        token = bearer_credential(context, max_length=MAX_SECRET_LENGTH)
+        service = self._directory.by_token(token) if token is not None else None
+        if service is None:
+            service = self._directory.by_certificate(_certificate_names(context))
+        error: AuthError | None = None
+        if service is None:
+            error = ServiceCredentialsRequired()
+        elif group not in service.groups:
+            error = ServiceNotPermitted()
+        if error is not None:
+            log.warning(
+                "security: %s refused (%s) for %s from %s",
+                method,
+                error.reason,
+                "an unknown caller" if service is None else service.name,
+                context.peer(),
+            )
+            if group == "admin" and self._on_admin_refused is not None:
+                await self._on_admin_refused(
                     method,
                     error.reason,
-                    "an unknown caller" if service is None else service.name,
                     context.peer(),
+                    None if service is None else service.name,
                 )
-                if group == "admin" and self._on_admin_refused is not None:
-                    await self._on_admin_refused(
-                        method,
-                        error.reason,
-                        context.peer(),
-                        None if service is None else service.name,
-                    )
-                await context.abort_with_status(to_status(error))
-            assert service is not None
-            reset = _calling_service.set(service.name)
+            await context.abort_with_status(to_status(error))
+        assert service is not None
+        return service.name
+
+    def _guard(self, behavior: Behavior, group: str, method: str) -> Behavior:
+        """A coroutine handler: a unary call, or a stream written through the context."""
+
+        async def guarded(request: Any, context: Context) -> Any:
+            reset = _calling_service.set(await self._admit(context, group, method))
             try:
                 return await behavior(request, context)
+            finally:
+                _calling_service.reset(reset)
+
+        return guarded
+
+    def _guard_streamed(
+        self, behavior: Callable[[Any, Context], AsyncIterator[Any]], group: str, method: str
+    ) -> Callable[[Any, Context], AsyncIterator[Any]]:
+        """An async-generator handler (server streaming): checked before the first response."""
+
+        async def guarded(request: Any, context: Context) -> AsyncIterator[Any]:
+            reset = _calling_service.set(await self._admit(context, group, method))
+            try:
+                async for response in behavior(request, context):
+                    yield response
             finally:
                 _calling_service.reset(reset)
 

@@ -5,8 +5,11 @@ streams cannot use up the calls that Issue, Validate and GetJwks need."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
+import hashlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -14,7 +17,19 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from service.api.streams import StreamBudget, UnaryBudget, peer_address
+from service.api.callers import (
+    CallerAuthInterceptor,
+    KnownService,
+    ServiceDirectory,
+    calling_service,
+)
+from service.api.streams import (
+    CallBudgetInterceptor,
+    StreamBudget,
+    UnaryBudget,
+    peer_address,
+    transport_options,
+)
 from service.errors import TooManyCalls, TooManyStreams, TooManyStreamsFromPeer
 from service.gen.auth.v1 import auth_pb2, auth_pb2_grpc
 from service.settings import Settings, SettingsError
@@ -343,3 +358,104 @@ def test_stream_settings_are_parsed_strictly() -> None:
     ):
         with pytest.raises(SettingsError, match=name):
             Settings.from_env({name: value})
+
+
+# --- a streaming RPC added later gets the same protection ---
+
+FUTURE_SERVICE = "auth.v1.AdminService"  # a guarded group ("admin"), as a future stream may be
+SERVICE_SECRET = "s" * 40
+
+
+def _raw(data: bytes) -> bytes:
+    return data
+
+
+@contextlib.asynccontextmanager
+async def future_streams_server(settings: Settings) -> AsyncIterator[grpc.aio.Channel]:
+    """A server with two streaming methods the service does not have yet (an async
+    generator and a coroutine writing through its context), behind the interceptors
+    `service.app` installs, in the same order."""
+
+    async def generated(request: bytes, context: Any) -> AsyncIterator[bytes]:
+        yield f"for {calling_service(context)}".encode()
+        await asyncio.Event().wait()  # then idle, like a feed with nothing new
+
+    async def written(request: bytes, context: Any) -> None:
+        await context.write(f"for {calling_service(context)}".encode())
+        await asyncio.Event().wait()
+
+    handlers = {
+        name: grpc.unary_stream_rpc_method_handler(
+            behavior, request_deserializer=_raw, response_serializer=_raw
+        )
+        for name, behavior in (("WatchGenerated", generated), ("WatchWritten", written))
+    }
+    directory = ServiceDirectory(
+        [
+            KnownService(
+                "feeds",
+                frozenset({"admin"}),
+                token_digest=hashlib.sha256(SERVICE_SECRET.encode()).digest(),
+            )
+        ]
+    )
+    server = grpc.aio.server(
+        interceptors=[
+            CallBudgetInterceptor(
+                UnaryBudget(settings.max_concurrent_rpcs),
+                StreamBudget(
+                    limit=settings.max_streams,
+                    per_peer=settings.max_streams_per_peer,
+                    max_age=settings.stream_max_age,
+                ),
+            ),
+            CallerAuthInterceptor(directory=directory, guarded=frozenset({"admin"})),
+        ],
+        options=transport_options(settings),
+    )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(FUTURE_SERVICE, handlers),)
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channel = own_connection(f"127.0.0.1:{port}")
+    try:
+        yield channel
+    finally:
+        await channel.close()
+        await server.stop(None)
+
+
+async def open_feed(
+    watch: grpc.aio.UnaryStreamMultiCallable[bytes, bytes],
+) -> grpc.aio.UnaryStreamCall[bytes, bytes]:
+    call = watch(b"", metadata=(("authorization", f"Bearer {SERVICE_SECRET}"),))
+    assert await call.read() == b"for feeds"
+    return call
+
+
+async def test_a_future_streaming_rpc_gets_the_stream_budget_and_the_caller_check() -> None:
+    """No name is listed anywhere: a new server-streaming method (either handler style) is
+    held to the caller check of its group and to the stream budget by its kind alone."""
+    settings = Settings(max_streams_per_peer=1, stream_max_age=0.5)
+    async with future_streams_server(settings) as channel:
+        for name in ("WatchGenerated", "WatchWritten"):
+            watch = channel.unary_stream(
+                f"/{FUTURE_SERVICE}/{name}",
+                request_serializer=_raw,
+                response_deserializer=_raw,
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await watch(b"", timeout=ANSWERED_WITHIN).read()
+            assert_error(
+                caught.value, grpc.StatusCode.UNAUTHENTICATED, "SERVICE_CREDENTIALS_REQUIRED"
+            )
+
+            feed = await eventually(functools.partial(open_feed, watch))
+            assert_error(
+                await refused(open_feed(watch)),
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                "TOO_MANY_STREAMS_FROM_PEER",
+            )
+            # It ends at its maximum age, and its slot goes to the next method's stream.
+            await ends_at_max_age(feed.read())
