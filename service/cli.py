@@ -19,13 +19,15 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-from service.api.requests import MAX_USERNAME_BYTES, RequestCheck
+from service.api.requests import RequestCheck
 from service.app import migrate, open_components, serve
 from service.database import create_pool, resolve_database_url
+from service.domain.usernames import escape_text
 from service.domain.users import MIN_PASSWORD_LENGTH, UserDirectory
 from service.errors import AuthError, InvalidArgument
 from service.logs import configure_logging
 from service.settings import Settings, SettingsError
+from service.store import MigrationRefused
 from service.supervisor import run_supervisor
 
 MAX_PASSWORD_BYTES = 1024
@@ -45,9 +47,9 @@ def _read_password() -> str:
 
 
 def _check_new_user(username: str, scopes: list[str]) -> None:
-    """The same limits the API applies, so that every user created can log in."""
+    """The same rules the API applies, so that every user created can log in."""
     check = RequestCheck()
-    check.text("username", username, limit=MAX_USERNAME_BYTES)
+    check.username("username", username, new=True)
     check.scopes("--scope", scopes)
     try:
         check.done()
@@ -68,7 +70,7 @@ async def _users_command(settings: Settings, args: argparse.Namespace) -> int:
 
         async def create(users: UserDirectory) -> int:
             user = await users.create(args.username, password, tuple(args.scope))
-            print(f"created user {user.username} (subject {user.id})")
+            print(f"created user {escape_text(user.username)} (subject {user.id})")
             return 0
 
         return await _with_users(settings, create)
@@ -79,7 +81,7 @@ async def _users_command(settings: Settings, args: argparse.Namespace) -> int:
             await users.set_password(
                 args.username, password, revoke_sessions=not args.keep_sessions
             )
-            print(f"password changed for {args.username}")
+            print(f"password changed for {escape_text(args.username)}")
             return 0
 
         return await _with_users(settings, set_password)
@@ -87,7 +89,7 @@ async def _users_command(settings: Settings, args: argparse.Namespace) -> int:
 
         async def delete(users: UserDirectory) -> int:
             revoked = await users.delete(args.username)
-            print(f"deleted {args.username}; sessions revoked: {revoked}")
+            print(f"deleted {escape_text(args.username)}; sessions revoked: {revoked}")
             return 0
 
         return await _with_users(settings, delete)
@@ -96,7 +98,8 @@ async def _users_command(settings: Settings, args: argparse.Namespace) -> int:
 
         async def set_disabled(users: UserDirectory) -> int:
             revoked = await users.set_disabled(args.username, disabled)
-            print(f"{args.users_command}d {args.username}; sessions revoked: {revoked}")
+            name = escape_text(args.username)
+            print(f"{args.users_command}d {name}; sessions revoked: {revoked}")
             return 0
 
         return await _with_users(settings, set_disabled)
@@ -104,7 +107,10 @@ async def _users_command(settings: Settings, args: argparse.Namespace) -> int:
     async def list_users(users: UserDirectory) -> int:
         for user in await users.list():
             state = "disabled" if user.disabled else "active"
-            print(f"{user.username}\t{user.id}\t{state}\t{' '.join(user.scopes)}")
+            # Escaped: a name holding a newline or a tab (possible for users created before
+            # such names were refused) must not forge a line or a column.
+            name = escape_text(user.username)
+            print(f"{name}\t{user.id}\t{state}\t{' '.join(user.scopes)}")
         return 0
 
     return await _with_users(settings, list_users)
@@ -157,9 +163,9 @@ async def _events_command(settings: Settings, since: float) -> int:
         fields = [
             event["occurred_at"].isoformat(timespec="seconds"),
             event["kind"],
-            f"subject={event['subject'] or '-'}",
+            f"subject={escape_text(event['subject'] or '-')}",
             f"session={event['session_id'] or '-'}",
-            f"peer={event['peer'] or '-'}",
+            f"peer={escape_text(event['peer'] or '-')}",
         ]
         print("  ".join(fields) + (f"  {detail}" if detail else ""))
     return 0
@@ -391,6 +397,9 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(_users_command(settings, args))
     except AuthError as exc:
         print(f"authsvc: {exc.message}", file=sys.stderr)
+        return 1
+    except MigrationRefused as exc:
+        print(f"authsvc: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

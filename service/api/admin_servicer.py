@@ -17,7 +17,6 @@ from service.api.callers import calling_service
 from service.api.requests import (
     MAX_ID_BYTES,
     MAX_PASSWORD_BYTES,
-    MAX_USERNAME_BYTES,
     RequestCheck,
 )
 from service.api.status import Handler, Req, Resp, maps_errors
@@ -57,7 +56,7 @@ def _user_ref(check: RequestCheck, selector: admin_pb2.UserSelector, present: bo
             check.violation(FieldViolation("user.user_id", "must be a UUID"))
             return ""
     if kind == "username":
-        return check.text("user.username", selector.username, limit=MAX_USERNAME_BYTES)
+        return check.username("user.username", selector.username)
     check.missing("user")
     return ""
 
@@ -152,7 +151,7 @@ class AdminServicer:
     ) -> admin_pb2.CreateUserResponse:
         reject_undecodable(request)
         check = RequestCheck()
-        username = check.text("username", request.username, limit=MAX_USERNAME_BYTES)
+        username = check.username("username", request.username, new=True)
         password = _new_password(check, request.password)
         scopes = check.scopes("scopes", request.scopes)
         check.done()

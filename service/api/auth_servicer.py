@@ -11,7 +11,6 @@ from service.api.requests import (
     MAX_ID_BYTES,
     MAX_PASSWORD_BYTES,
     MAX_TOKEN_BYTES,
-    MAX_USERNAME_BYTES,
     RequestCheck,
 )
 from service.api.status import maps_errors
@@ -65,9 +64,7 @@ class AuthServicer:
         check = RequestCheck()
         if request.WhichOneof("credentials") != "password":
             check.missing("password")
-        username = check.text(
-            "password.username", request.password.username, limit=MAX_USERNAME_BYTES
-        )
+        username = check.username("password.username", request.password.username)
         password = check.text(
             "password.password", request.password.password, limit=MAX_PASSWORD_BYTES
         )

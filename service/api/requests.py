@@ -8,6 +8,11 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+from service.domain.usernames import (
+    MAX_USERNAME_KEY_BYTES,
+    new_username_problem,
+    username_key_too_long,
+)
 from service.errors import FieldViolation, InvalidArgument
 
 MAX_TOKEN_BYTES = 8 * 1024
@@ -38,6 +43,21 @@ class RequestCheck:
         elif "\x00" in value:
             # Valid UTF-8, but PostgreSQL text cannot hold it.
             self._violations.append(FieldViolation(field, "must not contain NUL characters"))
+        return value
+
+    def username(self, field: str, value: str, *, new: bool = False) -> str:
+        """A username to look up (the text rules, and a canonical key no user can have is
+        refused: it would not fit the store's index), or with `new` one to create (every
+        rule of `new_username_problem`)."""
+        before = len(self._violations)
+        self.text(field, value, limit=MAX_USERNAME_BYTES)
+        if len(self._violations) > before:
+            return value
+        problem = new_username_problem(value) if new else None
+        if problem is None and username_key_too_long(value):
+            problem = f"is longer than {MAX_USERNAME_KEY_BYTES} bytes once normalised"
+        if problem is not None:
+            self._violations.append(FieldViolation(field, problem))
         return value
 
     def scopes(self, field: str, values: Sequence[str]) -> tuple[str, ...]:

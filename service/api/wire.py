@@ -13,6 +13,7 @@ from google.protobuf.message import DecodeError, Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from service.domain.tokens import CallerInfo
+from service.domain.usernames import escape_text
 from service.errors import FieldViolation, InvalidArgument
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -31,12 +32,25 @@ def timestamp(seconds: float) -> Timestamp:
     return ts
 
 
+MAX_USER_AGENT_CHARS = 256
+MAX_PEER_CHARS = 256
+
+
 def caller_info(context: Context) -> CallerInfo:
+    """The caller's address and user agent, as stored with sessions and events: escaped
+    (a raw client can send NUL, which PostgreSQL text refuses, or newlines and terminal
+    escapes, which would reach operators' screens) and capped."""
     user_agent = None
     for key, value in context.invocation_metadata() or ():
-        if key == "user-agent" and isinstance(value, str):
-            user_agent = value[:256]
-    return CallerInfo(peer=context.peer(), user_agent=user_agent)
+        if key == "user-agent":
+            if isinstance(value, bytes):
+                value = value.decode("utf-8", "replace")
+            user_agent = escape_text(value, limit=MAX_USER_AGENT_CHARS)
+    peer = context.peer()
+    return CallerInfo(
+        peer=None if peer is None else escape_text(peer, limit=MAX_PEER_CHARS),
+        user_agent=user_agent,
+    )
 
 
 def bearer_credential(context: Context, *, max_length: int) -> str | None:

@@ -35,6 +35,7 @@ from service.domain.revocation import RevocationState, VerifiedTokenCache
 from service.domain.signing_keys import SigningKeys
 from service.domain.telemetry import NoTelemetry, RevocationTarget, Telemetry
 from service.domain.throttle import LoginThrottle
+from service.domain.usernames import username_key
 from service.errors import (
     CallerNotAllowed,
     CallerUnauthenticated,
@@ -152,8 +153,11 @@ class TokenService:
         caller: CallerInfo,
     ) -> TokenPair:
         throttle = self._throttle
-        turn = throttle.turn(username) if throttle else contextlib.nullcontext()
-        throttle_keys = LoginThrottle.keys(username, caller.peer)
+        # Looked up, and throttled, by the canonical key: `Alice` is `alice`'s account, and
+        # varying the case must not give a guesser fresh allowances.
+        key = username_key(username)
+        turn = throttle.turn(key) if throttle else contextlib.nullcontext()
+        throttle_keys = LoginThrottle.keys(key, caller.peer)
         async with turn:
             if throttle is not None:
                 try:
@@ -168,7 +172,7 @@ class TokenService:
                     log.warning("security: login throttled (peer %s)", caller.peer)
                     self._telemetry.login("throttled")
                     raise
-            user = await self._store.find_user(username)
+            user = await self._store.find_user(key)
             # Unknown users are verified against a dummy hash: the same work, the same answer.
             matches = await self._hasher.verify(
                 None if user is None else user.password_hash, password
@@ -189,7 +193,7 @@ class TokenService:
                 self._telemetry.login("failed")
                 raise InvalidCredentials()
             if throttle is not None:
-                await throttle.succeeded(username)
+                await throttle.succeeded(key)
         granted = scopes or user.scopes
         if not set(granted) <= set(user.scopes):
             raise ScopeNotAllowed()

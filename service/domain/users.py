@@ -14,12 +14,13 @@ from service.clock import Clock, to_datetime
 from service.domain.passwords import PasswordHasher
 from service.domain.records import SecurityEvent, SessionRecord, UserRecord
 from service.domain.tokens import CallerInfo, TokenService
+from service.domain.usernames import new_username_problem, username_key
 from service.errors import FieldViolation, InvalidArgument, SessionNotFound, UserNotFound
 from service.store.postgres import PostgresStore
 
 log = logging.getLogger(__name__)
 
-# A user is named by id (uuid.UUID) or by username (str).
+# A user is named by id (uuid.UUID) or by username (str, compared by its canonical key).
 UserRef = uuid.UUID | str
 
 CLI = CallerInfo(actor="cli")
@@ -58,11 +59,18 @@ class UserDirectory:
         *,
         caller: CallerInfo = CLI,
     ) -> UserRecord:
+        """A new user, named as given; UserAlreadyExists if a user's name has the same
+        canonical key (`alice` and `Alice` are one name), InvalidArgument for a name that
+        `new_username_problem` refuses."""
+        problem = new_username_problem(username)
+        if problem is not None:
+            raise InvalidArgument([FieldViolation("username", problem)])
         password_hash = await self._hasher.hash(password)
         now = to_datetime(self._clock.now())
         user = await self._store.create_user(
             user_id=uuid.uuid4(),
             username=username,
+            username_key=username_key(username),
             password_hash=password_hash,
             scopes=tuple(dict.fromkeys(scopes)),
             now=now,
@@ -204,7 +212,7 @@ class UserDirectory:
         if isinstance(user, uuid.UUID):
             record = await self._store.find_user_by_id(user)
         else:
-            record = await self._store.find_user(user)
+            record = await self._store.find_user(username_key(user))
         if record is None:
             raise UserNotFound()
         return record

@@ -209,18 +209,21 @@ class PostgresStore:
         *,
         user_id: uuid.UUID,
         username: str,
+        username_key: str,
         password_hash: str,
         scopes: tuple[str, ...],
         now: datetime,
     ) -> UserRecord:
+        """A new user; UserAlreadyExists if a live user has the same `username_key`."""
         try:
             async with self._connection() as conn:
                 row = await conn.fetchrow(
-                    """INSERT INTO users
-                              (id, username, password_hash, scopes, created_at, updated_at)
-                       VALUES ($1, $2, $3, $4, $5, $5) RETURNING *""",
+                    """INSERT INTO users (id, username, username_key, password_hash, scopes,
+                                          created_at, updated_at)
+                       VALUES ($1, $2, $3, $4, $5, $6, $6) RETURNING *""",
                     user_id,
                     username,
+                    username_key,
                     password_hash,
                     list(scopes),
                     now,
@@ -230,10 +233,11 @@ class PostgresStore:
         assert row is not None
         return _user(row)
 
-    async def find_user(self, username: str) -> UserRecord | None:
+    async def find_user(self, username_key: str) -> UserRecord | None:
+        """The live user whose username has this canonical key."""
         async with self._connection() as conn:
             row = await conn.fetchrow(
-                "SELECT * FROM users WHERE username = $1 AND deleted_at IS NULL", username
+                "SELECT * FROM users WHERE username_key = $1 AND deleted_at IS NULL", username_key
             )
         return None if row is None else _user(row)
 

@@ -40,6 +40,7 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
 from service.clock import ManualClock
+from service.domain.usernames import username_key, username_key_too_long
 from service.gen.auth.v1 import auth_pb2
 from service.settings import Settings
 from tests.conftest import (
@@ -543,13 +544,15 @@ def test_issue_answers_only_documented_errors(harness: Harness) -> None:
         invalid = (
             not has_credentials
             or bad_text(username, MAX_USERNAME_BYTES)
+            or username_key_too_long(username)
             or bad_text(password, MAX_PASSWORD_BYTES)
             or scopes_invalid(scopes)
             or bad_optional_text(audience, MAX_AUDIENCE_BYTES)
         )
         if invalid:
             expected = "INVALID_ARGUMENT"
-        elif username == KNOWN_USER and password == PASSWORD:
+        # Usernames compare by their canonical key: KNOWN_USER.upper() is the same account.
+        elif username_key(username) == username_key(KNOWN_USER) and password == PASSWORD:
             expected = OK if set(scopes) <= USER_SCOPES else "SCOPE_NOT_ALLOWED"
         else:
             expected = "INVALID_CREDENTIALS"
