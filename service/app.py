@@ -97,7 +97,7 @@ async def build_components(
     """Everything but the revocation feed (the CLI needs no feed)."""
     telemetry = telemetry or NoTelemetry()
     store = PostgresStore(pool, timeout=settings.db_timeout)
-    revocations = RevocationState(access_ttl=settings.access_ttl, leeway=settings.leeway)
+    revocations = RevocationState()
     token_cache = VerifiedTokenCache(settings.token_cache_size)
     box = SecretBox(key_encryption_key(settings))
     signing_keys = SigningKeys(

@@ -21,6 +21,11 @@ T = TypeVar("T")
 
 _TEN_YEARS = 315_360_000
 
+MAX_LEEWAY = 300
+"""The largest `AUTH_LEEWAY` accepted, seconds. Revocations are remembered for this much
+past the last access token's `exp`, whatever the leeway is now, so that raising the leeway
+later (up to here) can never bring a forgotten revocation's token back."""
+
 
 class SettingsError(ValueError):
     """A configuration variable has a value we cannot use."""
@@ -67,7 +72,8 @@ class Settings:
     """Seconds after a rotation in which the parent may be presented again (0: off)."""
 
     leeway: int = 0
-    """Clock skew in seconds allowed on exp/nbf/iat checks (`AUTH_LEEWAY`)."""
+    """Clock skew in seconds allowed on exp/nbf/iat checks (`AUTH_LEEWAY`; at most
+    `MAX_LEEWAY`)."""
 
     db_pool_size: int = 10
     """Maximum connections per server process (`AUTH_DB_POOL_SIZE`)."""
@@ -230,11 +236,12 @@ class Settings:
         )
         if settings.refresh_reuse_grace > 300:
             raise SettingsError("AUTH_REFRESH_REUSE_GRACE: at most 300 seconds")
+        if settings.leeway > MAX_LEEWAY:
+            raise SettingsError(f"AUTH_LEEWAY: at most {MAX_LEEWAY} seconds")
         for name, value in (
             ("AUTH_ACCESS_TTL", settings.access_ttl),
             ("AUTH_REFRESH_IDLE_TTL", settings.refresh_idle_ttl),
             ("AUTH_REFRESH_ABSOLUTE_TTL", settings.refresh_absolute_ttl),
-            ("AUTH_LEEWAY", settings.leeway),
         ):
             if value > _TEN_YEARS:
                 raise SettingsError(f"{name}: at most {_TEN_YEARS} seconds (ten years)")

@@ -250,7 +250,7 @@ async def _blocked_rotation_pid(
             """SELECT pid, query FROM pg_stat_activity
                 WHERE datname = current_database() AND pid <> pg_backend_pid()
                   AND wait_event_type = 'Lock'
-                  AND ltrim(query, E' \\n\\t') LIKE 'WITH parent AS%'"""
+                  AND ltrim(query, E' \\n\\t') LIKE 'WITH session AS%'"""
         )
         if row is not None:
             assert row["query"].strip() == ROTATE_SQL.strip()

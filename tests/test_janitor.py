@@ -7,12 +7,16 @@ import asyncpg
 import grpc
 import pytest
 
+from service.domain.revocation import REVOCATION_MARGIN_SECONDS
 from service.gen.auth.v1 import auth_pb2
+from service.settings import MAX_LEEWAY
 from tests.conftest import LiveServer, ServerFactory
 from tests.helpers import refresh, refresh_fails, validate
 
 TTL = {"access_ttl": 60, "refresh_idle_ttl": 300, "refresh_absolute_ttl": 600}
-KEEP = 60 + 60  # access TTL + the revocation margin (leeway 0)
+# The tests' access tokens are all signed at their start: the sessions' stored bound is
+# start + 60, and is kept past that by the largest leeway allowed and the margin.
+KEEP = 60 + MAX_LEEWAY + int(REVOCATION_MARGIN_SECONDS)
 
 
 async def _counts(pool: asyncpg.Pool) -> tuple[int, int]:

@@ -440,6 +440,7 @@ async def test_a_login_checked_against_a_password_changed_meanwhile_starts_no_se
         expires_at=now,
         first_token_hash=bytes(32),
         first_token_expires_at=now,
+        access_expires_at=now,
         peer=None,
         user_agent=None,
     )

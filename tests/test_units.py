@@ -39,7 +39,7 @@ from service.errors import (
     RefreshTokenInvalid,
     SessionRevoked,
 )
-from service.settings import Settings, SettingsError
+from service.settings import MAX_LEEWAY, Settings, SettingsError
 
 # Settings.from_env
 
@@ -192,6 +192,14 @@ def test_reuse_grace_has_an_upper_bound() -> None:
     assert settings_error({"AUTH_REFRESH_REUSE_GRACE": "301"}).startswith(
         "AUTH_REFRESH_REUSE_GRACE"
     )
+
+
+def test_leeway_has_an_upper_bound() -> None:
+    """Revocations are remembered for MAX_LEEWAY past the last token's exp, whatever the
+    leeway is: a larger one would let a forgotten revocation's token back in."""
+    assert MAX_LEEWAY == 300
+    assert Settings.from_env({"AUTH_LEEWAY": "300"}).leeway == 300
+    assert_one_line_naming(settings_error({"AUTH_LEEWAY": "301"}), "AUTH_LEEWAY", "301")
 
 
 def test_kek_parsing() -> None:

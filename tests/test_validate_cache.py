@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
-from service.domain.access_tokens import AccessClaims
-from service.domain.revocation import RevocationState, VerifiedTokenCache
+import uuid
+
+from service.domain.access_tokens import AccessClaims, token_lifetime
+from service.domain.revocation import (
+    REVOCATION_MARGIN_SECONDS,
+    Revocation,
+    RevocationState,
+    VerifiedTokenCache,
+    forgettable_before,
+    remembered_until,
+)
 from service.gen.auth.v1 import auth_pb2
+from service.settings import MAX_LEEWAY
+from service.store.notifications import notify_payloads, parse_payload
 from tests.conftest import LiveServer, ServerFactory
 
 
@@ -82,19 +93,47 @@ def test_cache_of_size_zero_stores_nothing() -> None:
 
 
 def test_revocation_state_keeps_sessions_until_their_tokens_expired() -> None:
-    state = RevocationState(access_ttl=900, leeway=5)
-    state.add([("s1", 1000.0), ("s2", 2000.0)])
+    state = RevocationState()
+    # s1's last access token expired at 1900, s2's at 5000 (revoked at the same moment).
+    state.add([Revocation("s1", 1000.0, 1900.0), Revocation("s2", 1000.0, 5000.0)])
     assert state.is_revoked("s1") and state.is_revoked("s2")
-    # s1's last token expired by 1000 + 900 + 5 (+ margin); s2's has not.
-    state.prune(1000.0 + 900 + 5 + 61)
+    # Kept past the bound by the largest leeway allowed and the margin, not by any setting.
+    assert state.prune(1900.0 + MAX_LEEWAY + REVOCATION_MARGIN_SECONDS - 0.001) == 0
+    assert state.prune(1900.0 + MAX_LEEWAY + REVOCATION_MARGIN_SECONDS) == 1
     assert not state.is_revoked("s1")
     assert state.is_revoked("s2")
     assert len(state) == 1
 
 
-def test_revocation_state_add_keeps_the_later_expiry() -> None:
-    state = RevocationState(access_ttl=60, leeway=0)
-    state.add([("s", 1000.0)])
-    state.add([("s", 500.0)])  # an older record of the same revocation (a resync)
-    state.prune(1000.0 + 60 + 59)
+def test_revocation_state_add_keeps_the_later_bound() -> None:
+    state = RevocationState()
+    state.add([Revocation("s", 1000.0, 1900.0)])
+    state.add([Revocation("s", 1000.0, 1060.0)])  # an older record of the same session
+    state.prune(1060.0 + MAX_LEEWAY + REVOCATION_MARGIN_SECONDS + 1)
     assert state.is_revoked("s")
+
+
+def test_the_bound_arithmetic() -> None:
+    """A token issued at t for ttl seconds has exp = int(t) + ttl; its revocation is
+    remembered (and the janitor keeps its session) until exp + MAX_LEEWAY + the margin;
+    the two views agree at the edge; none of it depends on the current settings."""
+    assert token_lifetime(1000.9, 900) == (1000, 1900)
+    horizon = remembered_until(1900.0)
+    assert horizon == 1900.0 + 300 + 60
+    # No validator whose leeway is allowed accepts the token at the horizon.
+    assert horizon > 1900.0 + MAX_LEEWAY
+    # The janitor's cutoff at `now` keeps exactly the bounds whose horizon is not past.
+    assert forgettable_before(horizon) == 1900.0
+    assert forgettable_before(horizon - 1) < 1900.0
+
+
+def test_revocation_notifications_carry_the_bound_and_fit_the_limit() -> None:
+    revocations = [
+        Revocation(str(uuid.uuid4()), 9_999_999_999.999, 9_999_999_999.999) for _ in range(250)
+    ]
+    payloads = notify_payloads(revocations)
+    assert len(payloads) == 3
+    assert all(len(p.encode()) < 8000 for p in payloads)
+    assert [r for p in payloads for r in parse_payload(p)] == revocations
+    # The two-field form of earlier versions is refused, not half-read.
+    assert parse_payload('[["s", 1000.0]]') == []

@@ -106,6 +106,14 @@ def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+def token_lifetime(now: float, ttl: int) -> tuple[int, int]:
+    """The `iat` and `exp` of an access token issued at `now` for `ttl` seconds. Computed
+    before the database call that records `exp` as the session's bound, and then signed
+    with exactly these values."""
+    issued_at = int(now)
+    return issued_at, issued_at + ttl
+
+
 class AccessTokenCodec:
     """Signs and verifies this service's access tokens."""
 
@@ -122,12 +130,14 @@ class AccessTokenCodec:
         session_id: str,
         audience: str,
         scopes: tuple[str, ...],
-        ttl: int,
+        issued_at: int,
+        expires_at: int,
     ) -> IssuedAccessToken:
-        now = self._clock.now()
-        key = self.key_ring.signing_key(now)
-        iat = int(now)
-        exp = iat + ttl
+        """A token with exactly these `iat` and `exp` (see `token_lifetime`), signed with
+        the key active now."""
+        key = self.key_ring.signing_key(self._clock.now())
+        iat = issued_at
+        exp = expires_at
         claims = {
             "iss": self._issuer,
             "sub": subject,

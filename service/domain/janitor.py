@@ -2,9 +2,11 @@
 without bound under steady load.
 
 - Sessions (with their refresh tokens) once they are past their absolute lifetime, revoked,
-  or left with no unexpired refresh token: but only after every access token they may
-  have issued has expired too (`access_ttl + leeway`, plus the same margin the revocation
-  state keeps), so that no revocation is forgotten while a token it stops is alive.
+  or left with no unexpired refresh token: but only after every access token they were
+  issued has expired too, by the bound stored with each session (the latest `exp` it was
+  issued) plus the largest leeway allowed and the revocation state's margin, never by the
+  access TTL configured now: no revocation is forgotten, and no session becomes
+  unrevocable, while a token of it may be alive.
 - Security events older than `AUTH_EVENT_RETENTION`.
 - Throttle counts whose window has passed and that make no one wait.
 - Deleted users, once their last session is gone.
@@ -23,7 +25,7 @@ import contextlib
 import logging
 
 from service.clock import Clock, to_datetime
-from service.domain.revocation import REVOCATION_MARGIN_SECONDS
+from service.domain.revocation import forgettable_before
 from service.domain.signing_keys import SigningKeys
 from service.settings import Settings
 from service.store.postgres import PostgresStore
@@ -58,7 +60,7 @@ class Janitor:
                 "janitor: signing-key upkeep failed (%s); retried next run", type(exc).__name__
             )
         now = self._clock.now()
-        dead_before = now - (settings.access_ttl + settings.leeway + REVOCATION_MARGIN_SECONDS)
+        dead_before = forgettable_before(now)
         deleted = await self._store.purge(
             {
                 "sessions": to_datetime(dead_before),

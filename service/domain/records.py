@@ -31,6 +31,8 @@ class NewSession:
     expires_at: datetime
     first_token_hash: bytes
     first_token_expires_at: datetime
+    access_expires_at: datetime
+    """The `exp` of the access token the login signs: the session's first bound."""
     peer: str | None
     user_agent: str | None
 

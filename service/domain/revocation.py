@@ -1,10 +1,14 @@
 """What Validate needs to know without a database round trip.
 
 `RevocationState` holds the ids of revoked sessions whose access tokens could
-still be alive; past `revoked_at + access_ttl + leeway` every token of such a
-session has expired anyway, so the set stays bounded. It is filled at start,
-kept current by the database's notifications (see `service.store.revocation_feed`),
-and updated directly by this process's own revocations.
+still be alive. Each session stores the latest `exp` of any access token it was ever
+issued (`sessions.access_expires_max`, set at Issue and raised by every Refresh); a
+revocation is remembered until that bound plus `MAX_LEEWAY` plus a margin
+(`remembered_until`), whatever AUTH_ACCESS_TTL and AUTH_LEEWAY are now: a token signed
+under a longer TTL, or checked later with a larger leeway, never outlives its revocation.
+Past that point every token of the session is refused as expired anyway, so the set stays
+bounded. It is filled at start, kept current by the database's notifications (see
+`service.store.revocation_feed`), and updated directly by this process's own revocations.
 
 `VerifiedTokenCache` remembers tokens whose signature and claims were verified,
 so seeing a token again costs a dictionary lookup instead of a signature check.
@@ -16,19 +20,41 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict
 from collections.abc import Iterable
+from typing import NamedTuple
 
 from service.domain.access_tokens import AccessClaims
+from service.settings import MAX_LEEWAY
 
-# Tokens are at most a few seconds older than the revocation that races them
-# (a Refresh committing just before a Revoke); keep entries this much longer.
+# Replicas' clocks differ a little, and a notification takes a moment: keep entries this
+# much longer than the tokens' own lifetime.
 REVOCATION_MARGIN_SECONDS = 60.0
+
+
+class Revocation(NamedTuple):
+    """A revoked session, as the store reports it and notifications carry it."""
+
+    session_id: str
+    revoked_at: float
+    """Epoch seconds."""
+    access_expires_max: float
+    """The latest `exp` of any access token the session was issued (epoch seconds)."""
+
+
+def remembered_until(access_expires_max: float) -> float:
+    """Until when a revocation must be remembered (and its session kept): no validator
+    whose leeway is within `MAX_LEEWAY` accepts any of the session's tokens after it."""
+    return access_expires_max + MAX_LEEWAY + REVOCATION_MARGIN_SECONDS
+
+
+def forgettable_before(now: float) -> float:
+    """Sessions whose `access_expires_max` is older than this need no remembering."""
+    return now - MAX_LEEWAY - REVOCATION_MARGIN_SECONDS
 
 
 class RevocationState:
     """Revoked session ids, each kept until its last access token has expired."""
 
-    def __init__(self, *, access_ttl: int, leeway: int) -> None:
-        self._keep_for = access_ttl + leeway + REVOCATION_MARGIN_SECONDS
+    def __init__(self) -> None:
         self._revoked: dict[str, float] = {}  # session id -> forget after (epoch seconds)
         self.synced_at: float | None = None
         """When the state was last known to match the database (None: never, or stale)."""
@@ -38,13 +64,11 @@ class RevocationState:
     def is_revoked(self, session_id: str) -> bool:
         return session_id in self._revoked
 
-    def add(self, revocations: Iterable[tuple[str, float]]) -> None:
-        """Record (session id, revoked at) pairs."""
-        keep_for = self._keep_for
-        for session_id, revoked_at in revocations:
-            forget_after = revoked_at + keep_for
-            if self._revoked.get(session_id, 0.0) < forget_after:
-                self._revoked[session_id] = forget_after
+    def add(self, revocations: Iterable[Revocation]) -> None:
+        for revocation in revocations:
+            forget_after = remembered_until(revocation.access_expires_max)
+            if self._revoked.get(revocation.session_id, 0.0) < forget_after:
+                self._revoked[revocation.session_id] = forget_after
 
     def prune(self, now: float) -> int:
         """Forget sessions whose access tokens have all expired; how many were dropped."""
@@ -52,10 +76,6 @@ class RevocationState:
         for sid in expired:
             del self._revoked[sid]
         return len(expired)
-
-    def window_start(self, now: float) -> float:
-        """Revocations older than this no longer matter."""
-        return now - self._keep_for
 
     def __len__(self) -> int:
         return len(self._revoked)

@@ -16,6 +16,7 @@ from service.domain.access_tokens import (
     AccessTokenCodec,
     TokenProblem,
     TokenRejected,
+    token_lifetime,
 )
 from service.domain.passwords import PasswordHasher
 from service.domain.records import NewSession, RefreshTokenState, SecurityEvent
@@ -31,7 +32,7 @@ from service.domain.refresh_tokens import (
     is_well_formed,
     new_refresh_token,
 )
-from service.domain.revocation import RevocationState, VerifiedTokenCache
+from service.domain.revocation import Revocation, RevocationState, VerifiedTokenCache
 from service.domain.signing_keys import SigningKeys
 from service.domain.telemetry import NoTelemetry, RevocationTarget, Telemetry
 from service.domain.throttle import LoginThrottle
@@ -202,6 +203,9 @@ class TokenService:
         session_expires = now + self._settings.refresh_absolute_ttl
         token_expires = min(now + self._settings.refresh_idle_ttl, session_expires)
         aud = audience or self._settings.audience
+        # The access token's exp is stored with the session before it is signed: how long
+        # a revocation of this session must be remembered.
+        issued_at, access_expires = token_lifetime(now, self._settings.access_ttl)
         created = await self._store.create_session(
             NewSession(
                 id=session_id,
@@ -212,6 +216,7 @@ class TokenService:
                 expires_at=to_datetime(session_expires),
                 first_token_hash=hash_token(refresh_token),
                 first_token_expires_at=to_datetime(token_expires),
+                access_expires_at=to_datetime(access_expires),
                 peer=caller.peer,
                 user_agent=caller.user_agent,
             ),
@@ -238,7 +243,8 @@ class TokenService:
             session_id=str(session_id),
             audience=aud,
             scopes=granted,
-            ttl=self._settings.access_ttl,
+            issued_at=issued_at,
+            expires_at=access_expires,
         )
         return TokenPair(
             access_token=access.token,
@@ -256,7 +262,10 @@ class TokenService:
             raise RefreshTokenInvalid()
         child = derive_child_token(refresh_token, self._refresh_secret)
         child_hash = hash_token(child)
-        now = to_datetime(self._clock.now())
+        clock_now = self._clock.now()
+        now = to_datetime(clock_now)
+        # Stored as the session's bound by the same statement as the rotation, then signed.
+        issued_at, access_expires = token_lifetime(clock_now, self._settings.access_ttl)
 
         def reuse_event(state: RefreshTokenState) -> SecurityEvent:
             return SecurityEvent(
@@ -266,7 +275,7 @@ class TokenService:
                 peer=caller.peer,
             )
 
-        state, decision = await self._store.refresh(
+        state, decision, revoked = await self._store.refresh(
             hash_token(refresh_token),
             lambda s: decide_refresh(
                 s,
@@ -276,13 +285,14 @@ class TokenService:
                 child_hash=child_hash,
             ),
             now=now,
+            access_expires_at=to_datetime(access_expires),
             reuse_event=reuse_event,
         )
         if isinstance(decision, Reject):
             raise decision.error()
         assert state is not None
         if isinstance(decision, RevokeForReuse):
-            self._revocations.add([(str(state.session_id), now.timestamp())])
+            self._revocations.add(revoked)
             self._telemetry.refresh_reuse_detected()
             self._telemetry.sessions_revoked("reuse", 1)
             log.warning(
@@ -303,7 +313,8 @@ class TokenService:
             session_id=str(state.session_id),
             audience=state.session_audience,
             scopes=scopes,
-            ttl=self._settings.access_ttl,
+            issued_at=issued_at,
+            expires_at=access_expires,
         )
         return TokenPair(
             access_token=access.token,
@@ -422,7 +433,7 @@ class TokenService:
                 detail=caller.detail(reason=reason),
             ),
         )
-        return self._revoked_here(revoked, now, "subject")
+        return self._revoked_here(revoked, "subject")
 
     async def revoke_session_of_anyone(
         self, session_id: uuid.UUID, *, reason: str, caller: CallerInfo
@@ -453,20 +464,18 @@ class TokenService:
             ),
             record_if_unchanged=always_record,
         )
-        return self._revoked_here(revoked, now, target)
+        return self._revoked_here(revoked, target)
 
-    def revoked_elsewhere(self, session_ids: list[uuid.UUID], target: RevocationTarget) -> int:
+    def revoked_elsewhere(self, revoked: list[Revocation], target: RevocationTarget) -> int:
         """Revocations the store made in another domain operation (a user deleted)."""
-        return self._revoked_here(session_ids, self._clock.now(), target)
+        return self._revoked_here(revoked, target)
 
-    def _revoked_here(
-        self, session_ids: list[uuid.UUID], now: float, target: RevocationTarget
-    ) -> int:
+    def _revoked_here(self, revoked: list[Revocation], target: RevocationTarget) -> int:
         """This process sees its own revocations at once, not when the NOTIFY arrives."""
-        self._revocations.add((str(sid), now) for sid in session_ids)
-        if session_ids:
-            self._telemetry.sessions_revoked(target, len(session_ids))
-        return len(session_ids)
+        self._revocations.add(revoked)
+        if revoked:
+            self._telemetry.sessions_revoked(target, len(revoked))
+        return len(revoked)
 
     async def _authenticate_caller(self, caller_token: str | None) -> str:
         """The subject of the caller's live access token, or CallerUnauthenticated."""

@@ -87,8 +87,9 @@ async def _sql_rotation_rate(
             for _ in range(concurrency):
                 session_id, token_hash = uuid.uuid4(), secrets.token_bytes(32)
                 await conn.execute(
-                    """INSERT INTO sessions (id, user_id, scopes, audience, created_at, expires_at)
-                       VALUES ($1, $2, '{}', 'bench', $3, $4)""",
+                    """INSERT INTO sessions (id, user_id, scopes, audience, created_at, expires_at,
+                                             access_expires_max)
+                       VALUES ($1, $2, '{}', 'bench', $3, $4, $4)""",
                     session_id,
                     user_id,
                     now,
@@ -113,7 +114,7 @@ async def _sql_rotation_rate(
                 async with pool.acquire() as conn, conn.transaction():
                     await conn.fetchrow(LOCK_REFRESH_TOKEN_SQL, token_hash)
                     await conn.execute(
-                        ROTATE_SQL, token_hash, session_id, datetime.now(UTC), child, far
+                        ROTATE_SQL, token_hash, session_id, datetime.now(UTC), child, far, far
                     )
                 token_hash = child
                 done += 1
@@ -199,10 +200,10 @@ _MEMORY_PROBE = """
 import os, uuid, resource, psutil
 import service.app  # everything a worker imports
 from service.domain.access_tokens import AccessClaims
-from service.domain.revocation import RevocationState, VerifiedTokenCache
+from service.domain.revocation import Revocation, RevocationState, VerifiedTokenCache
 before = psutil.Process().memory_info().rss
 cache = VerifiedTokenCache(100_000)
-state = RevocationState(access_ttl=900, leeway=0)
+state = RevocationState()
 for n in range(100_000):
     sid = str(uuid.uuid4())
     token = "eyJ" + os.urandom(150).hex()
@@ -210,7 +211,7 @@ for n in range(100_000):
         subject=str(uuid.uuid4()), session_id=sid, token_id=uuid.uuid4().hex,
         scopes=("read", "write"), audiences=("authsvc",), issued_at=1.9e9,
         expires_at=1.9e9 + 900, not_before=None))
-    state.add([(str(uuid.uuid4()), 1.9e9)])
+    state.add([Revocation(str(uuid.uuid4()), 1.9e9, 1.9e9 + 900)])
 after = psutil.Process().memory_info().rss
 print(before / 2**20, after / 2**20)
 """
@@ -260,7 +261,8 @@ def signing_algorithm_costs(
                     session_id=str(uuid.uuid4()),
                     audience="bench",
                     scopes=("read", "write"),
-                    ttl=900,
+                    issued_at=int(time.time()),
+                    expires_at=int(time.time()) + 900,
                 ).token
                 for _ in range(samples)
             ]

@@ -6,29 +6,35 @@ import json
 import logging
 from collections.abc import Iterable
 
+from service.domain.revocation import Revocation
+
 log = logging.getLogger(__name__)
 
 CHANNEL = "authsvc_revocations"
 # Signing keys were added or retired: every replica reloads them (the payload is empty).
 KEYS_CHANNEL = "authsvc_signing_keys"
-# NOTIFY payloads are limited to 8000 bytes; ~60 bytes per session.
+# NOTIFY payloads are limited to 8000 bytes; ~75 bytes per session.
 _SESSIONS_PER_NOTIFY = 100
 
 
-def notify_payloads(revocations: Iterable[tuple[str, float]]) -> list[str]:
-    """NOTIFY payloads announcing (session id, revoked at) pairs, each under the size limit."""
-    items = [[sid, round(at, 3)] for sid, at in revocations]
+def notify_payloads(revocations: Iterable[Revocation]) -> list[str]:
+    """NOTIFY payloads announcing [session id, revoked at, access expires max] triples,
+    each payload under the size limit. The third is what tells a listener how long to
+    remember the revocation, so it travels with it."""
+    items = [
+        [r.session_id, round(r.revoked_at, 3), round(r.access_expires_max, 3)] for r in revocations
+    ]
     return [
         json.dumps(items[i : i + _SESSIONS_PER_NOTIFY], separators=(",", ":"))
         for i in range(0, len(items), _SESSIONS_PER_NOTIFY)
     ]
 
 
-def parse_payload(payload: str) -> list[tuple[str, float]]:
+def parse_payload(payload: str) -> list[Revocation]:
     """The inverse of `notify_payloads` for one payload; malformed input yields nothing."""
     try:
         items = json.loads(payload)
-        return [(str(sid), float(at)) for sid, at in items]
+        return [Revocation(str(sid), float(at), float(until)) for sid, at, until in items]
     except (ValueError, TypeError):
         log.warning("ignored a malformed revocation notification")
         return []

@@ -27,11 +27,13 @@ from service.domain.records import (
 )
 from service.domain.refresh_tokens import (
     RefreshDecision,
+    Reject,
     Replay,
     RevokeForReuse,
     Rotate,
 )
-from service.errors import DatabaseUnavailable, UserAlreadyExists
+from service.domain.revocation import Revocation
+from service.errors import DatabaseUnavailable, SessionRevoked, UserAlreadyExists
 from service.store.notifications import CHANNEL, KEYS_CHANNEL, notify_payloads
 
 # Connection trouble, by class: SQLSTATE 08 (connection), 57 (operator
@@ -59,15 +61,18 @@ _JANITOR_LOCK_ID = 0x6A616E69  # "jani"
 
 # Clean-up, in small batches (each its own short transaction).
 _PURGE_SQL = {
-    # Sessions nobody can use any more: past their absolute lifetime, revoked, or whose
-    # every refresh token has expired; their tokens go with them (ON DELETE CASCADE).
+    # Sessions nobody can use any more (past their absolute lifetime, revoked, or whose
+    # every refresh token has expired) and whose every access token has expired too (their
+    # stored bound, whatever the access TTL is now), both before the cutoff; their tokens
+    # go with them (ON DELETE CASCADE).
     "sessions": """
         DELETE FROM sessions WHERE id IN (
             SELECT s.id FROM sessions s
-             WHERE s.expires_at < $1 OR s.revoked_at < $1
-                OR NOT EXISTS (SELECT 1 FROM refresh_tokens t
-                                WHERE t.session_id = s.id AND t.used_at IS NULL
-                                  AND t.expires_at >= $1)
+             WHERE s.access_expires_max < $1
+               AND (s.expires_at < $1 OR s.revoked_at < $1
+                    OR NOT EXISTS (SELECT 1 FROM refresh_tokens t
+                                    WHERE t.session_id = s.id AND t.used_at IS NULL
+                                      AND t.expires_at >= $1))
              LIMIT $2)""",
     # Retired keys are kept as long as the security events that may name their kid.
     "signing_keys": """
@@ -121,13 +126,15 @@ SELECT c.expires_at AS child_expires_at, (c.used_at IS NOT NULL) AS child_used,
 # verified: a disable or password change that commits during the (slow) hash check
 # must not be outrun by the login it should stop. FOR SHARE makes a login that meets a
 # disable, delete or password change in flight wait for it and check the new row, and
-# makes that change wait for the login, whose session its revocation then sees.
+# makes that change wait for the login, whose session its revocation then sees. $15 is
+# the `exp` of the access token the login will sign.
 CREATE_SESSION_SQL = """
 WITH still_valid AS (
     SELECT 1 FROM users WHERE id = $2 AND NOT disabled AND password_hash = $14 FOR SHARE),
 session AS (
-    INSERT INTO sessions (id, user_id, scopes, audience, created_at, expires_at, peer, user_agent)
-    SELECT $1, $2, $3, $4, $5, $6, $7, $8 FROM still_valid
+    INSERT INTO sessions (id, user_id, scopes, audience, created_at, expires_at, peer, user_agent,
+                          access_expires_max)
+    SELECT $1, $2, $3, $4, $5, $6, $7, $8, $15 FROM still_valid
     RETURNING id),
 token AS (
     INSERT INTO refresh_tokens (token_hash, session_id, issued_at, expires_at)
@@ -138,16 +145,37 @@ event AS (
 SELECT count(*) FROM session
 """
 
-# Mark the parent used, store its only child, touch the session: one round trip.
+# Touch the session and raise its bound to the `exp` ($6) of the access token about to be
+# signed, mark the parent used, store its only child: one round trip. All of it only if
+# the session is not revoked: a revocation that committed while this waited for the session
+# row announced the bound as it was, so no token may be signed past it. (A revocation that
+# comes after this commit waits for the row, and announces the raised bound.)
 ROTATE_SQL = """
-WITH parent AS (
+WITH session AS (
+    UPDATE sessions SET last_refreshed_at = $3,
+                        access_expires_max = greatest(access_expires_max, $6)
+     WHERE id = $2 AND revoked_at IS NULL RETURNING id),
+parent AS (
     UPDATE refresh_tokens SET used_at = $3, child_hash = $4
-     WHERE token_hash = $1 AND used_at IS NULL RETURNING 1),
-session AS (
-    UPDATE sessions SET last_refreshed_at = $3 WHERE id = $2)
+     WHERE token_hash = $1 AND used_at IS NULL AND EXISTS (SELECT 1 FROM session)
+    RETURNING 1)
 INSERT INTO refresh_tokens (token_hash, session_id, parent_hash, issued_at, expires_at)
 SELECT $4, $2, $1, $3, $5 FROM parent
 """
+
+# A replay within the grace window signs another access token: raise the bound to its
+# `exp` ($2), unless the session was revoked meanwhile (as for ROTATE_SQL).
+RAISE_ACCESS_EXPIRES_MAX_SQL = """
+UPDATE sessions SET access_expires_max = greatest(access_expires_max, $2)
+ WHERE id = $1 AND revoked_at IS NULL
+"""
+
+
+def _revocations(rows: list[asyncpg.Record]) -> list[Revocation]:
+    return [
+        Revocation(str(r["id"]), r["revoked_at"].timestamp(), r["access_expires_max"].timestamp())
+        for r in rows
+    ]
 
 
 def _user(row: asyncpg.Record) -> UserRecord:
@@ -285,11 +313,11 @@ class PostgresStore:
         disabled: bool | None = None,
         revoke_reason: str | None = None,
         events: list[SecurityEvent],
-    ) -> list[uuid.UUID] | None:
+    ) -> list[Revocation] | None:
         """One transaction: set a new password hash and/or the disabled flag, revoke every
         live session if `revoke_reason` is given (with the NOTIFY), and record the events.
         All of it or none: a change cut short can never leave the old sessions alive.
-        The ids revoked, or None if there is no such user."""
+        The sessions revoked, or None if there is no such user."""
         async with self._transaction() as conn:
             found = await conn.fetchval(
                 """UPDATE users SET password_hash = coalesce($2, password_hash),
@@ -313,9 +341,9 @@ class PostgresStore:
 
     async def delete_user(
         self, user_id: uuid.UUID, *, now: datetime, event: SecurityEvent
-    ) -> list[uuid.UUID] | None:
+    ) -> list[Revocation] | None:
         """Mark a user deleted (disabled, no password, username free) and revoke their
-        sessions, in one transaction; the revoked ids, or None if there was no such user.
+        sessions, in one transaction; the revocations, or None if there was no such user.
         The janitor deletes the row once their sessions are gone."""
         async with self._transaction() as conn:
             found = await conn.fetchval(
@@ -497,6 +525,7 @@ class PostgresStore:
                 event.subject,
                 json.dumps(event.detail or {}),
                 verified_hash,
+                session.access_expires_at,
             )
         return bool(created)
 
@@ -506,12 +535,17 @@ class PostgresStore:
         decide: Callable[[RefreshTokenState | None], RefreshDecision],
         *,
         now: datetime,
+        access_expires_at: datetime,
         reuse_event: Callable[[RefreshTokenState], SecurityEvent],
-    ) -> tuple[RefreshTokenState | None, RefreshDecision]:
-        """Lock the presented token, let the domain `decide`, and apply the decision.
+    ) -> tuple[RefreshTokenState | None, RefreshDecision, list[Revocation]]:
+        """Lock the presented token, let the domain `decide`, and apply the decision; the
+        decision applied, and the revocation if it revoked the session for reuse.
 
         The row lock serializes every call presenting the same token: the first
-        rotates, the others see it used and replay the child or report reuse.
+        rotates, the others see it used and replay the child or report reuse. A rotation
+        or replay raises the session's bound to `access_expires_at`, the `exp` of the access
+        token the caller will sign; if the session was revoked meanwhile, nothing is
+        written and the decision becomes Reject(SessionRevoked).
         """
         async with self._transaction() as conn:
             row = await conn.fetchrow(LOCK_REFRESH_TOKEN_SQL, token_hash)
@@ -523,23 +557,42 @@ class PostgresStore:
             state = None if row is None else _refresh_state(row, rotated)
             decision = decide(state)
             if state is None:
-                return state, decision
+                return state, decision, []
             if isinstance(decision, Rotate):
-                await conn.execute(
+                written = await conn.execute(
                     ROTATE_SQL,
                     token_hash,
                     state.session_id,
                     now,
                     decision.child_hash,
                     decision.child_expires_at,
+                    access_expires_at,
                 )
+                if written != "INSERT 0 1":
+                    return state, Reject(SessionRevoked), []
             elif isinstance(decision, RevokeForReuse):
                 # Recorded even when the family was dead already: each replay is a theft signal.
-                await self._revoke_session(conn, state.session_id, "refresh_token_reused", now)
+                revoked = await self._revoke_session(
+                    conn, state.session_id, "refresh_token_reused", now
+                )
+                if not revoked:  # revoked before: this process is told at once all the same
+                    revoked = _revocations(
+                        await conn.fetch(
+                            """SELECT id, revoked_at, access_expires_max FROM sessions
+                                 WHERE id = $1 AND revoked_at IS NOT NULL""",
+                            state.session_id,
+                        )
+                    )
                 await self._insert_event(conn, reuse_event(state), now)
+                return state, decision, revoked
             elif isinstance(decision, Replay):
-                pass  # the child exists already; nothing to write
-            return state, decision
+                # The child exists already; the new access token's exp is what to write.
+                written = await conn.execute(
+                    RAISE_ACCESS_EXPIRES_MAX_SQL, state.session_id, access_expires_at
+                )
+                if written != "UPDATE 1":
+                    return state, Reject(SessionRevoked), []
+            return state, decision, []
 
     async def session_owner(self, session_id: uuid.UUID) -> uuid.UUID | None:
         async with self._connection() as conn:
@@ -563,8 +616,8 @@ class PostgresStore:
         now: datetime,
         event: SecurityEvent,
         record_if_unchanged: bool = False,
-    ) -> list[uuid.UUID]:
-        """Revoke one session: [its id] if this call revoked it, else []. The event names
+    ) -> list[Revocation]:
+        """Revoke one session: [it] if this call revoked it, else []. The event names
         the session's user; it is recorded only if the call revoked the session, unless
         `record_if_unchanged` (an operator's call is recorded whatever it changed)."""
         async with self._transaction() as conn:
@@ -587,52 +640,53 @@ class PostgresStore:
 
     async def revoke_user_sessions(
         self, user_id: uuid.UUID, *, reason: str, now: datetime, event: SecurityEvent
-    ) -> list[uuid.UUID]:
-        """Revoke every live session of a user; the ids this call revoked."""
+    ) -> list[Revocation]:
+        """Revoke every live session of a user; those this call revoked."""
         async with self._transaction() as conn:
             revoked = await self._revoke_user_sessions(conn, user_id, reason, now)
             await self._insert_event(conn, event, now)
         return revoked
 
+    # A revocation returns what every replica needs to remember it, and for how long. An
+    # UPDATE that waited for a Refresh holding the session row re-reads it, so RETURNING
+    # gives the bound that Refresh raised: the revocation carries it.
+
     @classmethod
     async def _revoke_user_sessions(
         cls, conn: asyncpg.Connection, user_id: uuid.UUID, reason: str, now: datetime
-    ) -> list[uuid.UUID]:
+    ) -> list[Revocation]:
         rows = await conn.fetch(
             """UPDATE sessions SET revoked_at = $2, revoke_reason = $3
-                WHERE user_id = $1 AND revoked_at IS NULL RETURNING id""",
+                WHERE user_id = $1 AND revoked_at IS NULL
+                RETURNING id, revoked_at, access_expires_max""",
             user_id,
             now,
             reason,
         )
-        revoked: list[uuid.UUID] = [r["id"] for r in rows]
-        await cls._notify_revoked(conn, revoked, now)
+        revoked = _revocations(rows)
+        await cls._notify_revoked(conn, revoked)
         return revoked
 
     @classmethod
     async def _revoke_session(
         cls, conn: asyncpg.Connection, session_id: uuid.UUID, reason: str, now: datetime
-    ) -> list[uuid.UUID]:
-        revoked: list[uuid.UUID] = [
-            r["id"]
-            for r in await conn.fetch(
-                """UPDATE sessions SET revoked_at = $2, revoke_reason = $3
-                    WHERE id = $1 AND revoked_at IS NULL RETURNING id""",
-                session_id,
-                now,
-                reason,
-            )
-        ]
-        await cls._notify_revoked(conn, revoked, now)
+    ) -> list[Revocation]:
+        rows = await conn.fetch(
+            """UPDATE sessions SET revoked_at = $2, revoke_reason = $3
+                WHERE id = $1 AND revoked_at IS NULL
+                RETURNING id, revoked_at, access_expires_max""",
+            session_id,
+            now,
+            reason,
+        )
+        revoked = _revocations(rows)
+        await cls._notify_revoked(conn, revoked)
         return revoked
 
     @staticmethod
-    async def _notify_revoked(
-        conn: asyncpg.Connection, session_ids: list[uuid.UUID], now: datetime
-    ) -> None:
+    async def _notify_revoked(conn: asyncpg.Connection, revoked: list[Revocation]) -> None:
         """Tell every replica, on commit (NOTIFY is transactional)."""
-        at = now.timestamp()
-        for payload in notify_payloads((str(sid), at) for sid in session_ids):
+        for payload in notify_payloads(revoked):
             await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, payload)
 
     # Login throttling

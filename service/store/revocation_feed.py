@@ -1,6 +1,9 @@
 """Keeps a process's `RevocationState` equal to the database's, without Validate asking it.
 
-- At start: a full read of the sessions revoked within the window that matters.
+Every revocation travels with its session's `access_expires_max` (the latest `exp` of any
+access token the session was issued), which says how long to remember it.
+
+- At start: a full read of the revoked sessions whose tokens may still be alive.
 - Then: PostgreSQL LISTEN on a dedicated connection (not a pooled one, so a busy
   pool never delays it). Every revoking transaction sends a NOTIFY on commit.
 - When that connection drops: reconnect with backoff, LISTEN again, and read the
@@ -22,7 +25,7 @@ from collections.abc import Awaitable, Callable
 import asyncpg
 
 from service.clock import Clock, to_datetime
-from service.domain.revocation import RevocationState
+from service.domain.revocation import Revocation, RevocationState, forgettable_before
 from service.store.notifications import CHANNEL, KEYS_CHANNEL, parse_payload
 from service.store.postgres import UNAVAILABLE_ERRORS
 
@@ -32,10 +35,22 @@ LISTENER_APPLICATION_NAME = "authsvc-revocation-listener"
 # Revocations committed late (long transactions) still show up in the poll.
 _POLL_OVERLAP_SECONDS = 60.0
 
-_WINDOW_SQL = """
-SELECT id::text AS id, extract(epoch FROM revoked_at)::float8 AS revoked_at
+# Every revocation still to be remembered, whenever it was made.
+_REMEMBERED_SQL = """
+SELECT id::text AS id, extract(epoch FROM revoked_at)::float8 AS revoked_at,
+       extract(epoch FROM access_expires_max)::float8 AS access_expires_max
+  FROM sessions WHERE revoked_at IS NOT NULL AND access_expires_max >= $1
+"""
+# The safety-net poll: revocations made lately (a missed notification).
+_RECENT_SQL = """
+SELECT id::text AS id, extract(epoch FROM revoked_at)::float8 AS revoked_at,
+       extract(epoch FROM access_expires_max)::float8 AS access_expires_max
   FROM sessions WHERE revoked_at >= $1
 """
+
+
+def _revocations(rows: list[asyncpg.Record]) -> list[Revocation]:
+    return [Revocation(r["id"], r["revoked_at"], r["access_expires_max"]) for r in rows]
 
 
 class RevocationFeed:
@@ -87,10 +102,10 @@ class RevocationFeed:
 
     async def _load_window(self, conn: asyncpg.Connection) -> None:
         now = self._clock.now()
-        rows = await conn.fetch(_WINDOW_SQL, to_datetime(self._state.window_start(now)))
+        rows = await conn.fetch(_REMEMBERED_SQL, to_datetime(forgettable_before(now)))
         # Added, never replaced: revocations are never undone, and one made by this
         # process after the read's snapshot must not vanish until its NOTIFY arrives.
-        self._state.add((r["id"], r["revoked_at"]) for r in rows)
+        self._state.add(_revocations(rows))
         self._state.prune(now)
         self._state.synced_at = now
 
@@ -100,7 +115,8 @@ class RevocationFeed:
             self._state.add(revocations)
             if revocations:
                 # How long the news took to reach us, for the metrics.
-                self._state.lag = max(0.0, self._clock.now() - max(at for _, at in revocations))
+                latest = max(r.revoked_at for r in revocations)
+                self._state.lag = max(0.0, self._clock.now() - latest)
 
     def _on_keys_notify(self, _conn: object, _pid: int, _channel: str, _payload: object) -> None:
         task = asyncio.get_running_loop().create_task(self._reload_keys())
@@ -169,11 +185,11 @@ class RevocationFeed:
             try:
                 async with self._pool.acquire(timeout=self._timeout) as conn:
                     rows = await conn.fetch(
-                        _WINDOW_SQL, to_datetime(now - self._poll_interval - _POLL_OVERLAP_SECONDS)
+                        _RECENT_SQL, to_datetime(now - self._poll_interval - _POLL_OVERLAP_SECONDS)
                     )
             except Exception as exc:  # any failure: try again next round
                 log.warning("revocation poll failed (%s)", type(exc).__name__)
                 continue
-            self._state.add((r["id"], r["revoked_at"]) for r in rows)
+            self._state.add(_revocations(rows))
             self._state.prune(now)
             await self._reload_keys()

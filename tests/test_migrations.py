@@ -1,0 +1,126 @@
+"""Migrations on a database that already holds data: existing rows get safe values."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from datetime import timedelta
+
+import asyncpg
+import pytest
+
+from service.clock import ManualClock, to_datetime
+from service.settings import Settings
+from service.store import apply_migrations
+from service.store.migrations import load_migrations
+from tests.conftest import database_uri, start_live_server, stop_live_server
+
+TEN_YEARS = timedelta(seconds=315_360_000)
+
+
+@pytest.fixture
+async def empty_database(pg_admin_uri: str) -> AsyncIterator[str]:
+    name = f"m_{uuid.uuid4().hex[:16]}"
+    admin = await asyncpg.connect(pg_admin_uri)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    yield database_uri(pg_admin_uri, name)
+    admin = await asyncpg.connect(pg_admin_uri)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+async def _migrate_until(conn: asyncpg.Connection, name_part: str) -> None:
+    """Apply the migrations before the one whose file name contains `name_part`, through
+    `apply_migrations` (so migrations with Python steps run as they do in production)."""
+    migrations = load_migrations()
+    for index, migration in enumerate(migrations):
+        if name_part in migration.name:
+            await apply_migrations(conn, migrations[:index])
+            return
+    raise AssertionError(f"no migration named *{name_part}*")
+
+
+async def test_existing_sessions_get_a_bound_past_any_token_they_could_have_issued(
+    empty_database: str, settings: Settings, clock: ManualClock
+) -> None:
+    """Sessions from before `access_expires_max` existed: their tokens were signed under an
+    access TTL nobody recorded, so they get their last activity + the largest TTL the
+    settings accept (+ the longest grace for a replay, + a margin); a revoked one is
+    remembered by a server with a short TTL long after the old rule forgot it."""
+    t0 = to_datetime(clock.now() - 1000)
+    conn = await asyncpg.connect(empty_database)
+    try:
+        await _migrate_until(conn, "access_expires_max")
+        user_id = uuid.uuid4()
+        await conn.execute(
+            """INSERT INTO users (id, username, password_hash, created_at, updated_at)
+               VALUES ($1, 'old', 'x', $2, $2)""",
+            user_id,
+            t0,
+        )
+        fresh, rotated, revoked = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+        for sid in (fresh, rotated, revoked):
+            await conn.execute(
+                """INSERT INTO sessions (id, user_id, scopes, audience, created_at, expires_at)
+                   VALUES ($1, $2, '{}', 'a', $3, $4)""",
+                sid,
+                user_id,
+                t0,
+                t0 + timedelta(days=30),
+            )
+        # Rotated 500 s after login; the rotated token's row records when.
+        await conn.execute(
+            "UPDATE sessions SET last_refreshed_at = $2 WHERE id = $1",
+            rotated,
+            t0 + timedelta(seconds=500),
+        )
+        await conn.execute(
+            """INSERT INTO refresh_tokens
+                      (token_hash, session_id, issued_at, expires_at, used_at, child_hash)
+               VALUES ($1, $2, $3, $4, $5, $6)""",
+            bytes(32),
+            rotated,
+            t0,
+            t0 + timedelta(days=1),
+            t0 + timedelta(seconds=500),
+            bytes(range(32)),
+        )
+        await conn.execute(
+            "UPDATE sessions SET revoked_at = $2, revoke_reason = 'old' WHERE id = $1",
+            revoked,
+            t0 + timedelta(seconds=10),
+        )
+
+        await apply_migrations(conn)
+
+        rows = await conn.fetch("SELECT id, access_expires_max FROM sessions")
+        bounds = {r["id"]: r["access_expires_max"] for r in rows}
+        slack = timedelta(seconds=300 + 60)
+        assert bounds[fresh] == t0 + TEN_YEARS + slack
+        assert bounds[revoked] == t0 + TEN_YEARS + slack
+        assert bounds[rotated] == t0 + timedelta(seconds=500) + TEN_YEARS + slack
+        column = await conn.fetchrow(
+            """SELECT is_nullable, column_default FROM information_schema.columns
+                WHERE table_name = 'sessions' AND column_name = 'access_expires_max'"""
+        )
+        assert column is not None
+        assert (column["is_nullable"], column["column_default"]) == ("NO", None)
+    finally:
+        await conn.close()
+
+    # A server with a 60 s access TTL, long after the old rule (TTL + 60 s) forgot it.
+    server = await start_live_server(
+        replace(settings, database_url=empty_database, access_ttl=60), clock
+    )
+    try:
+        await server.running.components.janitor.run_once()
+        assert server.running.components.revocations.is_revoked(str(revoked))
+        assert await server.pool.fetchval("SELECT count(*) FROM sessions") == 3
+    finally:
+        await stop_live_server(server)
