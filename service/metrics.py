@@ -39,10 +39,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import inspect
 import logging
 import os
+import shutil
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -65,12 +68,14 @@ __all__ = [
     "EndpointLimits",
     "MetricsEndpoint",
     "MetricsInterceptor",
+    "OwnedMultiprocessDir",
     "ProcessSample",
     "PrometheusTelemetry",
     "RpcMetrics",
     "multiprocess_enabled",
     "multiprocess_registry",
     "prepare_multiprocess_dir",
+    "remove_abandoned_multiprocess_dirs",
     "sample_forever",
     "worker_exited",
 ]
@@ -683,6 +688,70 @@ class MetricsEndpoint:
 
 
 # --- multiprocess mode (the --workers supervisor) ---
+
+
+_OWNED_DIR_PREFIX: Final = "authsvc-metrics-"
+_STAGING_DIR_PREFIX: Final = ".authsvc-metrics-staging-"
+_OWNER_LOCK: Final = ".owner.lock"
+
+
+class OwnedMultiprocessDir:
+    """A supervisor's private metrics directory, `authsvc-metrics-*` in the temporary
+    directory, locked (flock) for as long as its supervisor lives. A supervisor killed
+    with SIGKILL cannot remove it; the lock then dies with it, which is how the next
+    start (`remove_abandoned_multiprocess_dirs`) tells it from a live supervisor's,
+    whatever the process ids (another PID namespace may share /tmp)."""
+
+    def __init__(self, path: Path, lock_fd: int) -> None:
+        self.path = path
+        self._lock_fd = lock_fd
+
+    @classmethod
+    def create(cls, parent: Path | None = None) -> OwnedMultiprocessDir:
+        parent = Path(tempfile.gettempdir() if parent is None else parent)
+        # Locked before it gets the name the clean-up looks for: never seen unlocked.
+        staging = Path(tempfile.mkdtemp(prefix=_STAGING_DIR_PREFIX, dir=parent))
+        lock_fd = os.open(staging / _OWNER_LOCK, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX)
+            path = parent / (_OWNED_DIR_PREFIX + staging.name.removeprefix(_STAGING_DIR_PREFIX))
+            staging.rename(path)
+        except BaseException:
+            os.close(lock_fd)
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return cls(prepare_multiprocess_dir(path), lock_fd)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            os.close(self._lock_fd)
+
+
+def remove_abandoned_multiprocess_dirs(parent: Path | None = None) -> list[Path]:
+    """Delete the metrics directories of supervisors that are gone (killed with SIGKILL,
+    say): this user's `authsvc-metrics-*` whose lock nobody holds. Returns them."""
+    parent = Path(tempfile.gettempdir() if parent is None else parent)
+    removed = []
+    for path in parent.glob(_OWNED_DIR_PREFIX + "*"):
+        try:
+            if path.is_symlink() or not path.is_dir() or path.stat().st_uid != os.geteuid():
+                continue
+            lock_fd = os.open(path / _OWNER_LOCK, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            continue  # not one of ours (or not ours to judge)
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # its supervisor is alive
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+        finally:
+            os.close(lock_fd)
+    if removed:
+        log.warning("removed metrics directories of supervisors that are gone: %s", removed)
+    return removed
 
 
 def prepare_multiprocess_dir(path: Path) -> Path:
