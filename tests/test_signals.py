@@ -5,6 +5,7 @@ SIGKILL leaves nothing the next start does not adopt or clean."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -175,3 +176,22 @@ def test_a_start_after_the_supervisor_was_killed_adopts_its_cluster_and_cleans_u
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
     _assert_all_stopped(pgdata, metrics_dir)
+
+
+@pytest.mark.timeout(120)
+def test_a_cluster_user_that_died_meanwhile_does_not_keep_the_cluster_running(
+    data_dir: Path,
+) -> None:
+    """An `authsvc users ...` killed with SIGKILL while serve runs stays on the embedded
+    server's list of users; serve, the last live one, still stops the cluster on exit."""
+    pgdata = data_dir / "postgres"
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    with _serving(data_dir, workers=1) as (proc, _):
+        users_file = pgdata / ".handle_pids.json"
+        users = json.loads(users_file.read_text())
+        assert proc.pid in users
+        users_file.write_text(json.dumps([gone.pid, *users]))
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    _assert_all_stopped(pgdata, None)
