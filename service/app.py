@@ -11,6 +11,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Final
 
 import asyncpg
 import grpc
@@ -56,6 +57,10 @@ from service.store.revocation_feed import RevocationFeed
 log = logging.getLogger(__name__)
 
 READY_FD_VARIABLE = "AUTHSVC_WORKER_READY_FD"
+
+STOP_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
+"""Each asks `authsvc serve` (one process, or the supervisor) for the graceful stop;
+SIGQUIT too, so it leaves no embedded PostgreSQL or metrics files behind."""
 AUTH_SERVICE_NAME = auth_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name
 ADMIN_SERVICE_NAME = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
 # A health "service" that says whether revocations are heard live (see README).
@@ -454,7 +459,8 @@ def service_directory(settings: Settings) -> ServiceDirectory:
 
 
 async def serve(settings: Settings, *, worker: bool = False) -> None:
-    """`authsvc serve` in one process: migrate, start, and run until SIGTERM or SIGINT.
+    """`authsvc serve` in one process: migrate, start, and run until SIGTERM, SIGINT or
+    SIGQUIT (SIGHUP is ignored by the command, see `service.cli`).
 
     As a `--workers` child (`worker=True`) it binds with SO_REUSEPORT beside its
     siblings and tells the supervisor through a pipe when it is ready.
@@ -462,7 +468,7 @@ async def serve(settings: Settings, *, worker: bool = False) -> None:
     # From here on a signal asks for a graceful stop (even one that arrives while starting).
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, stop.set)
     dsn = await resolve_database_url(settings)
     pool = await create_pool(dsn, settings)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import getpass
+import logging
 import os
 import signal
 import sys
@@ -26,11 +27,14 @@ from service.domain.usernames import escape_text
 from service.domain.users import MIN_PASSWORD_LENGTH, UserDirectory
 from service.errors import AuthError, InvalidArgument
 from service.logs import configure_logging
+from service.metrics import remove_abandoned_multiprocess_dirs
 from service.settings import Settings, SettingsError
 from service.store import MigrationRefused
 from service.supervisor import run_supervisor
 
 MAX_PASSWORD_BYTES = 1024
+
+log = logging.getLogger(__name__)
 
 
 def _read_password() -> str:
@@ -357,15 +361,25 @@ def _bench_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _exit_on_sigterm(_signum: int, _frame: object) -> None:
-    # Until serve installs its graceful handler: exit through SystemExit, so that
-    # atexit runs (it stops the embedded PostgreSQL) instead of dying on the spot.
-    raise SystemExit(143)
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    # Until serve installs its graceful handlers, and in the one-shot commands: exit
+    # through SystemExit, so that atexit runs (it stops the embedded PostgreSQL) instead
+    # of dying on the spot and leaving the cluster behind.
+    raise SystemExit(128 + signum)
+
+
+def _ignore_hangup(_signum: int, _frame: object) -> None:
+    log.warning("SIGHUP ignored: authsvc has nothing to reload; SIGTERM stops it")
 
 
 def main(argv: list[str] | None = None) -> int:
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    for sig in (signal.SIGTERM, signal.SIGQUIT, signal.SIGHUP):
+        signal.signal(sig, _exit_on_signal)
     args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        # A closed terminal or a stray `kill -HUP` must not stop a server (there is no
+        # reload), nor a worker: ignored, with a log line, for the whole life of serve.
+        signal.signal(signal.SIGHUP, _ignore_hangup)
     configure_logging("text")
     try:
         settings = Settings.from_env()
@@ -380,6 +394,8 @@ def main(argv: list[str] | None = None) -> int:
                 print("authsvc: --workers must be at least 1", file=sys.stderr)
                 return 2
             settings = replace(settings, workers=workers)
+            if not args.worker:
+                remove_abandoned_multiprocess_dirs()
             if workers > 1 and not args.worker:
                 return run_supervisor(settings, workers)
             asyncio.run(serve(settings, worker=args.worker))

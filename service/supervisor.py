@@ -4,8 +4,8 @@ The supervisor itself creates no gRPC object: it prepares the database (starts
 the embedded PostgreSQL if configured so, applies migrations), then starts N
 worker processes that each run their own event loop, pool, revocation listener
 and gRPC server bound with SO_REUSEPORT, so the kernel spreads connections over
-them. It restarts a worker that dies and passes SIGTERM/SIGINT on for a
-graceful stop.
+them. It restarts a worker that dies and turns SIGTERM, SIGINT or SIGQUIT into a
+graceful stop of every worker (SIGHUP is ignored, see `service.cli`).
 """
 
 from __future__ import annotations
@@ -15,23 +15,27 @@ import contextlib
 import logging
 import os
 import select
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from service.app import READY_FD_VARIABLE, key_encryption_key, migrate, print_banner
+from service.app import (
+    READY_FD_VARIABLE,
+    STOP_SIGNALS,
+    key_encryption_key,
+    migrate,
+    print_banner,
+)
 from service.database import create_pool, resolve_database_url
 from service.metrics import (
     MULTIPROC_DIR_VARIABLE,
     MetricsEndpoint,
+    OwnedMultiprocessDir,
     multiprocess_registry,
-    prepare_multiprocess_dir,
     worker_exited,
 )
 from service.settings import Settings
@@ -228,19 +232,24 @@ def run_supervisor(settings: Settings, workers: int) -> int:
     def request_stop(_signum: int, _frame: object) -> None:
         stop_requested[0] = True
 
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
-    metrics_dir: Path | None = None
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, request_stop)
+    metrics_dir: OwnedMultiprocessDir | None = None
     endpoint: MetricsEndpoint | None = None
-    if settings.metrics_listen is not None:
-        metrics_dir = prepare_multiprocess_dir(Path(tempfile.mkdtemp(prefix="authsvc-metrics-")))
-        endpoint = MetricsEndpoint.start(
-            settings.metrics_listen, multiprocess_registry(metrics_dir)
-        )
-    supervisor = WorkerSupervisor(
-        settings, workers=workers, dsn=dsn, host=host, port=port, metrics_dir=metrics_dir
-    )
     try:
+        if settings.metrics_listen is not None:
+            metrics_dir = OwnedMultiprocessDir.create()
+            endpoint = MetricsEndpoint.start(
+                settings.metrics_listen, multiprocess_registry(metrics_dir.path)
+            )
+        supervisor = WorkerSupervisor(
+            settings,
+            workers=workers,
+            dsn=dsn,
+            host=host,
+            port=port,
+            metrics_dir=None if metrics_dir is None else metrics_dir.path,
+        )
         supervisor.start()
         print_banner(
             settings,
@@ -256,5 +265,5 @@ def run_supervisor(settings: Settings, workers: int) -> int:
         if endpoint is not None:
             endpoint.close()
         if metrics_dir is not None:
-            shutil.rmtree(metrics_dir, ignore_errors=True)
+            metrics_dir.remove()
     return 0
