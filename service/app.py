@@ -198,6 +198,7 @@ class RunningServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self.server.stop(grace)
+        await self.components.tokens.finish_password_checks()
         if self.metrics_endpoint is not None:
             self.metrics_endpoint.close()
         await self.revocation_feed.stop()

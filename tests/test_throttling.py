@@ -161,7 +161,7 @@ def test_policy_delays_double_from_the_first_failure_over_the_allowance() -> Non
 
 def test_peer_keys_drop_the_port() -> None:
     assert peer_key("ipv4:127.0.0.1:53211") == "peer:ipv4:127.0.0.1"
-    assert peer_key("ipv6:[::1]:40000") == "peer:ipv6:[::1]"
+    assert peer_key("ipv6:[::1]:40000") == "peer:ipv6:::/64"  # an IPv6 address's /64
     assert peer_key("unix:/tmp/socket") == "peer:unix:/tmp/socket"
 
 

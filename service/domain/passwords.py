@@ -54,8 +54,9 @@ class PasswordHasher:
 
     def __init__(self, *, threads: int) -> None:
         self._argon2 = make_argon2_hasher()
+        self.threads = max(1, threads)
         self._pool = ThreadPoolExecutor(
-            max_workers=max(1, threads),
+            max_workers=self.threads,
             thread_name_prefix="argon2",
             initializer=_lower_thread_priority,
         )

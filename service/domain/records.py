@@ -95,3 +95,17 @@ class SecurityEvent:
     session_id: uuid.UUID | None = None
     peer: str | None = None
     detail: dict[str, str] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ThrottleState:
+    """A login-throttle key's row as a login attempt finds it (locked until it decides)."""
+
+    key: str
+    failures: int
+    """Failed attempts in the window, including those still being checked."""
+    last_failure_at: datetime
+    locked_until: datetime | None
+    pending: int
+    """Attempts still being checked, as of `pending_at` (the latest reservation)."""
+    pending_at: datetime | None

@@ -3,13 +3,24 @@
 After `free_failures` failed logins within `window`, each further failure makes
 the key wait `base_delay * 2**(n - free_failures - 1)` seconds, capped at
 `max_delay`; a login attempt while a key waits is refused before any password
-is checked. Within a process, attempts for one username take turns (check,
-verify, count), so a burst of concurrent guesses cannot all pass the check
-before the first failure is counted; across processes at most one guess per
-process is in flight for a username. A key's count starts over once `window`
-passes without a failure, so throttling always ends by itself (no permanent
-lock-out), and a successful login clears the username's count. The state lives
-in PostgreSQL, so it holds across replicas.
+is checked. A key's count starts over once `window` passes without a failure,
+so throttling always ends by itself (no permanent lock-out), and a successful
+login clears the username's count. The state lives in PostgreSQL, so it holds
+across replicas.
+
+Check and count are one step: before its password is checked, an attempt is
+counted as a failure against each key under the key's row lock (a reservation),
+and settled when the check ends: a failure stays counted (and may make the key
+wait), a success takes its count back (and clears the username's). So a burst
+of concurrent guesses, from any number of replicas, gets no more checks than
+sequential guesses would: once a key's count including the attempts still being
+checked passes its allowance, further attempts wait for those to end (and then
+usually find the key waiting). Unrelated keys never wait for each other. An
+attempt whose caller goes away stays counted, even if its process dies; a
+pending count a dead process leaves behind is ignored after PENDING_EXPIRY.
+
+Addresses are keyed by IPv4 address or IPv6 /64 (one subscriber's usual
+allocation, so a client cannot take a fresh key for each of its addresses).
 
 Known limits: anyone who knows a username can make its owner wait (at most
 `max_delay` at a time), as with any per-account throttle; and behind a proxy
@@ -24,13 +35,14 @@ ones, so throttling reveals nothing about which usernames exist.
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+import ipaddress
+from dataclasses import dataclass
+from datetime import datetime
 from typing import TYPE_CHECKING
+from urllib.parse import unquote
 
 from service.clock import Clock, to_datetime
+from service.domain.records import ThrottleState
 from service.errors import LoginThrottled
 
 if TYPE_CHECKING:
@@ -60,9 +72,39 @@ def user_key(username: str) -> str:
 
 
 def peer_key(peer: str) -> str:
-    """The peer's address without its port ("ipv4:127.0.0.1:5000" -> "peer:ipv4:127.0.0.1")."""
-    address, _, port = peer.rpartition(":")
-    return "peer:" + (address if address and port.isdigit() else peer)
+    """The key of a gRPC peer ("ipv4:192.0.2.7:5000", "ipv6:%5B2001:db8::1%5D:5000"):
+    its IPv4 address (also when it comes IPv4-mapped over IPv6), its IPv6 /64, or else
+    the peer without its port."""
+    scheme, _, rest = peer.partition(":")
+    address, _, port = unquote(rest).rpartition(":")
+    if not (address and port.isdigit()):
+        return "peer:" + peer
+    if scheme in ("ipv4", "ipv6"):
+        try:
+            ip = ipaddress.ip_address(address.strip("[]").partition("%")[0])
+        except ValueError:
+            return f"peer:{scheme}:{address}"
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        if isinstance(ip, ipaddress.IPv4Address):
+            return f"peer:ipv4:{ip}"
+        return f"peer:ipv6:{ipaddress.IPv6Network((ip, 64), strict=False)}"
+    return f"peer:{scheme}:{address}"
+
+
+PENDING_EXPIRY = 60.0
+"""Seconds after its latest reservation that a key's pending count is ignored: a
+check takes a hash and a few database calls, so only a dead process leaves one."""
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """One login attempt, counted as a failure against its keys until it is settled."""
+
+    reserved_at: datetime
+    failures: dict[str, int]
+    """Each key's count of failures, this attempt included."""
+    previous_failure_at: dict[str, datetime]
 
 
 class LoginThrottle:
@@ -79,7 +121,6 @@ class LoginThrottle:
         self._store = store
         self._clock = clock
         self._policies = {"user": user_policy, "peer": peer_policy}
-        self._turns: dict[str, _Turn] = {}
 
     @classmethod
     def from_settings(
@@ -104,49 +145,68 @@ class LoginThrottle:
         """The keys a login attempt counts against: its username first, then its address."""
         return [user_key(username)] + ([peer_key(peer)] if peer else [])
 
-    async def check(self, keys: list[str]) -> None:
-        """Refuse (LoginThrottled, with the wait) while any key must wait."""
-        now = self._clock.now()
-        until = await self._store.login_locked_until(keys, now=to_datetime(now))
-        if until is not None:
-            raise LoginThrottled(retry_after=until.timestamp() - now)
+    def _policy(self, key: str) -> ThrottlePolicy:
+        return self._policies[key.partition(":")[0]]
 
-    async def failed(self, keys: list[str]) -> None:
-        """Count a failure against every key and make those over their allowance wait."""
+    async def reserve(self, keys: list[str]) -> Reservation | None:
+        """Count an attempt as failed against every key before its password is checked.
+
+        Raises LoginThrottled (with the wait) while any key must wait; None, counting
+        nothing, while a key has as many attempts being checked as it may still fail.
+        """
         now = self._clock.now()
-        window = max(p.window for p in self._policies.values())
-        counts = await self._store.record_login_failure(
-            keys, now=to_datetime(now), window_start=to_datetime(now - window)
+        at = to_datetime(now)
+        pending_since = to_datetime(now - PENDING_EXPIRY)
+        locked_until: list[datetime] = []
+        busy = False
+        reservation: Reservation | None = None
+
+        def decide(states: list[ThrottleState]) -> dict[str, tuple[int, int]] | None:
+            nonlocal busy, reservation
+            counts = {}
+            for state in states:
+                policy = self._policy(state.key)
+                fresh = state.pending_at is not None and state.pending_at >= pending_since
+                pending = state.pending if fresh else 0
+                failures = state.failures
+                if state.last_failure_at < to_datetime(now - policy.window):
+                    failures = 0
+                failures = max(failures, pending)
+                if state.locked_until is not None and state.locked_until > at:
+                    locked_until.append(state.locked_until)
+                elif failures > policy.free_failures and pending > 0:
+                    # The attempts being checked may use up the allowance: taken in
+                    # turn, this one would come after them, so it waits for them.
+                    busy = True
+                counts[state.key] = (failures + 1, pending + 1)
+            if locked_until or busy:
+                return None
+            reservation = Reservation(
+                reserved_at=at,
+                failures={key: failures for key, (failures, _) in counts.items()},
+                previous_failure_at={s.key: s.last_failure_at for s in states},
+            )
+            return counts
+
+        await self._store.reserve_login_attempt(keys, decide, now=at)
+        if locked_until:
+            raise LoginThrottled(retry_after=max(locked_until).timestamp() - now)
+        return reservation
+
+    async def failed(self, reservation: Reservation) -> None:
+        """The attempt failed: it stays counted, and keys over their allowance wait."""
+        now = self._clock.now()
+        until: dict[str, datetime | None] = {}
+        for key, failures in reservation.failures.items():
+            delay = self._policy(key).delay_after(failures)
+            until[key] = to_datetime(now + delay) if delay > 0 else None
+        await self._store.settle_login_failure(until)
+
+    async def succeeded(self, reservation: Reservation) -> None:
+        """The attempt succeeded: the username's count is cleared, the address's count
+        takes the attempt back."""
+        await self._store.settle_login_success(
+            reservation.previous_failure_at,
+            clear={key for key in reservation.failures if key.startswith("user:")},
+            reserved_at=reservation.reserved_at,
         )
-        waits = {
-            key: to_datetime(now + delay)
-            for key, failures in counts.items()
-            if (delay := self._policies[key.partition(":")[0]].delay_after(failures)) > 0
-        }
-        if waits:
-            await self._store.lock_logins(waits)
-
-    async def succeeded(self, username: str) -> None:
-        await self._store.clear_login_failures(user_key(username))
-
-    @asynccontextmanager
-    async def turn(self, username: str) -> AsyncIterator[None]:
-        """Hold the username's turn in this process for one attempt."""
-        turn = self._turns.get(username)
-        if turn is None:
-            turn = self._turns[username] = _Turn()
-        turn.holders += 1
-        try:
-            async with turn.lock:
-                yield
-        finally:
-            turn.holders -= 1
-            # Forget it once nobody holds or waits: the map holds only usernames in play.
-            if turn.holders == 0:
-                del self._turns[username]
-
-
-@dataclass
-class _Turn:
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    holders: int = 0

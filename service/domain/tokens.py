@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import logging
 import secrets
 import uuid
@@ -19,7 +19,7 @@ from service.domain.access_tokens import (
     token_lifetime,
 )
 from service.domain.passwords import PasswordHasher
-from service.domain.records import NewSession, RefreshTokenState, SecurityEvent
+from service.domain.records import NewSession, RefreshTokenState, SecurityEvent, UserRecord
 from service.domain.refresh_tokens import (
     Reject,
     Replay,
@@ -38,6 +38,7 @@ from service.domain.telemetry import NoTelemetry, RevocationTarget, Telemetry
 from service.domain.throttle import LoginThrottle
 from service.domain.usernames import username_key
 from service.errors import (
+    AuthError,
     CallerNotAllowed,
     CallerUnauthenticated,
     InvalidCredentials,
@@ -53,6 +54,20 @@ from service.store.postgres import PostgresStore
 log = logging.getLogger(__name__)
 
 _REFRESH_SECRET = "refresh-token-derivation"
+
+CHECKS_PER_HASHING_THREAD = 4
+"""Password checks a process runs at once, per hashing thread: enough to keep the
+threads busy, few enough that checks whose callers left cannot pile up."""
+BUSY_WAIT_FIRST = 0.01
+BUSY_WAIT_MAX = 0.2
+"""How long a login whose throttle keys are busy first waits, doubling up to this."""
+
+
+def _log_unexpected_failure(check: asyncio.Task[object]) -> None:
+    """A check whose caller left has nobody to report an unexpected error: log it."""
+    error = None if check.cancelled() else check.exception()
+    if error is not None and not isinstance(error, AuthError):
+        log.error("a password check whose caller left failed", exc_info=error)
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +156,8 @@ class TokenService:
         self._hasher = hasher
         self._refresh_secret = refresh_secret
         self._clock = clock
+        self._check_slots = asyncio.Semaphore(CHECKS_PER_HASHING_THREAD * hasher.threads)
+        self._checks: set[asyncio.Task[UserRecord | None]] = set()
 
     # Issue
 
@@ -153,48 +170,22 @@ class TokenService:
         audience: str | None,
         caller: CallerInfo,
     ) -> TokenPair:
-        throttle = self._throttle
         # Looked up, and throttled, by the canonical key: `Alice` is `alice`'s account, and
         # varying the case must not give a guesser fresh allowances.
-        key = username_key(username)
-        turn = throttle.turn(key) if throttle else contextlib.nullcontext()
-        throttle_keys = LoginThrottle.keys(key, caller.peer)
-        async with turn:
-            if throttle is not None:
-                try:
-                    await throttle.check(throttle_keys)
-                except LoginThrottled:
-                    await self._store.record_event(
-                        SecurityEvent(
-                            kind="login_throttled", peer=caller.peer, detail={"username": username}
-                        ),
-                        now=to_datetime(self._clock.now()),
-                    )
-                    log.warning("security: login throttled (peer %s)", caller.peer)
-                    self._telemetry.login("throttled")
-                    raise
-            user = await self._store.find_user(key)
-            # Unknown users are verified against a dummy hash: the same work, the same answer.
-            matches = await self._hasher.verify(
-                None if user is None else user.password_hash, password
+        throttle_keys = LoginThrottle.keys(username_key(username), caller.peer)
+        try:
+            user = await self._checked_user(username, password, throttle_keys, caller)
+        except LoginThrottled:
+            await self._store.record_event(
+                SecurityEvent(
+                    kind="login_throttled", peer=caller.peer, detail={"username": username}
+                ),
+                now=to_datetime(self._clock.now()),
             )
-            now = self._clock.now()
-            if user is None or not matches or user.disabled:
-                if throttle is not None:
-                    await throttle.failed(throttle_keys)
-                await self._store.record_event(
-                    SecurityEvent(
-                        kind="login_failed",
-                        subject=None if user is None else str(user.id),
-                        peer=caller.peer,
-                        detail={"username": username},
-                    ),
-                    now=to_datetime(now),
-                )
-                self._telemetry.login("failed")
-                raise InvalidCredentials()
-            if throttle is not None:
-                await throttle.succeeded(key)
+            log.warning("security: login throttled (peer %s)", caller.peer)
+            self._telemetry.login("throttled")
+            raise
+        now = self._clock.now()
         granted = scopes or user.scopes
         if not set(granted) <= set(user.scopes):
             raise ScopeNotAllowed()
@@ -254,6 +245,80 @@ class TokenService:
             session_id=str(session_id),
             scopes=granted,
         )
+
+    async def _checked_user(
+        self, username: str, password: str, throttle_keys: list[str], caller: CallerInfo
+    ) -> UserRecord:
+        """The user, once their password is checked (InvalidCredentials if it is wrong).
+
+        A check, once started, runs to its end in a task of its own whatever happens to
+        its caller (a deadline, a cancelled call), so every password checked is counted
+        and recorded. Slots bound those tasks; waiting for one costs and counts nothing.
+        """
+        busy_wait = BUSY_WAIT_FIRST
+        while True:
+            await self._check_slots.acquire()
+            check = asyncio.create_task(
+                self._check_password(username, password, throttle_keys, caller)
+            )
+            self._checks.add(check)
+            check.add_done_callback(self._check_ended)
+            try:
+                user = await asyncio.shield(check)
+            except asyncio.CancelledError:
+                check.add_done_callback(_log_unexpected_failure)
+                raise
+            if user is not None:
+                return user
+            await asyncio.sleep(busy_wait)
+            busy_wait = min(2 * busy_wait, BUSY_WAIT_MAX)
+
+    async def _check_password(
+        self, username: str, password: str, throttle_keys: list[str], caller: CallerInfo
+    ) -> UserRecord | None:
+        """Count the attempt, check the password, settle the count: the user, or None
+        (nothing counted or checked) while the throttle keys are busy. Holds a slot."""
+        throttle = self._throttle
+        try:
+            reservation = None
+            if throttle is not None:
+                reservation = await throttle.reserve(throttle_keys)
+                if reservation is None:
+                    return None
+            user = await self._store.find_user(username_key(username))
+            # Unknown users are verified against a dummy hash: the same work, the same answer.
+            matches = await self._hasher.verify(
+                None if user is None else user.password_hash, password
+            )
+            now = self._clock.now()
+            if user is None or not matches or user.disabled:
+                if throttle is not None and reservation is not None:
+                    await throttle.failed(reservation)
+                await self._store.record_event(
+                    SecurityEvent(
+                        kind="login_failed",
+                        subject=None if user is None else str(user.id),
+                        peer=caller.peer,
+                        detail={"username": username},
+                    ),
+                    now=to_datetime(now),
+                )
+                self._telemetry.login("failed")
+                raise InvalidCredentials()
+            if throttle is not None and reservation is not None:
+                await throttle.succeeded(reservation)
+            return user
+        finally:
+            self._check_slots.release()
+
+    def _check_ended(self, check: asyncio.Task[UserRecord | None]) -> None:
+        self._checks.discard(check)
+        if not check.cancelled():
+            check.exception()  # seen by the caller if it still waits; else expected
+
+    async def finish_password_checks(self) -> None:
+        """Wait for the checks still running (at shutdown, before the pool closes)."""
+        await asyncio.gather(*self._checks, return_exceptions=True)
 
     # Refresh
 

@@ -1,0 +1,221 @@
+"""Races against the login throttle: concurrent guesses from one address, guesses whose
+caller gives up before the password check ends, and IPv6 clients that own a whole /64."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+
+import grpc
+import pytest
+
+from service.domain.passwords import PasswordHasher
+from service.domain.throttle import peer_key, user_key
+from service.domain.tokens import CHECKS_PER_HASHING_THREAD
+from service.gen.auth.v1 import auth_pb2, auth_pb2_grpc
+from tests.conftest import PASSWORD, LiveServer, ServerFactory
+from tests.helpers import error_info
+
+WRONG = "not the password"
+PEER_ALLOWANCE = 20  # the default AUTH_THROTTLE_PEER_FAILURES
+NOBODY_WAITS = 10**6
+
+
+class VerificationSpy:
+    """Counts the argon2 verifications a server's hasher starts and how many still run;
+    with a `slowdown`, each takes that much longer (a busy server's hashing)."""
+
+    def __init__(
+        self, hasher: PasswordHasher, monkeypatch: pytest.MonkeyPatch, *, slowdown: float = 0.0
+    ) -> None:
+        self.started = 0
+        self.running = 0
+        self.most_running = 0
+        verify = hasher.verify
+
+        async def counted(password_hash: str | None, password: str) -> bool:
+            self.started += 1
+            self.running += 1
+            self.most_running = max(self.most_running, self.running)
+            try:
+                await asyncio.sleep(slowdown)
+                return await verify(password_hash, password)
+            finally:
+                self.running -= 1
+
+        monkeypatch.setattr(hasher, "verify", counted)
+
+
+async def eventually(condition: Callable[[], Awaitable[bool]], *, within: float = 30.0) -> None:
+    """Wait (a liveness bound, not a speed test) until `condition` holds."""
+    deadline = time.monotonic() + within
+    while not await condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.02)
+
+
+async def _reason_of_login(server: LiveServer, username: str, password: str) -> str:
+    try:
+        await server.login(username, password=password)
+    except grpc.aio.AioRpcError as error:
+        return error_info(error).reason
+    return "OK"
+
+
+async def test_concurrent_guesses_from_one_address_check_no_more_passwords_than_its_allowance(
+    server_factory: ServerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Password spraying: 100 concurrent guesses, each for another unknown username, from
+    one address over two replicas. Only the allowance and the failure that starts the
+    wait get their password checked; every other guess is refused unchecked."""
+    replicas = [await server_factory(throttle_user_failures=NOBODY_WAITS) for _ in range(2)]
+    spies = [
+        VerificationSpy(replica.running.components.hasher, monkeypatch) for replica in replicas
+    ]
+    reasons = await asyncio.gather(
+        *(_reason_of_login(replicas[i % 2], f"sprayed-{i}", WRONG) for i in range(100))
+    )
+    checked = sum(spy.started for spy in spies)
+    assert checked == PEER_ALLOWANCE + 1
+    assert reasons.count("INVALID_CREDENTIALS") == PEER_ALLOWANCE + 1
+    assert reasons.count("LOGIN_THROTTLED") == 100 - (PEER_ALLOWANCE + 1)
+
+
+async def test_concurrent_right_passwords_from_one_address_all_succeed(
+    server_factory: ServerFactory,
+) -> None:
+    """More concurrent logins from one address than its allowance (an office behind one
+    NAT) wait for a free place instead of being refused: successes are not failures."""
+    server = await server_factory(throttle_user_failures=1, throttle_peer_failures=2)
+    for i in range(4):
+        await server.create_user(f"colleague-{i}")
+    reasons = await asyncio.gather(
+        *(_reason_of_login(server, f"colleague-{i % 4}", PASSWORD) for i in range(12))
+    )
+    assert reasons == ["OK"] * 12
+    rows = await server.pool.fetch("SELECT key, failures FROM login_throttle WHERE failures > 0")
+    assert rows == []
+
+
+async def test_logins_cut_short_by_their_deadline_are_still_counted(
+    server_factory: ServerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """100 wrong-password calls with a 20 ms deadline, shorter than the (slowed) hash:
+    each check that starts runs to its end, and is counted against the username and the
+    address and recorded as a login_failed event, although nobody waits for its answer."""
+    server = await server_factory(
+        throttle_user_failures=NOBODY_WAITS, throttle_peer_failures=NOBODY_WAITS
+    )
+    await server.create_user("impatient")
+    spy = VerificationSpy(server.running.components.hasher, monkeypatch, slowdown=0.1)
+    cut_short = 0
+    for _ in range(100):
+        await eventually(lambda: _true(spy.running == 0))
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await server.stub.Issue(
+                auth_pb2.IssueRequest(
+                    password=auth_pb2.PasswordCredentials(username="impatient", password=WRONG)
+                ),
+                timeout=0.02,
+            )
+        cut_short += caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert cut_short == 100
+
+    async def failures_recorded() -> bool:
+        events = await server.pool.fetchval(
+            "SELECT count(*) FROM security_events WHERE kind = 'login_failed'"
+        )
+        return bool(events == spy.started == 100)
+
+    await eventually(failures_recorded)
+    counts = dict(await server.pool.fetch("SELECT key, failures FROM login_throttle ORDER BY key"))
+    assert counts == {
+        user_key("impatient"): 100,
+        peer_key("ipv4:127.0.0.1:1"): 100,
+    }
+
+
+async def test_checks_whose_callers_left_cannot_pile_up(
+    server_factory: ServerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Checks run to their end without their callers, but only as many at once as the
+    process has places for: 200 calls cut short at once start no more checks than that,
+    and each check started is counted."""
+    server = await server_factory(
+        throttle_user_failures=NOBODY_WAITS, throttle_peer_failures=NOBODY_WAITS
+    )
+    hasher = server.running.components.hasher
+    spy = VerificationSpy(hasher, monkeypatch, slowdown=0.5)
+    places = CHECKS_PER_HASHING_THREAD * hasher.threads
+
+    async def cut_short(i: int) -> grpc.StatusCode:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await server.stub.Issue(
+                auth_pb2.IssueRequest(
+                    password=auth_pb2.PasswordCredentials(username=f"hasty-{i}", password=WRONG)
+                ),
+                timeout=0.1,
+            )
+        return caught.value.code()
+
+    codes = await asyncio.gather(*(cut_short(i) for i in range(200)))
+    assert set(codes) == {grpc.StatusCode.DEADLINE_EXCEEDED}
+
+    async def all_started_checks_counted() -> bool:
+        counted = await server.pool.fetchval(
+            "SELECT failures FROM login_throttle WHERE key = $1", peer_key("ipv4:127.0.0.1:1")
+        )
+        return bool(spy.started > 0 and spy.running == 0 and counted == spy.started)
+
+    await eventually(all_started_checks_counted)
+    assert spy.started <= places
+    assert spy.most_running <= places
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+def test_ipv6_peers_are_grouped_by_their_64_bit_prefix() -> None:
+    # gRPC writes IPv6 peers percent-encoded: "ipv6:%5B::1%5D:port".
+    one = peer_key("ipv6:%5B2001:db8:1:2:aaaa::1%5D:40000")
+    assert one == "peer:ipv6:2001:db8:1:2::/64"
+    assert peer_key("ipv6:[2001:db8:1:2:ffff:ffff:ffff:ffff]:1") == one
+    assert peer_key("ipv6:[2001:db8:1:3::1]:1") != one
+    assert peer_key("ipv6:%5B::1%5D:5") == "peer:ipv6:::/64"
+    # IPv4 clients of a dual-stack listener are their IPv4 address.
+    assert peer_key("ipv6:[::ffff:192.0.2.7]:5000") == peer_key("ipv4:192.0.2.7:6000")
+    assert peer_key("ipv4:192.0.2.7:6000") == "peer:ipv4:192.0.2.7"
+    # Link-local scopes do not make separate keys.
+    assert peer_key("ipv6:%5Bfe80::1%25eth0%5D:80") == "peer:ipv6:fe80::/64"
+    # Anything else keeps its address without the port.
+    assert peer_key("unix:/tmp/socket") == "peer:unix:/tmp/socket"
+    assert peer_key("ipv4:not-an-address:1") == "peer:ipv4:not-an-address"
+
+
+async def test_an_ipv6_client_is_throttled_by_its_64_bit_prefix(
+    server_factory: ServerFactory,
+) -> None:
+    """A live server on [::1]: the gRPC peer string of an IPv6 client becomes the /64 key."""
+    server = await server_factory(
+        listen="[::1]:0", throttle_user_failures=NOBODY_WAITS, throttle_peer_failures=1
+    )
+    async with grpc.aio.insecure_channel(f"[::1]:{server.running.port}") as channel:
+        stub = auth_pb2_grpc.AuthServiceStub(channel)
+        reasons = []
+        for i in range(3):
+            try:
+                await stub.Issue(
+                    auth_pb2.IssueRequest(
+                        password=auth_pb2.PasswordCredentials(username=f"v6-{i}", password=WRONG)
+                    )
+                )
+            except grpc.aio.AioRpcError as error:
+                reasons.append(error_info(error).reason)
+    assert reasons == ["INVALID_CREDENTIALS", "INVALID_CREDENTIALS", "LOGIN_THROTTLED"]
+    keys = {
+        r["key"]
+        for r in await server.pool.fetch("SELECT key FROM login_throttle WHERE key LIKE 'peer:%'")
+    }
+    assert keys == {"peer:ipv6:::/64"}
