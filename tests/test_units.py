@@ -52,6 +52,7 @@ INT_VARS = (
     "AUTH_DB_POOL_SIZE",
     "AUTH_TOKEN_CACHE_SIZE",
     "AUTH_KEY_ROTATION_PERIOD",
+    "AUTH_EVENT_AGGREGATION_WINDOW",
 )
 FLOAT_VARS = ("AUTH_DB_TIMEOUT", "AUTH_SHUTDOWN_GRACE", "AUTH_REVOCATION_POLL_INTERVAL")
 NUMERIC_VARS = INT_VARS + FLOAT_VARS
@@ -192,6 +193,17 @@ def test_reuse_grace_has_an_upper_bound() -> None:
     assert settings_error({"AUTH_REFRESH_REUSE_GRACE": "301"}).startswith(
         "AUTH_REFRESH_REUSE_GRACE"
     )
+
+
+def test_event_aggregation_window_is_one_second_to_a_day() -> None:
+    assert (
+        Settings.from_env({"AUTH_EVENT_AGGREGATION_WINDOW": "86400"}).event_aggregation_window
+        == 86_400
+    )
+    for bad in ("0", "86401"):
+        assert settings_error({"AUTH_EVENT_AGGREGATION_WINDOW": bad}).startswith(
+            "AUTH_EVENT_AGGREGATION_WINDOW"
+        )
 
 
 def test_kek_parsing() -> None:

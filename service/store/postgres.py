@@ -8,11 +8,12 @@ refused connections and timeouts become `DatabaseUnavailable`.
 from __future__ import annotations
 
 import json
+import math
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import replace
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -27,7 +28,7 @@ from service.domain.records import (
 )
 from service.domain.refresh_tokens import (
     RefreshDecision,
-    Replay,
+    Reject,
     RevokeForReuse,
     Rotate,
 )
@@ -109,7 +110,7 @@ SELECT rt.token_hash, rt.session_id, s.user_id, rt.issued_at, rt.expires_at, rt.
 
 ROTATED_TOKEN_STATE_SQL = """
 SELECT c.expires_at AS child_expires_at, (c.used_at IS NOT NULL) AS child_used,
-       (s.revoked_at IS NOT NULL) AS session_revoked, u.disabled
+       (s.revoked_at IS NOT NULL) AS session_revoked, u.disabled, s.last_refreshed_peer
   FROM sessions s
   JOIN users u ON u.id = s.user_id
   LEFT JOIN refresh_tokens c ON c.token_hash = $2
@@ -133,18 +134,20 @@ token AS (
     INSERT INTO refresh_tokens (token_hash, session_id, issued_at, expires_at)
     SELECT $9, id, $5, $10 FROM session),
 event AS (
-    INSERT INTO security_events (occurred_at, kind, subject, session_id, peer, detail)
-    SELECT $5, $11, $12, id, $7, $13 FROM session)
+    INSERT INTO security_events
+           (occurred_at, last_occurred_at, kind, subject, session_id, peer, detail)
+    SELECT $5, $5, $11, $12, id, $7, $13 FROM session)
 SELECT count(*) FROM session
 """
 
-# Mark the parent used, store its only child, touch the session: one round trip.
+# Mark the parent used, store its only child, touch the session (who rotated it, to
+# judge a replay of the parent): one round trip.
 ROTATE_SQL = """
 WITH parent AS (
     UPDATE refresh_tokens SET used_at = $3, child_hash = $4
      WHERE token_hash = $1 AND used_at IS NULL RETURNING 1),
 session AS (
-    UPDATE sessions SET last_refreshed_at = $3 WHERE id = $2)
+    UPDATE sessions SET last_refreshed_at = $3, last_refreshed_peer = $6 WHERE id = $2)
 INSERT INTO refresh_tokens (token_hash, session_id, parent_hash, issued_at, expires_at)
 SELECT $4, $2, $1, $3, $5 FROM parent
 """
@@ -179,15 +182,18 @@ def _refresh_state(row: asyncpg.Record, rotated: asyncpg.Record | None) -> Refre
         session_revoked=(rotated or row)["session_revoked"],
         user_scopes=tuple(row["user_scopes"]),
         user_disabled=(rotated or row)["disabled"],
+        rotated_by_peer=None if rotated is None else rotated["last_refreshed_peer"],
     )
 
 
 class PostgresStore:
     """All persistence of authsvc."""
 
-    def __init__(self, pool: asyncpg.Pool, *, timeout: float) -> None:
+    def __init__(self, pool: asyncpg.Pool, *, timeout: float, event_window: float = 300) -> None:
         self._pool = pool
         self._timeout = timeout
+        # Repeats of an aggregated event within one such window share a row.
+        self._event_window = event_window
 
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[asyncpg.Connection]:
@@ -502,12 +508,17 @@ class PostgresStore:
         decide: Callable[[RefreshTokenState | None], RefreshDecision],
         *,
         now: datetime,
-        reuse_event: Callable[[RefreshTokenState], SecurityEvent],
-    ) -> tuple[RefreshTokenState | None, RefreshDecision]:
-        """Lock the presented token, let the domain `decide`, and apply the decision.
+        peer: str | None,
+        event: Callable[
+            [RefreshTokenState, RefreshDecision, list[uuid.UUID]], SecurityEvent | None
+        ],
+    ) -> tuple[RefreshTokenState | None, RefreshDecision, list[uuid.UUID]]:
+        """Lock the presented token, let the domain `decide`, and apply the decision:
+        the state, the decision and the sessions it revoked.
 
         The row lock serializes every call presenting the same token: the first
-        rotates, the others see it used and replay the child or report reuse.
+        rotates, the others see it used and replay the child or report reuse. `event`
+        says what to record of the decision (given the sessions revoked), if anything.
         """
         async with self._transaction() as conn:
             row = await conn.fetchrow(LOCK_REFRESH_TOKEN_SQL, token_hash)
@@ -518,8 +529,9 @@ class PostgresStore:
                 )
             state = None if row is None else _refresh_state(row, rotated)
             decision = decide(state)
+            revoked: list[uuid.UUID] = []
             if state is None:
-                return state, decision
+                return state, decision, revoked
             if isinstance(decision, Rotate):
                 await conn.execute(
                     ROTATE_SQL,
@@ -528,14 +540,19 @@ class PostgresStore:
                     now,
                     decision.child_hash,
                     decision.child_expires_at,
+                    peer,
                 )
             elif isinstance(decision, RevokeForReuse):
-                # Recorded even when the family was dead already: each replay is a theft signal.
-                await self._revoke_session(conn, state.session_id, "refresh_token_reused", now)
-                await self._insert_event(conn, reuse_event(state), now)
-            elif isinstance(decision, Replay):
-                pass  # the child exists already; nothing to write
-            return state, decision
+                revoked = await self._revoke_session(
+                    conn, state.session_id, "refresh_token_reused", now
+                )
+            # Reuse is recorded even when the family was dead already (each replay is a
+            # theft signal), and so is a replay of the child within the grace window.
+            if not isinstance(decision, Rotate | Reject) and (
+                recorded := event(state, decision, revoked)
+            ):
+                await self._insert_event(conn, recorded, now)
+            return state, decision, revoked
 
     async def session_owner(self, session_id: uuid.UUID) -> uuid.UUID | None:
         async with self._connection() as conn:
@@ -703,28 +720,66 @@ class PostgresStore:
 
     # Security events
 
-    async def record_event(self, event: SecurityEvent, *, now: datetime) -> None:
+    async def record_event(
+        self, event: SecurityEvent, *, now: datetime, occurrences: int = 1
+    ) -> None:
+        """Record `event` (`occurrences` times over, for an aggregated one)."""
         async with self._connection() as conn:
-            await self._insert_event(conn, event, now)
+            await self._insert_event(conn, event, now, occurrences)
 
     async def events(self, *, since: datetime) -> list[dict[str, Any]]:
+        """Events that last happened at or after `since`, oldest row first: time (the
+        first), kind, subject, session, peer, detail, occurrences and last time."""
         async with self._connection() as conn:
             rows = await conn.fetch(
-                """SELECT occurred_at, kind, subject, session_id, peer, detail
-                     FROM security_events WHERE occurred_at >= $1 ORDER BY id""",
+                """SELECT occurred_at, kind, subject, session_id, peer, detail, occurrences,
+                          coalesce(last_occurred_at, occurred_at) AS last_occurred_at
+                     FROM security_events
+                    -- An aggregated row spans less than one window: the index narrows.
+                    WHERE occurred_at >= $1::timestamptz - make_interval(secs => $2::float8)
+                      AND coalesce(last_occurred_at, occurred_at) >= $1
+                    ORDER BY id""",
                 since,
+                float(self._event_window),
             )
         return [{**dict(r), "detail": json.loads(r["detail"])} for r in rows]
 
-    @staticmethod
-    async def _insert_event(conn: asyncpg.Connection, event: SecurityEvent, now: datetime) -> None:
+    async def _insert_event(
+        self, conn: asyncpg.Connection, event: SecurityEvent, now: datetime, occurrences: int = 1
+    ) -> None:
+        if event.aggregate_key is None:
+            await conn.execute(
+                """INSERT INTO security_events
+                          (occurred_at, last_occurred_at, kind, subject, session_id, peer, detail)
+                   VALUES ($1, $1, $2, $3, $4, $5, $6)""",
+                now,
+                event.kind,
+                event.subject,
+                event.session_id,
+                event.peer,
+                json.dumps(event.detail or {}),
+            )
+            return
+        window = self._event_window
+        window_start = datetime.fromtimestamp(math.floor(now.timestamp() / window) * window, tz=UTC)
+        # One statement, so replicas counting the same key at once add up in one row.
         await conn.execute(
-            """INSERT INTO security_events (occurred_at, kind, subject, session_id, peer, detail)
-               VALUES ($1, $2, $3, $4, $5, $6)""",
+            """INSERT INTO security_events AS e
+                      (occurred_at, last_occurred_at, kind, subject, session_id, peer, detail,
+                       occurrences, aggregate_key, aggregate_window)
+               VALUES ($1, $1, $2, $3, $4, $5, $6, $7, $8, $9)
+               ON CONFLICT (kind, aggregate_key, aggregate_window)
+                  WHERE aggregate_key IS NOT NULL
+               DO UPDATE
+                     SET occurrences = e.occurrences + excluded.occurrences,
+                         last_occurred_at = greatest(e.last_occurred_at, excluded.occurred_at)""",
             now,
             event.kind,
             event.subject,
             event.session_id,
             event.peer,
             json.dumps(event.detail or {}),
+            occurrences,
+            event.aggregate_key,
+            window_start,
         )
