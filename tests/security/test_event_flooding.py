@@ -6,14 +6,27 @@ suspicious ones."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import grpc
 import pytest
 from prometheus_client import CollectorRegistry
 
+from service.clock import ManualClock
+from service.domain.events import (
+    MAX_STORED_TEXT,
+    LogRateLimiter,
+    aggregate_key,
+    capped,
+    peer_address,
+)
+from service.domain.records import RefreshTokenState
+from service.domain.refresh_tokens import replay_verdict
 from service.gen.auth.v1 import auth_pb2, auth_pb2_grpc
 from tests.conftest import PASSWORD, LiveServer, ServerFactory
 from tests.helpers import assert_error, refresh, refresh_fails
@@ -63,19 +76,22 @@ async def test_a_throttled_address_flooding_issue_leaves_one_counted_row_and_one
         grpc.StatusCode.UNAUTHENTICATED,
         "INVALID_CREDENTIALS",
     )
-    # New connections (new source ports) and new 256-byte usernames on every call.
+    # Several connections (source ports), a new 256-byte username on every call, all at
+    # once: the count is added up in one statement, so concurrent calls lose none.
     channels = [grpc.aio.insecure_channel(server.address) for _ in range(4)]
     try:
-        for n in range(FLOOD):
+
+        async def throttled(n: int) -> None:
             stub: auth_pb2_grpc.AuthServiceAsyncStub = auth_pb2_grpc.AuthServiceStub(
                 channels[n % len(channels)]
             )
-            username = f"{n:03d}" + "x" * 253
             assert_error(
-                await _issue_error(stub, username, WRONG),
+                await _issue_error(stub, f"{n:03d}" + "x" * 253, WRONG),
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 "LOGIN_THROTTLED",
             )
+
+        await asyncio.gather(*(throttled(n) for n in range(FLOOD)))
     finally:
         for channel in channels:
             await channel.close()
@@ -113,8 +129,11 @@ async def test_repeated_failed_logins_of_one_address_and_username_share_a_row(
 
 
 async def test_replaying_a_rotated_token_of_a_dead_family_leaves_one_counted_row(
-    server: LiveServer, caplog: pytest.LogCaptureFixture
+    server_factory: ServerFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
+    server = await server_factory(metrics_listen="127.0.0.1:0")
+    assert server.running.telemetry is not None
+    registry = server.running.telemetry.registry
     await server.create_user("mallory")
     first = await server.login("mallory")
     await refresh(server, first.refresh_token)
@@ -132,6 +151,9 @@ async def test_replaying_a_rotated_token_of_a_dead_family_leaves_one_counted_row
     ]
     assert all(r["session_id"] == uuid.UUID(first.session_id) for r in rows)
     assert len(_warnings(caplog, "refresh token reuse")) == 2
+    # Every replay is detected, but only the first revoked a session.
+    assert _counter(registry, "authsvc_refresh_reuse_detected_total") == 1 + FLOOD
+    assert _counter(registry, "authsvc_sessions_revoked_total", target="reuse") == 1
 
     # Another family's reuse in the same window revokes it and is recorded on its own.
     second = await server.login("mallory")
@@ -189,3 +211,117 @@ async def test_grace_replays_are_recorded_counted_and_told_apart(
     # One line per session and window, however many replays.
     assert len(_warnings(caplog, "replayed")) == 2
     assert PASSWORD not in caplog.text
+
+
+# The pure parts
+
+
+def test_replay_verdicts() -> None:
+    rotated_at = datetime(2030, 1, 1, tzinfo=UTC)
+    state = RefreshTokenState(
+        token_hash=b"\0" * 32,
+        session_id=uuid.uuid4(),
+        user_id=uuid.uuid4(),
+        issued_at=rotated_at,
+        expires_at=rotated_at + timedelta(days=1),
+        used_at=rotated_at,
+        child_hash=b"\1" * 32,
+        child_expires_at=rotated_at + timedelta(days=1),
+        child_used=False,
+        session_scopes=(),
+        session_audience="a",
+        session_expires_at=rotated_at + timedelta(days=2),
+        session_revoked=False,
+        user_scopes=(),
+        user_disabled=False,
+        rotated_by_peer="ipv4:10.0.0.1:5000",
+    )
+    second = timedelta(seconds=1)
+    # Another connection (port) of the same address, within the second: a retry.
+    assert replay_verdict(state, now=rotated_at + second, peer="ipv4:10.0.0.1:6000") == (
+        "retry",
+        None,
+    )
+    assert replay_verdict(
+        state, now=rotated_at + second + timedelta(microseconds=1), peer="ipv4:10.0.0.1:5000"
+    ) == ("suspicious", "late")
+    assert replay_verdict(state, now=rotated_at, peer="ipv4:10.0.0.2:5000") == (
+        "suspicious",
+        "different_peer",
+    )
+    assert replay_verdict(state, now=rotated_at + 5 * second, peer=None) == (
+        "suspicious",
+        "different_peer,late",
+    )
+    # Rotated before the rotating address was recorded: not known to be the same.
+    unknown = replace(state, rotated_by_peer=None)
+    assert replay_verdict(unknown, now=rotated_at, peer="ipv4:10.0.0.1:5000")[0] == "suspicious"
+
+
+def test_stored_client_text_is_capped() -> None:
+    assert capped("alice") == "alice"
+    assert capped("x" * MAX_STORED_TEXT) == "x" * MAX_STORED_TEXT
+    cut = capped("y" * 256)
+    assert len(cut) == MAX_STORED_TEXT
+    assert cut.endswith("…")
+
+
+def test_peer_addresses_drop_the_port() -> None:
+    assert peer_address("ipv4:127.0.0.1:5000") == "ipv4:127.0.0.1"
+    assert peer_address("ipv6:[::1]:5000") == "ipv6:[::1]"
+    assert peer_address("unix:/run/x.sock") == "unix:/run/x.sock"
+    assert peer_address(None) == "-"
+
+
+def test_aggregate_keys_do_not_merge_different_parts() -> None:
+    assert aggregate_key("a|b", "c") != aggregate_key("a", "b|c")
+    assert aggregate_key("x" * 300 + "1") != aggregate_key("x" * 300 + "2")
+    assert len(aggregate_key("x" * 10_000)) == 64
+
+
+class _Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def _limiter(max_keys: int = 3) -> tuple[LogRateLimiter, _Lines, ManualClock]:
+    logger = logging.getLogger(f"test.limiter.{uuid.uuid4().hex}")
+    logger.propagate = False
+    lines = _Lines()
+    logger.addHandler(lines)
+    clock = ManualClock(start=1000.0)
+    return LogRateLimiter(logger, window=60, now=clock.now, max_keys=max_keys), lines, clock
+
+
+def test_log_lines_are_limited_per_key_and_report_what_they_left_out() -> None:
+    limiter, lines, clock = _limiter()
+    for _ in range(5):
+        limiter.warning(("kind", "a"), "event from %s", "a")
+    limiter.warning(("kind", "b"), "event from %s", "b")
+    assert lines.lines == ["event from a", "event from b"]
+    clock.advance(59)
+    limiter.warning(("kind", "a"), "event from %s", "a")
+    assert len(lines.lines) == 2
+    clock.advance(1)
+    limiter.warning(("kind", "a"), "event from %s", "a")
+    assert lines.lines[2] == "event from a (5 more suppressed)"
+
+
+def test_log_limiter_memory_is_bounded_and_overflow_shares_one_line() -> None:
+    limiter, lines, clock = _limiter(max_keys=3)
+    for source in range(100):
+        limiter.warning(("kind", str(source)), "event from %s", source)
+    # Three keys of their own, then every new source shares one line per window.
+    assert lines.lines == ["event from 0", "event from 1", "event from 2", "event from 3"]
+    assert len(limiter._windows) <= 3 + 1  # its keys and the shared one: bounded
+    # Once their windows end, keys are forgotten with one line for what they held back.
+    clock.advance(60)
+    limiter.warning(("kind", "new"), "event from %s", "new")
+    assert lines.lines[4:] == [
+        "security: 96 more warnings suppressed (1 sources)",
+        "event from new",
+    ]
