@@ -51,7 +51,7 @@ class _Window:
 
 
 class LogRateLimiter:
-    """WARNING lines rate-limited per key: the first line of a key in a window is
+    """Log lines rate-limited per key: the first line of a key in a window is
     written, the others are counted, and the key's next written line (in a later window)
     says how many were suppressed. Memory is bounded by `max_keys`."""
 
@@ -67,10 +67,19 @@ class LogRateLimiter:
         self._window = window
         self._now = now
         self._max_keys = max_keys
-        self._windows: dict[tuple[str, ...], _Window] = {}
+        self._windows: dict[tuple[str | None, ...], _Window] = {}
 
-    def warning(self, key: tuple[str, ...], message: str, *args: object) -> None:
+    def warning(self, key: tuple[str | None, ...], message: str, *args: object) -> None:
         """Log `message % args` at WARNING unless `key` had a line within the window."""
+        self._emit(logging.WARNING, key, message, args)
+
+    def error(self, key: tuple[str | None, ...], message: str, *args: object) -> None:
+        """Log `message % args` at ERROR unless `key` had a line within the window."""
+        self._emit(logging.ERROR, key, message, args)
+
+    def _emit(
+        self, level: int, key: tuple[str | None, ...], message: str, args: tuple[object, ...]
+    ) -> None:
         now = self._now()
         if key not in self._windows and len(self._windows) >= self._max_keys:
             self._forget_ended(now)
@@ -85,9 +94,9 @@ class LogRateLimiter:
         self._windows.pop(key, None)
         self._windows[key] = _Window(started=now)
         if suppressed:
-            self._log.warning(message + " (%d more suppressed)", *args, suppressed)
+            self._log.log(level, message + " (%d more suppressed)", *args, suppressed)
         else:
-            self._log.warning(message, *args)
+            self._log.log(level, message, *args)
 
     def _forget_ended(self, now: float) -> None:
         """Drop keys whose window has ended (the oldest first), with one line for what
