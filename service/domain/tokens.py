@@ -294,12 +294,16 @@ class TokenService:
                 )
             if isinstance(decision, Replay):
                 verdict, reason = replay_verdict(state, now=now, peer=caller.peer)
+                detail: dict[str, str] = {"verdict": verdict}
+                if reason:
+                    # The peer column names who replayed; this, who rotated.
+                    detail |= {"reason": reason, "rotated_by": peer_address(state.rotated_by_peer)}
                 return SecurityEvent(
                     kind="refresh_token_replayed",
                     subject=str(state.user_id),
                     session_id=state.session_id,
                     peer=caller.peer,
-                    detail={"verdict": verdict, **({"reason": reason} if reason else {})},
+                    detail=detail,
                     aggregate_key=aggregate_key(session, verdict, reason),
                 )
             return None

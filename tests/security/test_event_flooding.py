@@ -7,6 +7,7 @@ suspicious ones."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import uuid
 from dataclasses import replace
@@ -185,9 +186,9 @@ async def test_grace_replays_are_recorded_counted_and_told_apart(
 
     rows = await _events(server, "refresh_token_replayed")
     assert len(rows) == 2
-    assert [(r["occurrences"], r["detail"]) for r in rows] == [
-        (3, '{"verdict": "retry"}'),
-        (1, '{"reason": "late", "verdict": "suspicious"}'),
+    assert [(r["occurrences"], json.loads(r["detail"])) for r in rows] == [
+        (3, {"verdict": "retry"}),
+        (1, {"verdict": "suspicious", "reason": "late", "rotated_by": "ipv4:127.0.0.1"}),
     ]
     assert all(r["session_id"] == uuid.UUID(pair.session_id) for r in rows)
     assert _counter(registry, "authsvc_refresh_replays_total", verdict="retry") == 3
@@ -205,7 +206,11 @@ async def test_grace_replays_are_recorded_counted_and_told_apart(
     assert len(rows) == 3
     assert rows[2]["session_id"] == uuid.UUID(other.session_id)
     assert rows[2]["occurrences"] == FLOOD
-    assert rows[2]["detail"] == '{"reason": "different_peer", "verdict": "suspicious"}'
+    assert json.loads(rows[2]["detail"]) == {
+        "verdict": "suspicious",
+        "reason": "different_peer",
+        "rotated_by": "ipv4:127.0.0.1",
+    }
     assert "::1" in str(rows[2]["peer"])
     assert _counter(registry, "authsvc_refresh_replays_total", verdict="suspicious") == 1 + FLOOD
     # One line per session and window, however many replays.
