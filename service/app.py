@@ -7,11 +7,10 @@ import contextlib
 import logging
 import os
 import signal
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 import asyncpg
 import grpc
@@ -31,6 +30,7 @@ from service.api.streams import (
 from service.clock import Clock, SystemClock
 from service.database import create_pool, resolve_database_url
 from service.domain.access_tokens import AccessTokenCodec
+from service.domain.events import peer_address
 from service.domain.janitor import Janitor
 from service.domain.passwords import PasswordHasher
 from service.domain.revocation import RevocationState, VerifiedTokenCache
@@ -65,7 +65,10 @@ AUTH_SERVICE_NAME = auth_pb2.DESCRIPTOR.services_by_name["AuthService"].full_nam
 ADMIN_SERVICE_NAME = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
 # A health "service" that says whether revocations are heard live (see README).
 REVOCATIONS_HEALTH_NAME = "authsvc.revocations"
-_REFUSALS_RECORDED_PER_SECOND = 20
+# Refused admin calls waiting to be written: distinct (actor, method, reason, address)
+# keys, and the least time between two writes of the counts.
+_REFUSAL_KEYS_PENDING = 100
+_REFUSAL_WRITE_INTERVAL = 1.0
 
 
 def key_encryption_key(settings: Settings) -> bytes:
@@ -101,7 +104,9 @@ async def build_components(
 ) -> Components:
     """Everything but the revocation feed (the CLI needs no feed)."""
     telemetry = telemetry or NoTelemetry()
-    store = PostgresStore(pool, timeout=settings.db_timeout)
+    store = PostgresStore(
+        pool, timeout=settings.db_timeout, event_window=settings.event_aggregation_window
+    )
     revocations = RevocationState()
     token_cache = VerifiedTokenCache(settings.token_cache_size)
     box = SecretBox(key_encryption_key(settings))
@@ -320,6 +325,7 @@ async def _serve_grpc(
                 directory=directory,
                 guarded=settings.caller_auth,
                 on_admin_refused=_refusal_recorder(components.users),
+                log_window=settings.event_aggregation_window,
             )
         )
     server = grpc.aio.server(
@@ -364,34 +370,41 @@ def _refusal_recorder(
     users: UserDirectory,
 ) -> Callable[[str, str, str | None, str | None], Awaitable[None]]:
     """Records admin calls refused for their credentials as security events, in the
-    background (the refusal is not held up by a slow database), at most
-    `_REFUSALS_RECORDED_PER_SECOND` a second per process: an unauthenticated flood must not
-    become as many database writes (the log line is written for every one)."""
-    window = [0.0, 0]  # start of the current second, events recorded in it
-    writing: set[asyncio.Task[None]] = set()
+    background (the refusal is not held up by a slow database). A refused call costs its
+    sender next to nothing, so refusals are counted in memory per actor, method, reason
+    and address, and each count is added to its aggregated row at most once a second: a
+    flood becomes neither as many rows nor as many writes. At most
+    `_REFUSAL_KEYS_PENDING` such keys wait at once; refusals beyond them are only logged."""
+    # (method, reason, actor, address) -> [the first peer, refusals not yet written]
+    pending: dict[tuple[str, str, str, str], list[Any]] = {}
+    writer: list[asyncio.Task[None]] = []
 
-    async def write(method: str, reason: str, peer: str | None, service: str | None) -> None:
-        with contextlib.suppress(AuthError):
-            await users.audit(
-                "admin_call_refused",
-                caller=CallerInfo(peer=peer, actor=f"admin:{service or 'unauthenticated'}"),
-                method=method.rpartition("/")[2],
-                reason=reason,
-            )
+    async def write_pending() -> None:
+        while pending:
+            batch = list(pending.items())
+            pending.clear()
+            for (method, reason, actor, _), (peer, count) in batch:
+                with contextlib.suppress(AuthError):
+                    await users.record_refusal(
+                        method=method,
+                        reason=reason,
+                        caller=CallerInfo(peer=peer, actor=actor),
+                        occurrences=count,
+                    )
+            if pending:  # more came in meanwhile: counted on, written a second later
+                await asyncio.sleep(_REFUSAL_WRITE_INTERVAL)
 
     async def record(method: str, reason: str, peer: str | None, service: str | None) -> None:
-        now = time.monotonic()
-        if now - window[0] >= 1.0:
-            window[0], window[1] = now, 0
-        if (
-            window[1] >= _REFUSALS_RECORDED_PER_SECOND
-            or len(writing) >= _REFUSALS_RECORDED_PER_SECOND
-        ):
-            return
-        window[1] += 1
-        task = asyncio.get_running_loop().create_task(write(method, reason, peer, service))
-        writing.add(task)  # a reference until done, so the task is not collected mid-way
-        task.add_done_callback(writing.discard)
+        actor = f"admin:{service or 'unauthenticated'}"
+        key = (method.rpartition("/")[2], reason, actor, peer_address(peer))
+        waiting = pending.get(key)
+        if waiting is not None:
+            waiting[1] += 1
+        elif len(pending) < _REFUSAL_KEYS_PENDING:
+            pending[key] = [peer, 1]
+        if not writer or writer[0].done():
+            # Referenced until done, so the task is not collected mid-way.
+            writer[:] = [asyncio.get_running_loop().create_task(write_pending())]
 
     return record
 

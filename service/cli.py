@@ -171,6 +171,9 @@ async def _events_command(settings: Settings, since: float) -> int:
             f"session={event['session_id'] or '-'}",
             f"peer={escape_text(event['peer'] or '-')}",
         ]
+        if event["occurrences"] > 1:  # repeats counted in one row (the first one's details)
+            last = event["last_occurred_at"].isoformat(timespec="seconds")
+            fields.append(f"count={event['occurrences']} last={last}")
         print("  ".join(fields) + (f"  {detail}" if detail else ""))
     return 0
 

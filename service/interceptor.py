@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeAlias
 import grpc
 
 from service.client import AuthClient, AuthServiceError
+from service.domain.events import LogRateLimiter
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +191,9 @@ class RequireAccessToken(grpc.aio.ServerInterceptor):
         self._audience = audience
         self._cache = _ValidationCache(ttl=cache_ttl, max_entries=cache_size, clock=clock)
         self._validate_timeout = validate_timeout
+        # Any caller can make us ask authsvc: while it is down or refuses us, one line per
+        # cause a minute, not one per call.
+        self._limited_log = LogRateLimiter(log, window=60.0, now=time.monotonic)
 
     async def intercept_service(
         self,
@@ -284,11 +288,21 @@ class RequireAccessToken(grpc.aio.ServerInterceptor):
             if error.code == grpc.StatusCode.INVALID_ARGUMENT:
                 await _deny(context, grpc.StatusCode.UNAUTHENTICATED, "invalid access token")
             if error.code in _UNAVAILABLE_CODES:
-                log.warning("authsvc Validate failed: %s/%s", error.code.name, error.reason)
+                self._limited_log.warning(
+                    ("failed", error.code.name, error.reason),
+                    "authsvc Validate failed: %s/%s",
+                    error.code.name,
+                    error.reason,
+                )
                 await _deny(context, grpc.StatusCode.UNAVAILABLE, "authentication unavailable")
             # UNAUTHENTICATED/PERMISSION_DENIED from authsvc concern *this* service's own
             # credentials, not the caller's token: a misconfiguration, not the caller's fault.
-            log.error("authsvc Validate refused: %s/%s", error.code.name, error.reason)
+            self._limited_log.error(
+                ("refused", error.code.name, error.reason),
+                "authsvc Validate refused: %s/%s",
+                error.code.name,
+                error.reason,
+            )
             await _deny(context, grpc.StatusCode.INTERNAL, "authentication misconfigured")
         if answer.error == "INSUFFICIENT_SCOPE":
             await _deny(context, grpc.StatusCode.PERMISSION_DENIED, "insufficient scope")

@@ -59,7 +59,7 @@ from prometheus_client import values as prometheus_values
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
-from service.domain.telemetry import LoginOutcome, RevocationTarget
+from service.domain.telemetry import LoginOutcome, ReplayVerdict, RevocationTarget
 
 __all__ = [
     "DEFAULT_ENDPOINT_LIMITS",
@@ -103,6 +103,7 @@ DURATION_BUCKETS: Final = (
 )
 
 _LOGIN_OUTCOMES: Final[tuple[LoginOutcome, ...]] = ("succeeded", "failed", "throttled")
+_REPLAY_VERDICTS: Final[tuple[ReplayVerdict, ...]] = ("retry", "suspicious")
 _REVOCATION_TARGETS: Final[tuple[RevocationTarget, ...]] = (
     "refresh_token",
     "access_token",
@@ -199,6 +200,15 @@ class PrometheusTelemetry:
             "Refresh tokens presented again after rotation (their session is revoked).",
             registry=r,
         )
+        replays = Counter(
+            "authsvc_refresh_replays",
+            "Rotated refresh tokens presented again within the grace window (answered with "
+            "the same child), by verdict: retry (same address, within a second) or "
+            "suspicious.",
+            ("verdict",),
+            registry=r,
+        )
+        self._replays: dict[str, Counter] = {v: replays.labels(verdict=v) for v in _REPLAY_VERDICTS}
         revoked = Counter(
             "authsvc_sessions_revoked",
             "Sessions revoked, by what the revocation named.",
@@ -274,6 +284,9 @@ class PrometheusTelemetry:
 
     def refresh_reuse_detected(self) -> None:
         self._reuse.inc()
+
+    def refresh_replayed(self, verdict: ReplayVerdict) -> None:
+        self._replays[verdict].inc()
 
     def sessions_revoked(self, target: RevocationTarget, count: int) -> None:
         if count <= 0:  # Counter.inc refuses negative amounts; zero changes nothing

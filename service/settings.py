@@ -134,6 +134,11 @@ class Settings:
     event_retention: int = 7_776_000
     """Security events are kept this long, seconds (`AUTH_EVENT_RETENTION`; default 90 days)."""
 
+    event_aggregation_window: int = 300
+    """Repeats of an event a client can trigger cheaply (throttled or failed logins, token
+    replays, refused admin calls) from one source share one stored row (with a count) and
+    at most one log line per this many seconds (`AUTH_EVENT_AGGREGATION_WINDOW`)."""
+
     revocation_poll_interval: float = 5.0
     """Seconds between safety-net polls of revoked sessions (`AUTH_REVOCATION_POLL_INTERVAL`)."""
 
@@ -221,6 +226,9 @@ class Settings:
                 "AUTH_JANITOR_INTERVAL", _positive_float, cls.janitor_interval
             ),
             event_retention=reader.get("AUTH_EVENT_RETENTION", _positive_int, cls.event_retention),
+            event_aggregation_window=reader.get(
+                "AUTH_EVENT_AGGREGATION_WINDOW", _positive_int, cls.event_aggregation_window
+            ),
             revocation_poll_interval=reader.get(
                 "AUTH_REVOCATION_POLL_INTERVAL", _positive_float, cls.revocation_poll_interval
             ),
@@ -238,6 +246,8 @@ class Settings:
             raise SettingsError("AUTH_REFRESH_REUSE_GRACE: at most 300 seconds")
         if settings.leeway > MAX_LEEWAY:
             raise SettingsError(f"AUTH_LEEWAY: at most {MAX_LEEWAY} seconds")
+        if settings.event_aggregation_window > 86_400:
+            raise SettingsError("AUTH_EVENT_AGGREGATION_WINDOW: at most 86400 seconds (a day)")
         for name, value in (
             ("AUTH_ACCESS_TTL", settings.access_ttl),
             ("AUTH_REFRESH_IDLE_TTL", settings.refresh_idle_ttl),

@@ -14,6 +14,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 
 import grpc
@@ -206,6 +207,10 @@ def test_users_create_rejects_short_password(database_url: str, tmp_path: Path) 
 
 async def test_events_command_prints_security_events(server: LiveServer, tmp_path: Path) -> None:
     await server.create_user("oscar")
+    for _ in range(2):
+        with pytest.raises(grpc.aio.AioRpcError):
+            await server.login("oscar", password="wrong password")
+    server.clock.advance(1)
     with pytest.raises(grpc.aio.AioRpcError):
         await server.login("oscar", password="wrong password")
     await server.login("oscar")
@@ -218,7 +223,12 @@ async def test_events_command_prints_security_events(server: LiveServer, tmp_pat
     result = _authsvc("events", "--since", "1h", env=env)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert any("login_failed" in line and "username=oscar" in line for line in lines)
+    # Repeated failures of one address and username: one line, counted.
+    failed = [line for line in lines if "login_failed" in line]
+    assert len(failed) == 1
+    assert "username=oscar" in failed[0]
+    last = datetime.fromtimestamp(server.clock.now(), tz=UTC).isoformat(timespec="seconds")
+    assert f"count=3 last={last}" in failed[0]
     assert any("login_succeeded" in line and "session=" in line for line in lines)
     assert "wrong password" not in result.stdout
     assert PASSWORD not in result.stdout

@@ -253,11 +253,18 @@ def free_port() -> int:
         return port
 
 
-async def test_authsvc_unreachable_is_unavailable(orders_factory: AppFactory) -> None:
+async def test_authsvc_unreachable_is_unavailable(
+    orders_factory: AppFactory, caplog: pytest.LogCaptureFixture
+) -> None:
     orders = await orders_factory(target=f"127.0.0.1:{free_port()}")
     code, _ = await rpc_code(orders.create("a", bearer("some.jwt.token")))
     assert code == grpc.StatusCode.UNAVAILABLE
     assert orders.auth.validations == 1
+    # Any caller can make us ask: a flood of them is not a flood of log lines.
+    for n in range(10):
+        code, _ = await rpc_code(orders.create("a", bearer(f"some.jwt.token{n}")))
+        assert code == grpc.StatusCode.UNAVAILABLE
+    assert len([r for r in caplog.records if "Validate failed" in r.getMessage()]) == 1
 
 
 def test_current_principal_outside_a_protected_call_raises() -> None:
@@ -402,7 +409,10 @@ async def test_the_example_runs_as_a_script(server: LiveServer) -> None:
 
 
 async def test_authsvc_refusing_this_service_is_not_the_callers_fault(
-    server_factory: ServerFactory, orders_factory: AppFactory, tmp_path: Path
+    server_factory: ServerFactory,
+    orders_factory: AppFactory,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """authsvc requires a service token for Validate and this service has none: the caller's
     token is fine, so the caller must not be told UNAUTHENTICATED."""
@@ -414,6 +424,10 @@ async def test_authsvc_refusing_this_service_is_not_the_callers_fault(
     await guarded.create_user("lee", scopes=("orders:write",))
     pair = await guarded.login("lee")
     orders = await orders_factory(target=guarded.address)
-    code, details = await rpc_code(orders.create("x", bearer(pair.access_token)))
-    assert code == grpc.StatusCode.INTERNAL
-    assert pair.access_token not in details
+    for _ in range(10):
+        code, details = await rpc_code(orders.create("x", bearer(pair.access_token)))
+        assert code == grpc.StatusCode.INTERNAL
+        assert pair.access_token not in details
+    # Logged once a minute on our side, once per source and window on authsvc's.
+    assert len([r for r in caplog.records if "authsvc Validate refused" in r.getMessage()]) == 1
+    assert len([r for r in caplog.records if "Validate refused (" in r.getMessage()]) == 1

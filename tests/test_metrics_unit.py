@@ -37,6 +37,7 @@ EXPOSED_NAMES = (
     "authsvc_rpc_duration_seconds_bucket",
     "authsvc_logins_total",
     "authsvc_refresh_reuse_detected_total",
+    "authsvc_refresh_replays_total",
     "authsvc_sessions_revoked_total",
     "authsvc_signing_key_rotations_total",
     "authsvc_token_cache_hits_total",
@@ -328,6 +329,9 @@ def test_domain_counters() -> None:
     as_protocol.login("failed")
     as_protocol.login("succeeded")
     as_protocol.refresh_reuse_detected()
+    as_protocol.refresh_replayed("retry")
+    as_protocol.refresh_replayed("suspicious")
+    as_protocol.refresh_replayed("suspicious")
     as_protocol.sessions_revoked("subject", 3)
     as_protocol.sessions_revoked("reuse", 1)
     as_protocol.sessions_revoked("session", 0)  # nothing revoked: nothing counted, no error
@@ -336,6 +340,8 @@ def test_domain_counters() -> None:
     assert value(registry, "authsvc_logins_total", outcome="succeeded") == 1.0
     assert value(registry, "authsvc_logins_total", outcome="throttled") == 0.0
     assert value(registry, "authsvc_refresh_reuse_detected_total") == 1.0
+    assert value(registry, "authsvc_refresh_replays_total", verdict="retry") == 1.0
+    assert value(registry, "authsvc_refresh_replays_total", verdict="suspicious") == 2.0
     assert value(registry, "authsvc_sessions_revoked_total", target="subject") == 3.0
     assert value(registry, "authsvc_sessions_revoked_total", target="reuse") == 1.0
     assert value(registry, "authsvc_sessions_revoked_total", target="session") == 0.0

@@ -96,13 +96,13 @@ async def test_reuse_revokes_the_whole_family_and_no_other(
         assert verdict.session_id == pair.session_id
         await refresh(server, rotated.refresh_token)
 
-    # Each replay left a security event behind: time, session, subject, peer
-    # (the first one, and the two replays of rotated tokens into the dead family).
+    # Each replay left a security event behind: time, session, subject, peer (the first
+    # one on its own, and the two replays into the dead family in one row, counted).
     rows = await server.pool.fetch(
-        """SELECT occurred_at, session_id, subject, peer FROM security_events
+        """SELECT occurred_at, session_id, subject, peer, occurrences FROM security_events
             WHERE kind = 'refresh_token_reused' ORDER BY id"""
     )
-    assert len(rows) == 3
+    assert [r["occurrences"] for r in rows] == [1, 2]
     event = rows[0]
     assert event["session_id"] == uuid.UUID(a1.session_id)
     assert event["subject"] == str(alice.id)

@@ -52,6 +52,7 @@ INT_VARS = (
     "AUTH_DB_POOL_SIZE",
     "AUTH_TOKEN_CACHE_SIZE",
     "AUTH_KEY_ROTATION_PERIOD",
+    "AUTH_EVENT_AGGREGATION_WINDOW",
 )
 FLOAT_VARS = ("AUTH_DB_TIMEOUT", "AUTH_SHUTDOWN_GRACE", "AUTH_REVOCATION_POLL_INTERVAL")
 NUMERIC_VARS = INT_VARS + FLOAT_VARS
@@ -200,6 +201,17 @@ def test_leeway_has_an_upper_bound() -> None:
     assert MAX_LEEWAY == 300
     assert Settings.from_env({"AUTH_LEEWAY": "300"}).leeway == 300
     assert_one_line_naming(settings_error({"AUTH_LEEWAY": "301"}), "AUTH_LEEWAY", "301")
+
+
+def test_event_aggregation_window_is_one_second_to_a_day() -> None:
+    assert (
+        Settings.from_env({"AUTH_EVENT_AGGREGATION_WINDOW": "86400"}).event_aggregation_window
+        == 86_400
+    )
+    for bad in ("0", "86401"):
+        assert settings_error({"AUTH_EVENT_AGGREGATION_WINDOW": bad}).startswith(
+            "AUTH_EVENT_AGGREGATION_WINDOW"
+        )
 
 
 def test_kek_parsing() -> None:

@@ -126,11 +126,8 @@ def _records_refusals(
                 raise  # our failure, not a refusal; and a second try would only delay it
             # Recording must not hide the answer.
             with contextlib.suppress(AuthError):
-                await self._users.audit(
-                    "admin_call_refused",
-                    caller=_operator(context),
-                    method=handler.__name__,
-                    reason=error.reason,
+                await self._users.record_refusal(
+                    method=handler.__name__, reason=error.reason, caller=_operator(context)
                 )
             raise
 

@@ -28,6 +28,7 @@ import hmac
 import inspect
 import logging
 import re
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,7 @@ import grpc
 
 from service.api.status import to_status
 from service.api.wire import Context, bearer_credential
+from service.domain.events import LogRateLimiter, peer_address
 from service.errors import AuthError, ServiceCredentialsRequired, ServiceNotPermitted
 from service.settings import CALL_GROUPS, SettingsError
 
@@ -178,9 +180,12 @@ class CallerAuthInterceptor(grpc.aio.ServerInterceptor):
         guarded: frozenset[str],
         on_admin_refused: Callable[[str, str, str | None, str | None], Awaitable[None]]
         | None = None,
+        log_window: float = 300.0,
     ) -> None:
         self._directory = directory
         self._guarded = guarded
+        # A refusal costs its sender next to nothing: one line per source and window.
+        self._limited_log = LogRateLimiter(log, window=log_window, now=time.monotonic)
         # (method, reason, peer, known service or None) of refused admin calls, recorded as
         # security events.
         self._on_admin_refused = on_admin_refused
@@ -241,12 +246,15 @@ class CallerAuthInterceptor(grpc.aio.ServerInterceptor):
         elif group not in service.groups:
             error = ServiceNotPermitted()
         if error is not None:
-            log.warning(
+            caller = "an unknown caller" if service is None else service.name
+            address = peer_address(context.peer())
+            self._limited_log.warning(
+                (method, error.reason, caller, address),
                 "security: %s refused (%s) for %s from %s",
                 method,
                 error.reason,
-                "an unknown caller" if service is None else service.name,
-                context.peer(),
+                caller,
+                address,
             )
             if group == "admin" and self._on_admin_refused is not None:
                 await self._on_admin_refused(

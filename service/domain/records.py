@@ -71,6 +71,8 @@ class RefreshTokenState:
     session_revoked: bool
     user_scopes: tuple[str, ...]
     user_disabled: bool
+    rotated_by_peer: str | None = None
+    """Who made the session's latest rotation (read only for a used token: its own)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +97,10 @@ class SecurityEvent:
     session_id: uuid.UUID | None = None
     peer: str | None = None
     detail: dict[str, str] | None = None
+    aggregate_key: str | None = None
+    """Set for what a client can repeat cheaply (`service.domain.events`): repeats of
+    one kind and key within one window are counted in one row, which keeps this
+    event's subject, session, peer and detail (those of the first)."""
 
 
 @dataclass(frozen=True, slots=True)

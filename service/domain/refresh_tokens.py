@@ -16,7 +16,9 @@ import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from service.domain.events import peer_address
 from service.domain.records import RefreshTokenState
+from service.domain.telemetry import ReplayVerdict
 from service.errors import (
     AuthError,
     RefreshTokenExpired,
@@ -25,6 +27,8 @@ from service.errors import (
 )
 
 _TOKEN_BYTES = 32  # 256 bits
+# A replay this soon after the rotation, from the rotating address, is a client's retry.
+RETRY_WITHIN = timedelta(seconds=1)
 # base64url of 32 bytes without padding: exactly 43 characters.
 _TOKEN_RE = re.compile(r"[A-Za-z0-9_-]{43}")
 
@@ -135,3 +139,18 @@ def granted_scopes(state: RefreshTokenState) -> tuple[str, ...]:
     """A refresh never widens the grant: the session's scopes the user still holds."""
     held = set(state.user_scopes)
     return tuple(s for s in state.session_scopes if s in held)
+
+
+def replay_verdict(
+    state: RefreshTokenState, *, now: datetime, peer: str | None
+) -> tuple[ReplayVerdict, str | None]:
+    """Judge a grace-window replay (`Replay`): a "retry" if it comes from the address that
+    made the rotation, within `RETRY_WITHIN` of it (a lost response, parallel refreshes
+    of one app); else "suspicious", with why: "different_peer", "late", or both
+    ("different_peer,late") - a thief racing the owner looks like this."""
+    reasons = []
+    if peer_address(peer) != peer_address(state.rotated_by_peer):
+        reasons.append("different_peer")
+    if state.used_at is None or now - state.used_at > RETRY_WITHIN:
+        reasons.append("late")
+    return ("suspicious", ",".join(reasons)) if reasons else ("retry", None)

@@ -9,6 +9,9 @@ LoginOutcome = Literal["succeeded", "failed", "throttled"]
 # What a revocation named: a refresh token, an access token, one session (by id), every
 # session of a subject, an admin call, or reuse detection.
 RevocationTarget = Literal["refresh_token", "access_token", "session", "subject", "admin", "reuse"]
+# A rotated refresh token presented again within the grace window: a client's own retry
+# (the same address, within a second of the rotation) or not.
+ReplayVerdict = Literal["retry", "suspicious"]
 
 
 class Telemetry(Protocol):
@@ -17,6 +20,8 @@ class Telemetry(Protocol):
     def login(self, outcome: LoginOutcome) -> None: ...
 
     def refresh_reuse_detected(self) -> None: ...
+
+    def refresh_replayed(self, verdict: ReplayVerdict) -> None: ...
 
     def sessions_revoked(self, target: RevocationTarget, count: int) -> None: ...
 
@@ -30,6 +35,9 @@ class NoTelemetry:
         pass
 
     def refresh_reuse_detected(self) -> None:
+        pass
+
+    def refresh_replayed(self, verdict: ReplayVerdict) -> None:
         pass
 
     def sessions_revoked(self, target: RevocationTarget, count: int) -> None:

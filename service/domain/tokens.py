@@ -18,9 +18,11 @@ from service.domain.access_tokens import (
     TokenRejected,
     token_lifetime,
 )
+from service.domain.events import LogRateLimiter, aggregate_key, capped, peer_address
 from service.domain.passwords import PasswordHasher
 from service.domain.records import NewSession, RefreshTokenState, SecurityEvent, UserRecord
 from service.domain.refresh_tokens import (
+    RefreshDecision,
     Reject,
     Replay,
     RevokeForReuse,
@@ -31,6 +33,7 @@ from service.domain.refresh_tokens import (
     hash_token,
     is_well_formed,
     new_refresh_token,
+    replay_verdict,
 )
 from service.domain.revocation import Revocation, RevocationState, VerifiedTokenCache
 from service.domain.signing_keys import SigningKeys
@@ -158,6 +161,10 @@ class TokenService:
         self._clock = clock
         self._check_slots = asyncio.Semaphore(CHECKS_PER_HASHING_THREAD * hasher.threads)
         self._checks: set[asyncio.Task[UserRecord | None]] = set()
+        # What a client can repeat at will is logged once per source and window.
+        self._limited_log = LogRateLimiter(
+            log, window=settings.event_aggregation_window, now=clock.now
+        )
 
     # Issue
 
@@ -176,13 +183,21 @@ class TokenService:
         try:
             user = await self._checked_user(username, password, throttle_keys, caller)
         except LoginThrottled:
+            # Refused before any hashing: the cheapest call there is. One row and one log
+            # line per address and window (an attacker picks the usernames).
+            address = peer_address(caller.peer)
             await self._store.record_event(
                 SecurityEvent(
-                    kind="login_throttled", peer=caller.peer, detail={"username": username}
+                    kind="login_throttled",
+                    peer=caller.peer,
+                    detail={"username": capped(username)},
+                    aggregate_key=aggregate_key(address),
                 ),
                 now=to_datetime(self._clock.now()),
             )
-            log.warning("security: login throttled (peer %s)", caller.peer)
+            self._limited_log.warning(
+                ("login_throttled", address), "security: login throttled (peer %s)", address
+            )
             self._telemetry.login("throttled")
             raise
         now = self._clock.now()
@@ -299,7 +314,10 @@ class TokenService:
                         kind="login_failed",
                         subject=None if user is None else str(user.id),
                         peer=caller.peer,
-                        detail={"username": username},
+                        detail={"username": capped(username)},
+                        aggregate_key=aggregate_key(
+                            peer_address(caller.peer), username_key(username)
+                        ),
                     ),
                     now=to_datetime(now),
                 )
@@ -332,15 +350,45 @@ class TokenService:
         # Stored as the session's bound by the same statement as the rotation, then signed.
         issued_at, access_expires = token_lifetime(clock_now, self._settings.access_ttl)
 
-        def reuse_event(state: RefreshTokenState) -> SecurityEvent:
-            return SecurityEvent(
-                kind="refresh_token_reused",
-                subject=str(state.user_id),
-                session_id=state.session_id,
-                peer=caller.peer,
-            )
+        def event(
+            state: RefreshTokenState, decision: RefreshDecision, newly_revoked: bool
+        ) -> SecurityEvent | None:
+            session = str(state.session_id)
+            if isinstance(decision, RevokeForReuse):
+                if newly_revoked:  # once per family: always a row of its own
+                    return SecurityEvent(
+                        kind="refresh_token_reused",
+                        subject=str(state.user_id),
+                        session_id=state.session_id,
+                        peer=caller.peer,
+                    )
+                # Into a family that is dead already: anyone holding an old token of theirs
+                # can repeat this at will, so one row per session and window, counted.
+                return SecurityEvent(
+                    kind="refresh_token_reused",
+                    subject=str(state.user_id),
+                    session_id=state.session_id,
+                    peer=caller.peer,
+                    detail={"unchanged": "true"},
+                    aggregate_key=aggregate_key(session),
+                )
+            if isinstance(decision, Replay):
+                verdict, reason = replay_verdict(state, now=now, peer=caller.peer)
+                detail: dict[str, str] = {"verdict": verdict}
+                if reason:
+                    # The peer column names who replayed; this, who rotated.
+                    detail |= {"reason": reason, "rotated_by": peer_address(state.rotated_by_peer)}
+                return SecurityEvent(
+                    kind="refresh_token_replayed",
+                    subject=str(state.user_id),
+                    session_id=state.session_id,
+                    peer=caller.peer,
+                    detail=detail,
+                    aggregate_key=aggregate_key(session, verdict, reason),
+                )
+            return None
 
-        state, decision, revoked = await self._store.refresh(
+        state, decision, revoked, newly_revoked = await self._store.refresh(
             hash_token(refresh_token),
             lambda s: decide_refresh(
                 s,
@@ -351,20 +399,31 @@ class TokenService:
             ),
             now=now,
             access_expires_at=to_datetime(access_expires),
-            reuse_event=reuse_event,
+            peer=caller.peer,
+            event=event,
         )
         if isinstance(decision, Reject):
             raise decision.error()
         assert state is not None
         if isinstance(decision, RevokeForReuse):
-            self._revocations.add(revoked)
             self._telemetry.refresh_reuse_detected()
-            self._telemetry.sessions_revoked("reuse", 1)
-            log.warning(
-                "security: refresh token reuse detected; session %s of subject %s revoked",
-                state.session_id,
-                state.user_id,
-            )
+            # Revoked before or now, this process refuses the family's tokens at once.
+            self._revocations.add(revoked)
+            if newly_revoked:
+                self._telemetry.sessions_revoked("reuse", len(revoked))
+                log.warning(
+                    "security: refresh token reuse detected; session %s of subject %s revoked",
+                    state.session_id,
+                    state.user_id,
+                )
+            else:
+                self._limited_log.warning(
+                    ("refresh_token_reused", str(state.session_id)),
+                    "security: refresh token reuse detected again; session %s of subject %s "
+                    "was revoked already",
+                    state.session_id,
+                    state.user_id,
+                )
             raise RefreshTokenReused()
         if isinstance(decision, Rotate):
             child_expires_at = decision.child_expires_at
@@ -372,6 +431,18 @@ class TokenService:
             assert isinstance(decision, Replay)
             assert state.child_expires_at is not None
             child_expires_at = state.child_expires_at
+            verdict, reason = replay_verdict(state, now=now, peer=caller.peer)
+            self._telemetry.refresh_replayed(verdict)
+            if verdict == "suspicious":
+                self._limited_log.warning(
+                    ("refresh_token_replayed", str(state.session_id)),
+                    "security: rotated refresh token replayed within the grace window (%s); "
+                    "session %s of subject %s, from %s",
+                    reason,
+                    state.session_id,
+                    state.user_id,
+                    peer_address(caller.peer),
+                )
         scopes = granted_scopes(state)
         access = self._codec.sign(
             subject=str(state.user_id),

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from service.clock import Clock, to_datetime
+from service.domain.events import aggregate_key, peer_address
 from service.domain.passwords import PasswordHasher
 from service.domain.records import SecurityEvent, SessionRecord, UserRecord
 from service.domain.tokens import CallerInfo, TokenService
@@ -206,6 +207,25 @@ class UserDirectory:
         await self._store.record_event(
             SecurityEvent(kind=kind, peer=caller.peer, detail=caller.detail(**detail)),
             now=to_datetime(self._clock.now()),
+        )
+
+    async def record_refusal(
+        self, *, method: str, reason: str, caller: CallerInfo, occurrences: int = 1
+    ) -> None:
+        """Record refused admin calls (`occurrences` of them): one row per actor, method,
+        reason and address and window, counted, so that a flood of refusals, which
+        costs its sender next to nothing, cannot grow the table at will."""
+        await self._store.record_event(
+            SecurityEvent(
+                kind="admin_call_refused",
+                peer=caller.peer,
+                detail=caller.detail(method=method, reason=reason),
+                aggregate_key=aggregate_key(
+                    caller.actor, method, reason, peer_address(caller.peer)
+                ),
+            ),
+            now=to_datetime(self._clock.now()),
+            occurrences=occurrences,
         )
 
     async def find(self, user: UserRef) -> UserRecord:

@@ -114,7 +114,14 @@ async def _sql_rotation_rate(
                 async with pool.acquire() as conn, conn.transaction():
                     await conn.fetchrow(LOCK_REFRESH_TOKEN_SQL, token_hash)
                     await conn.execute(
-                        ROTATE_SQL, token_hash, session_id, datetime.now(UTC), child, far, far
+                        ROTATE_SQL,
+                        token_hash,
+                        session_id,
+                        datetime.now(UTC),
+                        child,
+                        far,
+                        far,
+                        "ipv4:127.0.0.1:50000",  # the rotating peer, as the service stores it
                     )
                 token_hash = child
                 done += 1

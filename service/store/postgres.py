@@ -8,11 +8,12 @@ refused connections and timeouts become `DatabaseUnavailable`.
 from __future__ import annotations
 
 import json
+import math
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import replace
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -150,7 +151,7 @@ SELECT rt.token_hash, rt.session_id, s.user_id, rt.issued_at, rt.expires_at, rt.
 
 ROTATED_TOKEN_STATE_SQL = """
 SELECT c.expires_at AS child_expires_at, (c.used_at IS NOT NULL) AS child_used,
-       (s.revoked_at IS NOT NULL) AS session_revoked, u.disabled
+       (s.revoked_at IS NOT NULL) AS session_revoked, u.disabled, s.last_refreshed_peer
   FROM sessions s
   JOIN users u ON u.id = s.user_id
   LEFT JOIN refresh_tokens c ON c.token_hash = $2
@@ -176,19 +177,21 @@ token AS (
     INSERT INTO refresh_tokens (token_hash, session_id, issued_at, expires_at)
     SELECT $9, id, $5, $10 FROM session),
 event AS (
-    INSERT INTO security_events (occurred_at, kind, subject, session_id, peer, detail)
-    SELECT $5, $11, $12, id, $7, $13 FROM session)
+    INSERT INTO security_events
+           (occurred_at, last_occurred_at, kind, subject, session_id, peer, detail)
+    SELECT $5, $5, $11, $12, id, $7, $13 FROM session)
 SELECT count(*) FROM session
 """
 
-# Touch the session and raise its bound to the `exp` ($6) of the access token about to be
-# signed, mark the parent used, store its only child: one round trip. All of it only if
-# the session is not revoked: a revocation that committed while this waited for the session
-# row announced the bound as it was, so no token may be signed past it. (A revocation that
-# comes after this commit waits for the row, and announces the raised bound.)
+# Touch the session (who rotated it, to judge a replay of the parent) and raise its bound
+# to the `exp` ($6) of the access token about to be signed, mark the parent used, store its
+# only child: one round trip. All of it only if the session is not revoked: a revocation
+# that committed while this waited for the session row announced the bound as it was, so
+# no token may be signed past it. (A revocation that comes after this commit waits for the
+# row, and announces the raised bound.)
 ROTATE_SQL = """
 WITH session AS (
-    UPDATE sessions SET last_refreshed_at = $3,
+    UPDATE sessions SET last_refreshed_at = $3, last_refreshed_peer = $7,
                         access_expires_max = greatest(access_expires_max, $6)
      WHERE id = $2 AND revoked_at IS NULL RETURNING id),
 parent AS (
@@ -243,15 +246,18 @@ def _refresh_state(row: asyncpg.Record, rotated: asyncpg.Record | None) -> Refre
         session_revoked=(rotated or row)["session_revoked"],
         user_scopes=tuple(row["user_scopes"]),
         user_disabled=(rotated or row)["disabled"],
+        rotated_by_peer=None if rotated is None else rotated["last_refreshed_peer"],
     )
 
 
 class PostgresStore:
     """All persistence of authsvc."""
 
-    def __init__(self, pool: asyncpg.Pool, *, timeout: float) -> None:
+    def __init__(self, pool: asyncpg.Pool, *, timeout: float, event_window: float = 300) -> None:
         self._pool = pool
         self._timeout = timeout
+        # Repeats of an aggregated event within one such window share a row.
+        self._event_window = event_window
 
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[asyncpg.Connection]:
@@ -572,16 +578,20 @@ class PostgresStore:
         *,
         now: datetime,
         access_expires_at: datetime,
-        reuse_event: Callable[[RefreshTokenState], SecurityEvent],
-    ) -> tuple[RefreshTokenState | None, RefreshDecision, list[Revocation]]:
-        """Lock the presented token, let the domain `decide`, and apply the decision; the
-        decision applied, and the revocation if it revoked the session for reuse.
+        peer: str | None,
+        event: Callable[[RefreshTokenState, RefreshDecision, bool], SecurityEvent | None],
+    ) -> tuple[RefreshTokenState | None, RefreshDecision, list[Revocation], bool]:
+        """Lock the presented token, let the domain `decide`, and apply the decision: the
+        state, the decision applied, the revocation of the session if reuse was detected
+        (also when it was revoked before, so this process is told at once), and whether
+        the session was revoked by this call.
 
         The row lock serializes every call presenting the same token: the first
         rotates, the others see it used and replay the child or report reuse. A rotation
         or replay raises the session's bound to `access_expires_at`, the `exp` of the access
         token the caller will sign; if the session was revoked meanwhile, nothing is
-        written and the decision becomes Reject(SessionRevoked).
+        written and the decision becomes Reject(SessionRevoked). `event` says what to
+        record of the decision (given whether this call revoked the session), if anything.
         """
         async with self._transaction() as conn:
             row = await conn.fetchrow(LOCK_REFRESH_TOKEN_SQL, token_hash)
@@ -593,7 +603,7 @@ class PostgresStore:
             state = None if row is None else _refresh_state(row, rotated)
             decision = decide(state)
             if state is None:
-                return state, decision, []
+                return state, decision, [], False
             if isinstance(decision, Rotate):
                 written = await conn.execute(
                     ROTATE_SQL,
@@ -603,14 +613,16 @@ class PostgresStore:
                     decision.child_hash,
                     decision.child_expires_at,
                     access_expires_at,
+                    peer,
                 )
                 if written != "INSERT 0 1":
-                    return state, Reject(SessionRevoked), []
+                    return state, Reject(SessionRevoked), [], False
+                return state, decision, [], False
             elif isinstance(decision, RevokeForReuse):
-                # Recorded even when the family was dead already: each replay is a theft signal.
                 revoked = await self._revoke_session(
                     conn, state.session_id, "refresh_token_reused", now
                 )
+                newly_revoked = bool(revoked)
                 if not revoked:  # revoked before: this process is told at once all the same
                     revoked = _revocations(
                         await conn.fetch(
@@ -619,16 +631,21 @@ class PostgresStore:
                             state.session_id,
                         )
                     )
-                await self._insert_event(conn, reuse_event(state), now)
-                return state, decision, revoked
+                # Recorded even when the family was dead already: each replay is a theft signal.
+                if recorded := event(state, decision, newly_revoked):
+                    await self._insert_event(conn, recorded, now)
+                return state, decision, revoked, newly_revoked
             elif isinstance(decision, Replay):
                 # The child exists already; the new access token's exp is what to write.
                 written = await conn.execute(
                     RAISE_ACCESS_EXPIRES_MAX_SQL, state.session_id, access_expires_at
                 )
                 if written != "UPDATE 1":
-                    return state, Reject(SessionRevoked), []
-            return state, decision, []
+                    return state, Reject(SessionRevoked), [], False
+                # A replay of the child within the grace window is recorded too.
+                if recorded := event(state, decision, False):
+                    await self._insert_event(conn, recorded, now)
+            return state, decision, [], False
 
     async def session_owner(self, session_id: uuid.UUID) -> uuid.UUID | None:
         async with self._connection() as conn:
@@ -810,28 +827,66 @@ class PostgresStore:
 
     # Security events
 
-    async def record_event(self, event: SecurityEvent, *, now: datetime) -> None:
+    async def record_event(
+        self, event: SecurityEvent, *, now: datetime, occurrences: int = 1
+    ) -> None:
+        """Record `event` (`occurrences` times over, for an aggregated one)."""
         async with self._connection() as conn:
-            await self._insert_event(conn, event, now)
+            await self._insert_event(conn, event, now, occurrences)
 
     async def events(self, *, since: datetime) -> list[dict[str, Any]]:
+        """Events that last happened at or after `since`, oldest row first: time (the
+        first), kind, subject, session, peer, detail, occurrences and last time."""
         async with self._connection() as conn:
             rows = await conn.fetch(
-                """SELECT occurred_at, kind, subject, session_id, peer, detail
-                     FROM security_events WHERE occurred_at >= $1 ORDER BY id""",
+                """SELECT occurred_at, kind, subject, session_id, peer, detail, occurrences,
+                          coalesce(last_occurred_at, occurred_at) AS last_occurred_at
+                     FROM security_events
+                    -- An aggregated row spans less than one window: the index narrows.
+                    WHERE occurred_at >= $1::timestamptz - make_interval(secs => $2::float8)
+                      AND coalesce(last_occurred_at, occurred_at) >= $1
+                    ORDER BY id""",
                 since,
+                float(self._event_window),
             )
         return [{**dict(r), "detail": json.loads(r["detail"])} for r in rows]
 
-    @staticmethod
-    async def _insert_event(conn: asyncpg.Connection, event: SecurityEvent, now: datetime) -> None:
+    async def _insert_event(
+        self, conn: asyncpg.Connection, event: SecurityEvent, now: datetime, occurrences: int = 1
+    ) -> None:
+        if event.aggregate_key is None:
+            await conn.execute(
+                """INSERT INTO security_events
+                          (occurred_at, last_occurred_at, kind, subject, session_id, peer, detail)
+                   VALUES ($1, $1, $2, $3, $4, $5, $6)""",
+                now,
+                event.kind,
+                event.subject,
+                event.session_id,
+                event.peer,
+                json.dumps(event.detail or {}),
+            )
+            return
+        window = self._event_window
+        window_start = datetime.fromtimestamp(math.floor(now.timestamp() / window) * window, tz=UTC)
+        # One statement, so replicas counting the same key at once add up in one row.
         await conn.execute(
-            """INSERT INTO security_events (occurred_at, kind, subject, session_id, peer, detail)
-               VALUES ($1, $2, $3, $4, $5, $6)""",
+            """INSERT INTO security_events AS e
+                      (occurred_at, last_occurred_at, kind, subject, session_id, peer, detail,
+                       occurrences, aggregate_key, aggregate_window)
+               VALUES ($1, $1, $2, $3, $4, $5, $6, $7, $8, $9)
+               ON CONFLICT (kind, aggregate_key, aggregate_window)
+                  WHERE aggregate_key IS NOT NULL
+               DO UPDATE
+                     SET occurrences = e.occurrences + excluded.occurrences,
+                         last_occurred_at = greatest(e.last_occurred_at, excluded.occurred_at)""",
             now,
             event.kind,
             event.subject,
             event.session_id,
             event.peer,
             json.dumps(event.detail or {}),
+            occurrences,
+            event.aggregate_key,
+            window_start,
         )
