@@ -7,9 +7,11 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Final
 
 import asyncpg
@@ -17,6 +19,7 @@ import grpc
 from grpc_health.v1 import _async as health_async
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry
 
 from service.api.admin_servicer import AdminServicer, add_admin_servicer
 from service.api.auth_servicer import AuthServicer, add_auth_servicer
@@ -28,18 +31,25 @@ from service.api.streams import (
     transport_options,
 )
 from service.clock import Clock, SystemClock
-from service.database import create_pool, resolve_database_url
+from service.database import connect, create_pool, resolve_database_url, unreachable
 from service.domain.access_tokens import AccessTokenCodec
 from service.domain.events import peer_address
 from service.domain.janitor import Janitor
+from service.domain.keys import KeyRing
 from service.domain.passwords import PasswordHasher
 from service.domain.revocation import RevocationState, VerifiedTokenCache
 from service.domain.signing_keys import SigningKeys
 from service.domain.telemetry import NoTelemetry, Telemetry
 from service.domain.throttle import LoginThrottle
-from service.domain.tokens import CallerInfo, TokenService, load_refresh_secret
+from service.domain.tokens import (
+    CallerInfo,
+    TokenService,
+    load_refresh_secret,
+    open_refresh_secret,
+)
 from service.domain.users import UserDirectory
 from service.errors import AuthError
+from service.failures import ConfigurationError, DatabaseUnreachable, KekMissing
 from service.gen.auth.v1 import admin_pb2, auth_pb2
 from service.metrics import (
     MetricsEndpoint,
@@ -51,7 +61,8 @@ from service.metrics import (
 )
 from service.secrets_box import SecretBox, load_or_create_kek_file
 from service.settings import Settings
-from service.store import PostgresStore, apply_migrations
+from service.store import UNAVAILABLE_ERRORS, PostgresStore, apply_migrations
+from service.store.migrations import MigrationLockTimeout, check_schema
 from service.store.revocation_feed import RevocationFeed
 
 log = logging.getLogger(__name__)
@@ -72,9 +83,17 @@ _REFUSAL_WRITE_INTERVAL = 1.0
 
 
 def key_encryption_key(settings: Settings) -> bytes:
-    """AUTH_KEK, or the KEK file in AUTH_DATA_DIR (created with mode 0600 on first use)."""
+    """AUTH_KEK; with the embedded database only, the KEK file in AUTH_DATA_DIR (created
+    with mode 0600 on first use: `make run` needs no configuration).
+
+    With AUTH_DATABASE_URL the KEK must be given: a key invented here, in whatever
+    directory a command happens to run, would seal key material no other replica opens.
+    Only `serve` and `keys rotate` call this (other commands need no key material).
+    """
     if settings.kek is not None:
         return settings.kek
+    if settings.database_url is not None:
+        raise KekMissing()
     return load_or_create_kek_file(settings.data_dir / "kek")
 
 
@@ -95,22 +114,14 @@ class Components:
         self.hasher.close()
 
 
-async def build_components(
+def _signing_keys(
     settings: Settings,
-    *,
-    pool: asyncpg.Pool,
+    store: PostgresStore,
+    box: SecretBox | None,
     clock: Clock,
-    telemetry: Telemetry | None = None,
-) -> Components:
-    """Everything but the revocation feed (the CLI needs no feed)."""
-    telemetry = telemetry or NoTelemetry()
-    store = PostgresStore(
-        pool, timeout=settings.db_timeout, event_window=settings.event_aggregation_window
-    )
-    revocations = RevocationState()
-    token_cache = VerifiedTokenCache(settings.token_cache_size)
-    box = SecretBox(key_encryption_key(settings))
-    signing_keys = SigningKeys(
+    telemetry: Telemetry,
+) -> SigningKeys:
+    return SigningKeys(
         store=store,
         box=box,
         clock=clock,
@@ -119,14 +130,63 @@ async def build_components(
         leeway=settings.leeway,
         telemetry=telemetry,
     )
+
+
+async def load_key_material(
+    store: PostgresStore, signing_keys: SigningKeys, box: SecretBox, clock: Clock
+) -> tuple[KeyRing, bytes]:
+    """The signing keys and the refresh secret, creating them on first start.
+
+    Everything stored is opened before anything is created, so a wrong KEK stops us
+    (KeyDecryptionError) before it seals a new key beside ones it cannot open.
+    """
+    await open_refresh_secret(store, box)
     key_ring = await signing_keys.load()
     refresh_secret = await load_refresh_secret(store, box, clock=clock)
+    return key_ring, refresh_secret
+
+
+async def prepare_key_material(settings: Settings, pool: asyncpg.Pool) -> None:
+    """What `serve --workers N` checks (and creates on first start) before it starts any
+    worker: a missing or wrong KEK is then one line from the supervisor."""
+    store = PostgresStore(pool, timeout=settings.db_timeout)
+    clock = SystemClock()
+    box = SecretBox(key_encryption_key(settings))
+    keys = _signing_keys(settings, store, box, clock, NoTelemetry())
+    await load_key_material(store, keys, box, clock)
+
+
+async def build_components(
+    settings: Settings,
+    *,
+    pool: asyncpg.Pool,
+    clock: Clock,
+    telemetry: Telemetry | None = None,
+    key_material: bool = True,
+) -> Components:
+    """Everything but the revocation feed (the CLI needs no feed).
+
+    Without `key_material` (operators' commands that do not sign, verify or create keys)
+    no KEK is needed and nothing is opened or created: `tokens` then only revokes.
+    """
+    telemetry = telemetry or NoTelemetry()
+    store = PostgresStore(
+        pool, timeout=settings.db_timeout, event_window=settings.event_aggregation_window
+    )
+    revocations = RevocationState()
+    token_cache = VerifiedTokenCache(settings.token_cache_size)
+    box = SecretBox(key_encryption_key(settings)) if key_material else None
+    signing_keys = _signing_keys(settings, store, box, clock, telemetry)
+    codec = None
+    refresh_secret = None
+    if box is not None:
+        key_ring, refresh_secret = await load_key_material(store, signing_keys, box, clock)
+        codec = AccessTokenCodec(
+            issuer=settings.issuer, key_ring=key_ring, clock=clock, leeway=settings.leeway
+        )
     # As many hashing threads as cores in every worker: at the lowest priority
     # they take only idle CPU, so one busy worker may use all of it.
     hasher = PasswordHasher(threads=os.cpu_count() or 1)
-    codec = AccessTokenCodec(
-        issuer=settings.issuer, key_ring=key_ring, clock=clock, leeway=settings.leeway
-    )
     tokens = TokenService(
         settings=settings,
         store=store,
@@ -158,14 +218,23 @@ async def build_components(
 
 
 @asynccontextmanager
-async def open_components(settings: Settings) -> AsyncIterator[Components]:
-    """The components over the configured database (migrated), for one-shot commands
-    such as `authsvc users` and the load tool's seeding; closed on exit."""
+async def open_components(
+    settings: Settings, *, key_material: bool = False
+) -> AsyncIterator[Components]:
+    """The components over the configured database, for one-shot commands such as
+    `authsvc users` and the load tool's seeding; closed on exit.
+
+    The schema must be this binary's (they migrate nothing: `SchemaMismatch` otherwise).
+    Key material is opened (and created on first use) only if asked for.
+    """
     dsn = await resolve_database_url(settings)
     pool = await create_pool(dsn, settings)
     try:
-        await migrate(pool)
-        components = await build_components(settings, pool=pool, clock=SystemClock())
+        async with pool.acquire() as conn:
+            await check_schema(conn)
+        components = await build_components(
+            settings, pool=pool, clock=SystemClock(), key_material=key_material
+        )
         try:
             yield components
         finally:
@@ -174,9 +243,31 @@ async def open_components(settings: Settings) -> AsyncIterator[Components]:
         await pool.close()
 
 
-async def migrate(pool: asyncpg.Pool) -> list[str]:
-    async with pool.acquire() as conn:
-        return await apply_migrations(conn)
+async def migrate(dsn: str, settings: Settings) -> list[str]:
+    """Apply pending migrations on a connection of their own, under AUTH_MIGRATION_TIMEOUT
+    (not the per-call AUTH_DB_TIMEOUT): waiting for another replica's migration, or one
+    statement on a large table, may take minutes."""
+    limit = settings.migration_timeout or None
+    # The client-side limit a little after the server's, so its clean error comes first.
+    conn = await connect(dsn, settings, command_timeout=None if limit is None else limit + 5)
+    try:
+        return await apply_migrations(conn, lock_timeout=limit, statement_timeout=limit)
+    except MigrationLockTimeout as exc:
+        raise DatabaseUnreachable(
+            f"gave up waiting for the migration lock after {exc.waited:.0f}s (held by pid "
+            f"{exc.holder}): raise AUTH_MIGRATION_TIMEOUT or end that session"
+        ) from None
+    except (asyncpg.QueryCanceledError, TimeoutError):
+        raise DatabaseUnreachable(
+            "a migration did not finish within AUTH_MIGRATION_TIMEOUT="
+            f"{settings.migration_timeout:g}s (or was cancelled): raise it (0: no limit) and "
+            "run `authsvc migrate` again"
+        ) from None
+    except UNAVAILABLE_ERRORS as exc:
+        raise unreachable(exc, dsn, settings) from None
+    finally:
+        with contextlib.suppress(*UNAVAILABLE_ERRORS):
+            await conn.close()
 
 
 @dataclass
@@ -225,6 +316,8 @@ async def start_server(
     fails, what the earlier ones started is stopped again before the error propagates.
     """
     # Configuration first: a bad file or setting must stop us before anything runs.
+    if not reuse_port:
+        check_can_listen(listen or settings.listen)
     credentials = server_credentials(settings)
     directory = service_directory(settings) if settings.caller_auth else None
     telemetry = PrometheusTelemetry() if settings.metrics_listen is not None else None
@@ -233,7 +326,7 @@ async def start_server(
         # A --workers child writes shared files; its supervisor serves them.
         if telemetry is not None and not multiprocess_enabled():
             assert settings.metrics_listen is not None
-            endpoint = MetricsEndpoint.start(settings.metrics_listen, telemetry.registry)
+            endpoint = start_metrics_endpoint(settings.metrics_listen, telemetry.registry)
             undo.callback(endpoint.close)
         components = await build_components(settings, pool=pool, clock=clock, telemetry=telemetry)
         undo.callback(components.close)
@@ -354,16 +447,55 @@ async def _serve_grpc(
         server,
     )
     address = listen or settings.listen
-    if credentials is None:
-        port = server.add_insecure_port(address)
-    else:
-        port = server.add_secure_port(address, credentials)
+    try:
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
+    except RuntimeError:  # newer gRPC raises where older returned port 0
+        port = 0
     if port == 0:
-        raise OSError(f"could not bind {address}")
+        raise ConfigurationError(
+            f"AUTH_LISTEN: cannot listen on {address} (in use by another process, not an "
+            "address of this host, or TLS files gRPC cannot load)"
+        )
     await server.start()
     for service_name in ("", AUTH_SERVICE_NAME, ADMIN_SERVICE_NAME):
         await health.set(service_name, health_pb2.HealthCheckResponse.SERVING)
     return server, port
+
+
+def start_metrics_endpoint(listen: str, registry: CollectorRegistry) -> MetricsEndpoint:
+    """The /metrics endpoint on `listen`, or one line saying it cannot listen there."""
+    try:
+        return MetricsEndpoint.start(listen, registry)
+    except OSError as exc:
+        raise ConfigurationError(
+            f"AUTH_METRICS_LISTEN: cannot listen on {listen} ({exc.strerror or exc})"
+        ) from None
+
+
+def check_can_listen(address: str) -> None:
+    """Refuse an address we cannot bind (in use, not ours) with one line, before gRPC logs
+    its own error lines and before any database work. SO_REUSEADDR as gRPC sets it, so a
+    port left in TIME_WAIT by a server just stopped is not refused."""
+    host, _, port_text = address.rpartition(":")
+    if port_text == "0":
+        return
+    try:
+        family, kind, proto, _, where = socket.getaddrinfo(
+            host.strip("[]") or None,
+            int(port_text),
+            type=socket.SOCK_STREAM,
+            flags=socket.AI_PASSIVE,
+        )[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(where)
+    except OSError as exc:
+        raise ConfigurationError(
+            f"AUTH_LISTEN: cannot listen on {address} ({exc.strerror or exc})"
+        ) from None
 
 
 def _refusal_recorder(
@@ -457,12 +589,26 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     settings.check_transport()
     if settings.tls_cert is None or settings.tls_key is None:
         return None
-    client_ca = None if settings.tls_client_ca is None else settings.tls_client_ca.read_bytes()
+    client_ca = None
+    if settings.tls_client_ca is not None:
+        client_ca = _read_file("AUTH_TLS_CLIENT_CA", settings.tls_client_ca)
     return grpc.ssl_server_credentials(
-        [(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())],
+        [
+            (
+                _read_file("AUTH_TLS_KEY", settings.tls_key),
+                _read_file("AUTH_TLS_CERT", settings.tls_cert),
+            )
+        ],
         root_certificates=client_ca,
         require_client_auth=client_ca is not None,
     )
+
+
+def _read_file(variable: str, path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ConfigurationError(f"{variable}: cannot read {path} ({exc.strerror})") from None
 
 
 def service_directory(settings: Settings) -> ServiceDirectory:
@@ -484,11 +630,16 @@ async def serve(settings: Settings, *, worker: bool = False) -> None:
     loop = asyncio.get_running_loop()
     for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, stop.set)
+    key_encryption_key(settings)  # a missing AUTH_KEK stops us before the database is touched
     dsn = await resolve_database_url(settings)
+    if not worker:
+        for name in await migrate(dsn, settings):
+            log.info("applied migration %s", name)
     pool = await create_pool(dsn, settings)
     try:
-        for name in await migrate(pool):
-            log.info("applied migration %s", name)
+        if worker:  # the supervisor migrated; a worker restarted later only checks
+            async with pool.acquire() as conn:
+                await check_schema(conn)
         running = await start_server(
             settings, dsn=dsn, pool=pool, clock=SystemClock(), reuse_port=worker
         )

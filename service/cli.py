@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import time
+import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -22,14 +23,14 @@ from pathlib import Path
 
 from service.api.requests import RequestCheck
 from service.app import migrate, open_components, serve
-from service.database import create_pool, resolve_database_url
+from service.database import resolve_database_url
 from service.domain.usernames import escape_text
 from service.domain.users import MIN_PASSWORD_LENGTH, UserDirectory
-from service.errors import AuthError, InvalidArgument
-from service.logs import configure_logging
+from service.errors import InvalidArgument
+from service.failures import EXIT_CONFIGURATION, EXIT_INTERRUPTED, describe
+from service.logs import configure_logging, failure_line
 from service.metrics import remove_abandoned_multiprocess_dirs
-from service.settings import Settings, SettingsError
-from service.store import MigrationRefused
+from service.settings import Settings
 from service.supervisor import run_supervisor
 
 MAX_PASSWORD_BYTES = 1024
@@ -121,8 +122,12 @@ async def _users_command(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _keys_command(settings: Settings, args: argparse.Namespace) -> int:
-    """`authsvc keys rotate|list|retire`: the same domain code as the admin API."""
-    async with open_components(settings) as components:
+    """`authsvc keys rotate|list|retire`: the same domain code as the admin API.
+
+    Only `rotate` needs the KEK (it opens the stored keys, then seals a new one);
+    `list` and `retire` read and update rows."""
+    rotate = args.keys_command == "rotate"
+    async with open_components(settings, key_material=rotate) as components:
         keys = components.signing_keys
         if args.keys_command == "rotate":
             info = await keys.rotate(reason="cli", actor="cli")
@@ -180,11 +185,7 @@ async def _events_command(settings: Settings, since: float) -> int:
 
 async def _migrate_command(settings: Settings) -> int:
     dsn = await resolve_database_url(settings)
-    pool = await create_pool(dsn, settings)
-    try:
-        applied = await migrate(pool)
-    finally:
-        await pool.close()
+    applied = await migrate(dsn, settings)
     print("applied: " + (", ".join(applied) if applied else "nothing (up to date)"))
     return 0
 
@@ -376,6 +377,8 @@ def _ignore_hangup(_signum: int, _frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; every failure is one line on stderr (a JSON object with
+    AUTH_LOG_FORMAT=json) and an exit code from `service.failures`."""
     for sig in (signal.SIGTERM, signal.SIGQUIT, signal.SIGHUP):
         signal.signal(sig, _exit_on_signal)
     args = build_parser().parse_args(argv)
@@ -384,41 +387,44 @@ def main(argv: list[str] | None = None) -> int:
         # reload), nor a worker: ignored, with a log line, for the whole life of serve.
         signal.signal(signal.SIGHUP, _ignore_hangup)
     configure_logging("text")
+    # Until the settings are read, this much of AUTH_LOG_FORMAT says how to report.
+    log_format = "json" if os.environ.get("AUTH_LOG_FORMAT", "").strip() == "json" else "text"
     try:
         settings = Settings.from_env()
-    except SettingsError as exc:
-        print(f"authsvc: {exc}", file=sys.stderr)
-        return 2
-    configure_logging(settings.log_format)
-    try:
-        if args.command == "serve":
-            workers = settings.workers if args.workers is None else args.workers
-            if workers < 1:
-                print("authsvc: --workers must be at least 1", file=sys.stderr)
-                return 2
-            settings = replace(settings, workers=workers)
-            if not args.worker:
-                remove_abandoned_multiprocess_dirs()
-            if workers > 1 and not args.worker:
-                return run_supervisor(settings, workers)
-            asyncio.run(serve(settings, worker=args.worker))
-            return 0
-        if args.command == "migrate":
-            return asyncio.run(_migrate_command(settings))
-        if args.command == "events":
-            return asyncio.run(_events_command(settings, args.since))
-        if args.command == "load":
-            return _load_command(args)
-        if args.command == "bench":
-            return _bench_command(args)
-        if args.command == "keys":
-            return asyncio.run(_keys_command(settings, args))
-        return asyncio.run(_users_command(settings, args))
-    except AuthError as exc:
-        print(f"authsvc: {exc.message}", file=sys.stderr)
-        return 1
-    except MigrationRefused as exc:
-        print(f"authsvc: {exc}", file=sys.stderr)
-        return 1
+        log_format = settings.log_format
+        configure_logging(settings.log_format)
+        return _run(args, settings)
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
+    except Exception as exc:
+        exit_code, message, unexpected = describe(exc)
+        trace = traceback.format_exc() if unexpected else None
+        line = failure_line(message, log_format=log_format, exit_code=exit_code, traceback=trace)
+        print(line, file=sys.stderr, flush=True)
+        return exit_code
+
+
+def _run(args: argparse.Namespace, settings: Settings) -> int:
+    if args.command == "serve":
+        workers = settings.workers if args.workers is None else args.workers
+        if workers < 1:
+            print("authsvc: --workers must be at least 1", file=sys.stderr)
+            return EXIT_CONFIGURATION
+        settings = replace(settings, workers=workers)
+        if not args.worker:
+            remove_abandoned_multiprocess_dirs()
+        if workers > 1 and not args.worker:
+            return run_supervisor(settings, workers)
+        asyncio.run(serve(settings, worker=args.worker))
+        return 0
+    if args.command == "migrate":
+        return asyncio.run(_migrate_command(settings))
+    if args.command == "events":
+        return asyncio.run(_events_command(settings, args.since))
+    if args.command == "load":
+        return _load_command(args)
+    if args.command == "bench":
+        return _bench_command(args)
+    if args.command == "keys":
+        return asyncio.run(_keys_command(settings, args))
+    return asyncio.run(_users_command(settings, args))

@@ -7,11 +7,14 @@ import contextlib
 import json
 import logging
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import asyncpg
 import psutil
 
+from service.failures import ConfigurationError, DatabaseUnreachable
 from service.settings import Settings
 from service.store.postgres import UNAVAILABLE_ERRORS
 
@@ -112,24 +115,70 @@ async def resolve_database_url(settings: Settings) -> str:
     return embedded_server_uri(settings.data_dir, EMBEDDED_DATABASE)
 
 
+# Connecting failed for a reason on the database's side or the network's: the server is
+# down or unknown, refused our role or password, or has no such database.
+_CONNECT_ERRORS: tuple[type[BaseException], ...] = (
+    *UNAVAILABLE_ERRORS,
+    asyncpg.InvalidAuthorizationSpecificationError,
+    asyncpg.InvalidCatalogNameError,
+)
+
+
+def unreachable(exc: BaseException, dsn: str, settings: Settings) -> DatabaseUnreachable:
+    """One line saying why the database could not be used, without the DSN's password."""
+    detail = str(exc).strip() or f"no answer within AUTH_DB_TIMEOUT={settings.db_timeout:g}s"
+    password = urlsplit(dsn).password if "://" in dsn else None
+    for secret in (dsn, password):
+        if secret:
+            detail = detail.replace(secret, "***")
+    return DatabaseUnreachable(f"cannot use the database: {type(exc).__name__}: {detail}")
+
+
+@contextlib.contextmanager
+def _connect_errors(dsn: str, settings: Settings) -> Iterator[None]:
+    try:
+        yield
+    except asyncpg.ClientConfigurationError:
+        raise ConfigurationError(
+            "AUTH_DATABASE_URL: not a PostgreSQL connection URL asyncpg accepts"
+        ) from None
+    except _CONNECT_ERRORS as exc:
+        raise unreachable(exc, dsn, settings) from None
+
+
 async def create_pool(dsn: str, settings: Settings) -> asyncpg.Pool:
     """The connection pool for one server process."""
-    pool = await asyncpg.create_pool(
-        dsn,
-        min_size=min(2, settings.db_pool_size),
-        max_size=settings.db_pool_size,
-        command_timeout=settings.db_timeout,
-        timeout=settings.db_timeout,
-    )
+    with _connect_errors(dsn, settings):
+        pool = await asyncpg.create_pool(
+            dsn,
+            min_size=min(2, settings.db_pool_size),
+            max_size=settings.db_pool_size,
+            command_timeout=settings.db_timeout,
+            timeout=settings.db_timeout,
+        )
     assert pool is not None
     return pool
+
+
+async def connect(
+    dsn: str, settings: Settings, *, command_timeout: float | None
+) -> asyncpg.Connection:
+    """One connection outside the pool (migrations), with its own per-call timeout
+    (None: none); connecting itself may take AUTH_DB_TIMEOUT."""
+    with _connect_errors(dsn, settings):
+        conn: asyncpg.Connection = await asyncpg.connect(
+            dsn, timeout=settings.db_timeout, command_timeout=command_timeout
+        )
+    return conn
 
 
 __all__ = [
     "UNAVAILABLE_ERRORS",
     "attach_embedded_uri",
+    "connect",
     "create_pool",
     "embedded_server_uri",
     "ensure_database",
     "resolve_database_url",
+    "unreachable",
 ]

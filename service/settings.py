@@ -81,6 +81,11 @@ class Settings:
     db_timeout: float = 5.0
     """Seconds a database call may take, pool wait included (`AUTH_DB_TIMEOUT`)."""
 
+    migration_timeout: float = 600.0
+    """Seconds migrating may take (`AUTH_MIGRATION_TIMEOUT`; 0: no limit): the wait for the
+    migration lock another replica holds, and each migration statement. Apart from
+    AUTH_DB_TIMEOUT, because a migration on a large table takes longer than any call."""
+
     shutdown_grace: float = 5.0
     """Seconds in-flight calls get to finish on SIGTERM (`AUTH_SHUTDOWN_GRACE`)."""
 
@@ -192,6 +197,9 @@ class Settings:
             leeway=reader.get("AUTH_LEEWAY", _non_negative_int, cls.leeway),
             db_pool_size=reader.get("AUTH_DB_POOL_SIZE", _positive_int, cls.db_pool_size),
             db_timeout=reader.get("AUTH_DB_TIMEOUT", _positive_float, cls.db_timeout),
+            migration_timeout=reader.get(
+                "AUTH_MIGRATION_TIMEOUT", _non_negative_float, cls.migration_timeout
+            ),
             shutdown_grace=reader.get(
                 "AUTH_SHUTDOWN_GRACE", _non_negative_float, cls.shutdown_grace
             ),

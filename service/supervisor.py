@@ -1,7 +1,8 @@
 """`authsvc serve --workers N`: N server processes on one port, one command for the operator.
 
 The supervisor itself creates no gRPC object: it prepares the database (starts
-the embedded PostgreSQL if configured so, applies migrations), then starts N
+the embedded PostgreSQL if configured so, applies migrations, opens or creates the key
+material, so that a wrong KEK is its one line rather than every worker's), then starts N
 worker processes that each run their own event loop, pool, revocation listener
 and gRPC server bound with SO_REUSEPORT, so the kernel spreads connections over
 them. It restarts a worker that dies and turns SIGTERM, SIGINT or SIGQUIT into a
@@ -11,6 +12,7 @@ graceful stop of every worker (SIGHUP is ignored, see `service.cli`).
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import logging
 import os
@@ -28,9 +30,13 @@ from service.app import (
     STOP_SIGNALS,
     key_encryption_key,
     migrate,
+    prepare_key_material,
     print_banner,
+    service_directory,
+    start_metrics_endpoint,
 )
 from service.database import create_pool, resolve_database_url
+from service.failures import EXIT_INTERNAL, ConfigurationError, StartupError
 from service.metrics import (
     MULTIPROC_DIR_VARIABLE,
     MetricsEndpoint,
@@ -47,11 +53,14 @@ _RESTART_BACKOFF_MAX = 10.0
 
 
 async def _prepare_database(settings: Settings) -> str:
+    """Migrate, then open (or, on first start, create) the key material once, so that a
+    wrong or missing KEK stops the supervisor with one line instead of every worker."""
     dsn = await resolve_database_url(settings)
+    for name in await migrate(dsn, settings):
+        log.info("applied migration %s", name)
     pool = await create_pool(dsn, settings)
     try:
-        for name in await migrate(pool):
-            log.info("applied migration %s", name)
+        await prepare_key_material(settings, pool)
     finally:
         await pool.close()
     return dsn
@@ -70,6 +79,10 @@ def _reserve_port(listen: str) -> tuple[str, int, socket.socket]:
     try:
         probe.bind((host, int(port_text)))  # no SO_REUSEPORT: fails if anyone holds it
         port = probe.getsockname()[1]
+    except OSError as exc:
+        raise ConfigurationError(
+            f"AUTH_LISTEN: cannot listen on {listen} ({exc.strerror})"
+        ) from None
     finally:
         probe.close()
     holder = socket.socket(family, socket.SOCK_STREAM)
@@ -135,9 +148,10 @@ class WorkerSupervisor:
             # Set before the worker's interpreter starts, so its prometheus_client writes
             # the shared files the supervisor's /metrics sums.
             env[MULTIPROC_DIR_VARIABLE] = str(self._metrics_dir)
-        if self._settings.kek is None:
-            # Workers read the same KEK file; the supervisor created it already.
-            env["AUTH_DATA_DIR"] = str(self._settings.data_dir.resolve())
+        # Workers get the database's URL (also the embedded one's): with it they need
+        # AUTH_KEK, which the supervisor read from its KEK file if it was not set.
+        env["AUTH_KEK"] = base64.b64encode(key_encryption_key(self._settings)).decode()
+        env["AUTH_DATA_DIR"] = str(self._settings.data_dir.resolve())
         process = subprocess.Popen(
             [sys.executable, "-m", "service", "serve", "--worker"],
             env=env,
@@ -165,8 +179,13 @@ class WorkerSupervisor:
             self._workers[index] = self._spawn(index)
         for worker in self._workers.values():
             if not self._wait_ready(worker, deadline):
+                code = worker.process.poll()
                 self.stop(grace=1.0)
-                raise RuntimeError(f"worker {worker.index} did not start; see its log above")
+                # Its own line above says why; its exit code is ours.
+                raise StartupError(
+                    f"worker {worker.index} did not start (exit code {code}); see its line above",
+                    exit_code=code if code is not None and 0 < code < 128 else EXIT_INTERNAL,
+                )
 
     def watch(self, stop_requested: list[bool]) -> None:
         """Restart workers that die until a stop is requested."""
@@ -223,9 +242,12 @@ class WorkerSupervisor:
 
 def run_supervisor(settings: Settings, workers: int) -> int:
     """The `serve --workers N` parent: returns the process exit code."""
+    # A file every worker would fail on, checked once here first (TLS files were checked
+    # readable with the settings; their contents only gRPC reads, in the workers).
+    if settings.caller_auth:
+        service_directory(settings)
+    key_encryption_key(settings)  # a missing AUTH_KEK stops us before the database is touched
     dsn = asyncio.run(_prepare_database(settings))
-    if settings.kek is None:
-        key_encryption_key(settings)  # create the KEK file once, before workers race for it
     host, port, holder = _reserve_port(settings.listen)
     stop_requested = [False]
 
@@ -239,7 +261,7 @@ def run_supervisor(settings: Settings, workers: int) -> int:
     try:
         if settings.metrics_listen is not None:
             metrics_dir = OwnedMultiprocessDir.create()
-            endpoint = MetricsEndpoint.start(
+            endpoint = start_metrics_endpoint(
                 settings.metrics_listen, multiprocess_registry(metrics_dir.path)
             )
         supervisor = WorkerSupervisor(

@@ -33,12 +33,16 @@ def _env(**values: str) -> dict[str, str]:
 
 
 def _server_env(database_url: str, tmp_path: Path, **values: str) -> dict[str, str]:
-    """The environment of `authsvc` processes on the test's database, on a free port."""
+    """The environment of `authsvc` processes on the test's database, on a free port
+    (with a database URL, AUTH_KEK is required)."""
     return _env(
-        AUTH_DATABASE_URL=database_url,
-        AUTH_LISTEN="127.0.0.1:0",
-        AUTH_DATA_DIR=str(tmp_path / "data"),
-        **values,
+        **{
+            "AUTH_DATABASE_URL": database_url,
+            "AUTH_LISTEN": "127.0.0.1:0",
+            "AUTH_DATA_DIR": str(tmp_path / "data"),
+            "AUTH_KEK": base64.b64encode(TEST_KEK).decode(),
+            **values,
+        }
     )
 
 

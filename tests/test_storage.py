@@ -15,7 +15,7 @@ from service.domain.keys import open_signing_key
 from service.domain.records import SigningKeyRecord
 from service.domain.refresh_tokens import hash_token
 from service.gen.auth.v1 import auth_pb2
-from service.secrets_box import SecretBox
+from service.secrets_box import KeyDecryptionError, SecretBox
 from tests.conftest import PASSWORD, TEST_KEK, LiveServer
 from tests.helpers import assert_error, refresh
 
@@ -227,7 +227,7 @@ async def test_private_signing_keys_are_sealed(server: LiveServer) -> None:
     assert jwk["kid"] == key.kid
 
     # Another KEK cannot open it.
-    with pytest.raises(Exception, match="does not decrypt"):
+    with pytest.raises(KeyDecryptionError, match="AUTH_KEK does not open"):
         open_signing_key(record, SecretBox(bytes(32)))
     dump = "\n".join(line for rows in (await dump_database(server)).values() for line in rows)
     assert der.hex() not in dump

@@ -95,7 +95,11 @@ class ServiceDirectory:
         the secret on it)."""
         services: list[KnownService] = []
         names: set[str] = set()
-        for number, line in enumerate(path.read_text().splitlines(), start=1):
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise SettingsError(f"AUTH_SERVICE_TOKENS_FILE: cannot read it ({exc})") from None
+        for number, line in enumerate(text.splitlines(), start=1):
             fields = line.split()
             if not fields or fields[0].startswith("#"):
                 continue

@@ -69,7 +69,7 @@ class SigningKeys:
         self,
         *,
         store: PostgresStore,
-        box: SecretBox,
+        box: SecretBox | None,
         clock: Clock,
         alg: str,
         access_ttl: int,
@@ -77,7 +77,8 @@ class SigningKeys:
         telemetry: Telemetry | None = None,
     ) -> None:
         self._store = store
-        self._box = box
+        # None in an operator's command that only lists or retires keys: it needs no KEK.
+        self._box_or_none = box
         self._clock = clock
         self._alg = alg
         # How long tokens signed by a superseded key may still be alive.
@@ -92,6 +93,12 @@ class SigningKeys:
         # connection while waiting, and the change inside needs another, so a burst of
         # rotations must not hold every connection waiting for that lock.
         self._changing = asyncio.Lock()
+
+    @property
+    def _box(self) -> SecretBox:
+        if self._box_or_none is None:
+            raise RuntimeError("SigningKeys was built without the KEK")
+        return self._box_or_none
 
     @property
     def ring(self) -> KeyRing:
@@ -204,7 +211,8 @@ class SigningKeys:
         )
         if retired:
             log.warning("security: signing keys retired: %s", ", ".join(retired))
-            await self.reload()
+            if self._ring is not None:  # `authsvc keys retire` loads no ring
+                await self.reload()
         return retired
 
     async def describe(self) -> list[SigningKeyInfo]:

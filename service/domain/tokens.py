@@ -109,6 +109,13 @@ class CallerInfo:
         return detail if self.actor is None else {**detail, "actor": self.actor}
 
 
+async def open_refresh_secret(store: PostgresStore, box: SecretBox) -> bytes | None:
+    """The stored refresh secret, opened (KeyDecryptionError under a wrong KEK); None if
+    there is none yet."""
+    sealed = await store.server_secret(_REFRESH_SECRET)
+    return None if sealed is None else box.open(sealed, label=_REFRESH_SECRET)
+
+
 async def load_refresh_secret(store: PostgresStore, box: SecretBox, *, clock: Clock) -> bytes:
     """The server-wide secret that derives a refresh token's child, shared by replicas."""
     sealed = await store.server_secret(_REFRESH_SECRET)
@@ -138,9 +145,9 @@ class TokenService:
         *,
         settings: Settings,
         store: PostgresStore,
-        codec: AccessTokenCodec,
+        codec: AccessTokenCodec | None,
         hasher: PasswordHasher,
-        refresh_secret: bytes,
+        refresh_secret: bytes | None,
         revocations: RevocationState,
         cache: VerifiedTokenCache,
         clock: Clock,
@@ -155,9 +162,11 @@ class TokenService:
         self._revocations = revocations
         self._cache = cache
         self._store = store
-        self._codec = codec
+        # None in an operator's command (`authsvc users`): it revokes, never issues or
+        # verifies, and must not need (or create) key material.
+        self._codec_or_none = codec
         self._hasher = hasher
-        self._refresh_secret = refresh_secret
+        self._refresh_secret_or_none = refresh_secret
         self._clock = clock
         self._check_slots = asyncio.Semaphore(CHECKS_PER_HASHING_THREAD * hasher.threads)
         self._checks: set[asyncio.Task[UserRecord | None]] = set()
@@ -165,6 +174,18 @@ class TokenService:
         self._limited_log = LogRateLimiter(
             log, window=settings.event_aggregation_window, now=clock.now
         )
+
+    @property
+    def _codec(self) -> AccessTokenCodec:
+        if self._codec_or_none is None:
+            raise RuntimeError("this TokenService was built without key material")
+        return self._codec_or_none
+
+    @property
+    def _refresh_secret(self) -> bytes:
+        if self._refresh_secret_or_none is None:
+            raise RuntimeError("this TokenService was built without key material")
+        return self._refresh_secret_or_none
 
     # Issue
 

@@ -146,7 +146,9 @@ async def _in_process_rates(
     # As many connections as the server's workers have together.
     pool_size = settings.db_pool_size * settings.workers
     caller = CallerInfo()
-    async with open_components(replace(settings, db_pool_size=pool_size)) as components:
+    async with open_components(
+        replace(settings, db_pool_size=pool_size), key_material=True
+    ) as components:
 
         async def login(i: int) -> str:
             pair = await components.tokens.issue(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import re
 import secrets
@@ -35,6 +36,10 @@ def local_server(
     with tempfile.TemporaryDirectory(prefix="authsvc-load-") as data_dir:
         env = dict(os.environ)
         env.update(extra_env or {})
+        if env.get("AUTH_DATABASE_URL") and not env.get("AUTH_KEK"):
+            # A database URL needs AUTH_KEK: a fresh one, as the throwaway data directory's
+            # KEK file was before (a database with keys under another KEK is refused).
+            env["AUTH_KEK"] = base64.b64encode(secrets.token_bytes(32)).decode()
         env["AUTH_DATA_DIR"] = data_dir
         env["AUTH_LISTEN"] = "127.0.0.1:0"
         process = subprocess.Popen(

@@ -8,7 +8,10 @@ migration rolls back.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import re
+import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -17,16 +20,33 @@ from importlib import resources
 import asyncpg
 
 from service.domain.usernames import MAX_USERNAME_KEY_BYTES, escape_text, username_key
+from service.failures import EXIT_REFUSED, SchemaMismatch, StartupError
+
+log = logging.getLogger(__name__)
 
 _NAME_RE = re.compile(r"(\d{4})_[a-z0-9_]+\.sql")
 _STEP_RE = re.compile(r"^-- authsvc:step ([a-z0-9_]+)[ \t]*$", re.MULTILINE)
-# Held while migrating so that replicas starting together apply each file once.
-_MIGRATION_LOCK_ID = 0x6D696772  # "migr"
+MIGRATION_LOCK_ID = 0x6D696772  # "migr"
+"""The advisory lock held while migrating, so that replicas starting together apply each
+file once."""
+LOCK_PROGRESS_INTERVAL = 5.0
+"""Seconds between the lines saying we still wait for the migration lock."""
+_LOCK_POLL_INTERVAL = 0.2
+
+# Who holds the migration lock: a single bigint key is stored as classid (high half) and
+# objid (low half) with objsubid 1, per database.
+_LOCK_HOLDER_SQL = """
+    SELECT pid FROM pg_locks
+     WHERE locktype = 'advisory' AND granted AND classid = 0 AND objid = $1 AND objsubid = 1
+       AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+     LIMIT 1"""
 
 
-class MigrationRefused(RuntimeError):
+class MigrationRefused(StartupError):
     """The database holds data a migration cannot carry over; the message says which rows
     and what to do. Start-up stops with it (nothing of the migration is applied)."""
+
+    exit_code = EXIT_REFUSED
 
 
 _COLLISION_ADVICE = (
@@ -81,6 +101,35 @@ class Migration:
     sql: str
 
 
+class MigrationLockTimeout(TimeoutError):
+    """Another session held the migration lock for longer than we may wait."""
+
+    def __init__(self, waited: float, holder: int | None) -> None:
+        super().__init__(f"the migration lock was held by pid {holder} for {waited:.0f}s")
+        self.waited = waited
+        self.holder = holder
+
+
+class SchemaTooNew(SchemaMismatch):
+    """The database was migrated by a newer authsvc than this one."""
+
+    def __init__(self, database_version: int, latest: int) -> None:
+        super().__init__(
+            f"the database schema is at version {database_version}, newer than this authsvc "
+            f"knows (version {latest}): run the authsvc release that migrated it, or a newer one"
+        )
+
+
+class SchemaTooOld(SchemaMismatch):
+    """The database lacks migrations this authsvc needs."""
+
+    def __init__(self, database_version: int, latest: int) -> None:
+        super().__init__(
+            f"the database schema is at version {database_version}, this authsvc needs "
+            f"version {latest}: run `authsvc migrate` (or start `authsvc serve`) first"
+        )
+
+
 def load_migrations() -> list[Migration]:
     """The migration files shipped in the package, in version order."""
     folder = resources.files("service.store") / "migrations"
@@ -110,14 +159,50 @@ async def _run(conn: asyncpg.Connection, migration: Migration) -> None:
             await conn.execute(part)
 
 
+async def schema_version(conn: asyncpg.Connection) -> int:
+    """The newest migration applied to the database (0: none, or no schema at all)."""
+    if await conn.fetchval("SELECT to_regclass('schema_migrations')") is None:
+        return 0
+    version = await conn.fetchval("SELECT max(version) FROM schema_migrations")
+    return 0 if version is None else int(version)
+
+
+async def check_schema(conn: asyncpg.Connection) -> None:
+    """Refuse a database whose schema is not exactly the one this binary was built for
+    (commands other than `migrate` and `serve` migrate nothing by the way)."""
+    latest = load_migrations()[-1].version
+    version = await schema_version(conn)
+    if version > latest:
+        raise SchemaTooNew(version, latest)
+    if version < latest:
+        raise SchemaTooOld(version, latest)
+
+
 async def apply_migrations(
-    conn: asyncpg.Connection, migrations: Sequence[Migration] | None = None
+    conn: asyncpg.Connection,
+    migrations: Sequence[Migration] | None = None,
+    *,
+    lock_timeout: float | None = None,
+    statement_timeout: float | None = None,
 ) -> list[str]:
     """Apply pending migrations (of `migrations`, by default every shipped one); returns
     the names of those applied now. Raises MigrationRefused if one cannot be applied to
-    the data there is."""
+    the data there is.
+
+    Waits for the migration lock another session holds (at most `lock_timeout` seconds;
+    None: for as long as it takes), logging who holds it every `LOCK_PROGRESS_INTERVAL`;
+    each statement may run `statement_timeout` seconds (None: no limit). A database
+    migrated further than this binary knows is refused (`SchemaTooNew`), untouched.
+    """
+    latest = load_migrations()[-1].version
+    if migrations is None:
+        migrations = load_migrations()
+    await conn.execute(
+        "SELECT set_config('statement_timeout', $1, false)",
+        "0" if statement_timeout is None else f"{max(1, int(statement_timeout * 1000))}ms",
+    )
+    await _take_lock(conn, lock_timeout)
     applied_now: list[str] = []
-    await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK_ID)
     try:
         await conn.execute(
             """CREATE TABLE IF NOT EXISTS schema_migrations (
@@ -126,7 +211,10 @@ async def apply_migrations(
                    applied_at timestamptz NOT NULL DEFAULT now())"""
         )
         done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
-        for migration in load_migrations() if migrations is None else migrations:
+        newest = max(done, default=0)
+        if newest > latest:
+            raise SchemaTooNew(newest, latest)
+        for migration in migrations:
             if migration.version in done:
                 continue
             async with conn.transaction():
@@ -141,5 +229,29 @@ async def apply_migrations(
                 )
             applied_now.append(migration.name)
     finally:
-        await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK_ID)
+        await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_ID)
     return applied_now
+
+
+async def _take_lock(conn: asyncpg.Connection, limit: float | None) -> None:
+    """The migration lock, polled (each try returns at once, so no per-call timeout cuts
+    the wait short), with a line now and then naming the session that holds it."""
+    started = time.monotonic()
+    reported = None
+    while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", MIGRATION_LOCK_ID):
+        now = time.monotonic()
+        waited = now - started
+        given_up = limit is not None and waited >= limit
+        if given_up or reported is None or now - reported >= LOCK_PROGRESS_INTERVAL:
+            holder = await conn.fetchval(_LOCK_HOLDER_SQL, MIGRATION_LOCK_ID)
+            if given_up:
+                raise MigrationLockTimeout(waited, holder)
+            log.warning(
+                "waiting for the migration lock held by pid %s (another replica migrating?); "
+                "waited %.0fs%s",
+                holder,
+                waited,
+                "" if limit is None else f" of {limit:.0f}s",
+            )
+            reported = now
+        await asyncio.sleep(_LOCK_POLL_INTERVAL)
