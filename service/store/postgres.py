@@ -537,10 +537,11 @@ class PostgresStore:
                 pass  # the child exists already; nothing to write
             return state, decision
 
-    async def session_owner(self, session_id: uuid.UUID) -> uuid.UUID | None:
+    async def live_session_owner(self, session_id: uuid.UUID) -> uuid.UUID | None:
+        """The user of a session not revoked yet; None for a revoked or unknown one."""
         async with self._connection() as conn:
             owner: uuid.UUID | None = await conn.fetchval(
-                "SELECT user_id FROM sessions WHERE id = $1", session_id
+                "SELECT user_id FROM sessions WHERE id = $1 AND revoked_at IS NULL", session_id
             )
         return owner
 
