@@ -39,6 +39,8 @@ from service.domain.throttle import LoginThrottle
 from service.errors import (
     AuthError,
     CallerUnauthenticated,
+    FieldViolation,
+    InvalidArgument,
     InvalidCredentials,
     LoginThrottled,
     RefreshTokenInvalid,
@@ -55,6 +57,8 @@ _REFRESH_SECRET = "refresh-token-derivation"
 # Refused Revoke-by-session/subject calls recorded (and logged) per second and process:
 # probing is cheap for a client and must not become as many rows and log lines.
 REVOKE_REFUSALS_RECORDED_PER_SECOND = 20
+
+UNKNOWN_AUDIENCE = "is not an audience this service issues tokens for"
 
 CallerTokenState = Literal["none", "invalid", "expired", "revoked", "live"]
 
@@ -178,6 +182,8 @@ class TokenService:
         self._refresh_secret = refresh_secret
         self._clock = clock
         self._refusals_recorded = _PerSecondBudget(REVOKE_REFUSALS_RECORDED_PER_SECOND, clock)
+        self.issuable_audiences = frozenset({settings.audience, *settings.audiences})
+        """What Issue may name as `audience` (the default one and AUTH_AUDIENCES)."""
 
     # Issue
 
@@ -190,6 +196,9 @@ class TokenService:
         audience: str | None,
         caller: CallerInfo,
     ) -> TokenPair:
+        aud = audience or self._settings.audience
+        if aud not in self.issuable_audiences:
+            raise InvalidArgument([FieldViolation("audience", UNKNOWN_AUDIENCE)])
         throttle = self._throttle
         turn = throttle.turn(username) if throttle else contextlib.nullcontext()
         throttle_keys = LoginThrottle.keys(username, caller.peer)
@@ -236,7 +245,6 @@ class TokenService:
         refresh_token = new_refresh_token()
         session_expires = now + self._settings.refresh_absolute_ttl
         token_expires = min(now + self._settings.refresh_idle_ttl, session_expires)
-        aud = audience or self._settings.audience
         created = await self._store.create_session(
             NewSession(
                 id=session_id,
@@ -309,6 +317,7 @@ class TokenService:
                 grace=timedelta(seconds=self._settings.refresh_reuse_grace),
                 idle_ttl=timedelta(seconds=self._settings.refresh_idle_ttl),
                 child_hash=child_hash,
+                audiences=self.issuable_audiences,
             ),
             now=now,
             reuse_event=reuse_event,

@@ -545,6 +545,7 @@ def test_issue_answers_only_documented_errors(harness: Harness) -> None:
             or bad_text(password, MAX_PASSWORD_BYTES)
             or scopes_invalid(scopes)
             or bad_optional_text(audience, MAX_AUDIENCE_BYTES)
+            or audience not in ("", DEFAULT_AUDIENCE)  # only configured audiences are issued
         )
         if invalid:
             expected = "INVALID_ARGUMENT"
