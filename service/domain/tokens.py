@@ -446,7 +446,7 @@ class TokenService:
         self, session_id: str, *, caller_token: str | None, caller: CallerInfo
     ) -> int:
         """Revoke a live session of the calling subject."""
-        token = await self.caller_token(caller_token)
+        token = await self._identify_caller(caller_token)
         sid = _parse_uuid(session_id)
         # Looked up whatever the token: the time taken must not tell live from dead.
         owner = None if sid is None else await self._store.live_session_owner(sid)
@@ -463,7 +463,7 @@ class TokenService:
         self, subject: str, *, caller_token: str | None, caller: CallerInfo
     ) -> int:
         """Log a subject out everywhere: every live session of theirs."""
-        token = await self.caller_token(caller_token)
+        token = await self._identify_caller(caller_token)
         user_id = _parse_uuid(subject)
         if user_id is not None and subject == token.live_subject:
             reason = "logout_everywhere"
@@ -559,7 +559,7 @@ class TokenService:
             self._telemetry.sessions_revoked(target, len(session_ids))
         return len(session_ids)
 
-    async def caller_token(self, caller_token: str | None) -> CallerToken:
+    async def _identify_caller(self, caller_token: str | None) -> CallerToken:
         """What the caller's access token is: live, revoked, expired, invalid or none."""
         if not caller_token:
             return CallerToken("none")
