@@ -369,9 +369,11 @@ class AuthClient:
         caller_token: str | None = None,
         timeout: float | None = None,  # noqa: ASYNC109 (a gRPC deadline, sent to the server)
     ) -> int:
-        """Revoke sessions; exactly one target. Revoking by `session_id` or `subject` needs
-        `caller_token`, an access token of the same subject. Returns how many sessions this
-        call revoked (0 when already revoked or unknown)."""
+        """Revoke sessions; exactly one target. Returns how many sessions this call revoked.
+        By `refresh_token` or `access_token`: 0 when already revoked or unknown. By
+        `session_id` or `subject`: needs `caller_token`, a live access token of the same
+        subject, and fails with CALLER_UNAUTHENTICATED unless it ends a live session (also
+        when a retry finds the session already ended by the first attempt)."""
         targets = {
             "refresh_token": refresh_token,
             "access_token": access_token,

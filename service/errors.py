@@ -121,19 +121,16 @@ class RefreshTokenReused(AuthError):
 
 
 class CallerUnauthenticated(AuthError):
-    """The call needs a valid `authorization: Bearer` access token and has none."""
+    """Revoke by session or subject refused: no access token, or one that is not live, not
+    the owner's, or nothing left to revoke. One answer for all of them, so that Revoke
+    cannot tell whoever holds a token whether it is live."""
 
     code: StatusName = "UNAUTHENTICATED"
     reason = "CALLER_UNAUTHENTICATED"
-    message = "this call needs a valid access token in the authorization metadata"
-
-
-class CallerNotAllowed(AuthError):
-    """The caller's token belongs to another subject than the target."""
-
-    code: StatusName = "PERMISSION_DENIED"
-    reason = "CALLER_NOT_ALLOWED"
-    message = "the caller may not act on this subject or session"
+    message = (
+        "this call needs a live access token of the session's or subject's owner in the "
+        "authorization metadata, and a session that is not revoked yet"
+    )
 
 
 class UserAlreadyExists(AuthError):

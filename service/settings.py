@@ -48,7 +48,11 @@ class Settings:
     """The `iss` claim of every access token (`AUTH_ISSUER`)."""
 
     audience: str = "authsvc"
-    """The default `aud` claim when Issue names none (`AUTH_AUDIENCE`)."""
+    """The default `aud` claim when Issue names none (`AUTH_AUDIENCE`); always allowed."""
+
+    audiences: frozenset[str] = frozenset()
+    """Further audiences Issue may name (`AUTH_AUDIENCES`, comma-separated). Any other is
+    refused: a client must not mint tokens for every service that trusts authsvc."""
 
     signing_alg: str = "ES256"
     """JWS algorithm for new signing keys (`AUTH_SIGNING_ALG`): ES256, EdDSA or RS256.
@@ -182,6 +186,7 @@ class Settings:
             data_dir=reader.get("AUTH_DATA_DIR", lambda s: Path(_nonempty(s)), cls.data_dir),
             issuer=reader.get("AUTH_ISSUER", _nonempty, cls.issuer),
             audience=reader.get("AUTH_AUDIENCE", _nonempty, cls.audience),
+            audiences=reader.get("AUTH_AUDIENCES", _audience_list, cls.audiences),
             signing_alg=reader.get("AUTH_SIGNING_ALG", _algorithm, cls.signing_alg),
             kek=reader.get("AUTH_KEK", parse_kek, None),
             access_ttl=reader.get("AUTH_ACCESS_TTL", _positive_int, cls.access_ttl),
@@ -367,6 +372,19 @@ def _address(raw: str) -> str:
     if not sep or not host or not port.isdigit() or int(port) > 65535:
         raise ValueError("must be HOST:PORT, for example 127.0.0.1:50051")
     return raw
+
+
+MAX_AUDIENCE_BYTES = 256  # what Issue accepts in its audience field
+
+
+def _audience_list(raw: str) -> frozenset[str]:
+    audiences = frozenset(a.strip() for a in raw.split(",") if a.strip())
+    for audience in audiences:
+        if len(audience.encode("utf-8", "surrogatepass")) > MAX_AUDIENCE_BYTES:
+            raise ValueError(f"each audience at most {MAX_AUDIENCE_BYTES} bytes")
+        if not audience.isprintable() or any(c.isspace() for c in audience):
+            raise ValueError("audiences are separated by commas and contain no spaces")
+    return audiences
 
 
 CALL_GROUPS = ("validate", "admin")

@@ -416,8 +416,9 @@ async def test_delete_user_revokes_frees_the_name_and_the_janitor_erases_it(
 
 
 async def test_list_sessions_shows_live_sessions_newest_first_with_details(
-    server: LiveServer,
+    server_factory: ServerFactory,
 ) -> None:
+    server = await server_factory(audiences=frozenset({"orders"}))
     admin = admin_stub(server)
     clock = server.clock
     settings = server.settings

@@ -103,6 +103,12 @@ AppFactory = Callable[..., Awaitable[OrdersApp]]
 
 
 @pytest.fixture
+async def server(server_factory: ServerFactory) -> LiveServer:
+    """The shared fixture's server, which may also issue tokens for the orders service."""
+    return await server_factory(audiences=frozenset({"orders"}))
+
+
+@pytest.fixture
 async def orders_factory(server: LiveServer) -> AsyncIterator[AppFactory]:
     """Start the example on port 0 with `build_server(**options)`, its cache on the server's
     ManualClock."""
@@ -237,6 +243,7 @@ async def test_revocation_is_seen_once_the_cache_entry_expires(
 async def test_audience_is_required_when_configured(
     server: LiveServer, orders_factory: AppFactory
 ) -> None:
+    # The server fixture of this module lets Issue grant "orders" (AUTH_AUDIENCES).
     orders = await orders_factory(audience="orders")
     await server.create_user("hal", scopes=("orders:write",))
     for_orders = await server.login("hal", audience="orders")

@@ -228,16 +228,19 @@ async def test_node_example_walks_the_whole_flow(server: LiveServer, node: str) 
     assert steps["offline_after_revoke"]["still_verifies_offline"] is True
     assert steps["refresh_after_revoke"]["reason"] == "SESSION_REVOKED"
 
-    # From Python: the example's session is revoked in the database, revoking it again
-    # changes nothing, and the bystander session still validates.
+    # From Python: the example's session is revoked in the database, revoking it again by
+    # id is refused (it ends nothing: tests/security/test_revoke_oracle.py) and changes
+    # nothing, and the bystander session still validates.
     row = await session_row(server, session_id)
     assert row is not None
     assert row["revoked_at"] is not None
-    again = await server.stub.Revoke(
-        auth_pb2.RevokeRequest(session_id=session_id),
-        metadata=(("authorization", f"Bearer {bystander.access_token}"),),
-    )
-    assert again.revoked_sessions == 0
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await server.stub.Revoke(
+            auth_pb2.RevokeRequest(session_id=session_id),
+            metadata=(("authorization", f"Bearer {bystander.access_token}"),),
+        )
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert (await session_row(server, session_id)) == row
     check = await server.stub.Validate(
         auth_pb2.ValidateRequest(access_token=bystander.access_token)
     )

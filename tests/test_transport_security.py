@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from service.api.callers import ServiceDirectory
+from service.api.callers import CertificateName, ServiceDirectory
 from service.app import start_server
 from service.client import AuthClient, AuthServiceError
 from service.clock import ManualClock
@@ -358,9 +358,10 @@ def cert_tokens_file(tmp_path: Path) -> Path:
     path = tmp_path / "service-tokens"
     path.write_text(
         "# name  groups          credential\n"
-        f"orders  validate        cert:{ORDERS_CN}\n"
+        f"orders  validate        cert:cn:{ORDERS_CN}\n"
         "\n"
-        f"ops     admin,validate  cert:{OPS_CN}\n"
+        f"ops     admin,validate  cert:cn:{OPS_CN}\n"
+        f"ops-san admin,validate  cert:dns:{OPS_CN}\n"
     )
     return path
 
@@ -448,10 +449,12 @@ async def test_certificate_names_are_matched_exactly_by_cn_or_san(
         assert json.loads((await auth_stub(stranger).GetJwks(auth_pb2.GetJwksRequest())).jwks_json)[
             "keys"
         ]
-    # ops.internal as a subject alternative name is ops too.
+    # ops.internal as a DNS subject alternative name is the cert:dns: line's service (the
+    # cert:cn: line of the same text is another: tests/security/test_certificate_names.py).
     async with tls_channel(live, pki, "ops-san") as ops_san:
         assert (await validate(auth_stub(ops_san), pair.access_token)).valid
         assert len((await list_keys(admin_stub(ops_san))).keys) >= 1
+    assert await actors(live, "signing_keys_listed") == ["admin:ops-san"]
 
 
 # --- callers by service token -----------------------------------------------------------
@@ -564,6 +567,7 @@ SHORT = "Sh0rt-" + "w" * 25  # 31 characters
         pytest.param("orders validate sha256:" + "AB" * 32, "AB" * 32, id="upper-hex"),
         pytest.param("orders validate sha256:" + "ab" * 31, "ab" * 31, id="short-hex"),
         pytest.param("orders validate cert:", SECRET, id="empty-cert"),
+        pytest.param("orders validate cert:orders.internal", SECRET, id="bare-cert-name"),
     ],
 )
 def test_a_bad_tokens_file_line_is_named_without_its_secret(
@@ -592,7 +596,7 @@ def test_comments_and_blank_lines_are_ignored(tmp_path: Path) -> None:
         f"orders validate token:{'o' * 32}\n"
         f"billing validate sha256:{digest}\n"
         "# ops admin token:short\n"
-        "ops-console admin,validate cert:ops.internal\n"
+        "ops-console admin,validate cert:dns:ops.internal\n"
         "\n"
     )
     directory = ServiceDirectory.from_file(path)
@@ -603,14 +607,18 @@ def test_comments_and_blank_lines_are_ignored(tmp_path: Path) -> None:
     billing = directory.by_token(SECRET)
     assert billing is not None
     assert billing.name == "billing"
-    ops = directory.by_certificate(["someone-else", "ops.internal"])
+    ops = directory.by_certificate(
+        [CertificateName("cn", "someone-else"), CertificateName("dns", "ops.internal")]
+    )
     assert ops is not None
     assert (ops.name, ops.groups) == ("ops-console", frozenset({"admin", "validate"}))
-    assert directory.by_certificate(["ops"]) is None
+    assert directory.by_certificate([CertificateName("dns", "ops")]) is None
+    assert directory.by_certificate([CertificateName("cn", "ops.internal")]) is None
     assert directory.by_certificate([]) is None
     # A cert: entry is not a token, nor a token a certificate name.
     assert directory.by_token("ops.internal") is None
-    assert directory.by_certificate(["o" * 32]) is None
+    assert directory.by_token("dns:ops.internal") is None
+    assert directory.by_certificate([CertificateName("cn", "o" * 32)]) is None
 
 
 def test_by_token_compares_every_entry_in_constant_time(
@@ -620,7 +628,7 @@ def test_by_token_compares_every_entry_in_constant_time(
     path = tmp_path / "service-tokens"
     path.write_text(
         "".join(f"{name} validate token:{secret}\n" for name, secret in tokens.items())
-        + "delta admin cert:delta.internal\n"
+        + "delta admin cert:dns:delta.internal\n"
     )
     directory = ServiceDirectory.from_file(path)
     compared: list[int] = []

@@ -326,7 +326,14 @@ def used_state(used_ago: timedelta, **changes: object) -> RefreshTokenState:
 def decide(
     state: RefreshTokenState | None, *, grace: timedelta = GRACE, now: datetime = NOW
 ) -> object:
-    return decide_refresh(state, now=now, grace=grace, idle_ttl=IDLE, child_hash=CHILD_HASH)
+    return decide_refresh(
+        state,
+        now=now,
+        grace=grace,
+        idle_ttl=IDLE,
+        child_hash=CHILD_HASH,
+        audiences=frozenset({"authsvc", "orders"}),
+    )
 
 
 SECOND = timedelta(seconds=1)
@@ -420,6 +427,30 @@ DECISIONS: list[tuple[str, RefreshTokenState | None, timedelta, object]] = [
         used_state(SECOND, child_expires_at=NOW),
         GRACE,
         Reject(RefreshTokenExpired),
+    ),
+    (
+        "another configured audience",
+        token_state(session_audience="orders"),
+        GRACE,
+        Rotate(child_hash=CHILD_HASH, child_expires_at=NOW + IDLE),
+    ),
+    (
+        "an audience no longer configured",
+        token_state(session_audience="payments-admin-api"),
+        GRACE,
+        Reject(RefreshTokenInvalid),
+    ),
+    (
+        "an audience no longer configured, parent replayed within grace",
+        used_state(SECOND, session_audience="payments-admin-api"),
+        GRACE,
+        Reject(RefreshTokenInvalid),
+    ),
+    (
+        "an audience no longer configured does not hide reuse",
+        used_state(timedelta(minutes=5), session_audience="payments-admin-api"),
+        GRACE,
+        RevokeForReuse(),
     ),
 ]
 

@@ -52,7 +52,10 @@ async def test_cached_token_expires_on_time(server_factory: ServerFactory) -> No
     assert server.running.components.token_cache.hits >= 2
 
 
-async def test_cached_token_still_checks_audience_and_scope(server: LiveServer) -> None:
+async def test_cached_token_still_checks_audience_and_scope(
+    server_factory: ServerFactory,
+) -> None:
+    server = await server_factory(audiences=frozenset({"billing"}))
     await server.create_user("leo", scopes=("read",))
     pair = await server.login("leo", audience="billing")
     assert (await _validate(server, pair.access_token)).valid

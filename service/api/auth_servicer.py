@@ -22,7 +22,7 @@ from service.api.wire import (
     timestamp,
 )
 from service.domain.access_tokens import TokenProblem
-from service.domain.tokens import TokenPair, TokenService
+from service.domain.tokens import UNKNOWN_AUDIENCE, TokenPair, TokenService
 from service.gen.auth.v1 import auth_pb2
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -72,6 +72,7 @@ class AuthServicer:
         audience = check.text(
             "audience", request.audience, limit=MAX_AUDIENCE_BYTES, required=False
         )
+        check.one_of("audience", audience, self._tokens.issuable_audiences, UNKNOWN_AUDIENCE)
         check.done()
         pair = await self._tokens.issue(
             username=username,

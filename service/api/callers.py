@@ -12,12 +12,16 @@ A known service is a line of `AUTH_SERVICE_TOKENS_FILE`:
     # name       groups           credential
     orders       validate         token:<a secret of 32+ characters>
     billing      validate         sha256:<hex SHA-256 of the secret>
-    ops-console  admin,validate   cert:ops.internal
+    ops-console  admin,validate   cert:dns:ops.internal
+    payments     validate         cert:uri:spiffe://example.org/payments
 
 It proves itself with `authorization: Bearer <secret>` metadata (compared as SHA-256
-digests in constant time, against every entry), or with a client certificate whose
-common name or a subject alternative name is the `cert:` name (mutual TLS: needs
-`AUTH_TLS_CLIENT_CA`).
+digests in constant time, against every entry), or with a client certificate (mutual TLS:
+needs `AUTH_TLS_CLIENT_CA`) holding the `cert:` name as the kind of name the line says:
+`dns:` a DNS subject alternative name (any letter case), `uri:` a URI one, `cn:` the
+subject's common name. Never any name of any kind: a URI or e-mail SAN, or a CN, that
+spells a DNS name is not that DNS name. A bare `cert:NAME` (which used to mean any name)
+stops start-up.
 """
 
 from __future__ import annotations
@@ -29,10 +33,10 @@ import inspect
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import grpc
 
@@ -50,6 +54,16 @@ MIN_SECRET_LENGTH = 32
 MAX_SECRET_LENGTH = 1024  # of a presented secret; longer ones are no secret of ours
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
 _HEX_DIGEST_RE = re.compile(r"[0-9a-f]{64}")
+# Lower-case DNS labels (underscores allowed for internal names), no wildcard.
+_DNS_NAME_RE = re.compile(
+    r"(?=.{1,253}$)[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?)*"
+)
+_URI_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:\S+")
+_CERT_KINDS_HELP = (
+    "cert: needs the kind of name: cert:dns:NAME (a DNS subject alternative name), "
+    "cert:uri:URI (a URI one, such as a SPIFFE id) or cert:cn:NAME (the common name); "
+    "a bare cert:NAME is refused, since it used to match any name in the certificate"
+)
 
 _calling_service: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "calling_service", default=None
@@ -71,12 +85,27 @@ def call_group(method: str) -> str | None:
     return None
 
 
+CertificateNameKind = Literal["dns", "uri", "cn"]
+
+
+@dataclass(frozen=True, slots=True)
+class CertificateName:
+    """One name of a client certificate, with its kind (DNS names in lower case)."""
+
+    kind: CertificateNameKind
+    value: str
+
+    @classmethod
+    def of(cls, kind: CertificateNameKind, value: str) -> CertificateName:
+        return cls(kind, value.lower() if kind == "dns" else value)
+
+
 @dataclass(frozen=True, slots=True)
 class KnownService:
     name: str
     groups: frozenset[str]
     token_digest: bytes | None = None
-    certificate_name: str | None = None
+    certificate_name: CertificateName | None = None
 
 
 class ServiceDirectory:
@@ -99,6 +128,9 @@ class ServiceDirectory:
             text = path.read_text()
         except (OSError, UnicodeDecodeError) as exc:
             raise SettingsError(f"AUTH_SERVICE_TOKENS_FILE: cannot read it ({exc})") from None
+        # One credential names one service: else the caller would be whichever line a
+        # lookup met last.
+        credentials: dict[bytes | CertificateName, str] = {}
         for number, line in enumerate(text.splitlines(), start=1):
             fields = line.split()
             if not fields or fields[0].startswith("#"):
@@ -111,6 +143,14 @@ class ServiceDirectory:
                 raise SettingsError(
                     f"AUTH_SERVICE_TOKENS_FILE: line {number}: {service.name} is listed twice"
                 )
+            credential = service.token_digest or service.certificate_name
+            assert credential is not None
+            if credential in credentials:
+                raise SettingsError(
+                    f"AUTH_SERVICE_TOKENS_FILE: line {number}: the same credential as "
+                    f"{credentials[credential]}'s"
+                )
+            credentials[credential] = service.name
             names.add(service.name)
             services.append(service)
         return cls(services)
@@ -125,12 +165,14 @@ class ServiceDirectory:
                 found = service
         return found
 
-    def by_certificate(self, names: list[str]) -> KnownService | None:
-        for name in names:
-            service = self._by_certificate.get(name)
-            if service is not None:
-                return service
-        return None
+    def by_certificate(self, names: Iterable[CertificateName]) -> KnownService | None:
+        """The one service a certificate's names designate; None for none, or for a
+        certificate that designates two (which one would it be?)."""
+        found = {s.name: s for n in names if (s := self._by_certificate.get(n)) is not None}
+        if len(found) != 1:
+            return None
+        (service,) = found.values()
+        return service
 
     def __len__(self) -> int:
         return len(self._services)
@@ -155,18 +197,43 @@ def _parse_line(fields: list[str]) -> KnownService:
             raise ValueError("sha256: needs 64 lowercase hex digits")
         return KnownService(name, groups, token_digest=bytes.fromhex(value))
     if kind == "cert":
-        if not value:
-            raise ValueError("cert: needs the certificate's name")
-        return KnownService(name, groups, certificate_name=value)
+        return KnownService(name, groups, certificate_name=_parse_certificate_name(value))
     raise ValueError("the credential must start with token:, sha256: or cert:")
 
 
-def _certificate_names(context: Context) -> list[str]:
+def _parse_certificate_name(text: str) -> CertificateName:
+    kind, separator, value = text.partition(":")
+    if not separator or kind not in ("dns", "uri", "cn"):
+        raise ValueError(_CERT_KINDS_HELP)
+    if kind == "dns":
+        if _DNS_NAME_RE.fullmatch(value.lower()) is None:
+            raise ValueError("cert:dns: needs a DNS name (letters, digits, '-', '.'; no '*')")
+        return CertificateName.of("dns", value)
+    if kind == "uri":
+        if _URI_RE.fullmatch(value) is None:
+            raise ValueError("cert:uri: needs a URI with its scheme (spiffe://...)")
+        return CertificateName.of("uri", value)
+    if not value:
+        raise ValueError("cert:cn: needs the common name")
+    return CertificateName.of("cn", value)
+
+
+# gRPC's properties of the verified client certificate, by kind of name: only these three
+# kinds are ever compared (x509_subject_alternative_name would mix every kind of SAN).
+_CERTIFICATE_PROPERTIES: tuple[tuple[str, CertificateNameKind], ...] = (
+    ("peer_dns", "dns"),
+    ("peer_uri", "uri"),
+    ("x509_common_name", "cn"),
+)
+
+
+def _certificate_names(context: Context) -> list[CertificateName]:
     auth = context.auth_context()
-    names: list[str] = []
-    for key in ("x509_common_name", "x509_subject_alternative_name"):
-        names.extend(v.decode("utf-8", "replace") for v in auth.get(key, ()))
-    return names
+    return [
+        CertificateName.of(kind, value.decode("utf-8", "replace"))
+        for key, kind in _CERTIFICATE_PROPERTIES
+        for value in auth.get(key, ())
+    ]
 
 
 Behavior = Callable[[Any, Context], Awaitable[Any]]

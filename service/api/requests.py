@@ -6,8 +6,9 @@ Every limit here is documented in the proto and the README, and tested.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
+from service import settings
 from service.domain.usernames import (
     MAX_USERNAME_KEY_BYTES,
     new_username_problem,
@@ -20,7 +21,7 @@ MAX_USERNAME_BYTES = 256
 MAX_PASSWORD_BYTES = 1024
 MAX_SCOPES = 32
 MAX_SCOPE_BYTES = 128
-MAX_AUDIENCE_BYTES = 256
+MAX_AUDIENCE_BYTES = settings.MAX_AUDIENCE_BYTES  # AUTH_AUDIENCES entries are held to it too
 MAX_ID_BYTES = 256  # session_id and subject in Revoke
 
 # RFC 6749 §3.3 scope-token: printable ASCII except space, '"' and '\'.
@@ -78,6 +79,11 @@ class RequestCheck:
                 )
         # Order kept, duplicates dropped.
         return tuple(dict.fromkeys(values))
+
+    def one_of(self, field: str, value: str, allowed: Collection[str], description: str) -> None:
+        """A non-empty `value` must be in `allowed` (unless the field is already reported)."""
+        if value and value not in allowed and all(v.field != field for v in self._violations):
+            self._violations.append(FieldViolation(field, description))
 
     def violation(self, violation: FieldViolation) -> None:
         self._violations.append(violation)

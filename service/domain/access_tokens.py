@@ -18,10 +18,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import jwt
+from cryptography.hazmat.primitives.asymmetric import ec
 from jwt.algorithms import Algorithm, get_default_algorithms
 
 from service.clock import Clock
-from service.domain.keys import KeyRing
+from service.domain.keys import KeyRing, PublicKey
 
 TOKEN_TYPE = "at+jwt"
 # RFC 9068 §4: "at+jwt"; the full media type is accepted too (RFC 7515 §4.1.9).
@@ -30,6 +31,25 @@ _SEGMENT_RE = re.compile(r"[A-Za-z0-9_-]+")
 _ALGORITHMS: dict[str, Algorithm] = get_default_algorithms()
 # What our key ids look like (secrets.token_urlsafe(12)); anything else is no key of ours.
 _KID_RE = re.compile(r"[A-Za-z0-9_-]{16}")
+
+# The group order n of each curve pyjwt offers ECDSA on (SEC 2). ECDSA's (r, s) and
+# (r, n - s) both verify; only s <= n/2 ("low s") is signed or accepted, so that a token
+# has one spelling (the verified-token cache and any client's cache key on the string).
+ECDSA_CURVE_ORDERS: dict[str, int] = {
+    "secp256r1": 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551,
+    "secp384r1": int(
+        "FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFF"
+        "C7634D81F4372DDF581A0DB248B0A77AECEC196ACCC52973",
+        16,
+    ),
+    "secp521r1": int(
+        "01FF"
+        + "F" * 56
+        + "FFFFFFFA51868783BF2F966B7FCC0148F709A5D03BB5C9B8899C47AEBB6FB71E91386409",
+        16,
+    ),
+    "secp256k1": 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141,
+}
 
 
 class TokenProblem(enum.Enum):
@@ -92,6 +112,46 @@ def _b64decode(segment: str) -> bytes:
     return raw
 
 
+def _ecdsa_halves(signature: bytes, public_key: PublicKey) -> tuple[int, int, int, int] | None:
+    """(r, s, n, size of each half) of a raw JWS ECDSA signature; None if it is not one
+    for this key's curve (a curve we know no order for counts as not one)."""
+    if not isinstance(public_key, ec.EllipticCurvePublicKey):
+        return None
+    order = ECDSA_CURVE_ORDERS.get(public_key.curve.name)
+    size = (public_key.curve.key_size + 7) // 8
+    if order is None or len(signature) != 2 * size:
+        return None
+    return (
+        int.from_bytes(signature[:size], "big"),
+        int.from_bytes(signature[size:], "big"),
+        order,
+        size,
+    )
+
+
+def _is_canonical_signature(signature: bytes, public_key: PublicKey) -> bool:
+    """ECDSA: 0 < r < n and 0 < s <= n/2 (the other algorithms' libraries already allow
+    one encoding only: RSA needs s < n at the modulus' length, Ed25519 S < L)."""
+    if not isinstance(public_key, ec.EllipticCurvePublicKey):
+        return True
+    halves = _ecdsa_halves(signature, public_key)
+    if halves is None:
+        return False
+    r, s, order, _ = halves
+    return 0 < r < order and 0 < s <= order // 2
+
+
+def _low_s(signature: bytes, public_key: PublicKey) -> bytes:
+    """An ECDSA signature with s replaced by n - s when s is the high one (both verify)."""
+    halves = _ecdsa_halves(signature, public_key)
+    if halves is None:
+        return signature
+    r, s, order, size = halves
+    if s <= order // 2:
+        return signature
+    return r.to_bytes(size, "big") + (order - s).to_bytes(size, "big")
+
+
 def _json_object(raw: bytes) -> dict[str, Any]:
     try:
         value = json.loads(raw.decode("utf-8"))
@@ -151,6 +211,10 @@ class AccessTokenCodec:
         token = jwt.encode(
             claims, key.private_key, algorithm=key.alg, headers={"kid": key.kid, "typ": TOKEN_TYPE}
         )
+        if isinstance(key.public_key, ec.EllipticCurvePublicKey):
+            signing_input, _, signature_b64 = token.rpartition(".")
+            canonical = _low_s(_b64decode(signature_b64), key.public_key)
+            token = f"{signing_input}.{base64.urlsafe_b64encode(canonical).rstrip(b'=').decode()}"
         return IssuedAccessToken(token=token, expires_at=exp)
 
     def verify(self, token: str, *, check_time: bool = True) -> AccessClaims:
@@ -173,7 +237,9 @@ class AccessTokenCodec:
             raise TokenRejected(TokenProblem.BAD_SIGNATURE)
         signature = _b64decode(signature_b64)
         signing_input = f"{header_b64}.{payload_b64}".encode("ascii")
-        if not _ALGORITHMS[key.alg].verify(signing_input, key.public_key, signature):
+        if not _is_canonical_signature(signature, key.public_key) or not _ALGORITHMS[
+            key.alg
+        ].verify(signing_input, key.public_key, signature):
             raise TokenRejected(TokenProblem.BAD_SIGNATURE)
         claims = _json_object(_b64decode(payload_b64))
         self._check_required(claims)

@@ -95,6 +95,7 @@ def decide_refresh(
     grace: timedelta,
     idle_ttl: timedelta,
     child_hash: bytes,
+    audiences: frozenset[str],
 ) -> RefreshDecision:
     """Decide the fate of a presented refresh token, with the token row locked.
 
@@ -102,7 +103,8 @@ def decide_refresh(
     reuse whatever else holds: it tells the caller precisely what happened, and
     every replay of a stolen token is recorded, even into a family that is dead
     already. Reuse is also checked before expiry, so that a thief replaying an
-    expired ancestor still kills a live family.
+    expired ancestor still kills a live family. A session whose audience is no longer
+    among `audiences` (the ones Issue may grant) gets no new token.
     """
     if state is None:
         return Reject(RefreshTokenInvalid)
@@ -126,9 +128,13 @@ def decide_refresh(
             return Reject(SessionRevoked)
         if now >= child_expiry:
             return Reject(RefreshTokenExpired)
+        if state.session_audience not in audiences:
+            return Reject(RefreshTokenInvalid)
         return Replay()
     if not live:
         return Reject(SessionRevoked)
+    if state.session_audience not in audiences:
+        return Reject(RefreshTokenInvalid)
     if now >= state.expires_at or now >= state.session_expires_at:
         return Reject(RefreshTokenExpired)
     child_expires_at = min(now + idle_ttl, state.session_expires_at)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Literal
 
 from service.clock import Clock, to_datetime
 from service.domain.access_tokens import (
@@ -42,8 +44,9 @@ from service.domain.throttle import LoginThrottle
 from service.domain.usernames import username_key
 from service.errors import (
     AuthError,
-    CallerNotAllowed,
     CallerUnauthenticated,
+    FieldViolation,
+    InvalidArgument,
     InvalidCredentials,
     LoginThrottled,
     RefreshTokenInvalid,
@@ -57,6 +60,13 @@ from service.store.postgres import PostgresStore
 log = logging.getLogger(__name__)
 
 _REFRESH_SECRET = "refresh-token-derivation"
+# Refused Revoke-by-session/subject calls recorded (and logged) per second and process:
+# probing is cheap for a client and must not become as many rows and log lines.
+REVOKE_REFUSALS_RECORDED_PER_SECOND = 20
+
+UNKNOWN_AUDIENCE = "is not an audience this service issues tokens for"
+
+CallerTokenState = Literal["none", "invalid", "expired", "revoked", "live"]
 
 CHECKS_PER_HASHING_THREAD = 4
 """Password checks a process runs at once, per hashing thread: enough to keep the
@@ -114,6 +124,38 @@ async def open_refresh_secret(store: PostgresStore, box: SecretBox) -> bytes | N
     there is none yet."""
     sealed = await store.server_secret(_REFRESH_SECRET)
     return None if sealed is None else box.open(sealed, label=_REFRESH_SECRET)
+
+
+@dataclass(frozen=True, slots=True)
+class CallerToken:
+    """The access token a Revoke-by-session/subject caller presented, as verified."""
+
+    state: CallerTokenState
+    claims: AccessClaims | None = None
+    """Set when its signature verified (live, expired or revoked)."""
+
+    @property
+    def live_subject(self) -> str | None:
+        return self.claims.subject if self.state == "live" and self.claims else None
+
+
+class _PerSecondBudget:
+    """At most `per_second` takes in each second of the clock."""
+
+    def __init__(self, per_second: int, clock: Clock) -> None:
+        self._per_second = per_second
+        self._clock = clock
+        self._second_started = float("-inf")
+        self._taken = 0
+
+    def take(self) -> bool:
+        now = self._clock.now()
+        if now - self._second_started >= 1.0:
+            self._second_started, self._taken = now, 0
+        if self._taken >= self._per_second:
+            return False
+        self._taken += 1
+        return True
 
 
 async def load_refresh_secret(store: PostgresStore, box: SecretBox, *, clock: Clock) -> bytes:
@@ -174,6 +216,9 @@ class TokenService:
         self._limited_log = LogRateLimiter(
             log, window=settings.event_aggregation_window, now=clock.now
         )
+        self._refusals_recorded = _PerSecondBudget(REVOKE_REFUSALS_RECORDED_PER_SECOND, clock)
+        self.issuable_audiences = frozenset({settings.audience, *settings.audiences})
+        """What Issue may name as `audience` (the default one and AUTH_AUDIENCES)."""
 
     @property
     def _codec(self) -> AccessTokenCodec:
@@ -198,6 +243,9 @@ class TokenService:
         audience: str | None,
         caller: CallerInfo,
     ) -> TokenPair:
+        aud = audience or self._settings.audience
+        if aud not in self.issuable_audiences:
+            raise InvalidArgument([FieldViolation("audience", UNKNOWN_AUDIENCE)])
         # Looked up, and throttled, by the canonical key: `Alice` is `alice`'s account, and
         # varying the case must not give a guesser fresh allowances.
         throttle_keys = LoginThrottle.keys(username_key(username), caller.peer)
@@ -229,7 +277,6 @@ class TokenService:
         refresh_token = new_refresh_token()
         session_expires = now + self._settings.refresh_absolute_ttl
         token_expires = min(now + self._settings.refresh_idle_ttl, session_expires)
-        aud = audience or self._settings.audience
         # The access token's exp is stored with the session before it is signed: how long
         # a revocation of this session must be remembered.
         issued_at, access_expires = token_lifetime(now, self._settings.access_ttl)
@@ -417,6 +464,7 @@ class TokenService:
                 grace=timedelta(seconds=self._settings.refresh_reuse_grace),
                 idle_ttl=timedelta(seconds=self._settings.refresh_idle_ttl),
                 child_hash=child_hash,
+                audiences=self.issuable_audiences,
             ),
             now=now,
             access_expires_at=to_datetime(access_expires),
@@ -517,15 +565,19 @@ class TokenService:
         No database round trip: revocations come from the in-memory state, and a
         token verified before skips the signature check (never the others).
         """
+        claims = self._signed(access_token)
+        self._codec.check_lifetime(claims)
+        if self._revocations.is_revoked(claims.session_id):
+            raise TokenRejected(TokenProblem.REVOKED)
+        return claims
+
+    def _signed(self, access_token: str) -> AccessClaims:
+        """Signature and claims, from the cache when verified before; lifetime unchecked."""
         key = self._cache.key(access_token)
         claims = self._cache.get(key)
         if claims is None:
-            claims = self._codec.verify(access_token)
+            claims = self._codec.verify(access_token, check_time=False)
             self._cache.put(key, claims)
-        else:
-            self._codec.check_lifetime(claims)
-        if self._revocations.is_revoked(claims.session_id):
-            raise TokenRejected(TokenProblem.REVOKED)
         return claims
 
     # Revoke
@@ -556,41 +608,94 @@ class TokenService:
             session_id, "access_token_revoked", caller, "access_token"
         )
 
+    # Revoke by session id or subject answers OK only when it ended a live session. Every
+    # other outcome (no token; a forged, expired or revoked one; another user's target; an
+    # unknown or malformed one; nothing left to end) is one CallerUnauthenticated, and the
+    # work done before it does not depend on the token's state: whoever holds a stolen
+    # token cannot learn whether it is live without ending a session.
+
     async def revoke_session(
         self, session_id: str, *, caller_token: str | None, caller: CallerInfo
     ) -> int:
-        """Revoke a session of the calling subject."""
-        subject = await self._authenticate_caller(caller_token)
+        """Revoke a live session of the calling subject."""
+        token = await self._identify_caller(caller_token)
         sid = _parse_uuid(session_id)
-        owner = None if sid is None else await self._store.session_owner(sid)
-        # An unknown session is "not yours" too: no oracle for which ids exist.
-        if owner is None or str(owner) != subject:
-            raise CallerNotAllowed()
-        assert sid is not None
-        return await self._revoke_session(sid, "session_revoked", caller, "session")
+        # Looked up whatever the token: the time taken must not tell live from dead.
+        owner = None if sid is None else await self._store.live_session_owner(sid)
+        subject = token.live_subject
+        if sid is not None and owner is not None and str(owner) == subject:
+            revoked = await self._revoke_session(sid, "session_revoked", caller, "session")
+            if revoked:
+                return revoked
+        raise await self._refused(
+            token, caller, target="session_id", target_id=None if sid is None else str(sid)
+        )
 
     async def revoke_subject(
         self, subject: str, *, caller_token: str | None, caller: CallerInfo
     ) -> int:
         """Log a subject out everywhere: every live session of theirs."""
-        caller_subject = await self._authenticate_caller(caller_token)
+        token = await self._identify_caller(caller_token)
         user_id = _parse_uuid(subject)
-        if subject != caller_subject or user_id is None:
-            raise CallerNotAllowed()
-        reason = "logout_everywhere"
-        now = self._clock.now()
-        revoked = await self._store.revoke_user_sessions(
-            user_id,
-            reason=reason,
-            now=to_datetime(now),
-            event=SecurityEvent(
-                kind="sessions_revoked",
-                subject=str(user_id),
-                peer=caller.peer,
-                detail=caller.detail(reason=reason),
-            ),
+        if user_id is not None and subject == token.live_subject:
+            reason = "logout_everywhere"
+            now = self._clock.now()
+            revoked = await self._store.revoke_user_sessions(
+                user_id,
+                reason=reason,
+                now=to_datetime(now),
+                event=SecurityEvent(
+                    kind="sessions_revoked",
+                    subject=str(user_id),
+                    peer=caller.peer,
+                    detail=caller.detail(reason=reason),
+                ),
+            )
+            if revoked:
+                return self._revoked_here(revoked, "subject")
+        raise await self._refused(
+            token, caller, target="subject", target_id=None if user_id is None else str(user_id)
         )
-        return self._revoked_here(revoked, "subject")
+
+    async def _refused(
+        self, token: CallerToken, caller: CallerInfo, *, target: str, target_id: str | None
+    ) -> CallerUnauthenticated:
+        """The one refusal, recorded as a `revoke_refused` security event (naming the
+        token's session when its signature verified) within the per-second budget."""
+        if self._refusals_recorded.take():
+            claims = token.claims
+            detail = {"target": target, "caller_token": token.state}
+            if target_id is not None:
+                detail["target_session" if target == "session_id" else "target_subject"] = target_id
+            address = peer_address(caller.peer)
+            self._limited_log.warning(
+                ("revoke_refused", target, token.state, address),
+                "security: Revoke by %s refused (caller token %s) from %s",
+                target,
+                token.state,
+                address,
+            )
+            # Recording must not change the answer (the database may be the trouble).
+            with contextlib.suppress(AuthError):
+                await self._store.record_event(
+                    SecurityEvent(
+                        kind="revoke_refused",
+                        subject=None if claims is None else claims.subject,
+                        session_id=None if claims is None else _parse_uuid(claims.session_id),
+                        peer=caller.peer,
+                        detail=detail,
+                        # Repeats by one address, with one token, at one target share a row.
+                        aggregate_key=aggregate_key(
+                            address,
+                            target,
+                            token.state,
+                            target_id or "",
+                            "" if claims is None else claims.session_id,
+                        ),
+                    ),
+                    now=to_datetime(self._clock.now()),
+                )
+        return CallerUnauthenticated()
 
     async def revoke_session_of_anyone(
         self, session_id: uuid.UUID, *, reason: str, caller: CallerInfo
@@ -634,15 +739,21 @@ class TokenService:
             self._telemetry.sessions_revoked(target, len(revoked))
         return len(revoked)
 
-    async def _authenticate_caller(self, caller_token: str | None) -> str:
-        """The subject of the caller's live access token, or CallerUnauthenticated."""
+    async def _identify_caller(self, caller_token: str | None) -> CallerToken:
+        """What the caller's access token is: live, revoked, expired, invalid or none."""
         if not caller_token:
-            raise CallerUnauthenticated()
+            return CallerToken("none")
         try:
-            claims = await self._with_new_keys(lambda: self._verified(caller_token))
+            claims = await self._with_new_keys(lambda: self._signed(caller_token))
         except TokenRejected:
-            raise CallerUnauthenticated() from None
-        return claims.subject
+            return CallerToken("invalid")
+        try:
+            self._codec.check_lifetime(claims)
+        except TokenRejected:
+            return CallerToken("expired", claims)
+        if self._revocations.is_revoked(claims.session_id):
+            return CallerToken("revoked", claims)
+        return CallerToken("live", claims)
 
     async def _with_new_keys(self, verify: Callable[[], AccessClaims]) -> AccessClaims:
         """`verify()`, tried again once if it named a key this process has not loaded yet

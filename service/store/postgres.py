@@ -647,10 +647,11 @@ class PostgresStore:
                     await self._insert_event(conn, recorded, now)
             return state, decision, [], False
 
-    async def session_owner(self, session_id: uuid.UUID) -> uuid.UUID | None:
+    async def live_session_owner(self, session_id: uuid.UUID) -> uuid.UUID | None:
+        """The user of a session not revoked yet; None for a revoked or unknown one."""
         async with self._connection() as conn:
             owner: uuid.UUID | None = await conn.fetchval(
-                "SELECT user_id FROM sessions WHERE id = $1", session_id
+                "SELECT user_id FROM sessions WHERE id = $1 AND revoked_at IS NULL", session_id
             )
         return owner
 

@@ -93,11 +93,27 @@ async def service_key(server: LiveServer) -> SigningKey:
     return open_signing_key(record, SecretBox(TEST_KEK))
 
 
+P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+
+
+def low_s(token: str) -> str:
+    """An ES256 token with the low one of its two valid signatures, the only one the service
+    accepts (tests/security/test_token_spellings.py); other tokens unchanged."""
+    header_b64, payload_b64, signature_b64 = token.split(".")
+    if json.loads(b64d(header_b64)).get("alg") != "ES256":
+        return token
+    raw = b64d(signature_b64)
+    s = int.from_bytes(raw[32:], "big")
+    if len(raw) != 64 or s <= P256_ORDER // 2:
+        return token
+    return f"{header_b64}.{payload_b64}.{b64e(raw[:32] + (P256_ORDER - s).to_bytes(32, 'big'))}"
+
+
 def sign_segments(key_alg: str, private_key: PrivateKey, header_b64: str, payload_b64: str) -> str:
     """A token whose signature is valid over the literal segments, whatever they hold."""
     signing_input = f"{header_b64}.{payload_b64}".encode()
     signature = get_default_algorithms()[key_alg].sign(signing_input, private_key)
-    return f"{header_b64}.{payload_b64}.{b64e(signature)}"
+    return low_s(f"{header_b64}.{payload_b64}.{b64e(signature)}")
 
 
 def fresh_private_key(alg: str) -> PrivateKey:
@@ -428,11 +444,13 @@ class Signer:
         **changes: Any,
     ) -> str:
         claims = {k: v for k, v in {**self.baseline, **changes}.items() if k not in drop}
-        return pyjwt.encode(
-            claims,
-            self.key.private_key,
-            algorithm=self.key.alg,
-            headers={"kid": self.key.kid, "typ": "at+jwt"} if headers is None else headers,
+        return low_s(
+            pyjwt.encode(
+                claims,
+                self.key.private_key,
+                algorithm=self.key.alg,
+                headers={"kid": self.key.kid, "typ": "at+jwt"} if headers is None else headers,
+            )
         )
 
 

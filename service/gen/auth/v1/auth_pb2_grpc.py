@@ -102,10 +102,14 @@ class AuthServiceServicer:
 
     def Revoke(self, request, context):
         """Revoke ends sessions (log out). Revoking by refresh or access token needs
-        nothing but the token. Revoking by session_id or subject needs the
-        metadata "authorization: Bearer <access token>" of the same subject.
-        Unknown, malformed or already revoked tokens succeed with
-        revoked_sessions = 0 (RFC 7009), so Revoke is idempotent.
+        nothing but the token. Unknown, malformed or already revoked tokens
+        succeed with revoked_sessions = 0 (RFC 7009), so that is idempotent.
+        Revoking by session_id or subject needs the metadata "authorization:
+        Bearer <access token>" of the same subject, live, and succeeds only if it
+        ends a live session; anything else (no token, a dead or forged one,
+        another subject's target, nothing left to revoke) is one answer,
+        UNAUTHENTICATED / CALLER_UNAUTHENTICATED, so that Revoke cannot tell
+        whoever holds a stolen token whether it is live.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -70,10 +70,14 @@ class AuthServiceStub:
     """
     Revoke: _grpc.UnaryUnaryMultiCallable[_auth_pb2.RevokeRequest, _auth_pb2.RevokeResponse]
     """Revoke ends sessions (log out). Revoking by refresh or access token needs
-    nothing but the token. Revoking by session_id or subject needs the
-    metadata "authorization: Bearer <access token>" of the same subject.
-    Unknown, malformed or already revoked tokens succeed with
-    revoked_sessions = 0 (RFC 7009), so Revoke is idempotent.
+    nothing but the token. Unknown, malformed or already revoked tokens
+    succeed with revoked_sessions = 0 (RFC 7009), so that is idempotent.
+    Revoking by session_id or subject needs the metadata "authorization:
+    Bearer <access token>" of the same subject, live, and succeeds only if it
+    ends a live session; anything else (no token, a dead or forged one,
+    another subject's target, nothing left to revoke) is one answer,
+    UNAUTHENTICATED / CALLER_UNAUTHENTICATED, so that Revoke cannot tell
+    whoever holds a stolen token whether it is live.
     """
     GetJwks: _grpc.UnaryUnaryMultiCallable[_auth_pb2.GetJwksRequest, _auth_pb2.GetJwksResponse]
     """GetJwks returns the public keys that verify access tokens."""
@@ -107,10 +111,14 @@ class AuthServiceAsyncStub(AuthServiceStub):
     """
     Revoke: _aio.UnaryUnaryMultiCallable[_auth_pb2.RevokeRequest, _auth_pb2.RevokeResponse]  # type: ignore[assignment]
     """Revoke ends sessions (log out). Revoking by refresh or access token needs
-    nothing but the token. Revoking by session_id or subject needs the
-    metadata "authorization: Bearer <access token>" of the same subject.
-    Unknown, malformed or already revoked tokens succeed with
-    revoked_sessions = 0 (RFC 7009), so Revoke is idempotent.
+    nothing but the token. Unknown, malformed or already revoked tokens
+    succeed with revoked_sessions = 0 (RFC 7009), so that is idempotent.
+    Revoking by session_id or subject needs the metadata "authorization:
+    Bearer <access token>" of the same subject, live, and succeeds only if it
+    ends a live session; anything else (no token, a dead or forged one,
+    another subject's target, nothing left to revoke) is one answer,
+    UNAUTHENTICATED / CALLER_UNAUTHENTICATED, so that Revoke cannot tell
+    whoever holds a stolen token whether it is live.
     """
     GetJwks: _aio.UnaryUnaryMultiCallable[_auth_pb2.GetJwksRequest, _auth_pb2.GetJwksResponse]  # type: ignore[assignment]
     """GetJwks returns the public keys that verify access tokens."""
@@ -165,10 +173,14 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_auth_pb2.RevokeResponse, _abc.Awaitable[_auth_pb2.RevokeResponse]]:
         """Revoke ends sessions (log out). Revoking by refresh or access token needs
-        nothing but the token. Revoking by session_id or subject needs the
-        metadata "authorization: Bearer <access token>" of the same subject.
-        Unknown, malformed or already revoked tokens succeed with
-        revoked_sessions = 0 (RFC 7009), so Revoke is idempotent.
+        nothing but the token. Unknown, malformed or already revoked tokens
+        succeed with revoked_sessions = 0 (RFC 7009), so that is idempotent.
+        Revoking by session_id or subject needs the metadata "authorization:
+        Bearer <access token>" of the same subject, live, and succeeds only if it
+        ends a live session; anything else (no token, a dead or forged one,
+        another subject's target, nothing left to revoke) is one answer,
+        UNAUTHENTICATED / CALLER_UNAUTHENTICATED, so that Revoke cannot tell
+        whoever holds a stolen token whether it is live.
         """
 
     @_abc_1.abstractmethod
