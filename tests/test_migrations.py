@@ -59,8 +59,9 @@ async def test_existing_sessions_get_a_bound_past_any_token_they_could_have_issu
         await _migrate_until(conn, "access_expires_max")
         user_id = uuid.uuid4()
         await conn.execute(
-            """INSERT INTO users (id, username, password_hash, created_at, updated_at)
-               VALUES ($1, 'old', 'x', $2, $2)""",
+            """INSERT INTO users (id, username, username_key, password_hash, created_at,
+                                  updated_at)
+               VALUES ($1, 'old', 'old', 'x', $2, $2)""",
             user_id,
             t0,
         )
