@@ -27,7 +27,15 @@ from service.api.streams import (
     UnaryBudget,
     transport_options,
 )
-from service.clock import Clock, SystemClock
+from service.clock import (
+    Clock,
+    ClockReading,
+    ClockSkewTooLarge,
+    DatabaseClock,
+    describe_skew,
+    judge_skew,
+    keep_measuring,
+)
 from service.database import create_pool, resolve_database_url
 from service.domain.access_tokens import AccessTokenCodec
 from service.domain.janitor import Janitor
@@ -61,6 +69,8 @@ ADMIN_SERVICE_NAME = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_
 # A health "service" that says whether revocations are heard live (see README).
 REVOCATIONS_HEALTH_NAME = "authsvc.revocations"
 _REFUSALS_RECORDED_PER_SECOND = 20
+# Readings of the database's clock per measurement; the shortest round trip counts.
+_CLOCK_READINGS = 5
 
 
 def key_encryption_key(settings: Settings) -> bytes:
@@ -82,6 +92,7 @@ class Components:
     token_cache: VerifiedTokenCache
     signing_keys: SigningKeys
     janitor: Janitor
+    clock: Clock
 
     def close(self) -> None:
         self.hasher.close()
@@ -144,6 +155,7 @@ async def build_components(
         token_cache=token_cache,
         signing_keys=signing_keys,
         janitor=Janitor(settings=settings, store=store, keys=signing_keys, clock=clock),
+        clock=clock,
     )
 
 
@@ -155,13 +167,49 @@ async def open_components(settings: Settings) -> AsyncIterator[Components]:
     pool = await create_pool(dsn, settings)
     try:
         await migrate(pool)
-        components = await build_components(settings, pool=pool, clock=SystemClock())
+        # The database's time, as the servers use: an admin command's key schedule or
+        # event window must not depend on this host's clock (too far off: a warning).
+        clock = await start_database_clock(settings, pool, refuse=False)
+        components = await build_components(settings, pool=pool, clock=clock)
         try:
             yield components
         finally:
             components.close()
     finally:
         await pool.close()
+
+
+async def start_database_clock(
+    settings: Settings,
+    pool: asyncpg.Pool,
+    *,
+    refuse: bool = True,
+    wall: Callable[[], float] = time.time,
+    monotonic: Callable[[], float] = time.monotonic,
+) -> DatabaseClock:
+    """The database's clock, measured once; raises ClockSkewTooLarge (with `refuse`) when
+    this host's wall clock is past AUTH_CLOCK_SKEW_MAX from it, and warns past
+    AUTH_CLOCK_SKEW_WARN. `wall` and `monotonic` are this host's clocks (tests skew them)."""
+    store = PostgresStore(pool, timeout=settings.db_timeout)
+
+    async def take_readings() -> list[ClockReading]:
+        return await store.clock_readings(_CLOCK_READINGS, monotonic=monotonic, wall=wall)
+
+    clock = DatabaseClock(take_readings, monotonic=monotonic)
+    offset = await clock.measure()
+    verdict = judge_skew(
+        offset.wall_skew, warn=settings.clock_skew_warn, limit=settings.clock_skew_max
+    )
+    if verdict == "refuse" and refuse:
+        raise ClockSkewTooLarge(offset.wall_skew, settings.clock_skew_max)
+    if verdict != "ok":
+        log.warning(
+            "this host's clock is %s the database's (AUTH_CLOCK_SKEW_WARN=%gs); "
+            "the service uses the database's time",
+            describe_skew(offset.wall_skew),
+            settings.clock_skew_warn,
+        )
+    return clock
 
 
 async def migrate(pool: asyncpg.Pool) -> list[str]:
@@ -269,10 +317,35 @@ async def start_server(
         undo.pop_all()  # started: from here on RunningServer.stop undoes it all
     _log_start_up(settings, port, components, clock)
     background = [asyncio.create_task(components.janitor.run_forever(), name="janitor")]
+    if isinstance(clock, DatabaseClock):
+
+        async def serving(ok: bool) -> None:
+            # Not ready while this host's clock is too far off (see README, Clocks).
+            status = (
+                health_pb2.HealthCheckResponse.SERVING
+                if ok
+                else health_pb2.HealthCheckResponse.NOT_SERVING
+            )
+            for service_name in ("", AUTH_SERVICE_NAME, ADMIN_SERVICE_NAME):
+                await health.set(service_name, status)
+
+        background.append(
+            asyncio.create_task(
+                keep_measuring(
+                    clock,
+                    interval=settings.clock_check_interval,
+                    warn=settings.clock_skew_warn,
+                    limit=settings.clock_skew_max,
+                    on_serving=serving,
+                ),
+                name="database-clock",
+            )
+        )
     if telemetry is not None:
         background.append(
             asyncio.create_task(
-                sample_forever(telemetry, _sampler(components, feed, pool)), name="metrics"
+                sample_forever(telemetry, _sampler(components, feed, pool, clock)),
+                name="metrics",
             )
         )
     return RunningServer(
@@ -414,11 +487,17 @@ def _log_start_up(settings: Settings, port: int, components: Components, clock: 
 
 
 def _sampler(
-    components: Components, feed: RevocationFeed, pool: asyncpg.Pool
+    components: Components, feed: RevocationFeed, pool: asyncpg.Pool, clock: Clock
 ) -> Callable[[], ProcessSample]:
+    database_clock = clock if isinstance(clock, DatabaseClock) else None
+
     def take_sample() -> ProcessSample:
         idle = pool.get_idle_size()
         return ProcessSample(
+            clock_skew_seconds=None if database_clock is None else database_clock.wall_skew,
+            clock_measured_seconds_ago=(
+                None if database_clock is None else database_clock.seconds_since_measured()
+            ),
             cache_hits=components.token_cache.hits,
             cache_misses=components.token_cache.misses,
             revoked_sessions=len(components.revocations),
@@ -469,9 +548,9 @@ async def serve(settings: Settings, *, worker: bool = False) -> None:
     try:
         for name in await migrate(pool):
             log.info("applied migration %s", name)
-        running = await start_server(
-            settings, dsn=dsn, pool=pool, clock=SystemClock(), reuse_port=worker
-        )
+        # Before serving: refused here (one line) if this host's clock is too far off.
+        clock = await start_database_clock(settings, pool)
+        running = await start_server(settings, dsn=dsn, pool=pool, clock=clock, reuse_port=worker)
         if worker:
             _tell_supervisor_ready()
         else:

@@ -13,14 +13,13 @@ import getpass
 import os
 import signal
 import sys
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
-from datetime import UTC, datetime
 from pathlib import Path
 
 from service.api.requests import MAX_USERNAME_BYTES, RequestCheck
 from service.app import migrate, open_components, serve
+from service.clock import ClockSkewTooLarge, to_datetime
 from service.database import create_pool, resolve_database_url
 from service.domain.users import MIN_PASSWORD_LENGTH, UserDirectory
 from service.errors import AuthError, InvalidArgument
@@ -144,9 +143,7 @@ def _duration(text: str) -> float:
 
 async def _events_command(settings: Settings, since: float) -> int:
     async with open_components(settings) as components:
-        events = await components.store.events(
-            since=datetime.fromtimestamp(time.time() - since, tz=UTC)
-        )
+        events = await components.store.events(since=to_datetime(components.clock.now() - since))
     for event in events:
         # Details hold client-chosen text (usernames): escaped, so that it can neither
         # forge lines nor send control sequences to the operator's terminal.
@@ -391,6 +388,9 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(_users_command(settings, args))
     except AuthError as exc:
         print(f"authsvc: {exc.message}", file=sys.stderr)
+        return 1
+    except ClockSkewTooLarge as exc:
+        print(f"authsvc: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

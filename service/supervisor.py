@@ -25,7 +25,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from service.app import READY_FD_VARIABLE, key_encryption_key, migrate, print_banner
+from service.app import (
+    READY_FD_VARIABLE,
+    key_encryption_key,
+    migrate,
+    print_banner,
+    start_database_clock,
+)
 from service.database import create_pool, resolve_database_url
 from service.metrics import (
     MULTIPROC_DIR_VARIABLE,
@@ -48,6 +54,8 @@ async def _prepare_database(settings: Settings) -> str:
     try:
         for name in await migrate(pool):
             log.info("applied migration %s", name)
+        # Refused here, in one line, rather than by every worker (each checks again).
+        await start_database_clock(settings, pool)
     finally:
         await pool.close()
     return dsn
