@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -30,7 +31,15 @@ from service.api.streams import (
     UnaryBudget,
     transport_options,
 )
-from service.clock import Clock, SystemClock
+from service.clock import (
+    Clock,
+    ClockReading,
+    ClockSkewTooLarge,
+    DatabaseClock,
+    describe_skew,
+    judge_skew,
+    keep_measuring,
+)
 from service.database import connect, create_pool, resolve_database_url, unreachable
 from service.domain.access_tokens import AccessTokenCodec
 from service.domain.events import peer_address
@@ -80,6 +89,8 @@ REVOCATIONS_HEALTH_NAME = "authsvc.revocations"
 # keys, and the least time between two writes of the counts.
 _REFUSAL_KEYS_PENDING = 100
 _REFUSAL_WRITE_INTERVAL = 1.0
+# Readings of the database's clock per measurement; the shortest round trip counts.
+_CLOCK_READINGS = 5
 
 
 def key_encryption_key(settings: Settings) -> bytes:
@@ -109,6 +120,7 @@ class Components:
     token_cache: VerifiedTokenCache
     signing_keys: SigningKeys
     janitor: Janitor
+    clock: Clock
 
     def close(self) -> None:
         self.hasher.close()
@@ -146,11 +158,10 @@ async def load_key_material(
     return key_ring, refresh_secret
 
 
-async def prepare_key_material(settings: Settings, pool: asyncpg.Pool) -> None:
+async def prepare_key_material(settings: Settings, pool: asyncpg.Pool, clock: Clock) -> None:
     """What `serve --workers N` checks (and creates on first start) before it starts any
     worker: a missing or wrong KEK is then one line from the supervisor."""
     store = PostgresStore(pool, timeout=settings.db_timeout)
-    clock = SystemClock()
     box = SecretBox(key_encryption_key(settings))
     keys = _signing_keys(settings, store, box, clock, NoTelemetry())
     await load_key_material(store, keys, box, clock)
@@ -214,6 +225,7 @@ async def build_components(
         token_cache=token_cache,
         signing_keys=signing_keys,
         janitor=Janitor(settings=settings, store=store, keys=signing_keys, clock=clock),
+        clock=clock,
     )
 
 
@@ -232,8 +244,11 @@ async def open_components(
     try:
         async with pool.acquire() as conn:
             await check_schema(conn)
+        # The database's time, as the servers use: an admin command's key schedule or
+        # event window must not depend on this host's clock (too far off: a warning).
+        clock = await start_database_clock(settings, pool, refuse=False)
         components = await build_components(
-            settings, pool=pool, clock=SystemClock(), key_material=key_material
+            settings, pool=pool, clock=clock, key_material=key_material
         )
         try:
             yield components
@@ -268,6 +283,39 @@ async def migrate(dsn: str, settings: Settings) -> list[str]:
     finally:
         with contextlib.suppress(*UNAVAILABLE_ERRORS):
             await conn.close()
+
+
+async def start_database_clock(
+    settings: Settings,
+    pool: asyncpg.Pool,
+    *,
+    refuse: bool = True,
+    wall: Callable[[], float] = time.time,
+    monotonic: Callable[[], float] = time.monotonic,
+) -> DatabaseClock:
+    """The database's clock, measured once; raises ClockSkewTooLarge (with `refuse`) when
+    this host's wall clock is past AUTH_CLOCK_SKEW_MAX from it, and warns past
+    AUTH_CLOCK_SKEW_WARN. `wall` and `monotonic` are this host's clocks (tests skew them)."""
+    store = PostgresStore(pool, timeout=settings.db_timeout)
+
+    async def take_readings() -> list[ClockReading]:
+        return await store.clock_readings(_CLOCK_READINGS, monotonic=monotonic, wall=wall)
+
+    clock = DatabaseClock(take_readings, monotonic=monotonic)
+    offset = await clock.measure()
+    verdict = judge_skew(
+        offset.wall_skew, warn=settings.clock_skew_warn, limit=settings.clock_skew_max
+    )
+    if verdict == "refuse" and refuse:
+        raise ClockSkewTooLarge(offset.wall_skew, settings.clock_skew_max)
+    if verdict != "ok":
+        log.warning(
+            "this host's clock is %s the database's (AUTH_CLOCK_SKEW_WARN=%gs); "
+            "the service uses the database's time",
+            describe_skew(offset.wall_skew),
+            settings.clock_skew_warn,
+        )
+    return clock
 
 
 @dataclass
@@ -373,10 +421,35 @@ async def start_server(
         undo.pop_all()  # started: from here on RunningServer.stop undoes it all
     _log_start_up(settings, port, components, clock)
     background = [asyncio.create_task(components.janitor.run_forever(), name="janitor")]
+    if isinstance(clock, DatabaseClock):
+
+        async def serving(ok: bool) -> None:
+            # Not ready while this host's clock is too far off (see README, Clocks).
+            status = (
+                health_pb2.HealthCheckResponse.SERVING
+                if ok
+                else health_pb2.HealthCheckResponse.NOT_SERVING
+            )
+            for service_name in ("", AUTH_SERVICE_NAME, ADMIN_SERVICE_NAME):
+                await health.set(service_name, status)
+
+        background.append(
+            asyncio.create_task(
+                keep_measuring(
+                    clock,
+                    interval=settings.clock_check_interval,
+                    warn=settings.clock_skew_warn,
+                    limit=settings.clock_skew_max,
+                    on_serving=serving,
+                ),
+                name="database-clock",
+            )
+        )
     if telemetry is not None:
         background.append(
             asyncio.create_task(
-                sample_forever(telemetry, _sampler(components, feed, pool)), name="metrics"
+                sample_forever(telemetry, _sampler(components, feed, pool, clock)),
+                name="metrics",
             )
         )
     return RunningServer(
@@ -565,11 +638,17 @@ def _log_start_up(settings: Settings, port: int, components: Components, clock: 
 
 
 def _sampler(
-    components: Components, feed: RevocationFeed, pool: asyncpg.Pool
+    components: Components, feed: RevocationFeed, pool: asyncpg.Pool, clock: Clock
 ) -> Callable[[], ProcessSample]:
+    database_clock = clock if isinstance(clock, DatabaseClock) else None
+
     def take_sample() -> ProcessSample:
         idle = pool.get_idle_size()
         return ProcessSample(
+            clock_skew_seconds=None if database_clock is None else database_clock.wall_skew,
+            clock_measured_seconds_ago=(
+                None if database_clock is None else database_clock.seconds_since_measured()
+            ),
             cache_hits=components.token_cache.hits,
             cache_misses=components.token_cache.misses,
             revoked_sessions=len(components.revocations),
@@ -640,9 +719,9 @@ async def serve(settings: Settings, *, worker: bool = False) -> None:
         if worker:  # the supervisor migrated; a worker restarted later only checks
             async with pool.acquire() as conn:
                 await check_schema(conn)
-        running = await start_server(
-            settings, dsn=dsn, pool=pool, clock=SystemClock(), reuse_port=worker
-        )
+        # Before serving: refused here (one line) if this host's clock is too far off.
+        clock = await start_database_clock(settings, pool)
+        running = await start_server(settings, dsn=dsn, pool=pool, clock=clock, reuse_port=worker)
         if worker:
             _tell_supervisor_ready()
         else:

@@ -14,15 +14,14 @@ import logging
 import os
 import signal
 import sys
-import time
 import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
-from datetime import UTC, datetime
 from pathlib import Path
 
 from service.api.requests import RequestCheck
 from service.app import migrate, open_components, serve
+from service.clock import to_datetime
 from service.database import resolve_database_url
 from service.domain.usernames import escape_text
 from service.domain.users import MIN_PASSWORD_LENGTH, UserDirectory
@@ -159,9 +158,7 @@ def _duration(text: str) -> float:
 
 async def _events_command(settings: Settings, since: float) -> int:
     async with open_components(settings) as components:
-        events = await components.store.events(
-            since=datetime.fromtimestamp(time.time() - since, tz=UTC)
-        )
+        events = await components.store.events(since=to_datetime(components.clock.now() - since))
     for event in events:
         # Details hold client-chosen text (usernames): escaped, so that it can neither
         # forge lines nor send control sequences to the operator's terminal.

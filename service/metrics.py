@@ -159,6 +159,11 @@ class ProcessSample:
     pool_in_use: int
     pool_idle: int
     pool_max: int
+    clock_skew_seconds: float | None = None
+    """This host's wall clock minus the database's, at the last reading (None: the
+    process does not run on the database's clock)."""
+    clock_measured_seconds_ago: float | None = None
+    """Age of the database-clock offset in use (grows while the database is away)."""
 
 
 class PrometheusTelemetry:
@@ -270,6 +275,21 @@ class PrometheusTelemetry:
             registry=r,
             multiprocess_mode="livesum",
         )
+        self._clock_skew = Gauge(
+            "authsvc_clock_skew_seconds",
+            "This host's wall clock minus the database's (positive: ahead); the service "
+            "itself runs on the database's time. The largest over workers.",
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self._clock_measured_ago = Gauge(
+            "authsvc_clock_measured_seconds_ago",
+            "Seconds since the database's clock was last read successfully (the offset in "
+            "use is this old; it grows while the database is unreachable). The largest over "
+            "workers.",
+            registry=r,
+            multiprocess_mode="livemax",
+        )
         self._rpc: dict[str, RpcMetrics] = {}
         self._last_hits = 0
         self._last_misses = 0
@@ -318,13 +338,17 @@ class PrometheusTelemetry:
         self._last_misses = sample.cache_misses
         self._revoked_sessions.set(sample.revoked_sessions)
         if sample.revocation_lag_seconds is not None:
-            # Commit time is the database's clock, applied time ours: they may disagree
-            # by a little, never below zero.
+            # Both times are the database's clock as each replica measures it: they may
+            # disagree by a few milliseconds, never below zero.
             self._revocation_lag.set(max(0.0, sample.revocation_lag_seconds))
         self._listener_up.set(1 if sample.revocation_listener_up else 0)
         self._pool_in_use.set(sample.pool_in_use)
         self._pool_idle.set(sample.pool_idle)
         self._pool_max.set(sample.pool_max)
+        if sample.clock_skew_seconds is not None:
+            self._clock_skew.set(sample.clock_skew_seconds)
+        if sample.clock_measured_seconds_ago is not None:
+            self._clock_measured_ago.set(sample.clock_measured_seconds_ago)
 
 
 def _delta(current: int, previous: int) -> int:

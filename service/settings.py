@@ -79,6 +79,18 @@ class Settings:
     """Clock skew in seconds allowed on exp/nbf/iat checks (`AUTH_LEEWAY`; at most
     `MAX_LEEWAY`)."""
 
+    clock_check_interval: float = 30.0
+    """Seconds between readings of the database's clock, the time every decision uses
+    (`AUTH_CLOCK_CHECK_INTERVAL`)."""
+
+    clock_skew_warn: float = 1.0
+    """Log a warning while this host's wall clock is further than this many seconds from
+    the database's (`AUTH_CLOCK_SKEW_WARN`)."""
+
+    clock_skew_max: float = 30.0
+    """Refuse to start, and report NOT_SERVING while running, when this host's wall clock is
+    further than this many seconds from the database's (`AUTH_CLOCK_SKEW_MAX`; 0: never)."""
+
     db_pool_size: int = 10
     """Maximum connections per server process (`AUTH_DB_POOL_SIZE`)."""
 
@@ -200,6 +212,15 @@ class Settings:
                 "AUTH_REFRESH_REUSE_GRACE", _non_negative_int, cls.refresh_reuse_grace
             ),
             leeway=reader.get("AUTH_LEEWAY", _non_negative_int, cls.leeway),
+            clock_check_interval=reader.get(
+                "AUTH_CLOCK_CHECK_INTERVAL", _positive_float, cls.clock_check_interval
+            ),
+            clock_skew_warn=reader.get(
+                "AUTH_CLOCK_SKEW_WARN", _positive_float, cls.clock_skew_warn
+            ),
+            clock_skew_max=reader.get(
+                "AUTH_CLOCK_SKEW_MAX", _non_negative_float, cls.clock_skew_max
+            ),
             db_pool_size=reader.get("AUTH_DB_POOL_SIZE", _positive_int, cls.db_pool_size),
             db_timeout=reader.get("AUTH_DB_TIMEOUT", _positive_float, cls.db_timeout),
             migration_timeout=reader.get(
@@ -268,6 +289,10 @@ class Settings:
         ):
             if value > _TEN_YEARS:
                 raise SettingsError(f"{name}: at most {_TEN_YEARS} seconds (ten years)")
+        if 0 < settings.clock_skew_max < settings.clock_skew_warn:
+            raise SettingsError("AUTH_CLOCK_SKEW_MAX: at least AUTH_CLOCK_SKEW_WARN (or 0: off)")
+        if settings.clock_check_interval > 3600:
+            raise SettingsError("AUTH_CLOCK_CHECK_INTERVAL: at most 3600 seconds")
         if settings.max_message_bytes < 16 * 1024:
             raise SettingsError("AUTH_MAX_MESSAGE_BYTES: at least 16384 (valid requests need it)")
         if settings.db_pool_size < 2:

@@ -33,6 +33,7 @@ from service.app import (
     prepare_key_material,
     print_banner,
     service_directory,
+    start_database_clock,
     start_metrics_endpoint,
 )
 from service.database import create_pool, resolve_database_url
@@ -60,7 +61,9 @@ async def _prepare_database(settings: Settings) -> str:
         log.info("applied migration %s", name)
     pool = await create_pool(dsn, settings)
     try:
-        await prepare_key_material(settings, pool)
+        # Refused here, in one line, rather than by every worker (each checks again).
+        clock = await start_database_clock(settings, pool)
+        await prepare_key_material(settings, pool, clock)
     finally:
         await pool.close()
     return dsn

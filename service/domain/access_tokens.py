@@ -31,6 +31,9 @@ _SEGMENT_RE = re.compile(r"[A-Za-z0-9_-]+")
 _ALGORITHMS: dict[str, Algorithm] = get_default_algorithms()
 # What our key ids look like (secrets.token_urlsafe(12)); anything else is no key of ours.
 _KID_RE = re.compile(r"[A-Za-z0-9_-]{16}")
+# iat/nbf may be this far ahead of the clock even with AUTH_LEEWAY=0: a token stamped by
+# a clock a little ahead is no risk, and rejecting it breaks clients for nothing.
+START_LEEWAY_SECONDS = 5
 
 # The group order n of each curve pyjwt offers ECDSA on (SEC 2). ECDSA's (r, s) and
 # (r, n - s) both verify; only s <= n/2 ("low s") is signed or accepted, so that a token
@@ -259,11 +262,12 @@ class AccessTokenCodec:
         return verified
 
     def check_lifetime(self, claims: AccessClaims) -> None:
-        """exp, iat and nbf against the clock, with the configured leeway."""
+        """exp, iat and nbf against the clock, with the configured leeway (at least
+        START_LEEWAY_SECONDS for iat and nbf)."""
         now = self._clock.now()
         if now >= claims.expires_at + self._leeway:
             raise TokenRejected(TokenProblem.EXPIRED)
-        latest_start = now + self._leeway
+        latest_start = now + max(self._leeway, START_LEEWAY_SECONDS)
         if claims.issued_at > latest_start or (claims.not_before or 0) > latest_start:
             raise TokenRejected(TokenProblem.NOT_YET_VALID)
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import asyncpg
 
+from service.clock import ClockReading
 from service.domain.records import (
     NewSession,
     RefreshTokenState,
@@ -55,6 +56,8 @@ UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     TimeoutError,
 )
+
+_CLOCK_SQL = "SELECT extract(epoch FROM pg_catalog.clock_timestamp())::float8"
 
 # Serializes key and secret creation between replicas starting together.
 _BOOTSTRAP_LOCK_ID = 0x61757468  # "auth"
@@ -271,6 +274,30 @@ class PostgresStore:
     async def _transaction(self) -> AsyncIterator[asyncpg.Connection]:
         async with self._connection() as conn, conn.transaction():
             yield conn
+
+    # Time
+
+    async def clock_readings(
+        self, count: int, *, monotonic: Callable[[], float], wall: Callable[[], float]
+    ) -> list[ClockReading]:
+        """`count` readings of the database's clock, one after another on one connection
+        (the first pays for the statement's preparation; its round trip shows it)."""
+        readings = []
+        async with self._connection() as conn:
+            for _ in range(count):
+                wall_before, sent = wall(), monotonic()
+                # clock_timestamp(), not now(): now() is the transaction's start.
+                database = await conn.fetchval(_CLOCK_SQL, timeout=self._timeout)
+                received, wall_after = monotonic(), wall()
+                readings.append(
+                    ClockReading(
+                        sent=sent,
+                        received=received,
+                        database=float(database),
+                        wall=(wall_before + wall_after) / 2,
+                    )
+                )
+        return readings
 
     # Users
 

@@ -82,6 +82,8 @@ class RevocationFeed:
         self.listening = asyncio.Event()
         """Set while the LISTEN connection is up (tests wait on it)."""
         self.reconnects = 0
+        self.polls = 0
+        """Polls completed (tests wait on it)."""
 
     async def start(self) -> None:
         """Load the window (failing start-up if the database is down), then follow it."""
@@ -192,4 +194,5 @@ class RevocationFeed:
                 continue
             self._state.add(_revocations(rows))
             self._state.prune(now)
+            self.polls += 1
             await self._reload_keys()
