@@ -35,7 +35,7 @@ import psutil
 import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
-from hypothesis import HealthCheck, given
+from hypothesis import HealthCheck, example, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
@@ -531,6 +531,11 @@ def test_issue_answers_only_documented_errors(harness: Harness) -> None:
         scopes=scope_lists,
         audience=audiences,
     )
+    # Every branch of the oracle, whatever the derandomized draws reach.
+    @example(True, (KNOWN_USER, PASSWORD), [], "")
+    @example(True, (KNOWN_USER, PASSWORD), ["admin"], "")
+    @example(True, (KNOWN_USER, "wrong password"), [], "")
+    @example(False, (KNOWN_USER, PASSWORD), [], "")
     def check(
         has_credentials: bool, credentials: tuple[str, str], scopes: list[str], audience: str
     ) -> None:
