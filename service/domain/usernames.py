@@ -11,6 +11,11 @@ import unicodedata
 # zero-width spaces and bidi overrides (Cf), line and paragraph separators (Zl, Zp),
 # private-use (Co), lone surrogates (Cs) and unassigned code points (Cn).
 _HIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp", "Co", "Cs", "Cn"})
+# Letters and marks that show as nothing (Unicode's default-ignorable code points outside
+# the categories above, and the blank braille cell): a name made of them looks empty.
+_BLANK_CHARACTERS = frozenset(
+    "\u034f\u115f\u1160\u17b4\u17b5\u180b\u180c\u180d\u180f\u2800\u3164\uffa0"
+)
 
 MAX_USERNAME_KEY_BYTES = 1024
 """The canonical key of a username, in UTF-8 bytes. NFKC can expand a character up to 18
@@ -39,7 +44,13 @@ def new_username_problem(username: str) -> str | None:
         return "is required"
     if any(unicodedata.category(c) in _HIDDEN_CATEGORIES for c in username):
         return "must not contain control, format, separator or unassigned characters"
+    if any(c in _BLANK_CHARACTERS for c in username):
+        return "must not contain characters that show as nothing"
     key = username_key(username)
+    # White space inside a name (after NFKC, any kind is a plain space) is allowed; other
+    # spaces that NFKC keeps would look like one and compare unlike it.
+    if any(c.isspace() and c != " " for c in key):
+        return "must not contain white space other than a plain space"
     if username != username.strip() or key != key.strip():
         return "must not start or end with white space"
     if len(key.encode("utf-8")) > MAX_USERNAME_KEY_BYTES:

@@ -283,6 +283,9 @@ async def test_a_deleted_name_is_free_again_in_any_form(server: LiveServer) -> N
         " eve",
         "eve\u3000",  # ideographic space at the end
         "\u00a8eve",  # NFKC: a space and a combining diaeresis, so the key starts blank
+        "\u3164",  # Hangul filler: a letter that shows as nothing
+        "ev\u2800e",  # blank braille cell
+        "x\u115fy",  # Hangul choseong filler
         "\ufdfa" * 80,  # 240 bytes, but over 2 KB once normalised
     ],
 )
