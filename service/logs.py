@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -32,12 +34,60 @@ class JsonLineFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
+LIBRARY_LINE_WINDOW = 60.0
+"""Seconds in which one library log line (by logger and message) is written once."""
+
+
+class RepeatedLibraryLines(logging.Filter):
+    """Lets through one line per logger and message template per window from the
+    libraries whose lines a client can trigger at will (gRPC logs an ERROR with a traceback,
+    three times, for every call carrying metadata that is not UTF-8); the next line let
+    through says how many were held back. Our own repeatable lines are rate-limited where
+    they are written (`service.domain.events.LogRateLimiter`)."""
+
+    def __init__(
+        self,
+        prefixes: tuple[str, ...] = ("grpc",),
+        *,
+        window: float = LIBRARY_LINE_WINDOW,
+        max_keys: int = 256,
+        now: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__()
+        self._prefixes = prefixes
+        self._window = window
+        self._max_keys = max_keys
+        self._now = now
+        # (logger, level, template) -> [start of its window, lines held back]
+        self._seen: dict[tuple[str, int, str], list[float]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith(self._prefixes):
+            return True
+        now = self._now()
+        key = (record.name, record.levelno, str(record.msg)[:200])
+        seen = self._seen.get(key)
+        if seen is not None and now - seen[0] < self._window:
+            seen[1] += 1
+            return False
+        held_back = 0 if seen is None else int(seen[1])
+        if seen is None and len(self._seen) >= self._max_keys:
+            self._seen = {k: v for k, v in self._seen.items() if now - v[0] < self._window}
+        if len(self._seen) < self._max_keys or key in self._seen:
+            self._seen[key] = [now, 0]
+        if held_back:
+            record.msg = f"{record.getMessage()} ({held_back} more like it held back)"
+            record.args = None
+        return True
+
+
 def configure_logging(log_format: str) -> None:
     """Root logging to stderr in `log_format` ("text" or "json")."""
     handler = logging.StreamHandler()
     handler.setFormatter(
         JsonLineFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT)
     )
+    handler.addFilter(RepeatedLibraryLines())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO)

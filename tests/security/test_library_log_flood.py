@@ -1,0 +1,86 @@
+"""Lines a client can make the libraries log (gRPC logs an ERROR with a traceback, three
+times, for each call whose metadata is not UTF-8) are written once per window, with a
+count of those held back: a cheap request cannot grow the logs at will."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from service.gen.auth.v1 import auth_pb2
+from service.logs import RepeatedLibraryLines
+from tests.raw_http2 import raw_unary_call
+from tests.test_cli import _SERVING_RE, _server_env
+
+GET_JWKS = "/auth.v1.AuthService/GetJwks"
+
+
+def _record(name: str, msg: str = "Exception serializing message %s") -> logging.LogRecord:
+    return logging.LogRecord(name, logging.ERROR, __file__, 1, msg, ("x",), None)
+
+
+def test_library_lines_are_let_through_once_per_window_with_the_count_held_back() -> None:
+    clock = [0.0]
+    limit = RepeatedLibraryLines(window=60.0, now=lambda: clock[0])
+    assert limit.filter(_record("grpc._cython.cygrpc"))
+    assert not any(limit.filter(_record("grpc._cython.cygrpc")) for _ in range(500))
+    # Another message, another library logger, or our own lines are not held back.
+    assert limit.filter(_record("grpc._cython.cygrpc", "another %s"))
+    assert limit.filter(_record("service.app"))
+    assert limit.filter(_record("service.app"))
+    clock[0] = 61.0
+    again = _record("grpc._cython.cygrpc")
+    assert limit.filter(again)
+    assert again.getMessage().endswith("(500 more like it held back)")
+
+
+def test_library_line_keys_are_bounded() -> None:
+    limit = RepeatedLibraryLines(window=60.0, max_keys=8, now=lambda: 0.0)
+    for n in range(1000):
+        limit.filter(_record("grpc.x", f"message {n} %s"))
+    assert len(limit._seen) <= 8
+
+
+async def test_metadata_that_is_not_utf8_cannot_flood_the_server_log(
+    database_url: str, tmp_path: Path
+) -> None:
+    log_path = tmp_path / "server.log"
+    with log_path.open("w") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "service", "serve", "--workers", "1"],
+            stdout=subprocess.PIPE,
+            stderr=log_file,
+            text=True,
+            env=_server_env(database_url, tmp_path),
+        )
+        try:
+            assert proc.stdout is not None
+            port = None
+            deadline = time.monotonic() + 60
+            while port is None and time.monotonic() < deadline:
+                line = proc.stdout.readline()
+                if not line:
+                    break
+                match = _SERVING_RE.search(line)
+                if match:
+                    port = int(match.group(1))
+            assert port is not None, "server did not start"
+            before = len(log_path.read_text().splitlines())
+            for _ in range(100):
+                response = await raw_unary_call(
+                    port,
+                    GET_JWKS,
+                    auth_pb2.GetJwksRequest().SerializeToString(),
+                    [(b"x-anything", b"\xff\xfe")],
+                )
+                assert response.grpc_status is not None
+            time.sleep(0.5)
+            lines = log_path.read_text().splitlines()[before:]
+            # Without the filter: a traceback of several lines, three times per call.
+            assert len(lines) < 100, "\n".join(lines[:40])
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
