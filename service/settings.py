@@ -400,6 +400,45 @@ class CommaSet(Parser[frozenset[T]]):
         return f"`{','.join(sorted(map(str, value)))}`" if value else "empty"
 
 
+@dataclass(frozen=True)
+class CommaList(Parser[tuple[T, ...]]):
+    """Comma-separated items in order, each read by `item`, 1 to `max_items` of them
+    (e.g. several accepted audiences: `CommaList(Text(256), max_items=32)`); blanks around
+    items are ignored, an empty item or a repeat is refused."""
+
+    item: Parser[T]
+    max_items: int
+
+    @property
+    def allowed(self) -> str:
+        return (
+            f"a comma-separated list of 1 to {self.max_items} distinct items, "
+            f"each {self.item.allowed}"
+        )
+
+    def parse(self, raw: str) -> tuple[T, ...]:
+        try:
+            value = tuple(self.item.parse(piece.strip()) for piece in raw.split(","))
+        except ValueError:
+            raise ValueError(self.allowed) from None
+        self.validate(value)
+        return value
+
+    def validate(self, value: tuple[T, ...]) -> None:
+        if not isinstance(value, tuple) or not 1 <= len(value) <= self.max_items:
+            raise ValueError(self.allowed)
+        if len(set(value)) != len(value):
+            raise ValueError(self.allowed)
+        for item in value:
+            try:
+                self.item.validate(item)
+            except ValueError:
+                raise ValueError(self.allowed) from None
+
+    def show(self, value: tuple[T, ...]) -> str:
+        return f"`{','.join(map(str, value))}`"
+
+
 # --- Declarations ----------------------------------------------------------------------
 
 

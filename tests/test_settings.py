@@ -22,10 +22,14 @@ from service.settings import (
     DAY,
     MAX_AGE,
     YEAR,
+    Choice,
+    CommaList,
+    CommaSet,
     Declaration,
     Number,
     Settings,
     SettingsError,
+    Text,
     configuration_table,
     declaration_of,
     declarations,
@@ -359,3 +363,17 @@ def test_declarations_are_plain_data() -> None:
     declaration = declaration_of("AUTH_ACCESS_TTL")
     assert isinstance(declaration, Declaration)
     assert declaration.parser.parse("60") == 60
+
+
+def test_the_list_parsers() -> None:
+    """For settings with several values (AUTH_CALLER_AUTH; several audiences, later)."""
+    audiences = CommaList(Text(256), max_items=3)
+    assert audiences.parse("orders, billing") == ("orders", "billing")
+    for bad in ("", "orders,,billing", "a,a", "a,b,c,d", "a,\x07"):
+        with pytest.raises(ValueError, match=r"^a comma-separated list") as caught:
+            audiences.parse(bad)
+        assert "\x07" not in str(caught.value)
+    groups = CommaSet(Choice(("validate", "admin")), max_items=2)
+    assert groups.parse(" admin ,validate,admin,") == {"admin", "validate"}
+    with pytest.raises(ValueError, match="validate, admin"):
+        groups.parse("validate,tokens")
