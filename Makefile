@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test lint fmt proto check-proto load bench soak clean
+.PHONY: run test lint fmt docs proto check-proto load bench soak clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ lint: $(STAMP) check-proto
 fmt: $(STAMP)
 	$(VENV)/bin/ruff format $(LINTED)
 	$(VENV)/bin/ruff check --fix $(LINTED)
+
+# Regenerate README's configuration table from service/settings.py (also run as a test).
+docs: $(STAMP)
+	$(PY) -m service.settings --write-readme README.md
 
 # Regenerate service/gen/ from protos/ (the output is committed).
 proto: $(STAMP)

@@ -364,6 +364,7 @@ async def start_server(
     fails, what the earlier ones started is stopped again before the error propagates.
     """
     # Configuration first: a bad file or setting must stop us before anything runs.
+    settings.check()  # also settings built in code (from_env already checked its own)
     if not reuse_port:
         check_can_listen(listen or settings.listen)
     credentials = server_credentials(settings)

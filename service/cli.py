@@ -26,10 +26,21 @@ from service.database import resolve_database_url
 from service.domain.usernames import escape_text
 from service.domain.users import MIN_PASSWORD_LENGTH, UserDirectory
 from service.errors import InvalidArgument
-from service.failures import EXIT_CONFIGURATION, EXIT_INTERRUPTED, describe
+from service.failures import EXIT_INTERRUPTED, describe
 from service.logs import configure_logging, failure_line
 from service.metrics import remove_abandoned_multiprocess_dirs
-from service.settings import Settings
+from service.settings import (
+    DAY,
+    HOUR,
+    MAX_AGE,
+    WORKERS,
+    Number,
+    Settings,
+    bounded_argument,
+    count,
+    default_workers,
+    duration,
+)
 from service.supervisor import run_supervisor
 
 MAX_PASSWORD_BYTES = 1024
@@ -147,13 +158,28 @@ async def _keys_command(settings: Settings, args: argparse.Namespace) -> int:
         return 0
 
 
+_DURATION_UNITS = {"s": 1, "m": 60, "h": HOUR, "d": DAY}
+_SINCE_ALLOWED = f"a whole number with s, m, h or d, from 1s to {MAX_AGE // DAY}d"
+
+
 def _duration(text: str) -> float:
-    """Seconds in "90s", "30m", "1h" or "7d"."""
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    """Seconds in "90s", "30m", "1h" or "7d", at most MAX_AGE (so that now - it is a date)."""
     number, unit = text[:-1], text[-1:]
-    if unit not in units or not number.isdigit():
-        raise argparse.ArgumentTypeError(f"{text!r}: use a whole number with s, m, h or d")
-    return int(number) * units[unit]
+    if unit not in _DURATION_UNITS or not (number.isascii() and number.isdigit()):
+        raise argparse.ArgumentTypeError(f"must be {_SINCE_ALLOWED}")
+    if len(number) > 12 or not 1 <= int(number) * _DURATION_UNITS[unit] <= MAX_AGE:
+        raise argparse.ArgumentTypeError(f"must be {_SINCE_ALLOWED}")
+    return int(number) * _DURATION_UNITS[unit]
+
+
+# Bounds of the load-testing options: enough for any real run on one machine, and none
+# that forks thousands of processes, never ends, or divides by nothing.
+PROCESSES = count(1, 64)
+CONCURRENCY = count(1, 10_000)
+SEED_USERS = count(1, 10_000)  # each costs an argon2 hash to create
+ROUNDS = count(1, 100)
+RUN_SECONDS = duration(0.1, DAY)
+RATE = Number(float, 0.1, 1_000_000.0, "requests per second")
 
 
 async def _events_command(settings: Settings, since: float) -> int:
@@ -197,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve_parser.add_argument(
         "--workers",
-        type=int,
+        type=bounded_argument(WORKERS),
         default=None,
         metavar="N",
         help="server processes sharing the port (default: AUTH_WORKERS, else the CPU count)",
@@ -274,35 +300,51 @@ def _add_load_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
         default="hot",
         help="validate: a hot set of 64 tokens per process, or 2000 distinct ones",
     )
-    load.add_argument("--concurrency", type=int, default=32, help="in-flight calls in all")
-    load.add_argument("--processes", type=int, default=2, help="load-generating processes")
-    load.add_argument("--duration", type=float, default=10.0, help="seconds of measurement")
+    load.add_argument(
+        "--concurrency",
+        type=bounded_argument(CONCURRENCY),
+        default=32,
+        help="in-flight calls in all",
+    )
+    load.add_argument(
+        "--processes", type=bounded_argument(PROCESSES), default=2, help="load-generating processes"
+    )
+    load.add_argument(
+        "--duration",
+        type=bounded_argument(RUN_SECONDS),
+        default=10.0,
+        help="seconds of measurement",
+    )
     load.add_argument(
         "--rate",
-        type=float,
+        type=bounded_argument(RATE),
         default=None,
         help="open loop: requests per second in all (default: closed loop)",
     )
     load.add_argument(
         "--workers",
-        type=int,
-        default=os.cpu_count() or 1,
+        type=bounded_argument(WORKERS),
+        default=default_workers(),
         help="workers of the server started here",
     )
-    load.add_argument("--users", type=int, default=16, help="users to seed")
+    load.add_argument(
+        "--users", type=bounded_argument(SEED_USERS), default=16, help="users to seed"
+    )
     load.add_argument("--json", type=Path, default=None, help="also write the results here")
 
     bench = commands.add_parser("bench", help="the benchmark suite (ratios to baselines)")
-    bench.add_argument("--duration", type=float, default=6.0, help="seconds per run")
+    bench.add_argument(
+        "--duration", type=bounded_argument(RUN_SECONDS), default=6.0, help="seconds per run"
+    )
     bench.add_argument(
         "--rounds",
-        type=int,
+        type=bounded_argument(ROUNDS),
         default=3,
         help="interleaved runs of health and validate (medians are reported)",
     )
-    bench.add_argument("--concurrency", type=int, default=32)
-    bench.add_argument("--processes", type=int, default=2)
-    bench.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    bench.add_argument("--concurrency", type=bounded_argument(CONCURRENCY), default=32)
+    bench.add_argument("--processes", type=bounded_argument(PROCESSES), default=2)
+    bench.add_argument("--workers", type=bounded_argument(WORKERS), default=default_workers())
     bench.add_argument("--output", type=Path, default=None, help="also write the table here")
 
 
@@ -310,14 +352,6 @@ def _load_command(args: argparse.Namespace) -> int:
     from service.loadtest.local import local_server, seed_users
     from service.loadtest.runner import LoadPlan, run_load
     from service.loadtest.stats import render_table, write_json
-
-    for name in ("concurrency", "processes", "users", "workers"):
-        if getattr(args, name) < 1:
-            print(f"authsvc: --{name} must be at least 1", file=sys.stderr)
-            return 2
-    if args.duration <= 0 or (args.rate is not None and args.rate <= 0):
-        print("authsvc: --duration and --rate must be positive", file=sys.stderr)
-        return 2
 
     def plan_for(target: str, settings: Settings) -> LoadPlan:
         usernames, password = seed_users(settings, args.users)
@@ -404,9 +438,6 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "serve":
         workers = settings.workers if args.workers is None else args.workers
-        if workers < 1:
-            print("authsvc: --workers must be at least 1", file=sys.stderr)
-            return EXIT_CONFIGURATION
         settings = replace(settings, workers=workers)
         if not args.worker:
             remove_abandoned_multiprocess_dirs()

@@ -1,305 +1,876 @@
 """Configuration: one frozen dataclass, built from `AUTH_*` environment variables.
 
-Parsing is strict: a bad value raises `SettingsError` whose message is one line
-naming the variable, and start-up stops there.
+Each setting is declared once, as a field of `Settings`:
+
+    access_ttl: int = setting(
+        "AUTH_ACCESS_TTL", seconds(1, DAY), default=900, doc="access-token lifetime"
+    )
+
+naming its variable, its parser (which carries the bounds), its default and its doc.
+`Settings.from_env` reads every declared variable, `Settings.check` validates a built
+value (also run by the server at start, so settings made in code are held to the same
+bounds), and `configuration_table()` renders the README's table
+(`python -m service.settings --write-readme README.md` rewrites it; a test compares).
+
+Parsing is strict: a bad value raises `SettingsError` whose message is one line naming
+the variable and what it may be, and start-up stops there. The value itself is never
+echoed: AUTH_KEK and AUTH_DATABASE_URL hold secrets, and any value may be huge or hold
+control characters. Every number has a lower and an upper bound, chosen so that a value
+inside them cannot break anything later (an overflowing date, gRPC's int32 limits, a
+busy loop, thousands of processes or connections).
 """
 
 from __future__ import annotations
 
+import argparse
 import base64
 import binascii
+import dataclasses
 import ipaddress
+import math
 import os
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+import re
+import sys
+from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Set as AbstractSet
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, Generic, TypeVar, overload
 
 SIGNING_ALGORITHMS = ("EdDSA", "ES256", "RS256")
+CALL_GROUPS = ("validate", "admin")
 
 T = TypeVar("T")
+N = TypeVar("N", int, float)
 
-_TEN_YEARS = 315_360_000
+MINUTE = 60
+HOUR = 3600
+DAY = 86_400
+YEAR = 365 * DAY
 
 MAX_LEEWAY = 300
 """The largest `AUTH_LEEWAY` accepted, seconds. Revocations are remembered for this much
 past the last access token's `exp`, whatever the leeway is now, so that raising the leeway
 later (up to here) can never bring a forgotten revocation's token back."""
 
+MAX_AUDIENCE_BYTES = 256
+"""The longest audience (`AUTH_AUDIENCE`, `AUTH_AUDIENCES` entries, Issue's field), bytes."""
+
+MAX_AGE = 10 * YEAR
+"""No duration goes beyond this: now ± any setting stays far inside datetime's years
+1..9999, so no date arithmetic can overflow (a clean-up cut-off, a throttle window)."""
+
+MAX_WORKERS = 64
+
+README_TABLE_START = "<!-- settings-table:start -->"
+README_TABLE_END = "<!-- settings-table:end -->"
+
 
 class SettingsError(ValueError):
     """A configuration variable has a value we cannot use."""
 
 
+# --- Parsers: text to a typed value, within bounds ---------------------------------------
+#
+# A parser's `allowed` says what it accepts; it is the whole of the error message, so no
+# error can echo the value. `validate` checks a typed value (a Settings built in code).
+
+
+class Parser(Generic[T]):
+    """Turns a variable's text into a value, or refuses it."""
+
+    @property
+    def allowed(self) -> str:
+        """What the variable may be, e.g. "a whole number of seconds from 1 to 86400"; the
+        whole of the error message, so no error can echo the value."""
+        raise NotImplementedError
+
+    def parse(self, raw: str) -> T:
+        """The value of `raw` (stripped, not empty); ValueError if refused."""
+        raise NotImplementedError
+
+    def validate(self, value: T) -> None:
+        """ValueError unless `value` is one `parse` could have produced."""
+
+    def show(self, value: T) -> str:
+        """`value` as the README's default column shows it."""
+        return f"`{value}`"
+
+
+def _number(value: float) -> str:
+    """A number as written in a variable: 86400, 0.05 (never 8.64e+04)."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def _human(amount: float) -> str | None:
+    """Seconds in the largest unit that divides them (1209600: "14 d"); None below a minute."""
+    for size, unit in ((YEAR, "y"), (DAY, "d"), (HOUR, "h"), (MINUTE, "min")):
+        if amount >= size and amount % size == 0:
+            return f"{_number(amount // size)} {unit}"
+    return None
+
+
+@dataclass(frozen=True)
+class Number(Parser[N]):
+    """A number from `low` to `high`; with `zero`, 0 too, meaning what `zero` says."""
+
+    kind: type[N]
+    low: N
+    high: N
+    unit: str = ""
+    zero: str | None = None
+
+    _WHOLE = re.compile(r"[0-9]{1,19}")
+    _DECIMAL = re.compile(
+        r"(?:[0-9]{1,19}(?:\.[0-9]{0,12})?|\.[0-9]{1,12})(?:[eE][-+]?[0-9]{1,3})?"
+    )
+
+    def __post_init__(self) -> None:
+        assert 0 < self.low <= self.high or (self.low == 0 and self.zero is None)
+
+    @property
+    def allowed(self) -> str:
+        what = "a whole number" if self.kind is int else "a number"
+        if self.unit:
+            what += f" of {self.unit}"
+        low, high = self._with_unit(self.low), self._with_unit(self.high)
+        if self.zero is not None:
+            return f"{what}: 0 ({self.zero}) or from {low} to {high}"
+        return f"{what} from {low} to {high}"
+
+    def _with_unit(self, value: N) -> str:
+        human = _human(value) if self.unit == "seconds" else None
+        return _number(value) + (f" ({human})" if human else "")
+
+    def parse(self, raw: str) -> N:
+        pattern = self._WHOLE if self.kind is int else self._DECIMAL
+        if not pattern.fullmatch(raw):
+            raise ValueError(self.allowed)
+        value = self.kind(raw)
+        self.validate(value)
+        return value
+
+    def validate(self, value: N) -> None:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(self.allowed)
+        if self.kind is int and not isinstance(value, int):
+            raise ValueError(self.allowed)
+        if not math.isfinite(value):
+            raise ValueError(self.allowed)
+        if value == 0 and self.zero is not None:
+            return
+        if not self.low <= value <= self.high:
+            raise ValueError(self.allowed)
+
+    def show(self, value: N) -> str:
+        if value == 0 and self.zero is not None:
+            return f"`0` ({self.zero})"
+        human = _human(value) if self.unit == "seconds" else None
+        return f"`{_number(value)}`" + (f" ({human})" if human else "")
+
+
+def seconds(low: int, high: int, *, zero: str | None = None) -> Number[int]:
+    """Whole seconds from `low` to `high` (and 0 if `zero` says what 0 means)."""
+    return Number(int, low, high, "seconds", zero)
+
+
+def duration(low: float, high: float, *, zero: str | None = None) -> Number[float]:
+    """Seconds, fractions allowed, from `low` to `high` (and 0 if `zero` says what it means)."""
+    return Number(float, float(low), float(high), "seconds", zero)
+
+
+def count(low: int, high: int, *, zero: str | None = None, unit: str = "") -> Number[int]:
+    """A whole number from `low` to `high` (and 0 if `zero` says what 0 means)."""
+    return Number(int, low, high, unit, zero)
+
+
+@dataclass(frozen=True)
+class Choice(Parser[str]):
+    """One of `options`, exactly."""
+
+    options: tuple[str, ...]
+
+    @property
+    def allowed(self) -> str:
+        return "one of " + ", ".join(self.options)
+
+    def parse(self, raw: str) -> str:
+        self.validate(raw)
+        return raw
+
+    def validate(self, value: str) -> None:
+        if value not in self.options:
+            raise ValueError(self.allowed)
+
+
+@dataclass(frozen=True)
+class Switch(Parser[bool]):
+    """on/off (also true/false, yes/no, 1/0)."""
+
+    @property
+    def allowed(self) -> str:
+        return "on or off"
+
+    def parse(self, raw: str) -> bool:
+        value = raw.lower()
+        if value in ("on", "true", "1", "yes"):
+            return True
+        if value in ("off", "false", "0", "no"):
+            return False
+        raise ValueError(self.allowed)
+
+    def validate(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise ValueError(self.allowed)
+
+    def show(self, value: bool) -> str:
+        return "`on`" if value else "`off`"
+
+
+@dataclass(frozen=True)
+class Text(Parser[str]):
+    """Printable text (no control characters) of 1 to `max_bytes` bytes in UTF-8."""
+
+    max_bytes: int
+
+    @property
+    def allowed(self) -> str:
+        return f"printable text of at most {self.max_bytes} bytes"
+
+    def parse(self, raw: str) -> str:
+        self.validate(raw)
+        return raw
+
+    def validate(self, value: str) -> None:
+        if not (
+            isinstance(value, str)
+            and value
+            and value.isprintable()
+            and len(value.encode("utf-8", "surrogatepass")) <= self.max_bytes
+        ):
+            raise ValueError(self.allowed)
+
+
+@dataclass(frozen=True)
+class Word(Text):
+    """Printable text without white space (an audience: compared exactly, listed with
+    commas)."""
+
+    @property
+    def allowed(self) -> str:
+        return f"printable text without spaces of at most {self.max_bytes} bytes"
+
+    def validate(self, value: str) -> None:
+        try:
+            super().validate(value)
+        except ValueError:
+            raise ValueError(self.allowed) from None
+        if any(c.isspace() for c in value):
+            raise ValueError(self.allowed)
+
+
+@dataclass(frozen=True)
+class DatabaseUrl(Text):
+    """A postgresql:// (or postgres://) URL, the only DSN form asyncpg takes."""
+
+    max_bytes: int = 4096
+
+    @property
+    def allowed(self) -> str:
+        return f"a postgresql:// URL of at most {self.max_bytes} bytes"
+
+    def validate(self, value: str) -> None:
+        super().validate(value)
+        if not value.startswith(("postgresql://", "postgres://")):
+            raise ValueError(self.allowed)
+
+
+@dataclass(frozen=True)
+class Address(Parser[str]):
+    """HOST:PORT (an IPv6 host in brackets), port 0 to 65535."""
+
+    @property
+    def allowed(self) -> str:
+        return "HOST:PORT, for example 127.0.0.1:50051"
+
+    def parse(self, raw: str) -> str:
+        self.validate(raw)
+        return raw
+
+    def validate(self, value: str) -> None:
+        if not isinstance(value, str) or len(value) > 300 or not value.isprintable():
+            raise ValueError(self.allowed)
+        host, sep, port = value.rpartition(":")
+        if not sep or not _is_port(port) or not _is_host(host):
+            raise ValueError(self.allowed)
+
+
+_HOSTNAME = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(?:\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
+
+
+def _is_host(text: str) -> bool:
+    """A host name, an IPv4 address, or an IPv6 address (in brackets or not)."""
+    if len(text) > 255:
+        return False
+    try:
+        ipaddress.ip_address(text[1:-1] if text.startswith("[") and text.endswith("]") else text)
+    except ValueError:
+        return _HOSTNAME.fullmatch(text) is not None
+    return True
+
+
+def _is_port(text: str) -> bool:
+    return text.isascii() and text.isdigit() and len(text) <= 5 and int(text) <= 65535
+
+
+@dataclass(frozen=True)
+class Directory(Parser[Path]):
+    """A directory path (created when needed)."""
+
+    @property
+    def allowed(self) -> str:
+        return "a directory path of at most 4096 bytes"
+
+    def parse(self, raw: str) -> Path:
+        path = Path(raw)
+        self.validate(path)
+        return path
+
+    def validate(self, value: Path) -> None:
+        text = str(value)
+        if not text or not text.isprintable() or len(os.fsencode(text)) > 4096:
+            raise ValueError(self.allowed)
+
+
+@dataclass(frozen=True)
+class ReadableFile(Parser[Path]):
+    """The path of a file this process can read (checked when parsed)."""
+
+    @property
+    def allowed(self) -> str:
+        return "the path of a readable file"
+
+    def parse(self, raw: str) -> Path:
+        path = Path(raw)
+        Directory().validate(path)
+        if not path.is_file() or not os.access(path, os.R_OK):
+            raise ValueError(self.allowed)
+        return path
+
+    def validate(self, value: Path) -> None:
+        try:
+            Directory().validate(value)
+        except ValueError:
+            raise ValueError(self.allowed) from None
+
+
+@dataclass(frozen=True)
+class Kek(Parser[bytes]):
+    """Base64 (standard or URL-safe) of exactly 32 bytes."""
+
+    @property
+    def allowed(self) -> str:
+        return "base64 of exactly 32 random bytes (openssl rand -base64 32)"
+
+    def parse(self, raw: str) -> bytes:
+        try:
+            return parse_kek(raw)
+        except ValueError:
+            raise ValueError(self.allowed) from None
+
+    def validate(self, value: bytes) -> None:
+        if not isinstance(value, bytes) or len(value) != 32:
+            raise ValueError(self.allowed)
+
+    def show(self, value: bytes) -> str:
+        return "(secret)"
+
+
+@dataclass(frozen=True)
+class CommaSet(Parser[frozenset[T]]):
+    """Comma-separated items, each read by `item`, at most `max_items` of them; blanks
+    around items and empty items are ignored, repeats count once."""
+
+    item: Parser[T]
+    max_items: int
+
+    @property
+    def allowed(self) -> str:
+        return f"a comma-separated list of at most {self.max_items} items, each {self.item.allowed}"
+
+    def parse(self, raw: str) -> frozenset[T]:
+        try:
+            value = frozenset(self.item.parse(p.strip()) for p in raw.split(",") if p.strip())
+        except ValueError:
+            raise ValueError(self.allowed) from None
+        self.validate(value)
+        return value
+
+    def validate(self, value: frozenset[T]) -> None:
+        if not isinstance(value, AbstractSet) or len(value) > self.max_items:
+            raise ValueError(self.allowed)
+        for item in value:
+            try:
+                self.item.validate(item)
+            except ValueError:
+                raise ValueError(self.allowed) from None
+
+    def show(self, value: frozenset[T]) -> str:
+        return f"`{','.join(sorted(map(str, value)))}`" if value else "empty"
+
+
+@dataclass(frozen=True)
+class CommaList(Parser[tuple[T, ...]]):
+    """Comma-separated items in order, each read by `item`, 1 to `max_items` of them
+    (e.g. several accepted audiences: `CommaList(Text(256), max_items=32)`); blanks around
+    items are ignored, an empty item or a repeat is refused."""
+
+    item: Parser[T]
+    max_items: int
+
+    @property
+    def allowed(self) -> str:
+        return (
+            f"a comma-separated list of 1 to {self.max_items} distinct items, "
+            f"each {self.item.allowed}"
+        )
+
+    def parse(self, raw: str) -> tuple[T, ...]:
+        try:
+            value = tuple(self.item.parse(piece.strip()) for piece in raw.split(","))
+        except ValueError:
+            raise ValueError(self.allowed) from None
+        self.validate(value)
+        return value
+
+    def validate(self, value: tuple[T, ...]) -> None:
+        if not isinstance(value, tuple) or not 1 <= len(value) <= self.max_items:
+            raise ValueError(self.allowed)
+        if len(set(value)) != len(value):
+            raise ValueError(self.allowed)
+        for item in value:
+            try:
+                self.item.validate(item)
+            except ValueError:
+                raise ValueError(self.allowed) from None
+
+    def show(self, value: tuple[T, ...]) -> str:
+        return f"`{','.join(map(str, value))}`"
+
+
+# --- Declarations ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Declaration(Generic[T]):
+    """What `setting()` records about a field: its variable, parser and doc."""
+
+    variable: str
+    parser: Parser[T]
+    doc: str
+    shown_default: str | None = None
+
+
+_DECLARATION = "authsvc.setting"
+
+
+@overload
+def setting(
+    variable: str,
+    parser: Parser[T],
+    *,
+    default: T,
+    doc: str,
+    shown_default: str | None = None,
+    secret: bool = False,
+) -> T: ...
+@overload
+def setting(
+    variable: str,
+    parser: Parser[T],
+    *,
+    default: None,
+    doc: str,
+    shown_default: str | None = None,
+    secret: bool = False,
+) -> T | None: ...
+@overload
+def setting(
+    variable: str,
+    parser: Parser[T],
+    *,
+    default_factory: Callable[[], T],
+    doc: str,
+    shown_default: str | None = None,
+    secret: bool = False,
+) -> T: ...
+def setting(
+    variable: str,
+    parser: Parser[Any],
+    *,
+    default: Any = dataclasses.MISSING,
+    default_factory: Any = dataclasses.MISSING,
+    doc: str,
+    shown_default: str | None = None,
+    secret: bool = False,
+) -> Any:
+    """A field of `Settings` read from `variable` by `parser` (unset or empty: the default).
+
+    `doc` is the README's description; `secret` keeps the value out of repr()."""
+    declaration = Declaration(variable, parser, " ".join(doc.split()), shown_default)
+    return dataclasses.field(
+        default=default,
+        default_factory=default_factory,
+        repr=not secret,
+        metadata={_DECLARATION: declaration},
+    )
+
+
+WORKERS = count(1, MAX_WORKERS)
+"""Server processes: AUTH_WORKERS and every `--workers` option."""
+
+
+def default_workers() -> int:
+    """The CPU count, at most MAX_WORKERS."""
+    return min(os.cpu_count() or 1, MAX_WORKERS)
+
+
 @dataclass(frozen=True, kw_only=True)
 class Settings:
-    """Everything the service reads from its environment."""
+    """Everything the service reads from its environment (one declaration per variable)."""
 
-    listen: str = "127.0.0.1:50051"
-    """Address the gRPC server binds (`AUTH_LISTEN`); port 0 picks a free one."""
-
-    database_url: str | None = None
-    """PostgreSQL DSN (`AUTH_DATABASE_URL`); unset runs an embedded PostgreSQL."""
-
-    data_dir: Path = Path(".authsvc")
-    """Where the embedded PostgreSQL and the generated KEK live (`AUTH_DATA_DIR`)."""
-
-    issuer: str = "authsvc"
-    """The `iss` claim of every access token (`AUTH_ISSUER`)."""
-
-    audience: str = "authsvc"
-    """The default `aud` claim when Issue names none (`AUTH_AUDIENCE`); always allowed."""
-
-    audiences: frozenset[str] = frozenset()
-    """Further audiences Issue may name (`AUTH_AUDIENCES`, comma-separated). Any other is
-    refused: a client must not mint tokens for every service that trusts authsvc."""
-
-    signing_alg: str = "ES256"
-    """JWS algorithm for new signing keys (`AUTH_SIGNING_ALG`): ES256, EdDSA or RS256.
-
-    ES256 by measurement: the fastest verification after RS256 (whose 3072-bit signing
-    costs milliseconds per token) and the most widely supported by JOSE libraries."""
-
-    kek: bytes | None = field(default=None, repr=False)
-    """Key-encryption key for private keys at rest (`AUTH_KEK`, base64 of 32 bytes)."""
-
-    access_ttl: int = 900
-    """Access-token lifetime in seconds (`AUTH_ACCESS_TTL`)."""
-
-    refresh_idle_ttl: int = 1_209_600
-    """A refresh token unused this long expires (`AUTH_REFRESH_IDLE_TTL`)."""
-
-    refresh_absolute_ttl: int = 2_592_000
-    """No session outlives this, however often it rotates (`AUTH_REFRESH_ABSOLUTE_TTL`)."""
-
-    refresh_reuse_grace: int = 10
-    """Seconds after a rotation in which the parent may be presented again (0: off)."""
-
-    leeway: int = 0
-    """Clock skew in seconds allowed on exp/nbf/iat checks (`AUTH_LEEWAY`; at most
-    `MAX_LEEWAY`)."""
-
-    clock_check_interval: float = 30.0
-    """Seconds between readings of the database's clock, the time every decision uses
-    (`AUTH_CLOCK_CHECK_INTERVAL`)."""
-
-    clock_skew_warn: float = 1.0
-    """Log a warning while this host's wall clock is further than this many seconds from
-    the database's (`AUTH_CLOCK_SKEW_WARN`)."""
-
-    clock_skew_max: float = 30.0
-    """Refuse to start, and report NOT_SERVING while running, when this host's wall clock is
-    further than this many seconds from the database's (`AUTH_CLOCK_SKEW_MAX`; 0: never)."""
-
-    db_pool_size: int = 10
-    """Maximum connections per server process (`AUTH_DB_POOL_SIZE`)."""
-
-    db_timeout: float = 5.0
-    """Seconds a database call may take, pool wait included (`AUTH_DB_TIMEOUT`)."""
-
-    migration_timeout: float = 600.0
-    """Seconds migrating may take (`AUTH_MIGRATION_TIMEOUT`; 0: no limit): the wait for the
-    migration lock another replica holds, and each migration statement. Apart from
-    AUTH_DB_TIMEOUT, because a migration on a large table takes longer than any call."""
-
-    shutdown_grace: float = 5.0
-    """Seconds in-flight calls get to finish on SIGTERM (`AUTH_SHUTDOWN_GRACE`)."""
-
-    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
-    """Server processes for `serve` (`AUTH_WORKERS`; default: the number of CPUs)."""
-
-    max_message_bytes: int = 64 * 1024
-    """Largest request accepted, bytes (`AUTH_MAX_MESSAGE_BYTES`): above any valid request
-    (tokens are capped at 8 KiB), small enough that huge messages cannot exhaust memory."""
-
-    max_concurrent_rpcs: int = 1000
-    """Unary calls one process serves at once; more are refused with RESOURCE_EXHAUSTED
-    (`AUTH_MAX_CONCURRENT_RPCS`). Streams do not count: they have their own budget."""
-
-    max_streams: int = 1000
-    """Streams (health Watch, reflection, any streaming RPC) one process holds open at once;
-    more are refused with RESOURCE_EXHAUSTED (`AUTH_MAX_STREAMS`)."""
-
-    max_streams_per_peer: int = 32
-    """Streams one client address (IPv6: one /64) may hold open in one process, over all its
-    connections (`AUTH_MAX_STREAMS_PER_PEER`)."""
-
-    stream_max_age: float = 1800.0
-    """Seconds a stream may stay open; then it ends with UNAVAILABLE so its slot comes back
-    and the client opens a new one (`AUTH_STREAM_MAX_AGE`)."""
-
-    token_cache_size: int = 100_000
-    """Verified access tokens remembered per process (`AUTH_TOKEN_CACHE_SIZE`; 0: off)."""
-
-    login_throttle: bool = True
-    """Throttle failed logins per username and per address (`AUTH_LOGIN_THROTTLE`: on/off)."""
-
-    throttle_user_failures: int = 5
-    """Failed logins a username gets free within the window (`AUTH_THROTTLE_USER_FAILURES`)."""
-
-    throttle_peer_failures: int = 20
-    """Failed logins an address gets free within the window (`AUTH_THROTTLE_PEER_FAILURES`)."""
-
-    throttle_max_delay: int = 900
-    """The longest wait a throttled key is given, seconds (`AUTH_THROTTLE_MAX_DELAY`)."""
-
-    throttle_window: int = 3600
-    """A key's failures are forgotten after this long without one (`AUTH_THROTTLE_WINDOW`)."""
-
-    log_format: str = "text"
-    """`text` (readable) or `json` (one object per line) (`AUTH_LOG_FORMAT`)."""
-
-    janitor_interval: float = 60.0
-    """Seconds between clean-up runs (`AUTH_JANITOR_INTERVAL`); one replica at a time runs it."""
-
-    event_retention: int = 7_776_000
-    """Security events are kept this long, seconds (`AUTH_EVENT_RETENTION`; default 90 days)."""
-
-    event_aggregation_window: int = 300
-    """Repeats of an event a client can trigger cheaply (throttled or failed logins, token
-    replays, refused admin calls) from one source share one stored row (with a count) and
-    at most one log line per this many seconds (`AUTH_EVENT_AGGREGATION_WINDOW`)."""
-
-    revocation_poll_interval: float = 5.0
-    """Seconds between safety-net polls of revoked sessions (`AUTH_REVOCATION_POLL_INTERVAL`)."""
-
-    key_rotation_period: int = 0
-    """Rotate the signing key when the newest is this many seconds old
-    (`AUTH_KEY_ROTATION_PERIOD`; 0: only by hand). Checked on each janitor run."""
-
-    metrics_listen: str | None = None
-    """Serve Prometheus metrics on http://HOST:PORT/metrics (`AUTH_METRICS_LISTEN`; unset: off)."""
-
-    tls_cert: Path | None = None
-    """PEM certificate chain of the gRPC server (`AUTH_TLS_CERT`; with `AUTH_TLS_KEY`)."""
-
-    tls_key: Path | None = None
-    """PEM private key of the gRPC server (`AUTH_TLS_KEY`)."""
-
-    tls_client_ca: Path | None = None
-    """PEM CA bundle: only clients with a certificate it signed may connect
-    (`AUTH_TLS_CLIENT_CA`: mutual TLS; needs AUTH_TLS_CERT)."""
-
-    service_tokens_file: Path | None = None
-    """The calling services and their credentials (`AUTH_SERVICE_TOKENS_FILE`; see README)."""
-
-    caller_auth: frozenset[str] = frozenset()
-    """Call groups that only known services may make (`AUTH_CALLER_AUTH`, comma-separated:
-    `validate`, `admin`; empty: off, allowed only on a loopback address)."""
+    listen: str = setting(
+        "AUTH_LISTEN",
+        Address(),
+        default="127.0.0.1:50051",
+        doc="gRPC address; port 0 picks a free one",
+    )
+    database_url: str | None = setting(
+        "AUTH_DATABASE_URL",
+        DatabaseUrl(),
+        default=None,
+        secret=True,
+        doc="PostgreSQL DSN; unset runs an embedded PostgreSQL in `AUTH_DATA_DIR`",
+    )
+    data_dir: Path = setting(
+        "AUTH_DATA_DIR",
+        Directory(),
+        default=Path(".authsvc"),
+        doc="embedded PostgreSQL data and the generated KEK file",
+    )
+    issuer: str = setting(
+        "AUTH_ISSUER",
+        Text(256),
+        default="authsvc",
+        doc="the `iss` claim of every access token",
+    )
+    audience: str = setting(
+        "AUTH_AUDIENCE",
+        Text(MAX_AUDIENCE_BYTES),
+        default="authsvc",
+        doc="the `aud` claim when Issue names none",
+    )
+    audiences: frozenset[str] = setting(
+        "AUTH_AUDIENCES",
+        CommaSet(Word(MAX_AUDIENCE_BYTES), max_items=64),
+        default=frozenset(),
+        doc="""further audiences Issue may name (comma-separated); any other is refused, so a
+        client cannot mint tokens for every service that trusts authsvc""",
+    )
+    # ES256 by measurement: the fastest verification after RS256 (whose 3072-bit signing
+    # costs milliseconds per token) and the most widely supported by JOSE libraries.
+    signing_alg: str = setting(
+        "AUTH_SIGNING_ALG",
+        Choice(SIGNING_ALGORITHMS),
+        default="ES256",
+        doc="JWS algorithm for new signing keys (RS256 keys have 3072 bits)",
+    )
+    kek: bytes | None = setting(
+        "AUTH_KEK",
+        Kek(),
+        default=None,
+        secret=True,
+        shown_default="`AUTH_DATA_DIR/kek` (embedded database only)",
+        doc="""key-encryption key sealing private keys at rest (`openssl rand -base64 32`);
+        required with `AUTH_DATABASE_URL`, the same on every replica. Only `serve` and
+        `keys rotate` need it""",
+    )
+    access_ttl: int = setting(
+        "AUTH_ACCESS_TTL",
+        seconds(1, DAY),
+        default=900,
+        doc="access-token lifetime, seconds",
+    )
+    refresh_idle_ttl: int = setting(
+        "AUTH_REFRESH_IDLE_TTL",
+        seconds(1, YEAR),
+        default=14 * DAY,
+        doc="a refresh token unused this long expires, seconds",
+    )
+    refresh_absolute_ttl: int = setting(
+        "AUTH_REFRESH_ABSOLUTE_TTL",
+        seconds(1, YEAR),
+        default=30 * DAY,
+        doc="no session outlives this, however often it rotates, seconds",
+    )
+    refresh_reuse_grace: int = setting(
+        "AUTH_REFRESH_REUSE_GRACE",
+        seconds(1, 300, zero="off"),
+        default=10,
+        doc="seconds after a rotation in which the parent may be replayed for its same child",
+    )
+    leeway: int = setting(
+        "AUTH_LEEWAY",
+        seconds(1, MAX_LEEWAY, zero="none"),
+        default=0,
+        doc="""clock skew allowed on `exp`/`iat`/`nbf`, seconds (capped: see below the
+        table)""",
+    )
+    clock_check_interval: float = setting(
+        "AUTH_CLOCK_CHECK_INTERVAL",
+        duration(0.05, HOUR),
+        default=30.0,
+        doc="seconds between readings of the database's clock, the time every decision uses",
+    )
+    clock_skew_warn: float = setting(
+        "AUTH_CLOCK_SKEW_WARN",
+        duration(0.001, 30),  # at most the default AUTH_CLOCK_SKEW_MAX, which it must not pass
+        default=1.0,
+        doc="log a warning while this host's clock is further than this from the database's",
+    )
+    clock_skew_max: float = setting(
+        "AUTH_CLOCK_SKEW_MAX",
+        duration(1, DAY, zero="never"),
+        default=30.0,
+        doc="""past this many seconds between this host's clock and the database's, `serve`
+        refuses to start and a running replica reports NOT_SERVING (at least
+        `AUTH_CLOCK_SKEW_WARN`)""",
+    )
+    workers: int = setting(
+        "AUTH_WORKERS",
+        WORKERS,
+        default_factory=default_workers,
+        shown_default=f"CPU count (at most {MAX_WORKERS})",
+        doc="server processes for `serve` (also `serve --workers N`)",
+    )
+    max_concurrent_rpcs: int = setting(
+        "AUTH_MAX_CONCURRENT_RPCS",
+        count(1, 100_000),
+        default=1000,
+        doc="""unary calls in progress per process; more are refused with
+        RESOURCE_EXHAUSTED / `TOO_MANY_CALLS` (streams do not count)""",
+    )
+    max_streams: int = setting(
+        "AUTH_MAX_STREAMS",
+        count(1, 100_000),
+        default=1000,
+        doc="""streams (health `Watch`, reflection, any streaming RPC) open per process;
+        more are refused with RESOURCE_EXHAUSTED / `TOO_MANY_STREAMS`""",
+    )
+    max_streams_per_peer: int = setting(
+        "AUTH_MAX_STREAMS_PER_PEER",
+        count(1, 100_000),
+        default=32,
+        doc="""streams one client address (IPv6: one /64) may hold per process, over all
+        its connections; raise it if many clients reach us through one proxy or NAT
+        address""",
+    )
+    stream_max_age: float = setting(
+        "AUTH_STREAM_MAX_AGE",
+        duration(0.5, DAY),
+        default=1800.0,
+        doc="""seconds a stream may stay open; then it ends with UNAVAILABLE /
+        `STREAM_MAX_AGE` and the client opens a new one""",
+    )
+    # At least 16 KiB: valid requests need it (tokens are capped at 8 KiB). At most
+    # 16 MiB: far below gRPC's int32 limit (2 GiB), and no request comes near it.
+    max_message_bytes: int = setting(
+        "AUTH_MAX_MESSAGE_BYTES",
+        count(16 * 1024, 16 * 1024 * 1024, unit="bytes"),
+        default=64 * 1024,
+        doc="largest request accepted; larger ones get RESOURCE_EXHAUSTED",
+    )
+    # At least 2: creating the first key holds one connection while it uses another.
+    db_pool_size: int = setting(
+        "AUTH_DB_POOL_SIZE",
+        count(2, 200),
+        default=10,
+        doc="connections per server process",
+    )
+    db_timeout: float = setting(
+        "AUTH_DB_TIMEOUT",
+        duration(0.05, 600),
+        default=5.0,
+        doc="seconds the wait for a pooled connection may take, and each statement",
+    )
+    shutdown_grace: float = setting(
+        "AUTH_SHUTDOWN_GRACE",
+        duration(0.05, HOUR, zero="none"),
+        default=5.0,
+        doc="seconds in-flight calls get on SIGTERM (SIGINT, SIGQUIT)",
+    )
+    # Apart from AUTH_DB_TIMEOUT: a migration on a large table takes longer than any call.
+    migration_timeout: float = setting(
+        "AUTH_MIGRATION_TIMEOUT",
+        duration(1, DAY, zero="no limit"),
+        default=600.0,
+        doc="""seconds migrating may take: the wait for another replica's migration lock
+        (a line every 5 s names the session holding it), and each migration statement""",
+    )
+    token_cache_size: int = setting(
+        "AUTH_TOKEN_CACHE_SIZE",
+        count(1, 10_000_000, zero="off"),
+        default=100_000,
+        doc="verified access tokens remembered per process",
+    )
+    revocation_poll_interval: float = setting(
+        "AUTH_REVOCATION_POLL_INTERVAL",
+        duration(0.05, HOUR),
+        default=5.0,
+        doc="seconds between safety-net polls of revocations",
+    )
+    log_format: str = setting(
+        "AUTH_LOG_FORMAT",
+        Choice(("text", "json")),
+        default="text",
+        doc="`text` (readable) or `json` (one object per line: time, level, logger, message, pid)",
+    )
+    janitor_interval: float = setting(
+        "AUTH_JANITOR_INTERVAL",
+        duration(0.05, DAY),
+        default=60.0,
+        doc="seconds between clean-up passes (one replica at a time)",
+    )
+    event_retention: int = setting(
+        "AUTH_EVENT_RETENTION",
+        seconds(1, MAX_AGE),
+        default=90 * DAY,
+        doc="security events (and retired signing keys) are kept this long, seconds",
+    )
+    event_aggregation_window: int = setting(
+        "AUTH_EVENT_AGGREGATION_WINDOW",
+        seconds(1, DAY),
+        default=300,
+        doc="""repeats of an event a client can trigger at will (throttled or failed
+        logins, token replays, refused admin calls) share one row (counted) and one log line
+        per source and this many seconds
+        ([below](#security-events-that-clients-can-repeat))""",
+    )
+    login_throttle: bool = setting(
+        "AUTH_LOGIN_THROTTLE",
+        Switch(),
+        default=True,
+        doc="throttle failed logins per username and per address",
+    )
+    throttle_user_failures: int = setting(
+        "AUTH_THROTTLE_USER_FAILURES",
+        count(0, 1_000_000),
+        default=5,
+        doc="failed logins a username gets free per window",
+    )
+    throttle_peer_failures: int = setting(
+        "AUTH_THROTTLE_PEER_FAILURES",
+        count(0, 1_000_000),
+        default=20,
+        doc="failed logins an address gets free per window",
+    )
+    throttle_max_delay: int = setting(
+        "AUTH_THROTTLE_MAX_DELAY",
+        seconds(1, DAY),
+        default=900,
+        doc="the longest wait a throttled key is given, seconds",
+    )
+    throttle_window: int = setting(
+        "AUTH_THROTTLE_WINDOW",
+        seconds(1, 30 * DAY),
+        default=HOUR,
+        doc="a key's failures are forgotten after this long without one, seconds",
+    )
+    metrics_listen: str | None = setting(
+        "AUTH_METRICS_LISTEN",
+        Address(),
+        default=None,
+        shown_default="unset (off)",
+        doc="""`HOST:PORT` serving Prometheus `/metrics`; with `--workers`, the supervisor
+        serves the sum of all workers""",
+    )
+    tls_cert: Path | None = setting(
+        "AUTH_TLS_CERT",
+        ReadableFile(),
+        default=None,
+        shown_default="unset (plaintext)",
+        doc="""PEM certificate chain of the gRPC server (with `AUTH_TLS_KEY`): the port
+        speaks TLS only""",
+    )
+    tls_key: Path | None = setting(
+        "AUTH_TLS_KEY",
+        ReadableFile(),
+        default=None,
+        doc="PEM private key of the gRPC server (with `AUTH_TLS_CERT`)",
+    )
+    tls_client_ca: Path | None = setting(
+        "AUTH_TLS_CLIENT_CA",
+        ReadableFile(),
+        default=None,
+        doc="""PEM CA bundle: mutual TLS, only clients with a certificate it signed can
+        connect (needs `AUTH_TLS_CERT`)""",
+    )
+    service_tokens_file: Path | None = setting(
+        "AUTH_SERVICE_TOKENS_FILE",
+        ReadableFile(),
+        default=None,
+        doc="""the known calling services and their credentials
+        ([below](#tls-and-the-services-that-call-authsvc)); needed by `AUTH_CALLER_AUTH`""",
+    )
+    caller_auth: frozenset[str] = setting(
+        "AUTH_CALLER_AUTH",
+        CommaSet(Choice(CALL_GROUPS), max_items=len(CALL_GROUPS)),
+        default=frozenset(),
+        shown_default="empty (off)",
+        doc="""call groups only known services may make: `validate`, `admin`; must include
+        `admin` unless `AUTH_LISTEN` is a loopback address""",
+    )
+    key_rotation_period: int = setting(
+        "AUTH_KEY_ROTATION_PERIOD",
+        seconds(MINUTE, YEAR, zero="manual"),
+        default=0,
+        doc="""rotate the signing key when the newest is this many seconds old (checked each
+        janitor pass)""",
+    )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         """Build settings from `environ` (default: the process environment)."""
         env = os.environ if environ is None else environ
-        reader = _EnvReader(env)
-        settings = cls(
-            listen=reader.get("AUTH_LISTEN", _address, cls.listen),
-            database_url=reader.get("AUTH_DATABASE_URL", _nonempty, None),
-            data_dir=reader.get("AUTH_DATA_DIR", lambda s: Path(_nonempty(s)), cls.data_dir),
-            issuer=reader.get("AUTH_ISSUER", _nonempty, cls.issuer),
-            audience=reader.get("AUTH_AUDIENCE", _nonempty, cls.audience),
-            audiences=reader.get("AUTH_AUDIENCES", _audience_list, cls.audiences),
-            signing_alg=reader.get("AUTH_SIGNING_ALG", _algorithm, cls.signing_alg),
-            kek=reader.get("AUTH_KEK", parse_kek, None),
-            access_ttl=reader.get("AUTH_ACCESS_TTL", _positive_int, cls.access_ttl),
-            refresh_idle_ttl=reader.get(
-                "AUTH_REFRESH_IDLE_TTL", _positive_int, cls.refresh_idle_ttl
-            ),
-            refresh_absolute_ttl=reader.get(
-                "AUTH_REFRESH_ABSOLUTE_TTL", _positive_int, cls.refresh_absolute_ttl
-            ),
-            refresh_reuse_grace=reader.get(
-                "AUTH_REFRESH_REUSE_GRACE", _non_negative_int, cls.refresh_reuse_grace
-            ),
-            leeway=reader.get("AUTH_LEEWAY", _non_negative_int, cls.leeway),
-            clock_check_interval=reader.get(
-                "AUTH_CLOCK_CHECK_INTERVAL", _positive_float, cls.clock_check_interval
-            ),
-            clock_skew_warn=reader.get(
-                "AUTH_CLOCK_SKEW_WARN", _positive_float, cls.clock_skew_warn
-            ),
-            clock_skew_max=reader.get(
-                "AUTH_CLOCK_SKEW_MAX", _non_negative_float, cls.clock_skew_max
-            ),
-            db_pool_size=reader.get("AUTH_DB_POOL_SIZE", _positive_int, cls.db_pool_size),
-            db_timeout=reader.get("AUTH_DB_TIMEOUT", _positive_float, cls.db_timeout),
-            migration_timeout=reader.get(
-                "AUTH_MIGRATION_TIMEOUT", _non_negative_float, cls.migration_timeout
-            ),
-            shutdown_grace=reader.get(
-                "AUTH_SHUTDOWN_GRACE", _non_negative_float, cls.shutdown_grace
-            ),
-            workers=reader.get("AUTH_WORKERS", _positive_int, os.cpu_count() or 1),
-            max_message_bytes=reader.get(
-                "AUTH_MAX_MESSAGE_BYTES", _positive_int, cls.max_message_bytes
-            ),
-            max_concurrent_rpcs=reader.get(
-                "AUTH_MAX_CONCURRENT_RPCS", _positive_int, cls.max_concurrent_rpcs
-            ),
-            max_streams=reader.get("AUTH_MAX_STREAMS", _positive_int, cls.max_streams),
-            max_streams_per_peer=reader.get(
-                "AUTH_MAX_STREAMS_PER_PEER", _positive_int, cls.max_streams_per_peer
-            ),
-            stream_max_age=reader.get("AUTH_STREAM_MAX_AGE", _positive_float, cls.stream_max_age),
-            token_cache_size=reader.get(
-                "AUTH_TOKEN_CACHE_SIZE", _non_negative_int, cls.token_cache_size
-            ),
-            login_throttle=reader.get("AUTH_LOGIN_THROTTLE", _switch, cls.login_throttle),
-            throttle_user_failures=reader.get(
-                "AUTH_THROTTLE_USER_FAILURES", _non_negative_int, cls.throttle_user_failures
-            ),
-            throttle_peer_failures=reader.get(
-                "AUTH_THROTTLE_PEER_FAILURES", _non_negative_int, cls.throttle_peer_failures
-            ),
-            throttle_max_delay=reader.get(
-                "AUTH_THROTTLE_MAX_DELAY", _positive_int, cls.throttle_max_delay
-            ),
-            throttle_window=reader.get("AUTH_THROTTLE_WINDOW", _positive_int, cls.throttle_window),
-            log_format=reader.get("AUTH_LOG_FORMAT", _log_format, cls.log_format),
-            janitor_interval=reader.get(
-                "AUTH_JANITOR_INTERVAL", _positive_float, cls.janitor_interval
-            ),
-            event_retention=reader.get("AUTH_EVENT_RETENTION", _positive_int, cls.event_retention),
-            event_aggregation_window=reader.get(
-                "AUTH_EVENT_AGGREGATION_WINDOW", _positive_int, cls.event_aggregation_window
-            ),
-            revocation_poll_interval=reader.get(
-                "AUTH_REVOCATION_POLL_INTERVAL", _positive_float, cls.revocation_poll_interval
-            ),
-            key_rotation_period=reader.get(
-                "AUTH_KEY_ROTATION_PERIOD", _non_negative_int, cls.key_rotation_period
-            ),
-            metrics_listen=reader.get("AUTH_METRICS_LISTEN", _address, None),
-            tls_cert=reader.get("AUTH_TLS_CERT", _readable_file, None),
-            tls_key=reader.get("AUTH_TLS_KEY", _readable_file, None),
-            tls_client_ca=reader.get("AUTH_TLS_CLIENT_CA", _readable_file, None),
-            service_tokens_file=reader.get("AUTH_SERVICE_TOKENS_FILE", _readable_file, None),
-            caller_auth=reader.get("AUTH_CALLER_AUTH", _call_groups, cls.caller_auth),
-        )
-        if settings.refresh_reuse_grace > 300:
-            raise SettingsError("AUTH_REFRESH_REUSE_GRACE: at most 300 seconds")
-        if settings.leeway > MAX_LEEWAY:
-            raise SettingsError(f"AUTH_LEEWAY: at most {MAX_LEEWAY} seconds")
-        if settings.event_aggregation_window > 86_400:
-            raise SettingsError("AUTH_EVENT_AGGREGATION_WINDOW: at most 86400 seconds (a day)")
-        for name, value in (
-            ("AUTH_ACCESS_TTL", settings.access_ttl),
-            ("AUTH_REFRESH_IDLE_TTL", settings.refresh_idle_ttl),
-            ("AUTH_REFRESH_ABSOLUTE_TTL", settings.refresh_absolute_ttl),
-        ):
-            if value > _TEN_YEARS:
-                raise SettingsError(f"{name}: at most {_TEN_YEARS} seconds (ten years)")
-        if 0 < settings.clock_skew_max < settings.clock_skew_warn:
-            raise SettingsError("AUTH_CLOCK_SKEW_MAX: at least AUTH_CLOCK_SKEW_WARN (or 0: off)")
-        if settings.clock_check_interval > 3600:
-            raise SettingsError("AUTH_CLOCK_CHECK_INTERVAL: at most 3600 seconds")
-        if settings.max_message_bytes < 16 * 1024:
-            raise SettingsError("AUTH_MAX_MESSAGE_BYTES: at least 16384 (valid requests need it)")
-        if settings.db_pool_size < 2:
-            # Creating the first key holds one connection while it uses another.
-            raise SettingsError("AUTH_DB_POOL_SIZE: at least 2")
-        settings.check_transport()
+        values: dict[str, Any] = {}
+        for name, declaration in declarations():
+            raw = env.get(declaration.variable)
+            if raw is None or not raw.strip():
+                continue  # `AUTH_X=` (as in a compose file) keeps the default
+            try:
+                values[name] = declaration.parser.parse(raw.strip())
+            except ValueError:
+                raise _refused(declaration) from None
+        settings = cls(**values)
+        settings.check()
         return settings
+
+    def check(self) -> None:
+        """Every value within its bounds and the settings fitting together: run by
+        `from_env`, and by the server at start for settings built in code."""
+        for name, declaration in declarations():
+            value = getattr(self, name)
+            if value is None:
+                continue
+            try:
+                declaration.parser.validate(value)
+            except ValueError:
+                raise _refused(declaration) from None
+        if 0 < self.clock_skew_max < self.clock_skew_warn:
+            raise SettingsError("AUTH_CLOCK_SKEW_MAX: at least AUTH_CLOCK_SKEW_WARN (or 0: never)")
+        self.check_transport()
 
     def check_transport(self) -> None:
         """The TLS and caller settings fit together (also run by the server at start)."""
@@ -320,114 +891,62 @@ class Settings:
             )
 
 
-class _EnvReader:
-    def __init__(self, env: Mapping[str, str]) -> None:
-        self._env = env
+def bounded_argument(parser: Parser[T]) -> Callable[[str], T]:
+    """An argparse `type` from a parser: the same bounds, and a one-line refusal that does
+    not echo the value (`authsvc serve --workers`, the load-testing options)."""
 
-    def get(self, name: str, parse: Callable[[str], T], default: T) -> T:
-        raw = self._env.get(name)
-        if raw is None or raw == "":
-            return default
+    def parse(text: str) -> T:
         try:
-            return parse(raw.strip())
-        except ValueError as exc:
-            # The value itself is not echoed: AUTH_KEK and AUTH_DATABASE_URL hold secrets.
-            raise SettingsError(f"{name}: {exc}") from None
+            return parser.parse(text.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {parser.allowed}") from None
+
+    return parse
 
 
-def _nonempty(raw: str) -> str:
-    if not raw:
-        raise ValueError("must not be empty")
-    return raw
+def _refused(declaration: Declaration[Any]) -> SettingsError:
+    # Only the declaration's words: the value may be a secret, huge, or hold control bytes.
+    return SettingsError(f"{declaration.variable}: must be {declaration.parser.allowed}")
 
 
-def _positive_int(raw: str) -> int:
-    value = _non_negative_int(raw)
-    if value == 0:
-        raise ValueError("must be a positive whole number")
-    return value
+def declarations() -> Iterator[tuple[str, Declaration[Any]]]:
+    """(field name, declaration) of every setting, in declaration order."""
+    for f in dataclasses.fields(Settings):
+        declaration = f.metadata.get(_DECLARATION)
+        if declaration is not None:
+            yield f.name, declaration
 
 
-def _non_negative_int(raw: str) -> int:
-    if not raw.isdigit() or len(raw) > 12:
-        raise ValueError("must be a whole number of seconds (0 or more)")
-    return int(raw)
+def declaration_of(variable: str) -> Declaration[Any]:
+    """The declaration of `variable` (KeyError if none)."""
+    for _, declaration in declarations():
+        if declaration.variable == variable:
+            return declaration
+    raise KeyError(variable)
 
 
-def _non_negative_float(raw: str) -> float:
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError("must be a number of seconds") from None
-    if not (value >= 0 and value < 1e9):
-        raise ValueError("must be a number of seconds (0 or more)")
-    return value
+def configuration_table() -> str:
+    """The README's configuration table, from the declarations."""
+    rows = ["| variable | default | allowed | meaning |", "|---|---|---|---|"]
+    defaults = {f.name: f for f in dataclasses.fields(Settings)}
+    for name, declaration in declarations():
+        spec = defaults[name]
+        if declaration.shown_default is not None:
+            shown = declaration.shown_default
+        elif spec.default is None:
+            shown = "unset"
+        else:
+            shown = declaration.parser.show(spec.default)
+        cells = (f"`{declaration.variable}`", shown, declaration.parser.allowed, declaration.doc)
+        rows.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
+    return "\n".join(rows) + "\n"
 
 
-def _positive_float(raw: str) -> float:
-    value = _non_negative_float(raw)
-    if value == 0:
-        raise ValueError("must be more than 0 seconds")
-    return value
-
-
-def _log_format(raw: str) -> str:
-    if raw not in ("text", "json"):
-        raise ValueError("must be text or json")
-    return raw
-
-
-def _switch(raw: str) -> bool:
-    value = raw.lower()
-    if value in ("on", "true", "1", "yes"):
-        return True
-    if value in ("off", "false", "0", "no"):
-        return False
-    raise ValueError("must be on or off")
-
-
-def _algorithm(raw: str) -> str:
-    if raw not in SIGNING_ALGORITHMS:
-        raise ValueError(f"must be one of {', '.join(SIGNING_ALGORITHMS)}")
-    return raw
-
-
-def _address(raw: str) -> str:
-    host, sep, port = raw.rpartition(":")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise ValueError("must be HOST:PORT, for example 127.0.0.1:50051")
-    return raw
-
-
-MAX_AUDIENCE_BYTES = 256  # what Issue accepts in its audience field
-
-
-def _audience_list(raw: str) -> frozenset[str]:
-    audiences = frozenset(a.strip() for a in raw.split(",") if a.strip())
-    for audience in audiences:
-        if len(audience.encode("utf-8", "surrogatepass")) > MAX_AUDIENCE_BYTES:
-            raise ValueError(f"each audience at most {MAX_AUDIENCE_BYTES} bytes")
-        if not audience.isprintable() or any(c.isspace() for c in audience):
-            raise ValueError("audiences are separated by commas and contain no spaces")
-    return audiences
-
-
-CALL_GROUPS = ("validate", "admin")
-
-
-def _call_groups(raw: str) -> frozenset[str]:
-    groups = frozenset(g.strip() for g in raw.split(",") if g.strip())
-    unknown = groups - set(CALL_GROUPS)
-    if unknown:
-        raise ValueError(f"unknown group(s) {', '.join(sorted(unknown))}; known: validate, admin")
-    return groups
-
-
-def _readable_file(raw: str) -> Path:
-    path = Path(raw)
-    if not path.is_file() or not os.access(path, os.R_OK):
-        raise ValueError("must name a readable file")
-    return path
+def with_table(readme: str) -> str:
+    """`readme` with the text between the table markers replaced by the current table."""
+    start = readme.index(README_TABLE_START) + len(README_TABLE_START)
+    end = readme.index(README_TABLE_END, start)
+    return readme[:start] + "\n" + configuration_table() + readme[end:]
 
 
 def is_loopback(listen: str) -> bool:
@@ -453,3 +972,28 @@ def parse_kek(raw: str) -> bytes:
     if len(key) != 32:
         raise ValueError("must be base64 of exactly 32 bytes")
     return key
+
+
+def main(argv: list[str]) -> int:
+    """`--table`: print the configuration table; `--write-readme PATH`: rewrite PATH's
+    table between the markers; `--check-readme PATH`: exit 1 if it differs."""
+    if argv == ["--table"]:
+        sys.stdout.write(configuration_table())
+        return 0
+    if len(argv) == 2 and argv[0] in ("--write-readme", "--check-readme"):
+        path = Path(argv[1])
+        current = path.read_text(encoding="utf-8")
+        wanted = with_table(current)
+        if argv[0] == "--check-readme":
+            if wanted != current:
+                sys.stderr.write(f"{path}: the configuration table is out of date\n")
+                return 1
+            return 0
+        path.write_text(wanted, encoding="utf-8")
+        return 0
+    sys.stderr.write("usage: python -m service.settings --table | --write-readme PATH\n")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

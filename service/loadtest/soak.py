@@ -46,8 +46,11 @@ from service.loadtest import runner
 from service.loadtest.local import local_server, seed_users
 from service.loadtest.runner import LoadPlan, run_load
 from service.loadtest.stats import ScenarioSummary
-from service.settings import Settings
+from service.settings import DAY, WORKERS, Settings, bounded_argument, duration
 from service.store.invariants import family_invariant_violations
+
+# The faults are scripted into the first minute or so: shorter runs test nothing.
+SOAK_SECONDS = duration(10, 7 * DAY)
 
 # Status codes no client may ever see: they mean the server broke, not the weather.
 FAILURE_CODES = frozenset({"INTERNAL", "UNKNOWN"})
@@ -659,12 +662,17 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m service.loadtest.soak",
         description="Mixed load with PostgreSQL restarts, a killed worker and reuse attacks.",
     )
-    parser.add_argument("--duration", type=float, default=180.0, help="seconds (default 180)")
-    parser.add_argument("--workers", type=int, default=2, help="server workers (default 2)")
+    parser.add_argument(
+        "--duration",
+        type=bounded_argument(SOAK_SECONDS),
+        default=180.0,
+        help="seconds (default 180)",
+    )
+    parser.add_argument(
+        "--workers", type=bounded_argument(WORKERS), default=2, help="server workers (default 2)"
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the summary here")
     args = parser.parse_args(argv)
-    if args.duration <= 0 or args.workers < 1:
-        parser.error("--duration must be positive and --workers at least 1")
     # The soak restarts PostgreSQL itself: always its own embedded one, never a shared server.
     if os.environ.pop("AUTH_DATABASE_URL", None) is not None:
         print("soak: AUTH_DATABASE_URL ignored: a fresh embedded PostgreSQL", file=sys.stderr)

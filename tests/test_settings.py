@@ -1,0 +1,379 @@
+"""Settings: every variable declared once, with bounds that refuse nonsense at start (issue
+14, item 9), refusals that name the variable and never echo the value, and the README's
+configuration table generated from the declarations."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import math
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from service.cli import build_parser
+from service.clock import to_datetime
+from service.loadtest import soak
+from service.settings import (
+    DAY,
+    MAX_AGE,
+    YEAR,
+    Choice,
+    CommaList,
+    CommaSet,
+    Declaration,
+    Number,
+    Settings,
+    SettingsError,
+    Text,
+    configuration_table,
+    declaration_of,
+    declarations,
+    with_table,
+)
+from tests.conftest import ServerFactory
+from tests.helpers import refresh, validate
+from tests.test_cli import _authsvc, _server_env
+from tests.test_startup_failures import _failure
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+MARKER = "s3cr3t-MARKER"
+
+
+def refusal(env: dict[str, str]) -> str:
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_env(env)
+    return str(caught.value)
+
+
+def assert_refused(variable: str, value: str) -> str:
+    """`variable=value` is refused in one line naming it and what it may be."""
+    message = refusal({variable: value})
+    # Exactly the declared sentence, whatever the value: nothing of it can be echoed.
+    assert message == f"{variable}: must be {declaration_of(variable).parser.allowed}"
+    assert "\n" not in message and "\r" not in message, message
+    assert len(message) < 300, message
+    return message
+
+
+def numbers() -> list[tuple[str, Number[Any]]]:
+    found = []
+    for _, declaration in declarations():
+        if isinstance(declaration.parser, Number):
+            found.append((declaration.variable, declaration.parser))
+    return found
+
+
+def text(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+# --- the issue's examples ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "bound"),
+    [
+        # Accepted before: every wrong password then failed with INTERNAL (the throttle's
+        # window overflowed a date) and throttling stopped.
+        ("AUTH_THROTTLE_WINDOW", "99999999999", "2592000"),
+        # Accepted before: the janitor's cut-off date overflowed, every pass failed.
+        ("AUTH_EVENT_RETENTION", "99999999999", "315360000"),
+        # Accepted before, then a traceback at start (gRPC takes an int32).
+        ("AUTH_MAX_MESSAGE_BYTES", "2147483648", "16777216"),
+        # Accepted before: busy loops against the database.
+        ("AUTH_JANITOR_INTERVAL", "1e-7", "0.05"),
+        ("AUTH_REVOCATION_POLL_INTERVAL", "1e-7", "0.05"),
+        ("AUTH_DB_TIMEOUT", "1e-7", "0.05"),
+        # Accepted before: 100,000 processes, or 5,000 connections per process.
+        ("AUTH_WORKERS", "100000", "64"),
+        ("AUTH_DB_POOL_SIZE", "5000", "200"),
+        ("AUTH_MAX_CONCURRENT_RPCS", "99999999999", "100000"),
+        ("AUTH_TOKEN_CACHE_SIZE", "99999999999", "10000000"),
+        ("AUTH_KEY_ROTATION_PERIOD", "1", "60"),
+        ("AUTH_THROTTLE_MAX_DELAY", "99999999999", "86400"),
+        ("AUTH_STREAM_MAX_AGE", "1e300", "86400"),
+        ("AUTH_SHUTDOWN_GRACE", "99999999999", "3600"),
+    ],
+)
+def test_the_issues_examples_are_refused_in_one_line_naming_the_bounds(
+    variable: str, value: str, bound: str
+) -> None:
+    message = assert_refused(variable, value)
+    assert bound in message, message
+
+
+def test_a_bad_value_is_never_echoed_for_any_setting() -> None:
+    """One value every parser refuses (a control character in it), holding a marker that
+    must not come back: AUTH_KEK and AUTH_DATABASE_URL hold secrets, and any value may be
+    huge or hold terminal escapes. Also a 1 MB value: the message stays one short line."""
+    for _, declaration in declarations():
+        for bad in (f"{MARKER}\x1b[2J:1", f"{MARKER}\x00:1", MARKER * 70_000):
+            message = refusal({declaration.variable: bad})
+            assert message.startswith(declaration.variable + ": "), message
+            assert MARKER not in message and "\x1b" not in message, message
+            assert "\n" not in message and len(message) < 300, message
+
+
+# --- every declared setting has bounds ---------------------------------------------------
+
+
+def test_every_field_is_declared_once_with_a_variable_and_a_doc() -> None:
+    names = [f.name for f in dataclasses.fields(Settings)]
+    declared = dict(declarations())
+    assert list(declared) == names, "a Settings field without setting(...)"
+    variables = [d.variable for d in declared.values()]
+    assert len(set(variables)) == len(variables)
+    for declaration in declared.values():
+        assert declaration.variable.startswith("AUTH_")
+        assert declaration.doc and "\n" not in declaration.doc
+        assert declaration.parser.allowed
+    # The defaults are within their own bounds, and what an empty environment gives.
+    Settings().check()
+    assert Settings.from_env({}) == Settings()
+
+
+@pytest.mark.parametrize(("variable", "parser"), numbers(), ids=lambda v: str(v)[:40])
+def test_every_number_has_both_bounds_and_refuses_past_them(
+    variable: str, parser: Number[Any]
+) -> None:
+    assert 0 <= parser.low <= parser.high < math.inf
+    whole = parser.kind is int
+    # The bounds themselves are accepted ...
+    for edge in (parser.low, parser.high):
+        value = getattr(Settings.from_env({variable: text(edge)}), _field_of(variable))
+        assert value == edge
+    # ... one step past them is not.
+    step = 1 if whole else parser.low / 2
+    below = parser.low - step
+    if below > 0 or (below == 0 and parser.zero is None):
+        assert_refused(variable, text(below))
+    assert_refused(variable, text(parser.high + (1 if whole else parser.high / 1000)))
+    assert_refused(variable, "-1")
+    # 0 only where it means something (off, none, no limit, manual).
+    if parser.zero is not None or parser.low == 0:
+        assert getattr(Settings.from_env({variable: "0"}), _field_of(variable)) == 0
+    else:
+        assert_refused(variable, "0")
+    # Whole numbers are whole; no number is nan, inf or in exponent form past the bounds.
+    for bad in ("nan", "inf", "-inf", "1e999", "0x10", "1_000", "١٢", " + 1", "9" * 40):
+        assert_refused(variable, bad)
+    if whole:
+        assert_refused(variable, text(parser.low) + ".5")
+
+
+def _field_of(variable: str) -> str:
+    for name, declaration in declarations():
+        if declaration.variable == variable:
+            return name
+    raise KeyError(variable)
+
+
+def test_no_duration_can_overflow_a_date() -> None:
+    """now ± the largest value of any setting in seconds is a date, with decades to spare
+    (a throttle window of 99999999999 s used to overflow on every failed login)."""
+    now = datetime.now(UTC).timestamp()
+    for variable, parser in numbers():
+        if parser.unit == "seconds":
+            assert parser.high <= MAX_AGE, variable
+            assert to_datetime(now - parser.high).year > 1900
+            assert to_datetime(now + parser.high).year < 2200
+            assert datetime.now(UTC) + timedelta(seconds=parser.high) > datetime.now(UTC)
+
+
+def test_lifetimes_of_one_second_are_accepted() -> None:
+    """Tests and drills run with short lifetimes and windows."""
+    one = {
+        "AUTH_ACCESS_TTL": "1",
+        "AUTH_REFRESH_IDLE_TTL": "1",
+        "AUTH_REFRESH_ABSOLUTE_TTL": "1",
+        "AUTH_REFRESH_REUSE_GRACE": "1",
+        "AUTH_THROTTLE_WINDOW": "1",
+        "AUTH_THROTTLE_MAX_DELAY": "1",
+        "AUTH_EVENT_RETENTION": "1",
+        "AUTH_EVENT_AGGREGATION_WINDOW": "1",
+        "AUTH_STREAM_MAX_AGE": "1",
+        "AUTH_MIGRATION_TIMEOUT": "1",
+        "AUTH_JANITOR_INTERVAL": "0.05",
+        "AUTH_REVOCATION_POLL_INTERVAL": "0.5",
+        "AUTH_DB_TIMEOUT": "0.5",
+        "AUTH_KEY_ROTATION_PERIOD": "60",
+    }
+    settings = Settings.from_env(one)
+    assert (settings.access_ttl, settings.refresh_idle_ttl, settings.throttle_window) == (1, 1, 1)
+    assert settings.janitor_interval == 0.05
+
+
+def test_the_year_long_limits_are_what_the_docs_say() -> None:
+    limits = dict(numbers())
+    assert limits["AUTH_ACCESS_TTL"].high == DAY
+    for variable in ("AUTH_REFRESH_IDLE_TTL", "AUTH_REFRESH_ABSOLUTE_TTL"):
+        assert limits[variable].high == YEAR
+        assert_refused(variable, str(YEAR + 1))
+    assert Settings.from_env({"AUTH_WORKERS": "64"}).workers == 64
+    assert 1 <= Settings().workers <= 64
+
+
+def test_settings_built_in_code_are_checked_too() -> None:
+    with pytest.raises(SettingsError, match=r"^AUTH_THROTTLE_WINDOW: "):
+        Settings(throttle_window=99_999_999_999).check()
+    with pytest.raises(SettingsError, match=r"^AUTH_MAX_MESSAGE_BYTES: "):
+        Settings(max_message_bytes=2**31).check()
+    with pytest.raises(SettingsError, match=r"^AUTH_JANITOR_INTERVAL: "):
+        Settings(janitor_interval=math.nan).check()
+    with pytest.raises(SettingsError, match=r"^AUTH_WORKERS: "):
+        Settings(workers=True).check()
+
+
+# --- live: refused at start, and the largest accepted values work ----------------------
+
+
+async def test_a_huge_throttle_window_stops_serve_at_start_in_one_line(
+    database_url: str, tmp_path: Path
+) -> None:
+    """Before, `serve` ran with it and every wrong password got INTERNAL."""
+    env = _server_env(database_url, tmp_path, AUTH_WORKERS="1", AUTH_THROTTLE_WINDOW="99999999999")
+    result = _authsvc("serve", env=env)
+    assert result.returncode == 2, result.stderr
+    line = _failure(result, "text")
+    assert line.startswith("authsvc: AUTH_THROTTLE_WINDOW: "), line
+    assert "99999999999" not in line
+
+
+async def test_a_huge_throttle_window_built_in_code_does_not_start(
+    server_factory: ServerFactory,
+) -> None:
+    with pytest.raises(SettingsError, match=r"^AUTH_THROTTLE_WINDOW: "):
+        await server_factory(throttle_window=99_999_999_999)
+
+
+async def test_the_largest_accepted_values_work(server_factory: ServerFactory) -> None:
+    """Every lifetime, window and retention at its upper bound: wrong passwords are
+    refused (not INTERNAL) and throttled, a session works, the janitor and the scheduled
+    rotation run."""
+    server = await server_factory(
+        access_ttl=DAY,
+        refresh_idle_ttl=YEAR,
+        refresh_absolute_ttl=YEAR,
+        refresh_reuse_grace=300,
+        leeway=300,
+        throttle_window=30 * DAY,
+        throttle_max_delay=DAY,
+        throttle_user_failures=1,
+        event_retention=MAX_AGE,
+        event_aggregation_window=DAY,
+        key_rotation_period=YEAR,
+    )
+    await server.create_user("edge")
+    codes = []
+    for _ in range(3):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await server.login("edge", password="not the password")
+        codes.append(caught.value.code())
+    assert codes[0] == grpc.StatusCode.UNAUTHENTICATED, codes
+    assert grpc.StatusCode.INTERNAL not in codes
+    assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes, "throttled"
+    server.clock.advance(DAY + 1)  # the longest wait is over
+    pair = await server.login("edge")
+    checked = await validate(server, (await refresh(server, pair.refresh_token)).access_token)
+    assert checked.valid
+    janitor = server.running.components.janitor
+    assert await janitor.run_once() is not None
+    server.clock.advance(YEAR)
+    assert await janitor.run_once() is not None
+    keys = await server.running.components.signing_keys.describe()
+    assert len(keys) == 2, "the year-long period rotated the key"
+
+
+# --- the CLI's numbers have the same kind of bounds --------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["serve", "--workers", "100000"],
+        ["serve", "--workers", "0"],
+        ["events", "--since", "99999999999d"],
+        ["events", "--since", "0s"],
+        ["load", "--processes", "100000"],
+        ["load", "--concurrency", "99999999"],
+        ["load", "--duration", "nan"],
+        ["load", "--duration", "1e-7"],
+        ["load", "--rate", "inf"],
+        ["load", "--users", "10000000"],
+        ["load", "--workers", "100000"],
+        ["bench", "--duration", "-1"],
+        ["bench", "--rounds", "99999999"],
+        ["bench", "--workers", "100000"],
+    ],
+)
+def test_cli_numbers_are_bounded_and_not_echoed(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as caught:
+        build_parser().parse_args(argv)
+    assert caught.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert argv[-1] not in error, error
+    assert "must be" in error, error
+
+
+@pytest.mark.parametrize("argv", [["--duration", "1e9"], ["--workers", "100000"]])
+def test_soak_numbers_are_bounded(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as caught:
+        soak.main(argv)
+    assert caught.value.code == 2
+    assert "must be" in capsys.readouterr().err
+
+
+def test_cli_numbers_within_bounds_are_accepted() -> None:
+    args = build_parser().parse_args(["serve", "--workers", "64"])
+    assert args.workers == 64
+    args = build_parser().parse_args(["events", "--since", "3650d"])
+    assert args.since == 3650 * DAY
+    args = build_parser().parse_args(["load", "--duration", "1.5", "--rate", "0.5"])
+    assert (args.duration, args.rate) == (1.5, 0.5)
+    assert isinstance(build_parser(), argparse.ArgumentParser)
+
+
+# --- the README's table is generated from the declarations -------------------------------
+
+
+def test_the_readme_configuration_table_matches_the_declarations() -> None:
+    readme = README.read_text(encoding="utf-8")
+    wanted = with_table(readme)
+    diff = "".join(
+        difflib.unified_diff(
+            readme.splitlines(keepends=True), wanted.splitlines(keepends=True), "README.md"
+        )
+    )
+    assert not diff, (
+        "README.md's configuration table differs from service/settings.py; run "
+        "`make docs` (python -m service.settings --write-readme README.md):\n" + diff
+    )
+    for _, declaration in declarations():
+        assert f"| `{declaration.variable}` |" in configuration_table()
+
+
+def test_declarations_are_plain_data() -> None:
+    declaration = declaration_of("AUTH_ACCESS_TTL")
+    assert isinstance(declaration, Declaration)
+    assert declaration.parser.parse("60") == 60
+
+
+def test_the_list_parsers() -> None:
+    """For settings with several values (AUTH_CALLER_AUTH; several audiences, later)."""
+    audiences = CommaList(Text(256), max_items=3)
+    assert audiences.parse("orders, billing") == ("orders", "billing")
+    for bad in ("", "orders,,billing", "a,a", "a,b,c,d", "a,\x07"):
+        with pytest.raises(ValueError, match=r"^a comma-separated list") as caught:
+            audiences.parse(bad)
+        assert "\x07" not in str(caught.value)
+    groups = CommaSet(Choice(("validate", "admin")), max_items=2)
+    assert groups.parse(" admin ,validate,admin,") == {"admin", "validate"}
+    with pytest.raises(ValueError, match="validate, admin"):
+        groups.parse("validate,tokens")
