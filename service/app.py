@@ -330,9 +330,10 @@ async def start_server(
 
     `dsn` is for the revocation listener's own connection, outside the pool. If any step
     fails, what the earlier ones started is stopped again before the error propagates.
-    With `agree_settings` the shared settings are recorded (first start) or compared
-    (`SharedSettingsMismatch`); a `--workers` child leaves that to its supervisor, which
-    checked the same environment before starting it.
+    With `agree_settings` the shared settings are compared (`SharedSettingsMismatch`)
+    before anything is opened or created, and recorded (first start) once the key material
+    is open: a process that cannot start records nothing. A `--workers` child leaves that to
+    its supervisor, which did it with the same environment before starting it.
     """
     # Configuration first: a bad file or setting must stop us before anything runs.
     if not reuse_port:
@@ -340,9 +341,7 @@ async def start_server(
     credentials = server_credentials(settings)
     directory = service_directory(settings) if settings.caller_auth else None
     if agree_settings:
-        await agree_on_shared_settings(
-            PostgresStore(pool, timeout=settings.db_timeout), settings, clock=clock
-        )
+        await check_shared_settings(PostgresStore(pool, timeout=settings.db_timeout), settings)
     telemetry = PrometheusTelemetry() if settings.metrics_listen is not None else None
     async with contextlib.AsyncExitStack() as undo:
         endpoint = None
@@ -353,6 +352,8 @@ async def start_server(
             undo.callback(endpoint.close)
         components = await build_components(settings, pool=pool, clock=clock, telemetry=telemetry)
         undo.callback(components.close)
+        if agree_settings:
+            await agree_on_shared_settings(components.store, settings, clock=clock)
         health = health_async.HealthServicer()
 
         async def settings_shared(agreeing: bool) -> None:

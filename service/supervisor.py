@@ -37,7 +37,7 @@ from service.app import (
 )
 from service.clock import SystemClock
 from service.database import create_pool, resolve_database_url
-from service.domain.shared_settings import agree_on_shared_settings
+from service.domain.shared_settings import agree_on_shared_settings, check_shared_settings
 from service.failures import EXIT_INTERNAL, ConfigurationError, StartupError
 from service.metrics import (
     MULTIPROC_DIR_VARIABLE,
@@ -65,8 +65,9 @@ async def _prepare_database(settings: Settings) -> str:
     pool = await create_pool(dsn, settings)
     try:
         store = PostgresStore(pool, timeout=settings.db_timeout)
-        await agree_on_shared_settings(store, settings, clock=SystemClock())
+        await check_shared_settings(store, settings)
         await prepare_key_material(settings, pool)
+        await agree_on_shared_settings(store, settings, clock=SystemClock())
     finally:
         await pool.close()
     return dsn

@@ -4,6 +4,7 @@ records them, every later one compares and refuses to start on a mismatch, and
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import subprocess
@@ -97,6 +98,26 @@ async def test_a_replica_with_another_signing_algorithm_refuses_to_start(
     # Every differing setting is named, and only those.
     assert "AUTH_REFRESH_REUSE_GRACE" in message
     assert "AUTH_ISSUER" not in message
+
+
+async def test_of_two_replicas_starting_together_with_other_issuers_one_starts(
+    server_factory: ServerFactory, database_url: str
+) -> None:
+    """The first start's record is made under the bootstrap lock: never a mix of both."""
+    results = await asyncio.gather(
+        server_factory(issuer="https://a.example", access_ttl=600),
+        server_factory(issuer="https://b.example", access_ttl=700),
+        return_exceptions=True,
+    )
+    started = [r for r in results if isinstance(r, LiveServer)]
+    refused = [r for r in results if isinstance(r, StartupError)]
+    assert len(started) == 1 and len(refused) == 1, results
+    recorded = await _recorded(database_url)
+    assert (recorded["issuer"], recorded["access_ttl"]) == (
+        started[0].settings.issuer,
+        started[0].settings.access_ttl,
+    )
+    assert "AUTH_ISSUER" in str(refused[0]) and "AUTH_ACCESS_TTL" in str(refused[0])
 
 
 async def test_per_process_settings_may_differ_between_replicas(
@@ -235,8 +256,6 @@ def test_one_shot_commands_record_nothing_and_key_commands_refuse_a_mismatch(
 
 
 def _authsvc_rows(database_url: str) -> int:
-    import asyncio
-
     async def count() -> int:
         conn = await asyncpg.connect(database_url)
         try:
@@ -254,3 +273,24 @@ def test_the_shared_settings_are_settings_fields_and_hold_no_secret() -> None:
     assert set(SHARED_SETTINGS) <= names
     assert len(set(SHARED_SETTINGS)) == len(SHARED_SETTINGS)
     assert not {"kek", "database_url", "tls_key", "service_tokens_file"} & set(SHARED_SETTINGS)
+
+
+def test_each_shared_setting_is_named_by_the_variable_that_sets_it() -> None:
+    """The error line and the events name `variable_name(field)`: it must be the very
+    variable `Settings.from_env` reads for that field."""
+    from service.domain.shared_settings import SHARED_SETTINGS, shared_values, variable_name
+
+    defaults = shared_values(Settings.from_env({}))
+    for name in SHARED_SETTINGS:
+        default = defaults[name]
+        if isinstance(default, bool):
+            raw = "off" if default else "on"
+        elif isinstance(default, int):
+            raw = str(default + 1)
+        elif name == "signing_alg":
+            raw = "EdDSA"
+        else:
+            raw = "changed"
+        changed = shared_values(Settings.from_env({variable_name(name): raw}))
+        assert changed[name] != default, name
+        assert {n for n in defaults if changed[n] != defaults[n]} == {name}

@@ -144,9 +144,10 @@ class SharedSettingsMismatch(ConfigurationError):
 async def agree_on_shared_settings(
     store: PostgresStore, settings: Settings, *, clock: Clock
 ) -> None:
-    """What `serve` does at start: refuse (`SharedSettingsMismatch`) if a recorded value
-    differs from ours; otherwise record those not recorded yet (all of them on the first
-    start, under the lock of the other first-start work)."""
+    """What `serve` does once its key material is open: record the shared settings not
+    recorded yet (all of them on the first start), under the lock of the other first-start
+    work, unless a recorded value differs from ours (`SharedSettingsMismatch`: another
+    replica may have recorded its own since we compared)."""
     here = shared_values(settings)
     found: list[Difference] = []
     added: list[str] = []
@@ -174,9 +175,12 @@ async def agree_on_shared_settings(
         )
 
 
-async def check_shared_settings(store: PostgresStore, settings: Settings, *, doing: str) -> None:
-    """Refuse to act on every replica's behalf with other values than the shared ones
-    (`keys rotate`, `keys retire`); records nothing."""
+async def check_shared_settings(
+    store: PostgresStore, settings: Settings, *, doing: str = "refusing to start"
+) -> None:
+    """Refuse (`SharedSettingsMismatch`) to start, or to act on every replica's behalf
+    (`keys rotate`, `keys retire`), with other values than the recorded ones; records
+    nothing."""
     found = differences(await store.shared_settings(), shared_values(settings))
     if found:
         raise SharedSettingsMismatch(found, doing=doing)
