@@ -1,4 +1,4 @@
-"""The `authsvc` command: serve, migrate, and manage users and signing keys.
+"""The `authsvc` command: serve, migrate, manage users, signing keys and the shared settings.
 
 Every subcommand reads the same `AUTH_*` configuration, so `authsvc users ...`
 run from the directory where `authsvc serve` runs reaches the same database
