@@ -47,6 +47,11 @@ from service.domain.janitor import Janitor
 from service.domain.keys import KeyRing
 from service.domain.passwords import PasswordHasher
 from service.domain.revocation import RevocationState, VerifiedTokenCache
+from service.domain.shared_settings import (
+    SharedSettingsWatch,
+    agree_on_shared_settings,
+    check_shared_settings,
+)
 from service.domain.signing_keys import SigningKeys
 from service.domain.telemetry import NoTelemetry, Telemetry
 from service.domain.throttle import LoginThrottle
@@ -85,6 +90,9 @@ AUTH_SERVICE_NAME = auth_pb2.DESCRIPTOR.services_by_name["AuthService"].full_nam
 ADMIN_SERVICE_NAME = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
 # A health "service" that says whether revocations are heard live (see README).
 REVOCATIONS_HEALTH_NAME = "authsvc.revocations"
+# NOT_SERVING while this replica's settings are not the shared ones any more (someone ran
+# `authsvc settings adopt`): it serves on, but should be replaced.
+SHARED_SETTINGS_HEALTH_NAME = "authsvc.settings"
 # Refused admin calls waiting to be written: distinct (actor, method, reason, address)
 # keys, and the least time between two writes of the counts.
 _REFUSAL_KEYS_PENDING = 100
@@ -231,19 +239,25 @@ async def build_components(
 
 @asynccontextmanager
 async def open_components(
-    settings: Settings, *, key_material: bool = False
+    settings: Settings, *, key_material: bool = False, acting_for_all: str | None = None
 ) -> AsyncIterator[Components]:
     """The components over the configured database, for one-shot commands such as
     `authsvc users` and the load tool's seeding; closed on exit.
 
     The schema must be this binary's (they migrate nothing: `SchemaMismatch` otherwise).
-    Key material is opened (and created on first use) only if asked for.
+    Key material is opened (and created on first use) only if asked for. A command that
+    acts for every replica says what it does in `acting_for_all`: it is refused
+    (`SharedSettingsMismatch`) if our shared settings are not the recorded ones, before
+    anything is opened. No command records them: only `serve` does.
     """
     dsn = await resolve_database_url(settings)
     pool = await create_pool(dsn, settings)
     try:
         async with pool.acquire() as conn:
             await check_schema(conn)
+        if acting_for_all is not None:
+            store = PostgresStore(pool, timeout=settings.db_timeout)
+            await check_shared_settings(store, settings, doing=acting_for_all)
         # The database's time, as the servers use: an admin command's key schedule or
         # event window must not depend on this host's clock (too far off: a warning).
         clock = await start_database_clock(settings, pool, refuse=False)
@@ -328,8 +342,9 @@ class RunningServer:
     revocation_feed: RevocationFeed
     health: health_async.HealthServicer
     background: list[asyncio.Task[None]]
-    """The janitor and, with metrics on, the sampler."""
+    """The janitor, the shared-settings watch and, with metrics on, the sampler."""
     stream_budget: StreamBudget
+    settings_watch: SharedSettingsWatch
     telemetry: PrometheusTelemetry | None = None
     metrics_endpoint: MetricsEndpoint | None = None
 
@@ -357,11 +372,16 @@ async def start_server(
     clock: Clock,
     listen: str | None = None,
     reuse_port: bool = False,
+    agree_settings: bool = True,
 ) -> RunningServer:
     """Build the components, load revocations, and serve on `listen` (default settings.listen).
 
     `dsn` is for the revocation listener's own connection, outside the pool. If any step
     fails, what the earlier ones started is stopped again before the error propagates.
+    With `agree_settings` the shared settings are compared (`SharedSettingsMismatch`)
+    before anything is opened or created, and recorded (first start) once the key material
+    is open: a process that cannot start records nothing. A `--workers` child leaves that to
+    its supervisor, which did it with the same environment before starting it.
     """
     # Configuration first: a bad file or setting must stop us before anything runs.
     settings.check()  # also settings built in code (from_env already checked its own)
@@ -369,6 +389,8 @@ async def start_server(
         check_can_listen(listen or settings.listen)
     credentials = server_credentials(settings)
     directory = service_directory(settings) if settings.caller_auth else None
+    if agree_settings:
+        await check_shared_settings(PostgresStore(pool, timeout=settings.db_timeout), settings)
     telemetry = PrometheusTelemetry() if settings.metrics_listen is not None else None
     async with contextlib.AsyncExitStack() as undo:
         endpoint = None
@@ -379,7 +401,20 @@ async def start_server(
             undo.callback(endpoint.close)
         components = await build_components(settings, pool=pool, clock=clock, telemetry=telemetry)
         undo.callback(components.close)
+        if agree_settings:
+            await agree_on_shared_settings(components.store, settings, clock=clock)
         health = health_async.HealthServicer()
+
+        async def settings_shared(agreeing: bool) -> None:
+            status = (
+                health_pb2.HealthCheckResponse.SERVING
+                if agreeing
+                else health_pb2.HealthCheckResponse.NOT_SERVING
+            )
+            await health.set(SHARED_SETTINGS_HEALTH_NAME, status)
+
+        await settings_shared(True)
+        settings_watch = SharedSettingsWatch(components.store, settings, on_change=settings_shared)
 
         async def revocations_followed(listening: bool) -> None:
             # NOT_SERVING while this process is not hearing revocations live: Validate
@@ -421,7 +456,17 @@ async def start_server(
         )
         undo.pop_all()  # started: from here on RunningServer.stop undoes it all
     _log_start_up(settings, port, components, clock)
-    background = [asyncio.create_task(components.janitor.run_forever(), name="janitor")]
+    background = [
+        asyncio.create_task(
+            settings_watch.run_forever(settings.janitor_interval), name="shared-settings"
+        ),
+        # A replica whose settings are no longer the shared ones leaves the database-wide
+        # upkeep (rotation, retiring keys, purging by retention) to replicas that agree.
+        asyncio.create_task(
+            components.janitor.run_forever(may_run=lambda: settings_watch.agreeing),
+            name="janitor",
+        ),
+    ]
     if isinstance(clock, DatabaseClock):
 
         async def serving(ok: bool) -> None:
@@ -461,6 +506,7 @@ async def start_server(
         health=health,
         background=background,
         stream_budget=stream_budget,
+        settings_watch=settings_watch,
         telemetry=telemetry,
         metrics_endpoint=endpoint,
     )
@@ -722,7 +768,14 @@ async def serve(settings: Settings, *, worker: bool = False) -> None:
                 await check_schema(conn)
         # Before serving: refused here (one line) if this host's clock is too far off.
         clock = await start_database_clock(settings, pool)
-        running = await start_server(settings, dsn=dsn, pool=pool, clock=clock, reuse_port=worker)
+        running = await start_server(
+            settings,
+            dsn=dsn,
+            pool=pool,
+            clock=clock,
+            reuse_port=worker,
+            agree_settings=not worker,
+        )
         if worker:
             _tell_supervisor_ready()
         else:

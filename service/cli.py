@@ -1,4 +1,4 @@
-"""The `authsvc` command: serve, migrate, and manage users and signing keys.
+"""The `authsvc` command: serve, migrate, manage users, signing keys and the shared settings.
 
 Every subcommand reads the same `AUTH_*` configuration, so `authsvc users ...`
 run from the directory where `authsvc serve` runs reaches the same database
@@ -23,6 +23,12 @@ from service.api.requests import RequestCheck
 from service.app import migrate, open_components, serve
 from service.clock import to_datetime
 from service.database import resolve_database_url
+from service.domain.shared_settings import (
+    adopt_shared_settings,
+    shared_values,
+    shown,
+    variable_name,
+)
 from service.domain.usernames import escape_text
 from service.domain.users import MIN_PASSWORD_LENGTH, UserDirectory
 from service.errors import InvalidArgument
@@ -137,7 +143,14 @@ async def _keys_command(settings: Settings, args: argparse.Namespace) -> int:
     Only `rotate` needs the KEK (it opens the stored keys, then seals a new one);
     `list` and `retire` read and update rows."""
     rotate = args.keys_command == "rotate"
-    async with open_components(settings, key_material=rotate) as components:
+    # A key is made with our AUTH_SIGNING_ALG, and retired by our lifetimes, for every
+    # replica: refused with values the replicas do not share.
+    acting = args.keys_command in ("rotate", "retire")
+    async with open_components(
+        settings,
+        key_material=rotate,
+        acting_for_all=f"refusing to {args.keys_command} keys" if acting else None,
+    ) as components:
         keys = components.signing_keys
         if args.keys_command == "rotate":
             info = await keys.rotate(reason="cli", actor="cli")
@@ -203,6 +216,31 @@ async def _events_command(settings: Settings, since: float) -> int:
             last = event["last_occurred_at"].isoformat(timespec="seconds")
             fields.append(f"count={event['occurrences']} last={last}")
         print("  ".join(fields) + (f"  {detail}" if detail else ""))
+    return 0
+
+
+async def _settings_command(settings: Settings, args: argparse.Namespace) -> int:
+    """`authsvc settings show|adopt`: the settings every replica must share."""
+    async with open_components(settings) as components:
+        store = components.store
+        if args.settings_command == "adopt":
+            changed = await adopt_shared_settings(
+                store, settings, clock=components.clock, actor="cli"
+            )
+            if not changed:
+                print("nothing to adopt: the shared settings are this environment's already")
+            for difference in changed:
+                print(
+                    f"{difference.variable}: {shown(difference.recorded)} -> "
+                    f"{shown(difference.here)}"
+                )
+            return 0
+        recorded = await store.shared_settings()
+    for name, value in shared_values(settings).items():
+        shared = "(not recorded)" if name not in recorded else shown(recorded[name])
+        here = shown(value)
+        mark = "" if name not in recorded or recorded[name] == value else "\tdiffers"
+        print(f"{variable_name(name)}\t{shared}\there {here}{mark}")
     return 0
 
 
@@ -276,6 +314,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=_duration("1h"),
         metavar="DURATION",
         help="how far back, e.g. 30m, 1h, 7d (default 1h)",
+    )
+    shared = commands.add_parser(
+        "settings", help="the settings every replica on the database must share"
+    )
+    shared_commands = shared.add_subparsers(dest="settings_command", required=True)
+    shared_commands.add_parser(
+        "show", help="the shared values recorded in the database beside this environment's"
+    )
+    shared_commands.add_parser(
+        "adopt",
+        help="make this environment's values the shared ones (a security event); replicas "
+        "with the old values keep serving but report NOT_SERVING on authsvc.settings",
     )
     _add_load_commands(commands)
     return parser
@@ -455,4 +505,6 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
         return _bench_command(args)
     if args.command == "keys":
         return asyncio.run(_keys_command(settings, args))
+    if args.command == "settings":
+        return asyncio.run(_settings_command(settings, args))
     return asyncio.run(_users_command(settings, args))

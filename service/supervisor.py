@@ -37,6 +37,7 @@ from service.app import (
     start_metrics_endpoint,
 )
 from service.database import create_pool, resolve_database_url
+from service.domain.shared_settings import agree_on_shared_settings, check_shared_settings
 from service.failures import EXIT_INTERNAL, ConfigurationError, StartupError
 from service.metrics import (
     MULTIPROC_DIR_VARIABLE,
@@ -46,6 +47,7 @@ from service.metrics import (
     worker_exited,
 )
 from service.settings import Settings
+from service.store import PostgresStore
 
 log = logging.getLogger(__name__)
 
@@ -54,16 +56,20 @@ _RESTART_BACKOFF_MAX = 10.0
 
 
 async def _prepare_database(settings: Settings) -> str:
-    """Migrate, then open (or, on first start, create) the key material once, so that a
-    wrong or missing KEK stops the supervisor with one line instead of every worker."""
+    """Migrate, record or compare the shared settings, then open (or, on first start,
+    create) the key material once, so that settings another replica does not share, or a
+    wrong or missing KEK, stop the supervisor with one line instead of every worker."""
     dsn = await resolve_database_url(settings)
     for name in await migrate(dsn, settings):
         log.info("applied migration %s", name)
     pool = await create_pool(dsn, settings)
     try:
+        store = PostgresStore(pool, timeout=settings.db_timeout)
+        await check_shared_settings(store, settings)
         # Refused here, in one line, rather than by every worker (each checks again).
         clock = await start_database_clock(settings, pool)
         await prepare_key_material(settings, pool, clock)
+        await agree_on_shared_settings(store, settings, clock=clock)
     finally:
         await pool.close()
     return dsn

@@ -216,7 +216,11 @@ async def start_live_server(
     assert settings.database_url is not None
     # The same pool configuration as `authsvc serve` (sizes, per-call timeout).
     pool = await create_pool(settings.database_url, settings)
-    running = await start_server(settings, dsn=settings.database_url, pool=pool, clock=clock)
+    try:
+        running = await start_server(settings, dsn=settings.database_url, pool=pool, clock=clock)
+    except BaseException:
+        await pool.close()  # a server refused to start (the test may expect it)
+        raise
     channel = grpc.aio.insecure_channel(
         f"127.0.0.1:{running.port}",
         interceptors=[] if secrets_seen is None else [_RecordSecrets(secrets_seen)],

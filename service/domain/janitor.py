@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 
 from service.clock import Clock, to_datetime
 from service.domain.revocation import forgettable_before
@@ -75,8 +76,11 @@ class Janitor:
             log.info("janitor deleted %s", ", ".join(f"{k}: {v}" for k, v in deleted.items()))
         return deleted
 
-    async def run_forever(self) -> None:
+    async def run_forever(self, *, may_run: Callable[[], bool] = lambda: True) -> None:
+        """A pass every AUTH_JANITOR_INTERVAL, skipped while `may_run` says no."""
         while True:
             await asyncio.sleep(self._settings.janitor_interval)
+            if not may_run():
+                continue
             with contextlib.suppress(Exception):  # a failed pass is retried next time
                 await self.run_once()

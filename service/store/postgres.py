@@ -481,14 +481,48 @@ class PostgresStore:
         """Held while a replica creates or rotates keys or the first secret, so only one
         does at a time (it holds one pooled connection; the work inside uses others)."""
         async with self._transaction() as conn:
-            # Never wait forever behind another replica: give up as UNAVAILABLE instead, a
-            # little before the statement timeout, so the server's clean error comes first.
-            lock_timeout_ms = max(1, int(self._timeout * 900))
-            await conn.execute(
-                "SELECT set_config('lock_timeout', $1, true)", f"{lock_timeout_ms}ms"
-            )
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", _BOOTSTRAP_LOCK_ID)
+            await self._take_bootstrap_lock(conn)
             yield
+
+    async def _take_bootstrap_lock(self, conn: asyncpg.Connection) -> None:
+        """The bootstrap lock, until `conn`'s transaction ends."""
+        # Never wait forever behind another replica: give up as UNAVAILABLE instead, a
+        # little before the statement timeout, so the server's clean error comes first.
+        lock_timeout_ms = max(1, int(self._timeout * 900))
+        await conn.execute("SELECT set_config('lock_timeout', $1, true)", f"{lock_timeout_ms}ms")
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", _BOOTSTRAP_LOCK_ID)
+
+    # Settings every replica shares
+
+    async def shared_settings(self) -> dict[str, Any]:
+        """The recorded shared settings, name -> value (empty before the first serve)."""
+        async with self._connection() as conn:
+            rows = await conn.fetch("SELECT name, value FROM shared_settings")
+        return {r["name"]: json.loads(r["value"]) for r in rows}
+
+    async def update_shared_settings(
+        self,
+        decide: Callable[[dict[str, Any]], tuple[dict[str, Any], SecurityEvent | None]],
+        *,
+        now: datetime,
+    ) -> None:
+        """Read the record, let `decide` say what to write (name -> value) and the event
+        that says why, and write both: in one transaction under the bootstrap lock, so that
+        replicas starting together (and `settings adopt`) take turns."""
+        async with self._transaction() as conn:
+            await self._take_bootstrap_lock(conn)
+            rows = await conn.fetch("SELECT name, value FROM shared_settings")
+            values, event = decide({r["name"]: json.loads(r["value"]) for r in rows})
+            if values:
+                await conn.executemany(
+                    """INSERT INTO shared_settings (name, value, recorded_at)
+                       VALUES ($1, $2::jsonb, $3)
+                       ON CONFLICT (name)
+                       DO UPDATE SET value = excluded.value, recorded_at = excluded.recorded_at""",
+                    [(name, json.dumps(value), now) for name, value in values.items()],
+                )
+            if event is not None:
+                await self._insert_event(conn, event, now)
 
     async def signing_keys(self) -> list[SigningKeyRecord]:
         """Every stored key, retired ones included, oldest first."""

@@ -2,8 +2,9 @@
 issued (stored with the session), whatever AUTH_ACCESS_TTL and AUTH_LEEWAY say later.
 
 Each test issues tokens under one configuration, then starts another server on the same
-database with a shorter access TTL (or a longer leeway), as a redeployment would, and moves
-the clock past what the new settings alone would keep.
+database with a shorter access TTL (or a longer leeway), as a redeployment would (the new
+values adopted as the shared ones first, as `authsvc settings adopt` does), and moves the
+clock past what the new settings alone would keep.
 """
 
 from __future__ import annotations
@@ -12,14 +13,17 @@ import asyncio
 import contextlib
 import time
 import uuid
+from dataclasses import replace
+from typing import Any
 
 import asyncpg
 import grpc
 import pytest
 
 from service.clock import ManualClock, to_datetime
+from service.domain.shared_settings import adopt_shared_settings
 from service.gen.auth.v1 import auth_pb2
-from service.settings import MAX_LEEWAY
+from service.settings import MAX_LEEWAY, Settings
 from tests.conftest import LiveServer, ServerFactory
 from tests.helpers import assert_error, refresh, validate
 
@@ -34,6 +38,20 @@ async def _revoke(server: LiveServer, **target: str) -> int:
     return response.revoked_sessions
 
 
+async def _redeployed(
+    server_factory: ServerFactory, settings: Settings, before: LiveServer, **overrides: Any
+) -> LiveServer:
+    """A server with other lifetimes on the same database, once they are adopted as the
+    shared settings (replicas refuse to start with values the others do not share)."""
+    await adopt_shared_settings(
+        before.running.components.store,
+        replace(settings, **overrides),
+        clock=before.clock,
+        actor="test",
+    )
+    return await server_factory(**overrides)
+
+
 async def _stored_bound(server: LiveServer, session_id: str) -> float | None:
     value = await server.pool.fetchval(
         "SELECT extract(epoch FROM access_expires_max)::float8 FROM sessions WHERE id = $1",
@@ -43,7 +61,7 @@ async def _stored_bound(server: LiveServer, session_id: str) -> float | None:
 
 
 async def test_a_revocation_outlives_a_lowered_access_ttl_and_leeway(
-    server_factory: ServerFactory, clock: ManualClock
+    server_factory: ServerFactory, clock: ManualClock, settings: Settings
 ) -> None:
     before = await server_factory(access_ttl=900, leeway=30, refresh_idle_ttl=100)
     await before.create_user("lowered")
@@ -53,7 +71,9 @@ async def test_a_revocation_outlives_a_lowered_access_ttl_and_leeway(
 
     # Redeployed with a 60 s access TTL and no leeway; the old rule forgot after 120 s.
     clock.advance(60 + OLD_MARGIN + 1)
-    after = await server_factory(access_ttl=60, leeway=0, refresh_idle_ttl=100)
+    after = await _redeployed(
+        server_factory, settings, before, access_ttl=60, leeway=0, refresh_idle_ttl=100
+    )
     await after.running.components.janitor.run_once()
     result = await validate(after, revoked.access_token)
     assert not result.valid
@@ -73,7 +93,7 @@ async def test_a_revocation_outlives_a_lowered_access_ttl_and_leeway(
 
 
 async def test_a_session_stays_revocable_after_the_access_ttl_is_lowered(
-    server_factory: ServerFactory, clock: ManualClock
+    server_factory: ServerFactory, clock: ManualClock, settings: Settings
 ) -> None:
     before = await server_factory(access_ttl=900, refresh_idle_ttl=100)
     await before.create_user("idle")
@@ -81,7 +101,7 @@ async def test_a_session_stays_revocable_after_the_access_ttl_is_lowered(
 
     # Its refresh token expired long ago (the session is dead), its access token lives on.
     clock.advance(100 + 60 + OLD_MARGIN + 1)
-    after = await server_factory(access_ttl=60, refresh_idle_ttl=100)
+    after = await _redeployed(server_factory, settings, before, access_ttl=60, refresh_idle_ttl=100)
     await after.running.components.janitor.run_once()
     assert (await validate(after, pair.access_token)).valid
     assert await _revoke(after, access_token=pair.access_token) == 1
@@ -89,7 +109,7 @@ async def test_a_session_stays_revocable_after_the_access_ttl_is_lowered(
 
 
 async def test_a_revocation_outlives_a_raised_leeway(
-    server_factory: ServerFactory, clock: ManualClock
+    server_factory: ServerFactory, clock: ManualClock, settings: Settings
 ) -> None:
     before = await server_factory(access_ttl=900, leeway=0)
     await before.create_user("raised")
@@ -100,14 +120,14 @@ async def test_a_revocation_outlives_a_raised_leeway(
     clock.advance(900 + OLD_MARGIN + 1)
     await before.running.components.janitor.run_once()
     # A replica started with the largest leeway allowed still accepts the token's time ...
-    wide = await server_factory(access_ttl=900, leeway=MAX_LEEWAY)
+    wide = await _redeployed(server_factory, settings, before, access_ttl=900, leeway=MAX_LEEWAY)
     await wide.running.components.janitor.run_once()
     # ... but knows it is revoked.
     assert (await validate(wide, pair.access_token)).error == REVOKED
 
 
 async def test_the_bound_is_the_latest_exp_of_any_token_the_session_was_issued(
-    server_factory: ServerFactory, clock: ManualClock
+    server_factory: ServerFactory, clock: ManualClock, settings: Settings
 ) -> None:
     before = await server_factory(access_ttl=900, refresh_reuse_grace=10)
     await before.create_user("rotating")
@@ -128,7 +148,7 @@ async def test_the_bound_is_the_latest_exp_of_any_token_the_session_was_issued(
 
     # Past what the first token needed, with the TTL lowered: the later tokens stay refused.
     clock.advance(900 - 605 + MAX_LEEWAY + OLD_MARGIN + 1)
-    after = await server_factory(access_ttl=60)
+    after = await _redeployed(server_factory, settings, before, access_ttl=60)
     await after.running.components.janitor.run_once()
     assert (await validate(after, first.access_token)).error == EXPIRED
     for token in (rotated.access_token, replayed.access_token):
