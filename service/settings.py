@@ -27,6 +27,11 @@ past the last access token's `exp`, whatever the leeway is now, so that raising 
 later (up to here) can never bring a forgotten revocation's token back."""
 
 
+MAX_SESSIONS_PER_USER = 10_000
+"""The largest `AUTH_MAX_SESSIONS_PER_USER` accepted: a login reads that many index entries
+of the user's sessions to find the oldest beyond it."""
+
+
 class SettingsError(ValueError):
     """A configuration variable has a value we cannot use."""
 
@@ -144,6 +149,10 @@ class Settings:
     replays, refused admin calls) from one source share one stored row (with a count) and
     at most one log line per this many seconds (`AUTH_EVENT_AGGREGATION_WINDOW`)."""
 
+    max_sessions_per_user: int = 100
+    """Sessions one user may hold (`AUTH_MAX_SESSIONS_PER_USER`, 1 to 10000): a login beyond
+    it revokes the user's oldest session(s), so one account cannot grow without end."""
+
     revocation_poll_interval: float = 5.0
     """Seconds between safety-net polls of revoked sessions (`AUTH_REVOCATION_POLL_INTERVAL`)."""
 
@@ -237,6 +246,9 @@ class Settings:
             event_aggregation_window=reader.get(
                 "AUTH_EVENT_AGGREGATION_WINDOW", _positive_int, cls.event_aggregation_window
             ),
+            max_sessions_per_user=reader.get(
+                "AUTH_MAX_SESSIONS_PER_USER", _positive_int, cls.max_sessions_per_user
+            ),
             revocation_poll_interval=reader.get(
                 "AUTH_REVOCATION_POLL_INTERVAL", _positive_float, cls.revocation_poll_interval
             ),
@@ -254,6 +266,8 @@ class Settings:
             raise SettingsError("AUTH_REFRESH_REUSE_GRACE: at most 300 seconds")
         if settings.leeway > MAX_LEEWAY:
             raise SettingsError(f"AUTH_LEEWAY: at most {MAX_LEEWAY} seconds")
+        if settings.max_sessions_per_user > MAX_SESSIONS_PER_USER:
+            raise SettingsError(f"AUTH_MAX_SESSIONS_PER_USER: at most {MAX_SESSIONS_PER_USER}")
         if settings.event_aggregation_window > 86_400:
             raise SettingsError("AUTH_EVENT_AGGREGATION_WINDOW: at most 86400 seconds (a day)")
         for name, value in (
