@@ -225,4 +225,16 @@ async def test_the_session_cap_stays_cheap_for_a_user_far_beyond_it(
         user.id,
     )
     assert evicted == 100  # MAX_EVICTIONS_PER_LOGIN
-    print(f"\nlogin beside {SEEDED} sessions: {took:.3f}s, {evicted} oldest evicted")
+    # The admin view of those sessions answers too (seeded sessions have no refresh token:
+    # none of them is live, so the page is the two real ones).
+    admin = admin_pb2_grpc.AdminServiceStub(server.channel)
+    start = time.perf_counter()
+    listed = await admin.ListSessions(
+        admin_pb2.ListSessionsRequest(user=admin_pb2.UserSelector(user_id=str(user.id)))
+    )
+    listed_in = time.perf_counter() - start
+    assert [s.session_id for s in listed.sessions] == [pair.session_id]
+    print(
+        f"\nlogin beside {SEEDED} sessions: {took:.3f}s, {evicted} oldest evicted; "
+        f"ListSessions: {listed_in:.3f}s"
+    )
