@@ -78,8 +78,9 @@ async def _sql_rotation_rate(
         async with pool.acquire() as conn:
             user_id = uuid.uuid4()
             await conn.execute(
-                """INSERT INTO users (id, username, password_hash, created_at, updated_at)
-                   VALUES ($1, $2, 'x', $3, $3)""",
+                """INSERT INTO users (id, username, username_key, password_hash, created_at,
+                                      updated_at)
+                   VALUES ($1, $2, $2, 'x', $3, $3)""",
                 user_id,
                 f"bench-sql-{user_id.hex[:8]}",
                 now,
