@@ -1,11 +1,12 @@
-# authsvc: `make run` serves on 127.0.0.1:50051, `make test` runs the whole suite.
+# authsvc: `make run` serves on 127.0.0.1:50051, `make test` runs the whole suite
+# (`make test-fast`: without the large-table tests).
 # Both create .venv on first use and install the project into it.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test lint fmt docs proto check-proto load bench soak clean
+.PHONY: run test test-fast lint fmt docs proto check-proto load bench soak clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,6 +19,10 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+# Everything but the large-table tests (marked slow: millions of rows, minutes).
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow"
 
 LINTED := service tests scripts examples/python/orders_service.py
 

@@ -111,6 +111,7 @@ _REVOCATION_TARGETS: Final[tuple[RevocationTarget, ...]] = (
     "subject",
     "admin",
     "reuse",
+    "session_limit",
 )
 
 

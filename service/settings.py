@@ -66,6 +66,11 @@ README_TABLE_START = "<!-- settings-table:start -->"
 README_TABLE_END = "<!-- settings-table:end -->"
 
 
+MAX_SESSIONS_PER_USER = 10_000
+"""The largest `AUTH_MAX_SESSIONS_PER_USER` accepted: a login reads that many index entries
+of the user's sessions to find the oldest beyond it."""
+
+
 class SettingsError(ValueError):
     """A configuration variable has a value we cannot use."""
 
@@ -724,6 +729,13 @@ class Settings:
         count(1, 10_000_000, zero="off"),
         default=100_000,
         doc="verified access tokens remembered per process",
+    )
+    max_sessions_per_user: int = setting(
+        "AUTH_MAX_SESSIONS_PER_USER",
+        count(1, 10_000),
+        default=100,
+        doc="""sessions one user may hold; a login beyond it revokes the user's oldest, so one
+        account cannot grow without end""",
     )
     revocation_poll_interval: float = setting(
         "AUTH_REVOCATION_POLL_INTERVAL",

@@ -250,10 +250,11 @@ async def _blocked_rotation_pid(
             """SELECT pid, query FROM pg_stat_activity
                 WHERE datname = current_database() AND pid <> pg_backend_pid()
                   AND wait_event_type = 'Lock'
-                  AND ltrim(query, E' \\n\\t') LIKE 'WITH session AS%'"""
+                  AND ltrim(query, E' \\n\\t') LIKE 'WITH user_raised AS%'"""
         )
         if row is not None:
-            assert row["query"].strip() == ROTATE_SQL.strip()
+            # pg_stat_activity keeps the first track_activity_query_size bytes (1024).
+            assert ROTATE_SQL.strip().startswith(row["query"].strip())
             pid: int = row["pid"]
             return pid
         assert not task.done(), "the Refresh finished without waiting for the session lock"

@@ -125,3 +125,64 @@ async def test_existing_sessions_get_a_bound_past_any_token_they_could_have_issu
         assert await server.pool.fetchval("SELECT count(*) FROM sessions") == 3
     finally:
         await stop_live_server(server)
+
+
+async def test_existing_users_get_a_bound_covering_their_sessions_and_generation_zero(
+    empty_database: str, settings: Settings, clock: ManualClock
+) -> None:
+    """Migration 0008: each existing user's bound is the latest of their sessions' (or the
+    epoch without any), every user and session starts at generation 0, and a revocation
+    of such a user afterwards ends their existing sessions and is remembered that long."""
+    t0 = to_datetime(clock.now())
+    conn = await asyncpg.connect(empty_database)
+    try:
+        await _migrate_until(conn, "user_session_generation")
+        busy, idle = uuid.uuid4(), uuid.uuid4()
+        for user_id, name in ((busy, "busy"), (idle, "idle")):
+            await conn.execute(
+                """INSERT INTO users (id, username, username_key, password_hash, created_at,
+                                      updated_at)
+                   VALUES ($1, $2, $2, 'x', $3, $3)""",
+                user_id,
+                name,
+                t0,
+            )
+        sessions = {uuid.uuid4(): t0 + timedelta(seconds=s) for s in (100, 900, 300)}
+        for sid, bound in sessions.items():
+            await conn.execute(
+                """INSERT INTO sessions (id, user_id, scopes, audience, created_at, expires_at,
+                                         access_expires_max)
+                   VALUES ($1, $2, '{}', 'a', $3, $4, $5)""",
+                sid,
+                busy,
+                t0,
+                t0 + timedelta(days=30),
+                bound,
+            )
+
+        await apply_migrations(conn)
+
+        users = {
+            r["id"]: r
+            for r in await conn.fetch(
+                "SELECT id, access_expires_max, session_generation FROM users"
+            )
+        }
+        assert users[busy]["access_expires_max"] == t0 + timedelta(seconds=900)
+        assert users[idle]["access_expires_max"].timestamp() == 0
+        assert {u["session_generation"] for u in users.values()} == {0}
+        assert set(await conn.fetch("SELECT DISTINCT user_generation FROM sessions")) == {(0,)}
+    finally:
+        await conn.close()
+
+    server = await start_live_server(replace(settings, database_url=empty_database), clock)
+    try:
+        users_directory = server.running.components.users
+        assert await users_directory.set_disabled(busy, True) == 3
+        state = server.running.components.revocations
+        assert state.is_revoked_for_user(str(busy), 0)
+        assert await server.pool.fetchval(
+            "SELECT revoked_sessions_until FROM users WHERE id = $1", busy
+        ) == t0 + timedelta(seconds=900)
+    finally:
+        await stop_live_server(server)

@@ -455,17 +455,17 @@ async def test_a_login_checked_against_a_password_changed_meanwhile_starts_no_se
     )
     store = server.running.components.store
     created = await store.create_session(
-        session, SecurityEvent(kind="login_succeeded"), verified_hash=old_hash
+        session, SecurityEvent(kind="login_succeeded"), verified_hash=old_hash, max_sessions=100
     )
-    assert created is False
+    assert created is None
     assert await server.pool.fetchval("SELECT count(*) FROM sessions") == 0
 
     await server.running.components.users.set_disabled("racer", True)
     current = await server.pool.fetchval("SELECT password_hash FROM users WHERE id = $1", user.id)
     created = await store.create_session(
-        session, SecurityEvent(kind="login_succeeded"), verified_hash=current
+        session, SecurityEvent(kind="login_succeeded"), verified_hash=current, max_sessions=100
     )
-    assert created is False
+    assert created is None
 
 
 @pytest.mark.parametrize("change", ["disable", "set_password"])
@@ -496,7 +496,12 @@ async def test_a_user_change_cut_short_changes_nothing(server: LiveServer, chang
         kinds = await conn.fetch("SELECT kind FROM security_events")
     assert row is not None and not row["disabled"]
     assert revoked == 0
-    assert {k["kind"] for k in kinds} == {"signing_key_created", "user_created", "login_succeeded"}
+    assert {k["kind"] for k in kinds} == {
+        "signing_key_created",
+        "shared_settings_recorded",
+        "user_created",
+        "login_succeeded",
+    }
     verdict = await server.stub.Validate(auth_pb2.ValidateRequest(access_token=pair.access_token))
     assert verdict.valid
     # The old password still logs in: the new hash was not kept either.

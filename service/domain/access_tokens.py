@@ -29,6 +29,9 @@ TOKEN_TYPE = "at+jwt"
 _ACCEPTED_TYPES = frozenset({"at+jwt", "application/at+jwt"})
 _SEGMENT_RE = re.compile(r"[A-Za-z0-9_-]+")
 _ALGORITHMS: dict[str, Algorithm] = get_default_algorithms()
+# A private claim: the session's generation among its user's (see AccessClaims.generation).
+GENERATION_CLAIM = "ugen"
+_MAX_GENERATION = 2**63 - 1  # a PostgreSQL bigint
 # What our key ids look like (secrets.token_urlsafe(12)); anything else is no key of ours.
 _KID_RE = re.compile(r"[A-Za-z0-9_-]{16}")
 # iat/nbf may be this far ahead of the clock even with AUTH_LEEWAY=0: a token stamped by
@@ -89,6 +92,10 @@ class AccessClaims:
     issued_at: float
     expires_at: float
     not_before: float | None
+    generation: int = 0
+    """The user's session generation when the session started (claim `ugen`; 0 when absent,
+    as in tokens signed before it existed): a revocation of all the user's sessions raises
+    the user's generation, and every token carrying a lower one is revoked."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,9 +202,10 @@ class AccessTokenCodec:
         scopes: tuple[str, ...],
         issued_at: int,
         expires_at: int,
+        generation: int,
     ) -> IssuedAccessToken:
-        """A token with exactly these `iat` and `exp` (see `token_lifetime`), signed with
-        the key active now."""
+        """A token with exactly these `iat` and `exp` (see `token_lifetime`) and the session's
+        `generation`, signed with the key active now."""
         key = self.key_ring.signing_key(self._clock.now())
         iat = issued_at
         exp = expires_at
@@ -210,6 +218,7 @@ class AccessTokenCodec:
             "jti": uuid.uuid4().hex,
             "sid": session_id,
             "scope": " ".join(scopes),
+            GENERATION_CLAIM: generation,
         }
         token = jwt.encode(
             claims, key.private_key, algorithm=key.alg, headers={"kid": key.kid, "typ": TOKEN_TYPE}
@@ -256,6 +265,7 @@ class AccessTokenCodec:
             issued_at=claims["iat"],
             expires_at=claims["exp"],
             not_before=claims.get("nbf"),
+            generation=claims.get(GENERATION_CLAIM, 0),
         )
         if check_time:
             self.check_lifetime(verified)
@@ -292,6 +302,13 @@ class AccessTokenCodec:
         if "nbf" in claims and not _is_number(claims["nbf"]):
             raise TokenRejected(TokenProblem.MALFORMED)
         if not isinstance(claims.get("scope", ""), str):
+            raise TokenRejected(TokenProblem.MALFORMED)
+        generation = claims.get(GENERATION_CLAIM, 0)
+        if (
+            not isinstance(generation, int)
+            or isinstance(generation, bool)
+            or not 0 <= generation <= _MAX_GENERATION
+        ):
             raise TokenRejected(TokenProblem.MALFORMED)
         AccessTokenCodec._audiences(claims)
 

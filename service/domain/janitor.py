@@ -14,6 +14,11 @@ without bound under steady load.
   retired keys after `AUTH_EVENT_RETENTION`, and rotates when `AUTH_KEY_ROTATION_PERIOD`
   says the newest key is old enough.
 
+Before that, a step of its own: sessions that their user's revocation ended (a disable, a
+password change, a delete, a logout everywhere: one row written, the user's generation) get
+their revoked_at and reason written, `CATCH_UP_BATCH` per statement, so the admin views and
+the clean-up catch up; those sessions were refused from the moment of the revocation.
+
 Used refresh tokens of live sessions are kept on purpose: they are what reuse detection
 recognises when a stolen old token comes back.
 """
@@ -34,6 +39,11 @@ from service.store.postgres import PostgresStore
 log = logging.getLogger(__name__)
 
 BATCH = 500
+CATCH_UP_BATCH = 5000
+"""Sessions per statement of the revocation catch-up (about 0.1 s each here)."""
+CATCH_UP_MAX_BATCHES = 200
+"""Statements per run: a user with millions of sessions is caught up over a few runs,
+and the clean-up after it is not held up."""
 
 
 class Janitor:
@@ -60,6 +70,12 @@ class Janitor:
             log.warning(
                 "janitor: signing-key upkeep failed (%s); retried next run", type(exc).__name__
             )
+        try:
+            await self.catch_up_user_revocations()
+        except Exception as exc:
+            log.warning(
+                "janitor: revocation catch-up failed (%s); retried next run", type(exc).__name__
+            )
         now = self._clock.now()
         dead_before = forgettable_before(now)
         deleted = await self._store.purge(
@@ -75,6 +91,18 @@ class Janitor:
         if deleted and any(deleted.values()):
             log.info("janitor deleted %s", ", ".join(f"{k}: {v}" for k, v in deleted.items()))
         return deleted
+
+    async def catch_up_user_revocations(
+        self, *, max_batches: int = CATCH_UP_MAX_BATCHES
+    ) -> int | None:
+        """Write revoked_at into sessions their user's revocation ended, in bounded batches;
+        how many, or None if another replica is at it."""
+        written = await self._store.catch_up_user_revocations(
+            batch=CATCH_UP_BATCH, max_batches=max_batches
+        )
+        if written:
+            log.info("janitor marked %d sessions revoked with their user", written)
+        return written
 
     async def run_forever(self, *, may_run: Callable[[], bool] = lambda: True) -> None:
         """A pass every AUTH_JANITOR_INTERVAL, skipped while `may_run` says no."""

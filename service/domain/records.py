@@ -73,6 +73,8 @@ class RefreshTokenState:
     user_disabled: bool
     rotated_by_peer: str | None = None
     """Who made the session's latest rotation (read only for a used token: its own)."""
+    session_generation: int = 0
+    """The user's session generation when the session started (the tokens' `ugen`)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,6 +10,13 @@ Past that point every token of the session is refused as expired anyway, so the 
 bounded. It is filled at start, kept current by the database's notifications (see
 `service.store.revocation_feed`), and updated directly by this process's own revocations.
 
+It also holds, per user whose every session was revoked at once (a disable, a password
+change, a delete, a logout everywhere), the user's session generation: every token of a
+session started under a lower generation (its `ugen` claim) is revoked. One entry, whatever
+the number of sessions, so such a revocation writes one row, not one per session. It is
+remembered by the same rule, until the user's own bound (`users.access_expires_max`: at
+least the `exp` of every access token signed for any of their sessions) has passed.
+
 `VerifiedTokenCache` remembers tokens whose signature and claims were verified,
 so seeing a token again costs a dictionary lookup instead of a signature check.
 Expiry, revocation, audience and scope are still checked on every call.
@@ -30,6 +37,12 @@ from service.settings import MAX_LEEWAY
 REVOCATION_MARGIN_SECONDS = 60.0
 
 
+# A user's bound is raised this far past the `exp` that needed it, so most refreshes find it
+# high enough and write nothing to the user's row; a user's revocation is then remembered
+# up to this much longer than strictly needed.
+USER_BOUND_STEP_SECONDS = 3600.0
+
+
 class Revocation(NamedTuple):
     """A revoked session, as the store reports it and notifications carry it."""
 
@@ -38,6 +51,17 @@ class Revocation(NamedTuple):
     """Epoch seconds."""
     access_expires_max: float
     """The latest `exp` of any access token the session was issued (epoch seconds)."""
+
+
+class UserRevocation(NamedTuple):
+    """Every session of a user started under a generation below `generation` is revoked."""
+
+    user_id: str
+    generation: int
+    revoked_at: float
+    """Epoch seconds."""
+    access_expires_max: float
+    """The user's bound when revoked: no token of those sessions expires later."""
 
 
 def remembered_until(access_expires_max: float) -> float:
@@ -56,6 +80,8 @@ class RevocationState:
 
     def __init__(self) -> None:
         self._revoked: dict[str, float] = {}  # session id -> forget after (epoch seconds)
+        # user id -> (sessions below this generation are revoked, forget after)
+        self._users: dict[str, tuple[int, float]] = {}
         self.synced_at: float | None = None
         """When the state was last known to match the database (None: never, or stale)."""
         self.lag: float | None = None
@@ -63,6 +89,21 @@ class RevocationState:
 
     def is_revoked(self, session_id: str) -> bool:
         return session_id in self._revoked
+
+    def is_revoked_for_user(self, user_id: str, generation: int) -> bool:
+        """Whether a token of a session that `user_id` started under `generation` is revoked."""
+        entry = self._users.get(user_id)
+        return entry is not None and generation < entry[0]
+
+    def add_users(self, revocations: Iterable[UserRevocation]) -> None:
+        for revocation in revocations:
+            forget_after = remembered_until(revocation.access_expires_max)
+            generation, known_until = self._users.get(revocation.user_id, (0, 0.0))
+            # Generations only grow, and each one's bound covers the ones before it.
+            self._users[revocation.user_id] = (
+                max(generation, revocation.generation),
+                max(known_until, forget_after),
+            )
 
     def add(self, revocations: Iterable[Revocation]) -> None:
         for revocation in revocations:
@@ -75,7 +116,15 @@ class RevocationState:
         expired = [sid for sid, forget_after in self._revoked.items() if forget_after <= now]
         for sid in expired:
             del self._revoked[sid]
-        return len(expired)
+        users = [uid for uid, (_, forget_after) in self._users.items() if forget_after <= now]
+        for uid in users:
+            del self._users[uid]
+        return len(expired) + len(users)
+
+    @property
+    def revoked_users(self) -> int:
+        """How many users' revocations are remembered."""
+        return len(self._users)
 
     def __len__(self) -> int:
         return len(self._revoked)

@@ -56,6 +56,9 @@ SHARED_SETTINGS: Final[tuple[str, ...]] = (
     # A replay of a rotated token within the window is a retry on one replica and theft
     # (the family revoked) on another.
     "refresh_reuse_grace",
+    # How many sessions a login leaves a user: with different caps, the real one would be
+    # whichever replica answered.
+    "max_sessions_per_user",
     # Failures are counted in the database but judged by the replica that answers: the
     # most lenient replica would be the policy an attacker gets by retrying.
     "login_throttle",

@@ -8,7 +8,9 @@ from typing import Literal, Protocol
 LoginOutcome = Literal["succeeded", "failed", "throttled"]
 # What a revocation named: a refresh token, an access token, one session (by id), every
 # session of a subject, an admin call, or reuse detection.
-RevocationTarget = Literal["refresh_token", "access_token", "session", "subject", "admin", "reuse"]
+RevocationTarget = Literal[
+    "refresh_token", "access_token", "session", "subject", "admin", "reuse", "session_limit"
+]
 # A rotated refresh token presented again within the grace window: a client's own retry
 # (the same address, within a second of the rotation) or not.
 ReplayVerdict = Literal["retry", "suspicious"]

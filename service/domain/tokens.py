@@ -37,7 +37,12 @@ from service.domain.refresh_tokens import (
     new_refresh_token,
     replay_verdict,
 )
-from service.domain.revocation import Revocation, RevocationState, VerifiedTokenCache
+from service.domain.revocation import (
+    Revocation,
+    RevocationState,
+    UserRevocation,
+    VerifiedTokenCache,
+)
 from service.domain.signing_keys import SigningKeys
 from service.domain.telemetry import NoTelemetry, RevocationTarget, Telemetry
 from service.domain.throttle import LoginThrottle
@@ -301,12 +306,17 @@ class TokenService:
                 peer=caller.peer,
             ),
             verified_hash=user.password_hash,
+            max_sessions=self._settings.max_sessions_per_user,
         )
-        if not created:
+        if created is None:
             # Disabled, or the password changed, while we were checking it.
             self._telemetry.login("failed")
             raise InvalidCredentials()
+        generation, evicted = created
         self._telemetry.login("succeeded")
+        if evicted:
+            # Over the cap: the oldest sessions went, and this process refuses their tokens now.
+            self._revoked_here(evicted, "session_limit")
         if self._hasher.needs_rehash(user.password_hash):
             new_hash = await self._hasher.hash(password)
             await self._store.set_password_hash(
@@ -319,6 +329,7 @@ class TokenService:
             scopes=granted,
             issued_at=issued_at,
             expires_at=access_expires,
+            generation=generation,
         )
         return TokenPair(
             access_token=access.token,
@@ -520,6 +531,7 @@ class TokenService:
             scopes=scopes,
             issued_at=issued_at,
             expires_at=access_expires,
+            generation=state.session_generation,
         )
         return TokenPair(
             access_token=access.token,
@@ -567,7 +579,9 @@ class TokenService:
         """
         claims = self._signed(access_token)
         self._codec.check_lifetime(claims)
-        if self._revocations.is_revoked(claims.session_id):
+        if self._revocations.is_revoked(claims.session_id) or self._revocations.is_revoked_for_user(
+            claims.subject, claims.generation
+        ):
             raise TokenRejected(TokenProblem.REVOKED)
         return claims
 
@@ -640,7 +654,7 @@ class TokenService:
         if user_id is not None and subject == token.live_subject:
             reason = "logout_everywhere"
             now = self._clock.now()
-            revoked = await self._store.revoke_user_sessions(
+            revocation, count = await self._store.revoke_user_sessions(
                 user_id,
                 reason=reason,
                 now=to_datetime(now),
@@ -651,8 +665,10 @@ class TokenService:
                     detail=caller.detail(reason=reason),
                 ),
             )
-            if revoked:
-                return self._revoked_here(revoked, "subject")
+            # Remembered here at once even if it ended nothing live (the answer is then the
+            # refusal below, as for any other outcome that ends no live session).
+            if self.user_revoked_here(revocation, count, "subject"):
+                return count
         raise await self._refused(
             token, caller, target="subject", target_id=None if user_id is None else str(user_id)
         )
@@ -728,9 +744,15 @@ class TokenService:
         )
         return self._revoked_here(revoked, target)
 
-    def revoked_elsewhere(self, revoked: list[Revocation], target: RevocationTarget) -> int:
-        """Revocations the store made in another domain operation (a user deleted)."""
-        return self._revoked_here(revoked, target)
+    def user_revoked_here(
+        self, revocation: UserRevocation, count: int, target: RevocationTarget
+    ) -> int:
+        """A revocation of every session of a user, made by this process (a logout
+        everywhere, or an operator's change): refused here at once; `count` sessions."""
+        self._revocations.add_users([revocation])
+        if count:
+            self._telemetry.sessions_revoked(target, count)
+        return count
 
     def _revoked_here(self, revoked: list[Revocation], target: RevocationTarget) -> int:
         """This process sees its own revocations at once, not when the NOTIFY arrives."""

@@ -147,7 +147,10 @@ class UserDirectory:
         )
         if revoked is None:  # deleted meanwhile
             raise UserNotFound()
-        return self._tokens.revoked_elsewhere(revoked, "admin")
+        revocation, count = revoked
+        if revocation is None:
+            return 0
+        return self._tokens.user_revoked_here(revocation, count, "admin")
 
     async def delete(self, user: UserRef, *, caller: CallerInfo = CLI) -> int:
         """Delete a user: sessions revoked, username free; how many sessions ended."""
@@ -164,8 +167,9 @@ class UserDirectory:
         )
         if revoked is None:  # deleted by someone else meanwhile
             raise UserNotFound()
-        log.warning("security: user %s deleted; %d sessions revoked", record.id, len(revoked))
-        return self._tokens.revoked_elsewhere(revoked, "admin")
+        revocation, count = revoked
+        log.warning("security: user %s deleted; %d sessions revoked", record.id, count)
+        return self._tokens.user_revoked_here(revocation, count, "admin")
 
     async def list(self) -> list[UserRecord]:
         return await self._store.list_users()

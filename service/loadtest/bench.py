@@ -123,6 +123,9 @@ async def _sql_rotation_rate(
                         far,
                         far,
                         "ipv4:127.0.0.1:50000",  # the rotating peer, as the service stores it
+                        user_id,
+                        0,  # the session's generation (the user's)
+                        None,  # the user's bound is not raised (the service does, in steps)
                     )
                 token_hash = child
                 done += 1
@@ -273,6 +276,7 @@ def signing_algorithm_costs(
                     scopes=("read", "write"),
                     issued_at=int(time.time()),
                     expires_at=int(time.time()) + 900,
+                    generation=0,
                 ).token
                 for _ in range(samples)
             ]

@@ -6,13 +6,15 @@ import json
 import logging
 from collections.abc import Iterable
 
-from service.domain.revocation import Revocation
+from service.domain.revocation import Revocation, UserRevocation
 
 log = logging.getLogger(__name__)
 
 CHANNEL = "authsvc_revocations"
 # Signing keys were added or retired: every replica reloads them (the payload is empty).
 KEYS_CHANNEL = "authsvc_signing_keys"
+# Every session of a user was revoked at once: [user id, generation, revoked at, bound].
+USERS_CHANNEL = "authsvc_user_revocations"
 # NOTIFY payloads are limited to 8000 bytes; ~75 bytes per session.
 _SESSIONS_PER_NOTIFY = 100
 
@@ -37,4 +39,29 @@ def parse_payload(payload: str) -> list[Revocation]:
         return [Revocation(str(sid), float(at), float(until)) for sid, at, until in items]
     except (ValueError, TypeError):
         log.warning("ignored a malformed revocation notification")
+        return []
+
+
+def user_notify_payload(revocation: UserRevocation) -> str:
+    """The NOTIFY payload announcing one user's revocation (a few dozen bytes)."""
+    return json.dumps(
+        [
+            revocation.user_id,
+            revocation.generation,
+            round(revocation.revoked_at, 3),
+            round(revocation.access_expires_max, 3),
+        ],
+        separators=(",", ":"),
+    )
+
+
+def parse_user_payload(payload: str) -> list[UserRevocation]:
+    """The inverse of `user_notify_payload`; malformed input yields nothing."""
+    try:
+        user_id, generation, at, until = json.loads(payload)
+        if not isinstance(generation, int) or isinstance(generation, bool):
+            raise TypeError("generation")
+        return [UserRevocation(str(user_id), generation, float(at), float(until))]
+    except (ValueError, TypeError):
+        log.warning("ignored a malformed user revocation notification")
         return []

@@ -13,7 +13,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -35,9 +35,16 @@ from service.domain.refresh_tokens import (
     RevokeForReuse,
     Rotate,
 )
-from service.domain.revocation import Revocation
+from service.domain.revocation import USER_BOUND_STEP_SECONDS, Revocation, UserRevocation
 from service.errors import DatabaseUnavailable, SessionRevoked, UserAlreadyExists
-from service.store.notifications import CHANNEL, KEYS_CHANNEL, notify_payloads
+from service.settings import MAX_SESSIONS_PER_USER
+from service.store.notifications import (
+    CHANNEL,
+    KEYS_CHANNEL,
+    USERS_CHANNEL,
+    notify_payloads,
+    user_notify_payload,
+)
 
 # Connection trouble, by class: SQLSTATE 08 (connection), 57 (operator
 # intervention: shutdown, cancel, cannot connect now), 53 (out of resources),
@@ -63,6 +70,15 @@ _CLOCK_SQL = "SELECT extract(epoch FROM pg_catalog.clock_timestamp())::float8"
 _BOOTSTRAP_LOCK_ID = 0x61757468  # "auth"
 # Held by the one replica whose janitor is running.
 _JANITOR_LOCK_ID = 0x6A616E69  # "jani"
+# Held by the one replica catching up on users' revocations (a janitor step of its own).
+_CATCH_UP_LOCK_ID = 0x63617463  # "catc"
+
+# What a revocation of all a user's sessions reports as revoked is counted up to this many
+# (the largest AUTH_MAX_SESSIONS_PER_USER): the count reads a bounded range of the index.
+REVOKED_COUNT_LIMIT = MAX_SESSIONS_PER_USER
+# Sessions a login revokes beyond the cap at most (more only for users who had more than
+# the cap before it existed: their excess goes this many per login).
+MAX_EVICTIONS_PER_LOGIN = 100
 
 # Clean-up, in small batches (each its own short transaction).
 _PURGE_SQL = {
@@ -143,7 +159,10 @@ UPDATE login_throttle AS t
 LOCK_REFRESH_TOKEN_SQL = """
 SELECT rt.token_hash, rt.session_id, s.user_id, rt.issued_at, rt.expires_at, rt.used_at,
        rt.child_hash, s.scopes AS session_scopes, s.audience,
-       s.expires_at AS session_expires_at, (s.revoked_at IS NOT NULL) AS session_revoked,
+       s.expires_at AS session_expires_at,
+       (s.revoked_at IS NOT NULL OR s.user_generation < u.session_generation)
+           AS session_revoked,
+       s.user_generation, u.access_expires_max AS user_access_expires_max,
        u.scopes AS user_scopes, u.disabled
   FROM refresh_tokens rt
   JOIN sessions s ON s.id = rt.session_id
@@ -154,7 +173,9 @@ SELECT rt.token_hash, rt.session_id, s.user_id, rt.issued_at, rt.expires_at, rt.
 
 ROTATED_TOKEN_STATE_SQL = """
 SELECT c.expires_at AS child_expires_at, (c.used_at IS NOT NULL) AS child_used,
-       (s.revoked_at IS NOT NULL) AS session_revoked, u.disabled, s.last_refreshed_peer
+       (s.revoked_at IS NOT NULL OR s.user_generation < u.session_generation)
+           AS session_revoked,
+       u.disabled, s.last_refreshed_peer
   FROM sessions s
   JOIN users u ON u.id = s.user_id
   LEFT JOIN refresh_tokens c ON c.token_hash = $2
@@ -164,18 +185,23 @@ SELECT c.expires_at AS child_expires_at, (c.used_at IS NOT NULL) AS child_used,
 # A login: the session, its first refresh token and the security event, written
 # only if the user is still enabled and still has the password hash that was just
 # verified: a disable or password change that commits during the (slow) hash check
-# must not be outrun by the login it should stop. FOR SHARE makes a login that meets a
-# disable, delete or password change in flight wait for it and check the new row, and
-# makes that change wait for the login, whose session its revocation then sees. $15 is
-# the `exp` of the access token the login will sign.
+# must not be outrun by the login it should stop. The row lock on the user makes a login
+# that meets a disable, delete, password change or logout everywhere in flight wait for
+# it and check the new row (and take the new generation), and makes that change wait for
+# the login, whose session (of the old generation) it then revokes; it also serializes a
+# user's logins, so the session cap counts each one. $15 is the `exp` of the access token
+# the login will sign: the user's bound is raised to $16 (a step past it) if below it.
 CREATE_SESSION_SQL = """
 WITH still_valid AS (
-    SELECT 1 FROM users WHERE id = $2 AND NOT disabled AND password_hash = $14 FOR SHARE),
+    UPDATE users SET access_expires_max = CASE WHEN access_expires_max >= $15
+                                               THEN access_expires_max ELSE $16 END
+     WHERE id = $2 AND NOT disabled AND password_hash = $14
+    RETURNING session_generation),
 session AS (
     INSERT INTO sessions (id, user_id, scopes, audience, created_at, expires_at, peer, user_agent,
-                          access_expires_max)
-    SELECT $1, $2, $3, $4, $5, $6, $7, $8, $15 FROM still_valid
-    RETURNING id),
+                          access_expires_max, user_generation)
+    SELECT $1, $2, $3, $4, $5, $6, $7, $8, $15, session_generation FROM still_valid
+    RETURNING id, user_generation),
 token AS (
     INSERT INTO refresh_tokens (token_hash, session_id, issued_at, expires_at)
     SELECT $9, id, $5, $10 FROM session),
@@ -183,20 +209,98 @@ event AS (
     INSERT INTO security_events
            (occurred_at, last_occurred_at, kind, subject, session_id, peer, detail)
     SELECT $5, $5, $11, $12, id, $7, $13 FROM session)
-SELECT count(*) FROM session
+SELECT user_generation FROM session
 """
 
+# The session cap, right after a login's insert ($3), in its transaction (the user's row is
+# locked): the oldest of the user's unrevoked sessions of the current generation beyond the
+# newest $4 (the cap - 1, besides the new one) are revoked, $5 at most. Both reads are
+# bounded ranges of sessions_user_live, whatever the number of sessions.
+EVICT_OLDEST_SESSIONS_SQL = """
+WITH excess AS (
+    SELECT count(*) AS n FROM (
+        SELECT 1 FROM sessions
+         WHERE user_id = $1 AND user_generation = $2 AND revoked_at IS NULL AND id <> $3
+         ORDER BY created_at DESC, id DESC
+        OFFSET $4 LIMIT $5) beyond),
+oldest AS (
+    SELECT id FROM sessions
+     WHERE user_id = $1 AND user_generation = $2 AND revoked_at IS NULL AND id <> $3
+     ORDER BY created_at, id
+     LIMIT (SELECT n FROM excess))
+UPDATE sessions s SET revoked_at = $6, revoke_reason = 'session_limit'
+  FROM oldest WHERE s.id = oldest.id AND s.revoked_at IS NULL
+RETURNING s.id, s.revoked_at, s.access_expires_max
+"""
+
+# A revocation of every session of a user: one row, whatever their number. The sessions of
+# the generation it ends are counted (up to $4, through the index); the janitor writes
+# their revoked_at later, in batches (`catch_up_user_revocations`).
+REVOKE_USER_SESSIONS_SQL = """
+UPDATE users SET session_generation = session_generation + 1,
+                 sessions_revoked_at = $2, sessions_revoke_reason = $3,
+                 revoked_sessions_until = access_expires_max,
+                 sessions_revoke_pending = true
+ WHERE id = $1
+RETURNING session_generation, revoked_sessions_until,
+          (SELECT count(*) FROM (
+               SELECT 1 FROM sessions s
+                WHERE s.user_id = $1 AND s.user_generation = users.session_generation - 1
+                  AND s.revoked_at IS NULL
+                LIMIT $4) c) AS sessions
+"""
+
+# The janitor's catch-up: one batch of a user's sessions of an ended generation, walked in
+# index order from the cursor ($5, $6, $7), given the user's revocation time and reason.
+CATCH_UP_BATCH_SQL = """
+WITH batch AS (
+    SELECT id, user_generation, created_at FROM sessions
+     WHERE user_id = $1 AND user_generation < $2 AND revoked_at IS NULL
+       AND (user_generation, created_at, id) > ($5, $6, $7)
+     ORDER BY user_generation, created_at, id
+     LIMIT $8),
+done AS (
+    UPDATE sessions s SET revoked_at = $3, revoke_reason = $4
+      FROM batch WHERE s.id = batch.id AND s.revoked_at IS NULL
+    RETURNING 1),
+last AS (
+    SELECT user_generation, created_at, id FROM batch
+     ORDER BY user_generation DESC, created_at DESC, id DESC LIMIT 1)
+SELECT (SELECT count(*) FROM batch) AS examined, (SELECT count(*) FROM done) AS revoked,
+       last.user_generation, last.created_at, last.id
+  FROM (SELECT 1) one LEFT JOIN last ON true
+"""
+
+# A Refresh signs a token for a session of user $8 started under generation $9 (below). The user's
+# bound must cover its `exp`: if the lock query read a bound below it, $10 (a step past it)
+# is written, under the user's row lock and only if the generation is still the session's
+# (a revocation of the user that committed first announced the bound as it was, so nothing
+# may be signed past it; one that comes later waits for the row and announces the raised
+# bound). Otherwise ($10 NULL) the bound read already covers the token: bounds only grow,
+# so even a revocation committing after that read remembers this token long enough, and
+# the generation is checked again here, without a lock.
+#
 # Touch the session (who rotated it, to judge a replay of the parent) and raise its bound
 # to the `exp` ($6) of the access token about to be signed, mark the parent used, store its
 # only child: one round trip. All of it only if the session is not revoked: a revocation
 # that committed while this waited for the session row announced the bound as it was, so
 # no token may be signed past it. (A revocation that comes after this commit waits for the
-# row, and announces the raised bound.)
+# row, and announces the raised bound.) The same holds for the user's bound (above).
 ROTATE_SQL = """
-WITH session AS (
+WITH user_raised AS (
+    UPDATE users SET access_expires_max = greatest(access_expires_max, $10)
+     WHERE $10::timestamptz IS NOT NULL AND id = $8 AND session_generation <= $9
+    RETURNING 1),
+user_current AS (
+    SELECT 1 WHERE CASE WHEN $10::timestamptz IS NULL
+                        THEN NOT EXISTS (SELECT 1 FROM users
+                                          WHERE id = $8 AND session_generation > $9)
+                        ELSE EXISTS (SELECT 1 FROM user_raised) END),
+session AS (
     UPDATE sessions SET last_refreshed_at = $3, last_refreshed_peer = $7,
                         access_expires_max = greatest(access_expires_max, $6)
-     WHERE id = $2 AND revoked_at IS NULL RETURNING id),
+     WHERE id = $2 AND revoked_at IS NULL AND EXISTS (SELECT 1 FROM user_current)
+    RETURNING id),
 parent AS (
     UPDATE refresh_tokens SET used_at = $3, child_hash = $4
      WHERE token_hash = $1 AND used_at IS NULL AND EXISTS (SELECT 1 FROM session)
@@ -206,11 +310,24 @@ SELECT $4, $2, $1, $3, $5 FROM parent
 """
 
 # A replay within the grace window signs another access token: raise the bound to its
-# `exp` ($2), unless the session was revoked meanwhile (as for ROTATE_SQL).
+# `exp` ($2), unless the session or its user's generation was revoked meanwhile (as for
+# ROTATE_SQL).
 RAISE_ACCESS_EXPIRES_MAX_SQL = """
+WITH user_raised AS (
+    UPDATE users SET access_expires_max = greatest(access_expires_max, $5)
+     WHERE $5::timestamptz IS NOT NULL AND id = $3 AND session_generation <= $4
+    RETURNING 1),
+user_current AS (
+    SELECT 1 WHERE CASE WHEN $5::timestamptz IS NULL
+                        THEN NOT EXISTS (SELECT 1 FROM users
+                                          WHERE id = $3 AND session_generation > $4)
+                        ELSE EXISTS (SELECT 1 FROM user_raised) END)
 UPDATE sessions SET access_expires_max = greatest(access_expires_max, $2)
- WHERE id = $1 AND revoked_at IS NULL
+ WHERE id = $1 AND revoked_at IS NULL AND EXISTS (SELECT 1 FROM user_current)
 """
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def _revocations(rows: list[asyncpg.Record]) -> list[Revocation]:
@@ -250,7 +367,16 @@ def _refresh_state(row: asyncpg.Record, rotated: asyncpg.Record | None) -> Refre
         user_scopes=tuple(row["user_scopes"]),
         user_disabled=(rotated or row)["disabled"],
         rotated_by_peer=None if rotated is None else rotated["last_refreshed_peer"],
+        session_generation=row["user_generation"],
     )
+
+
+def _user_bound_raise(row: asyncpg.Record, access_expires_at: datetime) -> datetime | None:
+    """What to raise the user's bound to before signing a token expiring at
+    `access_expires_at` (a step past it), or None if the bound read covers it."""
+    if row["user_access_expires_max"] >= access_expires_at:
+        return None
+    return access_expires_at + timedelta(seconds=USER_BOUND_STEP_SECONDS)
 
 
 class PostgresStore:
@@ -382,11 +508,12 @@ class PostgresStore:
         disabled: bool | None = None,
         revoke_reason: str | None = None,
         events: list[SecurityEvent],
-    ) -> list[Revocation] | None:
+    ) -> tuple[UserRevocation | None, int] | None:
         """One transaction: set a new password hash and/or the disabled flag, revoke every
-        live session if `revoke_reason` is given (with the NOTIFY), and record the events.
+        session if `revoke_reason` is given (with the NOTIFY), and record the events.
         All of it or none: a change cut short can never leave the old sessions alive.
-        The sessions revoked, or None if there is no such user."""
+        The user's revocation (None without `revoke_reason`) and how many sessions it
+        revoked, or None if there is no such user."""
         async with self._transaction() as conn:
             found = await conn.fetchval(
                 """UPDATE users SET password_hash = coalesce($2, password_hash),
@@ -399,8 +526,8 @@ class PostgresStore:
             )
             if found is None:
                 return None
-            revoked = (
-                []
+            revoked: tuple[UserRevocation | None, int] = (
+                (None, 0)
                 if revoke_reason is None
                 else await self._revoke_user_sessions(conn, user_id, revoke_reason, now)
             )
@@ -410,9 +537,10 @@ class PostgresStore:
 
     async def delete_user(
         self, user_id: uuid.UUID, *, now: datetime, event: SecurityEvent
-    ) -> list[Revocation] | None:
+    ) -> tuple[UserRevocation, int] | None:
         """Mark a user deleted (disabled, no password, username free) and revoke their
-        sessions, in one transaction; the revocations, or None if there was no such user.
+        sessions, in one transaction; the revocation and how many sessions it revoked, or
+        None if there was no such user.
         The janitor deletes the row once their sessions are gone."""
         async with self._transaction() as conn:
             found = await conn.fetchval(
@@ -442,6 +570,8 @@ class PostgresStore:
             rows = await conn.fetch(
                 """SELECT s.* FROM sessions s
                     WHERE s.user_id = $1 AND s.revoked_at IS NULL AND s.expires_at > $2
+                      AND s.user_generation = (SELECT session_generation FROM users
+                                                WHERE id = $1)
                       AND EXISTS (SELECT 1 FROM refresh_tokens t
                                    WHERE t.session_id = s.id AND t.used_at IS NULL
                                      AND t.expires_at > $2)
@@ -606,13 +736,20 @@ class PostgresStore:
     # Sessions and refresh tokens
 
     async def create_session(
-        self, session: NewSession, event: SecurityEvent, *, verified_hash: str
-    ) -> bool:
-        """Start a token family: the session, its first token and the login event, in one
-        statement (atomic, one round trip). False if the user was disabled or changed
+        self,
+        session: NewSession,
+        event: SecurityEvent,
+        *,
+        verified_hash: str,
+        max_sessions: int,
+    ) -> tuple[int, list[Revocation]] | None:
+        """Start a token family: the session, its first token and the login event in one
+        statement, and, in the same transaction, the user's oldest sessions beyond
+        `max_sessions` revoked (with the NOTIFY and an event each). The session's
+        generation and the sessions revoked; None if the user was disabled or changed
         password since `verified_hash` was read."""
-        async with self._connection() as conn:
-            created = await conn.fetchval(
+        async with self._transaction() as conn:
+            generation: int | None = await conn.fetchval(
                 CREATE_SESSION_SQL,
                 session.id,
                 session.user_id,
@@ -629,8 +766,36 @@ class PostgresStore:
                 json.dumps(event.detail or {}),
                 verified_hash,
                 session.access_expires_at,
+                session.access_expires_at + timedelta(seconds=USER_BOUND_STEP_SECONDS),
             )
-        return bool(created)
+            if generation is None:
+                return None
+            evicted = _revocations(
+                await conn.fetch(
+                    EVICT_OLDEST_SESSIONS_SQL,
+                    session.user_id,
+                    generation,
+                    session.id,
+                    max_sessions - 1,
+                    MAX_EVICTIONS_PER_LOGIN,
+                    session.created_at,
+                )
+            )
+            if evicted:
+                await self._notify_revoked(conn, evicted)
+                for revocation in evicted:
+                    await self._insert_event(
+                        conn,
+                        SecurityEvent(
+                            kind="session_revoked",
+                            subject=str(session.user_id),
+                            session_id=uuid.UUID(revocation.session_id),
+                            peer=session.peer,
+                            detail={"reason": "session_limit"},
+                        ),
+                        session.created_at,
+                    )
+        return generation, evicted
 
     async def refresh(
         self,
@@ -665,6 +830,7 @@ class PostgresStore:
             decision = decide(state)
             if state is None:
                 return state, decision, [], False
+            assert row is not None
             if isinstance(decision, Rotate):
                 written = await conn.execute(
                     ROTATE_SQL,
@@ -675,6 +841,9 @@ class PostgresStore:
                     decision.child_expires_at,
                     access_expires_at,
                     peer,
+                    state.user_id,
+                    state.session_generation,
+                    _user_bound_raise(row, access_expires_at),
                 )
                 if written != "INSERT 0 1":
                     return state, Reject(SessionRevoked), [], False
@@ -699,7 +868,12 @@ class PostgresStore:
             elif isinstance(decision, Replay):
                 # The child exists already; the new access token's exp is what to write.
                 written = await conn.execute(
-                    RAISE_ACCESS_EXPIRES_MAX_SQL, state.session_id, access_expires_at
+                    RAISE_ACCESS_EXPIRES_MAX_SQL,
+                    state.session_id,
+                    access_expires_at,
+                    state.user_id,
+                    state.session_generation,
+                    _user_bound_raise(row, access_expires_at),
                 )
                 if written != "UPDATE 1":
                     return state, Reject(SessionRevoked), [], False
@@ -755,8 +929,9 @@ class PostgresStore:
 
     async def revoke_user_sessions(
         self, user_id: uuid.UUID, *, reason: str, now: datetime, event: SecurityEvent
-    ) -> list[Revocation]:
-        """Revoke every live session of a user; those this call revoked."""
+    ) -> tuple[UserRevocation, int]:
+        """Revoke every session of a user: the revocation and how many live sessions it
+        revoked (counted up to REVOKED_COUNT_LIMIT)."""
         async with self._transaction() as conn:
             revoked = await self._revoke_user_sessions(conn, user_id, reason, now)
             await self._insert_event(conn, event, now)
@@ -766,29 +941,40 @@ class PostgresStore:
     # UPDATE that waited for a Refresh holding the session row re-reads it, so RETURNING
     # gives the bound that Refresh raised: the revocation carries it.
 
-    @classmethod
+    # A user's revocation is one row: the generation raised, with the user's bound as it is
+    # now. A login or refresh holding the user's row (to raise that bound) commits first,
+    # and its session is then of the generation revoked; see ROTATE_SQL.
+
+    @staticmethod
     async def _revoke_user_sessions(
-        cls, conn: asyncpg.Connection, user_id: uuid.UUID, reason: str, now: datetime
-    ) -> list[Revocation]:
-        rows = await conn.fetch(
-            """UPDATE sessions SET revoked_at = $2, revoke_reason = $3
-                WHERE user_id = $1 AND revoked_at IS NULL
-                RETURNING id, revoked_at, access_expires_max""",
-            user_id,
-            now,
-            reason,
+        conn: asyncpg.Connection, user_id: uuid.UUID, reason: str, now: datetime
+    ) -> tuple[UserRevocation, int]:
+        row = await conn.fetchrow(
+            REVOKE_USER_SESSIONS_SQL, user_id, now, reason, REVOKED_COUNT_LIMIT
         )
-        revoked = _revocations(rows)
-        await cls._notify_revoked(conn, revoked)
-        return revoked
+        assert row is not None
+        revocation = UserRevocation(
+            str(user_id),
+            row["session_generation"],
+            now.timestamp(),
+            row["revoked_sessions_until"].timestamp(),
+        )
+        await conn.execute(
+            "SELECT pg_notify($1, $2)", USERS_CHANNEL, user_notify_payload(revocation)
+        )
+        return revocation, row["sessions"]
 
     @classmethod
     async def _revoke_session(
         cls, conn: asyncpg.Connection, session_id: uuid.UUID, reason: str, now: datetime
     ) -> list[Revocation]:
+        # A session its user's generation revoked already is not revoked again (the
+        # janitor writes its revoked_at).
         rows = await conn.fetch(
             """UPDATE sessions SET revoked_at = $2, revoke_reason = $3
                 WHERE id = $1 AND revoked_at IS NULL
+                  AND user_generation >= (SELECT session_generation FROM users
+                                           WHERE users.id = sessions.user_id)
                 RETURNING id, revoked_at, access_expires_max""",
             session_id,
             now,
@@ -886,6 +1072,52 @@ class PostgresStore:
                 return deleted
             finally:
                 await conn.execute("SELECT pg_advisory_unlock($1)", _JANITOR_LOCK_ID)
+
+    async def catch_up_user_revocations(self, *, batch: int, max_batches: int) -> int | None:
+        """Write revoked_at and revoke_reason (the user's) into sessions that their user's
+        revocation ended, `batch` sessions per statement (each its own transaction), at
+        most `max_batches` statements; how many sessions were written. None if another
+        replica is at it. What revokes those sessions is the user's generation; this only
+        lets the admin views and the clean-up catch up."""
+        async with self._connection() as conn:
+            if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", _CATCH_UP_LOCK_ID):
+                return None
+            try:
+                users = await conn.fetch(
+                    """SELECT id, session_generation, sessions_revoked_at, sessions_revoke_reason
+                         FROM users WHERE sessions_revoke_pending LIMIT $1""",
+                    max_batches,
+                )
+                written = batches = 0
+                for user in users:
+                    # Walked in index order; the cursor starts before every session.
+                    after: tuple[int, datetime, uuid.UUID] = (-1, _EPOCH, uuid.UUID(int=0))
+                    while batches < max_batches:
+                        row = await conn.fetchrow(
+                            CATCH_UP_BATCH_SQL,
+                            user["id"],
+                            user["session_generation"],
+                            user["sessions_revoked_at"],
+                            user["sessions_revoke_reason"],
+                            *after,
+                            batch,
+                        )
+                        assert row is not None
+                        batches += 1
+                        written += row["revoked"]
+                        if row["examined"] < batch:
+                            # Unless a newer revocation came meanwhile: its turn is next.
+                            await conn.execute(
+                                """UPDATE users SET sessions_revoke_pending = false
+                                    WHERE id = $1 AND session_generation = $2""",
+                                user["id"],
+                                user["session_generation"],
+                            )
+                            break
+                        after = (row["user_generation"], row["created_at"], row["id"])
+                return written
+            finally:
+                await conn.execute("SELECT pg_advisory_unlock($1)", _CATCH_UP_LOCK_ID)
 
     # Security events
 

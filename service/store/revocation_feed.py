@@ -1,7 +1,9 @@
 """Keeps a process's `RevocationState` equal to the database's, without Validate asking it.
 
 Every revocation travels with its session's `access_expires_max` (the latest `exp` of any
-access token the session was issued), which says how long to remember it.
+access token the session was issued), which says how long to remember it. A revocation of
+every session of a user travels as one entry (the user's new generation and bound), on
+its own channel, through the same load, notifications and polls.
 
 - At start: a full read of the revoked sessions whose tokens may still be alive.
 - Then: PostgreSQL LISTEN on a dedicated connection (not a pooled one, so a busy
@@ -25,8 +27,19 @@ from collections.abc import Awaitable, Callable
 import asyncpg
 
 from service.clock import Clock, to_datetime
-from service.domain.revocation import Revocation, RevocationState, forgettable_before
-from service.store.notifications import CHANNEL, KEYS_CHANNEL, parse_payload
+from service.domain.revocation import (
+    Revocation,
+    RevocationState,
+    UserRevocation,
+    forgettable_before,
+)
+from service.store.notifications import (
+    CHANNEL,
+    KEYS_CHANNEL,
+    USERS_CHANNEL,
+    parse_payload,
+    parse_user_payload,
+)
 from service.store.postgres import UNAVAILABLE_ERRORS
 
 log = logging.getLogger(__name__)
@@ -49,8 +62,25 @@ SELECT id::text AS id, extract(epoch FROM revoked_at)::float8 AS revoked_at,
 """
 
 
+# The same for users' revocations (the latest of each user; it covers the earlier ones).
+_USERS_COLUMNS = """
+SELECT id::text AS id, session_generation,
+       extract(epoch FROM sessions_revoked_at)::float8 AS revoked_at,
+       extract(epoch FROM revoked_sessions_until)::float8 AS access_expires_max
+  FROM users"""
+_REMEMBERED_USERS_SQL = _USERS_COLUMNS + " WHERE revoked_sessions_until >= $1"
+_RECENT_USERS_SQL = _USERS_COLUMNS + " WHERE sessions_revoked_at >= $1"
+
+
 def _revocations(rows: list[asyncpg.Record]) -> list[Revocation]:
     return [Revocation(r["id"], r["revoked_at"], r["access_expires_max"]) for r in rows]
+
+
+def _user_revocations(rows: list[asyncpg.Record]) -> list[UserRevocation]:
+    return [
+        UserRevocation(r["id"], r["session_generation"], r["revoked_at"], r["access_expires_max"])
+        for r in rows
+    ]
 
 
 class RevocationFeed:
@@ -104,10 +134,13 @@ class RevocationFeed:
 
     async def _load_window(self, conn: asyncpg.Connection) -> None:
         now = self._clock.now()
-        rows = await conn.fetch(_REMEMBERED_SQL, to_datetime(forgettable_before(now)))
+        cutoff = to_datetime(forgettable_before(now))
+        rows = await conn.fetch(_REMEMBERED_SQL, cutoff)
+        users = await conn.fetch(_REMEMBERED_USERS_SQL, cutoff)
         # Added, never replaced: revocations are never undone, and one made by this
         # process after the read's snapshot must not vanish until its NOTIFY arrives.
         self._state.add(_revocations(rows))
+        self._state.add_users(_user_revocations(users))
         self._state.prune(now)
         self._state.synced_at = now
 
@@ -119,6 +152,13 @@ class RevocationFeed:
                 # How long the news took to reach us, for the metrics.
                 latest = max(r.revoked_at for r in revocations)
                 self._state.lag = max(0.0, self._clock.now() - latest)
+
+    def _on_users_notify(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
+        if isinstance(payload, str):
+            revocations = parse_user_payload(payload)
+            self._state.add_users(revocations)
+            if revocations:
+                self._state.lag = max(0.0, self._clock.now() - revocations[0].revoked_at)
 
     def _on_keys_notify(self, _conn: object, _pid: int, _channel: str, _payload: object) -> None:
         task = asyncio.get_running_loop().create_task(self._reload_keys())
@@ -146,6 +186,7 @@ class RevocationFeed:
                 lost = asyncio.Event()
                 conn.add_termination_listener(lambda _c, event=lost: event.set())
                 await conn.add_listener(CHANNEL, self._on_notify)
+                await conn.add_listener(USERS_CHANNEL, self._on_users_notify)
                 await conn.add_listener(KEYS_CHANNEL, self._on_keys_notify)
                 # Listening first, then reading: a revocation lands in one or both.
                 await self._load_window(conn)
@@ -185,14 +226,15 @@ class RevocationFeed:
                 return
             now = self._clock.now()
             try:
+                since = to_datetime(now - self._poll_interval - _POLL_OVERLAP_SECONDS)
                 async with self._pool.acquire(timeout=self._timeout) as conn:
-                    rows = await conn.fetch(
-                        _RECENT_SQL, to_datetime(now - self._poll_interval - _POLL_OVERLAP_SECONDS)
-                    )
+                    rows = await conn.fetch(_RECENT_SQL, since)
+                    users = await conn.fetch(_RECENT_USERS_SQL, since)
             except Exception as exc:  # any failure: try again next round
                 log.warning("revocation poll failed (%s)", type(exc).__name__)
                 continue
             self._state.add(_revocations(rows))
+            self._state.add_users(_user_revocations(users))
             self._state.prune(now)
             self.polls += 1
             await self._reload_keys()

@@ -497,6 +497,13 @@ WRONG_TYPES: tuple[tuple[str, object], ...] = (
     ("aud", []),
     ("aud", [1]),
     ("nbf", "soon"),
+    # The session's generation (see tests/test_user_revocation.py): a whole number >= 0.
+    ("ugen", "0"),
+    ("ugen", True),
+    ("ugen", -1),
+    ("ugen", 1.0),
+    ("ugen", 2**63),
+    ("ugen", None),
 )
 
 

@@ -169,6 +169,7 @@ def test_every_ecdsa_algorithm_signs_low_s_and_refuses_high_s(
             scopes=(),
             issued_at=1_900_000_000,
             expires_at=1_900_000_060,
+            generation=0,
         ).token
         signature = b64d(token.split(".")[2])
         assert ecdsa_s(signature) <= order // 2
