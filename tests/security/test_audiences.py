@@ -6,9 +6,12 @@ the password is checked; a session whose audience is no longer configured is not
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import grpc
 import pytest
 
+from service.domain.shared_settings import adopt_shared_settings
 from service.gen.auth.v1 import auth_pb2
 from service.settings import Settings, SettingsError
 from tests.conftest import LiveServer, ServerFactory
@@ -38,8 +41,11 @@ async def test_an_unconfigured_audience_is_refused_at_issue(server: LiveServer) 
 
 
 async def test_the_default_audience_is_always_allowed(server_factory: ServerFactory) -> None:
+    earlier: LiveServer | None = None
     for audiences in (frozenset(), frozenset({"orders-api"})):
-        server = await server_factory(audiences=audiences)
+        if earlier is not None:  # replicas share AUTH_AUDIENCES: a change is adopted first
+            await _adopt(earlier, audiences)
+        server = earlier = await server_factory(audiences=audiences)
         user = await server.create_user()
         for named in ("", server.settings.audience):
             pair = await server.login(user.username, audience=named)
@@ -68,11 +74,23 @@ async def test_a_session_whose_audience_is_no_longer_configured_is_not_refreshed
     await before.create_user("lena")
     legacy = await before.login("lena", audience="legacy-api")
     default = await before.login("lena")
-    after = await server_factory()  # same database, legacy-api no longer configured
+    # Same database, legacy-api no longer configured (adopted for every replica first).
+    await _adopt(before, frozenset())
+    after = await server_factory()
     await refresh_fails(after, legacy.refresh_token, "REFRESH_TOKEN_INVALID")
     assert (await refresh(after, default.refresh_token)).session_id == default.session_id
     # Nothing was rotated by the refusal: the old configuration still refreshes it.
     assert (await refresh(before, legacy.refresh_token)).session_id == legacy.session_id
+
+
+async def _adopt(server: LiveServer, audiences: frozenset[str]) -> None:
+    """Record `audiences` as the shared AUTH_AUDIENCES, as `authsvc settings adopt` does."""
+    await adopt_shared_settings(
+        server.running.components.store,
+        replace(server.settings, audiences=audiences),
+        clock=server.clock,
+        actor="test",
+    )
 
 
 # Settings
