@@ -22,6 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
+from service.addresses import HostPort
 from service.api.admin_servicer import AdminServicer, add_admin_servicer
 from service.api.auth_servicer import AuthServicer, add_auth_servicer
 from service.api.callers import CallerAuthInterceptor, ServiceDirectory
@@ -599,13 +600,13 @@ def check_can_listen(address: str) -> None:
     """Refuse an address we cannot bind (in use, not ours) with one line, before gRPC logs
     its own error lines and before any database work. SO_REUSEADDR as gRPC sets it, so a
     port left in TIME_WAIT by a server just stopped is not refused."""
-    host, _, port_text = address.rpartition(":")
-    if port_text == "0":
+    parsed = HostPort.parse(address)
+    if parsed.port == 0:
         return
     try:
         family, kind, proto, _, where = socket.getaddrinfo(
-            host.strip("[]") or None,
-            int(port_text),
+            parsed.host or None,
+            parsed.port,
             type=socket.SOCK_STREAM,
             flags=socket.AI_PASSIVE,
         )[0]
@@ -779,13 +780,12 @@ async def serve(settings: Settings, *, worker: bool = False) -> None:
         if worker:
             _tell_supervisor_ready()
         else:
-            host = settings.listen.rpartition(":")[0]
             endpoint = running.metrics_endpoint
             print_banner(
                 settings,
-                f"{host}:{running.port}",
+                str(HostPort.parse(settings.listen).with_port(running.port)),
                 workers=1,
-                metrics=None if endpoint is None else f"{endpoint.host}:{endpoint.port}",
+                metrics=None if endpoint is None else str(endpoint.address),
             )
         await stop.wait()
         log.info("stopping: in-flight calls get %.1fs", settings.shutdown_grace)

@@ -59,6 +59,7 @@ from prometheus_client import values as prometheus_values
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
+from service.addresses import HostPort
 from service.domain.telemetry import LoginOutcome, ReplayVerdict, RevocationTarget
 
 __all__ = [
@@ -639,14 +640,6 @@ class _MetricsHttp:
             return body, content_type
 
 
-def _split_listen(listen: str) -> tuple[str, int]:
-    host, sep, port_text = listen.rpartition(":")
-    if not sep or not port_text.isdigit():
-        raise ValueError(f"metrics listen address must be HOST:PORT, got {listen!r}")
-    host = host.strip("[]") or "0.0.0.0"  # noqa: S104 (":PORT" means every interface)
-    return host, int(port_text)
-
-
 class MetricsEndpoint:
     """HTTP GET /metrics for a registry, served by an asyncio loop in one thread of its own
     (so neither the gRPC loop nor the supervisor's watch loop serves it), within `limits`."""
@@ -663,6 +656,11 @@ class MetricsEndpoint:
         self.port: int = 0
         """The bound port (the real one when asked for port 0)."""
 
+    @property
+    def address(self) -> HostPort:
+        """HOST:PORT as bound."""
+        return HostPort(self.host, self.port)
+
     @classmethod
     def start(
         cls,
@@ -673,13 +671,13 @@ class MetricsEndpoint:
     ) -> MetricsEndpoint:
         """Bind `listen` ("HOST:PORT", IPv6 host in brackets, port 0 for any) and serve.
 
-        Raises OSError if the address cannot be bound.
+        Raises ValueError if `listen` is not HOST:PORT, OSError if it cannot be bound.
         """
-        host, port = _split_listen(listen)
+        address = HostPort.parse(listen)
         endpoint = cls(registry, limits)
         thread = threading.Thread(
             target=asyncio.run,
-            args=(endpoint._serve(host, port),),
+            args=(endpoint._serve(address.host, address.port),),
             name="metrics-http",
             daemon=True,
         )

@@ -26,7 +26,6 @@ import argparse
 import base64
 import binascii
 import dataclasses
-import ipaddress
 import math
 import os
 import re
@@ -36,6 +35,9 @@ from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar, overload
+
+from service import addresses
+from service.addresses import HostPort
 
 SIGNING_ALGORITHMS = ("EdDSA", "ES256", "RS256")
 CALL_GROUPS = ("validate", "admin")
@@ -289,40 +291,18 @@ class DatabaseUrl(Text):
 
 @dataclass(frozen=True)
 class Address(Parser[str]):
-    """HOST:PORT (an IPv6 host in brackets), port 0 to 65535."""
+    """HOST:PORT (an IPv6 host in brackets), port 0 to 65535 (`service.addresses`)."""
 
     @property
     def allowed(self) -> str:
-        return "HOST:PORT, for example 127.0.0.1:50051"
+        return addresses.ALLOWED
 
     def parse(self, raw: str) -> str:
         self.validate(raw)
         return raw
 
     def validate(self, value: str) -> None:
-        if not isinstance(value, str) or len(value) > 300 or not value.isprintable():
-            raise ValueError(self.allowed)
-        host, sep, port = value.rpartition(":")
-        if not sep or not _is_port(port) or not _is_host(host):
-            raise ValueError(self.allowed)
-
-
-_HOSTNAME = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(?:\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
-
-
-def _is_host(text: str) -> bool:
-    """A host name, an IPv4 address, or an IPv6 address (in brackets or not)."""
-    if len(text) > 255:
-        return False
-    try:
-        ipaddress.ip_address(text[1:-1] if text.startswith("[") and text.endswith("]") else text)
-    except ValueError:
-        return _HOSTNAME.fullmatch(text) is not None
-    return True
-
-
-def _is_port(text: str) -> bool:
-    return text.isascii() and text.isdigit() and len(text) <= 5 and int(text) <= 65535
+        HostPort.parse(value)
 
 
 @dataclass(frozen=True)
@@ -884,7 +864,7 @@ class Settings:
                 "AUTH_CALLER_AUTH: needs AUTH_SERVICE_TOKENS_FILE (it lists the calling "
                 "services, by token or by certificate name)"
             )
-        if "admin" not in self.caller_auth and not is_loopback(self.listen):
+        if "admin" not in self.caller_auth and not HostPort.parse(self.listen).is_loopback:
             raise SettingsError(
                 "AUTH_CALLER_AUTH: must include admin when AUTH_LISTEN is not a loopback "
                 "address (the admin API would be open to the network)"
@@ -947,17 +927,6 @@ def with_table(readme: str) -> str:
     start = readme.index(README_TABLE_START) + len(README_TABLE_START)
     end = readme.index(README_TABLE_END, start)
     return readme[:start] + "\n" + configuration_table() + readme[end:]
-
-
-def is_loopback(listen: str) -> bool:
-    """Whether HOST:PORT binds only the loopback interface."""
-    host = listen.rpartition(":")[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def parse_kek(raw: str) -> bytes:

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from service import addresses
+from service.addresses import HostPort
 from service.api.requests import (
     MAX_PASSWORD_BYTES,
     MAX_SCOPE_BYTES,
@@ -626,3 +628,34 @@ def test_all_violations_are_reported_at_once() -> None:
     check.missing("password")
     error_fields = [v.field for v in violations(check)]
     assert error_fields == ["password.username", "password.password", "scopes[0]", "password"]
+
+
+@pytest.mark.parametrize(
+    ("text", "host", "port", "loopback"),
+    [
+        ("127.0.0.1:50051", "127.0.0.1", 50051, True),
+        ("[::1]:0", "::1", 0, True),
+        ("::1:9464", "::1", 9464, True),
+        ("localhost:80", "localhost", 80, True),
+        ("0.0.0.0:6000", "0.0.0.0", 6000, False),
+        ("auth.internal:65535", "auth.internal", 65535, False),
+    ],
+)
+def test_host_port_is_parsed_and_written_back(
+    text: str, host: str, port: int, loopback: bool
+) -> None:
+    address = HostPort.parse(text)
+    assert (address.host, address.port, address.is_loopback) == (host, port, loopback)
+    # Written back with an IPv6 host in brackets, so it parses to the same again.
+    assert HostPort.parse(str(address)) == address
+    assert str(address.with_port(1)).endswith(":1")
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["localhost", "127.0.0.1", ":50051", "127.0.0.1:http", "127.0.0.1:65536", "a b:1", "-x:1"],
+)
+def test_host_port_refuses_what_is_not_host_and_port(text: str) -> None:
+    with pytest.raises(ValueError, match=r"^HOST:PORT") as refused:
+        HostPort.parse(text)
+    assert str(refused.value) == addresses.ALLOWED  # the text itself is never echoed

@@ -41,6 +41,7 @@ import psutil
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from service.addresses import HostPort
 from service.gen.auth.v1 import auth_pb2, auth_pb2_grpc
 from service.loadtest import runner
 from service.loadtest.local import local_server, seed_users
@@ -494,7 +495,7 @@ class Soak:
         target: str,
         load_done: threading.Event,
     ) -> None:
-        port = int(target.rpartition(":")[2])
+        port = HostPort.parse(target).port
         outage = min(OUTAGE, self.duration * 0.05)
         schedule: list[tuple[float, Callable[[], None]]] = [
             (0.20, lambda: self._restart_postgres(postgres, dsn, outage)),
