@@ -9,11 +9,11 @@ import os
 import signal
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
 import asyncpg
 import grpc
@@ -23,6 +23,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
 from service.addresses import HostPort
+from service.api.admin_refusals import AdminRefusals
 from service.api.admin_servicer import AdminServicer, add_admin_servicer
 from service.api.auth_servicer import AuthServicer, add_auth_servicer
 from service.api.callers import CallerAuthInterceptor, ServiceDirectory
@@ -43,7 +44,6 @@ from service.clock import (
 )
 from service.database import connect, create_pool, resolve_database_url, unreachable
 from service.domain.access_tokens import AccessTokenCodec
-from service.domain.events import peer_address
 from service.domain.janitor import Janitor
 from service.domain.keys import KeyRing
 from service.domain.passwords import PasswordHasher
@@ -57,13 +57,11 @@ from service.domain.signing_keys import SigningKeys
 from service.domain.telemetry import NoTelemetry, Telemetry
 from service.domain.throttle import LoginThrottle
 from service.domain.tokens import (
-    CallerInfo,
     TokenService,
     load_refresh_secret,
     open_refresh_secret,
 )
 from service.domain.users import UserDirectory
-from service.errors import AuthError
 from service.failures import ConfigurationError, DatabaseUnreachable, KekMissing
 from service.gen.auth.v1 import admin_pb2, auth_pb2
 from service.metrics import (
@@ -94,10 +92,6 @@ REVOCATIONS_HEALTH_NAME = "authsvc.revocations"
 # NOT_SERVING while this replica's settings are not the shared ones any more (someone ran
 # `authsvc settings adopt`): it serves on, but should be replaced.
 SHARED_SETTINGS_HEALTH_NAME = "authsvc.settings"
-# Refused admin calls waiting to be written: distinct (actor, method, reason, address)
-# keys, and the least time between two writes of the counts.
-_REFUSAL_KEYS_PENDING = 100
-_REFUSAL_WRITE_INTERVAL = 1.0
 # Readings of the database's clock per measurement; the shortest round trip counts.
 _CLOCK_READINGS = 5
 
@@ -533,12 +527,13 @@ async def _serve_grpc(
     interceptors.append(
         CallBudgetInterceptor(UnaryBudget(settings.max_concurrent_rpcs), stream_budget)
     )
+    refusals = AdminRefusals(components.users)
     if directory is not None:
         interceptors.append(
             CallerAuthInterceptor(
                 directory=directory,
                 guarded=settings.caller_auth,
-                on_admin_refused=_refusal_recorder(components.users),
+                on_admin_refused=refusals.count,
                 log_window=settings.event_aggregation_window,
             )
         )
@@ -556,7 +551,10 @@ async def _serve_grpc(
         ],
     )
     add_auth_servicer(AuthServicer(components.tokens), server)
-    add_admin_servicer(AdminServicer(users=components.users, keys=components.signing_keys), server)
+    add_admin_servicer(
+        AdminServicer(users=components.users, keys=components.signing_keys, refusals=refusals),
+        server,
+    )
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
         (
@@ -617,49 +615,6 @@ def check_can_listen(address: str) -> None:
         raise ConfigurationError(
             f"AUTH_LISTEN: cannot listen on {address} ({exc.strerror or exc})"
         ) from None
-
-
-def _refusal_recorder(
-    users: UserDirectory,
-) -> Callable[[str, str, str | None, str | None], Awaitable[None]]:
-    """Records admin calls refused for their credentials as security events, in the
-    background (the refusal is not held up by a slow database). A refused call costs its
-    sender next to nothing, so refusals are counted in memory per actor, method, reason
-    and address, and each count is added to its aggregated row at most once a second: a
-    flood becomes neither as many rows nor as many writes. At most
-    `_REFUSAL_KEYS_PENDING` such keys wait at once; refusals beyond them are only logged."""
-    # (method, reason, actor, address) -> [the first peer, refusals not yet written]
-    pending: dict[tuple[str, str, str, str], list[Any]] = {}
-    writer: list[asyncio.Task[None]] = []
-
-    async def write_pending() -> None:
-        while pending:
-            batch = list(pending.items())
-            pending.clear()
-            for (method, reason, actor, _), (peer, count) in batch:
-                with contextlib.suppress(AuthError):
-                    await users.record_refusal(
-                        method=method,
-                        reason=reason,
-                        caller=CallerInfo(peer=peer, actor=actor),
-                        occurrences=count,
-                    )
-            if pending:  # more came in meanwhile: counted on, written a second later
-                await asyncio.sleep(_REFUSAL_WRITE_INTERVAL)
-
-    async def record(method: str, reason: str, peer: str | None, service: str | None) -> None:
-        actor = f"admin:{service or 'unauthenticated'}"
-        key = (method.rpartition("/")[2], reason, actor, peer_address(peer))
-        waiting = pending.get(key)
-        if waiting is not None:
-            waiting[1] += 1
-        elif len(pending) < _REFUSAL_KEYS_PENDING:
-            pending[key] = [peer, 1]
-        if not writer or writer[0].done():
-            # Referenced until done, so the task is not collected mid-way.
-            writer[:] = [asyncio.get_running_loop().create_task(write_pending())]
-
-    return record
 
 
 def _log_start_up(settings: Settings, port: int, components: Components, clock: Clock) -> None:

@@ -19,7 +19,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
 
-from service.api.requests import RequestCheck
 from service.app import migrate, open_components, serve
 from service.clock import to_datetime
 from service.database import resolve_database_url
@@ -30,11 +29,12 @@ from service.domain.shared_settings import (
     variable_name,
 )
 from service.domain.usernames import escape_text
-from service.domain.users import MIN_PASSWORD_LENGTH, UserDirectory
+from service.domain.users import UserDirectory
 from service.errors import InvalidArgument
 from service.failures import EXIT_INTERRUPTED, describe
 from service.logs import configure_logging, failure_line
 from service.metrics import remove_abandoned_multiprocess_dirs
+from service.request_limits import RequestCheck
 from service.settings import (
     DAY,
     HOUR,
@@ -49,21 +49,19 @@ from service.settings import (
 )
 from service.supervisor import run_supervisor
 
-MAX_PASSWORD_BYTES = 1024
-
 log = logging.getLogger(__name__)
 
 
 def _read_password() -> str:
-    """The first line of standard input; prompted for without echo on a terminal."""
+    """The first line of standard input (prompted for without echo on a terminal), held
+    to the rules the admin API applies to a new password."""
     if sys.stdin.isatty():
         line = getpass.getpass("password: ")
     else:
         line = sys.stdin.readline().rstrip("\r\n")
-    if len(line) < MIN_PASSWORD_LENGTH:
-        raise SystemExit(f"authsvc: the password must be at least {MIN_PASSWORD_LENGTH} characters")
-    if len(line.encode("utf-8")) > MAX_PASSWORD_BYTES:
-        raise SystemExit(f"authsvc: the password must be at most {MAX_PASSWORD_BYTES} bytes")
+    check = RequestCheck()
+    check.new_password("password", line)
+    _exit_on_violations(check)
     return line
 
 
@@ -72,6 +70,10 @@ def _check_new_user(username: str, scopes: list[str]) -> None:
     check = RequestCheck()
     check.username("username", username, new=True)
     check.scopes("--scope", scopes)
+    _exit_on_violations(check)
+
+
+def _exit_on_violations(check: RequestCheck) -> None:
     try:
         check.done()
     except InvalidArgument as exc:

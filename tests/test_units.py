@@ -14,14 +14,6 @@ import pytest
 
 from service import addresses
 from service.addresses import HostPort
-from service.api.requests import (
-    MAX_PASSWORD_BYTES,
-    MAX_SCOPE_BYTES,
-    MAX_SCOPES,
-    MAX_TOKEN_BYTES,
-    MAX_USERNAME_BYTES,
-    RequestCheck,
-)
 from service.domain.records import RefreshTokenState
 from service.domain.refresh_tokens import (
     Reject,
@@ -40,6 +32,15 @@ from service.errors import (
     RefreshTokenExpired,
     RefreshTokenInvalid,
     SessionRevoked,
+)
+from service.request_limits import (
+    MAX_PASSWORD_BYTES,
+    MAX_SCOPE_BYTES,
+    MAX_SCOPES,
+    MAX_TOKEN_BYTES,
+    MAX_USERNAME_BYTES,
+    MIN_PASSWORD_LENGTH,
+    RequestCheck,
 )
 from service.settings import MAX_LEEWAY, Settings, SettingsError
 
@@ -585,6 +586,23 @@ def test_required_and_optional_text() -> None:
     found = violations(check)
     assert [v.field for v in found] == ["password.username", "password.password"]
     assert all(v.description == "is required" for v in found)
+
+
+def test_new_password_limits() -> None:
+    """The rules the admin API and `authsvc users` share for a password to set."""
+    check = RequestCheck()
+    assert check.new_password("password", "x" * MIN_PASSWORD_LENGTH) == "x" * MIN_PASSWORD_LENGTH
+    check.new_password("password", "é" * (MAX_PASSWORD_BYTES // 2))
+    check.done()
+    for password, description in (
+        ("", "is required"),
+        ("x" * (MIN_PASSWORD_LENGTH - 1), f"must be at least {MIN_PASSWORD_LENGTH} characters"),
+        ("é" * (MAX_PASSWORD_BYTES // 2 + 1), f"is longer than {MAX_PASSWORD_BYTES} bytes"),
+        ("pass\x00word", "must not contain NUL characters"),
+    ):
+        check = RequestCheck()
+        check.new_password("password", password)
+        assert [(v.field, v.description) for v in violations(check)] == [("password", description)]
 
 
 def test_scope_limits() -> None:
