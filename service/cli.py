@@ -19,9 +19,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
 
-from service.app import migrate, open_components, serve
+from service.app import serve
 from service.clock import to_datetime
-from service.database import resolve_database_url
+from service.components import open_components
+from service.database import migrate_database
 from service.domain.shared_settings import (
     adopt_shared_settings,
     shared_values,
@@ -247,8 +248,7 @@ async def _settings_command(settings: Settings, args: argparse.Namespace) -> int
 
 
 async def _migrate_command(settings: Settings) -> int:
-    dsn = await resolve_database_url(settings)
-    applied = await migrate(dsn, settings)
+    _, applied = await migrate_database(settings)
     print("applied: " + (", ".join(applied) if applied else "nothing (up to date)"))
     return 0
 

@@ -26,18 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from service.addresses import HostPort
-from service.app import (
-    READY_FD_VARIABLE,
-    STOP_SIGNALS,
-    key_encryption_key,
-    migrate,
-    prepare_key_material,
-    print_banner,
-    service_directory,
-    start_database_clock,
-    start_metrics_endpoint,
-)
-from service.database import create_pool, resolve_database_url
+from service.app import READY_FD_VARIABLE, STOP_SIGNALS, print_banner
+from service.components import key_encryption_key, prepare_key_material, start_database_clock
+from service.database import open_database
 from service.domain.shared_settings import agree_on_shared_settings, check_shared_settings
 from service.failures import EXIT_INTERNAL, ConfigurationError, StartupError
 from service.metrics import (
@@ -48,6 +39,7 @@ from service.metrics import (
     worker_exited,
 )
 from service.settings import Settings
+from service.startup_checks import service_directory, start_metrics_endpoint
 from service.store import PostgresStore
 
 log = logging.getLogger(__name__)
@@ -60,20 +52,14 @@ async def _prepare_database(settings: Settings) -> str:
     """Migrate, record or compare the shared settings, then open (or, on first start,
     create) the key material once, so that settings another replica does not share, or a
     wrong or missing KEK, stop the supervisor with one line instead of every worker."""
-    dsn = await resolve_database_url(settings)
-    for name in await migrate(dsn, settings):
-        log.info("applied migration %s", name)
-    pool = await create_pool(dsn, settings)
-    try:
-        store = PostgresStore(pool, timeout=settings.db_timeout)
+    async with open_database(settings, migrate=True) as database:
+        store = PostgresStore(database.pool, timeout=settings.db_timeout)
         await check_shared_settings(store, settings)
         # Refused here, in one line, rather than by every worker (each checks again).
-        clock = await start_database_clock(settings, pool)
-        await prepare_key_material(settings, pool, clock)
+        clock = await start_database_clock(settings, database.pool)
+        await prepare_key_material(settings, database.pool, clock)
         await agree_on_shared_settings(store, settings, clock=clock)
-    finally:
-        await pool.close()
-    return dsn
+    return database.dsn
 
 
 def _reserve_port(listen: str) -> tuple[HostPort, socket.socket]:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import asyncpg
 
-from service.app import open_components
+from service.components import open_components
 from service.domain.passwords import (
     ARGON2_MEMORY_KIB,
     ARGON2_PARALLELISM,
