@@ -36,18 +36,8 @@ from service.failures import EXIT_INTERRUPTED, describe
 from service.logs import configure_logging, failure_line
 from service.metrics import remove_abandoned_multiprocess_dirs
 from service.request_limits import RequestCheck
-from service.settings import (
-    DAY,
-    HOUR,
-    MAX_AGE,
-    WORKERS,
-    Number,
-    Settings,
-    bounded_argument,
-    count,
-    default_workers,
-    duration,
-)
+from service.setting_parsers import DAY, HOUR, Number, bounded_argument, count, duration
+from service.settings import MAX_AGE, WORKERS, Settings, default_workers
 from service.supervisor import run_supervisor
 
 log = logging.getLogger(__name__)

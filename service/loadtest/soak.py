@@ -47,7 +47,8 @@ from service.loadtest import runner
 from service.loadtest.local import local_server, seed_users
 from service.loadtest.runner import LoadPlan, run_load
 from service.loadtest.stats import ScenarioSummary
-from service.settings import DAY, WORKERS, Settings, bounded_argument, duration
+from service.setting_parsers import DAY, bounded_argument, duration
+from service.settings import WORKERS, Settings
 from service.store.invariants import family_invariant_violations
 
 # The faults are scripted into the first minute or so: shorter runs test nothing.
