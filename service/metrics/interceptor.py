@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from service.api.wrapped_handlers import WrappedHandlers
 from service.metrics.telemetry import PrometheusTelemetry, RpcMetrics
 
 _TRequest = TypeVar("_TRequest")
@@ -26,9 +27,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, telemetry: PrometheusTelemetry) -> None:
         self._telemetry = telemetry
-        # grpc.aio runs interceptors on every call: wrap each handler once and reuse the
-        # wrapper while the server hands out the same handler object.
-        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler[Any, Any], Any]] = {}
+        self._wrapped = WrappedHandlers()
 
     async def intercept_service(
         self,
@@ -42,12 +41,9 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or handler.request_streaming or handler.response_streaming:
             return handler
         method = handler_call_details.method
-        cached = self._wrapped.get(method)
-        if cached is not None and cached[0] is handler:
-            wrapped: grpc.RpcMethodHandler[_TRequest, _TResponse] = cached[1]
-            return wrapped
-        wrapped = self._wrap(self._telemetry.rpc(method), handler)
-        self._wrapped[method] = (handler, wrapped)
+        wrapped: grpc.RpcMethodHandler[_TRequest, _TResponse] = self._wrapped.get(
+            method, handler, lambda: self._wrap(self._telemetry.rpc(method), handler)
+        )
         return wrapped
 
     @staticmethod
