@@ -36,9 +36,9 @@ fmt: $(STAMP)
 	$(VENV)/bin/ruff format $(LINTED)
 	$(VENV)/bin/ruff check --fix $(LINTED)
 
-# Regenerate README's configuration table from service/settings.py (also run as a test).
+# Regenerate README's configuration table from the declarations in service/settings.py (a test compares).
 docs: $(STAMP)
-	$(PY) -m service.settings --write-readme README.md
+	$(PY) -m service.settings_table --write-readme README.md
 
 # Regenerate service/gen/ from protos/ (the output is committed).
 proto: $(STAMP)

@@ -17,12 +17,11 @@ import sys
 import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
-from pathlib import Path
 
-from service.api.requests import RequestCheck
-from service.app import migrate, open_components, serve
+from service.app import serve
 from service.clock import to_datetime
-from service.database import resolve_database_url
+from service.components import open_components
+from service.database import migrate_database
 from service.domain.shared_settings import (
     adopt_shared_settings,
     shared_values,
@@ -30,40 +29,30 @@ from service.domain.shared_settings import (
     variable_name,
 )
 from service.domain.usernames import escape_text
-from service.domain.users import MIN_PASSWORD_LENGTH, UserDirectory
+from service.domain.users import UserDirectory
 from service.errors import InvalidArgument
 from service.failures import EXIT_INTERRUPTED, describe
+from service.loadtest.commands import add_load_commands, bench_command, load_command
 from service.logs import configure_logging, failure_line
 from service.metrics import remove_abandoned_multiprocess_dirs
-from service.settings import (
-    DAY,
-    HOUR,
-    MAX_AGE,
-    WORKERS,
-    Number,
-    Settings,
-    bounded_argument,
-    count,
-    default_workers,
-    duration,
-)
+from service.request_limits import RequestCheck
+from service.setting_parsers import DAY, HOUR, bounded_argument
+from service.settings import MAX_AGE, WORKERS, Settings
 from service.supervisor import run_supervisor
-
-MAX_PASSWORD_BYTES = 1024
 
 log = logging.getLogger(__name__)
 
 
 def _read_password() -> str:
-    """The first line of standard input; prompted for without echo on a terminal."""
+    """The first line of standard input (prompted for without echo on a terminal), held
+    to the rules the admin API applies to a new password."""
     if sys.stdin.isatty():
         line = getpass.getpass("password: ")
     else:
         line = sys.stdin.readline().rstrip("\r\n")
-    if len(line) < MIN_PASSWORD_LENGTH:
-        raise SystemExit(f"authsvc: the password must be at least {MIN_PASSWORD_LENGTH} characters")
-    if len(line.encode("utf-8")) > MAX_PASSWORD_BYTES:
-        raise SystemExit(f"authsvc: the password must be at most {MAX_PASSWORD_BYTES} bytes")
+    check = RequestCheck()
+    check.new_password("password", line)
+    _exit_on_violations(check)
     return line
 
 
@@ -72,6 +61,10 @@ def _check_new_user(username: str, scopes: list[str]) -> None:
     check = RequestCheck()
     check.username("username", username, new=True)
     check.scopes("--scope", scopes)
+    _exit_on_violations(check)
+
+
+def _exit_on_violations(check: RequestCheck) -> None:
     try:
         check.done()
     except InvalidArgument as exc:
@@ -185,16 +178,6 @@ def _duration(text: str) -> float:
     return int(number) * _DURATION_UNITS[unit]
 
 
-# Bounds of the load-testing options: enough for any real run on one machine, and none
-# that forks thousands of processes, never ends, or divides by nothing.
-PROCESSES = count(1, 64)
-CONCURRENCY = count(1, 10_000)
-SEED_USERS = count(1, 10_000)  # each costs an argon2 hash to create
-ROUNDS = count(1, 100)
-RUN_SECONDS = duration(0.1, DAY)
-RATE = Number(float, 0.1, 1_000_000.0, "requests per second")
-
-
 async def _events_command(settings: Settings, since: float) -> int:
     async with open_components(settings) as components:
         events = await components.store.events(since=to_datetime(components.clock.now() - since))
@@ -245,8 +228,7 @@ async def _settings_command(settings: Settings, args: argparse.Namespace) -> int
 
 
 async def _migrate_command(settings: Settings) -> int:
-    dsn = await resolve_database_url(settings)
-    applied = await migrate(dsn, settings)
+    _, applied = await migrate_database(settings)
     print("applied: " + (", ".join(applied) if applied else "nothing (up to date)"))
     return 0
 
@@ -327,123 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="make this environment's values the shared ones (a security event); replicas "
         "with the old values keep serving but report NOT_SERVING on authsvc.settings",
     )
-    _add_load_commands(commands)
+    add_load_commands(commands)
     return parser
-
-
-def _add_load_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from service.loadtest.runner import SCENARIOS
-
-    load = commands.add_parser(
-        "load", help="load-test a server (default: one started here on 127.0.0.1)"
-    )
-    load.add_argument(
-        "--target",
-        default=os.environ.get("AUTH_TARGET") or None,
-        help="HOST:PORT of a running server (default: AUTH_TARGET, else start one); "
-        "its users are seeded through the AUTH_* database configuration",
-    )
-    load.add_argument("--scenario", choices=SCENARIOS, default="mixed")
-    load.add_argument(
-        "--tokens",
-        choices=("hot", "cold"),
-        default="hot",
-        help="validate: a hot set of 64 tokens per process, or 2000 distinct ones",
-    )
-    load.add_argument(
-        "--concurrency",
-        type=bounded_argument(CONCURRENCY),
-        default=32,
-        help="in-flight calls in all",
-    )
-    load.add_argument(
-        "--processes", type=bounded_argument(PROCESSES), default=2, help="load-generating processes"
-    )
-    load.add_argument(
-        "--duration",
-        type=bounded_argument(RUN_SECONDS),
-        default=10.0,
-        help="seconds of measurement",
-    )
-    load.add_argument(
-        "--rate",
-        type=bounded_argument(RATE),
-        default=None,
-        help="open loop: requests per second in all (default: closed loop)",
-    )
-    load.add_argument(
-        "--workers",
-        type=bounded_argument(WORKERS),
-        default=default_workers(),
-        help="workers of the server started here",
-    )
-    load.add_argument(
-        "--users", type=bounded_argument(SEED_USERS), default=16, help="users to seed"
-    )
-    load.add_argument("--json", type=Path, default=None, help="also write the results here")
-
-    bench = commands.add_parser("bench", help="the benchmark suite (ratios to baselines)")
-    bench.add_argument(
-        "--duration", type=bounded_argument(RUN_SECONDS), default=6.0, help="seconds per run"
-    )
-    bench.add_argument(
-        "--rounds",
-        type=bounded_argument(ROUNDS),
-        default=3,
-        help="interleaved runs of health and validate (medians are reported)",
-    )
-    bench.add_argument("--concurrency", type=bounded_argument(CONCURRENCY), default=32)
-    bench.add_argument("--processes", type=bounded_argument(PROCESSES), default=2)
-    bench.add_argument("--workers", type=bounded_argument(WORKERS), default=default_workers())
-    bench.add_argument("--output", type=Path, default=None, help="also write the table here")
-
-
-def _load_command(args: argparse.Namespace) -> int:
-    from service.loadtest.local import local_server, seed_users
-    from service.loadtest.runner import LoadPlan, run_load
-    from service.loadtest.stats import render_table, write_json
-
-    def plan_for(target: str, settings: Settings) -> LoadPlan:
-        usernames, password = seed_users(settings, args.users)
-        return LoadPlan(
-            target=target,
-            scenario=args.scenario,
-            usernames=usernames,
-            password=password,
-            processes=args.processes,
-            concurrency=args.concurrency,
-            duration=args.duration,
-            rate=args.rate,
-            cold_tokens=2000 if args.tokens == "cold" else 0,
-        )
-
-    if args.target:
-        summary = run_load(plan_for(args.target, Settings.from_env()))
-    else:
-        with local_server(workers=args.workers) as (target, settings):
-            summary = run_load(plan_for(target, settings))
-    print(render_table([summary]))
-    if args.json is not None:
-        write_json(args.json, [summary])
-    return 1 if summary.error_count else 0
-
-
-def _bench_command(args: argparse.Namespace) -> int:
-    from service.loadtest.bench import BenchOptions, run_bench
-
-    report = run_bench(
-        BenchOptions(
-            rounds=args.rounds,
-            duration=args.duration,
-            processes=args.processes,
-            concurrency=args.concurrency,
-            workers=args.workers,
-        )
-    )
-    print(report)
-    if args.output is not None:
-        args.output.write_text(report + "\n")
-    return 0
 
 
 def _exit_on_signal(signum: int, _frame: object) -> None:
@@ -500,9 +367,9 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "events":
         return asyncio.run(_events_command(settings, args.since))
     if args.command == "load":
-        return _load_command(args)
+        return load_command(args)
     if args.command == "bench":
-        return _bench_command(args)
+        return bench_command(args)
     if args.command == "keys":
         return asyncio.run(_keys_command(settings, args))
     if args.command == "settings":

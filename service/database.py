@@ -1,4 +1,7 @@
-"""Where the database is: `AUTH_DATABASE_URL`, or an embedded PostgreSQL in `AUTH_DATA_DIR`."""
+"""Where the database is (`AUTH_DATABASE_URL`, or an embedded PostgreSQL in `AUTH_DATA_DIR`)
+and how a process opens it: `open_database` resolves the DSN, migrates or checks the
+schema, and creates the pool; connection failures become one line without the password
+(`DatabaseUnreachable`, exit code 3)."""
 
 from __future__ import annotations
 
@@ -7,7 +10,8 @@ import contextlib
 import json
 import logging
 import warnings
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -16,6 +20,7 @@ import psutil
 
 from service.failures import ConfigurationError, DatabaseUnreachable
 from service.settings import Settings
+from service.store.migrations import MigrationLockTimeout, apply_migrations, check_schema
 from service.store.postgres import UNAVAILABLE_ERRORS
 
 log = logging.getLogger(__name__)
@@ -172,13 +177,67 @@ async def connect(
     return conn
 
 
-__all__ = [
-    "UNAVAILABLE_ERRORS",
-    "attach_embedded_uri",
-    "connect",
-    "create_pool",
-    "embedded_server_uri",
-    "ensure_database",
-    "resolve_database_url",
-    "unreachable",
-]
+async def run_migrations(dsn: str, settings: Settings) -> list[str]:
+    """Apply pending migrations on a connection of their own, under AUTH_MIGRATION_TIMEOUT
+    (not the per-call AUTH_DB_TIMEOUT): waiting for another replica's migration, or one
+    statement on a large table, may take minutes."""
+    limit = settings.migration_timeout or None
+    # The client-side limit a little after the server's, so its clean error comes first.
+    conn = await connect(dsn, settings, command_timeout=None if limit is None else limit + 5)
+    try:
+        return await apply_migrations(conn, lock_timeout=limit, statement_timeout=limit)
+    except MigrationLockTimeout as exc:
+        raise DatabaseUnreachable(
+            f"gave up waiting for the migration lock after {exc.waited:.0f}s (held by pid "
+            f"{exc.holder}): raise AUTH_MIGRATION_TIMEOUT or end that session"
+        ) from None
+    except (asyncpg.QueryCanceledError, TimeoutError):
+        raise DatabaseUnreachable(
+            "a migration did not finish within AUTH_MIGRATION_TIMEOUT="
+            f"{settings.migration_timeout:g}s (or was cancelled): raise it (0: no limit) and "
+            "run `authsvc migrate` again"
+        ) from None
+    except UNAVAILABLE_ERRORS as exc:
+        raise unreachable(exc, dsn, settings) from None
+    finally:
+        with contextlib.suppress(*UNAVAILABLE_ERRORS):
+            await conn.close()
+
+
+@dataclass(frozen=True)
+class Database:
+    """An open database: its DSN (for connections outside the pool) and the pool."""
+
+    dsn: str
+    pool: asyncpg.Pool
+
+
+async def migrate_database(settings: Settings) -> tuple[str, list[str]]:
+    """The DSN (the embedded server started if configured so), after applying pending
+    migrations; with the names of those applied."""
+    dsn = await resolve_database_url(settings)
+    return dsn, await run_migrations(dsn, settings)
+
+
+@contextlib.asynccontextmanager
+async def open_database(settings: Settings, *, migrate: bool = False) -> AsyncIterator[Database]:
+    """The configured database, its pool closed on exit.
+
+    With `migrate` pending migrations are applied first (`serve` and its supervisor);
+    otherwise the schema must already be this binary's (`SchemaMismatch`): a one-shot
+    command or a `--workers` child migrates nothing.
+    """
+    if migrate:
+        dsn, applied = await migrate_database(settings)
+        for name in applied:
+            log.info("applied migration %s", name)
+    else:
+        dsn = await resolve_database_url(settings)
+    pool = await create_pool(dsn, settings)
+    try:
+        if not migrate:
+            async with pool.acquire() as conn:
+                await check_schema(conn)
+        yield Database(dsn, pool)
+    finally:
+        await pool.close()

@@ -25,18 +25,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from service.app import (
-    READY_FD_VARIABLE,
-    STOP_SIGNALS,
-    key_encryption_key,
-    migrate,
-    prepare_key_material,
-    print_banner,
-    service_directory,
-    start_database_clock,
-    start_metrics_endpoint,
-)
-from service.database import create_pool, resolve_database_url
+from service.addresses import HostPort
+from service.app import READY_FD_VARIABLE, STOP_SIGNALS, print_banner
+from service.components import key_encryption_key, prepare_key_material, start_database_clock
+from service.database import open_database
 from service.domain.shared_settings import agree_on_shared_settings, check_shared_settings
 from service.failures import EXIT_INTERNAL, ConfigurationError, StartupError
 from service.metrics import (
@@ -47,6 +39,7 @@ from service.metrics import (
     worker_exited,
 )
 from service.settings import Settings
+from service.startup_checks import service_directory, start_metrics_endpoint
 from service.store import PostgresStore
 
 log = logging.getLogger(__name__)
@@ -59,34 +52,27 @@ async def _prepare_database(settings: Settings) -> str:
     """Migrate, record or compare the shared settings, then open (or, on first start,
     create) the key material once, so that settings another replica does not share, or a
     wrong or missing KEK, stop the supervisor with one line instead of every worker."""
-    dsn = await resolve_database_url(settings)
-    for name in await migrate(dsn, settings):
-        log.info("applied migration %s", name)
-    pool = await create_pool(dsn, settings)
-    try:
-        store = PostgresStore(pool, timeout=settings.db_timeout)
+    async with open_database(settings, migrate=True) as database:
+        store = PostgresStore(database.pool, timeout=settings.db_timeout)
         await check_shared_settings(store, settings)
         # Refused here, in one line, rather than by every worker (each checks again).
-        clock = await start_database_clock(settings, pool)
-        await prepare_key_material(settings, pool, clock)
+        clock = await start_database_clock(settings, database.pool)
+        await prepare_key_material(settings, database.pool, clock)
         await agree_on_shared_settings(store, settings, clock=clock)
-    finally:
-        await pool.close()
-    return dsn
+    return database.dsn
 
 
-def _reserve_port(listen: str) -> tuple[str, int, socket.socket]:
+def _reserve_port(listen: str) -> tuple[HostPort, socket.socket]:
     """Resolve port 0 to a concrete free port and hold it with SO_REUSEPORT.
 
     A port held by something else (another server without SO_REUSEPORT, or
     another authsvc) is refused here, instead of silently shared.
     """
-    host, _, port_text = listen.rpartition(":")
-    host = host.strip("[]")
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    address = HostPort.parse(listen)
+    family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
     probe = socket.socket(family, socket.SOCK_STREAM)
     try:
-        probe.bind((host, int(port_text)))  # no SO_REUSEPORT: fails if anyone holds it
+        probe.bind((address.host, address.port))  # no SO_REUSEPORT: fails if anyone holds it
         port = probe.getsockname()[1]
     except OSError as exc:
         raise ConfigurationError(
@@ -96,8 +82,8 @@ def _reserve_port(listen: str) -> tuple[str, int, socket.socket]:
         probe.close()
     holder = socket.socket(family, socket.SOCK_STREAM)
     holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    holder.bind((host, port))  # bound, never listening: receives no connections
-    return host, port, holder
+    holder.bind((address.host, port))  # bound, never listening: receives no connections
+    return address.with_port(port), holder
 
 
 def _die_with_parent() -> None:
@@ -108,11 +94,6 @@ def _die_with_parent() -> None:
 
         pr_set_pdeathsig = 1
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
-
-
-def _address(host: str, port: int) -> str:
-    """HOST:PORT, with an IPv6 host in brackets again."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 @dataclass
@@ -132,16 +113,14 @@ class WorkerSupervisor:
         *,
         workers: int,
         dsn: str,
-        host: str,
-        port: int,
+        address: HostPort,
         metrics_dir: Path | None = None,
     ):
         self._settings = settings
         self._metrics_dir = metrics_dir
         self._count = workers
         self._dsn = dsn
-        self._host = host
-        self._port = port
+        self._address = address
         self._workers: dict[int, _Worker] = {}
         self._stopping = False
         self.restarts = 0
@@ -150,7 +129,7 @@ class WorkerSupervisor:
         ready_read, ready_write = os.pipe()
         env = dict(os.environ)
         env["AUTH_DATABASE_URL"] = self._dsn
-        env["AUTH_LISTEN"] = _address(self._host, self._port)
+        env["AUTH_LISTEN"] = str(self._address)
         env["AUTH_WORKERS"] = str(self._count)
         env[READY_FD_VARIABLE] = str(ready_write)
         if self._metrics_dir is not None:
@@ -257,7 +236,7 @@ def run_supervisor(settings: Settings, workers: int) -> int:
         service_directory(settings)
     key_encryption_key(settings)  # a missing AUTH_KEK stops us before the database is touched
     dsn = asyncio.run(_prepare_database(settings))
-    host, port, holder = _reserve_port(settings.listen)
+    address, holder = _reserve_port(settings.listen)
     stop_requested = [False]
 
     def request_stop(_signum: int, _frame: object) -> None:
@@ -277,16 +256,15 @@ def run_supervisor(settings: Settings, workers: int) -> int:
             settings,
             workers=workers,
             dsn=dsn,
-            host=host,
-            port=port,
+            address=address,
             metrics_dir=None if metrics_dir is None else metrics_dir.path,
         )
         supervisor.start()
         print_banner(
             settings,
-            _address(host, port),
+            str(address),
             workers=workers,
-            metrics=None if endpoint is None else _address(endpoint.host, endpoint.port),
+            metrics=None if endpoint is None else str(endpoint.address),
         )
         supervisor.watch(stop_requested)
         log.info("stopping %d workers: in-flight calls get %.1fs", workers, settings.shutdown_grace)

@@ -25,11 +25,11 @@ import grpc
 import pytest
 from google.protobuf.message import Message
 
-from service.app import RunningServer, start_server
 from service.clock import ManualClock
 from service.database import create_pool, embedded_server_uri
 from service.domain.records import UserRecord
 from service.gen.auth.v1 import auth_pb2, auth_pb2_grpc
+from service.server import RunningServer, start_server
 from service.settings import Settings
 from service.store import apply_migrations
 

@@ -821,3 +821,23 @@ async def test_refused_admin_calls_are_security_events(server: LiveServer) -> No
         ("DisableUser", "USER_NOT_FOUND", "admin:anonymous"),
         ("CreateUser", "INVALID_ARGUMENT", "admin:anonymous"),
     ]
+
+
+async def test_undecodable_admin_requests_are_refused_and_recorded(server: LiveServer) -> None:
+    """A request that does not parse is refused before the method runs, and is recorded
+    like every other refused admin call (probing with broken bytes leaves a trail too)."""
+    raw = server.channel.unary_unary(
+        "/auth.v1.AdminService/CreateUser",
+        request_serializer=lambda data: data,
+        response_deserializer=lambda data: data,
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await raw(b"\x0a\x02\xff\xfe", timeout=10)  # username not UTF-8
+    assert_error(caught.value, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT")
+    assert bad_request_fields(caught.value) == ["request"]
+    refused = await server.pool.fetch(
+        """SELECT detail->>'method' AS method, detail->>'reason' AS reason
+             FROM security_events WHERE kind = 'admin_call_refused'"""
+    )
+    assert [(r["method"], r["reason"]) for r in refused] == [("CreateUser", "INVALID_ARGUMENT")]
+    assert await server.pool.fetchval("SELECT count(*) FROM users") == 0

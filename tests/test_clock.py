@@ -22,7 +22,6 @@ import jwt
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from service.app import start_database_clock, start_server
 from service.clock import (
     ClockReading,
     ClockSkewTooLarge,
@@ -32,10 +31,12 @@ from service.clock import (
     judge_skew,
     keep_measuring,
 )
+from service.components import start_database_clock
 from service.database import create_pool
 from service.domain.access_tokens import START_LEEWAY_SECONDS
 from service.domain.signing_keys import KEY_ACTIVATION_DELAY
 from service.gen.auth.v1 import admin_pb2, admin_pb2_grpc, auth_pb2, auth_pb2_grpc
+from service.server import start_server
 from service.settings import Settings, SettingsError
 from tests.conftest import LiveServer, SecretsSeen, _RecordSecrets, stop_live_server
 from tests.helpers import refresh, validate

@@ -18,23 +18,10 @@ import pytest
 from service.cli import build_parser
 from service.clock import to_datetime
 from service.loadtest import soak
-from service.settings import (
-    DAY,
-    MAX_AGE,
-    YEAR,
-    Choice,
-    CommaList,
-    CommaSet,
-    Declaration,
-    Number,
-    Settings,
-    SettingsError,
-    Text,
-    configuration_table,
-    declaration_of,
-    declarations,
-    with_table,
-)
+from service.setting_declarations import Declaration
+from service.setting_parsers import DAY, YEAR, Choice, CommaList, CommaSet, Number, Text
+from service.settings import MAX_AGE, Settings, SettingsError, declaration_of, declarations
+from service.settings_table import configuration_table, with_table
 from tests.conftest import ServerFactory
 from tests.helpers import refresh, validate
 from tests.test_cli import _authsvc, _server_env
@@ -353,7 +340,7 @@ def test_the_readme_configuration_table_matches_the_declarations() -> None:
     )
     assert not diff, (
         "README.md's configuration table differs from service/settings.py; run "
-        "`make docs` (python -m service.settings --write-readme README.md):\n" + diff
+        "`make docs` (python -m service.settings_table --write-readme README.md):\n" + diff
     )
     for _, declaration in declarations():
         assert f"| `{declaration.variable}` |" in configuration_table()

@@ -12,14 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from service.api.requests import (
-    MAX_PASSWORD_BYTES,
-    MAX_SCOPE_BYTES,
-    MAX_SCOPES,
-    MAX_TOKEN_BYTES,
-    MAX_USERNAME_BYTES,
-    RequestCheck,
-)
+from service import addresses
+from service.addresses import HostPort
 from service.domain.records import RefreshTokenState
 from service.domain.refresh_tokens import (
     Reject,
@@ -38,6 +32,15 @@ from service.errors import (
     RefreshTokenExpired,
     RefreshTokenInvalid,
     SessionRevoked,
+)
+from service.request_limits import (
+    MAX_PASSWORD_BYTES,
+    MAX_SCOPE_BYTES,
+    MAX_SCOPES,
+    MAX_TOKEN_BYTES,
+    MAX_USERNAME_BYTES,
+    MIN_PASSWORD_LENGTH,
+    RequestCheck,
 )
 from service.settings import MAX_LEEWAY, Settings, SettingsError
 
@@ -585,6 +588,23 @@ def test_required_and_optional_text() -> None:
     assert all(v.description == "is required" for v in found)
 
 
+def test_new_password_limits() -> None:
+    """The rules the admin API and `authsvc users` share for a password to set."""
+    check = RequestCheck()
+    assert check.new_password("password", "x" * MIN_PASSWORD_LENGTH) == "x" * MIN_PASSWORD_LENGTH
+    check.new_password("password", "é" * (MAX_PASSWORD_BYTES // 2))
+    check.done()
+    for password, description in (
+        ("", "is required"),
+        ("x" * (MIN_PASSWORD_LENGTH - 1), f"must be at least {MIN_PASSWORD_LENGTH} characters"),
+        ("é" * (MAX_PASSWORD_BYTES // 2 + 1), f"is longer than {MAX_PASSWORD_BYTES} bytes"),
+        ("pass\x00word", "must not contain NUL characters"),
+    ):
+        check = RequestCheck()
+        check.new_password("password", password)
+        assert [(v.field, v.description) for v in violations(check)] == [("password", description)]
+
+
 def test_scope_limits() -> None:
     check = RequestCheck()
     scopes = [f"s{i}" for i in range(MAX_SCOPES)]
@@ -626,3 +646,34 @@ def test_all_violations_are_reported_at_once() -> None:
     check.missing("password")
     error_fields = [v.field for v in violations(check)]
     assert error_fields == ["password.username", "password.password", "scopes[0]", "password"]
+
+
+@pytest.mark.parametrize(
+    ("text", "host", "port", "loopback"),
+    [
+        ("127.0.0.1:50051", "127.0.0.1", 50051, True),
+        ("[::1]:0", "::1", 0, True),
+        ("::1:9464", "::1", 9464, True),
+        ("localhost:80", "localhost", 80, True),
+        ("0.0.0.0:6000", "0.0.0.0", 6000, False),
+        ("auth.internal:65535", "auth.internal", 65535, False),
+    ],
+)
+def test_host_port_is_parsed_and_written_back(
+    text: str, host: str, port: int, loopback: bool
+) -> None:
+    address = HostPort.parse(text)
+    assert (address.host, address.port, address.is_loopback) == (host, port, loopback)
+    # Written back with an IPv6 host in brackets, so it parses to the same again.
+    assert HostPort.parse(str(address)) == address
+    assert str(address.with_port(1)).endswith(":1")
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["localhost", "127.0.0.1", ":50051", "127.0.0.1:http", "127.0.0.1:65536", "a b:1", "-x:1"],
+)
+def test_host_port_refuses_what_is_not_host_and_port(text: str) -> None:
+    with pytest.raises(ValueError, match=r"^HOST:PORT") as refused:
+        HostPort.parse(text)
+    assert str(refused.value) == addresses.ALLOWED  # the text itself is never echoed

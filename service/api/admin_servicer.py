@@ -6,27 +6,22 @@ service's name arrives here as the actor recorded with every security event.
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import uuid
 from dataclasses import replace
 
 import grpc
 
+from service.api.admin_refusals import AdminRefusals
 from service.api.callers import calling_service
-from service.api.requests import (
-    MAX_ID_BYTES,
-    MAX_PASSWORD_BYTES,
-    RequestCheck,
-)
 from service.api.status import Handler, Req, Resp, maps_errors
-from service.api.wire import Context, add_servicer, caller_info, reject_undecodable, timestamp
+from service.api.wire import Context, add_servicer, caller_info, timestamp
 from service.domain.records import SessionRecord, UserRecord
 from service.domain.signing_keys import SigningKeyInfo, SigningKeys
 from service.domain.tokens import CallerInfo
-from service.domain.users import MIN_PASSWORD_LENGTH, UserDirectory, UserRef
+from service.domain.users import UserDirectory, UserRef
 from service.errors import AuthError, FieldViolation
 from service.gen.auth.v1 import admin_pb2
+from service.request_limits import MAX_ID_BYTES, RequestCheck
 
 MAX_PAGE_SIZE = 100
 DEFAULT_PAGE_SIZE = 50
@@ -59,15 +54,6 @@ def _user_ref(check: RequestCheck, selector: admin_pb2.UserSelector, present: bo
         return check.username("user.username", selector.username)
     check.missing("user")
     return ""
-
-
-def _new_password(check: RequestCheck, password: str) -> str:
-    check.text("password", password, limit=MAX_PASSWORD_BYTES)
-    if password and len(password) < MIN_PASSWORD_LENGTH:
-        check.violation(
-            FieldViolation("password", f"must be at least {MIN_PASSWORD_LENGTH} characters")
-        )
-    return password
 
 
 def _user(record: UserRecord) -> admin_pb2.User:
@@ -111,107 +97,89 @@ def _signing_key(info: SigningKeyInfo) -> admin_pb2.SigningKey:
     return key
 
 
-def _records_refusals(
+def _admin_method(
     handler: Handler[AdminServicer, Req, Resp],
 ) -> Handler[AdminServicer, Req, Resp]:
-    """A refused admin call (unknown user, bad argument, ...) is a security event too: an
-    audit trail that only shows what succeeded hides the probing before it."""
+    """`maps_errors`, with every refusal (unknown user, bad argument, ...) recorded as a
+    security event (`service.api.admin_refusals`)."""
 
-    @functools.wraps(handler)
-    async def wrapper(self: AdminServicer, request: Req, context: Context) -> Resp:
-        try:
-            return await handler(self, request, context)
-        except AuthError as error:
-            if error.code == "UNAVAILABLE":
-                raise  # our failure, not a refusal; and a second try would only delay it
-            # Recording must not hide the answer.
-            with contextlib.suppress(AuthError):
-                await self._users.record_refusal(
-                    method=handler.__name__, reason=error.reason, caller=_operator(context)
-                )
-            raise
+    async def record(
+        servicer: AdminServicer, method: str, error: AuthError, context: Context
+    ) -> None:
+        await servicer.refusals.record(
+            method=method, reason=error.reason, caller=_operator(context)
+        )
 
-    return wrapper
+    return maps_errors(handler, on_refused=record)
 
 
 class AdminServicer:
     """Implements auth.v1.AdminService."""
 
-    def __init__(self, *, users: UserDirectory, keys: SigningKeys) -> None:
+    def __init__(self, *, users: UserDirectory, keys: SigningKeys, refusals: AdminRefusals) -> None:
         self._users = users
         self._keys = keys
+        self.refusals = refusals
 
-    @maps_errors
-    @_records_refusals
+    @_admin_method
     async def CreateUser(
         self, request: admin_pb2.CreateUserRequest, context: Context
     ) -> admin_pb2.CreateUserResponse:
-        reject_undecodable(request)
         check = RequestCheck()
         username = check.username("username", request.username, new=True)
-        password = _new_password(check, request.password)
+        password = check.new_password("password", request.password)
         scopes = check.scopes("scopes", request.scopes)
         check.done()
         user = await self._users.create(username, password, scopes, caller=_operator(context))
         return admin_pb2.CreateUserResponse(user=_user(user))
 
-    @maps_errors
-    @_records_refusals
+    @_admin_method
     async def SetPassword(
         self, request: admin_pb2.SetPasswordRequest, context: Context
     ) -> admin_pb2.SetPasswordResponse:
-        reject_undecodable(request)
         check = RequestCheck()
         user = _user_ref(check, request.user, request.HasField("user"))
-        password = _new_password(check, request.password)
+        password = check.new_password("password", request.password)
         check.done()
         revoked = await self._users.set_password(
             user, password, revoke_sessions=not request.keep_sessions, caller=_operator(context)
         )
         return admin_pb2.SetPasswordResponse(revoked_sessions=revoked)
 
-    @maps_errors
-    @_records_refusals
+    @_admin_method
     async def DisableUser(
         self, request: admin_pb2.DisableUserRequest, context: Context
     ) -> admin_pb2.DisableUserResponse:
-        reject_undecodable(request)
         check = RequestCheck()
         user = _user_ref(check, request.user, request.HasField("user"))
         check.done()
         revoked = await self._users.set_disabled(user, True, caller=_operator(context))
         return admin_pb2.DisableUserResponse(revoked_sessions=revoked)
 
-    @maps_errors
-    @_records_refusals
+    @_admin_method
     async def EnableUser(
         self, request: admin_pb2.EnableUserRequest, context: Context
     ) -> admin_pb2.EnableUserResponse:
-        reject_undecodable(request)
         check = RequestCheck()
         user = _user_ref(check, request.user, request.HasField("user"))
         check.done()
         await self._users.set_disabled(user, False, caller=_operator(context))
         return admin_pb2.EnableUserResponse()
 
-    @maps_errors
-    @_records_refusals
+    @_admin_method
     async def DeleteUser(
         self, request: admin_pb2.DeleteUserRequest, context: Context
     ) -> admin_pb2.DeleteUserResponse:
-        reject_undecodable(request)
         check = RequestCheck()
         user = _user_ref(check, request.user, request.HasField("user"))
         check.done()
         revoked = await self._users.delete(user, caller=_operator(context))
         return admin_pb2.DeleteUserResponse(revoked_sessions=revoked)
 
-    @maps_errors
-    @_records_refusals
+    @_admin_method
     async def ListSessions(
         self, request: admin_pb2.ListSessionsRequest, context: Context
     ) -> admin_pb2.ListSessionsResponse:
-        reject_undecodable(request)
         check = RequestCheck()
         user = _user_ref(check, request.user, request.HasField("user"))
         if not 0 <= request.page_size <= MAX_PAGE_SIZE:
@@ -230,34 +198,28 @@ class AdminServicer:
             sessions=[_session(s) for s in page.sessions], next_page_token=page.next_page_token
         )
 
-    @maps_errors
-    @_records_refusals
+    @_admin_method
     async def RevokeSession(
         self, request: admin_pb2.RevokeSessionRequest, context: Context
     ) -> admin_pb2.RevokeSessionResponse:
-        reject_undecodable(request)
         check = RequestCheck()
         session_id = check.text("session_id", request.session_id, limit=MAX_ID_BYTES)
         check.done()
         revoked = await self._users.revoke_session(session_id, caller=_operator(context))
         return admin_pb2.RevokeSessionResponse(revoked_sessions=revoked)
 
-    @maps_errors
-    @_records_refusals
+    @_admin_method
     async def RotateSigningKey(
         self, request: admin_pb2.RotateSigningKeyRequest, context: Context
     ) -> admin_pb2.RotateSigningKeyResponse:
-        reject_undecodable(request)
         operator = _operator(context)
         info = await self._keys.rotate(reason="admin", actor=operator.actor, peer=operator.peer)
         return admin_pb2.RotateSigningKeyResponse(key=_signing_key(info))
 
-    @maps_errors
-    @_records_refusals
+    @_admin_method
     async def ListSigningKeys(
         self, request: admin_pb2.ListSigningKeysRequest, context: Context
     ) -> admin_pb2.ListSigningKeysResponse:
-        reject_undecodable(request)
         await self._users.audit("signing_keys_listed", caller=_operator(context))
         return admin_pb2.ListSigningKeysResponse(
             keys=[_signing_key(k) for k in await self._keys.describe()]

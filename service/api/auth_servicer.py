@@ -6,24 +6,18 @@ from typing import Any
 
 import grpc
 
-from service.api.requests import (
+from service.api.status import maps_errors
+from service.api.wire import add_servicer, bearer_credential, caller_info, timestamp
+from service.domain.access_tokens import TokenProblem
+from service.domain.tokens import UNKNOWN_AUDIENCE, TokenPair, TokenService
+from service.gen.auth.v1 import auth_pb2
+from service.request_limits import (
     MAX_AUDIENCE_BYTES,
     MAX_ID_BYTES,
     MAX_PASSWORD_BYTES,
     MAX_TOKEN_BYTES,
     RequestCheck,
 )
-from service.api.status import maps_errors
-from service.api.wire import (
-    add_servicer,
-    bearer_credential,
-    caller_info,
-    reject_undecodable,
-    timestamp,
-)
-from service.domain.access_tokens import TokenProblem
-from service.domain.tokens import UNKNOWN_AUDIENCE, TokenPair, TokenService
-from service.gen.auth.v1 import auth_pb2
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -60,7 +54,6 @@ class AuthServicer:
     async def Issue(
         self, request: auth_pb2.IssueRequest, context: Context
     ) -> auth_pb2.IssueResponse:
-        reject_undecodable(request)
         check = RequestCheck()
         if request.WhichOneof("credentials") != "password":
             check.missing("password")
@@ -87,7 +80,6 @@ class AuthServicer:
     async def Refresh(
         self, request: auth_pb2.RefreshRequest, context: Context
     ) -> auth_pb2.RefreshResponse:
-        reject_undecodable(request)
         check = RequestCheck()
         token = check.text("refresh_token", request.refresh_token, limit=MAX_TOKEN_BYTES)
         check.done()
@@ -98,7 +90,6 @@ class AuthServicer:
     async def Validate(
         self, request: auth_pb2.ValidateRequest, context: Context
     ) -> auth_pb2.ValidateResponse:
-        reject_undecodable(request)
         check = RequestCheck()
         token = check.text("access_token", request.access_token, limit=MAX_TOKEN_BYTES)
         required = check.scopes("required_scopes", request.required_scopes)
@@ -126,7 +117,6 @@ class AuthServicer:
     async def Revoke(
         self, request: auth_pb2.RevokeRequest, context: Context
     ) -> auth_pb2.RevokeResponse:
-        reject_undecodable(request)
         check = RequestCheck()
         target = request.WhichOneof("target")
         caller = caller_info(context)
@@ -161,7 +151,6 @@ class AuthServicer:
     async def GetJwks(
         self, request: auth_pb2.GetJwksRequest, context: Context
     ) -> auth_pb2.GetJwksResponse:
-        reject_undecodable(request)
         return auth_pb2.GetJwksResponse(jwks_json=self._tokens.jwks_json)
 
 

@@ -42,6 +42,7 @@ import grpc
 
 from service.api.status import to_status
 from service.api.wire import Context, bearer_credential
+from service.api.wrapped_handlers import WrappedHandlers
 from service.domain.events import LogRateLimiter, peer_address
 from service.errors import AuthError, ServiceCredentialsRequired, ServiceNotPermitted
 from service.settings import CALL_GROUPS, SettingsError
@@ -260,8 +261,7 @@ class CallerAuthInterceptor(grpc.aio.ServerInterceptor):
         # (method, reason, peer, known service or None) of refused admin calls, recorded as
         # security events.
         self._on_admin_refused = on_admin_refused
-        # grpc.aio asks the interceptors on every call: wrap each method's handler once.
-        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler[Any, Any], Any]] = {}
+        self._wrapped = WrappedHandlers()
 
     async def intercept_service(
         self,
@@ -275,10 +275,14 @@ class CallerAuthInterceptor(grpc.aio.ServerInterceptor):
         group = call_group(method)
         if handler is None or group not in self._guarded:
             return handler
-        cached = self._wrapped.get(method)
-        if cached is not None and cached[0] is handler:
-            guarded_handler: grpc.RpcMethodHandler[Any, Any] | None = cached[1]
-            return guarded_handler
+        guarded_handler: grpc.RpcMethodHandler[Any, Any] | None = self._wrapped.get(
+            method, handler, lambda: self._guarded_handler(handler, group, method)
+        )
+        return guarded_handler
+
+    def _guarded_handler(
+        self, handler: grpc.RpcMethodHandler[Any, Any], group: str, method: str
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         behavior: Any = handler.unary_unary or handler.unary_stream
         if handler.request_streaming or not (
             inspect.iscoroutinefunction(behavior) or inspect.isasyncgenfunction(behavior)
@@ -297,13 +301,11 @@ class CallerAuthInterceptor(grpc.aio.ServerInterceptor):
             if inspect.isasyncgenfunction(behavior)
             else self._guard(behavior, group, method)
         )
-        guarded_handler = make(
+        return make(
             guarded,
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
-        self._wrapped[method] = (handler, guarded_handler)
-        return guarded_handler
 
     async def _admit(self, context: Context, group: str, method: str) -> str:
         """The calling service's name, or the call is aborted."""

@@ -1,4 +1,5 @@
-"""The one place where domain errors become gRPC statuses with rich details."""
+"""The one place where domain errors become gRPC statuses with rich details, and the one
+wrapper every servicer method runs in (`maps_errors`)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,14 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from service.errors import ERROR_DOMAIN, AuthError, InvalidArgument, LoginThrottled
+from service.api.wire import UndecodableRequest
+from service.errors import (
+    ERROR_DOMAIN,
+    AuthError,
+    FieldViolation,
+    InvalidArgument,
+    LoginThrottled,
+)
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +67,18 @@ def to_status(error: AuthError) -> grpc.Status:
     return rpc_status.to_status(status)
 
 
-def maps_errors(handler: Handler[Servicer, Req, Resp]) -> Handler[Servicer, Req, Resp]:
-    """Wrap a servicer method: AuthError → its status; anything else → a bare INTERNAL.
+RefusalRecorder = Callable[[Servicer, str, AuthError, Context], Awaitable[None]]
+"""Told of every AuthError a method answers with (method name, error, call context)."""
+
+
+def maps_errors(
+    handler: Handler[Servicer, Req, Resp],
+    *,
+    on_refused: RefusalRecorder[Servicer] | None = None,
+) -> Handler[Servicer, Req, Resp]:
+    """Wrap a servicer method: a request that did not parse → INVALID_ARGUMENT (before the
+    method runs); AuthError → its status (told to `on_refused` first, unless it is our own
+    UNAVAILABLE); anything else → a bare INTERNAL.
 
     The unexpected case logs the exception type and traceback but never the
     request, which may hold passwords and tokens.
@@ -69,8 +87,15 @@ def maps_errors(handler: Handler[Servicer, Req, Resp]) -> Handler[Servicer, Req,
     @functools.wraps(handler)
     async def wrapper(self: Servicer, request: Req, context: Context) -> Resp:
         try:
+            if isinstance(request, UndecodableRequest):
+                raise InvalidArgument(
+                    [FieldViolation("request", "is not a valid protobuf message")]
+                )
             return await handler(self, request, context)
         except AuthError as error:
+            # UNAVAILABLE is our failure, not a refusal; and recording it would only delay it.
+            if on_refused is not None and error.code != "UNAVAILABLE":
+                await on_refused(self, handler.__name__, error, context)
             await context.abort_with_status(to_status(error))
             raise  # abort_with_status raises; this line only satisfies the type checker
         except Exception:

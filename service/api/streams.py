@@ -39,6 +39,7 @@ import grpc
 
 from service.api.status import to_status
 from service.api.wire import Context
+from service.api.wrapped_handlers import WrappedHandlers
 from service.errors import (
     AuthError,
     StreamMaxAgeReached,
@@ -209,8 +210,7 @@ class CallBudgetInterceptor(grpc.aio.ServerInterceptor):
         self._unary = unary
         self._streams = streams
         self._refusals = _RefusalLog()
-        # grpc.aio asks the interceptors on every call: wrap each method's handler once.
-        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler[Any, Any], Any]] = {}
+        self._wrapped = WrappedHandlers()
 
     async def intercept_service(
         self,
@@ -223,12 +223,9 @@ class CallBudgetInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return None
         method = handler_call_details.method
-        cached = self._wrapped.get(method)
-        if cached is not None and cached[0] is handler:
-            budgeted: grpc.RpcMethodHandler[Any, Any] | None = cached[1]
-            return budgeted
-        budgeted = self._wrap(method, handler)
-        self._wrapped[method] = (handler, budgeted)
+        budgeted: grpc.RpcMethodHandler[Any, Any] | None = self._wrapped.get(
+            method, handler, lambda: self._wrap(method, handler)
+        )
         return budgeted
 
     def _wrap(

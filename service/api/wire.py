@@ -14,7 +14,6 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from service.domain.tokens import CallerInfo
 from service.domain.usernames import escape_text
-from service.errors import FieldViolation, InvalidArgument
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -22,7 +21,8 @@ Context = grpc.aio.ServicerContext[Any, Any]
 class UndecodableRequest:
     """Stands in for a request whose bytes did not parse (for example invalid UTF-8).
 
-    gRPC answers INTERNAL when a deserializer raises; we answer INVALID_ARGUMENT.
+    gRPC answers INTERNAL when a deserializer raises; we answer INVALID_ARGUMENT
+    (`service.api.status.maps_errors`).
     """
 
 
@@ -62,11 +62,6 @@ def bearer_credential(context: Context, *, max_length: int) -> str | None:
             if scheme.lower() == "bearer" and 0 < len(credential) <= max_length:
                 return credential.strip()
     return None
-
-
-def reject_undecodable(request: object) -> None:
-    if isinstance(request, UndecodableRequest):
-        raise InvalidArgument([FieldViolation("request", "is not a valid protobuf message")])
 
 
 def _tolerant_deserializer(cls: type[Message]) -> Callable[[bytes], object]:

@@ -26,7 +26,6 @@ UserRef = uuid.UUID | str
 
 CLI = CallerInfo(actor="cli")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-MIN_PASSWORD_LENGTH = 8
 
 
 @dataclass(frozen=True, slots=True)

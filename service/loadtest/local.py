@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
-from service.app import open_components
+from service.components import open_components
 from service.database import attach_embedded_uri
 from service.settings import Settings
 

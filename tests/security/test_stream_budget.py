@@ -374,7 +374,7 @@ def _raw(data: bytes) -> bytes:
 async def future_streams_server(settings: Settings) -> AsyncIterator[grpc.aio.Channel]:
     """A server with two streaming methods the service does not have yet (an async
     generator and a coroutine writing through its context), behind the interceptors
-    `service.app` installs, in the same order."""
+    `service.server` installs, in the same order."""
 
     async def generated(request: bytes, context: Any) -> AsyncIterator[bytes]:
         yield f"for {calling_service(context)}".encode()

@@ -1,6 +1,9 @@
-"""Request checks: required fields and limits, reported as INVALID_ARGUMENT with field names.
+"""The limits of what a request may carry, and the checks that hold requests to them.
 
-Every limit here is documented in the proto and the README, and tested.
+Shared by the gRPC adapters (`service.api`) and the `authsvc` command, so that a user the
+CLI creates can log in through the API. A check collects every violation and reports them
+at once as INVALID_ARGUMENT with field names (`service.errors.InvalidArgument`). Every
+limit here is documented in the proto and the README ("Limits"), and tested.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ MAX_SCOPES = 32
 MAX_SCOPE_BYTES = 128
 MAX_AUDIENCE_BYTES = settings.MAX_AUDIENCE_BYTES  # AUTH_AUDIENCES entries are held to it too
 MAX_ID_BYTES = 256  # session_id and subject in Revoke
+MIN_PASSWORD_LENGTH = 8  # of a new password (a login is checked against the hash alone)
 
 # RFC 6749 §3.3 scope-token: printable ASCII except space, '"' and '\'.
 _SCOPE_RE = re.compile(r"[\x21\x23-\x5B\x5D-\x7E]+")
@@ -59,6 +63,15 @@ class RequestCheck:
             problem = f"is longer than {MAX_USERNAME_KEY_BYTES} bytes once normalised"
         if problem is not None:
             self._violations.append(FieldViolation(field, problem))
+        return value
+
+    def new_password(self, field: str, value: str) -> str:
+        """A password to set: the text rules and at least MIN_PASSWORD_LENGTH characters."""
+        self.text(field, value, limit=MAX_PASSWORD_BYTES)
+        if value and len(value) < MIN_PASSWORD_LENGTH:
+            self._violations.append(
+                FieldViolation(field, f"must be at least {MIN_PASSWORD_LENGTH} characters")
+            )
         return value
 
     def scopes(self, field: str, values: Sequence[str]) -> tuple[str, ...]:

@@ -1,0 +1,371 @@
+"""The gRPC server of one process: every service and interceptor assembled over the
+components, the revocation feed, health (with the `authsvc.revocations`,
+`authsvc.settings` and clock-driven statuses the README describes), the background
+tasks, and the graceful stop that undoes it all (`RunningServer.stop`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import asyncpg
+import grpc
+from grpc_health.v1 import _async as health_async
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from service.api.admin_refusals import AdminRefusals
+from service.api.admin_servicer import AdminServicer, add_admin_servicer
+from service.api.auth_servicer import AuthServicer, add_auth_servicer
+from service.api.callers import CallerAuthInterceptor, ServiceDirectory
+from service.api.streams import (
+    CallBudgetInterceptor,
+    StreamBudget,
+    UnaryBudget,
+    transport_options,
+)
+from service.clock import Clock, DatabaseClock, keep_measuring
+from service.components import Components, build_components
+from service.domain.shared_settings import (
+    SharedSettingsWatch,
+    agree_on_shared_settings,
+    check_shared_settings,
+)
+from service.failures import ConfigurationError
+from service.gen.auth.v1 import admin_pb2, auth_pb2
+from service.metrics import (
+    MetricsEndpoint,
+    MetricsInterceptor,
+    ProcessSample,
+    PrometheusTelemetry,
+    multiprocess_enabled,
+    sample_forever,
+)
+from service.settings import Settings
+from service.startup_checks import (
+    check_can_listen,
+    server_credentials,
+    service_directory,
+    start_metrics_endpoint,
+)
+from service.store import PostgresStore
+from service.store.revocation_feed import RevocationFeed
+
+log = logging.getLogger(__name__)
+
+AUTH_SERVICE_NAME = auth_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name
+ADMIN_SERVICE_NAME = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
+# A health "service" that says whether revocations are heard live (see README).
+REVOCATIONS_HEALTH_NAME = "authsvc.revocations"
+# NOT_SERVING while this replica's settings are not the shared ones any more (someone ran
+# `authsvc settings adopt`): it serves on, but should be replaced.
+SHARED_SETTINGS_HEALTH_NAME = "authsvc.settings"
+
+
+@dataclass
+class RunningServer:
+    """A started gRPC server and the port it listens on."""
+
+    server: grpc.aio.Server
+    port: int
+    components: Components
+    revocation_feed: RevocationFeed
+    health: health_async.HealthServicer
+    background: list[asyncio.Task[None]]
+    """The janitor, the shared-settings watch and, with metrics on, the sampler."""
+    stream_budget: StreamBudget
+    settings_watch: SharedSettingsWatch
+    telemetry: PrometheusTelemetry | None = None
+    metrics_endpoint: MetricsEndpoint | None = None
+
+    async def stop(self, grace: float | None) -> None:
+        # Probes see NOT_SERVING first, so load balancers drain us while calls finish.
+        await self.health.enter_graceful_shutdown()
+        for task in self.background:
+            task.cancel()
+        for task in self.background:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.server.stop(grace)
+        await self.components.tokens.finish_password_checks()
+        if self.metrics_endpoint is not None:
+            self.metrics_endpoint.close()
+        await self.revocation_feed.stop()
+        self.components.close()
+
+
+async def start_server(
+    settings: Settings,
+    *,
+    dsn: str,
+    pool: asyncpg.Pool,
+    clock: Clock,
+    listen: str | None = None,
+    reuse_port: bool = False,
+    agree_settings: bool = True,
+) -> RunningServer:
+    """Build the components, load revocations, and serve on `listen` (default settings.listen).
+
+    `dsn` is for the revocation listener's own connection, outside the pool. If any step
+    fails, what the earlier ones started is stopped again before the error propagates.
+    With `agree_settings` the shared settings are compared (`SharedSettingsMismatch`)
+    before anything is opened or created, and recorded (first start) once the key material
+    is open: a process that cannot start records nothing. A `--workers` child leaves that to
+    its supervisor, which did it with the same environment before starting it.
+    """
+    # Configuration first: a bad file or setting must stop us before anything runs.
+    settings.check()  # also settings built in code (from_env already checked its own)
+    if not reuse_port:
+        check_can_listen(listen or settings.listen)
+    credentials = server_credentials(settings)
+    directory = service_directory(settings) if settings.caller_auth else None
+    if agree_settings:
+        await check_shared_settings(PostgresStore(pool, timeout=settings.db_timeout), settings)
+    telemetry = PrometheusTelemetry() if settings.metrics_listen is not None else None
+    async with contextlib.AsyncExitStack() as undo:
+        endpoint = None
+        # A --workers child writes shared files; its supervisor serves them.
+        if telemetry is not None and not multiprocess_enabled():
+            assert settings.metrics_listen is not None
+            endpoint = start_metrics_endpoint(settings.metrics_listen, telemetry.registry)
+            undo.callback(endpoint.close)
+        components = await build_components(settings, pool=pool, clock=clock, telemetry=telemetry)
+        undo.callback(components.close)
+        if agree_settings:
+            await agree_on_shared_settings(components.store, settings, clock=clock)
+        health = health_async.HealthServicer()
+
+        async def settings_shared(agreeing: bool) -> None:
+            status = (
+                health_pb2.HealthCheckResponse.SERVING
+                if agreeing
+                else health_pb2.HealthCheckResponse.NOT_SERVING
+            )
+            await health.set(SHARED_SETTINGS_HEALTH_NAME, status)
+
+        await settings_shared(True)
+        settings_watch = SharedSettingsWatch(components.store, settings, on_change=settings_shared)
+
+        async def revocations_followed(listening: bool) -> None:
+            # NOT_SERVING while this process is not hearing revocations live: Validate
+            # still answers, from state that may lag until the listener is back.
+            status = (
+                health_pb2.HealthCheckResponse.SERVING
+                if listening
+                else (health_pb2.HealthCheckResponse.NOT_SERVING)
+            )
+            await health.set(REVOCATIONS_HEALTH_NAME, status)
+
+        feed = RevocationFeed(
+            dsn=dsn,
+            pool=pool,
+            state=components.revocations,
+            clock=clock,
+            poll_interval=settings.revocation_poll_interval,
+            timeout=settings.db_timeout,
+            on_listening=revocations_followed,
+            on_keys_changed=components.signing_keys.reload,
+        )
+        await feed.start()
+        undo.push_async_callback(feed.stop)
+        stream_budget = StreamBudget(
+            limit=settings.max_streams,
+            per_peer=settings.max_streams_per_peer,
+            max_age=settings.stream_max_age,
+        )
+        server, port = await _serve_grpc(
+            settings,
+            components,
+            health,
+            telemetry,
+            directory,
+            stream_budget,
+            credentials,
+            listen,
+            reuse_port,
+        )
+        undo.pop_all()  # started: from here on RunningServer.stop undoes it all
+    _log_start_up(settings, port, components, clock)
+    background = [
+        asyncio.create_task(
+            settings_watch.run_forever(settings.janitor_interval), name="shared-settings"
+        ),
+        # A replica whose settings are no longer the shared ones leaves the database-wide
+        # upkeep (rotation, retiring keys, purging by retention) to replicas that agree.
+        asyncio.create_task(
+            components.janitor.run_forever(may_run=lambda: settings_watch.agreeing),
+            name="janitor",
+        ),
+    ]
+    if isinstance(clock, DatabaseClock):
+
+        async def serving(ok: bool) -> None:
+            # Not ready while this host's clock is too far off (see README, Clocks).
+            status = (
+                health_pb2.HealthCheckResponse.SERVING
+                if ok
+                else health_pb2.HealthCheckResponse.NOT_SERVING
+            )
+            for service_name in ("", AUTH_SERVICE_NAME, ADMIN_SERVICE_NAME):
+                await health.set(service_name, status)
+
+        background.append(
+            asyncio.create_task(
+                keep_measuring(
+                    clock,
+                    interval=settings.clock_check_interval,
+                    warn=settings.clock_skew_warn,
+                    limit=settings.clock_skew_max,
+                    on_serving=serving,
+                ),
+                name="database-clock",
+            )
+        )
+    if telemetry is not None:
+        background.append(
+            asyncio.create_task(
+                sample_forever(telemetry, _sampler(components, feed, pool, clock)),
+                name="metrics",
+            )
+        )
+    return RunningServer(
+        server=server,
+        port=port,
+        components=components,
+        revocation_feed=feed,
+        health=health,
+        background=background,
+        stream_budget=stream_budget,
+        settings_watch=settings_watch,
+        telemetry=telemetry,
+        metrics_endpoint=endpoint,
+    )
+
+
+async def _serve_grpc(
+    settings: Settings,
+    components: Components,
+    health: health_async.HealthServicer,
+    telemetry: PrometheusTelemetry | None,
+    directory: ServiceDirectory | None,
+    stream_budget: StreamBudget,
+    credentials: grpc.ServerCredentials | None,
+    listen: str | None,
+    reuse_port: bool,
+) -> tuple[grpc.aio.Server, int]:
+    """The gRPC server with every service and interceptor, bound and started."""
+    interceptors: list[grpc.aio.ServerInterceptor] = []
+    if telemetry is not None:
+        # First, so refused calls are counted too.
+        interceptors.append(MetricsInterceptor(telemetry))
+    # Before the caller check, so calls that fail it are held to the budgets too.
+    interceptors.append(
+        CallBudgetInterceptor(UnaryBudget(settings.max_concurrent_rpcs), stream_budget)
+    )
+    refusals = AdminRefusals(components.users)
+    if directory is not None:
+        interceptors.append(
+            CallerAuthInterceptor(
+                directory=directory,
+                guarded=settings.caller_auth,
+                on_admin_refused=refusals.count,
+                log_window=settings.event_aggregation_window,
+            )
+        )
+    server = grpc.aio.server(
+        interceptors=interceptors,
+        # No maximum_concurrent_rpcs: it counts streams and unary calls alike, so idle
+        # streams could use it up. CallBudgetInterceptor refuses calls beyond their own
+        # budget at once (RESOURCE_EXHAUSTED) instead of queueing them without bound.
+        options=[
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            # Off unless we are one of several workers: a second server started
+            # by mistake must fail to bind, not silently share the port.
+            ("grpc.so_reuseport", 1 if reuse_port else 0),
+            *transport_options(settings),
+        ],
+    )
+    add_auth_servicer(AuthServicer(components.tokens), server)
+    add_admin_servicer(
+        AdminServicer(users=components.users, keys=components.signing_keys, refusals=refusals),
+        server,
+    )
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(
+        (
+            AUTH_SERVICE_NAME,
+            ADMIN_SERVICE_NAME,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        server,
+    )
+    address = listen or settings.listen
+    try:
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
+    except RuntimeError:  # newer gRPC raises where older returned port 0
+        port = 0
+    if port == 0:
+        raise ConfigurationError(
+            f"AUTH_LISTEN: cannot listen on {address} (in use by another process, not an "
+            "address of this host, or TLS files gRPC cannot load)"
+        )
+    await server.start()
+    for service_name in ("", AUTH_SERVICE_NAME, ADMIN_SERVICE_NAME):
+        await health.set(service_name, health_pb2.HealthCheckResponse.SERVING)
+    return server, port
+
+
+def _log_start_up(settings: Settings, port: int, components: Components, clock: Clock) -> None:
+    """One line an operator can check the deployment against (no secrets in it)."""
+    signing = components.signing_keys.ring.signing_key(clock.now())
+    log.info(
+        "serving auth.v1 on port %d: tls=%s client-certificates=%s caller-auth=%s metrics=%s "
+        "signing-key=%s/%s access-ttl=%ds refresh-idle=%ds refresh-absolute=%ds "
+        "reuse-grace=%ds login-throttle=%s key-rotation=%s",
+        port,
+        "on" if settings.tls_cert else "off",
+        "required" if settings.tls_client_ca else "off",
+        ",".join(sorted(settings.caller_auth)) or "off",
+        settings.metrics_listen or "off",
+        signing.kid,
+        signing.alg,
+        settings.access_ttl,
+        settings.refresh_idle_ttl,
+        settings.refresh_absolute_ttl,
+        settings.refresh_reuse_grace,
+        "on" if settings.login_throttle else "off",
+        f"every {settings.key_rotation_period}s" if settings.key_rotation_period else "manual",
+    )
+
+
+def _sampler(
+    components: Components, feed: RevocationFeed, pool: asyncpg.Pool, clock: Clock
+) -> Callable[[], ProcessSample]:
+    database_clock = clock if isinstance(clock, DatabaseClock) else None
+
+    def take_sample() -> ProcessSample:
+        idle = pool.get_idle_size()
+        return ProcessSample(
+            clock_skew_seconds=None if database_clock is None else database_clock.wall_skew,
+            clock_measured_seconds_ago=(
+                None if database_clock is None else database_clock.seconds_since_measured()
+            ),
+            cache_hits=components.token_cache.hits,
+            cache_misses=components.token_cache.misses,
+            revoked_sessions=len(components.revocations),
+            revocation_lag_seconds=components.revocations.lag,
+            revocation_listener_up=feed.listening.is_set(),
+            pool_in_use=pool.get_size() - idle,
+            pool_idle=idle,
+            pool_max=pool.get_max_size(),
+        )
+
+    return take_sample

@@ -1,0 +1,422 @@
+"""Parsers of configuration text: each turns a variable's text into a typed value within
+bounds, or refuses it with a message that says what the variable may be and never echoes
+the value. `service.settings` declares every setting with one of them; `bounded_argument`
+holds command-line options to the same bounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import math
+import os
+import re
+from collections.abc import Callable
+from collections.abc import Set as AbstractSet
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Generic, TypeVar
+
+from service import addresses
+from service.addresses import HostPort
+
+T = TypeVar("T")
+N = TypeVar("N", int, float)
+
+MINUTE = 60
+HOUR = 3600
+DAY = 86_400
+YEAR = 365 * DAY
+
+# A parser's `allowed` says what it accepts; it is the whole of the error message, so no
+# error can echo the value. `validate` checks a typed value (a Settings built in code).
+
+
+class Parser(Generic[T]):
+    """Turns a variable's text into a value, or refuses it."""
+
+    @property
+    def allowed(self) -> str:
+        """What the variable may be, e.g. "a whole number of seconds from 1 to 86400"; the
+        whole of the error message, so no error can echo the value."""
+        raise NotImplementedError
+
+    def parse(self, raw: str) -> T:
+        """The value of `raw` (stripped, not empty); ValueError if refused."""
+        raise NotImplementedError
+
+    def validate(self, value: T) -> None:
+        """ValueError unless `value` is one `parse` could have produced."""
+
+    def show(self, value: T) -> str:
+        """`value` as the README's default column shows it."""
+        return f"`{value}`"
+
+
+def _number(value: float) -> str:
+    """A number as written in a variable: 86400, 0.05 (never 8.64e+04)."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def _human(amount: float) -> str | None:
+    """Seconds in the largest unit that divides them (1209600: "14 d"); None below a minute."""
+    for size, unit in ((YEAR, "y"), (DAY, "d"), (HOUR, "h"), (MINUTE, "min")):
+        if amount >= size and amount % size == 0:
+            return f"{_number(amount // size)} {unit}"
+    return None
+
+
+@dataclass(frozen=True)
+class Number(Parser[N]):
+    """A number from `low` to `high`; with `zero`, 0 too, meaning what `zero` says."""
+
+    kind: type[N]
+    low: N
+    high: N
+    unit: str = ""
+    zero: str | None = None
+
+    _WHOLE = re.compile(r"[0-9]{1,19}")
+    _DECIMAL = re.compile(
+        r"(?:[0-9]{1,19}(?:\.[0-9]{0,12})?|\.[0-9]{1,12})(?:[eE][-+]?[0-9]{1,3})?"
+    )
+
+    def __post_init__(self) -> None:
+        assert 0 < self.low <= self.high or (self.low == 0 and self.zero is None)
+
+    @property
+    def allowed(self) -> str:
+        what = "a whole number" if self.kind is int else "a number"
+        if self.unit:
+            what += f" of {self.unit}"
+        low, high = self._with_unit(self.low), self._with_unit(self.high)
+        if self.zero is not None:
+            return f"{what}: 0 ({self.zero}) or from {low} to {high}"
+        return f"{what} from {low} to {high}"
+
+    def _with_unit(self, value: N) -> str:
+        human = _human(value) if self.unit == "seconds" else None
+        return _number(value) + (f" ({human})" if human else "")
+
+    def parse(self, raw: str) -> N:
+        pattern = self._WHOLE if self.kind is int else self._DECIMAL
+        if not pattern.fullmatch(raw):
+            raise ValueError(self.allowed)
+        value = self.kind(raw)
+        self.validate(value)
+        return value
+
+    def validate(self, value: N) -> None:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(self.allowed)
+        if self.kind is int and not isinstance(value, int):
+            raise ValueError(self.allowed)
+        if not math.isfinite(value):
+            raise ValueError(self.allowed)
+        if value == 0 and self.zero is not None:
+            return
+        if not self.low <= value <= self.high:
+            raise ValueError(self.allowed)
+
+    def show(self, value: N) -> str:
+        if value == 0 and self.zero is not None:
+            return f"`0` ({self.zero})"
+        human = _human(value) if self.unit == "seconds" else None
+        return f"`{_number(value)}`" + (f" ({human})" if human else "")
+
+
+def seconds(low: int, high: int, *, zero: str | None = None) -> Number[int]:
+    """Whole seconds from `low` to `high` (and 0 if `zero` says what 0 means)."""
+    return Number(int, low, high, "seconds", zero)
+
+
+def duration(low: float, high: float, *, zero: str | None = None) -> Number[float]:
+    """Seconds, fractions allowed, from `low` to `high` (and 0 if `zero` says what it means)."""
+    return Number(float, float(low), float(high), "seconds", zero)
+
+
+def count(low: int, high: int, *, zero: str | None = None, unit: str = "") -> Number[int]:
+    """A whole number from `low` to `high` (and 0 if `zero` says what 0 means)."""
+    return Number(int, low, high, unit, zero)
+
+
+@dataclass(frozen=True)
+class Choice(Parser[str]):
+    """One of `options`, exactly."""
+
+    options: tuple[str, ...]
+
+    @property
+    def allowed(self) -> str:
+        return "one of " + ", ".join(self.options)
+
+    def parse(self, raw: str) -> str:
+        self.validate(raw)
+        return raw
+
+    def validate(self, value: str) -> None:
+        if value not in self.options:
+            raise ValueError(self.allowed)
+
+
+@dataclass(frozen=True)
+class Switch(Parser[bool]):
+    """on/off (also true/false, yes/no, 1/0)."""
+
+    @property
+    def allowed(self) -> str:
+        return "on or off"
+
+    def parse(self, raw: str) -> bool:
+        value = raw.lower()
+        if value in ("on", "true", "1", "yes"):
+            return True
+        if value in ("off", "false", "0", "no"):
+            return False
+        raise ValueError(self.allowed)
+
+    def validate(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise ValueError(self.allowed)
+
+    def show(self, value: bool) -> str:
+        return "`on`" if value else "`off`"
+
+
+@dataclass(frozen=True)
+class Text(Parser[str]):
+    """Printable text (no control characters) of 1 to `max_bytes` bytes in UTF-8."""
+
+    max_bytes: int
+
+    @property
+    def allowed(self) -> str:
+        return f"printable text of at most {self.max_bytes} bytes"
+
+    def parse(self, raw: str) -> str:
+        self.validate(raw)
+        return raw
+
+    def validate(self, value: str) -> None:
+        if not (
+            isinstance(value, str)
+            and value
+            and value.isprintable()
+            and len(value.encode("utf-8", "surrogatepass")) <= self.max_bytes
+        ):
+            raise ValueError(self.allowed)
+
+
+@dataclass(frozen=True)
+class Word(Text):
+    """Printable text without white space (an audience: compared exactly, listed with
+    commas)."""
+
+    @property
+    def allowed(self) -> str:
+        return f"printable text without spaces of at most {self.max_bytes} bytes"
+
+    def validate(self, value: str) -> None:
+        try:
+            super().validate(value)
+        except ValueError:
+            raise ValueError(self.allowed) from None
+        if any(c.isspace() for c in value):
+            raise ValueError(self.allowed)
+
+
+@dataclass(frozen=True)
+class DatabaseUrl(Text):
+    """A postgresql:// (or postgres://) URL, the only DSN form asyncpg takes."""
+
+    max_bytes: int = 4096
+
+    @property
+    def allowed(self) -> str:
+        return f"a postgresql:// URL of at most {self.max_bytes} bytes"
+
+    def validate(self, value: str) -> None:
+        super().validate(value)
+        if not value.startswith(("postgresql://", "postgres://")):
+            raise ValueError(self.allowed)
+
+
+@dataclass(frozen=True)
+class Address(Parser[str]):
+    """HOST:PORT (an IPv6 host in brackets), port 0 to 65535 (`service.addresses`)."""
+
+    @property
+    def allowed(self) -> str:
+        return addresses.ALLOWED
+
+    def parse(self, raw: str) -> str:
+        self.validate(raw)
+        return raw
+
+    def validate(self, value: str) -> None:
+        HostPort.parse(value)
+
+
+@dataclass(frozen=True)
+class Directory(Parser[Path]):
+    """A directory path (created when needed)."""
+
+    @property
+    def allowed(self) -> str:
+        return "a directory path of at most 4096 bytes"
+
+    def parse(self, raw: str) -> Path:
+        path = Path(raw)
+        self.validate(path)
+        return path
+
+    def validate(self, value: Path) -> None:
+        text = str(value)
+        if not text or not text.isprintable() or len(os.fsencode(text)) > 4096:
+            raise ValueError(self.allowed)
+
+
+@dataclass(frozen=True)
+class ReadableFile(Parser[Path]):
+    """The path of a file this process can read (checked when parsed)."""
+
+    @property
+    def allowed(self) -> str:
+        return "the path of a readable file"
+
+    def parse(self, raw: str) -> Path:
+        path = Path(raw)
+        Directory().validate(path)
+        if not path.is_file() or not os.access(path, os.R_OK):
+            raise ValueError(self.allowed)
+        return path
+
+    def validate(self, value: Path) -> None:
+        try:
+            Directory().validate(value)
+        except ValueError:
+            raise ValueError(self.allowed) from None
+
+
+@dataclass(frozen=True)
+class Kek(Parser[bytes]):
+    """Base64 (standard or URL-safe) of exactly 32 bytes."""
+
+    @property
+    def allowed(self) -> str:
+        return "base64 of exactly 32 random bytes (openssl rand -base64 32)"
+
+    def parse(self, raw: str) -> bytes:
+        try:
+            return parse_kek(raw)
+        except ValueError:
+            raise ValueError(self.allowed) from None
+
+    def validate(self, value: bytes) -> None:
+        if not isinstance(value, bytes) or len(value) != 32:
+            raise ValueError(self.allowed)
+
+    def show(self, value: bytes) -> str:
+        return "(secret)"
+
+
+@dataclass(frozen=True)
+class CommaSet(Parser[frozenset[T]]):
+    """Comma-separated items, each read by `item`, at most `max_items` of them; blanks
+    around items and empty items are ignored, repeats count once."""
+
+    item: Parser[T]
+    max_items: int
+
+    @property
+    def allowed(self) -> str:
+        return f"a comma-separated list of at most {self.max_items} items, each {self.item.allowed}"
+
+    def parse(self, raw: str) -> frozenset[T]:
+        try:
+            value = frozenset(self.item.parse(p.strip()) for p in raw.split(",") if p.strip())
+        except ValueError:
+            raise ValueError(self.allowed) from None
+        self.validate(value)
+        return value
+
+    def validate(self, value: frozenset[T]) -> None:
+        if not isinstance(value, AbstractSet) or len(value) > self.max_items:
+            raise ValueError(self.allowed)
+        for item in value:
+            try:
+                self.item.validate(item)
+            except ValueError:
+                raise ValueError(self.allowed) from None
+
+    def show(self, value: frozenset[T]) -> str:
+        return f"`{','.join(sorted(map(str, value)))}`" if value else "empty"
+
+
+@dataclass(frozen=True)
+class CommaList(Parser[tuple[T, ...]]):
+    """Comma-separated items in order, each read by `item`, 1 to `max_items` of them
+    (e.g. several accepted audiences: `CommaList(Text(256), max_items=32)`); blanks around
+    items are ignored, an empty item or a repeat is refused."""
+
+    item: Parser[T]
+    max_items: int
+
+    @property
+    def allowed(self) -> str:
+        return (
+            f"a comma-separated list of 1 to {self.max_items} distinct items, "
+            f"each {self.item.allowed}"
+        )
+
+    def parse(self, raw: str) -> tuple[T, ...]:
+        try:
+            value = tuple(self.item.parse(piece.strip()) for piece in raw.split(","))
+        except ValueError:
+            raise ValueError(self.allowed) from None
+        self.validate(value)
+        return value
+
+    def validate(self, value: tuple[T, ...]) -> None:
+        if not isinstance(value, tuple) or not 1 <= len(value) <= self.max_items:
+            raise ValueError(self.allowed)
+        if len(set(value)) != len(value):
+            raise ValueError(self.allowed)
+        for item in value:
+            try:
+                self.item.validate(item)
+            except ValueError:
+                raise ValueError(self.allowed) from None
+
+    def show(self, value: tuple[T, ...]) -> str:
+        return f"`{','.join(map(str, value))}`"
+
+
+def bounded_argument(parser: Parser[T]) -> Callable[[str], T]:
+    """An argparse `type` from a parser: the same bounds, and a one-line refusal that does
+    not echo the value (`authsvc serve --workers`, the load-testing options)."""
+
+    def parse(text: str) -> T:
+        try:
+            return parser.parse(text.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {parser.allowed}") from None
+
+    return parse
+
+
+def parse_kek(raw: str) -> bytes:
+    """Decode a base64 key-encryption key; it must be exactly 32 bytes."""
+    try:
+        key = base64.b64decode(raw, validate=True)
+    except (binascii.Error, ValueError):
+        try:
+            key = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4))
+        except (binascii.Error, ValueError):
+            raise ValueError("must be base64 of 32 random bytes") from None
+    if len(key) != 32:
+        raise ValueError("must be base64 of exactly 32 bytes")
+    return key
