@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test lint fmt proto check-proto load bench soak clean
+.PHONY: run test test-fast lint fmt proto check-proto load bench soak clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,10 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+# Everything but the large-database tests (marked slow).
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow"
 
 LINTED := service tests scripts examples/python/orders_service.py
 

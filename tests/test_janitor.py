@@ -12,12 +12,14 @@ import asyncpg
 import grpc
 import pytest
 
+from service.clock import to_datetime
 from service.database import create_pool
 from service.domain.janitor import Janitor
 from service.domain.revocation import REVOCATION_MARGIN_SECONDS
-from service.gen.auth.v1 import auth_pb2
+from service.gen.auth.v1 import admin_pb2, admin_pb2_grpc, auth_pb2
 from service.metrics import PrometheusTelemetry
 from service.settings import MAX_LEEWAY
+from service.store.invariants import family_invariant_violations
 from service.store.postgres import PostgresStore
 from tests.conftest import LiveServer, ServerFactory
 from tests.helpers import refresh, refresh_fails, validate
@@ -220,3 +222,69 @@ async def test_a_failed_pass_is_logged_and_counted_not_swallowed(
     assert _failures(telemetry, "pass") >= 2, "the loop goes on after a failed pass"
     lines = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("janitor: pass failed" in line and "DatabaseUnavailable" in line for line in lines)
+
+
+async def test_every_session_write_keeps_its_purge_time_exact(
+    server_factory: ServerFactory,
+) -> None:
+    """Every statement that changes what decides when a session may go (login, rotation,
+    a replay within the grace window, logout, reuse detection, an operator's revocation,
+    a password change, a deletion) leaves `purge_after` equal to what the rows give: the
+    janitor's index finds each session exactly when it may be deleted."""
+    server = await server_factory(**TTL)
+    admin = admin_pb2_grpc.AdminServiceStub(server.channel)
+    for name in ("writer", "changed", "deleted"):
+        await server.create_user(name)
+
+    async def exact() -> None:
+        async with server.pool.acquire() as conn:
+            problems = await family_invariant_violations(conn, now=to_datetime(server.clock.now()))
+        assert not problems, "\n".join(problems)
+        unset = await server.pool.fetchval(
+            "SELECT count(*) FROM sessions WHERE purge_after IS NULL"
+        )
+        assert unset == 0
+
+    rotated = await server.login("writer")
+    await exact()
+    server.clock.advance(30)
+    child = await refresh(server, rotated.refresh_token)  # rotation
+    server.clock.advance(1)
+    await refresh(server, rotated.refresh_token)  # a replay within the grace window
+    await exact()
+    logged_out = await server.login("writer")
+    await server.stub.Revoke(auth_pb2.RevokeRequest(refresh_token=logged_out.refresh_token))
+    await exact()
+    server.clock.advance(60)
+    await refresh_fails(server, rotated.refresh_token, "REFRESH_TOKEN_REUSED")  # reuse
+    await exact()
+    by_admin = await server.login("writer")
+    await admin.RevokeSession(admin_pb2.RevokeSessionRequest(session_id=by_admin.session_id))
+    await server.login("changed")
+    await admin.SetPassword(
+        admin_pb2.SetPasswordRequest(
+            user=admin_pb2.UserSelector(username="changed"), password="another passphrase"
+        )
+    )
+    await server.login("deleted")
+    await admin.DeleteUser(
+        admin_pb2.DeleteUserRequest(user=admin_pb2.UserSelector(username="deleted"))
+    )
+    await exact()
+    assert child.session_id == rotated.session_id
+    # Near the end of its absolute lifetime the access tokens outlive the session: a
+    # replay's token then moves its purge time.
+    ending = await server.login("writer")
+    for _ in range(2):  # refreshed now and then, so its token stays alive
+        server.clock.advance(295)
+        ending = await refresh(server, ending.refresh_token)
+    last = await refresh(server, ending.refresh_token)
+    server.clock.advance(1)
+    await refresh(server, ending.refresh_token)  # a replay within the grace window
+    await exact()
+    assert last.session_id == ending.session_id
+    # A session that died long ago, revoked now: it may go when it died, not later.
+    idle = await server.login("writer")
+    server.clock.advance(300 + 1)  # its refresh token expired
+    await server.stub.Revoke(auth_pb2.RevokeRequest(access_token=idle.access_token))
+    await exact()

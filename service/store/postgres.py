@@ -169,12 +169,15 @@ _PURGE_SQL = {
 }
 
 # Sessions written before migration 0008 (or by an older replica) get their purge_after
-# computed, $1 at a time (through sessions_purge_after: btree indexes NULLs).
+# computed, $1 at a time, through sessions_purge_after (btree indexes NULLs). The ORDER BY
+# (of NULLs) makes the plan the index's even while the statistics say every row is NULL: a
+# scan from the table's start would pass over ever more filled rows, batch after batch.
 BACKFILL_PURGE_AFTER_SQL = f"""
 WITH candidate AS (
     SELECT s.id, {SESSION_PURGE_AFTER} AS purge_after
       FROM sessions s
      WHERE s.purge_after IS NULL
+     ORDER BY s.purge_after
      LIMIT $1
        FOR UPDATE SKIP LOCKED),
 filled AS (
