@@ -180,7 +180,9 @@ async def build_components(
         revocations=revocations,
         token_cache=token_cache,
         signing_keys=signing_keys,
-        janitor=Janitor(settings=settings, store=store, keys=signing_keys, clock=clock),
+        janitor=Janitor(
+            settings=settings, store=store, keys=signing_keys, clock=clock, telemetry=telemetry
+        ),
         clock=clock,
     )
 

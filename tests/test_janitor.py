@@ -3,13 +3,24 @@ needed (a live session, a revocation whose tokens may be alive, reuse evidence) 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+from dataclasses import replace
+
 import asyncpg
 import grpc
 import pytest
 
+from service.clock import to_datetime
+from service.database import create_pool
+from service.domain.janitor import Janitor
 from service.domain.revocation import REVOCATION_MARGIN_SECONDS
-from service.gen.auth.v1 import auth_pb2
+from service.gen.auth.v1 import admin_pb2, admin_pb2_grpc, auth_pb2
+from service.metrics import PrometheusTelemetry
 from service.settings import MAX_LEEWAY
+from service.store.invariants import family_invariant_violations
+from service.store.postgres import PostgresStore
 from tests.conftest import LiveServer, ServerFactory
 from tests.helpers import refresh, refresh_fails, validate
 
@@ -121,3 +132,159 @@ async def test_one_replica_at_a_time(server: LiveServer, database_url: str) -> N
         assert await server.running.components.janitor.run_once() is not None
     finally:
         await other.close()
+
+
+def _janitor_with_metrics(
+    server: LiveServer, **overrides: object
+) -> tuple[Janitor, PrometheusTelemetry]:
+    """A janitor over the server's store and keys, counting into a registry of its own."""
+    telemetry = PrometheusTelemetry()
+    components = server.running.components
+    janitor = Janitor(
+        settings=replace(server.settings, **overrides),  # type: ignore[arg-type]
+        store=components.store,
+        keys=components.signing_keys,
+        clock=server.clock,
+        telemetry=telemetry,
+    )
+    return janitor, telemetry
+
+
+def _failures(telemetry: PrometheusTelemetry, table: str) -> float:
+    value = telemetry.registry.get_sample_value("authsvc_janitor_failures_total", {"table": table})
+    return value or 0.0
+
+
+async def test_a_table_that_cannot_be_cleaned_does_not_stop_the_others(
+    server_factory: ServerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Another session holds the sessions table locked: that step gives up within a second
+    (logged, counted), and old events and throttle counts are deleted all the same; the
+    next pass, lock gone, deletes the dead sessions."""
+    server = await server_factory(event_retention=3600, throttle_window=600, **TTL)
+    janitor, telemetry = _janitor_with_metrics(server)
+    await server.create_user("blocked")
+    await server.login("blocked")  # a session that will be dead
+    with pytest.raises(grpc.aio.AioRpcError):
+        await server.login("blocked", password="wrong password")
+    server.clock.advance(3600 + 1)  # past everything's keep time
+    assert server.settings.database_url is not None
+    locker = await asyncpg.connect(server.settings.database_url)
+    try:
+        async with locker.transaction():
+            await locker.execute("LOCK TABLE sessions IN ACCESS EXCLUSIVE MODE")
+            with caplog.at_level(logging.DEBUG, logger="service.domain.janitor"):
+                deleted = await asyncio.wait_for(janitor.run_once(), timeout=30)
+        assert deleted is not None
+        assert await server.pool.fetchval("SELECT count(*) FROM login_throttle") == 0
+        assert await server.pool.fetchval("SELECT count(*) FROM security_events") == 0
+        assert deleted["security_events"] >= 2 and deleted["login_throttle"] == 2
+        assert await server.pool.fetchval("SELECT count(*) FROM sessions") == 1
+        assert _failures(telemetry, "sessions") == 1
+        failed = [r for r in caplog.records if "janitor: sessions failed" in r.getMessage()]
+        assert failed and failed[0].levelno == logging.WARNING
+        assert any(r.exc_info for r in caplog.records if "sessions failure" in r.getMessage())
+        deleted = await asyncio.wait_for(janitor.run_once(), timeout=30)
+        assert deleted is not None and deleted["sessions"] == 1
+        assert await server.pool.fetchval("SELECT count(*) FROM sessions") == 0
+        assert _failures(telemetry, "sessions") == 1
+    finally:
+        await locker.close()
+
+
+async def test_a_failed_pass_is_logged_and_counted_not_swallowed(
+    server: LiveServer, database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """run_forever over a database it cannot reach: each failed pass is a warning line
+    and a count, and the loop goes on."""
+    pool = await create_pool(database_url, server.settings)
+    await pool.close()
+    telemetry = PrometheusTelemetry()
+    components = server.running.components
+    janitor = Janitor(
+        settings=replace(server.settings, janitor_interval=0.05),
+        store=PostgresStore(pool, timeout=1.0),
+        keys=components.signing_keys,
+        clock=server.clock,
+        telemetry=telemetry,
+    )
+    task = asyncio.create_task(janitor.run_forever())
+    try:
+        with caplog.at_level(logging.INFO, logger="service.domain.janitor"):
+            for _ in range(100):
+                await asyncio.sleep(0.05)
+                if _failures(telemetry, "pass") >= 2:
+                    break
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert _failures(telemetry, "pass") >= 2, "the loop goes on after a failed pass"
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("janitor: pass failed" in line and "DatabaseUnavailable" in line for line in lines)
+
+
+async def test_every_session_write_keeps_its_purge_time_exact(
+    server_factory: ServerFactory,
+) -> None:
+    """Every statement that changes what decides when a session may go (login, rotation,
+    a replay within the grace window, logout, reuse detection, an operator's revocation,
+    a password change, a deletion) leaves `purge_after` equal to what the rows give: the
+    janitor's index finds each session exactly when it may be deleted."""
+    server = await server_factory(**TTL)
+    admin = admin_pb2_grpc.AdminServiceStub(server.channel)
+    for name in ("writer", "changed", "deleted"):
+        await server.create_user(name)
+
+    async def exact() -> None:
+        async with server.pool.acquire() as conn:
+            problems = await family_invariant_violations(conn, now=to_datetime(server.clock.now()))
+        assert not problems, "\n".join(problems)
+        unset = await server.pool.fetchval(
+            "SELECT count(*) FROM sessions WHERE purge_after IS NULL"
+        )
+        assert unset == 0
+
+    rotated = await server.login("writer")
+    await exact()
+    server.clock.advance(30)
+    child = await refresh(server, rotated.refresh_token)  # rotation
+    server.clock.advance(1)
+    await refresh(server, rotated.refresh_token)  # a replay within the grace window
+    await exact()
+    logged_out = await server.login("writer")
+    await server.stub.Revoke(auth_pb2.RevokeRequest(refresh_token=logged_out.refresh_token))
+    await exact()
+    server.clock.advance(60)
+    await refresh_fails(server, rotated.refresh_token, "REFRESH_TOKEN_REUSED")  # reuse
+    await exact()
+    by_admin = await server.login("writer")
+    await admin.RevokeSession(admin_pb2.RevokeSessionRequest(session_id=by_admin.session_id))
+    await server.login("changed")
+    await admin.SetPassword(
+        admin_pb2.SetPasswordRequest(
+            user=admin_pb2.UserSelector(username="changed"), password="another passphrase"
+        )
+    )
+    await server.login("deleted")
+    await admin.DeleteUser(
+        admin_pb2.DeleteUserRequest(user=admin_pb2.UserSelector(username="deleted"))
+    )
+    await exact()
+    assert child.session_id == rotated.session_id
+    # Near the end of its absolute lifetime the access tokens outlive the session: a
+    # replay's token then moves its purge time.
+    ending = await server.login("writer")
+    for _ in range(2):  # refreshed now and then, so its token stays alive
+        server.clock.advance(295)
+        ending = await refresh(server, ending.refresh_token)
+    last = await refresh(server, ending.refresh_token)
+    server.clock.advance(1)
+    await refresh(server, ending.refresh_token)  # a replay within the grace window
+    await exact()
+    assert last.session_id == ending.session_id
+    # A session that died long ago, revoked now: it may go when it died, not later.
+    idle = await server.login("writer")
+    server.clock.advance(300 + 1)  # its refresh token expired
+    await server.stub.Revoke(auth_pb2.RevokeRequest(access_token=idle.access_token))
+    await exact()

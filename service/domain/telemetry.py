@@ -29,6 +29,10 @@ class Telemetry(Protocol):
 
     def signing_key_rotated(self) -> None: ...
 
+    def janitor_deleted(self, table: str, count: int) -> None: ...
+
+    def janitor_failed(self, table: str) -> None: ...
+
 
 class NoTelemetry:
     """Counts nothing (tests and one-shot CLI commands)."""
@@ -46,4 +50,10 @@ class NoTelemetry:
         pass
 
     def signing_key_rotated(self) -> None:
+        pass
+
+    def janitor_deleted(self, table: str, count: int) -> None:
+        pass
+
+    def janitor_failed(self, table: str) -> None:
         pass

@@ -158,6 +158,21 @@ class PrometheusTelemetry:
             "Signing-key rotations performed by this service.",
             registry=r,
         )
+        # One series per janitor step (a table, or key upkeep, or a whole pass that could
+        # not start): created on first use.
+        self._janitor_deleted = Counter(
+            "authsvc_janitor_deleted",
+            "Rows the janitor deleted, by table.",
+            ("table",),
+            registry=r,
+        )
+        self._janitor_failures = Counter(
+            "authsvc_janitor_failures",
+            "Janitor steps that failed (a timeout, a lock held too long, the database "
+            "gone), by table; the other tables' clean-up goes on.",
+            ("table",),
+            registry=r,
+        )
         self._cache_hits = Counter(
             "authsvc_token_cache_hits",
             "Validate calls answered from the verified-token cache.",
@@ -247,6 +262,13 @@ class PrometheusTelemetry:
 
     def signing_key_rotated(self) -> None:
         self._rotations.inc()
+
+    def janitor_deleted(self, table: str, count: int) -> None:
+        if count > 0:
+            self._janitor_deleted.labels(table=table).inc(count)
+
+    def janitor_failed(self, table: str) -> None:
+        self._janitor_failures.labels(table=table).inc()
 
     # --- gRPC calls (called by MetricsInterceptor) ---
 

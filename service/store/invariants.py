@@ -3,7 +3,8 @@
 Used by the soak (`service.loadtest.soak`) and the fault tests: after any crash, cut
 connection or restart, every live session has exactly one unused refresh token, every
 used token exactly one child (the one it names), and no token has a parent that is not
-marked used.
+marked used; and every session's stored purge time (`purge_after`, when computed) is
+the one its rows give.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 from datetime import datetime
 
 import asyncpg
+
+from service.store.postgres import SESSION_PURGE_AFTER
 
 _LIVE_SESSIONS_WITHOUT_ONE_CURRENT_TOKEN = """
 SELECT s.id, count(rt.token_hash) FILTER (WHERE rt.used_at IS NULL) AS unused
@@ -56,6 +59,12 @@ SELECT encode(parent_hash, 'hex') AS parent, count(*) AS children
  GROUP BY parent_hash HAVING count(*) > 1
 """
 
+_SESSIONS_WITH_A_WRONG_PURGE_TIME = f"""
+SELECT s.id, s.purge_after AS stored, {SESSION_PURGE_AFTER} AS computed
+  FROM sessions s
+ WHERE s.purge_after IS NOT NULL AND s.purge_after IS DISTINCT FROM {SESSION_PURGE_AFTER}
+"""  # noqa: S608 (constants only)
+
 
 async def family_invariant_violations(
     conn: asyncpg.Connection, *, now: datetime | None = None
@@ -85,4 +94,8 @@ async def family_invariant_violations(
         problems.append(f"token {r['token'][:12]} (session {r['session_id']}): its parent {what}")
     for r in await conn.fetch(_PARENTS_WITH_SEVERAL_CHILDREN):
         problems.append(f"parent {r['parent'][:12]} has {r['children']} children (max 1)")
+    for r in await conn.fetch(_SESSIONS_WITH_A_WRONG_PURGE_TIME):
+        problems.append(
+            f"session {r['id']}: purge_after {r['stored']} but its rows give {r['computed']}"
+        )
     return problems

@@ -12,7 +12,7 @@ import math
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -80,43 +80,134 @@ REVOKED_COUNT_LIMIT = MAX_SESSIONS_PER_USER
 # the cap before it existed: their excess goes this many per login).
 MAX_EVICTIONS_PER_LOGIN = 100
 
-# Clean-up, in small batches (each its own short transaction).
+# When a session may be deleted, computed from its rows: the later of its access-token
+# bound and the moment it died (the earliest of its absolute expiry, its revocation and
+# the expiry of its unused refresh token; with no unused token, it is dead already).
+# Stored as `sessions.purge_after` by every write that changes one of these (the cheap
+# forms are in CREATE_SESSION_SQL, ROTATE_SQL, RAISE_ACCESS_EXPIRES_MAX_SQL and
+# PURGE_AFTER_ON_REVOKE); the janitor's re-check and back-fill use this exact form.
+SESSION_PURGE_AFTER = """greatest(s.access_expires_max, least(s.expires_at, s.revoked_at,
+    coalesce((SELECT max(t.expires_at) FROM refresh_tokens t
+               WHERE t.session_id = s.id AND t.used_at IS NULL), '-infinity'::timestamptz)))"""
+
+
+def purge_after_on_revoke(at: str) -> str:
+    """The new `purge_after` of a session revoked at `at` (a statement parameter): it dies
+    then, if it had not died before: greatest(aem, least(died, at)) =
+    least(greatest(aem, died), greatest(aem, at)). NULL (not computed yet) stays NULL for
+    the janitor's back-fill."""
+    return f"""CASE WHEN purge_after IS NOT NULL
+    THEN least(purge_after, greatest(access_expires_max, {at})) END"""
+
+
+PURGE_AFTER_ON_REVOKE = purge_after_on_revoke("$2")
+
+# Revoking (at $2, reason $3) one session ($1). A session its user's generation revoked
+# already is not revoked again (the janitor writes its revoked_at).
+REVOKE_SESSION_SQL = f"""
+UPDATE sessions SET revoked_at = $2, revoke_reason = $3, purge_after = {PURGE_AFTER_ON_REVOKE}
+ WHERE id = $1 AND revoked_at IS NULL
+   AND user_generation >= (SELECT session_generation FROM users WHERE users.id = sessions.user_id)
+RETURNING id, revoked_at, access_expires_max"""  # noqa: S608 (constants only)
+
+# A throttle row's "forget after", the expression of the index login_throttle_forget_after
+# (migration 0008): the row makes no one wait once its failures are past the window, its
+# lock has ended and no attempt is pending (or the pending one is abandoned).
+_THROTTLE_FORGET_AFTER = """greatest(
+    CASE WHEN failures = 0 THEN '-infinity'::timestamptz ELSE last_failure_at END,
+    coalesce(locked_until, '-infinity'::timestamptz),
+    CASE WHEN pending = 0 THEN '-infinity'::timestamptz
+         ELSE coalesce(pending_at, 'infinity'::timestamptz) END)"""
+
+# Clean-up. Each statement is one batch (its own short transaction): it finds at most $2
+# candidates through an index, so it costs the same whatever the table's size; it returns
+# how many rows it examined (fewer than $2: the table is done for this cutoff), deleted
+# and repaired, and the cursor to resume after (tables walked in key order).
 _PURGE_SQL = {
-    # Sessions nobody can use any more (past their absolute lifetime, revoked, or whose
-    # every refresh token has expired) and whose every access token has expired too (their
+    # Sessions nobody can use any more and whose every access token has expired (their
     # stored bound, whatever the access TTL is now), both before the cutoff; their tokens
-    # go with them (ON DELETE CASCADE).
-    "sessions": """
-        DELETE FROM sessions WHERE id IN (
-            SELECT s.id FROM sessions s
-             WHERE s.access_expires_max < $1
-               AND (s.expires_at < $1 OR s.revoked_at < $1
-                    OR NOT EXISTS (SELECT 1 FROM refresh_tokens t
-                                    WHERE t.session_id = s.id AND t.used_at IS NULL
-                                      AND t.expires_at >= $1))
-             LIMIT $2)""",
+    # go with them (ON DELETE CASCADE). Each candidate is checked against its rows: one
+    # whose stored purge_after was wrong is not deleted but given the right one.
+    "sessions": f"""
+        WITH candidate AS (
+            SELECT s.id, {SESSION_PURGE_AFTER} AS purge_after
+              FROM sessions s
+             WHERE s.purge_after < $1
+             ORDER BY s.purge_after
+             LIMIT $2
+               FOR UPDATE SKIP LOCKED),
+        gone AS (
+            DELETE FROM sessions s USING candidate c
+             WHERE s.id = c.id AND c.purge_after < $1 RETURNING 1),
+        repaired AS (
+            UPDATE sessions s SET purge_after = c.purge_after FROM candidate c
+             WHERE s.id = c.id AND c.purge_after >= $1 RETURNING 1)
+        SELECT (SELECT count(*) FROM candidate) AS examined,
+               (SELECT count(*) FROM gone) AS deleted,
+               (SELECT count(*) FROM repaired) AS repaired""",  # noqa: S608 (constants only)
     # Retired keys are kept as long as the security events that may name their kid.
     "signing_keys": """
-        DELETE FROM signing_keys WHERE kid IN (
-            SELECT kid FROM signing_keys WHERE retired_at < $1 LIMIT $2)""",
-    # Deleted users, once the janitor has deleted their last session.
+        WITH gone AS (
+            DELETE FROM signing_keys WHERE kid = ANY(ARRAY(
+                SELECT kid FROM signing_keys WHERE retired_at < $1 LIMIT $2))
+            RETURNING 1)
+        SELECT count(*) AS examined, count(*) AS deleted, 0::bigint AS repaired FROM gone""",
+    # Deleted users, once the janitor has deleted their last session. Those whose sessions
+    # remain are walked past, in (deleted_at, id) order from the cursor ($3, $4).
     "users": """
-        DELETE FROM users WHERE id IN (
-            SELECT u.id FROM users u
+        WITH candidate AS (
+            SELECT u.id, u.deleted_at FROM users u
              WHERE u.deleted_at < $1
-               AND NOT EXISTS (SELECT 1 FROM sessions s WHERE s.user_id = u.id)
-             LIMIT $2)""",
+               AND (u.deleted_at, u.id) > ($3, $4)
+             ORDER BY u.deleted_at, u.id
+             LIMIT $2),
+        gone AS (
+            DELETE FROM users u USING candidate c
+             WHERE u.id = c.id
+               AND NOT EXISTS (SELECT 1 FROM sessions s WHERE s.user_id = c.id)
+            RETURNING 1),
+        last AS (SELECT deleted_at, id FROM candidate ORDER BY deleted_at DESC, id DESC LIMIT 1)
+        SELECT (SELECT count(*) FROM candidate) AS examined,
+               (SELECT count(*) FROM gone) AS deleted, 0::bigint AS repaired,
+               (SELECT deleted_at FROM last) AS after_time,
+               (SELECT id::text FROM last) AS after_key""",
+    # Through the occurred_at index: ORDER BY id would walk the whole primary key when
+    # nothing is old.
     "security_events": """
-        DELETE FROM security_events WHERE id IN (
-            SELECT id FROM security_events WHERE occurred_at < $1 ORDER BY id LIMIT $2)""",
-    "login_throttle": """
-        DELETE FROM login_throttle WHERE key IN (
-            SELECT key FROM login_throttle
-             WHERE (last_failure_at < $1 OR failures = 0)
-               AND (locked_until IS NULL OR locked_until < $1)
-               AND (pending = 0 OR pending_at < $1)
-             LIMIT $2 FOR UPDATE SKIP LOCKED)""",
+        WITH gone AS (
+            DELETE FROM security_events WHERE id = ANY(ARRAY(
+                SELECT id FROM security_events WHERE occurred_at < $1
+                 ORDER BY occurred_at LIMIT $2))
+            RETURNING 1)
+        SELECT count(*) AS examined, count(*) AS deleted, 0::bigint AS repaired FROM gone""",
+    "login_throttle": f"""
+        WITH gone AS (
+            DELETE FROM login_throttle WHERE key = ANY(ARRAY(
+                SELECT key FROM login_throttle
+                 WHERE {_THROTTLE_FORGET_AFTER} < $1
+                 ORDER BY {_THROTTLE_FORGET_AFTER}
+                 LIMIT $2 FOR UPDATE SKIP LOCKED))
+            RETURNING 1)
+        SELECT count(*) AS examined, count(*) AS deleted, 0::bigint AS repaired FROM gone""",  # noqa: S608
 }
+
+# Sessions written before migration 0008 (or by an older replica) get their purge_after
+# computed, $1 at a time, through sessions_purge_after (btree indexes NULLs). The ORDER BY
+# (of NULLs) makes the plan the index's even while the statistics say every row is NULL: a
+# scan from the table's start would pass over ever more filled rows, batch after batch.
+BACKFILL_PURGE_AFTER_SQL = f"""
+WITH candidate AS (
+    SELECT s.id, {SESSION_PURGE_AFTER} AS purge_after
+      FROM sessions s
+     WHERE s.purge_after IS NULL
+     ORDER BY s.purge_after
+     LIMIT $1
+       FOR UPDATE SKIP LOCKED),
+filled AS (
+    UPDATE sessions s SET purge_after = c.purge_after FROM candidate c
+     WHERE s.id = c.id RETURNING 1)
+SELECT (SELECT count(*) FROM candidate) AS examined, 0::bigint AS deleted,
+       (SELECT count(*) FROM filled) AS repaired"""  # noqa: S608 (constants only)
 
 # A login attempt's throttle keys: their rows, made if missing and locked in key order
 # (the no-op update takes the row lock and returns the row as it is).
@@ -191,6 +282,8 @@ SELECT c.expires_at AS child_expires_at, (c.used_at IS NOT NULL) AS child_used,
 # the login, whose session (of the old generation) it then revokes; it also serializes a
 # user's logins, so the session cap counts each one. $15 is the `exp` of the access token
 # the login will sign: the user's bound is raised to $16 (a step past it) if below it.
+# The session may be deleted once that token and the session (its expiry, its first
+# refresh token's) are both past.
 CREATE_SESSION_SQL = """
 WITH still_valid AS (
     UPDATE users SET access_expires_max = CASE WHEN access_expires_max >= $15
@@ -199,8 +292,10 @@ WITH still_valid AS (
     RETURNING session_generation),
 session AS (
     INSERT INTO sessions (id, user_id, scopes, audience, created_at, expires_at, peer, user_agent,
-                          access_expires_max, user_generation)
-    SELECT $1, $2, $3, $4, $5, $6, $7, $8, $15, session_generation FROM still_valid
+                          access_expires_max, user_generation, purge_after)
+    SELECT $1, $2, $3, $4, $5, $6, $7, $8, $15, session_generation,
+           greatest($15::timestamptz, least($6::timestamptz, $10::timestamptz))
+      FROM still_valid
     RETURNING id, user_generation),
 token AS (
     INSERT INTO refresh_tokens (token_hash, session_id, issued_at, expires_at)
@@ -216,7 +311,7 @@ SELECT user_generation FROM session
 # locked): the oldest of the user's unrevoked sessions of the current generation beyond the
 # newest $4 (the cap - 1, besides the new one) are revoked, $5 at most. Both reads are
 # bounded ranges of sessions_user_live, whatever the number of sessions.
-EVICT_OLDEST_SESSIONS_SQL = """
+EVICT_OLDEST_SESSIONS_SQL = f"""
 WITH excess AS (
     SELECT count(*) AS n FROM (
         SELECT 1 FROM sessions
@@ -228,10 +323,11 @@ oldest AS (
      WHERE user_id = $1 AND user_generation = $2 AND revoked_at IS NULL AND id <> $3
      ORDER BY created_at, id
      LIMIT (SELECT n FROM excess))
-UPDATE sessions s SET revoked_at = $6, revoke_reason = 'session_limit'
+UPDATE sessions s SET revoked_at = $6, revoke_reason = 'session_limit',
+                      purge_after = {purge_after_on_revoke("$6")}
   FROM oldest WHERE s.id = oldest.id AND s.revoked_at IS NULL
 RETURNING s.id, s.revoked_at, s.access_expires_max
-"""
+"""  # noqa: S608 (constants only)
 
 # A revocation of every session of a user: one row, whatever their number. The sessions of
 # the generation it ends are counted (up to $4, through the index); the janitor writes
@@ -252,7 +348,7 @@ RETURNING session_generation, revoked_sessions_until,
 
 # The janitor's catch-up: one batch of a user's sessions of an ended generation, walked in
 # index order from the cursor ($5, $6, $7), given the user's revocation time and reason.
-CATCH_UP_BATCH_SQL = """
+CATCH_UP_BATCH_SQL = f"""
 WITH batch AS (
     SELECT id, user_generation, created_at FROM sessions
      WHERE user_id = $1 AND user_generation < $2 AND revoked_at IS NULL
@@ -260,7 +356,8 @@ WITH batch AS (
      ORDER BY user_generation, created_at, id
      LIMIT $8),
 done AS (
-    UPDATE sessions s SET revoked_at = $3, revoke_reason = $4
+    UPDATE sessions s SET revoked_at = $3, revoke_reason = $4,
+                          purge_after = {purge_after_on_revoke("$3")}
       FROM batch WHERE s.id = batch.id AND s.revoked_at IS NULL
     RETURNING 1),
 last AS (
@@ -269,7 +366,7 @@ last AS (
 SELECT (SELECT count(*) FROM batch) AS examined, (SELECT count(*) FROM done) AS revoked,
        last.user_generation, last.created_at, last.id
   FROM (SELECT 1) one LEFT JOIN last ON true
-"""
+"""  # noqa: S608 (constants only)
 
 # A Refresh signs a token for a session of user $8 started under generation $9 (below). The user's
 # bound must cover its `exp`: if the lock query read a bound below it, $10 (a step past it)
@@ -286,6 +383,8 @@ SELECT (SELECT count(*) FROM batch) AS examined, (SELECT count(*) FROM done) AS 
 # that committed while this waited for the session row announced the bound as it was, so
 # no token may be signed past it. (A revocation that comes after this commit waits for the
 # row, and announces the raised bound.) The same holds for the user's bound (above).
+# The child ($5) is now the only unused token: the session lives until it or the session
+# expires, and is kept until its last access token has expired too.
 ROTATE_SQL = """
 WITH user_raised AS (
     UPDATE users SET access_expires_max = greatest(access_expires_max, $10)
@@ -298,7 +397,8 @@ user_current AS (
                         ELSE EXISTS (SELECT 1 FROM user_raised) END),
 session AS (
     UPDATE sessions SET last_refreshed_at = $3, last_refreshed_peer = $7,
-                        access_expires_max = greatest(access_expires_max, $6)
+                        access_expires_max = greatest(access_expires_max, $6),
+                        purge_after = greatest(access_expires_max, $6, least(expires_at, $5))
      WHERE id = $2 AND revoked_at IS NULL AND EXISTS (SELECT 1 FROM user_current)
     RETURNING id),
 parent AS (
@@ -322,7 +422,9 @@ user_current AS (
                         THEN NOT EXISTS (SELECT 1 FROM users
                                           WHERE id = $3 AND session_generation > $4)
                         ELSE EXISTS (SELECT 1 FROM user_raised) END)
-UPDATE sessions SET access_expires_max = greatest(access_expires_max, $2)
+UPDATE sessions SET access_expires_max = greatest(access_expires_max, $2),
+                    purge_after = CASE WHEN purge_after IS NOT NULL
+                                       THEN greatest(purge_after, $2) END
  WHERE id = $1 AND revoked_at IS NULL AND EXISTS (SELECT 1 FROM user_current)
 """
 
@@ -377,6 +479,72 @@ def _user_bound_raise(row: asyncpg.Record, access_expires_at: datetime) -> datet
     if row["user_access_expires_max"] >= access_expires_at:
         return None
     return access_expires_at + timedelta(seconds=USER_BOUND_STEP_SECONDS)
+
+
+@dataclass(frozen=True, slots=True)
+class PurgeBatch:
+    """What one clean-up batch did."""
+
+    examined: int
+    """Candidates found (fewer than the batch size: nothing more to do for now)."""
+    deleted: int
+    repaired: int = 0
+    """Rows whose stored purge time was missing or wrong, now computed from their rows."""
+    after: tuple[datetime, str] | None = None
+    """Where to resume a walk in key order (users), or None."""
+
+
+PURGE_TABLES = tuple(_PURGE_SQL)
+"""What `Purger.purge_batch` can clean, in the janitor's order."""
+
+# The cursor a walk in key order starts from.
+_WALK_START = (datetime.min.replace(tzinfo=UTC), "00000000-0000-0000-0000-000000000000")
+
+
+class Purger:
+    """The janitor's connection while it holds the janitor lock: each call is one batch,
+    one short transaction that waits for no row lock longer than `lock_timeout`."""
+
+    def __init__(self, conn: asyncpg.Connection, *, lock_timeout: float) -> None:
+        self._conn = conn
+        self._lock_timeout = f"{max(1, int(lock_timeout * 1000))}ms"
+
+    async def purge_batch(
+        self,
+        table: str,
+        cutoff: datetime,
+        *,
+        batch: int,
+        after: tuple[datetime, str] | None = None,
+    ) -> PurgeBatch:
+        """Delete at most `batch` rows of `table` that are forgettable before `cutoff`
+        (see _PURGE_SQL); `after` resumes a walk where the previous batch ended."""
+        args: tuple[object, ...] = (cutoff, batch)
+        if table == "users":
+            start = after or _WALK_START
+            args = (cutoff, batch, start[0], uuid.UUID(start[1]))
+        row = await self._run(_PURGE_SQL[table], *args)
+        resume = None
+        if table == "users":
+            resume = (row["after_time"], row["after_key"]) if row["after_key"] else after
+        return PurgeBatch(row["examined"], row["deleted"], row["repaired"], resume)
+
+    async def backfill_purge_after(self, *, batch: int) -> PurgeBatch:
+        """Compute purge_after for at most `batch` sessions that have none yet."""
+        row = await self._run(BACKFILL_PURGE_AFTER_SQL, batch)
+        return PurgeBatch(row["examined"], row["deleted"], row["repaired"])
+
+    async def _run(self, sql: str, *args: object) -> asyncpg.Record:
+        try:
+            async with self._conn.transaction():
+                await self._conn.execute(
+                    "SELECT set_config('lock_timeout', $1, true)", self._lock_timeout
+                )
+                row: asyncpg.Record | None = await self._conn.fetchrow(sql, *args)
+        except UNAVAILABLE_ERRORS as exc:
+            raise DatabaseUnavailable() from exc
+        assert row is not None  # every purge statement returns one row of counts
+        return row
 
 
 class PostgresStore:
@@ -971,11 +1139,7 @@ class PostgresStore:
         # A session its user's generation revoked already is not revoked again (the
         # janitor writes its revoked_at).
         rows = await conn.fetch(
-            """UPDATE sessions SET revoked_at = $2, revoke_reason = $3
-                WHERE id = $1 AND revoked_at IS NULL
-                  AND user_generation >= (SELECT session_generation FROM users
-                                           WHERE users.id = sessions.user_id)
-                RETURNING id, revoked_at, access_expires_max""",
+            REVOKE_SESSION_SQL,
             session_id,
             now,
             reason,
@@ -1053,25 +1217,22 @@ class PostgresStore:
 
     # Clean-up
 
-    async def purge(self, cutoffs: dict[str, datetime], *, batch: int) -> dict[str, int] | None:
-        """Delete, table by table, rows older than the table's cutoff, `batch` rows at a
-        time; how many per table. None if another replica's janitor is running."""
+    @asynccontextmanager
+    async def janitor_turn(self) -> AsyncIterator[Purger | None]:
+        """The janitor's lock, held on one connection while inside (None: another
+        replica's janitor is running). Each call of the Purger is one short transaction
+        on that connection."""
         async with self._connection() as conn:
             if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", _JANITOR_LOCK_ID):
-                return None
+                yield None
+                return
             try:
-                deleted: dict[str, int] = {}
-                for table, cutoff in cutoffs.items():
-                    deleted[table] = 0
-                    while True:
-                        status: str = await conn.execute(_PURGE_SQL[table], cutoff, batch)
-                        count = int(status.split()[-1])
-                        deleted[table] += count
-                        if count < batch:
-                            break
-                return deleted
+                # Waiting behind a row or table lock gains nothing: give up well before
+                # the statement timeout, the next pass tries again.
+                yield Purger(conn, lock_timeout=min(1.0, self._timeout * 0.9))
             finally:
-                await conn.execute("SELECT pg_advisory_unlock($1)", _JANITOR_LOCK_ID)
+                if not conn.is_closed():
+                    await conn.execute("SELECT pg_advisory_unlock($1)", _JANITOR_LOCK_ID)
 
     async def catch_up_user_revocations(self, *, batch: int, max_batches: int) -> int | None:
         """Write revoked_at and revoke_reason (the user's) into sessions that their user's
