@@ -36,9 +36,10 @@ fmt: $(STAMP)
 	$(VENV)/bin/ruff format $(LINTED)
 	$(VENV)/bin/ruff check --fix $(LINTED)
 
-# Regenerate README's configuration table from the declarations in service/settings.py (a test compares).
+# Regenerate the configuration table in docs/operations.md from the declarations in
+# service/settings.py (tests/test_settings.py compares).
 docs: $(STAMP)
-	$(PY) -m service.settings_table --write-readme README.md
+	$(PY) -m service.settings_table --write docs/operations.md
 
 # Regenerate service/gen/ from protos/ (the output is committed).
 proto: $(STAMP)
@@ -54,9 +55,10 @@ LOAD_ARGS ?=
 load: $(STAMP)
 	$(VENV)/bin/authsvc load --scenario mixed $(if $(AUTH_TARGET),--target $(AUTH_TARGET)) $(LOAD_ARGS)
 
-# Every figure against one server in one run, as ratios to baselines (about 2 minutes).
+# Every figure against one server in one run, as ratios to baselines (about 3 minutes);
+# rewrites the figures section of docs/performance.md (command, date, machine, figures).
 bench: $(STAMP)
-	$(VENV)/bin/authsvc bench --output bench-results.md
+	$(VENV)/bin/authsvc bench --write-docs docs/performance.md
 
 # The mixed load for SOAK_SECONDS (default 180) with scripted faults: PostgreSQL restarted
 # twice, a worker killed, a reuse attack every second; then the invariants. Loopback only.

@@ -4,21 +4,7 @@
         pair = await auth.issue("alice", password)
         check = await auth.validate(pair.access_token, required_scopes=("read",))
 
-Every call has a deadline (`timeout`, 5 s by default, overridable per call) that bounds the
-call *including* its retries. Only UNAVAILABLE is retried, with exponential backoff and full
-jitter, at most `RetryPolicy.max_attempts` attempts and never past the deadline:
-
-- Validate, GetJwks and Revoke are idempotent, so they are retried.
-- Refresh is retried: the server answers a replay of the same refresh token within its grace
-  window (`AUTH_REFRESH_REUSE_GRACE`, 10 s by default) with the same child token, so a retry
-  after a lost response is harmless. Keep the deadline below the grace window, and pass
-  `retry_refresh=False` if the server runs with the grace window off (a retry after a lost
-  response would then be reuse and revoke the session).
-- Issue is never retried: a retry after a lost response would start a second session that
-  nobody holds and cost a second password verification; logging in again is the caller's
-  decision.
-
-Failures raise `AuthServiceError` with the gRPC code and the server's ErrorInfo reason.
+Which calls are retried and why, the deadline, the errors: docs/clients.md.
 No token or password ever appears in an exception, a repr or a log line of this module.
 """
 

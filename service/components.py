@@ -1,6 +1,6 @@
 """The domain objects of one process, built from the settings over an open database:
 the store, tokens, users, signing keys and their key material, the janitor, and the
-database's clock every decision uses (README, "Clocks").
+database's clock every decision uses (docs/operations.md, "Clocks").
 
 `build_components` is what `serve` wires into the gRPC server (`service.server`);
 `open_components` gives the same objects to one-shot commands (`authsvc users`, `keys`,

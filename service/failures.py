@@ -1,6 +1,6 @@
 """Why `authsvc` could not start or run a command: one line for the operator, and an exit code.
 
-The exit codes (README, "The `authsvc` command"):
+The exit codes (docs/operations.md, "The `authsvc` command"):
 
 0 done; 1 the command was refused (no such user, a name taken, ...); 2 the configuration
 (a setting, AUTH_KEK missing or wrong, a file, the listen address); 3 the database cannot be

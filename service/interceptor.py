@@ -6,25 +6,9 @@
         "/example.Orders/List": (),                      # any valid token
     }, audience="orders")])
 
-Methods not in the map pass through untouched. For a protected method the interceptor reads
-"authorization: Bearer <access token>" from the caller's metadata and asks authsvc
-(Validate, with the method's scopes and the audience), then:
-
-- no token, a malformed header, or a token authsvc finds not valid → UNAUTHENTICATED;
-- a valid token without a required scope → PERMISSION_DENIED;
-- authsvc unreachable (or overloaded, or too slow for the call's deadline) → UNAVAILABLE, so
-  that callers retry instead of dropping their tokens.
-
-Inside the handler, `current_principal()` returns the validated subject, scopes and session.
-
-Validate answers are cached for `cache_ttl` seconds (default 5), keyed on a SHA-256 digest
-of the token (never the token), in a bounded LRU; an entry never outlives the token's own
-expiry. The price: a revoked session keeps passing here for up to `cache_ttl` seconds.
-`cache_ttl=0` asks authsvc on every call.
-
-Handlers of protected methods must be async (coroutine functions, or async generators for
-streaming responses), as grpc.aio servers normally have; a synchronous one is refused with
-INTERNAL rather than run unprotected.
+Methods not in the map pass through untouched; handlers read the caller with
+`current_principal()`. The statuses it answers, the Validate cache (`cache_ttl`) and what it
+costs a revocation: docs/clients.md.
 """
 
 from __future__ import annotations

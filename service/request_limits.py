@@ -3,7 +3,7 @@
 Shared by the gRPC adapters (`service.api`) and the `authsvc` command, so that a user the
 CLI creates can log in through the API. A check collects every violation and reports them
 at once as INVALID_ARGUMENT with field names (`service.errors.InvalidArgument`). Every
-limit here is documented in the proto and the README ("Limits"), and tested.
+limit here is documented in the proto and docs/api.md ("Limits"), and tested.
 """
 
 from __future__ import annotations

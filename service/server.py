@@ -1,6 +1,6 @@
 """The gRPC server of one process: every service and interceptor assembled over the
 components, the revocation feed, health (with the `authsvc.revocations`,
-`authsvc.settings` and clock-driven statuses the README describes), the background
+`authsvc.settings` and clock-driven statuses docs/operations.md describes), the background
 tasks, and the graceful stop that undoes it all (`RunningServer.stop`).
 """
 
@@ -59,7 +59,7 @@ log = logging.getLogger(__name__)
 
 AUTH_SERVICE_NAME = auth_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name
 ADMIN_SERVICE_NAME = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
-# A health "service" that says whether revocations are heard live (see README).
+# A health "service" that says whether revocations are heard live (docs/api.md, the health table).
 REVOCATIONS_HEALTH_NAME = "authsvc.revocations"
 # NOT_SERVING while this replica's settings are not the shared ones any more (someone ran
 # `authsvc settings adopt`): it serves on, but should be replaced.
@@ -204,7 +204,7 @@ async def start_server(
     if isinstance(clock, DatabaseClock):
 
         async def serving(ok: bool) -> None:
-            # Not ready while this host's clock is too far off (see README, Clocks).
+            # Not ready while this host's clock is too far off (docs/operations.md, Clocks).
             status = (
                 health_pb2.HealthCheckResponse.SERVING
                 if ok

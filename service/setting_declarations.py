@@ -1,6 +1,7 @@
 """How a setting is declared: `setting()` makes a field of `service.settings.Settings`
 that names its variable, its parser (`service.setting_parsers`), its default and its
-README text, and records them as the field's `Declaration`.
+line in the configuration table (docs/operations.md), and records them as the field's
+`Declaration`.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def setting(
 ) -> Any:
     """A field of `Settings` read from `variable` by `parser` (unset or empty: the default).
 
-    `doc` is the README's description; `secret` keeps the value out of repr()."""
+    `doc` is its line in the configuration table; `secret` keeps the value out of repr()."""
     declaration = Declaration(variable, parser, " ".join(doc.split()), shown_default)
     return dataclasses.field(
         default=default,

@@ -50,7 +50,7 @@ class Parser(Generic[T]):
         """ValueError unless `value` is one `parse` could have produced."""
 
     def show(self, value: T) -> str:
-        """`value` as the README's default column shows it."""
+        """`value` as the configuration table's default column shows it."""
         return f"`{value}`"
 
 

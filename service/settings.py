@@ -9,9 +9,9 @@ Each setting is declared once, as a field of `Settings`:
 naming its variable, its parser (which carries the bounds), its default and its doc.
 `Settings.from_env` reads every declared variable, `Settings.check` validates a built
 value (also run by the server at start, so settings made in code are held to the same
-bounds), and `service.settings_table` renders the README's table from the declarations
-(`make docs` rewrites it; a test compares). The parsers are in `service.setting_parsers`,
-`setting()` in `service.setting_declarations`.
+bounds), and `service.settings_table` renders the configuration table of
+docs/operations.md from the declarations (`make docs` rewrites it; a test compares). The
+parsers are in `service.setting_parsers`, `setting()` in `service.setting_declarations`.
 
 Parsing is strict: a bad value raises `SettingsError` whose message is one line naming
 the variable and what it may be, and start-up stops there. The value itself is never

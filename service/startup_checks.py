@@ -1,5 +1,5 @@
 """Start-up checks that turn a bad file or address into one line for the operator
-(`ConfigurationError`, exit code 2: README, "The `authsvc` command") before gRPC or the
+(`ConfigurationError`, exit code 2: docs/operations.md, "The `authsvc` command") before gRPC or the
 metrics endpoint log errors of their own: the listen addresses, the TLS files, the
 file of known calling services.
 """

@@ -6,10 +6,12 @@ Speed is not asserted here (see `make bench`); only that the tool works and repo
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 
+from service.loadtest.bench_page import RESULTS_END, RESULTS_START
 from service.loadtest.stats import ProcessResult, percentile, summarize
 from tests.test_cli import _authsvc, _env, _server_env
 from tests.test_replicas import _server_process
@@ -95,8 +97,12 @@ def test_summaries_merge_processes_exactly() -> None:
 
 
 def test_bench_runs_end_to_end_and_prints_its_table(database_url: str, tmp_path: Path) -> None:
-    """`make bench` in miniature (half-second runs): every row is there, with zero errors."""
+    """`make bench` in miniature (half-second runs): every row is there, with zero errors,
+    and the figures section of a copy of docs/performance.md is rewritten with them."""
     out = tmp_path / "bench.md"
+    page = tmp_path / "performance.md"
+    original = (Path(__file__).resolve().parent.parent / "docs" / "performance.md").read_text()
+    page.write_text(original)
     result = _authsvc(
         "bench",
         "--duration",
@@ -109,10 +115,26 @@ def test_bench_runs_end_to_end_and_prints_its_table(database_url: str, tmp_path:
         "1",
         "--output",
         str(out),
+        "--write-docs",
+        str(page),
         env=_env(AUTH_DATABASE_URL=database_url),
     )
     assert result.returncode == 0, result.stdout + result.stderr
     table = out.read_text()
+    # The page: prose untouched, the section between the markers now this run's.
+    written = page.read_text()
+    start, end = written.index(RESULTS_START), written.index(RESULTS_END)
+    assert written[:start] == original[: original.index(RESULTS_START)]
+    assert written[end:] == original[original.index(RESULTS_END) :]
+    section = written[start:end]
+    assert "From an earlier" not in section
+    command = (
+        f"authsvc bench --duration 0.5 --rounds 1 --concurrency 4 --processes 2 --workers 1 "
+        f"--write-docs {page}"
+    )
+    assert f"Written by `{command}` on " in section
+    assert re.search(r"Machine: .+, \d+ cores; Python 3\.\d+\.\d+; PostgreSQL \d+", section)
+    assert "| validate-hot |" in section and "| ES256 |" in section
     for row in (
         "| health |",
         "| validate-hot |",

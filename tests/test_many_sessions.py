@@ -3,7 +3,7 @@ DeleteUser and Revoke(subject) answer OK within AUTH_DB_TIMEOUT, stop every toke
 user at once on this replica and another, and the per-session bookkeeping catches up in
 bounded batches afterwards. Slow (`make test-fast` leaves them out).
 
-Each prints what it measured (`pytest -s`); the README's operations page quotes them.
+Each prints what it measured (`pytest -s`); docs/operations.md ("Large accounts") quotes them.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Settings: every variable declared once, with bounds that refuse nonsense at start (issue
-14, item 9), refusals that name the variable and never echo the value, and the README's
-configuration table generated from the declarations."""
+14, item 9), refusals that name the variable and never echo the value, and the configuration
+table of docs/operations.md generated from the declarations."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from tests.helpers import refresh, validate
 from tests.test_cli import _authsvc, _server_env
 from tests.test_startup_failures import _failure
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+OPERATIONS_PAGE = Path(__file__).resolve().parent.parent / "docs" / "operations.md"
 MARKER = "s3cr3t-MARKER"
 
 
@@ -327,20 +327,20 @@ def test_cli_numbers_within_bounds_are_accepted() -> None:
     assert isinstance(build_parser(), argparse.ArgumentParser)
 
 
-# --- the README's table is generated from the declarations -------------------------------
+# --- the configuration table in docs/operations.md is generated from the declarations -----
 
 
-def test_the_readme_configuration_table_matches_the_declarations() -> None:
-    readme = README.read_text(encoding="utf-8")
-    wanted = with_table(readme)
+def test_the_documented_configuration_table_matches_the_declarations() -> None:
+    page = OPERATIONS_PAGE.read_text(encoding="utf-8")
+    wanted = with_table(page)
     diff = "".join(
         difflib.unified_diff(
-            readme.splitlines(keepends=True), wanted.splitlines(keepends=True), "README.md"
+            page.splitlines(keepends=True), wanted.splitlines(keepends=True), "docs/operations.md"
         )
     )
     assert not diff, (
-        "README.md's configuration table differs from service/settings.py; run "
-        "`make docs` (python -m service.settings_table --write-readme README.md):\n" + diff
+        "docs/operations.md's configuration table differs from service/settings.py; run "
+        "`make docs` (python -m service.settings_table --write docs/operations.md):\n" + diff
     )
     for _, declaration in declarations():
         assert f"| `{declaration.variable}` |" in configuration_table()

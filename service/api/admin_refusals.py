@@ -1,5 +1,6 @@
-"""Refused admin calls, recorded as `admin_call_refused` security events (README,
-"Security events"): an audit trail that only shows what succeeded hides the probing before it.
+"""Refused admin calls, recorded as `admin_call_refused` security events (docs/operations.md,
+"Security events that clients can repeat"): an audit trail that only shows what succeeded
+hides the probing before it.
 
 One recorder for both kinds of refusal:
 - `record`: a method refused the call (unknown user, bad argument, ...); written before

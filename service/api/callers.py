@@ -1,27 +1,8 @@
-"""Which services may call Validate and the admin API (`AUTH_CALLER_AUTH`).
-
-End users call Issue, Refresh, Revoke and GetJwks from anywhere; those stay open. Two
-groups can be closed to all but known services:
-
-- `validate`: AuthService/Validate, so a random process on the network cannot test
-  stolen or guessed tokens against us;
-- `admin`: every AdminService method.
-
-A known service is a line of `AUTH_SERVICE_TOKENS_FILE`:
-
-    # name       groups           credential
-    orders       validate         token:<a secret of 32+ characters>
-    billing      validate         sha256:<hex SHA-256 of the secret>
-    ops-console  admin,validate   cert:dns:ops.internal
-    payments     validate         cert:uri:spiffe://example.org/payments
-
-It proves itself with `authorization: Bearer <secret>` metadata (compared as SHA-256
-digests in constant time, against every entry), or with a client certificate (mutual TLS:
-needs `AUTH_TLS_CLIENT_CA`) holding the `cert:` name as the kind of name the line says:
-`dns:` a DNS subject alternative name (any letter case), `uri:` a URI one, `cn:` the
-subject's common name. Never any name of any kind: a URI or e-mail SAN, or a CN, that
-spells a DNS name is not that DNS name. A bare `cert:NAME` (which used to mean any name)
-stops start-up.
+"""Which services may call Validate and the admin API (`AUTH_CALLER_AUTH`): the known
+services of `AUTH_SERVICE_TOKENS_FILE` and how a caller proves it is one of them (a bearer
+secret compared as SHA-256 digests in constant time against every entry, or a client
+certificate name of exactly the configured kind: `cert:dns:`, `cert:uri:`, `cert:cn:`).
+The file's format and the rules: docs/operations.md, "TLS and the services that call authsvc".
 """
 
 from __future__ import annotations

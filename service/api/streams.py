@@ -1,24 +1,12 @@
-"""Call budgets: unary calls and long-lived streams are limited separately.
+"""Call budgets: unary calls and long-lived streams are limited separately, so that idle
+streams (health Watch, reflection) cannot starve Issue, Validate and GetJwks. grpc's own
+`maximum_concurrent_rpcs` counts every call alike, so the server leaves it off and
+`CallBudgetInterceptor` keeps the two budgets (`UnaryBudget`, `StreamBudget`);
+`transport_options` caps HTTP/2 streams per connection and pings idle ones. The limits and
+their statuses: docs/api.md, "Limits" and "Streams".
 
-grpc's own `maximum_concurrent_rpcs` counts every call alike, so one client holding idle
-streams (health Watch, reflection) could take every slot and starve Issue, Validate and
-GetJwks. The server leaves that cap off and `CallBudgetInterceptor` keeps two budgets:
-
-- unary calls: at most `AUTH_MAX_CONCURRENT_RPCS` in progress (`UnaryBudget`); beyond it a
-  call is refused at once with RESOURCE_EXHAUSTED / `TOO_MANY_CALLS`;
-- streams, that is every method whose requests or responses stream (`StreamBudget`): at
-  most `AUTH_MAX_STREAMS` open in all and `AUTH_MAX_STREAMS_PER_PEER` per client address
-  over all its connections (IPv6: per /64), refused beyond with RESOURCE_EXHAUSTED /
-  `TOO_MANY_STREAMS` or `TOO_MANY_STREAMS_FROM_PEER`; and each stream ends after
-  `AUTH_STREAM_MAX_AGE` with UNAVAILABLE / `STREAM_MAX_AGE`, so slots come back.
-
-Per connection, `transport_options` caps HTTP/2 streams and has the server ping
-connections with calls open, so a vanished client's streams end.
-
-The interceptor picks the budget by the handler's kind, never by method name: any
-streaming RPC added later (for example a server-streaming `WatchRevocations`) is held to
-the stream budget without a change here. Handlers must be async (coroutine functions, or
-async generators for streamed responses), as every handler of this service is; a plain
+The budget is picked by the handler's kind, never by method name, so a streaming RPC added
+later is held to the stream budget without a change here. Handlers must be async; a plain
 function would run in a thread outside this accounting, so it is refused (UNIMPLEMENTED,
 logged) rather than served unbudgeted.
 """

@@ -1,23 +1,8 @@
-"""The janitor: deletes what can never be used again, so the database does not grow
-without bound under steady load.
-
-- Sessions (with their refresh tokens) once they are past their absolute lifetime, revoked,
-  or left with no unexpired refresh token: but only after every access token they were
-  issued has expired too, by the bound stored with each session (the latest `exp` it was
-  issued) plus the largest leeway allowed and the revocation state's margin, never by the
-  access TTL configured now: no revocation is forgotten, and no session becomes
-  unrevocable, while a token of it may be alive.
-- Security events older than `AUTH_EVENT_RETENTION`.
-- Throttle counts whose window has passed and that make no one wait.
-- Deleted users, once their last session is gone.
-- Signing keys: it retires superseded keys once no token they signed can be alive, deletes
-  retired keys after `AUTH_EVENT_RETENTION`, and rotates when `AUTH_KEY_ROTATION_PERIOD`
-  says the newest key is old enough.
-
-Before that, a step of its own: sessions that their user's revocation ended (a disable, a
-password change, a delete, a logout everywhere: one row written, the user's generation) get
-their revoked_at and reason written, `CATCH_UP_BATCH` per statement, so the admin views and
-the clean-up catch up; those sessions were refused from the moment of the revocation.
+"""The janitor: deletes what can never be used again, so the database does not grow without
+bound under steady load (sessions once no access token of theirs can be alive, old security
+events, spent throttle counts, deleted users, retired keys); before that, writes `revoked_at`
+into the sessions their user's revocation ended (`CATCH_UP_BATCH` per statement); and
+retires and rotates signing keys. What, when and why: docs/operations.md, "Clean-up".
 
 Used refresh tokens of live sessions are kept on purpose: they are what reuse detection
 recognises when a stolen old token comes back.

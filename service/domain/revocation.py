@@ -1,25 +1,12 @@
 """What Validate needs to know without a database round trip.
 
-`RevocationState` holds the ids of revoked sessions whose access tokens could
-still be alive. Each session stores the latest `exp` of any access token it was ever
-issued (`sessions.access_expires_max`, set at Issue and raised by every Refresh); a
-revocation is remembered until that bound plus `MAX_LEEWAY` plus a margin
-(`remembered_until`), whatever AUTH_ACCESS_TTL and AUTH_LEEWAY are now: a token signed
-under a longer TTL, or checked later with a larger leeway, never outlives its revocation.
-Past that point every token of the session is refused as expired anyway, so the set stays
-bounded. It is filled at start, kept current by the database's notifications (see
-`service.store.revocation_feed`), and updated directly by this process's own revocations.
-
-It also holds, per user whose every session was revoked at once (a disable, a password
-change, a delete, a logout everywhere), the user's session generation: every token of a
-session started under a lower generation (its `ugen` claim) is revoked. One entry, whatever
-the number of sessions, so such a revocation writes one row, not one per session. It is
-remembered by the same rule, until the user's own bound (`users.access_expires_max`: at
-least the `exp` of every access token signed for any of their sessions) has passed.
-
-`VerifiedTokenCache` remembers tokens whose signature and claims were verified,
-so seeing a token again costs a dictionary lookup instead of a signature check.
-Expiry, revocation, audience and scope are still checked on every call.
+`RevocationState` holds the revoked sessions whose access tokens could still be alive, each
+until `remembered_until` (its stored latest `exp` + `MAX_LEEWAY` + a margin, whatever the
+TTL and leeway are now), and the session generation of users whose every session was
+revoked at once. It is filled at start and kept current by `service.store.revocation_feed`
+and by this process's own revocations. `VerifiedTokenCache` lets a token seen before skip
+the signature check (never the expiry, revocation, audience and scope checks).
+Why and for how long: docs/design.md, "Tokens and sessions" and "Validate at scale".
 """
 
 from __future__ import annotations

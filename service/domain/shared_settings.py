@@ -143,7 +143,7 @@ class SharedSettingsMismatch(ConfigurationError):
             "settings every replica on this database must share differ from those recorded "
             f"there ({doing}): {'; '.join(d.describe() for d in found)}. Use the shared "
             "values, or change them for every replica with `authsvc settings adopt` run "
-            "with the new ones (see README, Deploying and scaling out)"
+            "with the new ones (see docs/operations.md, Deploying and scaling out)"
         )
         self.differences = found
 

@@ -1,21 +1,10 @@
-"""Signing-key rotation without downtime, the same on every replica.
-
-A key's life:
-1. **Created** (by `authsvc keys rotate`, the admin API, or the schedule
-   `AUTH_KEY_ROTATION_PERIOD`): stored, and announced with a NOTIFY. From then on every
-   replica verifies with it and publishes it in the JWKS.
-2. **Active** from `activates_at`, `KEY_ACTIVATION_DELAY` after creation: every replica
-   signs with the newest active key. The delay lets the NOTIFY reach every replica
-   before any token the new key signed can reach them, so no replica ever meets a
-   token whose key it does not know yet.
-3. **Superseded** when a newer key activates: it still verifies and stays in the JWKS,
-   because tokens it signed are still alive.
-4. **Retired** once none of them can be (successor's activation + access TTL + leeway +
-   a margin): removed from the ring and the JWKS, its private half wiped. The janitor
-   deletes the row after `AUTH_EVENT_RETENTION`.
-
-Replicas reload on the NOTIFY, on every reconnect of their listener and on each poll,
-so a missed notification is made up within `AUTH_REVOCATION_POLL_INTERVAL`.
+"""Signing-key rotation without downtime, the same on every replica: a key is created
+(pending: verifies and is published, signs nothing), active from `activates_at`
+(`KEY_ACTIVATION_DELAY` after creation, so the NOTIFY reaches every replica first),
+superseded when a newer key activates, and retired (private half wiped) once no token it
+signed can be alive. Replicas reload on the NOTIFY, on every reconnect of their listener and
+on each poll. The states and the caveats for offline verifiers: docs/operations.md,
+"Signing-key rotation".
 """
 
 from __future__ import annotations

@@ -1,36 +1,13 @@
-"""Brute-force throttling of failed logins, per username and per peer address.
+"""Brute-force throttling of failed logins, per username and per peer address (IPv4, or an
+IPv6 /64), counted in PostgreSQL so that it holds across replicas.
 
-After `free_failures` failed logins within `window`, each further failure makes
-the key wait `base_delay * 2**(n - free_failures - 1)` seconds, capped at
-`max_delay`; a login attempt while a key waits is refused before any password
-is checked. A key's count starts over once `window` passes without a failure,
-so throttling always ends by itself (no permanent lock-out), and a successful
-login clears the username's count. The state lives in PostgreSQL, so it holds
-across replicas.
-
-Check and count are one step: before its password is checked, an attempt is
-counted as a failure against each key under the key's row lock (a reservation),
-and settled when the check ends: a failure stays counted (and may make the key
-wait), a success takes its count back (and clears the username's). So a burst
-of concurrent guesses, from any number of replicas, gets no more checks than
-sequential guesses would: once a key's count including the attempts still being
-checked passes its allowance, further attempts wait for those to end (and then
-usually find the key waiting). Unrelated keys never wait for each other. An
-attempt whose caller goes away stays counted, even if its process dies; a
-pending count a dead process leaves behind is ignored after PENDING_EXPIRY.
-
-Addresses are keyed by IPv4 address or IPv6 /64 (one subscriber's usual
-allocation, so a client cannot take a fresh key for each of its addresses).
-
-Known limits: anyone who knows a username can make its owner wait (at most
-`max_delay` at a time), as with any per-account throttle; and behind a proxy
-every client shares the proxy's address key, so raise
-AUTH_THROTTLE_PEER_FAILURES there.
-
-With the defaults (5 free failures per username, delays from 1 s doubling to
-15 min, a 1 h window), an account takes at most about 17 failures an hour,
-well under ASVS's 100. Unknown usernames are throttled exactly like known
-ones, so throttling reveals nothing about which usernames exist.
+After `free_failures` failed logins within `window`, each further failure makes the key
+wait `base_delay * 2**(n - free_failures - 1)` seconds, capped at `max_delay`. Check and
+count are one step: an attempt is counted as a failure under the key's row lock before its
+password is checked (a reservation) and settled when the check ends, so concurrent guesses
+get no more checks than sequential ones; a pending count a dead process leaves behind is
+ignored after PENDING_EXPIRY. The rules, the defaults and the known limits: docs/design.md,
+"Brute-force throttling".
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """`authsvc bench`: every figure against one server in one run, each as a ratio to its baseline.
 
-This machine is small and noisy, so absolute numbers move between runs; the
-ratios, measured minutes apart against the same server, are what to compare.
+What the rows mean and why ratios: docs/performance.md, whose figures section
+`authsvc bench --write-docs` rewrites (`service.loadtest.bench_page`).
 """
 
 from __future__ import annotations
@@ -9,13 +9,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
-import platform
 import secrets
 import tempfile
 import threading
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
+
+import asyncpg
 
 from service.domain.passwords import (
     ARGON2_MEMORY_KIB,
@@ -29,6 +30,7 @@ from service.loadtest.baselines import (
     signing_algorithm_costs,
     sql_rotation_rate,
 )
+from service.loadtest.bench_page import BenchReport, this_machine
 from service.loadtest.local import local_server, seed_users
 from service.loadtest.runner import LoadPlan, run_load
 from service.loadtest.stats import ScenarioSummary
@@ -77,8 +79,17 @@ def _concurrently(*plans: LoadPlan) -> list[ScenarioSummary]:
     return [r for r in results if r is not None]
 
 
-def run_bench(options: BenchOptions) -> str:
-    """Run the suite; returns the markdown report."""
+async def postgresql_version(database_url: str) -> str:
+    """The server's version, as `SHOW server_version` gives it."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        return str(await conn.fetchval("SHOW server_version"))
+    finally:
+        await conn.close()
+
+
+def run_bench(options: BenchOptions) -> BenchReport:
+    """Run the suite; returns the report."""
     extra_env = {"AUTH_TOKEN_CACHE_SIZE": str(BENCH_CACHE_SIZE)}
     if not os.environ.get("AUTH_KEK"):
         # Both servers may share one database (AUTH_DATABASE_URL): one KEK for both.
@@ -110,7 +121,7 @@ class _ProductionServer:
 
 def _run_bench(
     options: BenchOptions, extra_env: dict[str, str], production: _ProductionServer
-) -> str:
+) -> BenchReport:
     with local_server(workers=options.workers, extra_env=extra_env) as (target, settings):
         usernames, password = seed_users(settings, 16)
         base = LoadPlan(
@@ -150,6 +161,7 @@ def _run_bench(
             replace(base, scenario="issue", processes=1, concurrency=8, label="login-load"),
         )
         assert settings.database_url is not None
+        postgresql = asyncio.run(postgresql_version(settings.database_url))
         in_process_refresh, in_process_issue = asyncio.run(
             in_process_rates(
                 replace(settings, workers=options.workers),
@@ -171,7 +183,7 @@ def _run_bench(
     argon2 = argon2_rate(threads=cores, duration=options.duration)
     rss_before, rss_after = memory_probe()
     algorithms = signing_algorithm_costs()
-    return _report(
+    tables, setup = _report(
         options,
         health=health,
         hot=hot,
@@ -185,6 +197,12 @@ def _run_bench(
         in_process=(in_process_refresh, in_process_issue),
         rss=(rss_before, rss_after),
         algorithms=algorithms,
+    )
+    return BenchReport(
+        tables=tables,
+        setup=setup,
+        machine=this_machine(postgresql),
+        finished_at=datetime.now(UTC),
     )
 
 
@@ -203,7 +221,9 @@ def _report(
     in_process: tuple[float, float],
     rss: tuple[float, float],
     algorithms: list[tuple[str, float, float, int]],
-) -> str:
+) -> tuple[str, str]:
+    """The tables, and the line saying how they were measured."""
+
     def row(s: ScenarioSummary, baseline: str, ratio: float | None, target: str) -> str:
         errors = s.error_count
         ratio_text = "" if ratio is None else f"{ratio:.2f}"
@@ -246,9 +266,7 @@ def _report(
         f"| memory: 100k cached tokens + 100k revoked sessions | | | | | "
         f"RSS {rss[0]:.0f} → {rss[1]:.0f} MiB | | < 150 MiB |",
     ]
-    machine = (
-        f"{os.cpu_count()} cores ({platform.processor() or platform.machine()}), "
-        f"Python {platform.python_version()}, {datetime.now(UTC):%Y-%m-%d}; "
+    setup = (
         f"server: {options.workers} workers, load: {options.processes} processes x "
         f"{options.concurrency} concurrent calls in all, {options.duration:g} s per run "
         f"(health and validate: median of {options.rounds} interleaved runs); "
@@ -260,4 +278,4 @@ def _report(
         "|---|---:|---:|---:|",
         *(f"| {a} | {s:.0f} | {v:.0f} | {n} |" for a, s, v, n in algorithms),
     ]
-    return "\n".join([*lines, *alg_lines, "", machine])
+    return "\n".join([*lines, *alg_lines]), setup

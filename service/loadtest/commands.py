@@ -1,13 +1,15 @@
 """`authsvc load` and `authsvc bench`: their options, within bounds, and what they run
-(README, "Load testing"). The load tools are imported only when one of them runs.
+(docs/performance.md). The load tools are imported only when one of them runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shlex
 from pathlib import Path
 
+from service.failures import ConfigurationError
 from service.setting_parsers import DAY, Number, bounded_argument, count, duration
 from service.settings import WORKERS, Settings, default_workers
 
@@ -86,7 +88,15 @@ def add_load_commands(commands: argparse._SubParsersAction[argparse.ArgumentPars
     bench.add_argument("--concurrency", type=bounded_argument(CONCURRENCY), default=32)
     bench.add_argument("--processes", type=bounded_argument(PROCESSES), default=2)
     bench.add_argument("--workers", type=bounded_argument(WORKERS), default=default_workers())
-    bench.add_argument("--output", type=Path, default=None, help="also write the table here")
+    bench.add_argument("--output", type=Path, default=None, help="also write the report here")
+    bench.add_argument(
+        "--write-docs",
+        type=Path,
+        default=None,
+        metavar="PAGE",
+        help="rewrite the figures between PAGE's bench-results markers (make bench: "
+        "docs/performance.md), with the command, the date and the machine",
+    )
 
 
 def load_command(args: argparse.Namespace) -> int:
@@ -119,9 +129,32 @@ def load_command(args: argparse.Namespace) -> int:
     return 1 if summary.error_count else 0
 
 
+def bench_command_line(args: argparse.Namespace) -> str:
+    """The command that reproduces this run, every option spelled out (defaults resolved)."""
+    words = ["authsvc", "bench"]
+    for option, value in (
+        ("--duration", f"{args.duration:g}"),
+        ("--rounds", str(args.rounds)),
+        ("--concurrency", str(args.concurrency)),
+        ("--processes", str(args.processes)),
+        ("--workers", str(args.workers)),
+    ):
+        words += [option, value]
+    if args.write_docs is not None:
+        words += ["--write-docs", str(args.write_docs)]
+    return shlex.join(words)
+
+
 def bench_command(args: argparse.Namespace) -> int:
     from service.loadtest.bench import BenchOptions, run_bench
+    from service.loadtest.bench_page import MissingMarkers, check_page, write_results
 
+    if args.write_docs is not None:
+        # Checked before minutes of benchmarking, not after.
+        try:
+            check_page(args.write_docs.read_text(encoding="utf-8"))
+        except (OSError, MissingMarkers) as problem:
+            raise ConfigurationError(f"--write-docs {args.write_docs}: {problem}") from None
     report = run_bench(
         BenchOptions(
             rounds=args.rounds,
@@ -131,7 +164,9 @@ def bench_command(args: argparse.Namespace) -> int:
             workers=args.workers,
         )
     )
-    print(report)
+    print(report.markdown())
     if args.output is not None:
-        args.output.write_text(report + "\n")
+        args.output.write_text(report.markdown() + "\n")
+    if args.write_docs is not None:
+        write_results(args.write_docs, report, bench_command_line(args))
     return 0

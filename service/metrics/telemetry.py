@@ -1,6 +1,7 @@
 """`PrometheusTelemetry`: the metrics the domain counts (`service.domain.telemetry.Telemetry`),
 the per-method call metrics `MetricsInterceptor` records, and the values sampled from the
-process's state now and then (`ProcessSample`, `sample_forever`). README, "Metrics", lists them.
+process's state now and then (`ProcessSample`, `sample_forever`). docs/operations.md,
+"Metrics", lists them.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Property-based fuzzing of every RPC's request fields against one live server.
 
 The property, for every generated request: the answer is OK, or a failure whose status
-code and `ErrorInfo` reason form one of the documented pairs (README error table), with
+code and `ErrorInfo` reason form one of the documented pairs (the error table in docs/api.md), with
 domain "authsvc" and a `BadRequest` for INVALID_ARGUMENT. Never INTERNAL, UNKNOWN, a
 deadline, or a non-OK status without a google.rpc.Status. Where the documented limits
 decide the answer (empty or oversized fields, RFC 6749 scope characters, NUL characters,
@@ -62,7 +62,7 @@ KNOWN_USER = "fuzz-known-user"
 USER_SCOPES = frozenset({"read", "write"})
 DEFAULT_AUDIENCE = "authsvc"  # Settings.audience
 
-# The documented limits (README "Limits"), kept here independently of service code.
+# The documented limits (docs/api.md, "Limits"), kept here independently of service code.
 MAX_TOKEN_BYTES = 8 * 1024
 MAX_USERNAME_BYTES = 256
 MAX_PASSWORD_BYTES = 1024
