@@ -5,7 +5,7 @@ authsvc replicas on the multi-host URL with target_session_attrs=read-write, cli
 walking refresh chains; then `kill -9` of the primary and the promotion of the standby
 (`pg_promote()`). With a synchronous standby nothing a client received is lost; with an
 asynchronous one, what was not replicated yet is, and the test shows what a client then
-sees. The figures (time to writable, chains that continued) are printed after the run.
+sees. The figures (time to writable, chains that continued) are shown after the run's summary.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -176,22 +176,6 @@ async def create_users(replica: Replica, count: int, prefix: str) -> list[str]:
     return names
 
 
-# The figures, shown at the end of the run (docs/failover.md quotes them)
-
-
-FIGURES: list[str] = []
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _print_figures(request: pytest.FixtureRequest) -> Iterator[None]:
-    yield
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None and FIGURES:
-        reporter.write_sep("-", "failover figures")
-        for line in FIGURES:
-            reporter.write_line(line)
-
-
 # Clients
 
 
@@ -291,7 +275,7 @@ async def until_writable(
 
 
 async def test_failover_to_a_synchronous_standby_loses_no_rotation_and_no_revocation(
-    cluster: Cluster, replicas: list[Replica]
+    cluster: Cluster, replicas: list[Replica], report_figure: Callable[[str], None]
 ) -> None:
     await make_synchronous(cluster.primary)
     a, b = replicas
@@ -377,7 +361,7 @@ async def test_failover_to_a_synchronous_standby_loses_no_rotation_and_no_revoca
         await conn.close()
     assert revoked == len(revoked_before) + len(revoked_after)
 
-    FIGURES.append(
+    report_figure(
         f"synchronous standby: writable {writable:.2f}s after the promotion "
         f"(the promotion itself {promotion:.2f}s, kill -9 to promote 0.5s); "
         f"{continued}/{CHAINS} chains continued, "
@@ -391,7 +375,7 @@ async def test_failover_to_a_synchronous_standby_loses_no_rotation_and_no_revoca
 
 
 async def test_failover_to_an_asynchronous_standby_loses_what_it_had_not_received(
-    cluster: Cluster, replicas: list[Replica]
+    cluster: Cluster, replicas: list[Replica], report_figure: Callable[[str], None]
 ) -> None:
     a, b = replicas
     names = await create_users(a, CHAINS + 3, "async")
@@ -442,7 +426,7 @@ async def test_failover_to_an_asynchronous_standby_loses_what_it_had_not_receive
     assert revived.session_id == logged_out.session_id
     assert await revoked_everywhere(replicas, revived.access_token)
 
-    FIGURES.append(
+    report_figure(
         f"asynchronous standby: writable {writable:.2f}s after the promotion "
         f"(the promotion itself {promotion:.2f}s); of {CHAINS} chains, the {CHAINS} that had "
         "rotated twice while the standby was behind continued only from the token the standby "
