@@ -14,7 +14,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -90,6 +90,24 @@ async def database_url(pg_admin_uri: str, template_database: str) -> AsyncIterat
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
         await admin.close()
+
+
+# Figures a test measured (e.g. the failover's time to writable), shown after the run.
+MEASURED_FIGURES = pytest.StashKey[list[str]]()
+
+
+@pytest.fixture
+def report_figure(request: pytest.FixtureRequest) -> Callable[[str], None]:
+    """Record one line to show in the "measured figures" section after the run."""
+    return request.config.stash.setdefault(MEASURED_FIGURES, []).append
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    figures = config.stash.get(MEASURED_FIGURES, [])
+    if figures:
+        terminalreporter.write_sep("-", "measured figures")
+        for line in figures:
+            terminalreporter.write_line(line)
 
 
 @pytest.fixture

@@ -535,3 +535,38 @@ async def test_revocation_while_the_listener_is_held_down_is_seen_on_reconnect(
         await assert_family_invariants(first.pool, now=_now(clock))
     finally:
         await admin.close()
+
+
+# A server that refuses writes (a standby, or one made read-only): UNAVAILABLE, connection dropped
+
+
+async def test_a_write_refused_as_read_only_is_unavailable_and_its_connection_is_replaced(
+    server_factory: ServerFactory, database_url: str
+) -> None:
+    server = await server_factory(db_pool_size=2)
+    await server.create_user("readonly")
+    pair = (await _issue(server, "readonly")).tokens
+    admin = await asyncpg.connect(database_url)
+    try:
+        # New sessions of this database refuse writes, as a hot standby's do; the pool's
+        # connections are cut so that it reconnects into such sessions.
+        database = await admin.fetchval("SELECT current_database()")
+        await admin.execute(f'ALTER DATABASE "{database}" SET default_transaction_read_only = on')
+        await admin.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+        for _ in range(4):  # cut connections, then ones that refuse the write
+            await _fails_with(
+                _refresh(server, pair.refresh_token), Code.UNAVAILABLE, "DATABASE_UNAVAILABLE"
+            )
+        await _fails_with(_issue(server, "readonly"), Code.UNAVAILABLE, "DATABASE_UNAVAILABLE")
+        # The server accepts writes again: a connection that met it read-only was not kept
+        # (a session keeps the default it started with), so the token rotates.
+        await admin.execute(f'ALTER DATABASE "{database}" RESET default_transaction_read_only')
+        child = await _succeeds_within(
+            lambda: _refresh(server, pair.refresh_token), within=5.0, what="a writable connection"
+        )
+        assert child.tokens.session_id == pair.session_id
+    finally:
+        await admin.close()

@@ -2,7 +2,8 @@
 
 The store takes a pool; it never creates one behind your back. Errors are
 mapped by asyncpg exception class (SQLSTATE), never by message text: lost or
-refused connections and timeouts become `DatabaseUnavailable`.
+refused connections, timeouts and writes refused by a read-only server (a standby)
+become `DatabaseUnavailable`.
 """
 
 from __future__ import annotations
@@ -560,7 +561,14 @@ class PostgresStore:
     async def _connection(self) -> AsyncIterator[asyncpg.Connection]:
         try:
             async with self._pool.acquire(timeout=self._timeout) as conn:
-                yield conn
+                try:
+                    yield conn
+                except asyncpg.ReadOnlySQLTransactionError as exc:
+                    # A standby (or a server made read-only): no write will succeed on
+                    # this session. Dropped, so that the pool connects again, which with
+                    # target_session_attrs=read-write finds the primary.
+                    conn.terminate()
+                    raise DatabaseUnavailable() from exc
         except UNAVAILABLE_ERRORS as exc:
             raise DatabaseUnavailable() from exc
 
