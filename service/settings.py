@@ -102,7 +102,9 @@ class Settings:
         DatabaseUrl(),
         default=None,
         secret=True,
-        doc="PostgreSQL DSN; unset runs an embedded PostgreSQL in `AUTH_DATA_DIR`",
+        doc="""PostgreSQL DSN (several hosts with `target_session_attrs=read-write` follow a
+        failover: [failover](failover.md)); unset runs an embedded PostgreSQL in
+        `AUTH_DATA_DIR`""",
     )
     data_dir: Path = setting(
         "AUTH_DATA_DIR",
