@@ -20,6 +20,16 @@ from service.settings import Settings
 log = logging.getLogger(__name__)
 
 READY_FD_VARIABLE = "AUTHSVC_WORKER_READY_FD"
+# How long a stopping replica keeps serving after it reports NOT_SERVING: a client that
+# watches health hears it within a round trip, so a second is ample on any network.
+MAX_SHUTDOWN_DRAIN: Final = 1.0
+
+
+def shutdown_drain(grace: float) -> float:
+    """The part of AUTH_SHUTDOWN_GRACE spent serving on while NOT_SERVING (at most
+    MAX_SHUTDOWN_DRAIN, at most half the grace); the rest is for calls in flight."""
+    return min(MAX_SHUTDOWN_DRAIN, grace / 2)
+
 
 STOP_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
 """Each asks `authsvc serve` (one process, or the supervisor) for the graceful stop;
@@ -62,9 +72,15 @@ async def serve(settings: Settings, *, worker: bool = False) -> None:
                 metrics=None if endpoint is None else str(endpoint.address),
             )
         await stop.wait()
-        log.info("stopping: in-flight calls get %.1fs", settings.shutdown_grace)
+        drain = shutdown_drain(settings.shutdown_grace)
+        log.info(
+            "stopping: NOT_SERVING, serving %.1fs more while clients move away, then "
+            "in-flight calls get %.1fs",
+            drain,
+            settings.shutdown_grace - drain,
+        )
         # The pool closes after the server, so in-flight calls could finish.
-        await running.stop(settings.shutdown_grace)
+        await running.stop(settings.shutdown_grace - drain, drain=drain)
 
 
 def _tell_supervisor_ready() -> None:

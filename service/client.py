@@ -6,11 +6,24 @@
 
 Which calls are retried and why, the deadline, the errors: docs/clients.md.
 No token or password ever appears in an exception, a repr or a log line of this module.
+
+Several replicas: one HTTP/2 connection carries every call of a channel, so a channel to one
+address (or through a TCP balancer) pins all calls to one replica. Give the client every
+replica instead, and it spreads calls round-robin over them, dropping a replica from the
+rotation while it is unreachable or reports NOT_SERVING on `auth.v1.AuthService` (gRPC
+client-side health checking: one health `Watch` stream per replica):
+
+    AuthClient(target=["10.0.0.5:50051", "10.0.0.6:50051"])              # fixed addresses
+    AuthClient(target="dns:///authsvc-headless.auth.svc:50051", balance=True)  # all A records
+
+`service_config()` is the same policy as JSON for clients in other languages (with gRPC's own
+retryPolicy in place of this module's retry loop); deploy/grpc-service-config.json holds it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 import random
@@ -25,6 +38,7 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import error_details_pb2, status_pb2
 
+from service.addresses import HostPort
 from service.gen.auth.v1 import auth_pb2, auth_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -36,6 +50,8 @@ __all__ = [
     "RetryPolicy",
     "TokenPair",
     "Validation",
+    "addresses_target",
+    "service_config",
 ]
 
 DEFAULT_TIMEOUT = 5.0
@@ -68,6 +84,69 @@ class RetryPolicy:
 
 
 NO_RETRY = RetryPolicy(max_attempts=1)
+
+# NOT_SERVING while a replica drains (SIGTERM) or its clock is too far off: the name a
+# client-side health check should watch.
+HEALTH_SERVICE = "auth.v1.AuthService"
+_AUTH_SERVICE = auth_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name
+# Issue is never retried (see the module docstring); every other method may be.
+_RETRIED_METHODS = ("Validate", "Refresh", "Revoke", "GetJwks")
+
+
+def service_config(
+    *, health_service: str | None = HEALTH_SERVICE, retry: RetryPolicy | None = None
+) -> dict[str, Any]:
+    """The gRPC service config that spreads calls over every address a target resolves
+    to: `round_robin`, with client-side health checking on `health_service` (None: off).
+    With `retry`, gRPC's own retryPolicy on UNAVAILABLE for every method but Issue: for
+    clients that do not retry themselves (AuthClient does, so it passes none)."""
+    config: dict[str, Any] = {"loadBalancingConfig": [{"round_robin": {}}]}
+    if health_service is not None:
+        config["healthCheckConfig"] = {"serviceName": health_service}
+    if retry is not None:
+        config["methodConfig"] = [
+            {
+                "name": [{"service": _AUTH_SERVICE, "method": m} for m in _RETRIED_METHODS],
+                "retryPolicy": {
+                    # gRPC caps maxAttempts at 5 whatever is asked (and needs at least 2).
+                    "maxAttempts": min(max(retry.max_attempts, 2), 5),
+                    "initialBackoff": f"{retry.initial_backoff:g}s",
+                    "maxBackoff": f"{retry.max_backoff:g}s",
+                    "backoffMultiplier": retry.multiplier,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ]
+    return config
+
+
+def addresses_target(addresses: Sequence[str]) -> str:
+    """One gRPC target naming several replicas: "ipv4:10.0.0.5:50051,10.0.0.6:50051" (or
+    "ipv6:..."). Each address is IP:PORT, all of one family; for host names use one DNS
+    name with a record per replica ("dns:///name:port") instead."""
+    if isinstance(addresses, str) or not addresses:
+        raise ValueError("addresses: a non-empty list of IP:PORT")
+    families = set()
+    written = []
+    for text in addresses:
+        try:
+            address = HostPort.parse(text)
+        except ValueError:
+            raise ValueError("addresses: each one IP:PORT") from None
+        try:
+            ip = ipaddress.ip_address(address.host)
+        except ValueError:
+            raise ValueError(
+                "addresses: IP:PORT only; for host names use one DNS name with a record per "
+                'replica (target="dns:///NAME:PORT", balance=True)'
+            ) from None
+        if address.port == 0:
+            raise ValueError("addresses: port 0 is not an address to call")
+        families.add(ip.version)
+        written.append(str(address))
+    if len(families) != 1:
+        raise ValueError("addresses: all IPv4 or all IPv6, not both")
+    return ("ipv4:" if families == {4} else "ipv6:") + ",".join(written)
 
 
 @dataclass(frozen=True)
@@ -211,7 +290,11 @@ class AuthClient:
     """An async client for authsvc; one channel, shared by every call.
 
     Keyword-only configuration:
-    - `target`: "host:port" (any gRPC target string).
+    - `target`: "host:port" (any gRPC target string), or a list of replicas' IP:PORT
+      addresses, called round-robin (see `addresses_target`).
+    - `balance`: spread calls round-robin over every address the target resolves to, with
+      client-side health checking (a DNS name with one record per replica); on by default
+      for a list of addresses, off for a single target string.
     - `credentials`: channel credentials for TLS (`grpc.ssl_channel_credentials(...)`, with a
       client certificate for mTLS); None opens an insecure channel.
     - `service_token`: sent as "authorization: Bearer <token>" on Validate and GetJwks only,
@@ -229,7 +312,8 @@ class AuthClient:
     def __init__(
         self,
         *,
-        target: str,
+        target: str | Sequence[str],
+        balance: bool | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         service_token: str | None = None,
         timeout: float = DEFAULT_TIMEOUT,
@@ -240,13 +324,21 @@ class AuthClient:
     ) -> None:
         if timeout <= 0:
             raise ValueError("timeout must be positive")
-        self._target = target
+        if isinstance(target, str):
+            self._target = target
+        else:
+            self._target = addresses_target(target)
+            balance = True if balance is None else balance
         self._credentials = credentials
         self._service_metadata = _bearer(service_token) if service_token else ()
         self._timeout = timeout
         self._retry = retry or RetryPolicy()
         self._retry_refresh = retry_refresh
         self._options = tuple(options)
+        if balance:
+            # One retry loop, this module's: no retryPolicy in the service config as well.
+            config = json.dumps(service_config(retry=None))
+            self._options = (("grpc.service_config", config), *self._options)
         # Jitter needs no cryptographic randomness; injectable for tests.
         self._rng = rng or random.Random()
         self._channel: grpc.aio.Channel | None = None

@@ -82,9 +82,18 @@ class RunningServer:
     telemetry: PrometheusTelemetry | None = None
     metrics_endpoint: MetricsEndpoint | None = None
 
-    async def stop(self, grace: float | None) -> None:
-        # Probes see NOT_SERVING first, so load balancers drain us while calls finish.
+    async def stop(self, grace: float | None, *, drain: float = 0.0) -> None:
+        """Report NOT_SERVING, keep serving new calls for `drain` seconds, then stop
+        taking calls and give those in flight `grace` seconds.
+
+        Without the drain, calls a client sent before it heard NOT_SERVING (or the
+        server's GOAWAY) reach a server that has begun to stop and fail with CANCELLED,
+        which no client retries; with it, balancing clients (health `Watch`) move their
+        calls to other replicas first.
+        """
         await self.health.enter_graceful_shutdown()
+        if drain > 0:
+            await asyncio.sleep(drain)
         for task in self.background:
             task.cancel()
         for task in self.background:

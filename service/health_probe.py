@@ -1,0 +1,68 @@
+"""`python -m service.health_probe [--service NAME] [HOST:PORT]`: one grpc.health.v1 Check,
+exit 0 when SERVING, 1 otherwise (NOT_SERVING, an unknown service name, no answer within
+the timeout). For container health checks where no grpc_health_probe binary is at hand
+(deploy/Dockerfile's HEALTHCHECK).
+
+The address defaults to 127.0.0.1 on the port of AUTH_LISTEN (50051 when unset); the
+call is plaintext (TLS listeners are probed by the orchestrator, or with grpcurl).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from service.addresses import HostPort
+
+DEFAULT_LISTEN = "127.0.0.1:50051"
+DEFAULT_SERVICE = "auth.v1.AuthService"
+
+
+def default_address(environ: dict[str, str] | os._Environ[str]) -> str:
+    """127.0.0.1 on AUTH_LISTEN's port: a replica listening on every address answers on
+    loopback too."""
+    listen = HostPort.parse(environ.get("AUTH_LISTEN", DEFAULT_LISTEN).strip())
+    return str(HostPort("127.0.0.1", listen.port))
+
+
+def probe(address: str, service: str, timeout: float) -> bool:
+    """Whether `service` at `address` answers SERVING within `timeout` seconds."""
+    with grpc.insecure_channel(address) as channel:
+        try:
+            response = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout
+            )
+        except grpc.RpcError as error:
+            print(f"{address} {service or '(server)'}: {error.code().name}", file=sys.stderr)
+            return False
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+    print(f"{address} {service or '(server)'}: {status}")
+    return bool(response.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m service.health_probe",
+        description="grpc.health.v1 Check: exit 0 when SERVING, 1 otherwise",
+    )
+    parser.add_argument(
+        "address", nargs="?", help="HOST:PORT (default: 127.0.0.1:<AUTH_LISTEN port>)"
+    )
+    parser.add_argument("--service", default=DEFAULT_SERVICE, help=f"default {DEFAULT_SERVICE}")
+    parser.add_argument("--timeout", type=float, default=2.0, help="seconds (default 2)")
+    args = parser.parse_args(argv)
+    try:
+        address = str(HostPort.parse(args.address)) if args.address else default_address(os.environ)
+    except ValueError as error:
+        parser.error(f"address: {error}")
+    if not 0 < args.timeout <= 60:
+        parser.error("--timeout: more than 0, at most 60 seconds")
+    return 0 if probe(address, args.service, args.timeout) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
