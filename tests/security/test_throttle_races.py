@@ -167,7 +167,9 @@ async def test_checks_whose_callers_left_cannot_pile_up(
         counted = await server.pool.fetchval(
             "SELECT failures FROM login_throttle WHERE key = $1", peer_key("ipv4:127.0.0.1:1")
         )
-        return bool(spy.started > 0 and spy.running == 0 and counted == spy.started)
+        # Every check that started is counted (an attempt counted whose check then failed
+        # to reach the hash, say on a database timeout under load, counts too).
+        return bool(spy.started > 0 and spy.running == 0 and (counted or 0) >= spy.started)
 
     await eventually(all_started_checks_counted)
     assert spy.started <= places
