@@ -10,8 +10,8 @@ import pytest
 from service.domain.revocation import REVOCATION_MARGIN_SECONDS
 from service.gen.auth.v1 import auth_pb2
 from service.settings import MAX_LEEWAY
-from tests.conftest import LiveServer, ServerFactory
 from tests.helpers import refresh, refresh_fails, validate
+from tests.live_server import LiveServer, ServerFactory
 
 TTL = {"access_ttl": 60, "refresh_idle_ttl": 300, "refresh_absolute_ttl": 600}
 # The tests' access tokens are all signed at their start: the sessions' stored bound is
