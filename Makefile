@@ -1,12 +1,12 @@
 # authsvc: `make run` serves on 127.0.0.1:50051, `make test` runs the whole suite
-# (`make test-fast`: without the large-table tests).
+# (`make test-fast`: the unit and integration tiers, for the edit-run loop).
 # Both create .venv on first use and install the project into it.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test test-fast lint fmt docs proto check-proto load bench soak clean
+.PHONY: run test test-fast test-system lint fmt docs proto check-proto load bench soak clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,12 +17,19 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(VENV)/bin/authsvc serve
 
+# Every tier, one test at a time (what CI runs).
 test: $(STAMP)
 	$(PY) -m pytest
 
-# Everything but the large-table tests (marked slow: millions of rows, minutes).
+# The unit and integration tiers on TEST_WORKERS processes (pytest-xdist; each has its own
+# embedded PostgreSQL). The system tier (processes, load, soak, Node, fuzzing, timing,
+# large tables) is left to `make test` and `make test-system`. Tiers: tests/conftest.py.
+TEST_WORKERS ?= 2
 test-fast: $(STAMP)
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest -m "not system" -n $(TEST_WORKERS)
+
+test-system: $(STAMP)
+	$(PY) -m pytest -m system
 
 LINTED := service tests scripts examples/python/orders_service.py
 

@@ -1,57 +1,116 @@
-"""Shared fixtures: one real PostgreSQL per test run, a fresh database per test,
-and the real server started on port 0 and reached over gRPC with the generated stubs.
+"""Shared fixtures: one real PostgreSQL per test process, a fresh database per test, and
+the real server started on port 0 and reached over gRPC with the generated stubs (the
+helper itself is tests/live_server.py; tests import its types from there).
 
 Set AUTH_DATABASE_URL to run against an existing server instead of the embedded
 one; the role needs CREATEDB (each test gets its own database).
+
+Every test gets one tier marker (`make test-fast` runs `-m "not system"`):
+- system: marked so in its module or on the test (subprocesses of `authsvc`, bench, soak,
+  load, Node, fuzzing with memory checks, timing statistics, floods); `slow` (large tables)
+  implies it;
+- integration: any other test using PostgreSQL or a live server (the fixtures below);
+- unit: the rest (plain functions, no database, no server).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import shutil
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Protocol
-from urllib.parse import urlsplit, urlunsplit
+from typing import Any
 
 import asyncpg
-import grpc
 import pytest
-from google.protobuf.message import Message
 
 from service.clock import ManualClock
-from service.database import create_pool, embedded_server_uri
-from service.domain.records import UserRecord
-from service.gen.auth.v1 import auth_pb2, auth_pb2_grpc
-from service.server import RunningServer, start_server
+from service.database import embedded_server_uri
 from service.settings import Settings
 from service.store import apply_migrations
+from tests.live_server import (
+    TEST_KEK,
+    LiveServer,
+    SecretsSeen,
+    ServerFactory,
+    database_uri,
+    start_live_server,
+    stop_live_server,
+)
 
-TEMPLATE_DB = "authsvc_test_template"
-TEST_KEK = bytes(range(32))
-PASSWORD = "correct horse battery staple"
+# One template per pytest-xdist worker: workers sharing an AUTH_DATABASE_URL server must not
+# drop each other's template while cloning it.
+TEMPLATE_DB = f"authsvc_test_template{os.environ.get('PYTEST_XDIST_WORKER', '')}"
+
+TIERS = ("unit", "integration", "system")
+
+# A test using any of these (directly or through another fixture) reaches PostgreSQL.
+INTEGRATION_FIXTURES = frozenset(
+    {
+        "pg_admin_uri",
+        "template_database",
+        "database_url",
+        "settings",
+        "server",
+        "server_factory",
+        "throwaway_pg_dir",
+    }
+)
 
 
-def database_uri(base_uri: str, name: str) -> str:
-    """`base_uri` pointing at database `name` instead."""
-    parts = urlsplit(base_uri)
-    return urlunsplit(parts._replace(path="/" + name))
+def tier_of(item: pytest.Item) -> str:
+    """The one tier of a collected test (see the module docstring)."""
+    if item.get_closest_marker("system") or item.get_closest_marker("slow"):
+        return "system"
+    if item.get_closest_marker("integration") or INTEGRATION_FIXTURES & set(
+        getattr(item, "fixturenames", ())
+    ):
+        return "integration"
+    return "unit"
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` selects by the markers added here
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        tier = tier_of(item)
+        if not item.get_closest_marker(tier):
+            item.add_marker(tier)
+
+
+# Set when the tests run against an existing server (which may be older than PostgreSQL 15).
+CONFIGURED_DATABASE_URL = os.environ.get("AUTH_DATABASE_URL")
+
+# How each test's database is cloned from the template. On the embedded cluster (fsync off,
+# below) a file copy is the quickest; an existing server gets the default.
+CLONE_OPTIONS = "" if CONFIGURED_DATABASE_URL else " STRATEGY = FILE_COPY"
 
 
 @pytest.fixture(scope="session")
 def pg_admin_uri() -> Iterator[str]:
-    configured = os.environ.get("AUTH_DATABASE_URL")
-    if configured:
-        yield configured
+    if CONFIGURED_DATABASE_URL:
+        yield CONFIGURED_DATABASE_URL
         return
     with tempfile.TemporaryDirectory(prefix="authsvc-test-pg-") as tmp:
-        yield embedded_server_uri(Path(tmp))
+        uri = embedded_server_uri(Path(tmp))
+        # A cluster that lives for one test run need not survive a power cut; without
+        # fsync each test's CREATE DATABASE costs a fraction. (The throw-away clusters of
+        # the fault tests keep theirs.)
+        asyncio.run(_set_fsync_off(uri))
+        yield uri
+
+
+async def _set_fsync_off(uri: str) -> None:
+    admin = await asyncpg.connect(uri)
+    try:
+        await admin.execute("ALTER SYSTEM SET fsync = off")
+        await admin.execute("SELECT pg_reload_conf()")
+    finally:
+        await admin.close()
 
 
 @pytest.fixture(scope="session")
@@ -81,7 +140,9 @@ async def database_url(pg_admin_uri: str, template_database: str) -> AsyncIterat
     name = f"t_{uuid.uuid4().hex[:16]}"
     admin = await asyncpg.connect(pg_admin_uri)
     try:
-        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"')
+        await admin.execute(
+            f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"{CLONE_OPTIONS}'
+        )
     finally:
         await admin.close()
     yield database_uri(pg_admin_uri, name)
@@ -126,50 +187,6 @@ def settings(database_url: str, tmp_path: Path) -> Settings:
     )
 
 
-class SecretsSeen:
-    """Every password a test sent and every token it received through a LiveServer's
-    channel, so that the test's captured logs can be searched for them afterwards."""
-
-    FIELDS = frozenset({"password", "access_token", "refresh_token"})
-    MIN_LENGTH = 12  # shorter values ("x", "password") turn up in ordinary log text
-
-    def __init__(self) -> None:
-        self.values: set[str] = set()
-
-    def record(self, message: object) -> None:
-        if not isinstance(message, Message):
-            return
-        for field, value in message.ListFields():
-            if isinstance(value, Message):
-                self.record(value)
-            elif (
-                field.name in self.FIELDS
-                and isinstance(value, str)
-                and len(value) >= self.MIN_LENGTH
-            ):
-                self.values.add(value)
-
-    def leaked_into(self, text: str) -> int:
-        """How many recorded secrets appear in `text` (the secrets themselves are not
-        repeated in the failure message)."""
-        return sum(1 for value in self.values if value in text)
-
-
-class _RecordSecrets(grpc.aio.UnaryUnaryClientInterceptor):
-    def __init__(self, seen: SecretsSeen) -> None:
-        self._seen = seen
-
-    async def intercept_unary_unary(
-        self, continuation: Any, client_call_details: Any, request: Any
-    ) -> Any:
-        self._seen.record(request)
-        call = await continuation(client_call_details, request)
-        # A failed call records nothing; the caller sees the error when it awaits the call.
-        with contextlib.suppress(grpc.aio.AioRpcError):
-            self._seen.record(await call)
-        return call
-
-
 @pytest.fixture
 def secrets_seen() -> SecretsSeen:
     return SecretsSeen()
@@ -186,77 +203,6 @@ def _no_secret_in_logs(
     yield
     leaked = secrets_seen.leaked_into(caplog.text)
     assert leaked == 0, f"{leaked} password(s) or token(s) of this test appear in its logs"
-
-
-@dataclass
-class LiveServer:
-    """A real server on a free port, with a channel and stub to call it."""
-
-    running: RunningServer
-    channel: grpc.aio.Channel
-    stub: auth_pb2_grpc.AuthServiceAsyncStub
-    pool: asyncpg.Pool
-    clock: ManualClock
-    settings: Settings
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.running.port}"
-
-    async def create_user(
-        self, username: str | None = None, *, password: str = PASSWORD, scopes: tuple[str, ...] = ()
-    ) -> UserRecord:
-        return await self.running.components.users.create(
-            username or f"user-{uuid.uuid4().hex[:8]}", password, scopes
-        )
-
-    async def login(
-        self,
-        username: str,
-        *,
-        password: str = PASSWORD,
-        scopes: tuple[str, ...] = (),
-        audience: str = "",
-    ) -> auth_pb2.TokenPair:
-        response = await self.stub.Issue(
-            auth_pb2.IssueRequest(
-                password=auth_pb2.PasswordCredentials(username=username, password=password),
-                scopes=list(scopes),
-                audience=audience,
-            )
-        )
-        return response.tokens
-
-
-async def start_live_server(
-    settings: Settings, clock: ManualClock, secrets_seen: SecretsSeen | None = None
-) -> LiveServer:
-    assert settings.database_url is not None
-    # The same pool configuration as `authsvc serve` (sizes, per-call timeout).
-    pool = await create_pool(settings.database_url, settings)
-    try:
-        running = await start_server(settings, dsn=settings.database_url, pool=pool, clock=clock)
-    except BaseException:
-        await pool.close()  # a server refused to start (the test may expect it)
-        raise
-    channel = grpc.aio.insecure_channel(
-        f"127.0.0.1:{running.port}",
-        interceptors=[] if secrets_seen is None else [_RecordSecrets(secrets_seen)],
-    )
-    return LiveServer(
-        running=running,
-        channel=channel,
-        stub=auth_pb2_grpc.AuthServiceStub(channel),
-        pool=pool,
-        clock=clock,
-        settings=settings,
-    )
-
-
-async def stop_live_server(live: LiveServer) -> None:
-    await live.channel.close()
-    await live.running.stop(None)
-    await live.pool.close()
 
 
 @pytest.fixture
@@ -277,12 +223,6 @@ async def server_factory(
     yield make
     for live in started:
         await stop_live_server(live)
-
-
-class ServerFactory(Protocol):
-    """Type of the `server_factory` fixture: `await server_factory(**settings_overrides)`."""
-
-    async def __call__(self, **overrides: object) -> LiveServer: ...
 
 
 @pytest.fixture

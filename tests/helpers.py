@@ -11,7 +11,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from service.gen.auth.v1 import auth_pb2
-from tests.conftest import LiveServer
+from tests.live_server import LiveServer
 
 Detail = TypeVar("Detail", bound=Message)
 

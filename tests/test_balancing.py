@@ -24,7 +24,7 @@ from service.client import (
     service_config,
 )
 from service.server import AUTH_SERVICE_NAME
-from tests.conftest import PASSWORD, LiveServer, ServerFactory
+from tests.live_server import PASSWORD, LiveServer, ServerFactory
 from tests.replica_processes import VALIDATE, replicas, validate_load
 from tests.test_cli import _server_env
 from tests.test_replicas import _create_user

@@ -21,7 +21,9 @@ import grpc
 import pytest
 
 from service.gen.auth.v1 import auth_pb2, auth_pb2_grpc
-from tests.conftest import PASSWORD, TEST_KEK, LiveServer
+from tests.live_server import PASSWORD, TEST_KEK, LiveServer
+
+pytestmark = pytest.mark.system  # the `authsvc` command as processes
 
 _SERVING_RE = re.compile(r"authsvc serving on 127\.0\.0\.1:(\d+)")
 

@@ -38,8 +38,8 @@ from service.domain.signing_keys import KEY_ACTIVATION_DELAY
 from service.gen.auth.v1 import admin_pb2, admin_pb2_grpc, auth_pb2, auth_pb2_grpc
 from service.server import start_server
 from service.settings import Settings, SettingsError
-from tests.conftest import LiveServer, SecretsSeen, _RecordSecrets, stop_live_server
 from tests.helpers import refresh, validate
+from tests.live_server import LiveServer, SecretsSeen, _RecordSecrets, stop_live_server
 from tests.test_cli import _server_env
 
 
@@ -224,6 +224,7 @@ sys.exit(main(["serve", "--workers", sys.argv[1]]))
 """
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_serve_on_a_host_whose_clock_is_past_the_maximum_skew_exits_with_one_line(
     database_url: str, tmp_path: Path, workers: str

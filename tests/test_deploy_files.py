@@ -28,7 +28,7 @@ from service.server import (
     SHARED_SETTINGS_HEALTH_NAME,
 )
 from service.settings import Settings, declarations
-from tests.conftest import LiveServer
+from tests.live_server import LiveServer
 from tests.replica_processes import free_loopback_port
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"

@@ -27,7 +27,8 @@ from service.clock import ManualClock
 from service.domain.passwords import PasswordHasher
 from service.gen.auth.v1 import auth_pb2
 from service.settings import Settings
-from tests.conftest import (
+from tests.helpers import assert_error, bad_request_fields, error_info
+from tests.live_server import (
     PASSWORD,
     TEST_KEK,
     LiveServer,
@@ -35,7 +36,6 @@ from tests.conftest import (
     start_live_server,
     stop_live_server,
 )
-from tests.helpers import assert_error, bad_request_fields, error_info
 from tests.throwaway_pg import start_migrated, stop_embedded_postgres
 
 Code = grpc.StatusCode
@@ -483,6 +483,7 @@ async def test_revoke_unknown_session_with_a_valid_caller_is_refused(
 # PostgreSQL unreachable
 
 
+@pytest.mark.system  # its own PostgreSQL, stopped under the server
 async def test_database_unreachable_is_unavailable(
     throwaway_pg_dir: Path, tmp_path: Path, clock: ManualClock
 ) -> None:

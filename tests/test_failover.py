@@ -29,8 +29,8 @@ from service.gen.auth.v1 import auth_pb2, auth_pb2_grpc
 from service.server import REVOCATIONS_HEALTH_NAME, RunningServer, start_server
 from service.settings import Settings
 from service.store import apply_migrations
-from tests.conftest import PASSWORD, TEST_KEK, SecretsSeen, _RecordSecrets
 from tests.helpers import assert_error, error_info
+from tests.live_server import PASSWORD, TEST_KEK, SecretsSeen, _RecordSecrets
 from tests.replicated_pg import (
     DATABASE,
     Node,

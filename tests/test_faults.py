@@ -33,7 +33,8 @@ from service.store.invariants import (
 )
 from service.store.postgres import ROTATE_SQL
 from service.store.revocation_feed import LISTENER_APPLICATION_NAME
-from tests.conftest import (
+from tests.helpers import assert_error
+from tests.live_server import (
     PASSWORD,
     TEST_KEK,
     LiveServer,
@@ -41,7 +42,6 @@ from tests.conftest import (
     start_live_server,
     stop_live_server,
 )
-from tests.helpers import assert_error
 from tests.throwaway_pg import (
     socket_dir_of,
     start_embedded_postgres,
@@ -315,6 +315,7 @@ async def test_connection_cut_mid_rotation_is_unavailable_and_the_token_still_wo
 # 3. PostgreSQL stopped and started again under a running server
 
 
+@pytest.mark.system  # its own PostgreSQL, stopped and restarted
 async def test_postgres_stopped_and_restarted_under_the_server(
     throwaway_pg_dir: Path, tmp_path: Path, clock: ManualClock
 ) -> None:

@@ -25,7 +25,7 @@ from google.protobuf.wrappers_pb2 import StringValue
 
 from service.client import AuthClient, RetryPolicy, Validation
 from service.interceptor import RequireAccessToken, current_principal
-from tests.conftest import LiveServer, ServerFactory
+from tests.live_server import LiveServer, ServerFactory
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "python" / "orders_service.py"
 
@@ -387,6 +387,7 @@ async def test_the_cache_is_bounded(
     assert auth.validations == 3
 
 
+@pytest.mark.system
 async def test_the_example_runs_as_a_script(server: LiveServer) -> None:
     """`python examples/python/orders_service.py`, as its README says, against authsvc."""
     await server.create_user("kim", scopes=("orders:write",))

@@ -21,8 +21,8 @@ from service.metrics import PrometheusTelemetry
 from service.settings import MAX_LEEWAY
 from service.store.invariants import family_invariant_violations
 from service.store.postgres import PostgresStore
-from tests.conftest import LiveServer, ServerFactory
 from tests.helpers import refresh, refresh_fails, validate
+from tests.live_server import LiveServer, ServerFactory
 
 TTL = {"access_ttl": 60, "refresh_idle_ttl": 300, "refresh_absolute_ttl": 600}
 # The tests' access tokens are all signed at their start: the sessions' stored bound is

@@ -33,7 +33,7 @@ from service.store import apply_migrations
 from service.store.invariants import family_invariant_violations
 from service.store.migrations import load_migrations
 from service.store.postgres import _PURGE_SQL, BACKFILL_PURGE_AFTER_SQL
-from tests.conftest import (
+from tests.live_server import (
     LiveServer,
     ServerFactory,
     database_uri,

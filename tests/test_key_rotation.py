@@ -29,8 +29,8 @@ from service.domain.revocation import REVOCATION_MARGIN_SECONDS
 from service.domain.signing_keys import KEY_ACTIVATION_DELAY
 from service.gen.auth.v1 import admin_pb2, admin_pb2_grpc, auth_pb2, auth_pb2_grpc
 from service.store.postgres import _BOOTSTRAP_LOCK_ID
-from tests.conftest import PASSWORD, TEST_KEK, LiveServer, ServerFactory
 from tests.helpers import refresh, validate
+from tests.live_server import PASSWORD, TEST_KEK, LiveServer, ServerFactory
 from tests.test_cli import _SERVING_RE, _env
 
 PROPAGATION_LIMIT = 1.0  # seconds: a key created on one replica is known to the others
@@ -493,6 +493,7 @@ async def _hammer(peer: _Peer, token: str, stop: asyncio.Event, failures: list[s
     return calls
 
 
+@pytest.mark.system
 async def test_rotation_across_two_server_processes_with_tokens_in_flight(
     database_url: str, tmp_path: Path
 ) -> None:

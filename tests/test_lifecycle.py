@@ -6,8 +6,8 @@ import grpc
 import pytest
 
 from service.gen.auth.v1 import auth_pb2
-from tests.conftest import LiveServer
 from tests.helpers import assert_error
+from tests.live_server import LiveServer
 
 
 async def test_login_validate_refresh_and_reuse_kills_the_family(server: LiveServer) -> None:

@@ -44,12 +44,14 @@ def _run_load(env: dict[str, str], tmp_path: Path, *args: str) -> dict[str, obje
     return dict(scenario)
 
 
+@pytest.mark.system
 def test_make_load_path_starts_its_own_server(database_url: str, tmp_path: Path) -> None:
     env = _env(AUTH_DATABASE_URL=database_url)
     scenario = _run_load(env, tmp_path, "--scenario", "mixed", "--workers", "1")
     assert scenario["scenario"] == "mixed"
 
 
+@pytest.mark.system
 @pytest.mark.parametrize(
     ("args", "name"),
     [
@@ -96,6 +98,7 @@ def test_summaries_merge_processes_exactly() -> None:
     assert summary.latency_ms["p99"] == pytest.approx(100.0)
 
 
+@pytest.mark.system
 def test_bench_runs_end_to_end_and_prints_its_table(database_url: str, tmp_path: Path) -> None:
     """`make bench` in miniature (half-second runs): every row is there, with zero errors,
     and the figures section of a copy of docs/performance.md is rewritten with them."""

@@ -21,10 +21,10 @@ import pytest
 from service.clock import to_datetime
 from service.domain.janitor import CATCH_UP_BATCH
 from service.gen.auth.v1 import admin_pb2, admin_pb2_grpc, auth_pb2
-from tests.conftest import PASSWORD, LiveServer, ServerFactory
 from tests.helpers import assert_error, refresh, refresh_fails, validate
+from tests.live_server import PASSWORD, LiveServer, ServerFactory
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.system, pytest.mark.slow]  # half a million rows
 
 SEEDED = 500_000
 REVOKED = auth_pb2.VALIDATION_ERROR_REVOKED

@@ -14,8 +14,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.gen.auth.v1 import admin_pb2, admin_pb2_grpc, auth_pb2, auth_pb2_grpc
-from tests.conftest import PASSWORD, LiveServer, ServerFactory
 from tests.helpers import refresh, refresh_fails
+from tests.live_server import PASSWORD, LiveServer, ServerFactory
 from tests.test_cli import _authsvc, _server_env
 from tests.test_replicas import _server_process
 
@@ -125,6 +125,7 @@ async def test_revocation_lag_is_measured_between_replicas(server_factory: Serve
     assert value(samples, "authsvc_revocation_lag_seconds") == 0.0
 
 
+@pytest.mark.system
 def test_workers_add_up_on_the_supervisors_metrics(database_url: str, tmp_path: Path) -> None:
     env = _server_env(
         database_url,

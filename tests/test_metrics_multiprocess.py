@@ -87,6 +87,7 @@ def test_prepare_multiprocess_dir_removes_stale_files_only(tmp_path: Path) -> No
     assert sorted(p.name for p in directory.iterdir()) == ["notes.txt"]
 
 
+@pytest.mark.system
 async def test_two_workers_add_up_in_the_supervisor(tmp_path: Path) -> None:
     directory = prepare_multiprocess_dir(tmp_path / "metrics")
     # A stale file from a previous run would be summed in (or fail to parse) if kept.

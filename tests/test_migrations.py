@@ -14,7 +14,7 @@ from service.clock import ManualClock, to_datetime
 from service.settings import Settings
 from service.store import apply_migrations
 from service.store.migrations import load_migrations
-from tests.conftest import database_uri, start_live_server, stop_live_server
+from tests.live_server import database_uri, start_live_server, stop_live_server
 
 TEN_YEARS = timedelta(seconds=315_360_000)
 

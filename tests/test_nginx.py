@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from service.client import AuthClient
-from tests.conftest import PASSWORD
+from tests.live_server import PASSWORD
 from tests.replica_processes import Replica, free_loopback_port, replicas, validate_load
 from tests.test_cli import _server_env
 from tests.test_replicas import _create_user

@@ -9,8 +9,8 @@ import grpc
 import pytest
 
 from service.gen.auth.v1 import auth_pb2
-from tests.conftest import PASSWORD, TEST_KEK, LiveServer, SecretsSeen, ServerFactory
 from tests.helpers import refresh
+from tests.live_server import PASSWORD, TEST_KEK, LiveServer, SecretsSeen, ServerFactory
 
 
 async def test_a_whole_session_life_logs_no_secret(

@@ -20,14 +20,14 @@ import pytest
 
 from service.clock import ManualClock
 from service.gen.auth.v1 import auth_pb2
-from tests.conftest import PASSWORD, LiveServer, ServerFactory
+from tests.live_server import PASSWORD, LiveServer, ServerFactory
 
 EXAMPLE_DIR = Path(__file__).resolve().parent.parent / "examples" / "node"
 NPM_CI_TIMEOUT = 180.0
 NODE_TIMEOUT = 60.0
 
 # A first run may spend most of its time in `npm ci`.
-pytestmark = pytest.mark.timeout(NPM_CI_TIMEOUT + 2 * NODE_TIMEOUT)
+pytestmark = [pytest.mark.system, pytest.mark.timeout(NPM_CI_TIMEOUT + 2 * NODE_TIMEOUT)]  # Node.js
 
 FULL_FLOW = [
     "issue_wrong_password",

@@ -23,7 +23,7 @@ from grpc_status import rpc_status
 
 from service.client import AuthClient, AuthServiceError, RetryPolicy
 from service.gen.auth.v1 import auth_pb2
-from tests.conftest import PASSWORD, LiveServer, ServerFactory
+from tests.live_server import PASSWORD, LiveServer, ServerFactory
 
 FAST_RETRY = RetryPolicy(max_attempts=4, initial_backoff=0.01, max_backoff=0.02)
 SERVICE_TOKEN = "svc-secret-token"

@@ -16,8 +16,8 @@ import grpc
 
 from service.clock import ManualClock
 from service.gen.auth.v1 import auth_pb2
-from tests.conftest import LiveServer, ServerFactory
 from tests.helpers import assert_error, refresh, refresh_fails, validate
+from tests.live_server import LiveServer, ServerFactory
 
 Code = grpc.StatusCode
 REVOKED = auth_pb2.VALIDATION_ERROR_REVOKED

@@ -22,8 +22,10 @@ import psutil
 import pytest
 
 from service.gen.auth.v1 import auth_pb2, auth_pb2_grpc
-from tests.conftest import PASSWORD
+from tests.live_server import PASSWORD
 from tests.test_cli import _SERVING_RE, _authsvc, _server_env
+
+pytestmark = pytest.mark.system  # `authsvc serve` processes as replicas
 
 PROPAGATION_LIMIT = 1.0  # seconds: the contract for other replicas
 

@@ -17,8 +17,8 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from service.clock import ManualClock
 from service.gen.auth.v1 import auth_pb2
-from tests.conftest import PASSWORD, LiveServer
 from tests.helpers import assert_error, refresh, refresh_fails, validate
+from tests.live_server import PASSWORD, LiveServer
 
 Code = grpc.StatusCode
 REVOKED = auth_pb2.VALIDATION_ERROR_REVOKED

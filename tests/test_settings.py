@@ -22,8 +22,8 @@ from service.setting_declarations import Declaration
 from service.setting_parsers import DAY, YEAR, Choice, CommaList, CommaSet, Number, Text
 from service.settings import MAX_AGE, Settings, SettingsError, declaration_of, declarations
 from service.settings_table import configuration_table, with_table
-from tests.conftest import ServerFactory
 from tests.helpers import refresh, validate
+from tests.live_server import ServerFactory
 from tests.test_cli import _authsvc, _server_env
 from tests.test_startup_failures import _failure
 
@@ -219,6 +219,7 @@ def test_settings_built_in_code_are_checked_too() -> None:
 # --- live: refused at start, and the largest accepted values work ----------------------
 
 
+@pytest.mark.system
 async def test_a_huge_throttle_window_stops_serve_at_start_in_one_line(
     database_url: str, tmp_path: Path
 ) -> None:

@@ -17,8 +17,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.failures import EXIT_CONFIGURATION, StartupError
 from service.settings import Settings
-from tests.conftest import TEST_KEK, LiveServer, ServerFactory
 from tests.helpers import validate
+from tests.live_server import TEST_KEK, LiveServer, ServerFactory
 from tests.test_cli import _authsvc, _server_env, _serving
 
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -154,6 +154,7 @@ async def test_a_shared_setting_not_recorded_yet_is_recorded_not_refused(
         await server_factory(leeway=0)
 
 
+@pytest.mark.system
 def test_serve_with_another_issuer_refuses_in_one_line_with_exit_code_2(
     database_url: str, tmp_path: Path
 ) -> None:
@@ -173,6 +174,7 @@ def test_serve_with_another_issuer_refuses_in_one_line_with_exit_code_2(
             pass
 
 
+@pytest.mark.system
 async def test_settings_adopt_changes_them_for_every_replica_and_is_recorded(
     server_factory: ServerFactory, database_url: str, tmp_path: Path
 ) -> None:
@@ -232,6 +234,7 @@ async def test_the_warning_of_a_replica_left_behind_is_logged_once(
     assert "AUTH_ISSUER" in warnings[0] and "https://new.example" in warnings[0]
 
 
+@pytest.mark.system
 def test_one_shot_commands_record_nothing_and_key_commands_refuse_a_mismatch(
     database_url: str, tmp_path: Path
 ) -> None:

@@ -25,6 +25,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from service.metrics import MULTIPROC_DIR_VARIABLE
 from tests.test_cli import _SERVING_RE, _env
 
+pytestmark = pytest.mark.system  # `authsvc serve` processes and signals
+
 
 @pytest.fixture
 def data_dir() -> Iterator[Path]:

@@ -19,6 +19,8 @@ from typing import Any
 
 import pytest
 
+pytestmark = pytest.mark.system  # the soak: `python -m service.loadtest.soak` with faults
+
 ROOT = Path(__file__).resolve().parent.parent
 DURATION = 25
 SOAK_TIMEOUT = 180  # seconds for the whole soak process

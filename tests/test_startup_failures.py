@@ -19,7 +19,7 @@ import asyncpg
 import pytest
 
 from service.store.migrations import load_migrations
-from tests.conftest import TEST_KEK, database_uri
+from tests.live_server import TEST_KEK, database_uri
 from tests.test_cli import _authsvc, _env, _jwks_kids, _server_env, _serving
 
 OTHER_KEK = bytes(range(100, 132))
@@ -85,6 +85,7 @@ async def empty_database(pg_admin_uri: str) -> AsyncIterator[str]:
 # Item 3: only serve and explicit key commands create key material.
 
 
+@pytest.mark.system
 async def test_operator_commands_without_a_kek_create_no_key_material(
     database_url: str, tmp_path: Path
 ) -> None:
@@ -112,6 +113,7 @@ async def test_operator_commands_without_a_kek_create_no_key_material(
     assert await _key_material_rows(database_url) == (1, 1)
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("workers", ["1", "2"])
 async def test_serve_with_a_database_url_and_no_kek_refuses_in_one_line(
     database_url: str, tmp_path: Path, workers: str
@@ -131,6 +133,7 @@ async def test_serve_with_a_database_url_and_no_kek_refuses_in_one_line(
     assert await _key_material_rows(database_url) == (0, 0)
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("log_format", ["text", "json"])
 async def test_a_wrong_kek_is_one_line_naming_auth_kek(
     database_url: str, tmp_path: Path, log_format: str
@@ -152,6 +155,7 @@ async def test_a_wrong_kek_is_one_line_naming_auth_kek(
         assert len(_jwks_kids(port)) == 2
 
 
+@pytest.mark.system
 async def test_a_wrong_kek_refuses_before_creating_a_key_beside_a_stored_secret(
     database_url: str, tmp_path: Path
 ) -> None:
@@ -174,6 +178,7 @@ async def test_a_wrong_kek_refuses_before_creating_a_key_beside_a_stored_secret(
 # Item 11: one line and an exit code for every failure.
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("log_format", ["text", "json"])
 def test_an_unreachable_database_is_one_line(tmp_path: Path, log_format: str) -> None:
     password = "pw-" + uuid.uuid4().hex
@@ -193,12 +198,14 @@ def test_an_unreachable_database_is_one_line(tmp_path: Path, log_format: str) ->
         assert password not in result.stderr
 
 
+@pytest.mark.system
 def test_a_bad_setting_is_one_json_line_when_json_is_asked_for() -> None:
     result = _authsvc("serve", env=_env(AUTH_LOG_FORMAT="json", AUTH_ACCESS_TTL="soon"))
     assert result.returncode == 2
     assert _failure(result, "json").startswith("AUTH_ACCESS_TTL:")
 
 
+@pytest.mark.system
 def test_a_port_in_use_is_one_line(database_url: str, tmp_path: Path) -> None:
     env = _server_env(database_url, tmp_path, AUTH_KEK=_b64(TEST_KEK))
     with _serving(env) as (port, _):
@@ -212,6 +219,7 @@ def test_a_port_in_use_is_one_line(database_url: str, tmp_path: Path) -> None:
 # Item 6: an old binary refuses a newer schema.
 
 
+@pytest.mark.system
 async def test_a_schema_newer_than_the_binary_is_refused_naming_both_versions(
     database_url: str, tmp_path: Path
 ) -> None:
@@ -233,6 +241,7 @@ async def test_a_schema_newer_than_the_binary_is_refused_naming_both_versions(
     assert await _key_material_rows(database_url) == (0, 0)
 
 
+@pytest.mark.system
 async def test_commands_other_than_migrate_and_serve_refuse_an_old_schema(
     empty_database: str, tmp_path: Path
 ) -> None:
@@ -249,6 +258,7 @@ async def test_commands_other_than_migrate_and_serve_refuse_an_old_schema(
 # Item 7: migrations have their own timeouts and wait for the lock.
 
 
+@pytest.mark.system
 async def test_migrate_waits_for_the_migration_lock_with_a_progress_line(
     empty_database: str, tmp_path: Path
 ) -> None:
@@ -286,6 +296,7 @@ async def test_migrate_waits_for_the_migration_lock_with_a_progress_line(
             await proc.wait()
 
 
+@pytest.mark.system
 async def test_migrate_gives_up_on_the_lock_after_auth_migration_timeout(
     empty_database: str, tmp_path: Path
 ) -> None:
@@ -304,6 +315,7 @@ async def test_migrate_gives_up_on_the_lock_after_auth_migration_timeout(
     assert "AUTH_MIGRATION_TIMEOUT" in lines[-1] and lines[-1].startswith("authsvc: ")
 
 
+@pytest.mark.system
 async def test_a_migration_may_wait_longer_than_auth_db_timeout(
     empty_database: str, tmp_path: Path
 ) -> None:

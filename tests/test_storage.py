@@ -16,8 +16,8 @@ from service.domain.records import SigningKeyRecord
 from service.domain.refresh_tokens import hash_token
 from service.gen.auth.v1 import auth_pb2
 from service.secrets_box import KeyDecryptionError, SecretBox
-from tests.conftest import PASSWORD, TEST_KEK, LiveServer
 from tests.helpers import assert_error, refresh
+from tests.live_server import PASSWORD, TEST_KEK, LiveServer
 
 NEW_PASSWORD = "n3w passw0rd, with unicode: 🔑 ü"
 WRONG_PASSWORD = "wrong-password-zq7"

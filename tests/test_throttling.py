@@ -11,8 +11,8 @@ from google.rpc import error_details_pb2
 
 from service.domain.throttle import ThrottlePolicy, peer_key
 from service.gen.auth.v1 import auth_pb2
-from tests.conftest import PASSWORD, LiveServer, ServerFactory
 from tests.helpers import assert_error, error_info, status_detail
+from tests.live_server import PASSWORD, LiveServer, ServerFactory
 
 WRONG = "not the password"
 

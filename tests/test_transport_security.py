@@ -38,8 +38,8 @@ from service.gen.auth.v1 import admin_pb2, admin_pb2_grpc, auth_pb2, auth_pb2_gr
 from service.server import start_server
 from service.settings import Settings, SettingsError
 from service.store.revocation_feed import LISTENER_APPLICATION_NAME
-from tests.conftest import PASSWORD, LiveServer, ServerFactory
 from tests.helpers import assert_error
+from tests.live_server import PASSWORD, LiveServer, ServerFactory
 
 CALL_TIMEOUT = 5.0
 CA_NAME = "authsvc test CA"

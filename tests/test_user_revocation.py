@@ -24,8 +24,8 @@ from service.domain.revocation import (
 from service.gen.auth.v1 import admin_pb2, admin_pb2_grpc, auth_pb2
 from service.settings import MAX_LEEWAY, Settings, SettingsError
 from service.store.notifications import parse_user_payload, user_notify_payload
-from tests.conftest import LiveServer, ServerFactory
 from tests.helpers import refresh, refresh_fails, validate
+from tests.live_server import LiveServer, ServerFactory
 
 REVOKED = auth_pb2.VALIDATION_ERROR_REVOKED
 PROPAGATION_LIMIT = 1.0

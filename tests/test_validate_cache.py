@@ -16,7 +16,7 @@ from service.domain.revocation import (
 from service.gen.auth.v1 import auth_pb2
 from service.settings import MAX_LEEWAY
 from service.store.notifications import notify_payloads, parse_payload
-from tests.conftest import LiveServer, ServerFactory
+from tests.live_server import LiveServer, ServerFactory
 
 
 async def _validate(server: LiveServer, token: str, **fields: object) -> auth_pb2.ValidateResponse:

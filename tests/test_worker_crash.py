@@ -14,12 +14,15 @@ from pathlib import Path
 import asyncpg
 import grpc
 import psutil
+import pytest
 
 from service.gen.auth.v1 import auth_pb2, auth_pb2_grpc
-from tests.conftest import PASSWORD
+from tests.live_server import PASSWORD
 from tests.test_cli import _server_env
 from tests.test_faults import assert_family_invariants
 from tests.test_replicas import _create_user, _server_process
+
+pytestmark = pytest.mark.system  # `authsvc serve --workers 2` with a worker killed
 
 CHAINS = 24
 STEPS_AFTER_KILL = 3

@@ -30,8 +30,8 @@ from service.domain.keys import PrivateKey, SigningKey, open_signing_key
 from service.domain.records import SigningKeyRecord
 from service.gen.auth.v1 import auth_pb2
 from service.secrets_box import SecretBox
-from tests.conftest import TEST_KEK, LiveServer, ServerFactory
 from tests.helpers import assert_error, validate
+from tests.live_server import TEST_KEK, LiveServer, ServerFactory
 
 ALGS = ("EdDSA", "ES256", "RS256")
 MALFORMED = auth_pb2.VALIDATION_ERROR_MALFORMED

@@ -14,8 +14,8 @@ import pytest
 from service.domain.shared_settings import adopt_shared_settings
 from service.gen.auth.v1 import auth_pb2
 from service.settings import Settings, SettingsError
-from tests.conftest import LiveServer, ServerFactory
 from tests.helpers import assert_error, bad_request_fields, refresh, refresh_fails, validate
+from tests.live_server import LiveServer, ServerFactory
 
 
 async def issue_fails_on_audience(server: LiveServer, username: str, audience: str) -> None:

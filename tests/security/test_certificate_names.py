@@ -18,8 +18,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from service.api.callers import CertificateName, ServiceDirectory
 from service.gen.auth.v1 import auth_pb2, auth_pb2_grpc
 from service.settings import SettingsError
-from tests.conftest import ServerFactory
 from tests.helpers import assert_error
+from tests.live_server import ServerFactory
 from tests.test_transport_security import KeyPair, _Authority, _write
 
 CLIENT = ExtendedKeyUsageOID.CLIENT_AUTH

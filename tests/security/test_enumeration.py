@@ -21,8 +21,8 @@ from argon2 import PasswordHasher as Argon2Hasher
 from argon2.exceptions import VerifyMismatchError
 
 from service.gen.auth.v1 import auth_pb2
-from tests.conftest import PASSWORD, LiveServer, ServerFactory
 from tests.helpers import assert_error
+from tests.live_server import PASSWORD, LiveServer, ServerFactory
 
 STATUS_TRAILER = "grpc-status-details-bin"
 KINDS = ("unknown user", "wrong password", "disabled user")
@@ -168,6 +168,7 @@ def timing_report(times: dict[str, list[float]]) -> str:
     return "; ".join(lines)
 
 
+@pytest.mark.system  # timing statistics
 async def test_failed_logins_take_the_same_time_whether_or_not_the_user_exists(
     server_factory: ServerFactory,
 ) -> None:
@@ -212,6 +213,7 @@ async def test_failed_logins_take_the_same_time_whether_or_not_the_user_exists(
             assert low <= probability_of_superiority(times[a], times[b]) <= high, report
 
 
+@pytest.mark.system  # timing statistics
 async def test_the_timing_comparison_detects_a_service_that_skips_the_hash(
     server_factory: ServerFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:

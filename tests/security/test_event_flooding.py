@@ -29,8 +29,8 @@ from service.domain.events import (
 from service.domain.records import RefreshTokenState
 from service.domain.refresh_tokens import replay_verdict
 from service.gen.auth.v1 import auth_pb2, auth_pb2_grpc
-from tests.conftest import PASSWORD, LiveServer, ServerFactory
 from tests.helpers import assert_error, refresh, refresh_fails
+from tests.live_server import PASSWORD, LiveServer, ServerFactory
 
 WRONG = "not the password"
 FLOOD = 40

@@ -43,7 +43,7 @@ from service.clock import ManualClock
 from service.domain.usernames import username_key, username_key_too_long
 from service.gen.auth.v1 import auth_pb2
 from service.settings import Settings
-from tests.conftest import (
+from tests.live_server import (
     PASSWORD,
     TEST_KEK,
     LiveServer,
@@ -51,6 +51,8 @@ from tests.conftest import (
     start_live_server,
     stop_live_server,
 )
+
+pytestmark = pytest.mark.system  # hypothesis fuzzing and a memory bound
 
 T = TypeVar("T")
 Code = grpc.StatusCode

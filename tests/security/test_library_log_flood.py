@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from service.gen.auth.v1 import auth_pb2
 from service.logs import RepeatedLibraryLines
 from tests.raw_http2 import raw_unary_call
@@ -45,6 +47,7 @@ def test_library_line_keys_are_bounded() -> None:
     assert len(limit._seen) <= 8
 
 
+@pytest.mark.system
 async def test_metadata_that_is_not_utf8_cannot_flood_the_server_log(
     database_url: str, tmp_path: Path
 ) -> None:

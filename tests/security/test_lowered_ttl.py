@@ -24,8 +24,8 @@ from service.clock import ManualClock, to_datetime
 from service.domain.shared_settings import adopt_shared_settings
 from service.gen.auth.v1 import auth_pb2
 from service.settings import MAX_LEEWAY, Settings
-from tests.conftest import LiveServer, ServerFactory
 from tests.helpers import assert_error, refresh, validate
+from tests.live_server import LiveServer, ServerFactory
 
 REVOKED = auth_pb2.VALIDATION_ERROR_REVOKED
 EXPIRED = auth_pb2.VALIDATION_ERROR_EXPIRED

@@ -24,8 +24,8 @@ from service.domain.usernames import escape_text, new_username_problem, username
 from service.gen.auth.v1 import admin_pb2, admin_pb2_grpc, auth_pb2
 from service.store import apply_migrations
 from service.store.migrations import Migration, load_migrations
-from tests.conftest import PASSWORD, TEST_KEK, LiveServer, ServerFactory, database_uri
 from tests.helpers import assert_error, bad_request_fields, status_detail, validate
+from tests.live_server import PASSWORD, TEST_KEK, LiveServer, ServerFactory, database_uri
 from tests.raw_http2 import raw_unary_call
 
 ISSUE = "/auth.v1.AuthService/Issue"
@@ -389,6 +389,7 @@ async def _insert_user_bypassing_checks(
     return user_id
 
 
+@pytest.mark.system
 async def test_cli_prints_usernames_and_event_text_escaped(
     database_url: str, tmp_path: Path
 ) -> None:
@@ -461,6 +462,7 @@ async def old_schema_database_url(pg_admin_uri: str) -> AsyncIterator[str]:
         await admin.close()
 
 
+@pytest.mark.system
 async def test_start_up_refuses_when_existing_usernames_collide_then_migrates_once_renamed(
     old_schema_database_url: str, tmp_path: Path
 ) -> None:

@@ -28,7 +28,7 @@ from prometheus_client.registry import Collector
 
 from service.gen.auth.v1 import auth_pb2, auth_pb2_grpc
 from service.metrics import EndpointLimits, MetricsEndpoint
-from tests.conftest import PASSWORD
+from tests.live_server import PASSWORD
 from tests.test_cli import _SERVING_RE, _server_env
 from tests.test_replicas import _create_user
 
@@ -123,6 +123,7 @@ async def _scrape_eventually(port: int, within: float) -> str:
             await asyncio.sleep(0.5)
 
 
+@pytest.mark.system
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("workers", [1, 2], ids=["single-process", "supervisor"])
 async def test_half_open_metrics_flood_does_not_pin_the_server(
@@ -210,6 +211,7 @@ async def _exchange(port: int, request: bytes, within: float = 5.0) -> bytes:
         writer.transport.abort()
 
 
+@pytest.mark.system  # a flood of held connections
 async def test_connections_over_the_cap_are_closed_at_once(
     small_endpoint: tuple[MetricsEndpoint, _CountingCollector],
 ) -> None:
@@ -235,6 +237,7 @@ async def test_connections_over_the_cap_are_closed_at_once(
     assert "test_collections" in text
 
 
+@pytest.mark.system  # a slow client against a timeout
 async def test_a_trickled_request_head_is_cut_off_at_the_head_timeout(
     small_endpoint: tuple[MetricsEndpoint, _CountingCollector],
 ) -> None:
@@ -304,6 +307,7 @@ async def test_only_get_metrics_is_answered(
         assert b"\r\nAllow: GET\r\n" in answer
 
 
+@pytest.mark.system  # a flood of scrapes
 async def test_concurrent_scrapes_share_renderings_and_each_sees_fresh_values() -> None:
     registry = CollectorRegistry()
     collector = _CountingCollector(delay=0.1)

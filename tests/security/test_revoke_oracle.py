@@ -23,8 +23,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from service.clock import ManualClock
 from service.gen.auth.v1 import auth_pb2
-from tests.conftest import LiveServer
 from tests.helpers import assert_error, validate
+from tests.live_server import LiveServer
 
 Metadata = tuple[tuple[str, str], ...]
 

@@ -11,8 +11,8 @@ import time
 
 from service.clock import ManualClock
 from service.gen.auth.v1 import admin_pb2, admin_pb2_grpc, auth_pb2
-from tests.conftest import ServerFactory
 from tests.helpers import refresh, refresh_fails, validate
+from tests.live_server import ServerFactory
 
 REVOKED = auth_pb2.VALIDATION_ERROR_REVOKED
 

@@ -33,8 +33,8 @@ from service.api.streams import (
 from service.errors import TooManyCalls, TooManyStreams, TooManyStreamsFromPeer
 from service.gen.auth.v1 import auth_pb2, auth_pb2_grpc
 from service.settings import Settings, SettingsError
-from tests.conftest import LiveServer, ServerFactory
 from tests.helpers import assert_error
+from tests.live_server import LiveServer, ServerFactory
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 Stream = grpc.aio.Call

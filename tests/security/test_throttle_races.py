@@ -14,8 +14,8 @@ from service.domain.passwords import PasswordHasher
 from service.domain.throttle import peer_key, user_key
 from service.domain.tokens import CHECKS_PER_HASHING_THREAD
 from service.gen.auth.v1 import auth_pb2, auth_pb2_grpc
-from tests.conftest import PASSWORD, LiveServer, ServerFactory
 from tests.helpers import error_info
+from tests.live_server import PASSWORD, LiveServer, ServerFactory
 
 WRONG = "not the password"
 PEER_ALLOWANCE = 20  # the default AUTH_THROTTLE_PEER_FAILURES
@@ -98,6 +98,7 @@ async def test_concurrent_right_passwords_from_one_address_all_succeed(
     assert rows == []
 
 
+@pytest.mark.system  # timing: 100 calls cut short by 20 ms deadlines
 async def test_logins_cut_short_by_their_deadline_are_still_counted(
     server_factory: ServerFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -19,8 +19,8 @@ from service.clock import ManualClock
 from service.domain.access_tokens import AccessTokenCodec, TokenProblem, TokenRejected
 from service.domain.keys import KeyRing, SigningKey
 from service.gen.auth.v1 import auth_pb2
-from tests.conftest import LiveServer, ServerFactory
 from tests.helpers import validate
+from tests.live_server import LiveServer, ServerFactory
 
 # The group orders n of the curves (SEC 2), kept here independently of the service's copy.
 P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
