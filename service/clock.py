@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal, Protocol
 
-from service.failures import EXIT_REFUSED, StartupError
+from service.failures import EXIT_CONFIGURATION, StartupError
 
 log = logging.getLogger(__name__)
 
@@ -102,9 +102,10 @@ class ClockNotMeasured(RuntimeError):
 
 
 class ClockSkewTooLarge(StartupError):
-    """This host's wall clock is further from the database's than AUTH_CLOCK_SKEW_MAX."""
+    """This host's wall clock is further from the database's than AUTH_CLOCK_SKEW_MAX: the
+    host's configuration (its time synchronisation), exit 2."""
 
-    exit_code = EXIT_REFUSED
+    exit_code = EXIT_CONFIGURATION
 
     def __init__(self, skew: float, limit: float) -> None:
         ahead = "ahead of" if skew > 0 else "behind"

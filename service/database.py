@@ -115,7 +115,14 @@ async def resolve_database_url(settings: Settings) -> str:
     """The DSN to use: the configured one, or the embedded server's (started if needed)."""
     if settings.database_url is not None:
         return settings.database_url
-    admin_uri = embedded_server_uri(settings.data_dir)
+    try:
+        admin_uri = embedded_server_uri(settings.data_dir)
+    except (FileExistsError, FileNotFoundError, NotADirectoryError, PermissionError) as exc:
+        # An operator's mistake (a file where the directory should be, no such parent, no
+        # permission), not a bug: one line, exit 2.
+        raise ConfigurationError(
+            f"AUTH_DATA_DIR: cannot hold the embedded PostgreSQL there ({exc.strerror})"
+        ) from None
     await ensure_database(admin_uri, EMBEDDED_DATABASE)
     return embedded_server_uri(settings.data_dir, EMBEDDED_DATABASE)
 
@@ -143,7 +150,9 @@ def unreachable(exc: BaseException, dsn: str, settings: Settings) -> DatabaseUnr
 def _connect_errors(dsn: str, settings: Settings) -> Iterator[None]:
     try:
         yield
-    except asyncpg.ClientConfigurationError:
+    except (asyncpg.ClientConfigurationError, ValueError):
+        # asyncpg parses the URL when it connects: a port that is no number or a broken
+        # IPv6 bracket is a ValueError there (the value is not echoed: it holds a password).
         raise ConfigurationError(
             "AUTH_DATABASE_URL: not a PostgreSQL connection URL asyncpg accepts"
         ) from None

@@ -238,7 +238,7 @@ def test_serve_on_a_host_whose_clock_is_past_the_maximum_skew_exits_with_one_lin
         check=False,
     )
 
-    assert done.returncode == 1, done.stderr
+    assert done.returncode == 2, done.stderr
     refusals = [line for line in done.stderr.splitlines() if line.startswith("authsvc: ")]
     assert len(refusals) == 1, done.stderr
     assert re.fullmatch(

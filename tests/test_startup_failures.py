@@ -199,6 +199,30 @@ def test_an_unreachable_database_is_one_line(tmp_path: Path, log_format: str) ->
 
 
 @pytest.mark.system
+def test_an_operators_mistake_is_one_line_not_a_bug(tmp_path: Path) -> None:
+    """A database URL asyncpg cannot parse and a data directory that cannot be one are the
+    operator's to fix (exit 2, one line, no password), not "unexpected" (70, a traceback)."""
+    password = "pw-" + uuid.uuid4().hex
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    cases = [
+        {
+            "AUTH_DATABASE_URL": f"postgresql://u:{password}@h:notaport/x",
+            "AUTH_KEK": _b64(TEST_KEK),
+        },
+        {"AUTH_DATABASE_URL": f"postgresql://u:{password}@[bad/x", "AUTH_KEK": _b64(TEST_KEK)},
+        {"AUTH_DATA_DIR": str(a_file)},
+        {"AUTH_DATA_DIR": str(a_file / "below-a-file")},
+    ]
+    for case in cases:
+        result = _authsvc("users", "list", env=_env(AUTH_LOG_FORMAT="text", **case))
+        assert result.returncode == 2, result.stderr
+        message = _failure(result, "text")
+        assert "AUTH_DATABASE_URL" in message or "AUTH_DATA_DIR" in message, message
+        assert password not in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.system
 def test_a_bad_setting_is_one_json_line_when_json_is_asked_for() -> None:
     result = _authsvc("serve", env=_env(AUTH_LOG_FORMAT="json", AUTH_ACCESS_TTL="soon"))
     assert result.returncode == 2

@@ -68,6 +68,7 @@ class _MetricsHttp:
         self._registry = registry
         self._limits = limits
         self._open: set[asyncio.StreamWriter] = set()
+        self._handlers: set[asyncio.Task[None]] = set()
         self._render_lock = asyncio.Lock()
         self._latest: tuple[str, float, bytes] | None = None
         """(content type, when its rendering started, the text) of the latest rendering."""
@@ -77,6 +78,10 @@ class _MetricsHttp:
         if len(self._open) >= self._limits.max_connections:
             writer.transport.abort()
             return
+        handler = asyncio.current_task()
+        if handler is not None:
+            self._handlers.add(handler)
+            handler.add_done_callback(self._handlers.discard)
         self._open.add(writer)
         try:
             answer = await self._answer(reader)
@@ -92,9 +97,15 @@ class _MetricsHttp:
             if not writer.is_closing():
                 writer.transport.abort()
 
-    def abort_all(self) -> None:
+    async def abort_all(self, *, wait: float = 1.0) -> None:
+        """Drop every open connection, and let their handlers see it and end: a handler
+        still waiting when the loop closes is cancelled, which Python 3.11's streams report
+        as an "Exception in callback" traceback, one per connection (a flood of them on a
+        SIGTERM during a flood of connections)."""
         for writer in list(self._open):
             writer.transport.abort()
+        if self._handlers:
+            await asyncio.wait(list(self._handlers), timeout=wait)
 
     async def _answer(self, reader: asyncio.StreamReader) -> bytes | None:
         """The response to send, or None to just close (no complete head in time)."""
@@ -221,7 +232,7 @@ class MetricsEndpoint:
         async with server:
             await self._stop.wait()
             server.close()
-            http.abort_all()
+            await http.abort_all()
 
     def close(self) -> None:
         """Stop serving, drop open connections and release the port."""

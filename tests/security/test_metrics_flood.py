@@ -10,6 +10,7 @@ import contextlib
 import re
 import resource
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -333,3 +334,23 @@ def _collections(text: str) -> float:
         if family.name == "test_collections":
             return float(family.samples[0].value)
     raise AssertionError("test_collections missing")
+
+
+def test_stopping_with_connections_open_logs_no_tracebacks(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A stop (SIGTERM) while half-open connections are held ends their handlers before the
+    endpoint's loop closes: no "Exception in callback" traceback per connection."""
+    endpoint = MetricsEndpoint.start("127.0.0.1:0", CollectorRegistry())
+    held = []
+    try:
+        for _ in range(20):
+            conn = socket.create_connection((endpoint.host, endpoint.port))
+            conn.sendall(b"GET /met")
+            held.append(conn)
+        time.sleep(0.3)
+    finally:
+        endpoint.close()
+        for conn in held:
+            conn.close()
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text[:2000]
