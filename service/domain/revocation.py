@@ -7,8 +7,8 @@ revocation is remembered until that bound plus `MAX_LEEWAY` plus a margin
 (`remembered_until`), whatever AUTH_ACCESS_TTL and AUTH_LEEWAY are now: a token signed
 under a longer TTL, or checked later with a larger leeway, never outlives its revocation.
 Past that point every token of the session is refused as expired anyway, so the set stays
-bounded. It is filled at start, kept current by the database's notifications (see
-`service.store.revocation_feed`), and updated directly by this process's own revocations.
+bounded. It is filled at start, kept current by the database's notifications (the store's
+revocation feed), and updated directly by this process's own revocations.
 
 It also holds, per user whose every session was revoked at once (a disable, a password
 change, a delete, a logout everywhere), the user's session generation: every token of a

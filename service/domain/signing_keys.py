@@ -28,11 +28,11 @@ from datetime import datetime, timedelta
 
 from service.clock import Clock, to_datetime
 from service.domain.keys import KeyRing, SigningKey, generate_signing_key, open_signing_key
+from service.domain.ports import SigningKeyStorage
 from service.domain.records import SecurityEvent, SigningKeyRecord
 from service.domain.revocation import REVOCATION_MARGIN_SECONDS
 from service.domain.telemetry import NoTelemetry, Telemetry
 from service.secrets_box import SecretBox
-from service.store.postgres import PostgresStore
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class SigningKeys:
     def __init__(
         self,
         *,
-        store: PostgresStore,
+        store: SigningKeyStorage,
         box: SecretBox | None,
         clock: Clock,
         alg: str,

@@ -42,12 +42,12 @@ from typing import TYPE_CHECKING
 from urllib.parse import unquote
 
 from service.clock import Clock, to_datetime
+from service.domain.ports import ThrottleStorage
 from service.domain.records import ThrottleState
 from service.errors import LoginThrottled
 
 if TYPE_CHECKING:
     from service.settings import Settings
-    from service.store.postgres import PostgresStore
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,7 +113,7 @@ class LoginThrottle:
     def __init__(
         self,
         *,
-        store: PostgresStore,
+        store: ThrottleStorage,
         clock: Clock,
         user_policy: ThrottlePolicy,
         peer_policy: ThrottlePolicy,
@@ -124,7 +124,7 @@ class LoginThrottle:
 
     @classmethod
     def from_settings(
-        cls, settings: Settings, *, store: PostgresStore, clock: Clock
+        cls, settings: Settings, *, store: ThrottleStorage, clock: Clock
     ) -> LoginThrottle:
         def policy(free: int) -> ThrottlePolicy:
             return ThrottlePolicy(

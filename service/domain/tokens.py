@@ -10,7 +10,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Literal
+from typing import Literal, Protocol
 
 from service.clock import Clock, to_datetime
 from service.domain.access_tokens import (
@@ -22,6 +22,13 @@ from service.domain.access_tokens import (
 )
 from service.domain.events import LogRateLimiter, aggregate_key, capped, peer_address
 from service.domain.passwords import PasswordHasher
+from service.domain.ports import (
+    RefreshTokenStorage,
+    SecurityEventStorage,
+    ServerSecretStorage,
+    SessionStorage,
+    UserStorage,
+)
 from service.domain.records import NewSession, RefreshTokenState, SecurityEvent, UserRecord
 from service.domain.refresh_tokens import (
     RefreshDecision,
@@ -60,7 +67,6 @@ from service.errors import (
 )
 from service.secrets_box import SecretBox
 from service.settings import Settings
-from service.store.postgres import PostgresStore
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +130,7 @@ class CallerInfo:
         return detail if self.actor is None else {**detail, "actor": self.actor}
 
 
-async def open_refresh_secret(store: PostgresStore, box: SecretBox) -> bytes | None:
+async def open_refresh_secret(store: ServerSecretStorage, box: SecretBox) -> bytes | None:
     """The stored refresh secret, opened (KeyDecryptionError under a wrong KEK); None if
     there is none yet."""
     sealed = await store.server_secret(_REFRESH_SECRET)
@@ -163,7 +169,7 @@ class _PerSecondBudget:
         return True
 
 
-async def load_refresh_secret(store: PostgresStore, box: SecretBox, *, clock: Clock) -> bytes:
+async def load_refresh_secret(store: ServerSecretStorage, box: SecretBox, *, clock: Clock) -> bytes:
     """The server-wide secret that derives a refresh token's child, shared by replicas."""
     sealed = await store.server_secret(_REFRESH_SECRET)
     if sealed is None:
@@ -184,6 +190,12 @@ def _parse_uuid(value: str) -> uuid.UUID | None:
         return None
 
 
+class TokenStorage(
+    UserStorage, SessionStorage, RefreshTokenStorage, SecurityEventStorage, Protocol
+):
+    """What the token service reads and writes."""
+
+
 class TokenService:
     """Issues, rotates, validates and revokes tokens; one per server process."""
 
@@ -191,7 +203,7 @@ class TokenService:
         self,
         *,
         settings: Settings,
-        store: PostgresStore,
+        store: TokenStorage,
         codec: AccessTokenCodec | None,
         hasher: PasswordHasher,
         refresh_secret: bytes | None,

@@ -9,15 +9,16 @@ import logging
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Protocol
 
 from service.clock import Clock, to_datetime
 from service.domain.events import aggregate_key, peer_address
 from service.domain.passwords import PasswordHasher
+from service.domain.ports import SecurityEventStorage, SessionStorage, UserStorage
 from service.domain.records import SecurityEvent, SessionRecord, UserRecord
 from service.domain.tokens import CallerInfo, TokenService
 from service.domain.usernames import new_username_problem, username_key
 from service.errors import FieldViolation, InvalidArgument, SessionNotFound, UserNotFound
-from service.store.postgres import PostgresStore
 
 log = logging.getLogger(__name__)
 
@@ -35,13 +36,17 @@ class SessionPage:
     """Empty on the last page."""
 
 
+class DirectoryStorage(UserStorage, SessionStorage, SecurityEventStorage, Protocol):
+    """What the user directory reads and writes."""
+
+
 class UserDirectory:
     """The user accounts."""
 
     def __init__(
         self,
         *,
-        store: PostgresStore,
+        store: DirectoryStorage,
         hasher: PasswordHasher,
         tokens: TokenService,
         clock: Clock,

@@ -7,11 +7,11 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import asyncpg
 
+from service.domain.ports import PurgeBatch
 from service.errors import DatabaseUnavailable
 from service.store.base import UNAVAILABLE_ERRORS, StoreBase
 from service.store.revocations import SESSION_PURGE_AFTER, purge_after_on_revoke
@@ -145,19 +145,6 @@ SELECT (SELECT count(*) FROM batch) AS examined, (SELECT count(*) FROM done) AS 
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-@dataclass(frozen=True, slots=True)
-class PurgeBatch:
-    """What one clean-up batch did."""
-
-    examined: int
-    """Candidates found (fewer than the batch size: nothing more to do for now)."""
-    deleted: int
-    repaired: int = 0
-    """Rows whose stored purge time was missing or wrong, now computed from their rows."""
-    after: tuple[datetime, str] | None = None
-    """Where to resume a walk in key order (users), or None."""
 
 
 PURGE_TABLES = tuple(_PURGE_SQL)

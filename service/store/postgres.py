@@ -3,6 +3,7 @@ one pool. Every SQL statement of the service lives in `service.store`."""
 
 from __future__ import annotations
 
+from service.domain.ports import PurgeBatch
 from service.store.base import BOOTSTRAP_LOCK_ID as _BOOTSTRAP_LOCK_ID
 from service.store.base import UNAVAILABLE_ERRORS
 from service.store.clock import PostgresClock
@@ -11,7 +12,6 @@ from service.store.janitor import (
     _PURGE_SQL,
     BACKFILL_PURGE_AFTER_SQL,
     PostgresJanitor,
-    PurgeBatch,
     Purger,
 )
 from service.store.refresh_tokens import LOCK_REFRESH_TOKEN_SQL, ROTATE_SQL, PostgresRefreshTokens
