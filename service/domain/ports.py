@@ -24,7 +24,7 @@ from service.domain.records import (
     ThrottleState,
     UserRecord,
 )
-from service.domain.refresh_tokens import RefreshDecision
+from service.domain.refresh_tokens import Rotate
 from service.domain.revocation import Revocation, UserRevocation
 
 
@@ -130,19 +130,47 @@ class SessionStorage(Protocol):
         """Revoke every session of a user: the revocation and how many live ones it ended."""
 
 
-class RefreshTokenStorage(Protocol):
-    """The rotation of refresh tokens."""
+class RefreshTransaction(Protocol):
+    """One refresh: one transaction, in which the presented token's row stays locked from
+    `lock` on, so every call presenting the same token waits for the one before it."""
 
-    async def refresh(
+    async def lock(self, token_hash: bytes) -> RefreshTokenState | None:
+        """The token's state, read fresh after the lock; None for an unknown token."""
+
+    async def rotate(
         self,
-        token_hash: bytes,
-        decide: Callable[[RefreshTokenState | None], RefreshDecision],
+        state: RefreshTokenState,
+        rotation: Rotate,
         *,
         now: datetime,
         access_expires_at: datetime,
         peer: str | None,
-        event: Callable[[RefreshTokenState, RefreshDecision, bool], SecurityEvent | None],
-    ) -> tuple[RefreshTokenState | None, RefreshDecision, list[Revocation], bool]: ...
+        user_bound: datetime | None,
+    ) -> bool:
+        """Mark the token used by `peer`, store its child, raise the session's bound to
+        `access_expires_at` (and the user's to `user_bound`, if given); False, changing
+        nothing, if the session or every session of its user was revoked meanwhile."""
+
+    async def raise_bounds(
+        self, state: RefreshTokenState, *, access_expires_at: datetime, user_bound: datetime | None
+    ) -> bool:
+        """The bounds alone (a replay signs another access token); False as for `rotate`."""
+
+    async def revoke_for_reuse(
+        self, state: RefreshTokenState, *, now: datetime
+    ) -> tuple[list[Revocation], bool]:
+        """Revoke the token's session: its revocation (also if it was revoked before) and
+        whether this call revoked it."""
+
+    async def record_event(self, event: SecurityEvent, *, now: datetime) -> None:
+        """Record `event` with the refresh (in its transaction)."""
+
+
+class RefreshTokenStorage(Protocol):
+    """The rotation of refresh tokens."""
+
+    def refreshing(self) -> AbstractAsyncContextManager[RefreshTransaction]:
+        """A refresh's transaction: committed when the block ends, rolled back if it raises."""
 
 
 class SigningKeyStorage(Protocol):

@@ -75,6 +75,8 @@ class RefreshTokenState:
     """Who made the session's latest rotation (read only for a used token: its own)."""
     session_generation: int = 0
     """The user's session generation when the session started (the tokens' `ugen`)."""
+    user_access_expires_max: datetime | None = None
+    """The user's bound as read (see `user_bound`); None: not known."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,7 +31,6 @@ from service.domain.ports import (
 )
 from service.domain.records import NewSession, RefreshTokenState, SecurityEvent, UserRecord
 from service.domain.refresh_tokens import (
-    RefreshDecision,
     Reject,
     Replay,
     RevokeForReuse,
@@ -43,6 +42,7 @@ from service.domain.refresh_tokens import (
     is_well_formed,
     new_refresh_token,
     replay_verdict,
+    user_bound,
 )
 from service.domain.revocation import (
     Revocation,
@@ -51,7 +51,7 @@ from service.domain.revocation import (
     VerifiedTokenCache,
 )
 from service.domain.signing_keys import SigningKeys
-from service.domain.telemetry import NoTelemetry, RevocationTarget, Telemetry
+from service.domain.telemetry import NoTelemetry, ReplayVerdict, RevocationTarget, Telemetry
 from service.domain.throttle import LoginThrottle
 from service.domain.usernames import username_key
 from service.errors import (
@@ -64,6 +64,7 @@ from service.errors import (
     RefreshTokenInvalid,
     RefreshTokenReused,
     ScopeNotAllowed,
+    SessionRevoked,
 )
 from service.secrets_box import SecretBox
 from service.settings import Settings
@@ -190,6 +191,47 @@ def _parse_uuid(value: str) -> uuid.UUID | None:
         return None
 
 
+def _reuse_event(state: RefreshTokenState, newly_revoked: bool, peer: str | None) -> SecurityEvent:
+    """What reuse detection records: once per family a row of its own; into a family that
+    is dead already (anyone holding an old token of theirs can repeat this at will) one
+    row per session and window, counted."""
+    if newly_revoked:
+        return SecurityEvent(
+            kind="refresh_token_reused",
+            subject=str(state.user_id),
+            session_id=state.session_id,
+            peer=peer,
+        )
+    return SecurityEvent(
+        kind="refresh_token_reused",
+        subject=str(state.user_id),
+        session_id=state.session_id,
+        peer=peer,
+        detail={"unchanged": "true"},
+        aggregate_key=aggregate_key(str(state.session_id)),
+    )
+
+
+def _replay_event(
+    state: RefreshTokenState, verdict: tuple[ReplayVerdict, str | None], peer: str | None
+) -> SecurityEvent:
+    """What a replay within the grace window records, one row per session, verdict and
+    window."""
+    judged, reason = verdict
+    detail: dict[str, str] = {"verdict": judged}
+    if reason:
+        # The peer column names who replayed; this, who rotated.
+        detail |= {"reason": reason, "rotated_by": peer_address(state.rotated_by_peer)}
+    return SecurityEvent(
+        kind="refresh_token_replayed",
+        subject=str(state.user_id),
+        session_id=state.session_id,
+        peer=peer,
+        detail=detail,
+        aggregate_key=aggregate_key(str(state.session_id), judged, reason),
+    )
+
+
 class TokenStorage(
     UserStorage, SessionStorage, RefreshTokenStorage, SecurityEventStorage, Protocol
 ):
@@ -221,6 +263,7 @@ class TokenService:
         self._revocations = revocations
         self._cache = cache
         self._store = store
+        self._refresh_tokens = store
         # None in an operator's command (`authsvc users`): it revokes, never issues or
         # verifies, and must not need (or create) key material.
         self._codec_or_none = codec
@@ -432,109 +475,80 @@ class TokenService:
     # Refresh
 
     async def refresh(self, refresh_token: str, *, caller: CallerInfo) -> TokenPair:
+        """Rotate a refresh token: one transaction through the port, the token's row locked
+        while `decide_refresh` judges it and the decision is written; the answer (or the
+        error) once it has committed."""
         if not is_well_formed(refresh_token):
             raise RefreshTokenInvalid()
         child = derive_child_token(refresh_token, self._refresh_secret)
-        child_hash = hash_token(child)
         clock_now = self._clock.now()
         now = to_datetime(clock_now)
         # Stored as the session's bound by the same statement as the rotation, then signed.
         issued_at, access_expires = token_lifetime(clock_now, self._settings.access_ttl)
-
-        def event(
-            state: RefreshTokenState, decision: RefreshDecision, newly_revoked: bool
-        ) -> SecurityEvent | None:
-            session = str(state.session_id)
-            if isinstance(decision, RevokeForReuse):
-                if newly_revoked:  # once per family: always a row of its own
-                    return SecurityEvent(
-                        kind="refresh_token_reused",
-                        subject=str(state.user_id),
-                        session_id=state.session_id,
-                        peer=caller.peer,
-                    )
-                # Into a family that is dead already: anyone holding an old token of theirs
-                # can repeat this at will, so one row per session and window, counted.
-                return SecurityEvent(
-                    kind="refresh_token_reused",
-                    subject=str(state.user_id),
-                    session_id=state.session_id,
-                    peer=caller.peer,
-                    detail={"unchanged": "true"},
-                    aggregate_key=aggregate_key(session),
-                )
-            if isinstance(decision, Replay):
-                verdict, reason = replay_verdict(state, now=now, peer=caller.peer)
-                detail: dict[str, str] = {"verdict": verdict}
-                if reason:
-                    # The peer column names who replayed; this, who rotated.
-                    detail |= {"reason": reason, "rotated_by": peer_address(state.rotated_by_peer)}
-                return SecurityEvent(
-                    kind="refresh_token_replayed",
-                    subject=str(state.user_id),
-                    session_id=state.session_id,
-                    peer=caller.peer,
-                    detail=detail,
-                    aggregate_key=aggregate_key(session, verdict, reason),
-                )
-            return None
-
-        state, decision, revoked, newly_revoked = await self._store.refresh(
-            hash_token(refresh_token),
-            lambda s: decide_refresh(
-                s,
+        signed_until = to_datetime(access_expires)
+        revoked: list[Revocation] = []
+        newly_revoked = False
+        verdict: tuple[ReplayVerdict, str | None] = ("retry", None)
+        async with self._refresh_tokens.refreshing() as refreshing:
+            state = await refreshing.lock(hash_token(refresh_token))
+            decision = decide_refresh(
+                state,
                 now=now,
                 grace=timedelta(seconds=self._settings.refresh_reuse_grace),
                 idle_ttl=timedelta(seconds=self._settings.refresh_idle_ttl),
-                child_hash=child_hash,
+                child_hash=hash_token(child),
                 audiences=self.issuable_audiences,
-            ),
-            now=now,
-            access_expires_at=to_datetime(access_expires),
-            peer=caller.peer,
-            event=event,
-        )
-        if isinstance(decision, Reject):
-            raise decision.error()
-        assert state is not None
-        if isinstance(decision, RevokeForReuse):
-            self._telemetry.refresh_reuse_detected()
-            # Revoked before or now, this process refuses the family's tokens at once.
-            self._revocations.add(revoked)
-            if newly_revoked:
-                self._telemetry.sessions_revoked("reuse", len(revoked))
-                log.warning(
-                    "security: refresh token reuse detected; session %s of subject %s revoked",
-                    state.session_id,
-                    state.user_id,
-                )
-            else:
-                self._limited_log.warning(
-                    ("refresh_token_reused", str(state.session_id)),
-                    "security: refresh token reuse detected again; session %s of subject %s "
-                    "was revoked already",
-                    state.session_id,
-                    state.user_id,
-                )
-            raise RefreshTokenReused()
-        if isinstance(decision, Rotate):
-            child_expires_at = decision.child_expires_at
-        else:
-            assert isinstance(decision, Replay)
-            assert state.child_expires_at is not None
-            child_expires_at = state.child_expires_at
-            verdict, reason = replay_verdict(state, now=now, peer=caller.peer)
-            self._telemetry.refresh_replayed(verdict)
-            if verdict == "suspicious":
-                self._limited_log.warning(
-                    ("refresh_token_replayed", str(state.session_id)),
-                    "security: rotated refresh token replayed within the grace window (%s); "
-                    "session %s of subject %s, from %s",
-                    reason,
-                    state.session_id,
-                    state.user_id,
-                    peer_address(caller.peer),
-                )
+            )
+            match decision:
+                case Rotate():
+                    assert state is not None
+                    if not await refreshing.rotate(
+                        state,
+                        decision,
+                        now=now,
+                        access_expires_at=signed_until,
+                        peer=caller.peer,
+                        user_bound=user_bound(state, signed_until),
+                    ):
+                        decision = Reject(SessionRevoked)
+                case Replay():
+                    # The child exists already; the new access token's exp is what to write.
+                    assert state is not None
+                    if not await refreshing.raise_bounds(
+                        state,
+                        access_expires_at=signed_until,
+                        user_bound=user_bound(state, signed_until),
+                    ):
+                        decision = Reject(SessionRevoked)
+                    else:
+                        # A replay of the child within the grace window is recorded too.
+                        verdict = replay_verdict(state, now=now, peer=caller.peer)
+                        await refreshing.record_event(
+                            _replay_event(state, verdict, caller.peer), now=now
+                        )
+                case RevokeForReuse():
+                    assert state is not None
+                    revoked, newly_revoked = await refreshing.revoke_for_reuse(state, now=now)
+                    # Recorded even when the family was dead already: each replay is a theft
+                    # signal.
+                    await refreshing.record_event(
+                        _reuse_event(state, newly_revoked, caller.peer), now=now
+                    )
+        match decision:
+            case Reject():
+                raise decision.error()
+            case RevokeForReuse():
+                assert state is not None
+                self._reuse_detected(state, revoked, newly_revoked)
+                raise RefreshTokenReused()
+            case Rotate():
+                assert state is not None
+                child_expires_at = decision.child_expires_at
+            case Replay():
+                assert state is not None
+                assert state.child_expires_at is not None
+                child_expires_at = state.child_expires_at
+                self._replayed(state, verdict, caller.peer)
         scopes = granted_scopes(state)
         access = self._codec.sign(
             subject=str(state.user_id),
@@ -553,6 +567,44 @@ class TokenService:
             session_id=str(state.session_id),
             scopes=scopes,
         )
+
+    def _reuse_detected(
+        self, state: RefreshTokenState, revoked: list[Revocation], newly_revoked: bool
+    ) -> None:
+        self._telemetry.refresh_reuse_detected()
+        # Revoked before or now, this process refuses the family's tokens at once.
+        self._revocations.add(revoked)
+        if newly_revoked:
+            self._telemetry.sessions_revoked("reuse", len(revoked))
+            log.warning(
+                "security: refresh token reuse detected; session %s of subject %s revoked",
+                state.session_id,
+                state.user_id,
+            )
+        else:
+            self._limited_log.warning(
+                ("refresh_token_reused", str(state.session_id)),
+                "security: refresh token reuse detected again; session %s of subject %s "
+                "was revoked already",
+                state.session_id,
+                state.user_id,
+            )
+
+    def _replayed(
+        self, state: RefreshTokenState, verdict: tuple[ReplayVerdict, str | None], peer: str | None
+    ) -> None:
+        judged, reason = verdict
+        self._telemetry.refresh_replayed(judged)
+        if judged == "suspicious":
+            self._limited_log.warning(
+                ("refresh_token_replayed", str(state.session_id)),
+                "security: rotated refresh token replayed within the grace window (%s); "
+                "session %s of subject %s, from %s",
+                reason,
+                state.session_id,
+                state.user_id,
+                peer_address(peer),
+            )
 
     # Validate
 

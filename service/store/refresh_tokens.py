@@ -1,23 +1,21 @@
-"""Refresh tokens: the rotation of a presented token, under its row lock."""
+"""Refresh tokens: one refresh is one transaction (`PostgresRefreshTokens.refreshing`),
+the presented token's row locked from the first statement to the commit; the domain
+decides between the statements (`service.domain.tokens`)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from datetime import datetime, timedelta
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import datetime
 
 import asyncpg
 
 from service.domain.records import RefreshTokenState, SecurityEvent
-from service.domain.refresh_tokens import (
-    RefreshDecision,
-    Reject,
-    Replay,
-    RevokeForReuse,
-    Rotate,
-)
-from service.domain.revocation import USER_BOUND_STEP_SECONDS, Revocation
-from service.errors import SessionRevoked
-from service.store.events import EventWriter
+from service.domain.refresh_tokens import Rotate
+from service.domain.revocation import Revocation
+from service.store.base import StoreBase
+from service.store.events import insert_event
 from service.store.revocations import revocations, revoke_session
 
 # The refresh path's statements (also run bare by the benchmark's SQL baseline).
@@ -131,99 +129,100 @@ def _refresh_state(row: asyncpg.Record, rotated: asyncpg.Record | None) -> Refre
         user_disabled=(rotated or row)["disabled"],
         rotated_by_peer=None if rotated is None else rotated["last_refreshed_peer"],
         session_generation=row["user_generation"],
+        user_access_expires_max=row["user_access_expires_max"],
     )
 
 
-def _user_bound_raise(row: asyncpg.Record, access_expires_at: datetime) -> datetime | None:
-    """What to raise the user's bound to before signing a token expiring at
-    `access_expires_at` (a step past it), or None if the bound read covers it."""
-    if row["user_access_expires_max"] >= access_expires_at:
-        return None
-    return access_expires_at + timedelta(seconds=USER_BOUND_STEP_SECONDS)
+class PostgresRefresh:
+    """One refresh's transaction (the `RefreshTransaction` port)."""
 
+    def __init__(self, conn: asyncpg.Connection, *, event_window: float) -> None:
+        self._conn = conn
+        self._event_window = event_window
 
-class PostgresRefreshTokens(EventWriter):
-    """The `refresh_tokens` table, with the session and user rows a rotation touches."""
+    async def lock(self, token_hash: bytes) -> RefreshTokenState | None:
+        """The presented token's state, its row locked until the end of the transaction:
+        every call presenting the same token waits here for the one before it."""
+        row = await self._conn.fetchrow(LOCK_REFRESH_TOKEN_SQL, token_hash)
+        if row is None:
+            return None
+        rotated = None
+        if row["used_at"] is not None:
+            rotated = await self._conn.fetchrow(
+                ROTATED_TOKEN_STATE_SQL, row["session_id"], row["child_hash"]
+            )
+        return _refresh_state(row, rotated)
 
-    async def refresh(
+    async def rotate(
         self,
-        token_hash: bytes,
-        decide: Callable[[RefreshTokenState | None], RefreshDecision],
+        state: RefreshTokenState,
+        rotation: Rotate,
         *,
         now: datetime,
         access_expires_at: datetime,
         peer: str | None,
-        event: Callable[[RefreshTokenState, RefreshDecision, bool], SecurityEvent | None],
-    ) -> tuple[RefreshTokenState | None, RefreshDecision, list[Revocation], bool]:
-        """Lock the presented token, let the domain `decide`, and apply the decision: the
-        state, the decision applied, the revocation of the session if reuse was detected
-        (also when it was revoked before, so this process is told at once), and whether
-        the session was revoked by this call.
+        user_bound: datetime | None,
+    ) -> bool:
+        """Mark the token used, store its child, raise the bounds (ROTATE_SQL); False,
+        writing nothing, if the session or its user's generation was revoked meanwhile."""
+        written = await self._conn.execute(
+            ROTATE_SQL,
+            state.token_hash,
+            state.session_id,
+            now,
+            rotation.child_hash,
+            rotation.child_expires_at,
+            access_expires_at,
+            peer,
+            state.user_id,
+            state.session_generation,
+            user_bound,
+        )
+        return bool(written == "INSERT 0 1")
 
-        The row lock serializes every call presenting the same token: the first
-        rotates, the others see it used and replay the child or report reuse. A rotation
-        or replay raises the session's bound to `access_expires_at`, the `exp` of the access
-        token the caller will sign; if the session was revoked meanwhile, nothing is
-        written and the decision becomes Reject(SessionRevoked). `event` says what to
-        record of the decision (given whether this call revoked the session), if anything.
-        """
-        async with self._transaction() as conn:
-            row = await conn.fetchrow(LOCK_REFRESH_TOKEN_SQL, token_hash)
-            rotated = None
-            if row is not None and row["used_at"] is not None:
-                rotated = await conn.fetchrow(
-                    ROTATED_TOKEN_STATE_SQL, row["session_id"], row["child_hash"]
-                )
-            state = None if row is None else _refresh_state(row, rotated)
-            decision = decide(state)
-            if state is None:
-                return state, decision, [], False
-            assert row is not None
-            if isinstance(decision, Rotate):
-                written = await conn.execute(
-                    ROTATE_SQL,
-                    token_hash,
-                    state.session_id,
-                    now,
-                    decision.child_hash,
-                    decision.child_expires_at,
-                    access_expires_at,
-                    peer,
-                    state.user_id,
-                    state.session_generation,
-                    _user_bound_raise(row, access_expires_at),
-                )
-                if written != "INSERT 0 1":
-                    return state, Reject(SessionRevoked), [], False
-                return state, decision, [], False
-            elif isinstance(decision, RevokeForReuse):
-                revoked = await revoke_session(conn, state.session_id, "refresh_token_reused", now)
-                newly_revoked = bool(revoked)
-                if not revoked:  # revoked before: this process is told at once all the same
-                    revoked = revocations(
-                        await conn.fetch(
-                            """SELECT id, revoked_at, access_expires_max FROM sessions
+    async def raise_bounds(
+        self, state: RefreshTokenState, *, access_expires_at: datetime, user_bound: datetime | None
+    ) -> bool:
+        """Raise the session's bound (and the user's, to `user_bound`) to cover a token
+        expiring at `access_expires_at`; False if the session was revoked meanwhile."""
+        written = await self._conn.execute(
+            RAISE_ACCESS_EXPIRES_MAX_SQL,
+            state.session_id,
+            access_expires_at,
+            state.user_id,
+            state.session_generation,
+            user_bound,
+        )
+        return bool(written == "UPDATE 1")
+
+    async def revoke_for_reuse(
+        self, state: RefreshTokenState, *, now: datetime
+    ) -> tuple[list[Revocation], bool]:
+        """Revoke the token's session: its revocation (also when it was revoked before,
+        so that this process is told at once) and whether this call revoked it."""
+        revoked = await revoke_session(self._conn, state.session_id, "refresh_token_reused", now)
+        if revoked:
+            return revoked, True
+        return await self._revocation_of(state.session_id), False
+
+    async def _revocation_of(self, session_id: uuid.UUID) -> list[Revocation]:
+        return revocations(
+            await self._conn.fetch(
+                """SELECT id, revoked_at, access_expires_max FROM sessions
                                  WHERE id = $1 AND revoked_at IS NOT NULL""",
-                            state.session_id,
-                        )
-                    )
-                # Recorded even when the family was dead already: each replay is a theft signal.
-                if recorded := event(state, decision, newly_revoked):
-                    await self._insert_event(conn, recorded, now)
-                return state, decision, revoked, newly_revoked
-            elif isinstance(decision, Replay):
-                # The child exists already; the new access token's exp is what to write.
-                written = await conn.execute(
-                    RAISE_ACCESS_EXPIRES_MAX_SQL,
-                    state.session_id,
-                    access_expires_at,
-                    state.user_id,
-                    state.session_generation,
-                    _user_bound_raise(row, access_expires_at),
-                )
-                if written != "UPDATE 1":
-                    return state, Reject(SessionRevoked), [], False
-                # A replay of the child within the grace window is recorded too.
-                if recorded := event(state, decision, False):
-                    await self._insert_event(conn, recorded, now)
-            return state, decision, [], False
+                session_id,
+            )
+        )
+
+    async def record_event(self, event: SecurityEvent, *, now: datetime) -> None:
+        await insert_event(self._conn, event, now, window=self._event_window)
+
+
+class PostgresRefreshTokens(StoreBase):
+    """The `refresh_tokens` table, with the session and user rows a rotation touches."""
+
+    @asynccontextmanager
+    async def refreshing(self) -> AsyncIterator[PostgresRefresh]:
+        """One refresh, in one transaction (committed on leaving, unless it raised)."""
+        async with self._transaction() as conn:
+            yield PostgresRefresh(conn, event_window=self._event_window)
