@@ -71,10 +71,10 @@ async def _key_count(pool: asyncpg.Pool) -> int:
 
 async def _until_ring_is(live: LiveServer, kids: set[str]) -> None:
     """Wait (in real time, at most PROPAGATION_LIMIT) until `live` verifies with `kids`."""
-    ring = live.running.components.signing_keys.ring
+    keys = live.running.components.signing_keys
     deadline = time.monotonic() + PROPAGATION_LIMIT
-    while set(ring.kids) != kids:
-        assert time.monotonic() < deadline, f"ring {ring.kids} never became {kids}"
+    while set(keys.ring.kids) != kids:
+        assert time.monotonic() < deadline, f"ring {keys.ring.kids} never became {kids}"
         await asyncio.sleep(0.005)
 
 
@@ -89,7 +89,7 @@ async def test_rotation_publishes_at_once_signs_after_activation_and_retires_lat
     clock = server.clock
     admin = _admin(server)
     janitor = server.running.components.janitor
-    ring = server.running.components.signing_keys.ring
+    keys = server.running.components.signing_keys
     await server.create_user("kim")
     a = await server.login("kim")
     old_kid = _kid(a.access_token)
@@ -133,7 +133,7 @@ async def test_rotation_publishes_at_once_signs_after_activation_and_retires_lat
     clock.advance(1)
     await janitor.run_once()
     assert await _jwks_kids(server.stub) == {new_kid}
-    assert ring.verification_key(old_kid) is None
+    assert keys.ring.verification_key(old_kid) is None
     row = await _key_row(server.pool, old_kid)
     assert row is not None
     assert row["private_key_sealed"] is None

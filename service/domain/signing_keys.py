@@ -63,7 +63,8 @@ class SigningKeyInfo:
 
 
 class SigningKeys:
-    """Loads, rotates and retires the signing keys; keeps this process's `KeyRing` current."""
+    """Loads, rotates and retires the signing keys: the one owner of this process's key
+    ring (`ring`, swapped whole on every change), which the codec reads at each use."""
 
     def __init__(
         self,
@@ -139,7 +140,7 @@ class SigningKeys:
                 # Never empty the ring: a database without keys is an operator's mistake.
                 log.error("no unretired signing key in the database; keeping the loaded ones")
                 return False
-            self.ring.replace(self._open_live(records))
+            self._ring = KeyRing(self._open_live(records))
             for kid in set(self._opened) - {r.kid for r in live_records}:
                 del self._opened[kid]
             log.info("signing keys reloaded: %s", ", ".join(self.ring.kids))
