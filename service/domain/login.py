@@ -12,7 +12,7 @@ import logging
 
 from service.clock import Clock, to_datetime
 from service.domain.events import LogRateLimiter, aggregate_key, capped, peer_address
-from service.domain.passwords import PasswordHasher
+from service.domain.passwords import PasswordHashing
 from service.domain.ports import SecurityEventStorage, UserStorage
 from service.domain.records import CallerInfo, SecurityEvent, UserRecord
 from service.domain.telemetry import NoTelemetry, Telemetry
@@ -45,7 +45,7 @@ class PasswordLogins:
         *,
         users: UserStorage,
         events: SecurityEventStorage,
-        hasher: PasswordHasher,
+        hasher: PasswordHashing,
         clock: Clock,
         throttle: LoginThrottle | None = None,
         telemetry: Telemetry | None = None,

@@ -13,7 +13,7 @@ from typing import Protocol
 
 from service.clock import Clock, to_datetime
 from service.domain.events import aggregate_key, peer_address
-from service.domain.passwords import PasswordHasher
+from service.domain.passwords import PasswordHashing
 from service.domain.ports import SecurityEventStorage, SessionStorage, UserStorage
 from service.domain.records import CallerInfo, SecurityEvent, SessionRecord, UserRecord
 from service.domain.sessions import SessionRevocations
@@ -47,7 +47,7 @@ class UserDirectory:
         self,
         *,
         store: DirectoryStorage,
-        hasher: PasswordHasher,
+        hasher: PasswordHashing,
         revocations: SessionRevocations,
         clock: Clock,
     ) -> None:
