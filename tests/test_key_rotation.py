@@ -28,7 +28,7 @@ import pytest
 from service.domain.revocation import REVOCATION_MARGIN_SECONDS
 from service.domain.signing_keys import KEY_ACTIVATION_DELAY
 from service.gen.auth.v1 import admin_pb2, admin_pb2_grpc, auth_pb2, auth_pb2_grpc
-from service.store.postgres import _BOOTSTRAP_LOCK_ID
+from service.store.base import BOOTSTRAP_LOCK_ID
 from tests.conftest import PASSWORD, TEST_KEK, LiveServer, ServerFactory
 from tests.helpers import refresh, validate
 from tests.test_cli import _SERVING_RE, _env
@@ -338,7 +338,7 @@ async def test_rotations_waiting_for_another_replicas_rotation_do_not_starve_the
     admin = _admin(server)
     other_replica = await asyncpg.connect(server.settings.database_url)
     try:
-        await other_replica.execute("SELECT pg_advisory_lock($1)", _BOOTSTRAP_LOCK_ID)
+        await other_replica.execute("SELECT pg_advisory_lock($1)", BOOTSTRAP_LOCK_ID)
         calls = [
             asyncio.ensure_future(admin.RotateSigningKey(admin_pb2.RotateSigningKeyRequest()))
             for _ in range(rotations)
@@ -349,7 +349,7 @@ async def test_rotations_waiting_for_another_replicas_rotation_do_not_starve_the
             await asyncio.sleep(0.01)
         # Time for every call to reach the pool and, if it could, the lock.
         await asyncio.sleep(0.3)
-        await other_replica.execute("SELECT pg_advisory_unlock($1)", _BOOTSTRAP_LOCK_ID)
+        await other_replica.execute("SELECT pg_advisory_unlock($1)", BOOTSTRAP_LOCK_ID)
         started = time.monotonic()
         results = await asyncio.gather(
             *calls, refresh(server, pair.refresh_token), return_exceptions=True
@@ -675,7 +675,7 @@ async def test_a_key_lock_held_elsewhere_neither_hangs_rotation_nor_stops_clean_
     assert server.settings.database_url is not None
     other_replica = await asyncpg.connect(server.settings.database_url)
     try:
-        await other_replica.execute("SELECT pg_advisory_lock($1)", _BOOTSTRAP_LOCK_ID)
+        await other_replica.execute("SELECT pg_advisory_lock($1)", BOOTSTRAP_LOCK_ID)
         started = time.monotonic()
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await _admin(server).RotateSigningKey(admin_pb2.RotateSigningKeyRequest(), timeout=10)

@@ -25,7 +25,7 @@ from service.components import open_components
 from service.domain.passwords import make_argon2_hasher
 from service.domain.records import CallerInfo
 from service.settings import Settings
-from service.store.postgres import LOCK_REFRESH_TOKEN_SQL, ROTATE_SQL
+from service.store.refresh_tokens import LOCK_REFRESH_TOKEN_SQL, ROTATE_SQL
 
 
 async def sql_rotation_rate(
