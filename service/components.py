@@ -29,15 +29,19 @@ from service.clock import (
 from service.database import open_database
 from service.domain.access_tokens import AccessTokenCodec
 from service.domain.janitor import Janitor
-from service.domain.keys import KeyRing
+from service.domain.login import PasswordLogins
 from service.domain.passwords import PasswordHasher
+from service.domain.policy import TokenPolicy
+from service.domain.refresh_secret import load_refresh_secret, open_refresh_secret
 from service.domain.revocation import RevocationState, VerifiedTokenCache
+from service.domain.sessions import RevokeService, SessionRevocations
 from service.domain.shared_settings import check_shared_settings
 from service.domain.signing_keys import SigningKeys
 from service.domain.telemetry import NoTelemetry, Telemetry
 from service.domain.throttle import LoginThrottle
-from service.domain.tokens import TokenService, load_refresh_secret, open_refresh_secret
+from service.domain.tokens import TokenService
 from service.domain.users import UserDirectory
+from service.domain.validation import AccessTokenValidator
 from service.failures import KekMissing
 from service.secrets_box import SecretBox, load_or_create_kek_file
 from service.settings import Settings
@@ -70,6 +74,9 @@ class Components:
 
     store: PostgresStore
     tokens: TokenService
+    validator: AccessTokenValidator
+    revoke: RevokeService
+    logins: PasswordLogins
     users: UserDirectory
     hasher: PasswordHasher
     revocations: RevocationState
@@ -102,16 +109,16 @@ def _signing_keys(
 
 async def load_key_material(
     store: PostgresStore, signing_keys: SigningKeys, box: SecretBox, clock: Clock
-) -> tuple[KeyRing, bytes]:
-    """The signing keys and the refresh secret, creating them on first start.
+) -> bytes:
+    """The signing keys (loaded into `signing_keys`) and the refresh secret (returned),
+    creating them on first start.
 
     Everything stored is opened before anything is created, so a wrong KEK stops us
     (KeyDecryptionError) before it seals a new key beside ones it cannot open.
     """
     await open_refresh_secret(store, box)
-    key_ring = await signing_keys.load()
-    refresh_secret = await load_refresh_secret(store, box, clock=clock)
-    return key_ring, refresh_secret
+    await signing_keys.load()
+    return await load_refresh_secret(store, box, clock=clock)
 
 
 async def prepare_key_material(settings: Settings, pool: asyncpg.Pool, clock: Clock) -> None:
@@ -140,28 +147,32 @@ async def build_components(
     store = PostgresStore(
         pool, timeout=settings.db_timeout, event_window=settings.event_aggregation_window
     )
+    policy = TokenPolicy.from_settings(settings)
     revocations = RevocationState()
     token_cache = VerifiedTokenCache(settings.token_cache_size)
     box = SecretBox(key_encryption_key(settings)) if key_material else None
     signing_keys = _signing_keys(settings, store, box, clock, telemetry)
-    codec = None
     refresh_secret = None
     if box is not None:
-        key_ring, refresh_secret = await load_key_material(store, signing_keys, box, clock)
-        codec = AccessTokenCodec(
-            issuer=settings.issuer, key_ring=key_ring, clock=clock, leeway=settings.leeway
-        )
+        refresh_secret = await load_key_material(store, signing_keys, box, clock)
+    # Reads the key ring from `signing_keys` at each use (never loaded without key
+    # material: such a process signs and verifies nothing).
+    codec = AccessTokenCodec(
+        issuer=settings.issuer, keys=signing_keys, clock=clock, leeway=settings.leeway
+    )
     # As many hashing threads as cores in every worker: at the lowest priority
     # they take only idle CPU, so one busy worker may use all of it.
     hasher = PasswordHasher(threads=os.cpu_count() or 1)
-    tokens = TokenService(
-        settings=settings,
-        store=store,
-        codec=codec,
+    session_revocations = SessionRevocations(
+        sessions=store, state=revocations, clock=clock, telemetry=telemetry
+    )
+    validator = AccessTokenValidator(
+        codec=codec, cache=token_cache, revocations=revocations, signing_keys=signing_keys
+    )
+    logins = PasswordLogins(
+        users=store,
+        events=store,
         hasher=hasher,
-        refresh_secret=refresh_secret,
-        revocations=revocations,
-        cache=token_cache,
         clock=clock,
         throttle=(
             LoginThrottle.from_settings(settings, store=store, clock=clock)
@@ -169,12 +180,34 @@ async def build_components(
             else None
         ),
         telemetry=telemetry,
-        signing_keys=signing_keys,
+        log_window=policy.log_window,
     )
-    users = UserDirectory(store=store, hasher=hasher, tokens=tokens, clock=clock)
+    tokens = TokenService(
+        policy=policy,
+        sessions=store,
+        refresh_tokens=store,
+        logins=logins,
+        revocations=session_revocations,
+        codec=codec,
+        refresh_secret=refresh_secret,
+        clock=clock,
+        telemetry=telemetry,
+    )
+    revoke = RevokeService(
+        sessions=store,
+        events=store,
+        revocations=session_revocations,
+        validator=validator,
+        clock=clock,
+        log_window=policy.log_window,
+    )
+    users = UserDirectory(store=store, hasher=hasher, revocations=session_revocations, clock=clock)
     return Components(
         store=store,
         tokens=tokens,
+        validator=validator,
+        revoke=revoke,
+        logins=logins,
         users=users,
         hasher=hasher,
         revocations=revocations,

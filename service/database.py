@@ -20,8 +20,8 @@ import psutil
 
 from service.failures import ConfigurationError, DatabaseUnreachable
 from service.settings import Settings
+from service.store.base import UNAVAILABLE_ERRORS
 from service.store.migrations import MigrationLockTimeout, apply_migrations, check_schema
-from service.store.postgres import UNAVAILABLE_ERRORS
 
 log = logging.getLogger(__name__)
 

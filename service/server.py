@@ -100,7 +100,7 @@ class RunningServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self.server.stop(grace)
-        await self.components.tokens.finish_password_checks()
+        await self.components.logins.finish_password_checks()
         if self.metrics_endpoint is not None:
             self.metrics_endpoint.close()
         await self.revocation_feed.stop()
@@ -298,7 +298,15 @@ async def _serve_grpc(
             *transport_options(settings),
         ],
     )
-    add_auth_servicer(AuthServicer(components.tokens), server)
+    add_auth_servicer(
+        AuthServicer(
+            tokens=components.tokens,
+            validator=components.validator,
+            revoke=components.revoke,
+            keys=components.signing_keys,
+        ),
+        server,
+    )
     add_admin_servicer(
         AdminServicer(users=components.users, keys=components.signing_keys, refusals=refusals),
         server,

@@ -31,7 +31,7 @@ from service.settings import Settings
 from service.store.invariants import (
     family_invariant_violations as store_invariant_violations,
 )
-from service.store.postgres import ROTATE_SQL
+from service.store.refresh_tokens import ROTATE_SQL
 from service.store.revocation_feed import LISTENER_APPLICATION_NAME
 from tests.helpers import assert_error
 from tests.live_server import (

@@ -31,8 +31,8 @@ from service.domain.revocation import forgettable_before
 from service.settings import Settings
 from service.store import apply_migrations
 from service.store.invariants import family_invariant_violations
+from service.store.janitor import _PURGE_SQL, BACKFILL_PURGE_AFTER_SQL
 from service.store.migrations import load_migrations
-from service.store.postgres import _PURGE_SQL, BACKFILL_PURGE_AFTER_SQL
 from tests.live_server import (
     LiveServer,
     ServerFactory,

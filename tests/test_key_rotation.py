@@ -28,7 +28,7 @@ import pytest
 from service.domain.revocation import REVOCATION_MARGIN_SECONDS
 from service.domain.signing_keys import KEY_ACTIVATION_DELAY
 from service.gen.auth.v1 import admin_pb2, admin_pb2_grpc, auth_pb2, auth_pb2_grpc
-from service.store.postgres import _BOOTSTRAP_LOCK_ID
+from service.store.base import BOOTSTRAP_LOCK_ID
 from tests.helpers import refresh, validate
 from tests.live_server import PASSWORD, TEST_KEK, LiveServer, ServerFactory
 from tests.test_cli import _SERVING_RE, _env
@@ -71,10 +71,10 @@ async def _key_count(pool: asyncpg.Pool) -> int:
 
 async def _until_ring_is(live: LiveServer, kids: set[str]) -> None:
     """Wait (in real time, at most PROPAGATION_LIMIT) until `live` verifies with `kids`."""
-    ring = live.running.components.signing_keys.ring
+    keys = live.running.components.signing_keys
     deadline = time.monotonic() + PROPAGATION_LIMIT
-    while set(ring.kids) != kids:
-        assert time.monotonic() < deadline, f"ring {ring.kids} never became {kids}"
+    while set(keys.ring.kids) != kids:
+        assert time.monotonic() < deadline, f"ring {keys.ring.kids} never became {kids}"
         await asyncio.sleep(0.005)
 
 
@@ -89,7 +89,7 @@ async def test_rotation_publishes_at_once_signs_after_activation_and_retires_lat
     clock = server.clock
     admin = _admin(server)
     janitor = server.running.components.janitor
-    ring = server.running.components.signing_keys.ring
+    keys = server.running.components.signing_keys
     await server.create_user("kim")
     a = await server.login("kim")
     old_kid = _kid(a.access_token)
@@ -133,7 +133,7 @@ async def test_rotation_publishes_at_once_signs_after_activation_and_retires_lat
     clock.advance(1)
     await janitor.run_once()
     assert await _jwks_kids(server.stub) == {new_kid}
-    assert ring.verification_key(old_kid) is None
+    assert keys.ring.verification_key(old_kid) is None
     row = await _key_row(server.pool, old_kid)
     assert row is not None
     assert row["private_key_sealed"] is None
@@ -338,7 +338,7 @@ async def test_rotations_waiting_for_another_replicas_rotation_do_not_starve_the
     admin = _admin(server)
     other_replica = await asyncpg.connect(server.settings.database_url)
     try:
-        await other_replica.execute("SELECT pg_advisory_lock($1)", _BOOTSTRAP_LOCK_ID)
+        await other_replica.execute("SELECT pg_advisory_lock($1)", BOOTSTRAP_LOCK_ID)
         calls = [
             asyncio.ensure_future(admin.RotateSigningKey(admin_pb2.RotateSigningKeyRequest()))
             for _ in range(rotations)
@@ -349,7 +349,7 @@ async def test_rotations_waiting_for_another_replicas_rotation_do_not_starve_the
             await asyncio.sleep(0.01)
         # Time for every call to reach the pool and, if it could, the lock.
         await asyncio.sleep(0.3)
-        await other_replica.execute("SELECT pg_advisory_unlock($1)", _BOOTSTRAP_LOCK_ID)
+        await other_replica.execute("SELECT pg_advisory_unlock($1)", BOOTSTRAP_LOCK_ID)
         started = time.monotonic()
         results = await asyncio.gather(
             *calls, refresh(server, pair.refresh_token), return_exceptions=True
@@ -676,7 +676,7 @@ async def test_a_key_lock_held_elsewhere_neither_hangs_rotation_nor_stops_clean_
     assert server.settings.database_url is not None
     other_replica = await asyncpg.connect(server.settings.database_url)
     try:
-        await other_replica.execute("SELECT pg_advisory_lock($1)", _BOOTSTRAP_LOCK_ID)
+        await other_replica.execute("SELECT pg_advisory_lock($1)", BOOTSTRAP_LOCK_ID)
         started = time.monotonic()
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await _admin(server).RotateSigningKey(admin_pb2.RotateSigningKeyRequest(), timeout=10)

@@ -19,7 +19,7 @@ import contextlib
 from dataclasses import dataclass
 
 from service.domain.events import peer_address
-from service.domain.tokens import CallerInfo
+from service.domain.records import CallerInfo
 from service.domain.users import UserDirectory
 from service.errors import AuthError
 

@@ -15,9 +15,8 @@ from service.api.admin_refusals import AdminRefusals
 from service.api.callers import calling_service
 from service.api.status import Handler, Req, Resp, maps_errors
 from service.api.wire import Context, add_servicer, caller_info, timestamp
-from service.domain.records import SessionRecord, UserRecord
+from service.domain.records import CallerInfo, SessionRecord, UserRecord
 from service.domain.signing_keys import SigningKeyInfo, SigningKeys
-from service.domain.tokens import CallerInfo
 from service.domain.users import UserDirectory, UserRef
 from service.errors import AuthError, FieldViolation
 from service.gen.auth.v1 import admin_pb2

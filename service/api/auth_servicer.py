@@ -1,4 +1,4 @@
-"""auth.v1.AuthService: a thin adapter between gRPC messages and the TokenService."""
+"""auth.v1.AuthService: a thin adapter between gRPC messages and the domain."""
 
 from __future__ import annotations
 
@@ -9,7 +9,10 @@ import grpc
 from service.api.status import maps_errors
 from service.api.wire import add_servicer, bearer_credential, caller_info, timestamp
 from service.domain.access_tokens import TokenProblem
+from service.domain.sessions import RevokeService
+from service.domain.signing_keys import SigningKeys
 from service.domain.tokens import UNKNOWN_AUDIENCE, TokenPair, TokenService
+from service.domain.validation import AccessTokenValidator
 from service.gen.auth.v1 import auth_pb2
 from service.request_limits import (
     MAX_AUDIENCE_BYTES,
@@ -45,10 +48,20 @@ def _token_pair(pair: TokenPair) -> auth_pb2.TokenPair:
 
 
 class AuthServicer:
-    """Implements auth.v1.AuthService over a TokenService."""
+    """Implements auth.v1.AuthService over the domain's services."""
 
-    def __init__(self, tokens: TokenService) -> None:
+    def __init__(
+        self,
+        *,
+        tokens: TokenService,
+        validator: AccessTokenValidator,
+        revoke: RevokeService,
+        keys: SigningKeys,
+    ) -> None:
         self._tokens = tokens
+        self._validator = validator
+        self._revoke = revoke
+        self._keys = keys
 
     @maps_errors
     async def Issue(
@@ -97,7 +110,7 @@ class AuthServicer:
             "audience", request.audience, limit=MAX_AUDIENCE_BYTES, required=False
         )
         check.done()
-        result = await self._tokens.validate_with_new_keys(
+        result = await self._validator.validate_with_new_keys(
             token, required_scopes=required, audience=audience or None
         )
         if result.claims is None:
@@ -130,17 +143,17 @@ class AuthServicer:
         )
         check.done()
         if target == "refresh_token":
-            count = await self._tokens.revoke_refresh_token(value, caller=caller)
+            count = await self._revoke.revoke_refresh_token(value, caller=caller)
         elif target == "access_token":
-            count = await self._tokens.revoke_access_token(value, caller=caller)
+            count = await self._revoke.revoke_access_token(value, caller=caller)
         elif target == "session_id":
-            count = await self._tokens.revoke_session(
+            count = await self._revoke.revoke_session(
                 value,
                 caller_token=bearer_credential(context, max_length=MAX_TOKEN_BYTES),
                 caller=caller,
             )
         else:
-            count = await self._tokens.revoke_subject(
+            count = await self._revoke.revoke_subject(
                 value,
                 caller_token=bearer_credential(context, max_length=MAX_TOKEN_BYTES),
                 caller=caller,
@@ -151,7 +164,7 @@ class AuthServicer:
     async def GetJwks(
         self, request: auth_pb2.GetJwksRequest, context: Context
     ) -> auth_pb2.GetJwksResponse:
-        return auth_pb2.GetJwksResponse(jwks_json=self._tokens.jwks_json)
+        return auth_pb2.GetJwksResponse(jwks_json=self._keys.ring.jwks_json)
 
 
 def add_auth_servicer(servicer: AuthServicer, server: grpc.aio.Server) -> None:

@@ -15,19 +15,18 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import ipaddress
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, NoReturn
-from urllib.parse import unquote
 
 import grpc
 
 from service.api.status import to_status
 from service.api.wire import Context
 from service.api.wrapped_handlers import WrappedHandlers
+from service.domain.events import peer_address
 from service.errors import (
     AuthError,
     StreamMaxAgeReached,
@@ -43,7 +42,6 @@ __all__ = [
     "CallBudgetInterceptor",
     "StreamBudget",
     "UnaryBudget",
-    "peer_address",
     "transport_options",
 ]
 
@@ -75,26 +73,6 @@ def transport_options(settings: Settings) -> list[tuple[str, int]]:
         # Keep pinging a connection whose only call is an idle stream (no data frames).
         ("grpc.http2.max_pings_without_data", 0),
     ]
-
-
-def peer_address(peer: str) -> str:
-    """The client address a gRPC peer string names, without the port: every connection
-    from one address counts as one peer. An IPv6 address counts as its /64 (a host is
-    commonly given a whole /64 to choose addresses from); an IPv4-mapped one as the IPv4
-    address. Anything else (a Unix socket) is its own peer."""
-    kind, _, rest = peer.partition(":")
-    if kind not in ("ipv4", "ipv6"):
-        return peer
-    host = unquote(rest).rpartition(":")[0]
-    try:
-        address = ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
-        return f"{kind}:{host}"
-    if isinstance(address, ipaddress.IPv6Address):
-        if address.ipv4_mapped is not None:
-            return str(address.ipv4_mapped)
-        return str(ipaddress.IPv6Network((address, 64), strict=False))
-    return str(address)
 
 
 class UnaryBudget:

@@ -12,7 +12,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError, Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from service.domain.tokens import CallerInfo
+from service.domain.records import CallerInfo
 from service.domain.usernames import escape_text
 
 Context = grpc.aio.ServicerContext[Any, Any]

@@ -1,4 +1,4 @@
-"""Access tokens: JWTs per RFC 9068, signed with the key ring, verified strictly.
+"""Access tokens: JWTs per RFC 9068, signed with the key ring in force, verified strictly.
 
 Verification parses the token once, checks the signature with the key named by
 `kid` and the algorithm pinned to that key (so `none`, HMAC and algorithm
@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from jwt.algorithms import Algorithm, get_default_algorithms
 
 from service.clock import Clock
-from service.domain.keys import KeyRing, PublicKey
+from service.domain.keys import CurrentKeys, PublicKey
 
 TOKEN_TYPE = "at+jwt"
 # RFC 9068 §4: "at+jwt"; the full media type is accepted too (RFC 7515 §4.1.9).
@@ -187,9 +187,10 @@ def token_lifetime(now: float, ttl: int) -> tuple[int, int]:
 class AccessTokenCodec:
     """Signs and verifies this service's access tokens."""
 
-    def __init__(self, *, issuer: str, key_ring: KeyRing, clock: Clock, leeway: int) -> None:
+    def __init__(self, *, issuer: str, keys: CurrentKeys, clock: Clock, leeway: int) -> None:
         self._issuer = issuer
-        self.key_ring = key_ring
+        # Read at each use: the owner of the keys swaps its ring on every rotation.
+        self._keys = keys
         self._clock = clock
         self._leeway = leeway
 
@@ -206,7 +207,7 @@ class AccessTokenCodec:
     ) -> IssuedAccessToken:
         """A token with exactly these `iat` and `exp` (see `token_lifetime`) and the session's
         `generation`, signed with the key active now."""
-        key = self.key_ring.signing_key(self._clock.now())
+        key = self._keys.ring.signing_key(self._clock.now())
         iat = issued_at
         exp = expires_at
         claims = {
@@ -241,7 +242,7 @@ class AccessTokenCodec:
         header = _json_object(_b64decode(header_b64))
         self._check_type(header)
         kid = header.get("kid")
-        key = self.key_ring.verification_key(kid)
+        key = self._keys.ring.verification_key(kid)
         if key is None:
             plausible = isinstance(kid, str) and _KID_RE.fullmatch(kid) is not None
             raise TokenRejected(TokenProblem.BAD_SIGNATURE, unknown_kid=kid if plausible else None)

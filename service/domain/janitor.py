@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from service.clock import Clock, to_datetime
+from service.domain.ports import JanitorStorage, PurgeBatch, Purger
 from service.domain.revocation import forgettable_before
 from service.domain.signing_keys import SigningKeys
 from service.domain.telemetry import NoTelemetry, Telemetry
 from service.settings import Settings
-from service.store.postgres import PostgresStore, PurgeBatch, Purger
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class Janitor:
         self,
         *,
         settings: Settings,
-        store: PostgresStore,
+        store: JanitorStorage,
         keys: SigningKeys,
         clock: Clock,
         telemetry: Telemetry | None = None,

@@ -11,7 +11,7 @@ import json
 import secrets
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
@@ -124,17 +124,14 @@ def _ring_state(keys: list[SigningKey]) -> _RingState:
 
 
 class KeyRing:
-    """The keys this process signs and verifies with: every unretired key verifies and is
+    """A set of keys to sign and verify with: every unretired key verifies and is
     published; the newest one whose activation time has come signs.
 
-    `replace` swaps the whole set at once (one assignment), so a call on the event loop
-    never sees half of a rotation.
+    Never changed once made: a rotation makes a new ring (`SigningKeys` swaps its current
+    one in one assignment), so a call on the event loop never sees half of a rotation.
     """
 
     def __init__(self, keys: list[SigningKey]) -> None:
-        self._state = _ring_state(keys)
-
-    def replace(self, keys: list[SigningKey]) -> None:
         self._state = _ring_state(keys)
 
     def signing_key(self, now: float) -> SigningKey:
@@ -160,3 +157,17 @@ class KeyRing:
     def jwks_json(self) -> str:
         """The public keys as an RFC 7517 JWK Set."""
         return self._state.jwks_json
+
+
+class CurrentKeys(Protocol):
+    """Where the key ring in force is read, at each use (`SigningKeys` in the service)."""
+
+    @property
+    def ring(self) -> KeyRing: ...
+
+
+@dataclass(frozen=True, slots=True)
+class FixedKeys:
+    """One key ring, for ever (benchmarks and tests of the codec alone)."""
+
+    ring: KeyRing

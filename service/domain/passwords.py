@@ -13,6 +13,7 @@ import os
 import secrets
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from typing import Protocol
 
 from argon2 import PasswordHasher as Argon2Hasher
 from argon2 import Type
@@ -43,6 +44,21 @@ def _lower_thread_priority() -> None:
     """
     with contextlib.suppress(AttributeError, OSError):
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+
+
+class PasswordHashing(Protocol):
+    """What logins and the user directory need of a password hasher."""
+
+    @property
+    def threads(self) -> int:
+        """How many hashes run at once."""
+
+    async def hash(self, password: str) -> str: ...
+
+    async def verify(self, password_hash: str | None, password: str) -> bool:
+        """True if `password` matches; with no hash, spend the same time and say False."""
+
+    def needs_rehash(self, password_hash: str) -> bool: ...
 
 
 class PasswordHasher:

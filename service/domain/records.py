@@ -1,4 +1,4 @@
-"""Records passed between the domain and the store."""
+"""Records passed between the domain and the store (and, for `CallerInfo`, the API)."""
 
 from __future__ import annotations
 
@@ -75,6 +75,8 @@ class RefreshTokenState:
     """Who made the session's latest rotation (read only for a used token: its own)."""
     session_generation: int = 0
     """The user's session generation when the session started (the tokens' `ugen`)."""
+    user_access_expires_max: datetime | None = None
+    """The user's bound as read (see `user_bound`); None: not known."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,3 +119,17 @@ class ThrottleState:
     pending: int
     """Attempts still being checked, as of `pending_at` (the latest reservation)."""
     pending_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class CallerInfo:
+    """Where a call came from, recorded with sessions and security events."""
+
+    peer: str | None = None
+    user_agent: str | None = None
+    actor: str | None = None
+    """Who acted, for operators' calls: "cli", or "admin:<calling service>"."""
+
+    def detail(self, **detail: str) -> dict[str, str]:
+        """An event's detail, with the actor when there is one."""
+        return detail if self.actor is None else {**detail, "actor": self.actor}

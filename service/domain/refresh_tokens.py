@@ -18,6 +18,7 @@ from datetime import datetime, timedelta
 
 from service.domain.events import peer_address
 from service.domain.records import RefreshTokenState
+from service.domain.revocation import USER_BOUND_STEP_SECONDS
 from service.domain.telemetry import ReplayVerdict
 from service.errors import (
     AuthError,
@@ -160,3 +161,13 @@ def replay_verdict(
     if state.used_at is None or now - state.used_at > RETRY_WITHIN:
         reasons.append("late")
     return ("suspicious", ",".join(reasons)) if reasons else ("retry", None)
+
+
+def user_bound(state: RefreshTokenState, access_expires_at: datetime) -> datetime | None:
+    """What to raise the user's bound to before signing a token of the session expiring at
+    `access_expires_at` (a step past it, so that most refreshes write nothing to the
+    user's row), or None if the bound read with the token covers it."""
+    bound = state.user_access_expires_max
+    if bound is not None and bound >= access_expires_at:
+        return None
+    return access_expires_at + timedelta(seconds=USER_BOUND_STEP_SECONDS)

@@ -3,7 +3,7 @@
 `RevocationState` holds the revoked sessions whose access tokens could still be alive, each
 until `remembered_until` (its stored latest `exp` + `MAX_LEEWAY` + a margin, whatever the
 TTL and leeway are now), and the session generation of users whose every session was
-revoked at once. It is filled at start and kept current by `service.store.revocation_feed`
+revoked at once. It is filled at start and kept current by the store's revocation feed
 and by this process's own revocations. `VerifiedTokenCache` lets a token seen before skip
 the signature check (never the expiry, revocation, audience and scope checks).
 Why and for how long: docs/design.md, "Tokens and sessions" and "Validate at scale".

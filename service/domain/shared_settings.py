@@ -23,10 +23,10 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from service.clock import Clock, to_datetime
+from service.domain.ports import SharedSettingsStorage
 from service.domain.records import SecurityEvent
 from service.failures import ConfigurationError
 from service.settings import Settings, declarations
-from service.store.postgres import PostgresStore
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ class SharedSettingsMismatch(ConfigurationError):
 
 
 async def agree_on_shared_settings(
-    store: PostgresStore, settings: Settings, *, clock: Clock
+    store: SharedSettingsStorage, settings: Settings, *, clock: Clock
 ) -> None:
     """What `serve` does once its key material is open: record the shared settings not
     recorded yet (all of them on the first start), under the lock of the other first-start
@@ -183,7 +183,7 @@ async def agree_on_shared_settings(
 
 
 async def check_shared_settings(
-    store: PostgresStore, settings: Settings, *, doing: str = "refusing to start"
+    store: SharedSettingsStorage, settings: Settings, *, doing: str = "refusing to start"
 ) -> None:
     """Refuse (`SharedSettingsMismatch`) to start, or to act on every replica's behalf
     (`keys rotate`, `keys retire`), with other values than the recorded ones; records
@@ -194,7 +194,7 @@ async def check_shared_settings(
 
 
 async def adopt_shared_settings(
-    store: PostgresStore, settings: Settings, *, clock: Clock, actor: str
+    store: SharedSettingsStorage, settings: Settings, *, clock: Clock, actor: str
 ) -> list[Difference]:
     """Record this environment's values as the shared ones; the settings changed (and a
     security event and a warning naming old and new values if any did)."""
@@ -237,7 +237,7 @@ class SharedSettingsWatch:
 
     def __init__(
         self,
-        store: PostgresStore,
+        store: SharedSettingsStorage,
         settings: Settings,
         *,
         on_change: Callable[[bool], Awaitable[None]],

@@ -17,11 +17,11 @@ from datetime import datetime, timedelta
 
 from service.clock import Clock, to_datetime
 from service.domain.keys import KeyRing, SigningKey, generate_signing_key, open_signing_key
+from service.domain.ports import SigningKeyStorage
 from service.domain.records import SecurityEvent, SigningKeyRecord
 from service.domain.revocation import REVOCATION_MARGIN_SECONDS
 from service.domain.telemetry import NoTelemetry, Telemetry
 from service.secrets_box import SecretBox
-from service.store.postgres import PostgresStore
 
 log = logging.getLogger(__name__)
 
@@ -52,12 +52,13 @@ class SigningKeyInfo:
 
 
 class SigningKeys:
-    """Loads, rotates and retires the signing keys; keeps this process's `KeyRing` current."""
+    """Loads, rotates and retires the signing keys: the one owner of this process's key
+    ring (`ring`, swapped whole on every change), which the codec reads at each use."""
 
     def __init__(
         self,
         *,
-        store: PostgresStore,
+        store: SigningKeyStorage,
         box: SecretBox | None,
         clock: Clock,
         alg: str,
@@ -128,7 +129,7 @@ class SigningKeys:
                 # Never empty the ring: a database without keys is an operator's mistake.
                 log.error("no unretired signing key in the database; keeping the loaded ones")
                 return False
-            self.ring.replace(self._open_live(records))
+            self._ring = KeyRing(self._open_live(records))
             for kid in set(self._opened) - {r.kid for r in live_records}:
                 del self._opened[kid]
             log.info("signing keys reloaded: %s", ", ".join(self.ring.kids))

@@ -12,19 +12,18 @@ ignored after PENDING_EXPIRY. The rules, the defaults and the known limits: docs
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING
-from urllib.parse import unquote
 
 from service.clock import Clock, to_datetime
+from service.domain.events import peer_address
+from service.domain.ports import ThrottleStorage
 from service.domain.records import ThrottleState
 from service.errors import LoginThrottled
 
 if TYPE_CHECKING:
     from service.settings import Settings
-    from service.store.postgres import PostgresStore
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,24 +48,9 @@ def user_key(username: str) -> str:
 
 
 def peer_key(peer: str) -> str:
-    """The key of a gRPC peer ("ipv4:192.0.2.7:5000", "ipv6:%5B2001:db8::1%5D:5000"):
-    its IPv4 address (also when it comes IPv4-mapped over IPv6), its IPv6 /64, or else
-    the peer without its port."""
-    scheme, _, rest = peer.partition(":")
-    address, _, port = unquote(rest).rpartition(":")
-    if not (address and port.isdigit()):
-        return "peer:" + peer
-    if scheme in ("ipv4", "ipv6"):
-        try:
-            ip = ipaddress.ip_address(address.strip("[]").partition("%")[0])
-        except ValueError:
-            return f"peer:{scheme}:{address}"
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        if isinstance(ip, ipaddress.IPv4Address):
-            return f"peer:ipv4:{ip}"
-        return f"peer:ipv6:{ipaddress.IPv6Network((ip, 64), strict=False)}"
-    return f"peer:{scheme}:{address}"
+    """The key of a gRPC peer ("ipv4:192.0.2.7:5000", "ipv6:%5B2001:db8::1%5D:5000"): its
+    source (`peer_address`: the IPv4 address, also IPv4-mapped, or the IPv6 /64)."""
+    return "peer:" + peer_address(peer)
 
 
 PENDING_EXPIRY = 60.0
@@ -90,7 +74,7 @@ class LoginThrottle:
     def __init__(
         self,
         *,
-        store: PostgresStore,
+        store: ThrottleStorage,
         clock: Clock,
         user_policy: ThrottlePolicy,
         peer_policy: ThrottlePolicy,
@@ -101,7 +85,7 @@ class LoginThrottle:
 
     @classmethod
     def from_settings(
-        cls, settings: Settings, *, store: PostgresStore, clock: Clock
+        cls, settings: Settings, *, store: ThrottleStorage, clock: Clock
     ) -> LoginThrottle:
         def policy(free: int) -> ThrottlePolicy:
             return ThrottlePolicy(

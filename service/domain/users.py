@@ -9,15 +9,16 @@ import logging
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Protocol
 
 from service.clock import Clock, to_datetime
 from service.domain.events import aggregate_key, peer_address
-from service.domain.passwords import PasswordHasher
-from service.domain.records import SecurityEvent, SessionRecord, UserRecord
-from service.domain.tokens import CallerInfo, TokenService
+from service.domain.passwords import PasswordHashing
+from service.domain.ports import SecurityEventStorage, SessionStorage, UserStorage
+from service.domain.records import CallerInfo, SecurityEvent, SessionRecord, UserRecord
+from service.domain.sessions import SessionRevocations
 from service.domain.usernames import new_username_problem, username_key
 from service.errors import FieldViolation, InvalidArgument, SessionNotFound, UserNotFound
-from service.store.postgres import PostgresStore
 
 log = logging.getLogger(__name__)
 
@@ -35,20 +36,24 @@ class SessionPage:
     """Empty on the last page."""
 
 
+class DirectoryStorage(UserStorage, SessionStorage, SecurityEventStorage, Protocol):
+    """What the user directory reads and writes."""
+
+
 class UserDirectory:
     """The user accounts."""
 
     def __init__(
         self,
         *,
-        store: PostgresStore,
-        hasher: PasswordHasher,
-        tokens: TokenService,
+        store: DirectoryStorage,
+        hasher: PasswordHashing,
+        revocations: SessionRevocations,
         clock: Clock,
     ) -> None:
         self._store = store
         self._hasher = hasher
-        self._tokens = tokens
+        self._revocations = revocations
         self._clock = clock
 
     async def create(
@@ -149,7 +154,7 @@ class UserDirectory:
         revocation, count = revoked
         if revocation is None:
             return 0
-        return self._tokens.user_revoked_here(revocation, count, "admin")
+        return self._revocations.remember_user(revocation, count, "admin")
 
     async def delete(self, user: UserRef, *, caller: CallerInfo = CLI) -> int:
         """Delete a user: sessions revoked, username free; how many sessions ended."""
@@ -168,7 +173,7 @@ class UserDirectory:
             raise UserNotFound()
         revocation, count = revoked
         log.warning("security: user %s deleted; %d sessions revoked", record.id, count)
-        return self._tokens.user_revoked_here(revocation, count, "admin")
+        return self._revocations.remember_user(revocation, count, "admin")
 
     async def list(self) -> list[UserRecord]:
         return await self._store.list_users()
@@ -201,8 +206,9 @@ class UserDirectory:
             raise InvalidArgument([FieldViolation("session_id", "must be a UUID")]) from None
         if not await self._store.session_exists(sid):
             raise SessionNotFound()
-        return await self._tokens.revoke_session_of_anyone(
-            sid, reason="revoked_by_operator", caller=caller
+        # Any session, no ownership check, recorded even when it had ended already.
+        return await self._revocations.revoke_session(
+            sid, reason="revoked_by_operator", caller=caller, target="admin", record_unchanged=True
         )
 
     async def audit(self, kind: str, *, caller: CallerInfo, **detail: str) -> None:

@@ -23,9 +23,9 @@ import asyncpg
 
 from service.components import open_components
 from service.domain.passwords import make_argon2_hasher
-from service.domain.tokens import CallerInfo
+from service.domain.records import CallerInfo
 from service.settings import Settings
-from service.store.postgres import LOCK_REFRESH_TOKEN_SQL, ROTATE_SQL
+from service.store.refresh_tokens import LOCK_REFRESH_TOKEN_SQL, ROTATE_SQL
 
 
 async def sql_rotation_rate(
@@ -209,7 +209,7 @@ def signing_algorithm_costs(
     the token's size. Algorithms alternate within each round, so noise hits all alike."""
     from service.clock import SystemClock
     from service.domain.access_tokens import AccessTokenCodec
-    from service.domain.keys import KeyRing, generate_signing_key, open_signing_key
+    from service.domain.keys import FixedKeys, KeyRing, generate_signing_key, open_signing_key
     from service.secrets_box import SecretBox
     from service.settings import SIGNING_ALGORITHMS
 
@@ -217,8 +217,8 @@ def signing_algorithm_costs(
     codecs = {
         alg: AccessTokenCodec(
             issuer="bench",
-            key_ring=KeyRing(
-                [open_signing_key(generate_signing_key(alg, box, datetime.now(UTC)), box)]
+            keys=FixedKeys(
+                KeyRing([open_signing_key(generate_signing_key(alg, box, datetime.now(UTC)), box)])
             ),
             clock=SystemClock(),
             leeway=0,

@@ -13,7 +13,7 @@ from datetime import datetime
 
 import asyncpg
 
-from service.store.postgres import SESSION_PURGE_AFTER
+from service.store.revocations import SESSION_PURGE_AFTER
 
 _LIVE_SESSIONS_WITHOUT_ONE_CURRENT_TOKEN = """
 SELECT s.id, count(rt.token_hash) FILTER (WHERE rt.used_at IS NULL) AS unused

@@ -33,6 +33,7 @@ from service.domain.revocation import (
     UserRevocation,
     forgettable_before,
 )
+from service.store.base import UNAVAILABLE_ERRORS
 from service.store.notifications import (
     CHANNEL,
     KEYS_CHANNEL,
@@ -40,7 +41,6 @@ from service.store.notifications import (
     parse_payload,
     parse_user_payload,
 )
-from service.store.postgres import UNAVAILABLE_ERRORS
 
 log = logging.getLogger(__name__)
 

@@ -273,9 +273,23 @@ def test_stored_client_text_is_capped() -> None:
 
 def test_peer_addresses_drop_the_port() -> None:
     assert peer_address("ipv4:127.0.0.1:5000") == "ipv4:127.0.0.1"
-    assert peer_address("ipv6:[::1]:5000") == "ipv6:[::1]"
+    assert peer_address("ipv6:[::1]:5000") == "ipv6:::/64"
     assert peer_address("unix:/run/x.sock") == "unix:/run/x.sock"
     assert peer_address(None) == "-"
+
+
+def test_one_ipv6_subscriber_is_one_source_of_events_however_many_addresses_it_uses() -> None:
+    """A client picks any address of its /64 for each call: its failed logins, replays and
+    refusals must still share one aggregated row and one log line per window (as they
+    share one throttle key and one stream budget), not get a fresh one per address."""
+    sources = {peer_address(f"ipv6:[2001:db8:1:2:{n:x}::1]:{40000 + n}") for n in range(1, 200)} | {
+        peer_address("ipv6:%5B2001:db8:1:2::9%5D:1")
+    }
+    assert sources == {"ipv6:2001:db8:1:2::/64"}
+    assert len({aggregate_key(s, "alice") for s in sources}) == 1
+    # IPv4 over IPv6 (IPv4-mapped) is the IPv4 address; another /64 is another source.
+    assert peer_address("ipv6:[::ffff:192.0.2.7]:5000") == peer_address("ipv4:192.0.2.7:6000")
+    assert peer_address("ipv6:[2001:db8:1:3::1]:1") != peer_address("ipv6:[2001:db8:1:2::1]:1")
 
 
 def test_aggregate_keys_do_not_merge_different_parts() -> None:

@@ -27,9 +27,9 @@ from service.api.streams import (
     CallBudgetInterceptor,
     StreamBudget,
     UnaryBudget,
-    peer_address,
     transport_options,
 )
+from service.domain.events import peer_address
 from service.errors import TooManyCalls, TooManyStreams, TooManyStreamsFromPeer
 from service.gen.auth.v1 import auth_pb2, auth_pb2_grpc
 from service.settings import Settings, SettingsError
@@ -296,15 +296,17 @@ async def test_a_stream_closed_by_the_client_gives_its_slot_back_at_once(
 
 
 def test_peer_address_groups_connections_of_one_address() -> None:
-    assert peer_address("ipv4:10.1.2.3:5555") == "10.1.2.3"
-    assert peer_address("ipv4:10.1.2.3:6666") == "10.1.2.3"
+    assert peer_address("ipv4:10.1.2.3:5555") == "ipv4:10.1.2.3"
+    assert peer_address("ipv4:10.1.2.3:6666") == "ipv4:10.1.2.3"
     # IPv6: one /64 is one peer (a host usually gets a whole /64 to pick addresses from).
-    assert peer_address("ipv6:%5B2001:db8:1:2::1%5D:5555") == "2001:db8:1:2::/64"
-    assert peer_address("ipv6:[2001:db8:1:2:ffff::9]:7") == "2001:db8:1:2::/64"
-    assert peer_address("ipv6:%5B2001:db8:1:3::1%5D:5555") == "2001:db8:1:3::/64"
-    assert peer_address("ipv6:%5B::ffff:10.1.2.3%5D:80") == "10.1.2.3"
+    assert peer_address("ipv6:%5B2001:db8:1:2::1%5D:5555") == "ipv6:2001:db8:1:2::/64"
+    assert peer_address("ipv6:[2001:db8:1:2:ffff::9]:7") == "ipv6:2001:db8:1:2::/64"
+    assert peer_address("ipv6:%5B2001:db8:1:3::1%5D:5555") == "ipv6:2001:db8:1:3::/64"
+    assert peer_address("ipv6:%5B::ffff:10.1.2.3%5D:80") == "ipv4:10.1.2.3"
+    # A link-local address's zone does not make another peer.
+    assert peer_address("ipv6:%5Bfe80::1%25eth0%5D:80") == "ipv6:fe80::/64"
     assert peer_address("unix:/run/authsvc.sock") == "unix:/run/authsvc.sock"
-    assert peer_address("") == ""
+    assert peer_address("") == "-"
     assert peer_address("ipv4:not-an-address:1") == "ipv4:not-an-address"
 
 

@@ -17,7 +17,7 @@ from jwt.algorithms import get_default_algorithms
 
 from service.clock import ManualClock
 from service.domain.access_tokens import AccessTokenCodec, TokenProblem, TokenRejected
-from service.domain.keys import KeyRing, SigningKey
+from service.domain.keys import FixedKeys, KeyRing, SigningKey
 from service.gen.auth.v1 import auth_pb2
 from tests.helpers import validate
 from tests.live_server import LiveServer, ServerFactory
@@ -152,15 +152,16 @@ def test_every_ecdsa_algorithm_signs_low_s_and_refuses_high_s(
 ) -> None:
     """The codec's rule holds for every ECDSA curve pyjwt offers, not only the default's
     (and the curve orders it uses are right: n - s verifies only with the true order)."""
+    keys = FixedKeys(KeyRing([_signing_key(alg, ec.generate_private_key(curve))]))
     codec = AccessTokenCodec(
         issuer="authsvc",
-        key_ring=KeyRing([_signing_key(alg, ec.generate_private_key(curve))]),
+        keys=keys,
         clock=ManualClock(start=1_900_000_000.0),
         leeway=0,
     )
     order = CURVE_ORDERS[curve.name]
     verifier = get_default_algorithms()[alg]
-    public_key = codec.key_ring.signing_key(0).public_key
+    public_key = keys.ring.signing_key(0).public_key
     for _ in range(16):
         token = codec.sign(
             subject="s",

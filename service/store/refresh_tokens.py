@@ -1,0 +1,228 @@
+"""Refresh tokens: one refresh is one transaction (`PostgresRefreshTokens.refreshing`),
+the presented token's row locked from the first statement to the commit; the domain
+decides between the statements (`service.domain.tokens`)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import datetime
+
+import asyncpg
+
+from service.domain.records import RefreshTokenState, SecurityEvent
+from service.domain.refresh_tokens import Rotate
+from service.domain.revocation import Revocation
+from service.store.base import StoreBase
+from service.store.events import insert_event
+from service.store.revocations import revocations, revoke_session
+
+# The refresh path's statements (also run bare by the benchmark's SQL baseline).
+# The common case takes the lock and reads everything in one statement. A token
+# found used needs a second statement: under READ COMMITTED a call that waited
+# for the lock sees the parent's new version, but the joined rows (its child, its
+# session) only as they were before the wait, so they are read again, fresh.
+LOCK_REFRESH_TOKEN_SQL = """
+SELECT rt.token_hash, rt.session_id, s.user_id, rt.issued_at, rt.expires_at, rt.used_at,
+       rt.child_hash, s.scopes AS session_scopes, s.audience,
+       s.expires_at AS session_expires_at,
+       (s.revoked_at IS NOT NULL OR s.user_generation < u.session_generation)
+           AS session_revoked,
+       s.user_generation, u.access_expires_max AS user_access_expires_max,
+       u.scopes AS user_scopes, u.disabled
+  FROM refresh_tokens rt
+  JOIN sessions s ON s.id = rt.session_id
+  JOIN users u ON u.id = s.user_id
+ WHERE rt.token_hash = $1
+   FOR UPDATE OF rt
+"""
+
+ROTATED_TOKEN_STATE_SQL = """
+SELECT c.expires_at AS child_expires_at, (c.used_at IS NOT NULL) AS child_used,
+       (s.revoked_at IS NOT NULL OR s.user_generation < u.session_generation)
+           AS session_revoked,
+       u.disabled, s.last_refreshed_peer
+  FROM sessions s
+  JOIN users u ON u.id = s.user_id
+  LEFT JOIN refresh_tokens c ON c.token_hash = $2
+ WHERE s.id = $1
+"""
+
+# bound must cover its `exp`: if the lock query read a bound below it, $10 (a step past it)
+# is written, under the user's row lock and only if the generation is still the session's
+# (a revocation of the user that committed first announced the bound as it was, so nothing
+# may be signed past it; one that comes later waits for the row and announces the raised
+# bound). Otherwise ($10 NULL) the bound read already covers the token: bounds only grow,
+# so even a revocation committing after that read remembers this token long enough, and
+# the generation is checked again here, without a lock.
+#
+# Touch the session (who rotated it, to judge a replay of the parent) and raise its bound
+# to the `exp` ($6) of the access token about to be signed, mark the parent used, store its
+# only child: one round trip. All of it only if the session is not revoked: a revocation
+# that committed while this waited for the session row announced the bound as it was, so
+# no token may be signed past it. (A revocation that comes after this commit waits for the
+# row, and announces the raised bound.) The same holds for the user's bound (above).
+# The child ($5) is now the only unused token: the session lives until it or the session
+# expires, and is kept until its last access token has expired too.
+ROTATE_SQL = """
+WITH user_raised AS (
+    UPDATE users SET access_expires_max = greatest(access_expires_max, $10)
+     WHERE $10::timestamptz IS NOT NULL AND id = $8 AND session_generation <= $9
+    RETURNING 1),
+user_current AS (
+    SELECT 1 WHERE CASE WHEN $10::timestamptz IS NULL
+                        THEN NOT EXISTS (SELECT 1 FROM users
+                                          WHERE id = $8 AND session_generation > $9)
+                        ELSE EXISTS (SELECT 1 FROM user_raised) END),
+session AS (
+    UPDATE sessions SET last_refreshed_at = $3, last_refreshed_peer = $7,
+                        access_expires_max = greatest(access_expires_max, $6),
+                        purge_after = greatest(access_expires_max, $6, least(expires_at, $5))
+     WHERE id = $2 AND revoked_at IS NULL AND EXISTS (SELECT 1 FROM user_current)
+    RETURNING id),
+parent AS (
+    UPDATE refresh_tokens SET used_at = $3, child_hash = $4
+     WHERE token_hash = $1 AND used_at IS NULL AND EXISTS (SELECT 1 FROM session)
+    RETURNING 1)
+INSERT INTO refresh_tokens (token_hash, session_id, parent_hash, issued_at, expires_at)
+SELECT $4, $2, $1, $3, $5 FROM parent
+"""
+
+# A replay within the grace window signs another access token: raise the bound to its
+# `exp` ($2), unless the session or its user's generation was revoked meanwhile (as for
+# ROTATE_SQL).
+RAISE_ACCESS_EXPIRES_MAX_SQL = """
+WITH user_raised AS (
+    UPDATE users SET access_expires_max = greatest(access_expires_max, $5)
+     WHERE $5::timestamptz IS NOT NULL AND id = $3 AND session_generation <= $4
+    RETURNING 1),
+user_current AS (
+    SELECT 1 WHERE CASE WHEN $5::timestamptz IS NULL
+                        THEN NOT EXISTS (SELECT 1 FROM users
+                                          WHERE id = $3 AND session_generation > $4)
+                        ELSE EXISTS (SELECT 1 FROM user_raised) END)
+UPDATE sessions SET access_expires_max = greatest(access_expires_max, $2),
+                    purge_after = CASE WHEN purge_after IS NOT NULL
+                                       THEN greatest(purge_after, $2) END
+ WHERE id = $1 AND revoked_at IS NULL AND EXISTS (SELECT 1 FROM user_current)
+"""
+
+
+def _refresh_state(row: asyncpg.Record, rotated: asyncpg.Record | None) -> RefreshTokenState:
+    """The presented token's state; `rotated` is the fresh read made when it was used."""
+    return RefreshTokenState(
+        token_hash=bytes(row["token_hash"]),
+        session_id=row["session_id"],
+        user_id=row["user_id"],
+        issued_at=row["issued_at"],
+        expires_at=row["expires_at"],
+        used_at=row["used_at"],
+        child_hash=None if row["child_hash"] is None else bytes(row["child_hash"]),
+        child_expires_at=None if rotated is None else rotated["child_expires_at"],
+        child_used=False if rotated is None else rotated["child_used"],
+        session_scopes=tuple(row["session_scopes"]),
+        session_audience=row["audience"],
+        session_expires_at=row["session_expires_at"],
+        session_revoked=(rotated or row)["session_revoked"],
+        user_scopes=tuple(row["user_scopes"]),
+        user_disabled=(rotated or row)["disabled"],
+        rotated_by_peer=None if rotated is None else rotated["last_refreshed_peer"],
+        session_generation=row["user_generation"],
+        user_access_expires_max=row["user_access_expires_max"],
+    )
+
+
+class PostgresRefresh:
+    """One refresh's transaction (the `RefreshTransaction` port)."""
+
+    def __init__(self, conn: asyncpg.Connection, *, event_window: float) -> None:
+        self._conn = conn
+        self._event_window = event_window
+
+    async def lock(self, token_hash: bytes) -> RefreshTokenState | None:
+        """The presented token's state, its row locked until the end of the transaction:
+        every call presenting the same token waits here for the one before it."""
+        row = await self._conn.fetchrow(LOCK_REFRESH_TOKEN_SQL, token_hash)
+        if row is None:
+            return None
+        rotated = None
+        if row["used_at"] is not None:
+            rotated = await self._conn.fetchrow(
+                ROTATED_TOKEN_STATE_SQL, row["session_id"], row["child_hash"]
+            )
+        return _refresh_state(row, rotated)
+
+    async def rotate(
+        self,
+        state: RefreshTokenState,
+        rotation: Rotate,
+        *,
+        now: datetime,
+        access_expires_at: datetime,
+        peer: str | None,
+        user_bound: datetime | None,
+    ) -> bool:
+        """Mark the token used, store its child, raise the bounds (ROTATE_SQL); False,
+        writing nothing, if the session or its user's generation was revoked meanwhile."""
+        written = await self._conn.execute(
+            ROTATE_SQL,
+            state.token_hash,
+            state.session_id,
+            now,
+            rotation.child_hash,
+            rotation.child_expires_at,
+            access_expires_at,
+            peer,
+            state.user_id,
+            state.session_generation,
+            user_bound,
+        )
+        return bool(written == "INSERT 0 1")
+
+    async def raise_bounds(
+        self, state: RefreshTokenState, *, access_expires_at: datetime, user_bound: datetime | None
+    ) -> bool:
+        """Raise the session's bound (and the user's, to `user_bound`) to cover a token
+        expiring at `access_expires_at`; False if the session was revoked meanwhile."""
+        written = await self._conn.execute(
+            RAISE_ACCESS_EXPIRES_MAX_SQL,
+            state.session_id,
+            access_expires_at,
+            state.user_id,
+            state.session_generation,
+            user_bound,
+        )
+        return bool(written == "UPDATE 1")
+
+    async def revoke_for_reuse(
+        self, state: RefreshTokenState, *, now: datetime
+    ) -> tuple[list[Revocation], bool]:
+        """Revoke the token's session: its revocation (also when it was revoked before,
+        so that this process is told at once) and whether this call revoked it."""
+        revoked = await revoke_session(self._conn, state.session_id, "refresh_token_reused", now)
+        if revoked:
+            return revoked, True
+        return await self._revocation_of(state.session_id), False
+
+    async def _revocation_of(self, session_id: uuid.UUID) -> list[Revocation]:
+        return revocations(
+            await self._conn.fetch(
+                """SELECT id, revoked_at, access_expires_max FROM sessions
+                                 WHERE id = $1 AND revoked_at IS NOT NULL""",
+                session_id,
+            )
+        )
+
+    async def record_event(self, event: SecurityEvent, *, now: datetime) -> None:
+        await insert_event(self._conn, event, now, window=self._event_window)
+
+
+class PostgresRefreshTokens(StoreBase):
+    """The `refresh_tokens` table, with the session and user rows a rotation touches."""
+
+    @asynccontextmanager
+    async def refreshing(self) -> AsyncIterator[PostgresRefresh]:
+        """One refresh, in one transaction (committed on leaving, unless it raised)."""
+        async with self._transaction() as conn:
+            yield PostgresRefresh(conn, event_window=self._event_window)
