@@ -425,8 +425,12 @@ async def test_authsvc_refusing_this_service_is_not_the_callers_fault(
     token is fine, so the caller must not be told UNAUTHENTICATED."""
     tokens_file = tmp_path / "service-tokens"
     tokens_file.write_text("orders validate token:orders-service-token-0123456789abcdef\n")
+    # The same AUTH_AUDIENCES as the `server` the example's fixture started: replicas on
+    # one database share it.
     guarded = await server_factory(
-        caller_auth=frozenset({"validate"}), service_tokens_file=tokens_file
+        caller_auth=frozenset({"validate"}),
+        service_tokens_file=tokens_file,
+        audiences=frozenset({"orders"}),
     )
     await guarded.create_user("lee", scopes=("orders:write",))
     pair = await guarded.login("lee")
