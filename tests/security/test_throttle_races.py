@@ -128,13 +128,16 @@ async def test_logins_cut_short_by_their_deadline_are_still_counted(
             # Repeats of one address and username share a row (aggregated): its count.
             "SELECT coalesce(sum(occurrences), 0) FROM security_events WHERE kind = 'login_failed'"
         )
-        return bool(events == spy.started == 100)
+        # Every check that started is counted and recorded. (On a loaded machine a call
+        # can be cut short before its check starts at all: nothing to count then.)
+        return bool(spy.started > 0 and spy.running == 0 and events == spy.started)
 
     await eventually(failures_recorded)
+    started = spy.started
     counts = dict(await server.pool.fetch("SELECT key, failures FROM login_throttle ORDER BY key"))
     assert counts == {
-        user_key("impatient"): 100,
-        peer_key("ipv4:127.0.0.1:1"): 100,
+        user_key("impatient"): started,
+        peer_key("ipv4:127.0.0.1:1"): started,
     }
 
 
