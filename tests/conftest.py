@@ -16,6 +16,7 @@ Every test gets one tier marker (`make test-fast` runs `-m "not system"`):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import shutil
@@ -134,23 +135,38 @@ def template_database(pg_admin_uri: str) -> str:
     return TEMPLATE_DB
 
 
-@pytest.fixture
-async def database_url(pg_admin_uri: str, template_database: str) -> AsyncIterator[str]:
-    """A fresh, migrated database for one test."""
+@contextlib.asynccontextmanager
+async def _throwaway_database(pg_admin_uri: str, create_sql: str) -> AsyncIterator[str]:
+    """A database made by `create_sql` (with `{name}` in it) for one test, dropped after."""
     name = f"t_{uuid.uuid4().hex[:16]}"
     admin = await asyncpg.connect(pg_admin_uri)
     try:
-        await admin.execute(
-            f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"{CLONE_OPTIONS}'
-        )
+        await admin.execute(create_sql.format(name=name))
     finally:
         await admin.close()
-    yield database_uri(pg_admin_uri, name)
-    admin = await asyncpg.connect(pg_admin_uri)
     try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        yield database_uri(pg_admin_uri, name)
     finally:
-        await admin.close()
+        admin = await asyncpg.connect(pg_admin_uri)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
+
+
+@pytest.fixture
+async def database_url(pg_admin_uri: str, template_database: str) -> AsyncIterator[str]:
+    """A fresh, migrated database for one test."""
+    create = f'CREATE DATABASE "{{name}}" TEMPLATE "{template_database}"{CLONE_OPTIONS}'
+    async with _throwaway_database(pg_admin_uri, create) as url:
+        yield url
+
+
+@pytest.fixture
+async def empty_database(pg_admin_uri: str) -> AsyncIterator[str]:
+    """A database with no schema at all (for tests of migrations on existing data)."""
+    async with _throwaway_database(pg_admin_uri, 'CREATE DATABASE "{name}"') as url:
+        yield url
 
 
 # Figures a test measured (e.g. the failover's time to writable), shown after the run.

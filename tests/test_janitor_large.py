@@ -17,7 +17,6 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -36,7 +35,6 @@ from service.store.migrations import load_migrations
 from tests.live_server import (
     LiveServer,
     ServerFactory,
-    database_uri,
     start_live_server,
     stop_live_server,
 )
@@ -300,22 +298,6 @@ async def test_clean_up_finishes_on_a_large_database(
         assert await _count(conn, "SELECT count(*) FROM login_throttle") == NEW_THROTTLE
     finally:
         await conn.close()
-
-
-@pytest.fixture
-async def empty_database(pg_admin_uri: str) -> AsyncIterator[str]:
-    name = f"big_{uuid.uuid4().hex[:16]}"
-    admin = await asyncpg.connect(pg_admin_uri)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    yield database_uri(pg_admin_uri, name)
-    admin = await asyncpg.connect(pg_admin_uri)
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
 
 
 async def test_migration_and_back_fill_finish_on_a_large_table(

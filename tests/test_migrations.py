@@ -3,36 +3,18 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import timedelta
 
 import asyncpg
-import pytest
 
 from service.clock import ManualClock, to_datetime
 from service.settings import Settings
 from service.store import apply_migrations
 from service.store.migrations import load_migrations
-from tests.live_server import database_uri, start_live_server, stop_live_server
+from tests.live_server import start_live_server, stop_live_server
 
 TEN_YEARS = timedelta(seconds=315_360_000)
-
-
-@pytest.fixture
-async def empty_database(pg_admin_uri: str) -> AsyncIterator[str]:
-    name = f"m_{uuid.uuid4().hex[:16]}"
-    admin = await asyncpg.connect(pg_admin_uri)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    yield database_uri(pg_admin_uri, name)
-    admin = await asyncpg.connect(pg_admin_uri)
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
 
 
 async def _migrate_until(conn: asyncpg.Connection, name_part: str) -> None:

@@ -12,14 +12,13 @@ import sys
 import time
 import traceback
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg
 import pytest
 
 from service.store.migrations import load_migrations
-from tests.live_server import TEST_KEK, database_uri
+from tests.live_server import TEST_KEK
 from tests.test_cli import _authsvc, _env, _jwks_kids, _server_env, _serving
 
 OTHER_KEK = bytes(range(100, 132))
@@ -63,23 +62,6 @@ async def _key_material_rows(database_url: str) -> tuple[int, int]:
     finally:
         await conn.close()
     return int(keys), int(secrets)
-
-
-@pytest.fixture
-async def empty_database(pg_admin_uri: str) -> AsyncIterator[str]:
-    """A database with no schema at all."""
-    name = f"e_{uuid.uuid4().hex[:16]}"
-    admin = await asyncpg.connect(pg_admin_uri)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    yield database_uri(pg_admin_uri, name)
-    admin = await asyncpg.connect(pg_admin_uri)
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
 
 
 # Item 3: only serve and explicit key commands create key material.
