@@ -161,7 +161,16 @@ class Soak:
 
     def run(self) -> SoakResult:
         hard_deadline = self._t0 + self.duration + START_GRACE + STOP_GRACE
-        server = local_server(workers=self.workers, extra_env={"AUTH_REFRESH_REUSE_GRACE": "0"})
+        server = local_server(
+            workers=self.workers,
+            extra_env={
+                "AUTH_REFRESH_REUSE_GRACE": "0",
+                # The load logs the same few users in again and again: at the default cap
+                # (100) their older sessions would be evicted and most Validates would answer
+                # REVOKED, not the load this run means to apply.
+                "AUTH_MAX_SESSIONS_PER_USER": "10000",
+            },
+        )
         with server as (target, settings):
             self._event(f"server on {target}")
             postgres = EmbeddedPostgres(settings.data_dir)
