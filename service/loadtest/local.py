@@ -40,6 +40,12 @@ def local_server(
             # A database URL needs AUTH_KEK: a fresh one, as the throwaway data directory's
             # KEK file was before (a database with keys under another KEK is refused).
             env["AUTH_KEK"] = base64.b64encode(secrets.token_bytes(32)).decode()
+        if not env.get("AUTH_DATABASE_URL"):
+            # A fresh database of its own: the load logs the same few users in again and
+            # again, and at the default session cap (100) their older sessions would be
+            # evicted and most Validates answer REVOKED. (On a given database the shared
+            # settings recorded there apply.)
+            env.setdefault("AUTH_MAX_SESSIONS_PER_USER", "10000")
         env["AUTH_DATA_DIR"] = data_dir
         env["AUTH_LISTEN"] = "127.0.0.1:0"
         process = subprocess.Popen(
