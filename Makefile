@@ -8,10 +8,10 @@ STAMP  := $(VENV)/.installed-stamp
 
 .PHONY: run test test-fast test-system lint fmt docs proto check-proto load bench soak clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml clients/python/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ./clients/python -e '.[dev]'
 	touch $@
 
 run: $(STAMP)
@@ -31,7 +31,7 @@ test-fast: $(STAMP)
 test-system: $(STAMP)
 	$(PY) -m pytest -m system
 
-LINTED := service tests scripts examples/python/orders_service.py
+LINTED := service tests scripts clients/python examples/python/orders_service.py
 
 lint: $(STAMP) check-proto
 	$(VENV)/bin/ruff check $(LINTED)
@@ -48,11 +48,11 @@ fmt: $(STAMP)
 docs: $(STAMP)
 	$(PY) -m service.settings_table --write docs/operations.md
 
-# Regenerate service/gen/ from protos/ (the output is committed).
+# Regenerate clients/python/authsvc_client/gen/ from protos/ (the output is committed).
 proto: $(STAMP)
 	$(PY) scripts/gen_protos.py
 
-# Fails if service/gen/ does not match protos/ (also run as a test).
+# Fails if clients/python/authsvc_client/gen/ does not match protos/ (also run as a test).
 check-proto: $(STAMP)
 	$(PY) -m pytest -q tests/test_generated_code.py
 

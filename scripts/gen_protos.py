@@ -1,13 +1,13 @@
-"""Generate the Python stubs for protos/ into service/gen/.
+"""Generate the Python stubs for protos/ into clients/python/authsvc_client/gen/.
 
 protoc names imports after the path below -I: `auth/v1/auth.proto` yields
 `from auth.v1 import auth_pb2`, which only resolves with protos/ on sys.path.
-We generate into service/gen/ (mirroring the proto path) and rewrite those
-import lines to `from service.gen.auth.v1 import ...`, so the stubs are an
+We generate into clients/python/authsvc_client/gen/ (mirroring the proto path) and rewrite those
+import lines to `from authsvc_client.gen.auth.v1 import ...`, so the stubs are an
 ordinary subpackage. Descriptor file names stay `auth/v1/*.proto`, which is
 what other languages and server reflection expect.
 
-Usage: python scripts/gen_protos.py [--out DIR]   (default: service/gen)
+Usage: python scripts/gen_protos.py [--out DIR]   (default: clients/python/authsvc_client/gen)
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "protos"
-PACKAGE = "service.gen"
+PACKAGE = "authsvc_client.gen"
 
 # Matches `from auth.v1 import x_pb2` (and any other package under protos/).
 _IMPORT_RE = re.compile(r"^from (auth(?:\.\w+)*) import ", re.MULTILINE)
@@ -71,7 +71,9 @@ def generate(out: Path) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=ROOT / "service" / "gen")
+    parser.add_argument(
+        "--out", type=Path, default=ROOT / "clients" / "python" / "authsvc_client" / "gen"
+    )
     args = parser.parse_args(argv)
     for path in generate(args.out):
         print(path.relative_to(args.out.parent) if path.is_relative_to(args.out.parent) else path)

@@ -11,7 +11,8 @@ import os
 import signal
 from typing import Final
 
-from service.addresses import HostPort
+from authsvc_client.addresses import HostPort
+
 from service.components import key_encryption_key, start_database_clock
 from service.database import open_database
 from service.server import start_server

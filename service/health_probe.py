@@ -14,9 +14,8 @@ import os
 import sys
 
 import grpc
+from authsvc_client.addresses import HostPort
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-from service.addresses import HostPort
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_SERVICE = "auth.v1.AuthService"

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import asyncpg
 import grpc
+from authsvc_client.gen.auth.v1 import admin_pb2, auth_pb2
 from grpc_health.v1 import _async as health_async
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -36,7 +37,6 @@ from service.domain.shared_settings import (
     check_shared_settings,
 )
 from service.failures import ConfigurationError
-from service.gen.auth.v1 import admin_pb2, auth_pb2
 from service.metrics import (
     MetricsEndpoint,
     MetricsInterceptor,

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Generic, TypeVar
 
-from service import addresses
-from service.addresses import HostPort
+from authsvc_client import addresses
+from authsvc_client.addresses import HostPort
 
 T = TypeVar("T")
 N = TypeVar("N", int, float)
@@ -246,7 +246,7 @@ class DatabaseUrl(Text):
 
 @dataclass(frozen=True)
 class Address(Parser[str]):
-    """HOST:PORT (an IPv6 host in brackets), port 0 to 65535 (`service.addresses`)."""
+    """HOST:PORT (an IPv6 host in brackets), port 0 to 65535 (`authsvc_client.addresses`)."""
 
     @property
     def allowed(self) -> str:

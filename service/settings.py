@@ -29,7 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from service.addresses import HostPort
+from authsvc_client.addresses import HostPort
+
 from service.setting_declarations import Declaration, declared_fields, setting
 from service.setting_parsers import (
     DAY,

@@ -10,9 +10,9 @@ import socket
 from pathlib import Path
 
 import grpc
+from authsvc_client.addresses import HostPort
 from prometheus_client import CollectorRegistry
 
-from service.addresses import HostPort
 from service.api.callers import ServiceDirectory
 from service.failures import ConfigurationError
 from service.metrics import MetricsEndpoint

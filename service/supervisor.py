@@ -25,7 +25,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from service.addresses import HostPort
+from authsvc_client.addresses import HostPort
+
 from service.app import READY_FD_VARIABLE, STOP_SIGNALS, print_banner
 from service.components import key_encryption_key, prepare_key_material, start_database_clock
 from service.database import open_database

@@ -6,11 +6,11 @@ from typing import TypeVar
 
 import grpc
 import pytest
+from authsvc_client.gen.auth.v1 import auth_pb2
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from service.gen.auth.v1 import auth_pb2
 from tests.live_server import LiveServer
 
 Detail = TypeVar("Detail", bound=Message)

@@ -17,12 +17,12 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import grpc
+from authsvc_client.gen.auth.v1 import auth_pb2, auth_pb2_grpc
 from google.protobuf.message import Message
 
 from service.clock import ManualClock
 from service.database import create_pool
 from service.domain.records import UserRecord
-from service.gen.auth.v1 import auth_pb2, auth_pb2_grpc
 from service.server import RunningServer, start_server
 from service.settings import Settings
 

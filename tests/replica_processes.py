@@ -16,9 +16,8 @@ from collections.abc import Awaitable, Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 
+from authsvc_client.client import AuthClient, AuthServiceError
 from prometheus_client.parser import text_string_to_metric_families
-
-from service.client import AuthClient, AuthServiceError
 
 _METRICS_RE = re.compile(r"metrics on http://(127\.0\.0\.1:\d+)/metrics")
 _SERVING_RE = re.compile(r"authsvc serving on 127\.0\.0\.1:(\d+)")

@@ -14,11 +14,11 @@ from pathlib import Path
 import grpc
 import jwt
 import pytest
+from authsvc_client.gen.auth.v1 import admin_pb2, admin_pb2_grpc, auth_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from service.domain.revocation import REVOCATION_MARGIN_SECONDS
 from service.domain.signing_keys import KEY_ACTIVATION_DELAY
-from service.gen.auth.v1 import admin_pb2, admin_pb2_grpc, auth_pb2
 from service.settings import MAX_LEEWAY
 from tests.helpers import assert_error, bad_request_fields, refresh, refresh_fails, validate
 from tests.live_server import LiveServer, ServerFactory

@@ -14,15 +14,15 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
-from grpc_health.v1 import health_pb2
-
-from service.app import shutdown_drain
-from service.client import (
+from authsvc_client.client import (
     AuthClient,
     RetryPolicy,
     addresses_target,
     service_config,
 )
+from grpc_health.v1 import health_pb2
+
+from service.app import shutdown_drain
 from service.server import AUTH_SERVICE_NAME
 from tests.live_server import PASSWORD, LiveServer, ServerFactory
 from tests.replica_processes import VALIDATE, replicas, validate_load

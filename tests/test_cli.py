@@ -19,8 +19,8 @@ from pathlib import Path
 
 import grpc
 import pytest
+from authsvc_client.gen.auth.v1 import auth_pb2, auth_pb2_grpc
 
-from service.gen.auth.v1 import auth_pb2, auth_pb2_grpc
 from tests.live_server import PASSWORD, TEST_KEK, LiveServer
 
 pytestmark = pytest.mark.system  # the `authsvc` command as processes

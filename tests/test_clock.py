@@ -20,6 +20,7 @@ from pathlib import Path
 import grpc
 import jwt
 import pytest
+from authsvc_client.gen.auth.v1 import admin_pb2, admin_pb2_grpc, auth_pb2, auth_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.clock import (
@@ -35,7 +36,6 @@ from service.components import start_database_clock
 from service.database import create_pool
 from service.domain.access_tokens import START_LEEWAY_SECONDS
 from service.domain.signing_keys import KEY_ACTIVATION_DELAY
-from service.gen.auth.v1 import admin_pb2, admin_pb2_grpc, auth_pb2, auth_pb2_grpc
 from service.server import start_server
 from service.settings import Settings, SettingsError
 from tests.helpers import refresh, validate

@@ -21,11 +21,11 @@ from typing import Any
 import asyncpg
 import grpc
 import pytest
+from authsvc_client.gen.auth.v1 import auth_pb2
 from grpc_status import rpc_status
 
 from service.clock import ManualClock
 from service.domain.passwords import PasswordHasher
-from service.gen.auth.v1 import auth_pb2
 from service.settings import Settings
 from tests.helpers import assert_error, bad_request_fields, error_info
 from tests.live_server import (

@@ -21,11 +21,11 @@ from pathlib import Path
 import asyncpg
 import grpc
 import pytest
+from authsvc_client.gen.auth.v1 import auth_pb2, auth_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.components import start_database_clock
 from service.database import create_pool
-from service.gen.auth.v1 import auth_pb2, auth_pb2_grpc
 from service.server import REVOCATIONS_HEALTH_NAME, RunningServer, start_server
 from service.settings import Settings
 from service.store import apply_migrations

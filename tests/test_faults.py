@@ -23,10 +23,10 @@ from typing import Any, TypeVar
 import asyncpg
 import grpc
 import pytest
+from authsvc_client.gen.auth.v1 import auth_pb2
 
 from service.clock import ManualClock, to_datetime
 from service.domain.refresh_tokens import hash_token
-from service.gen.auth.v1 import auth_pb2
 from service.settings import Settings
 from service.store.invariants import (
     family_invariant_violations as store_invariant_violations,

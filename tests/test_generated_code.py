@@ -1,4 +1,5 @@
-"""service/gen/ is exactly what scripts/gen_protos.py makes from protos/ (`make check-proto`)."""
+"""The committed stubs (clients/python/authsvc_client/gen/) are exactly what
+scripts/gen_protos.py makes from protos/ (`make check-proto`)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from types import ModuleType
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-COMMITTED = ROOT / "service" / "gen"
+COMMITTED = ROOT / "clients" / "python" / "authsvc_client" / "gen"
 
 
 def load_gen_protos() -> ModuleType:
@@ -46,7 +47,7 @@ def generated(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
 def test_generated_files_are_the_committed_set(generated: dict[str, bytes]) -> None:
     committed = files_under(COMMITTED)
     assert sorted(generated) == sorted(committed), (
-        "service/gen/ is out of date: run `make proto` and commit the result"
+        "clients/python/authsvc_client/gen/ is out of date: run `make proto` and commit the result"
     )
     for expected in (
         "auth/v1/auth_pb2.py",
@@ -64,14 +65,16 @@ def test_generated_files_match_byte_for_byte(generated: dict[str, bytes]) -> Non
     stale = sorted(
         name for name in generated if name in committed and generated[name] != committed[name]
     )
-    assert stale == [], f"service/gen/ is out of date ({stale}): run `make proto`"
+    assert stale == [], (
+        f"clients/python/authsvc_client/gen/ is out of date ({stale}): run `make proto`"
+    )
 
 
 def test_generated_code_imports_our_package_not_top_level_auth(
     generated: dict[str, bytes],
 ) -> None:
     grpc_stub = generated["auth/v1/auth_pb2_grpc.py"].decode()
-    assert "from service.gen.auth.v1 import auth_pb2" in grpc_stub
+    assert "from authsvc_client.gen.auth.v1 import auth_pb2" in grpc_stub
     for name, content in generated.items():
         if name.endswith((".py", ".pyi")):
             for line in content.decode().splitlines():
@@ -98,9 +101,9 @@ def test_rewrite_imports_rewrites_only_our_top_level_imports() -> None:
         ]
     )
     assert rewrite(source).splitlines() == [
-        "from service.gen.auth.v1 import auth_pb2 as auth_dot_v1_dot_auth__pb2",
-        "from service.gen.auth.v2.sub import other_pb2",
-        "from service.gen.auth import root_pb2",
+        "from authsvc_client.gen.auth.v1 import auth_pb2 as auth_dot_v1_dot_auth__pb2",
+        "from authsvc_client.gen.auth.v2.sub import other_pb2",
+        "from authsvc_client.gen.auth import root_pb2",
         "from google.protobuf import timestamp_pb2",
         "from authz.v1 import x_pb2",
         "from oauth.v1 import y_pb2",
@@ -114,7 +117,7 @@ def test_rewrite_imports_rewrites_only_our_top_level_imports() -> None:
 def test_rewrite_imports_is_idempotent_and_takes_a_package() -> None:
     rewrite = gen_protos.rewrite_imports
     once = rewrite("from auth.v1 import auth_pb2\n")
-    assert once == "from service.gen.auth.v1 import auth_pb2\n"
+    assert once == "from authsvc_client.gen.auth.v1 import auth_pb2\n"
     assert rewrite(once) == once
     assert rewrite("from auth.v1 import a_pb2\n", "pkg.stubs") == (
         "from pkg.stubs.auth.v1 import a_pb2\n"

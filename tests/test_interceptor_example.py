@@ -1,4 +1,4 @@
-"""service.interceptor.RequireAccessToken, through the worked example in examples/python.
+"""authsvc_client.interceptor.RequireAccessToken, through the worked example in examples/python.
 
 The example is loaded in-process from its file with importlib (examples/ is not a package),
 so that its server runs on port 0 in the test's event loop, its cache reads the test's
@@ -21,10 +21,10 @@ from typing import Any
 
 import grpc
 import pytest
+from authsvc_client.client import AuthClient, RetryPolicy, Validation
+from authsvc_client.interceptor import RequireAccessToken, current_principal
 from google.protobuf.wrappers_pb2 import StringValue
 
-from service.client import AuthClient, RetryPolicy, Validation
-from service.interceptor import RequireAccessToken, current_principal
 from tests.live_server import LiveServer, ServerFactory
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "python" / "orders_service.py"

@@ -11,12 +11,12 @@ from dataclasses import replace
 import asyncpg
 import grpc
 import pytest
+from authsvc_client.gen.auth.v1 import admin_pb2, admin_pb2_grpc, auth_pb2
 
 from service.clock import to_datetime
 from service.database import create_pool
 from service.domain.janitor import Janitor
 from service.domain.revocation import REVOCATION_MARGIN_SECONDS
-from service.gen.auth.v1 import admin_pb2, admin_pb2_grpc, auth_pb2
 from service.metrics import PrometheusTelemetry
 from service.settings import MAX_LEEWAY
 from service.store.invariants import family_invariant_violations

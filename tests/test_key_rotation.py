@@ -24,10 +24,10 @@ import asyncpg
 import grpc
 import jwt
 import pytest
+from authsvc_client.gen.auth.v1 import admin_pb2, admin_pb2_grpc, auth_pb2, auth_pb2_grpc
 
 from service.domain.revocation import REVOCATION_MARGIN_SECONDS
 from service.domain.signing_keys import KEY_ACTIVATION_DELAY
-from service.gen.auth.v1 import admin_pb2, admin_pb2_grpc, auth_pb2, auth_pb2_grpc
 from service.store.base import BOOTSTRAP_LOCK_ID
 from tests.helpers import refresh, validate
 from tests.live_server import PASSWORD, TEST_KEK, LiveServer, ServerFactory

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import grpc
 import pytest
+from authsvc_client.gen.auth.v1 import auth_pb2
 
-from service.gen.auth.v1 import auth_pb2
 from tests.helpers import assert_error
 from tests.live_server import LiveServer
 

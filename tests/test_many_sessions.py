@@ -17,10 +17,10 @@ from datetime import timedelta
 import asyncpg
 import grpc
 import pytest
+from authsvc_client.gen.auth.v1 import admin_pb2, admin_pb2_grpc, auth_pb2
 
 from service.clock import to_datetime
 from service.domain.janitor import CATCH_UP_BATCH
-from service.gen.auth.v1 import admin_pb2, admin_pb2_grpc, auth_pb2
 from tests.helpers import assert_error, refresh, refresh_fails, validate
 from tests.live_server import PASSWORD, LiveServer, ServerFactory
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import grpc
 import pytest
+from authsvc_client.gen.auth.v1 import admin_pb2, admin_pb2_grpc, auth_pb2, auth_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.gen.auth.v1 import admin_pb2, admin_pb2_grpc, auth_pb2, auth_pb2_grpc
 from tests.helpers import refresh, refresh_fails
 from tests.live_server import PASSWORD, LiveServer, ServerFactory
 from tests.test_cli import _authsvc, _server_env

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from authsvc_client.client import AuthClient
 
-from service.client import AuthClient
 from tests.live_server import PASSWORD
 from tests.replica_processes import Replica, free_loopback_port, replicas, validate_load
 from tests.test_cli import _server_env

@@ -7,8 +7,8 @@ import logging
 
 import grpc
 import pytest
+from authsvc_client.gen.auth.v1 import auth_pb2
 
-from service.gen.auth.v1 import auth_pb2
 from tests.helpers import refresh
 from tests.live_server import PASSWORD, TEST_KEK, LiveServer, SecretsSeen, ServerFactory
 

@@ -17,9 +17,9 @@ from typing import Any
 
 import grpc
 import pytest
+from authsvc_client.gen.auth.v1 import auth_pb2
 
 from service.clock import ManualClock
-from service.gen.auth.v1 import auth_pb2
 from tests.live_server import PASSWORD, LiveServer, ServerFactory
 
 EXAMPLE_DIR = Path(__file__).resolve().parent.parent / "examples" / "node"

@@ -1,4 +1,4 @@
-"""service.client.AuthClient: typed results and errors against the real server; retries,
+"""authsvc_client.client.AuthClient: typed results and errors against the real server; retries,
 deadlines and metadata against a small fake authsvc that fails on command."""
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ from typing import Any
 import grpc
 import jwt
 import pytest
+from authsvc_client.client import AuthClient, AuthServiceError, RetryPolicy
+from authsvc_client.gen.auth.v1 import auth_pb2
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from service.client import AuthClient, AuthServiceError, RetryPolicy
-from service.gen.auth.v1 import auth_pb2
 from tests.live_server import PASSWORD, LiveServer, ServerFactory
 
 FAST_RETRY = RetryPolicy(max_attempts=4, initial_backoff=0.01, max_backoff=0.02)
@@ -377,7 +377,7 @@ async def test_service_token_is_accepted_where_authsvc_requires_one(
 
 def test_a_validation_error_this_client_does_not_know_is_still_not_valid() -> None:
     """A newer server may add reasons: the answer stays valid=False, with a readable name."""
-    from service.client import _validation
+    from authsvc_client.client import _validation
 
     response = auth_pb2.ValidateResponse(valid=False)
     response.error = 99  # type: ignore[assignment]

@@ -13,9 +13,9 @@ import re
 import uuid
 
 import grpc
+from authsvc_client.gen.auth.v1 import auth_pb2
 
 from service.clock import ManualClock
-from service.gen.auth.v1 import auth_pb2
 from tests.helpers import assert_error, refresh, refresh_fails, validate
 from tests.live_server import LiveServer, ServerFactory
 

@@ -13,10 +13,10 @@ import asyncpg
 import grpc
 import jwt as pyjwt
 import pytest
+from authsvc_client.gen.auth.v1 import auth_pb2
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from service.clock import ManualClock
-from service.gen.auth.v1 import auth_pb2
 from tests.helpers import assert_error, refresh, refresh_fails, validate
 from tests.live_server import PASSWORD, LiveServer
 

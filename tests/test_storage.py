@@ -9,12 +9,12 @@ import re
 
 import grpc
 import pytest
+from authsvc_client.gen.auth.v1 import auth_pb2
 from cryptography.hazmat.primitives import serialization
 
 from service.domain.keys import open_signing_key
 from service.domain.records import SigningKeyRecord
 from service.domain.refresh_tokens import hash_token
-from service.gen.auth.v1 import auth_pb2
 from service.secrets_box import KeyDecryptionError, SecretBox
 from tests.helpers import assert_error, refresh
 from tests.live_server import PASSWORD, TEST_KEK, LiveServer

@@ -7,10 +7,10 @@ import asyncio
 
 import grpc
 import pytest
+from authsvc_client.gen.auth.v1 import auth_pb2
 from google.rpc import error_details_pb2
 
 from service.domain.throttle import ThrottlePolicy, peer_key
-from service.gen.auth.v1 import auth_pb2
 from tests.helpers import assert_error, error_info, status_detail
 from tests.live_server import PASSWORD, LiveServer, ServerFactory
 

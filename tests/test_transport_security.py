@@ -24,6 +24,8 @@ from pathlib import Path
 import asyncpg
 import grpc
 import pytest
+from authsvc_client.client import AuthClient, AuthServiceError
+from authsvc_client.gen.auth.v1 import admin_pb2, admin_pb2_grpc, auth_pb2, auth_pb2_grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -31,10 +33,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.api.callers import CertificateName, ServiceDirectory
-from service.client import AuthClient, AuthServiceError
 from service.clock import ManualClock
 from service.database import create_pool
-from service.gen.auth.v1 import admin_pb2, admin_pb2_grpc, auth_pb2, auth_pb2_grpc
 from service.server import start_server
 from service.settings import Settings, SettingsError
 from service.store.revocation_feed import LISTENER_APPLICATION_NAME

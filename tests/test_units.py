@@ -11,9 +11,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from authsvc_client import addresses
+from authsvc_client.addresses import HostPort
 
-from service import addresses
-from service.addresses import HostPort
 from service.domain.records import RefreshTokenState
 from service.domain.refresh_tokens import (
     Reject,

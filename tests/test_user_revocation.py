@@ -13,6 +13,7 @@ import uuid
 from datetime import timedelta
 
 import pytest
+from authsvc_client.gen.auth.v1 import admin_pb2, admin_pb2_grpc, auth_pb2
 
 from service.clock import ManualClock, to_datetime
 from service.domain.revocation import (
@@ -21,7 +22,6 @@ from service.domain.revocation import (
     RevocationState,
     UserRevocation,
 )
-from service.gen.auth.v1 import admin_pb2, admin_pb2_grpc, auth_pb2
 from service.settings import MAX_LEEWAY, Settings, SettingsError
 from service.store.notifications import parse_user_payload, user_notify_payload
 from tests.helpers import refresh, refresh_fails, validate

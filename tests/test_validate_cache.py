@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import uuid
 
+from authsvc_client.gen.auth.v1 import auth_pb2
+
 from service.domain.access_tokens import AccessClaims, token_lifetime
 from service.domain.revocation import (
     REVOCATION_MARGIN_SECONDS,
@@ -13,7 +15,6 @@ from service.domain.revocation import (
     forgettable_before,
     remembered_until,
 )
-from service.gen.auth.v1 import auth_pb2
 from service.settings import MAX_LEEWAY
 from service.store.notifications import notify_payloads, parse_payload
 from tests.live_server import LiveServer, ServerFactory

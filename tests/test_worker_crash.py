@@ -15,8 +15,8 @@ import asyncpg
 import grpc
 import psutil
 import pytest
+from authsvc_client.gen.auth.v1 import auth_pb2, auth_pb2_grpc
 
-from service.gen.auth.v1 import auth_pb2, auth_pb2_grpc
 from tests.live_server import PASSWORD
 from tests.test_cli import _server_env
 from tests.test_faults import assert_family_invariants

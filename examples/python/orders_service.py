@@ -22,10 +22,9 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
+from authsvc_client.client import AuthClient
+from authsvc_client.interceptor import RequireAccessToken, current_principal
 from google.protobuf.wrappers_pb2 import StringValue
-
-from service.client import AuthClient
-from service.interceptor import RequireAccessToken, current_principal
 
 SERVICE = "example.Orders"
 CREATE = f"/{SERVICE}/Create"

@@ -10,6 +10,7 @@ import uuid
 from dataclasses import replace
 
 import grpc
+from authsvc_client.gen.auth.v1 import admin_pb2
 
 from service.api.admin_refusals import AdminRefusals
 from service.api.callers import calling_service
@@ -19,7 +20,6 @@ from service.domain.records import CallerInfo, SessionRecord, UserRecord
 from service.domain.signing_keys import SigningKeyInfo, SigningKeys
 from service.domain.users import UserDirectory, UserRef
 from service.errors import AuthError, FieldViolation
-from service.gen.auth.v1 import admin_pb2
 from service.request_limits import MAX_ID_BYTES, RequestCheck
 
 MAX_PAGE_SIZE = 100

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+from authsvc_client.gen.auth.v1 import auth_pb2
 
 from service.api.status import maps_errors
 from service.api.wire import add_servicer, bearer_credential, caller_info, timestamp
@@ -13,7 +15,6 @@ from service.domain.sessions import RevokeService
 from service.domain.signing_keys import SigningKeys
 from service.domain.tokens import UNKNOWN_AUDIENCE, TokenPair, TokenService
 from service.domain.validation import AccessTokenValidator
-from service.gen.auth.v1 import auth_pb2
 from service.request_limits import (
     MAX_AUDIENCE_BYTES,
     MAX_ID_BYTES,
@@ -165,6 +166,13 @@ class AuthServicer:
         self, request: auth_pb2.GetJwksRequest, context: Context
     ) -> auth_pb2.GetJwksResponse:
         return auth_pb2.GetJwksResponse(jwks_json=self._keys.ring.jwks_json)
+
+    async def WatchRevocations(
+        self, request: auth_pb2.WatchRevocationsRequest, context: Context
+    ) -> AsyncIterator[auth_pb2.RevocationUpdate]:
+        # Declared in the proto; served once the revocation log lands (issue 10).
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "WatchRevocations is not served yet")
+        yield auth_pb2.RevocationUpdate()  # pragma: no cover (makes this a generator)
 
 
 def add_auth_servicer(servicer: AuthServicer, server: grpc.aio.Server) -> None:

@@ -77,8 +77,15 @@ def _tolerant_deserializer(cls: type[Message]) -> Callable[[bytes], object]:
 def add_servicer(servicer: object, service: ServiceDescriptor, server: grpc.aio.Server) -> None:
     """Register like the generated `add_*Servicer_to_server`, except that a request that
     does not parse reaches the servicer (and becomes INVALID_ARGUMENT)."""
-    handlers = {
-        method.name: grpc.unary_unary_rpc_method_handler(
+    handlers = {}
+    for method in service.methods:
+        # Server-streaming methods (WatchRevocations) get a stream handler.
+        make_handler = (
+            grpc.unary_stream_rpc_method_handler
+            if method.server_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
+        handlers[method.name] = make_handler(
             getattr(servicer, method.name),
             request_deserializer=_tolerant_deserializer(
                 message_factory.GetMessageClass(method.input_type)
@@ -87,8 +94,6 @@ def add_servicer(servicer: object, service: ServiceDescriptor, server: grpc.aio.
                 method.output_type
             ).SerializeToString,
         )
-        for method in service.methods
-    }
     generic = grpc.method_handlers_generic_handler(service.full_name, handlers)
     server.add_generic_rpc_handlers((generic,))
     server.add_registered_method_handlers(service.full_name, handlers)

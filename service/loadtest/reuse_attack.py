@@ -14,10 +14,9 @@ from dataclasses import dataclass, field
 from typing import cast
 
 import grpc
+from authsvc_client.gen.auth.v1 import auth_pb2, auth_pb2_grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
-
-from service.gen.auth.v1 import auth_pb2, auth_pb2_grpc
 
 ATTACK_INTERVAL = 1.0  # seconds between reuse attacks
 CALL_TIMEOUT = 10.0  # seconds: no single gRPC call of the soak may hang longer

@@ -29,9 +29,9 @@ from dataclasses import dataclass
 from multiprocessing.sharedctypes import Synchronized
 
 import grpc
+from authsvc_client.gen.auth.v1 import auth_pb2, auth_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from service.gen.auth.v1 import auth_pb2, auth_pb2_grpc
 from service.loadtest.stats import ProcessResult, ScenarioSummary, summarize
 
 SCENARIOS = ("validate", "refresh", "issue", "mixed", "health")

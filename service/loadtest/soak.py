@@ -27,8 +27,8 @@ from typing import Any, cast
 
 import asyncpg
 import psutil
+from authsvc_client.addresses import HostPort
 
-from service.addresses import HostPort
 from service.loadtest import runner
 from service.loadtest.faults import (
     EmbeddedPostgres,

@@ -14,10 +14,9 @@ import time
 from dataclasses import dataclass
 from typing import Final
 
+from authsvc_client.addresses import HostPort
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
-
-from service.addresses import HostPort
 
 log = logging.getLogger(__name__)
 

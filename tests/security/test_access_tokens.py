@@ -18,6 +18,7 @@ from typing import Any
 import grpc
 import jwt as pyjwt
 import pytest
+from authsvc_client.gen.auth.v1 import auth_pb2
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from joserfc import jwt as jose_jwt
@@ -28,7 +29,6 @@ from jwt.algorithms import get_default_algorithms
 from service.clock import ManualClock
 from service.domain.keys import PrivateKey, SigningKey, open_signing_key
 from service.domain.records import SigningKeyRecord
-from service.gen.auth.v1 import auth_pb2
 from service.secrets_box import SecretBox
 from tests.helpers import assert_error, validate
 from tests.live_server import TEST_KEK, LiveServer, ServerFactory

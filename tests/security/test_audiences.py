@@ -10,9 +10,9 @@ from dataclasses import replace
 
 import grpc
 import pytest
+from authsvc_client.gen.auth.v1 import auth_pb2
 
 from service.domain.shared_settings import adopt_shared_settings
-from service.gen.auth.v1 import auth_pb2
 from service.settings import Settings, SettingsError
 from tests.helpers import assert_error, bad_request_fields, refresh, refresh_fails, validate
 from tests.live_server import LiveServer, ServerFactory

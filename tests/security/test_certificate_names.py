@@ -12,11 +12,11 @@ from pathlib import Path
 
 import grpc
 import pytest
+from authsvc_client.gen.auth.v1 import auth_pb2, auth_pb2_grpc
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from service.api.callers import CertificateName, ServiceDirectory
-from service.gen.auth.v1 import auth_pb2, auth_pb2_grpc
 from service.settings import SettingsError
 from tests.helpers import assert_error
 from tests.live_server import ServerFactory

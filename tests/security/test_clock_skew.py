@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from service.gen.auth.v1 import auth_pb2
+from authsvc_client.gen.auth.v1 import auth_pb2
+
 from tests.helpers import validate
 from tests.test_clock import Replicas, eventually, replicas
 

@@ -19,8 +19,8 @@ import grpc
 import pytest
 from argon2 import PasswordHasher as Argon2Hasher
 from argon2.exceptions import VerifyMismatchError
+from authsvc_client.gen.auth.v1 import auth_pb2
 
-from service.gen.auth.v1 import auth_pb2
 from tests.helpers import assert_error
 from tests.live_server import PASSWORD, LiveServer, ServerFactory
 

@@ -16,6 +16,7 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import grpc
 import pytest
+from authsvc_client.gen.auth.v1 import auth_pb2, auth_pb2_grpc
 from prometheus_client import CollectorRegistry
 
 from service.clock import ManualClock
@@ -28,7 +29,6 @@ from service.domain.events import (
 )
 from service.domain.records import RefreshTokenState
 from service.domain.refresh_tokens import replay_verdict
-from service.gen.auth.v1 import auth_pb2, auth_pb2_grpc
 from tests.helpers import assert_error, refresh, refresh_fails
 from tests.live_server import PASSWORD, LiveServer, ServerFactory
 

@@ -33,6 +33,7 @@ import asyncpg
 import grpc
 import psutil
 import pytest
+from authsvc_client.gen.auth.v1 import auth_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from hypothesis import HealthCheck, example, given
@@ -41,7 +42,6 @@ from hypothesis import strategies as st
 
 from service.clock import ManualClock
 from service.domain.usernames import username_key, username_key_too_long
-from service.gen.auth.v1 import auth_pb2
 from service.settings import Settings
 from tests.live_server import (
     PASSWORD,

@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
+from authsvc_client.gen.auth.v1 import auth_pb2
 
-from service.gen.auth.v1 import auth_pb2
 from service.logs import RepeatedLibraryLines
 from tests.raw_http2 import raw_unary_call
 from tests.test_cli import _SERVING_RE, _server_env

@@ -19,10 +19,10 @@ from typing import Any
 import asyncpg
 import grpc
 import pytest
+from authsvc_client.gen.auth.v1 import auth_pb2
 
 from service.clock import ManualClock, to_datetime
 from service.domain.shared_settings import adopt_shared_settings
-from service.gen.auth.v1 import auth_pb2
 from service.settings import MAX_LEEWAY, Settings
 from tests.helpers import assert_error, refresh, validate
 from tests.live_server import LiveServer, ServerFactory

@@ -16,12 +16,12 @@ from pathlib import Path
 import asyncpg
 import grpc
 import pytest
+from authsvc_client.gen.auth.v1 import admin_pb2, admin_pb2_grpc, auth_pb2
 from google.protobuf.descriptor import Descriptor, FieldDescriptor, MethodDescriptor
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2
 
 from service.domain.usernames import escape_text, new_username_problem, username_key
-from service.gen.auth.v1 import admin_pb2, admin_pb2_grpc, auth_pb2
 from service.store import apply_migrations
 from service.store.migrations import Migration, load_migrations
 from tests.helpers import assert_error, bad_request_fields, status_detail, validate

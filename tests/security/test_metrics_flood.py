@@ -22,12 +22,12 @@ from pathlib import Path
 import grpc
 import psutil
 import pytest
+from authsvc_client.gen.auth.v1 import auth_pb2, auth_pb2_grpc
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
-from service.gen.auth.v1 import auth_pb2, auth_pb2_grpc
 from service.metrics import EndpointLimits, MetricsEndpoint
 from tests.live_server import PASSWORD
 from tests.test_cli import _SERVING_RE, _server_env

@@ -19,10 +19,10 @@ from typing import Any
 import grpc
 import jwt as pyjwt
 import pytest
+from authsvc_client.gen.auth.v1 import auth_pb2
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from service.clock import ManualClock
-from service.gen.auth.v1 import auth_pb2
 from tests.helpers import assert_error, validate
 from tests.live_server import LiveServer
 

@@ -9,8 +9,9 @@ import asyncio
 import json
 import time
 
+from authsvc_client.gen.auth.v1 import admin_pb2, admin_pb2_grpc, auth_pb2
+
 from service.clock import ManualClock
-from service.gen.auth.v1 import admin_pb2, admin_pb2_grpc, auth_pb2
 from tests.helpers import refresh, refresh_fails, validate
 from tests.live_server import ServerFactory
 

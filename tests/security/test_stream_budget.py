@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 import grpc
 import pytest
+from authsvc_client.gen.auth.v1 import auth_pb2, auth_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -31,7 +32,6 @@ from service.api.streams import (
 )
 from service.domain.events import peer_address
 from service.errors import TooManyCalls, TooManyStreams, TooManyStreamsFromPeer
-from service.gen.auth.v1 import auth_pb2, auth_pb2_grpc
 from service.settings import Settings, SettingsError
 from tests.helpers import assert_error
 from tests.live_server import LiveServer, ServerFactory

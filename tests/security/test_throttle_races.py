@@ -9,11 +9,11 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 import pytest
+from authsvc_client.gen.auth.v1 import auth_pb2, auth_pb2_grpc
 
 from service.domain.login import CHECKS_PER_HASHING_THREAD
 from service.domain.passwords import PasswordHasher
 from service.domain.throttle import peer_key, user_key
-from service.gen.auth.v1 import auth_pb2, auth_pb2_grpc
 from tests.helpers import error_info
 from tests.live_server import PASSWORD, LiveServer, ServerFactory
 

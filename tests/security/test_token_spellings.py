@@ -12,13 +12,13 @@ import json
 from collections.abc import Callable
 
 import pytest
+from authsvc_client.gen.auth.v1 import auth_pb2
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import get_default_algorithms
 
 from service.clock import ManualClock
 from service.domain.access_tokens import AccessTokenCodec, TokenProblem, TokenRejected
 from service.domain.keys import FixedKeys, KeyRing, SigningKey
-from service.gen.auth.v1 import auth_pb2
 from tests.helpers import validate
 from tests.live_server import LiveServer, ServerFactory
 

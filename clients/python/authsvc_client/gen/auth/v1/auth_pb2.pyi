@@ -138,3 +138,43 @@ class GetJwksResponse(_message.Message):
     JWKS_JSON_FIELD_NUMBER: _ClassVar[int]
     jwks_json: str
     def __init__(self, jwks_json: _Optional[str] = ...) -> None: ...
+
+class WatchRevocationsRequest(_message.Message):
+    __slots__ = ("after_sequence",)
+    AFTER_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    after_sequence: int
+    def __init__(self, after_sequence: _Optional[int] = ...) -> None: ...
+
+class RevokedSession(_message.Message):
+    __slots__ = ("session_id", "keep_until")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    KEEP_UNTIL_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    keep_until: _timestamp_pb2.Timestamp
+    def __init__(self, session_id: _Optional[str] = ..., keep_until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class RevokedUser(_message.Message):
+    __slots__ = ("subject", "generation", "keep_until")
+    SUBJECT_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    KEEP_UNTIL_FIELD_NUMBER: _ClassVar[int]
+    subject: str
+    generation: int
+    keep_until: _timestamp_pb2.Timestamp
+    def __init__(self, subject: _Optional[str] = ..., generation: _Optional[int] = ..., keep_until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class RevocationUpdate(_message.Message):
+    __slots__ = ("sequence", "snapshot", "revoked", "jwks_json", "sent_at", "revoked_users")
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_FIELD_NUMBER: _ClassVar[int]
+    JWKS_JSON_FIELD_NUMBER: _ClassVar[int]
+    SENT_AT_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_USERS_FIELD_NUMBER: _ClassVar[int]
+    sequence: int
+    snapshot: bool
+    revoked: _containers.RepeatedCompositeFieldContainer[RevokedSession]
+    jwks_json: str
+    sent_at: _timestamp_pb2.Timestamp
+    revoked_users: _containers.RepeatedCompositeFieldContainer[RevokedUser]
+    def __init__(self, sequence: _Optional[int] = ..., snapshot: _Optional[bool] = ..., revoked: _Optional[_Iterable[_Union[RevokedSession, _Mapping]]] = ..., jwks_json: _Optional[str] = ..., sent_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., revoked_users: _Optional[_Iterable[_Union[RevokedUser, _Mapping]]] = ...) -> None: ...

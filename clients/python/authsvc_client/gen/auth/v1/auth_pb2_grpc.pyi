@@ -16,7 +16,7 @@ reason, not on the message text. INVALID_ARGUMENT errors also carry a
 google.rpc.BadRequest naming the offending field.
 """
 
-from service.gen.auth.v1 import auth_pb2 as _auth_pb2
+from authsvc_client.gen.auth.v1 import auth_pb2 as _auth_pb2
 from collections import abc as _abc
 from grpc import aio as _aio
 import abc as _abc_1
@@ -81,6 +81,20 @@ class AuthServiceStub:
     """
     GetJwks: _grpc.UnaryUnaryMultiCallable[_auth_pb2.GetJwksRequest, _auth_pb2.GetJwksResponse]
     """GetJwks returns the public keys that verify access tokens."""
+    WatchRevocations: _grpc.UnaryStreamMultiCallable[_auth_pb2.WatchRevocationsRequest, _auth_pb2.RevocationUpdate]
+    """WatchRevocations streams what a verifier needs to validate access tokens
+    in its own process: every revoked session (and every user whose sessions
+    were all revoked) whose tokens may still be alive, and the current JWK
+    Set. The first update is a snapshot unless after_sequence is still in the
+    server's revocation log, in which case it carries exactly what came after
+    it. Then one update per batch of revocations, in log order, and a
+    heartbeat (sent_at alone) at least every AUTH_WATCH_HEARTBEAT. Guarded
+    like Validate (AUTH_CALLER_AUTH=validate applies) and counted against the
+    stream budget. A consumer that does not keep up is cut off with
+    RESOURCE_EXHAUSTED / WATCHER_TOO_SLOW; it reconnects with its sequence.
+    The message names are fixed by the design (issue 10), hence:
+    buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+    """
 
 @_typing.type_check_only
 class AuthServiceAsyncStub(AuthServiceStub):
@@ -122,6 +136,20 @@ class AuthServiceAsyncStub(AuthServiceStub):
     """
     GetJwks: _aio.UnaryUnaryMultiCallable[_auth_pb2.GetJwksRequest, _auth_pb2.GetJwksResponse]  # type: ignore[assignment]
     """GetJwks returns the public keys that verify access tokens."""
+    WatchRevocations: _aio.UnaryStreamMultiCallable[_auth_pb2.WatchRevocationsRequest, _auth_pb2.RevocationUpdate]  # type: ignore[assignment]
+    """WatchRevocations streams what a verifier needs to validate access tokens
+    in its own process: every revoked session (and every user whose sessions
+    were all revoked) whose tokens may still be alive, and the current JWK
+    Set. The first update is a snapshot unless after_sequence is still in the
+    server's revocation log, in which case it carries exactly what came after
+    it. Then one update per batch of revocations, in log order, and a
+    heartbeat (sent_at alone) at least every AUTH_WATCH_HEARTBEAT. Guarded
+    like Validate (AUTH_CALLER_AUTH=validate applies) and counted against the
+    stream budget. A consumer that does not keep up is cut off with
+    RESOURCE_EXHAUSTED / WATCHER_TOO_SLOW; it reconnects with its sequence.
+    The message names are fixed by the design (issue 10), hence:
+    buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+    """
 
 class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
     """AuthService issues, rotates, validates and revokes tokens."""
@@ -190,5 +218,25 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_auth_pb2.GetJwksResponse, _abc.Awaitable[_auth_pb2.GetJwksResponse]]:
         """GetJwks returns the public keys that verify access tokens."""
+
+    @_abc_1.abstractmethod
+    def WatchRevocations(
+        self,
+        request: _auth_pb2.WatchRevocationsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_auth_pb2.RevocationUpdate], _abc.AsyncIterator[_auth_pb2.RevocationUpdate]]:
+        """WatchRevocations streams what a verifier needs to validate access tokens
+        in its own process: every revoked session (and every user whose sessions
+        were all revoked) whose tokens may still be alive, and the current JWK
+        Set. The first update is a snapshot unless after_sequence is still in the
+        server's revocation log, in which case it carries exactly what came after
+        it. Then one update per batch of revocations, in log order, and a
+        heartbeat (sent_at alone) at least every AUTH_WATCH_HEARTBEAT. Guarded
+        like Validate (AUTH_CALLER_AUTH=validate applies) and counted against the
+        stream budget. A consumer that does not keep up is cut off with
+        RESOURCE_EXHAUSTED / WATCHER_TOO_SLOW; it reconnects with its sequence.
+        The message names are fixed by the design (issue 10), hence:
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+        """
 
 def add_AuthServiceServicer_to_server(servicer: AuthServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -37,13 +37,13 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import error_details_pb2, status_pb2
 
-from service.client_channel import (
+from authsvc_client.channel import (
     NO_RETRY,
     RetryPolicy,
     addresses_target,
     service_config,
 )
-from service.gen.auth.v1 import auth_pb2, auth_pb2_grpc
+from authsvc_client.gen.auth.v1 import auth_pb2, auth_pb2_grpc
 
 log = logging.getLogger(__name__)
 

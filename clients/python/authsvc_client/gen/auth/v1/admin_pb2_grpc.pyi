@@ -15,7 +15,7 @@ NOT_FOUND/USER_NOT_FOUND or SESSION_NOT_FOUND, ALREADY_EXISTS/
 USER_ALREADY_EXISTS, UNAVAILABLE/DATABASE_UNAVAILABLE.
 """
 
-from service.gen.auth.v1 import admin_pb2 as _admin_pb2
+from authsvc_client.gen.auth.v1 import admin_pb2 as _admin_pb2
 from collections import abc as _abc
 from grpc import aio as _aio
 import abc as _abc_1

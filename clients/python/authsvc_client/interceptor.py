@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeAlias
 
 import grpc
 
-from service.client import AuthClient, AuthServiceError
-from service.domain.events import LogRateLimiter
+from authsvc_client.client import AuthClient, AuthServiceError
+from authsvc_client.limited_log import LogRateLimiter
 
 log = logging.getLogger(__name__)
 

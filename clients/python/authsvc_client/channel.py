@@ -1,6 +1,6 @@
 """How a client reaches authsvc: the retry policy for UNAVAILABLE, the gRPC service config
 that spreads calls over every replica (round_robin with client-side health checking), and
-one target naming several replicas. Used by `service.client.AuthClient`; the service
+one target naming several replicas. Used by `authsvc_client.client.AuthClient`; the service
 config is also what clients in other languages load (deploy/grpc-service-config.json).
 Why: docs/clients.md and docs/scaling.md.
 """
@@ -13,8 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from service.addresses import HostPort
-from service.gen.auth.v1 import auth_pb2
+from authsvc_client.addresses import HostPort
+from authsvc_client.gen.auth.v1 import auth_pb2
 
 __all__ = ["HEALTH_SERVICE", "NO_RETRY", "RetryPolicy", "addresses_target", "service_config"]
 

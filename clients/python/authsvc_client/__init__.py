@@ -1,0 +1,1 @@
+"""Calling authsvc from Python: client, interceptor and generated stubs."""
