@@ -20,6 +20,7 @@ class ValidationError(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     VALIDATION_ERROR_REVOKED: _ClassVar[ValidationError]
     VALIDATION_ERROR_WRONG_AUDIENCE: _ClassVar[ValidationError]
     VALIDATION_ERROR_INSUFFICIENT_SCOPE: _ClassVar[ValidationError]
+    VALIDATION_ERROR_VERIFIER_STALE: _ClassVar[ValidationError]
 VALIDATION_ERROR_UNSPECIFIED: ValidationError
 VALIDATION_ERROR_MALFORMED: ValidationError
 VALIDATION_ERROR_BAD_SIGNATURE: ValidationError
@@ -28,6 +29,7 @@ VALIDATION_ERROR_NOT_YET_VALID: ValidationError
 VALIDATION_ERROR_REVOKED: ValidationError
 VALIDATION_ERROR_WRONG_AUDIENCE: ValidationError
 VALIDATION_ERROR_INSUFFICIENT_SCOPE: ValidationError
+VALIDATION_ERROR_VERIFIER_STALE: ValidationError
 
 class IssueRequest(_message.Message):
     __slots__ = ("password", "scopes", "audience")
