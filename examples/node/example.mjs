@@ -4,7 +4,8 @@
 // a wrong-password login (reading the ErrorInfo reason), a login, Validate,
 // Refresh, Validate of the new token, GetJwks, offline verification of the new
 // access token with jose, a tampered token that fails offline and online,
-// Revoke, and what Validate and offline verification say after the revoke.
+// Revoke, and what Validate, offline verification and a LocalValidator (local
+// verification with revocations pushed by WatchRevocations) say after it.
 //
 // Prints one JSON object per step on stdout, never a token. Exits 1 on the
 // first step that does not go as expected.
@@ -20,6 +21,8 @@ import * as grpc from "@grpc/grpc-js";
 import * as protoLoader from "@grpc/proto-loader";
 import { createLocalJWKSet, decodeProtectedHeader, jwtVerify } from "jose";
 import protobuf from "protobufjs";
+
+import { LocalValidator } from "./local_validator.mjs";
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 const PROTO_ROOT = path.resolve(here, "../../protos");
@@ -266,6 +269,21 @@ async function main() {
     matches_validate: agrees,
   });
 
+  begin("verify_local");
+  // Local verification that also knows revocations: it follows WatchRevocations.
+  const local = new LocalValidator(client, { issuer, audience });
+  await local.start();
+  const locally = await local.validate(second.accessToken);
+  expect("verify_local", locally.valid && locally.sessionId === recheck.sessionId,
+    "the local validator disagrees with Validate", { error: locally.error });
+  report("verify_local", {
+    valid: locally.valid,
+    subject: locally.subject,
+    session_id: locally.sessionId,
+    matches_validate: locally.subject === recheck.subject,
+    sequence: local.sequence,
+  });
+
   begin("verify_tampered");
   const forged = tampered(second.accessToken);
   let offlineError = null;
@@ -298,13 +316,31 @@ async function main() {
     "Validate still accepts the token of a revoked session", { valid: after.valid, error: after.error });
   report("validate_after_revoke", { valid: after.valid, error: after.error });
 
+  begin("local_after_revoke");
+  // The revocation reaches the local validator through the stream, without a call.
+  const revokedAt = Date.now();
+  let localAfter = await local.validate(second.accessToken);
+  while (localAfter.valid && Date.now() - revokedAt < 2000) {
+    await new Promise((resolve) => setTimeout(resolve, 5));
+    localAfter = await local.validate(second.accessToken);
+  }
+  expect("local_after_revoke", !localAfter.valid && localAfter.error === "VALIDATION_ERROR_REVOKED",
+    "the local validator still accepts the token of a revoked session", { error: localAfter.error });
+  report("local_after_revoke", {
+    valid: localAfter.valid,
+    error: localAfter.error,
+    within_ms: Date.now() - revokedAt,
+    fallbacks: local.stats.fallbacks,
+  });
+  local.close();
+
   begin("offline_after_revoke");
-  // Offline verification cannot know about the revoke: the signature and the
-  // claims are still fine until "exp". Use Validate where that matters.
+  // Plain offline verification cannot know about the revoke: the signature and
+  // the claims are still fine until "exp". Use Validate or a LocalValidator.
   const stillVerifies = await verifyOffline(second.accessToken, jwks).then(() => true, () => false);
   report("offline_after_revoke", {
     still_verifies_offline: stillVerifies,
-    note: "offline verification cannot see revocations; Validate can",
+    note: "plain offline verification cannot see revocations; Validate and LocalValidator can",
   });
 
   begin("refresh_after_revoke");
