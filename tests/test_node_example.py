@@ -37,9 +37,11 @@ FULL_FLOW = [
     "validate_refreshed",
     "jwks",
     "verify_offline",
+    "verify_local",
     "verify_tampered",
     "revoke",
     "validate_after_revoke",
+    "local_after_revoke",
     "offline_after_revoke",
     "refresh_after_revoke",
     "done",
@@ -211,6 +213,11 @@ async def test_node_example_walks_the_whole_flow(server: LiveServer, node: str) 
     assert offline["audience"] == server.settings.audience
     assert offline["matches_validate"] is True
 
+    # The local validator (examples/node/local_validator.mjs) follows WatchRevocations.
+    local = steps["verify_local"]
+    assert (local["valid"], local["subject"], local["session_id"]) == (True, str(user.id), session_id)
+    assert local["matches_validate"] is True
+
     tampered = steps["verify_tampered"]
     assert tampered["rejected_offline"] is True
     assert tampered["offline_error"] == "ERR_JWS_SIGNATURE_VERIFICATION_FAILED"
@@ -224,7 +231,13 @@ async def test_node_example_walks_the_whole_flow(server: LiveServer, node: str) 
         "valid": False,
         "error": "VALIDATION_ERROR_REVOKED",
     }
-    # Offline verification cannot see the revoke: that is the point the example makes.
+    # The revocation reached the local validator through the stream, with no call: it
+    # refuses the token (within the 2 s the example waits) and never asked Validate.
+    after = steps["local_after_revoke"]
+    assert (after["valid"], after["error"]) == (False, "VALIDATION_ERROR_REVOKED")
+    assert after["within_ms"] < 2000
+    assert after["fallbacks"] == 0
+    # Plain offline verification cannot see the revoke: that is the point the example makes.
     assert steps["offline_after_revoke"]["still_verifies_offline"] is True
     assert steps["refresh_after_revoke"]["reason"] == "SESSION_REVOKED"
 
