@@ -13,7 +13,7 @@ import asyncpg
 
 from service.domain.ports import PurgeBatch
 from service.errors import DatabaseUnavailable
-from service.store.base import UNAVAILABLE_ERRORS, StoreBase
+from service.store.base import UNAVAILABLE_ERRORS, StoreBase, release_session_lock
 from service.store.revocations import SESSION_PURGE_AFTER, purge_after_on_revoke
 
 # Held by the one replica whose janitor is running.
@@ -217,8 +217,7 @@ class PostgresJanitor(StoreBase):
                 # the statement timeout, the next pass tries again.
                 yield Purger(conn, lock_timeout=min(1.0, self._timeout * 0.9))
             finally:
-                if not conn.is_closed():
-                    await conn.execute("SELECT pg_advisory_unlock($1)", _JANITOR_LOCK_ID)
+                await release_session_lock(conn, _JANITOR_LOCK_ID)
 
     async def catch_up_user_revocations(self, *, batch: int, max_batches: int) -> int | None:
         """Write revoked_at and revoke_reason (the user's) into sessions that their user's
@@ -264,4 +263,4 @@ class PostgresJanitor(StoreBase):
                         after = (row["user_generation"], row["created_at"], row["id"])
                 return written
             finally:
-                await conn.execute("SELECT pg_advisory_unlock($1)", _CATCH_UP_LOCK_ID)
+                await release_session_lock(conn, _CATCH_UP_LOCK_ID)
