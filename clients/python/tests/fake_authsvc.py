@@ -146,7 +146,12 @@ class FakeAuthsvc(auth_pb2_grpc.AuthServiceServicer):
         self.watch_mode = "serve"  # or "unimplemented", "hold" (never answers)
         self.validate_calls: list[auth_pb2.ValidateRequest] = []
         self.validate_answer = auth_pb2.ValidateResponse(
-            valid=True, subject="from-remote", session_id="remote-sid", token_id="remote-jti"
+            valid=True,
+            subject="from-remote",
+            session_id="remote-sid",
+            token_id="remote-jti",
+            scopes=["read"],
+            expires_at=timestamp(clock() + 60),
         )
 
     # --- what the test does ------------------------------------------------------------
