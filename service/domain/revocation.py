@@ -112,6 +112,8 @@ class RevocationState:
         were compacted or pruned: a watcher that far behind gets a snapshot)."""
         self.version = 0
         """Raised by every change (what a cached snapshot compares)."""
+        self.forgotten = 0
+        """Raised by every prune that forgot something (a cached snapshot is then stale)."""
         self.synced_at: float | None = None
         """When the state was last known to match the database (None: never, or stale)."""
         self.lag: float | None = None
@@ -220,6 +222,7 @@ class RevocationState:
             self._journal = kept
         if expired or users:
             self.version += 1
+            self.forgotten += 1
         return len(expired) + len(users)
 
     @property
