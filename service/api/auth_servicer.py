@@ -189,6 +189,9 @@ class AuthServicer:
             # our feed to get there rather than send a snapshot older than what the client
             # holds.
             await hub.reach(after, _REACH_SECONDS)
+        # Headers in a batch of their own: the status of a cut-off must not be sent with
+        # them again while a write they went with is stuck on flow control.
+        await context.send_initial_metadata(())
         watcher, first = hub.open(after)
         writer = asyncio.create_task(hub.write_updates(watcher, first, context.write))
         cut_off = asyncio.create_task(watcher.cut_off.wait())

@@ -158,7 +158,9 @@ class Watcher:
         if self.cut_off.is_set():
             return False
         size = sum(len(b.data) for b in bodies)
-        if self.pending_bytes + size > self.max_pending_bytes:
+        # An empty queue takes any one batch (at most one catch-up read, ~600 KB): the
+        # bound is on what waits behind a write that does not finish.
+        if self.pending and self.pending_bytes + size > self.max_pending_bytes:
             self.pending.clear()  # nothing more will be sent: let the bodies go
             self.pending_bytes = 0
             self.cut_off.set()

@@ -5,11 +5,12 @@
 -- advanced to N" (a wake-up, never the data). Why and how: docs/design.md, "The
 -- revocation log".
 --
--- Commit order equals sequence order: the sequence is taken at COMMIT, by a deferred
+-- Commit order equals sequence order: the sequences are taken at COMMIT, by a deferred
 -- constraint trigger, from the one row of revocation_log_head. That row's lock is held
 -- from there until the transaction ends, so a second revoking transaction takes its
--- number only once the first has committed (and is visible): a reader that has seen N
--- has seen every row below N. The lock is held only for the commit itself.
+-- numbers only once the first has committed (and is visible): a reader that has seen N
+-- has seen every row below N. The lock is held only for the commit itself. Sequences
+-- have no gaps (a transaction that fails to commit gives its numbers back).
 --
 -- keep_until: how long the row must be remembered (the session's or user's bound, plus
 -- the largest leeway and a margin, as RevocationState.remembered_until). The janitor
@@ -60,14 +61,29 @@ INSERT INTO revocation_log_head (sequence)
 SELECT coalesce(max(sequence), 0) FROM revocation_log;
 INSERT INTO revocation_log_horizon (compacted_through) VALUES (0);
 
+-- This transaction's rows are the only unnumbered ones it can see (others' are not
+-- committed; committed ones are numbered): the first trigger to fire numbers them all at
+-- once, in insertion order, and sends one NOTIFY; the others find their row numbered.
+CREATE INDEX revocation_log_unnumbered ON revocation_log (id) WHERE sequence IS NULL;
+
 CREATE FUNCTION revocation_log_assign_sequence() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
-    next_sequence bigint;
+    head bigint;
+    appended bigint;
 BEGIN
-    UPDATE revocation_log_head SET sequence = sequence + 1 RETURNING sequence INTO next_sequence;
-    UPDATE revocation_log SET sequence = next_sequence WHERE id = NEW.id;
-    PERFORM pg_notify('authsvc_revocation_log', next_sequence::text);
+    IF NOT EXISTS (SELECT 1 FROM revocation_log WHERE id = NEW.id AND sequence IS NULL) THEN
+        RETURN NULL;
+    END IF;
+    -- Held until this transaction ends: the next one numbers its rows after our commit.
+    SELECT sequence INTO head FROM revocation_log_head FOR UPDATE;
+    UPDATE revocation_log l SET sequence = head + m.n
+      FROM (SELECT id, row_number() OVER (ORDER BY id) AS n
+              FROM revocation_log WHERE sequence IS NULL) m
+     WHERE l.id = m.id;
+    GET DIAGNOSTICS appended = ROW_COUNT;
+    UPDATE revocation_log_head SET sequence = head + appended;
+    PERFORM pg_notify('authsvc_revocation_log', (head + appended)::text);
     RETURN NULL;
 END
 $$;
