@@ -23,6 +23,7 @@ from service.api.admin_refusals import AdminRefusals
 from service.api.admin_servicer import AdminServicer, add_admin_servicer
 from service.api.auth_servicer import AuthServicer, add_auth_servicer
 from service.api.callers import CallerAuthInterceptor, ServiceDirectory
+from service.api.revocation_watch import RevocationWatchHub
 from service.api.streams import (
     CallBudgetInterceptor,
     StreamBudget,
@@ -74,6 +75,7 @@ class RunningServer:
     port: int
     components: Components
     revocation_feed: RevocationFeed
+    watch_hub: RevocationWatchHub
     health: health_async.HealthServicer
     background: list[asyncio.Task[None]]
     """The janitor, the shared-settings watch and, with metrics on, the sampler."""
@@ -181,6 +183,14 @@ async def start_server(
         )
         await feed.start()
         undo.push_async_callback(feed.stop)
+        watch_hub = RevocationWatchHub(
+            state=components.revocations,
+            jwks_json=lambda: components.signing_keys.ring.jwks_json,
+            max_pending_bytes=settings.watch_queue_bytes,
+            heartbeat=settings.watch_heartbeat,
+            now=clock.now,
+            catch_up=feed.wait_for,
+        )
         stream_budget = StreamBudget(
             limit=settings.max_streams,
             per_peer=settings.max_streams_per_peer,
@@ -193,6 +203,7 @@ async def start_server(
             telemetry,
             directory,
             stream_budget,
+            watch_hub,
             credentials,
             listen,
             reuse_port,
@@ -237,7 +248,7 @@ async def start_server(
     if telemetry is not None:
         background.append(
             asyncio.create_task(
-                sample_forever(telemetry, _sampler(components, feed, pool, clock)),
+                sample_forever(telemetry, _sampler(components, feed, watch_hub, pool, clock)),
                 name="metrics",
             )
         )
@@ -246,6 +257,7 @@ async def start_server(
         port=port,
         components=components,
         revocation_feed=feed,
+        watch_hub=watch_hub,
         health=health,
         background=background,
         stream_budget=stream_budget,
@@ -262,6 +274,7 @@ async def _serve_grpc(
     telemetry: PrometheusTelemetry | None,
     directory: ServiceDirectory | None,
     stream_budget: StreamBudget,
+    watch_hub: RevocationWatchHub,
     credentials: grpc.ServerCredentials | None,
     listen: str | None,
     reuse_port: bool,
@@ -304,6 +317,7 @@ async def _serve_grpc(
             validator=components.validator,
             revoke=components.revoke,
             keys=components.signing_keys,
+            watch=watch_hub,
         ),
         server,
     )
@@ -364,7 +378,11 @@ def _log_start_up(settings: Settings, port: int, components: Components, clock: 
 
 
 def _sampler(
-    components: Components, feed: RevocationFeed, pool: asyncpg.Pool, clock: Clock
+    components: Components,
+    feed: RevocationFeed,
+    watch_hub: RevocationWatchHub,
+    pool: asyncpg.Pool,
+    clock: Clock,
 ) -> Callable[[], ProcessSample]:
     database_clock = clock if isinstance(clock, DatabaseClock) else None
 
@@ -383,6 +401,10 @@ def _sampler(
             pool_in_use=pool.get_size() - idle,
             pool_idle=idle,
             pool_max=pool.get_max_size(),
+            revocation_log_sequence=components.revocations.sequence,
+            revocation_watchers=watch_hub.watchers,
+            watch_updates_sent=watch_hub.updates_sent,
+            watchers_cut_off=watch_hub.cut_off,
         )
 
     return take_sample

@@ -31,6 +31,9 @@ from service.settings import CALL_GROUPS, SettingsError
 log = logging.getLogger(__name__)
 
 VALIDATE_METHOD = "/auth.v1.AuthService/Validate"
+# Validating tokens in the caller's own process needs what this stream sends: the same
+# guard as Validate.
+WATCH_REVOCATIONS_METHOD = "/auth.v1.AuthService/WatchRevocations"
 ADMIN_PREFIX = "/auth.v1.AdminService/"
 MIN_SECRET_LENGTH = 32
 MAX_SECRET_LENGTH = 1024  # of a presented secret; longer ones are no secret of ours
@@ -60,7 +63,7 @@ def calling_service(_context: Context) -> str | None:
 
 def call_group(method: str) -> str | None:
     """The guarded group a full method name belongs to, if any."""
-    if method == VALIDATE_METHOD:
+    if method in (VALIDATE_METHOD, WATCH_REVOCATIONS_METHOD):
         return "validate"
     if method.startswith(ADMIN_PREFIX):
         return "admin"

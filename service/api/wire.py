@@ -74,6 +74,19 @@ def _tolerant_deserializer(cls: type[Message]) -> Callable[[bytes], object]:
     return deserialize
 
 
+def _serializer(cls: type[Message]) -> Callable[[object], bytes]:
+    """The message's own serializer, except that bytes (a message serialized already, such
+    as the revocation updates shared by every watcher) are sent as they are."""
+    serialize = cls.SerializeToString
+
+    def serializer(message: object) -> bytes:
+        if isinstance(message, bytes):
+            return message
+        return serialize(message)  # type: ignore[arg-type]
+
+    return serializer
+
+
 def add_servicer(servicer: object, service: ServiceDescriptor, server: grpc.aio.Server) -> None:
     """Register like the generated `add_*Servicer_to_server`, except that a request that
     does not parse reaches the servicer (and becomes INVALID_ARGUMENT)."""
@@ -90,9 +103,7 @@ def add_servicer(servicer: object, service: ServiceDescriptor, server: grpc.aio.
             request_deserializer=_tolerant_deserializer(
                 message_factory.GetMessageClass(method.input_type)
             ),
-            response_serializer=message_factory.GetMessageClass(
-                method.output_type
-            ).SerializeToString,
+            response_serializer=_serializer(message_factory.GetMessageClass(method.output_type)),
         )
     generic = grpc.method_handlers_generic_handler(service.full_name, handlers)
     server.add_generic_rpc_handlers((generic,))

@@ -2,7 +2,7 @@
 owns and the store implements (structurally: it inherits nothing from here).
 
 Each method is one transaction unless it says otherwise; every write that must happen
-together with another (a change and its security event, a revocation and its NOTIFY) is
+together with another (a change and its security event, a revocation and its log row) is
 one call. Unavailable storage raises `DatabaseUnavailable`.
 """
 

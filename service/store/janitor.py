@@ -91,6 +91,20 @@ _PURGE_SQL = {
                  ORDER BY occurred_at LIMIT $2))
             RETURNING 1)
         SELECT count(*) AS examined, count(*) AS deleted, 0::bigint AS repaired FROM gone""",
+    # The revocation log's rows past their keep_until (the cutoff is now: keep_until has
+    # the margin in it); the horizon rises to the largest sequence deleted, so a reader
+    # whose cursor is below it reads the log in full rather than miss a row.
+    "revocation_log": """
+        WITH gone AS (
+            DELETE FROM revocation_log WHERE id = ANY(ARRAY(
+                SELECT id FROM revocation_log WHERE keep_until < $1
+                 ORDER BY keep_until LIMIT $2))
+            RETURNING sequence),
+        horizon AS (
+            UPDATE revocation_log_horizon
+               SET compacted_through = greatest(compacted_through, (SELECT max(sequence) FROM gone))
+             WHERE EXISTS (SELECT 1 FROM gone) RETURNING 1)
+        SELECT count(*) AS examined, count(*) AS deleted, 0::bigint AS repaired FROM gone""",
     "login_throttle": f"""
         WITH gone AS (
             DELETE FROM login_throttle WHERE key = ANY(ARRAY(
