@@ -10,6 +10,7 @@ from authsvc_client.gen.auth.v1 import auth_pb2
 
 from service.api.status import maps_errors
 from service.api.wire import add_servicer, bearer_credential, caller_info, timestamp
+from service.api.wrapped_handlers import HandlerRegistry
 from service.domain.access_tokens import TokenProblem
 from service.domain.sessions import RevokeService
 from service.domain.signing_keys import SigningKeys
@@ -175,5 +176,5 @@ class AuthServicer:
         yield auth_pb2.RevocationUpdate()  # pragma: no cover (makes this a generator)
 
 
-def add_auth_servicer(servicer: AuthServicer, server: grpc.aio.Server) -> None:
+def add_auth_servicer(servicer: AuthServicer, server: HandlerRegistry) -> None:
     add_servicer(servicer, auth_pb2.DESCRIPTOR.services_by_name["AuthService"], server)
