@@ -17,7 +17,7 @@ import grpc
 from authsvc_client.gen.auth.v1 import admin_pb2, auth_pb2
 from grpc_health.v1 import _async as health_async
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from service.api.admin_refusals import AdminRefusals
 from service.api.admin_servicer import AdminServicer, add_admin_servicer
@@ -30,6 +30,7 @@ from service.api.streams import (
     UnaryBudget,
     transport_options,
 )
+from service.api.wrapped_handlers import LayeredRegistration
 from service.clock import Clock, DatabaseClock, keep_measuring
 from service.components import Components, build_components
 from service.domain.shared_settings import (
@@ -279,8 +280,13 @@ async def _serve_grpc(
     listen: str | None,
     reuse_port: bool,
 ) -> tuple[grpc.aio.Server, int]:
-    """The gRPC server with every service and interceptor, bound and started."""
-    interceptors: list[grpc.aio.ServerInterceptor] = []
+    """The gRPC server with every service and interceptor, bound and started.
+
+    The interceptors are not given to grpc.aio (which would ask each of them on every
+    call): each method's handler is wrapped in them once, when it is registered
+    (`LayeredRegistration`), in the order grpc.aio would apply them.
+    """
+    interceptors: list[MetricsInterceptor | CallBudgetInterceptor | CallerAuthInterceptor] = []
     if telemetry is not None:
         # First, so refused calls are counted too.
         interceptors.append(MetricsInterceptor(telemetry))
@@ -299,7 +305,6 @@ async def _serve_grpc(
             )
         )
     server = grpc.aio.server(
-        interceptors=interceptors,
         # No maximum_concurrent_rpcs: it counts streams and unary calls alike, so idle
         # streams could use it up. CallBudgetInterceptor refuses calls beyond their own
         # budget at once (RESOURCE_EXHAUSTED) instead of queueing them without bound.
@@ -311,6 +316,7 @@ async def _serve_grpc(
             *transport_options(settings),
         ],
     )
+    registration = LayeredRegistration(server, [i.wrap for i in interceptors])
     add_auth_servicer(
         AuthServicer(
             tokens=components.tokens,
@@ -319,21 +325,24 @@ async def _serve_grpc(
             keys=components.signing_keys,
             watch=watch_hub,
         ),
-        server,
+        registration,
     )
     add_admin_servicer(
         AdminServicer(users=components.users, keys=components.signing_keys, refusals=refusals),
-        server,
+        registration,
     )
-    health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    reflection.enable_server_reflection(
-        (
-            AUTH_SERVICE_NAME,
-            ADMIN_SERVICE_NAME,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
+    health_pb2_grpc.add_HealthServicer_to_server(health, registration)
+    # What reflection.enable_server_reflection does for a grpc.aio server.
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+        reflection.aio.ReflectionServicer(
+            (
+                AUTH_SERVICE_NAME,
+                ADMIN_SERVICE_NAME,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            )
         ),
-        server,
+        registration,
     )
     address = listen or settings.listen
     try:

@@ -11,6 +11,7 @@ from authsvc_client.gen.auth.v1 import auth_pb2
 from service.api.revocation_watch import RevocationWatchHub
 from service.api.status import maps_errors
 from service.api.wire import add_servicer, bearer_credential, caller_info, timestamp
+from service.api.wrapped_handlers import HandlerRegistry
 from service.domain.access_tokens import TokenProblem
 from service.domain.sessions import RevokeService
 from service.domain.signing_keys import SigningKeys
@@ -209,5 +210,5 @@ class AuthServicer:
             await asyncio.gather(writer, cut_off, return_exceptions=True)
 
 
-def add_auth_servicer(servicer: AuthServicer, server: grpc.aio.Server) -> None:
+def add_auth_servicer(servicer: AuthServicer, server: HandlerRegistry) -> None:
     add_servicer(servicer, auth_pb2.DESCRIPTOR.services_by_name["AuthService"], server)

@@ -256,13 +256,23 @@ class CallerAuthInterceptor(grpc.aio.ServerInterceptor):
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
-        group = call_group(method)
-        if handler is None or group not in self._guarded:
+        if handler is None or call_group(method) not in self._guarded:
             return handler
         guarded_handler: grpc.RpcMethodHandler[Any, Any] | None = self._wrapped.get(
-            method, handler, lambda: self._guarded_handler(handler, group, method)
+            method, handler, lambda: self.wrap(method, handler)
         )
         return guarded_handler
+
+    def wrap(
+        self, method: str, handler: grpc.RpcMethodHandler[Any, Any]
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        """`handler` guarded if `method` is in a guarded group (else `handler` itself: a
+        method with nothing to check costs nothing), or None (cannot be guarded). The layer
+        `service.server` applies once, when the method is registered."""
+        group = call_group(method)
+        if group not in self._guarded:
+            return handler
+        return self._guarded_handler(handler, group, method)
 
     def _guarded_handler(
         self, handler: grpc.RpcMethodHandler[Any, Any], group: str, method: str

@@ -12,6 +12,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError, Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from service.api.wrapped_handlers import HandlerRegistry
 from service.domain.records import CallerInfo
 from service.domain.usernames import escape_text
 
@@ -27,9 +28,9 @@ class UndecodableRequest:
 
 
 def timestamp(seconds: float) -> Timestamp:
-    ts = Timestamp()
-    ts.FromNanoseconds(int(seconds * 1_000_000_000))
-    return ts
+    # Built from its fields in one call (FromNanoseconds is Python code, on every response).
+    whole, nanos = divmod(int(seconds * 1_000_000_000), 1_000_000_000)
+    return Timestamp(seconds=whole, nanos=nanos)
 
 
 MAX_USER_AGENT_CHARS = 256
@@ -87,7 +88,7 @@ def _serializer(cls: type[Message]) -> Callable[[object], bytes]:
     return serializer
 
 
-def add_servicer(servicer: object, service: ServiceDescriptor, server: grpc.aio.Server) -> None:
+def add_servicer(servicer: object, service: ServiceDescriptor, server: HandlerRegistry) -> None:
     """Register like the generated `add_*Servicer_to_server`, except that a request that
     does not parse reaches the servicer (and becomes INVALID_ARGUMENT)."""
     handlers = {}
