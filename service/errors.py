@@ -206,6 +206,25 @@ class TooManyStreamsFromPeer(AuthError):
     message = "this address has too many open streams; close one first"
 
 
+class WatcherTooSlow(AuthError):
+    """A WatchRevocations stream had more than `AUTH_WATCH_QUEUE_BYTES` of updates waiting
+    (its client does not read them): it is cut off rather than buffered without bound; the
+    client reconnects with its sequence."""
+
+    code: StatusName = "RESOURCE_EXHAUSTED"
+    reason = "WATCHER_TOO_SLOW"
+    message = "the revocation watcher fell too far behind; reconnect with your sequence"
+
+
+class RevocationLogRewound(AuthError):
+    """The database's revocation log went back (restored from a backup): a watcher's
+    position may mean nothing now; it reconnects and gets a snapshot."""
+
+    code: StatusName = "UNAVAILABLE"
+    reason = "REVOCATION_LOG_REWOUND"
+    message = "the revocation log was restored to an earlier point; reconnect"
+
+
 class StreamMaxAgeReached(AuthError):
     """A stream was open for `AUTH_STREAM_MAX_AGE`: it ends so its slot comes back; the
     client opens a new one (UNAVAILABLE is the code clients retry)."""

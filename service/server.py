@@ -17,18 +17,20 @@ import grpc
 from authsvc_client.gen.auth.v1 import admin_pb2, auth_pb2
 from grpc_health.v1 import _async as health_async
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from service.api.admin_refusals import AdminRefusals
 from service.api.admin_servicer import AdminServicer, add_admin_servicer
 from service.api.auth_servicer import AuthServicer, add_auth_servicer
 from service.api.callers import CallerAuthInterceptor, ServiceDirectory
+from service.api.revocation_watch import RevocationWatchHub
 from service.api.streams import (
     CallBudgetInterceptor,
     StreamBudget,
     UnaryBudget,
     transport_options,
 )
+from service.api.wrapped_handlers import LayeredRegistration
 from service.clock import Clock, DatabaseClock, keep_measuring
 from service.components import Components, build_components
 from service.domain.shared_settings import (
@@ -74,6 +76,7 @@ class RunningServer:
     port: int
     components: Components
     revocation_feed: RevocationFeed
+    watch_hub: RevocationWatchHub
     health: health_async.HealthServicer
     background: list[asyncio.Task[None]]
     """The janitor, the shared-settings watch and, with metrics on, the sampler."""
@@ -181,6 +184,14 @@ async def start_server(
         )
         await feed.start()
         undo.push_async_callback(feed.stop)
+        watch_hub = RevocationWatchHub(
+            state=components.revocations,
+            jwks_json=lambda: components.signing_keys.ring.jwks_json,
+            max_pending_bytes=settings.watch_queue_bytes,
+            heartbeat=settings.watch_heartbeat,
+            now=clock.now,
+            catch_up=feed.wait_for,
+        )
         stream_budget = StreamBudget(
             limit=settings.max_streams,
             per_peer=settings.max_streams_per_peer,
@@ -193,6 +204,7 @@ async def start_server(
             telemetry,
             directory,
             stream_budget,
+            watch_hub,
             credentials,
             listen,
             reuse_port,
@@ -237,7 +249,7 @@ async def start_server(
     if telemetry is not None:
         background.append(
             asyncio.create_task(
-                sample_forever(telemetry, _sampler(components, feed, pool, clock)),
+                sample_forever(telemetry, _sampler(components, feed, watch_hub, pool, clock)),
                 name="metrics",
             )
         )
@@ -246,6 +258,7 @@ async def start_server(
         port=port,
         components=components,
         revocation_feed=feed,
+        watch_hub=watch_hub,
         health=health,
         background=background,
         stream_budget=stream_budget,
@@ -262,12 +275,18 @@ async def _serve_grpc(
     telemetry: PrometheusTelemetry | None,
     directory: ServiceDirectory | None,
     stream_budget: StreamBudget,
+    watch_hub: RevocationWatchHub,
     credentials: grpc.ServerCredentials | None,
     listen: str | None,
     reuse_port: bool,
 ) -> tuple[grpc.aio.Server, int]:
-    """The gRPC server with every service and interceptor, bound and started."""
-    interceptors: list[grpc.aio.ServerInterceptor] = []
+    """The gRPC server with every service and interceptor, bound and started.
+
+    The interceptors are not given to grpc.aio (which would ask each of them on every
+    call): each method's handler is wrapped in them once, when it is registered
+    (`LayeredRegistration`), in the order grpc.aio would apply them.
+    """
+    interceptors: list[MetricsInterceptor | CallBudgetInterceptor | CallerAuthInterceptor] = []
     if telemetry is not None:
         # First, so refused calls are counted too.
         interceptors.append(MetricsInterceptor(telemetry))
@@ -286,7 +305,6 @@ async def _serve_grpc(
             )
         )
     server = grpc.aio.server(
-        interceptors=interceptors,
         # No maximum_concurrent_rpcs: it counts streams and unary calls alike, so idle
         # streams could use it up. CallBudgetInterceptor refuses calls beyond their own
         # budget at once (RESOURCE_EXHAUSTED) instead of queueing them without bound.
@@ -298,28 +316,33 @@ async def _serve_grpc(
             *transport_options(settings),
         ],
     )
+    registration = LayeredRegistration(server, [i.wrap for i in interceptors])
     add_auth_servicer(
         AuthServicer(
             tokens=components.tokens,
             validator=components.validator,
             revoke=components.revoke,
             keys=components.signing_keys,
+            watch=watch_hub,
         ),
-        server,
+        registration,
     )
     add_admin_servicer(
         AdminServicer(users=components.users, keys=components.signing_keys, refusals=refusals),
-        server,
+        registration,
     )
-    health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    reflection.enable_server_reflection(
-        (
-            AUTH_SERVICE_NAME,
-            ADMIN_SERVICE_NAME,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
+    health_pb2_grpc.add_HealthServicer_to_server(health, registration)
+    # What reflection.enable_server_reflection does for a grpc.aio server.
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+        reflection.aio.ReflectionServicer(
+            (
+                AUTH_SERVICE_NAME,
+                ADMIN_SERVICE_NAME,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            )
         ),
-        server,
+        registration,
     )
     address = listen or settings.listen
     try:
@@ -364,7 +387,11 @@ def _log_start_up(settings: Settings, port: int, components: Components, clock: 
 
 
 def _sampler(
-    components: Components, feed: RevocationFeed, pool: asyncpg.Pool, clock: Clock
+    components: Components,
+    feed: RevocationFeed,
+    watch_hub: RevocationWatchHub,
+    pool: asyncpg.Pool,
+    clock: Clock,
 ) -> Callable[[], ProcessSample]:
     database_clock = clock if isinstance(clock, DatabaseClock) else None
 
@@ -383,6 +410,10 @@ def _sampler(
             pool_in_use=pool.get_size() - idle,
             pool_idle=idle,
             pool_max=pool.get_max_size(),
+            revocation_log_sequence=components.revocations.sequence,
+            revocation_watchers=watch_hub.watchers,
+            watch_updates_sent=watch_hub.updates_sent,
+            watchers_cut_off=watch_hub.cut_off,
         )
 
     return take_sample

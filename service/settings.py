@@ -237,6 +237,23 @@ class Settings:
         doc="""seconds a stream may stay open; then it ends with UNAVAILABLE /
         `STREAM_MAX_AGE` and the client opens a new one""",
     )
+    watch_heartbeat: float = setting(
+        "AUTH_WATCH_HEARTBEAT",
+        duration(0.05, 60),
+        default=1.0,
+        doc="""seconds between WatchRevocations heartbeats at most (an update with `sent_at`
+        only, when nothing else was sent): how soon a verifier learns the stream still
+        flows""",
+    )
+    watch_queue_bytes: int = setting(
+        "AUTH_WATCH_QUEUE_BYTES",
+        count(1024, 1024 * 1024 * 1024, unit="bytes"),
+        default=16 * 1024 * 1024,
+        doc="""revocation updates one WatchRevocations stream may have waiting to be sent
+        (the watcher does not read fast enough); past it the stream ends with
+        RESOURCE_EXHAUSTED / `WATCHER_TOO_SLOW`. Updates are shared by all streams, so
+        this also bounds the memory of all slow watchers together""",
+    )
     # At least 16 KiB: valid requests need it (tokens are capped at 8 KiB). At most
     # 16 MiB: far below gRPC's int32 limit (2 GiB), and no request comes near it.
     max_message_bytes: int = setting(

@@ -32,7 +32,7 @@ from service.domain.records import (
     UserRecord,
 )
 from service.domain.refresh_secret import load_refresh_secret
-from service.domain.refresh_tokens import Rotate
+from service.domain.refresh_tokens import Rotate, decide_refresh
 from service.domain.revocation import (
     USER_BOUND_STEP_SECONDS,
     Revocation,
@@ -350,6 +350,43 @@ class FakeStore:
             yield transaction
         finally:
             transaction.release()
+
+    async def rotate_if_fresh(
+        self,
+        token_hash: bytes,
+        *,
+        now: datetime,
+        child_hash: bytes,
+        idle_expires_at: datetime,
+        audiences: frozenset[str],
+        access_expires_at: datetime,
+        user_bound: datetime,
+        peer: str | None,
+    ) -> tuple[RefreshTokenState | None, bool]:
+        """The store's one-statement rotation: the lock, `decide_refresh` (the rule the
+        statement's conditions follow), and `rotate` when it says so."""
+        async with self.refreshing() as transaction:
+            state = await transaction.lock(token_hash)
+            decision = decide_refresh(
+                state,
+                now=now,
+                grace=timedelta(0),  # a used token never rotates: the window is not asked
+                idle_ttl=idle_expires_at - now,
+                child_hash=child_hash,
+                audiences=audiences,
+            )
+            if state is None or not isinstance(decision, Rotate):
+                return state, False
+            bound = state.user_access_expires_max
+            rotated = await transaction.rotate(
+                state,
+                decision,
+                now=now,
+                access_expires_at=access_expires_at,
+                peer=peer,
+                user_bound=None if bound is not None and bound >= access_expires_at else user_bound,
+            )
+            return state, rotated
 
     def token_lock(self, token_hash: bytes) -> asyncio.Lock:
         return self._token_locks.setdefault(token_hash, asyncio.Lock())

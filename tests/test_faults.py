@@ -31,7 +31,7 @@ from service.settings import Settings
 from service.store.invariants import (
     family_invariant_violations as store_invariant_violations,
 )
-from service.store.refresh_tokens import ROTATE_SQL
+from service.store.refresh_tokens import ROTATE_FRESH_TOKEN_SQL
 from service.store.revocation_feed import LISTENER_APPLICATION_NAME
 from tests.helpers import assert_error
 from tests.live_server import (
@@ -243,18 +243,18 @@ async def test_invariant_checker_fails_on_a_corrupted_database(
 async def _blocked_rotation_pid(
     watcher: asyncpg.Connection, task: asyncio.Task[Any], *, within: float
 ) -> int:
-    """The pid of the server backend waiting on a lock in ROTATE_SQL."""
+    """The pid of the server backend waiting on a lock in ROTATE_FRESH_TOKEN_SQL."""
     deadline = time.monotonic() + within
     while True:
         row = await watcher.fetchrow(
             """SELECT pid, query FROM pg_stat_activity
                 WHERE datname = current_database() AND pid <> pg_backend_pid()
                   AND wait_event_type = 'Lock'
-                  AND ltrim(query, E' \\n\\t') LIKE 'WITH user_raised AS%'"""
+                  AND ltrim(query, E' \\n\\t') LIKE 'WITH presented AS%'"""
         )
         if row is not None:
             # pg_stat_activity keeps the first track_activity_query_size bytes (1024).
-            assert ROTATE_SQL.strip().startswith(row["query"].strip())
+            assert ROTATE_FRESH_TOKEN_SQL.strip().startswith(row["query"].strip())
             pid: int = row["pid"]
             return pid
         assert not task.done(), "the Refresh finished without waiting for the session lock"

@@ -198,6 +198,7 @@ def _purge_statements(now: datetime) -> dict[str, tuple[str, tuple[object, ...]]
         "signing_keys": now - timedelta(seconds=RETENTION),
         "security_events": now - timedelta(seconds=RETENTION),
         "login_throttle": now - timedelta(seconds=THROTTLE_WINDOW),
+        "revocation_log": now,
     }
     statements: dict[str, tuple[str, tuple[object, ...]]] = {
         "sessions_backfill": (BACKFILL_PURGE_AFTER_SQL, (BATCH,))

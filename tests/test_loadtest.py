@@ -146,13 +146,30 @@ def test_bench_runs_end_to_end_and_prints_its_table(database_url: str, tmp_path:
         "| refresh |",
         "| issue |",
         "| validate-hot+login |",
-        "SQL-only rotation",
+        "| sql rotation, one statement |",
+        "composite 1/(1/H + 1/S)",
         "argon2id-only",
         "memory: 100k",
         "| ES256 |",
     ):
         assert row in table, row
-    # The errors column of every load row is 0.
+    # The errors column of every load row (of the first table: 8 columns) is 0.
     for line in table.splitlines():
-        if line.startswith(("| health", "| validate", "| refresh |", "| issue |")):
+        if line.count("|") == 9 and line.startswith(
+            ("| health", "| validate", "| sql", "| refresh |", "| issue |")
+        ):
             assert line.split("|")[5].strip() == "0", line
+    # Cost per operation: measured round trips (a refresh and a login reach the database,
+    # a Validate does not) and CPU per call of the server and of PostgreSQL.
+    costs = {
+        cells[1].strip(): [c.strip() for c in cells[2:5]]
+        for line in table.splitlines()
+        if line.startswith("| ") and len(cells := line.split("|")) == 6
+    }
+    assert float(costs["refresh"][0]) >= 1 and float(costs["issue (login)"][0]) >= 1
+    assert float(costs["validate-hot"][0]) == 0
+    assert costs["sql rotation, one statement (asyncpg alone)"][0] == "1.0"
+    for operation in ("refresh", "issue (login)", "validate-hot"):
+        server_us, _postgres_us = (float(v.replace(",", "")) for v in costs[operation][1:])
+        assert server_us > 0, operation
+    assert float(costs["refresh"][2].replace(",", "")) > 0  # PostgreSQL worked for it

@@ -18,6 +18,7 @@ from tests.helpers import refresh, refresh_fails
 from tests.live_server import PASSWORD, LiveServer, ServerFactory
 from tests.test_cli import _authsvc, _server_env
 from tests.test_replicas import _server_process
+from tests.watching import Watch
 
 AUTH = "/auth.v1.AuthService/"
 _METRICS_RE = re.compile(r"metrics on http://127\.0\.0\.1:(\d+)/metrics")
@@ -181,3 +182,25 @@ def _metrics_port(banner: list[str]) -> int:
         if match := _METRICS_RE.search(line):
             return int(match.group(1))
     raise AssertionError("no metrics address in the banner:\n" + "".join(banner))
+
+
+async def test_the_revocation_log_position_and_watchers_show_on_metrics(
+    server_factory: ServerFactory,
+) -> None:
+    live = await server_factory(metrics_listen="127.0.0.1:0", watch_heartbeat=0.1)
+    await live.create_user("noa")
+    pair = await live.login("noa")
+    await live.stub.Revoke(auth_pb2.RevokeRequest(refresh_token=pair.refresh_token))
+    head = await live.pool.fetchval("SELECT sequence FROM revocation_log_head")
+    watch = Watch.open(live.channel)
+    await watch.until(lambda w: len(w.updates) >= 3, what="a snapshot and heartbeats")
+    deadline = time.monotonic() + 5
+    samples = await scraped(live)
+    while value(samples, "authsvc_revocation_watchers") < 1:
+        assert time.monotonic() < deadline, "no watcher sampled"
+        await asyncio.sleep(0.2)
+        samples = await scraped(live)
+    assert value(samples, "authsvc_revocation_log_sequence") == head
+    assert value(samples, "authsvc_revocation_watch_updates_total") >= 1
+    assert value(samples, "authsvc_revocation_watchers_cut_off_total") == 0
+    await watch.close()

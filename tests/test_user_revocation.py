@@ -23,7 +23,6 @@ from service.domain.revocation import (
     UserRevocation,
 )
 from service.settings import MAX_LEEWAY, Settings, SettingsError
-from service.store.notifications import parse_user_payload, user_notify_payload
 from tests.helpers import refresh, refresh_fails, validate
 from tests.live_server import LiveServer, ServerFactory
 
@@ -244,13 +243,6 @@ def test_user_entries_keep_the_highest_generation_and_the_latest_bound() -> None
     assert state.revoked_users == 1
     assert state.prune(forget_at) == 1
     assert not state.is_revoked_for_user("u", 0)
-
-
-def test_user_notification_payloads_round_trip_and_malformed_ones_are_ignored() -> None:
-    revocation = UserRevocation(str(uuid.uuid4()), 7, 1000.5, 1900.25)
-    assert parse_user_payload(user_notify_payload(revocation)) == [revocation]
-    for bad in ("", "[]", "{}", '["u", "7", 1, 2]', '["u", true, 1, 2]', '["u", 1, "x", 2]'):
-        assert parse_user_payload(bad) == []
 
 
 @pytest.mark.parametrize("raw", ["0", "10001", "-1", "many", "1.5"])

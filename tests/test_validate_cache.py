@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
-
 from authsvc_client.gen.auth.v1 import auth_pb2
 
 from service.domain.access_tokens import AccessClaims, token_lifetime
@@ -16,7 +14,7 @@ from service.domain.revocation import (
     remembered_until,
 )
 from service.settings import MAX_LEEWAY
-from service.store.notifications import notify_payloads, parse_payload
+from service.store.notifications import parse_log_position
 from tests.live_server import LiveServer, ServerFactory
 
 
@@ -131,13 +129,8 @@ def test_the_bound_arithmetic() -> None:
     assert forgettable_before(horizon - 1) < 1900.0
 
 
-def test_revocation_notifications_carry_the_bound_and_fit_the_limit() -> None:
-    revocations = [
-        Revocation(str(uuid.uuid4()), 9_999_999_999.999, 9_999_999_999.999) for _ in range(250)
-    ]
-    payloads = notify_payloads(revocations)
-    assert len(payloads) == 3
-    assert all(len(p.encode()) < 8000 for p in payloads)
-    assert [r for p in payloads for r in parse_payload(p)] == revocations
-    # The two-field form of earlier versions is refused, not half-read.
-    assert parse_payload('[["s", 1000.0]]') == []
+def test_revocation_log_notifications_carry_only_a_position() -> None:
+    assert parse_log_position("42") == 42
+    # Anything else (the data-carrying payloads of earlier versions included) is ignored.
+    for bad in ("", "-1", "4.2", '[["s", 1000.0, 2000.0]]', "9" * 20, "٣", None, b"1"):
+        assert parse_log_position(bad) is None

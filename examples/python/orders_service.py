@@ -82,17 +82,18 @@ def build_server(
     *,
     listen: str = "127.0.0.1:0",
     audience: str = "",
-    cache_ttl: float = 5.0,
     clock: Callable[[], float] = time.time,
-) -> tuple[grpc.aio.Server, int]:
-    """The Orders server, protected by authsvc, and its bound port (not started yet)."""
+    **guard_options: Any,
+) -> tuple[grpc.aio.Server, int, RequireAccessToken]:
+    """The Orders server, protected by authsvc, its bound port (not started yet) and its
+    guard (close it after the server: it follows authsvc's revocations)."""
     guard = RequireAccessToken(
-        auth, REQUIRED_SCOPES, audience=audience, cache_ttl=cache_ttl, clock=clock
+        auth, REQUIRED_SCOPES, audience=audience, clock=clock, **guard_options
     )
     server = grpc.aio.server(interceptors=[guard])
     server.add_generic_rpc_handlers((orders_handler(Orders()),))
     port = server.add_insecure_port(listen)
-    return server, port
+    return server, port, guard
 
 
 async def main() -> None:
@@ -100,10 +101,13 @@ async def main() -> None:
     listen = os.environ.get("ORDERS_LISTEN", "127.0.0.1:50061")
     token = os.environ.get("AUTHSVC_SERVICE_TOKEN") or None
     async with AuthClient(target=target, service_token=token) as auth:
-        server, port = build_server(auth, listen=listen)
+        server, port, guard = build_server(auth, listen=listen)
         await server.start()
         print(f"example.Orders on port {port}, tokens checked by authsvc at {target}", flush=True)
-        await server.wait_for_termination()
+        try:
+            await server.wait_for_termination()
+        finally:
+            await guard.close()
 
 
 if __name__ == "__main__":

@@ -9,13 +9,13 @@ from __future__ import annotations
 import uuid
 from dataclasses import replace
 
-import grpc
 from authsvc_client.gen.auth.v1 import admin_pb2
 
 from service.api.admin_refusals import AdminRefusals
 from service.api.callers import calling_service
 from service.api.status import Handler, Req, Resp, maps_errors
 from service.api.wire import Context, add_servicer, caller_info, timestamp
+from service.api.wrapped_handlers import HandlerRegistry
 from service.domain.records import CallerInfo, SessionRecord, UserRecord
 from service.domain.signing_keys import SigningKeyInfo, SigningKeys
 from service.domain.users import UserDirectory, UserRef
@@ -225,5 +225,5 @@ class AdminServicer:
         )
 
 
-def add_admin_servicer(servicer: AdminServicer, server: grpc.aio.Server) -> None:
+def add_admin_servicer(servicer: AdminServicer, server: HandlerRegistry) -> None:
     add_servicer(servicer, admin_pb2.DESCRIPTOR.services_by_name["AdminService"], server)

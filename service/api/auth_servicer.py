@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
 from typing import Any
 
 import grpc
 from authsvc_client.gen.auth.v1 import auth_pb2
 
+from service.api.revocation_watch import RevocationWatchHub
 from service.api.status import maps_errors
 from service.api.wire import add_servicer, bearer_credential, caller_info, timestamp
+from service.api.wrapped_handlers import HandlerRegistry
 from service.domain.access_tokens import TokenProblem
 from service.domain.sessions import RevokeService
 from service.domain.signing_keys import SigningKeys
 from service.domain.tokens import UNKNOWN_AUDIENCE, TokenPair, TokenService
 from service.domain.validation import AccessTokenValidator
+from service.errors import RevocationLogRewound, WatcherTooSlow
 from service.request_limits import (
     MAX_AUDIENCE_BYTES,
     MAX_ID_BYTES,
@@ -24,6 +27,9 @@ from service.request_limits import (
 )
 
 Context = grpc.aio.ServicerContext[Any, Any]
+
+# How long a watcher resuming from a position ahead of this process waits for it.
+_REACH_SECONDS = 2.0
 
 _PROBLEMS = {
     TokenProblem.MALFORMED: auth_pb2.VALIDATION_ERROR_MALFORMED,
@@ -58,11 +64,13 @@ class AuthServicer:
         validator: AccessTokenValidator,
         revoke: RevokeService,
         keys: SigningKeys,
+        watch: RevocationWatchHub,
     ) -> None:
         self._tokens = tokens
         self._validator = validator
         self._revoke = revoke
         self._keys = keys
+        self._watch = watch
 
     @maps_errors
     async def Issue(
@@ -167,13 +175,40 @@ class AuthServicer:
     ) -> auth_pb2.GetJwksResponse:
         return auth_pb2.GetJwksResponse(jwks_json=self._keys.ring.jwks_json)
 
+    @maps_errors
     async def WatchRevocations(
         self, request: auth_pb2.WatchRevocationsRequest, context: Context
-    ) -> AsyncIterator[auth_pb2.RevocationUpdate]:
-        # Declared in the proto; served once the revocation log lands (issue 10).
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "WatchRevocations is not served yet")
-        yield auth_pb2.RevocationUpdate()  # pragma: no cover (makes this a generator)
+    ) -> None:
+        """The first updates, then a writer task feeding the stream from the watcher's
+        queue, until the client goes, the stream's age runs out, or the queue overflows
+        (WatcherTooSlow). Any after_sequence is acceptable: one this process cannot resume
+        from gets a snapshot."""
+        hub = self._watch
+        after = request.after_sequence
+        if after:
+            # A position from another replica, a little ahead of us: wait (briefly) for
+            # our feed to get there rather than send a snapshot older than what the client
+            # holds.
+            await hub.reach(after, _REACH_SECONDS)
+        # Headers in a batch of their own: the status of a cut-off must not be sent with
+        # them again while a write they went with is stuck on flow control.
+        await context.send_initial_metadata(())
+        watcher, first = hub.open(after)
+        writer = asyncio.create_task(hub.write_updates(watcher, first, context.write))
+        cut_off = asyncio.create_task(watcher.cut_off.wait())
+        try:
+            await asyncio.wait((writer, cut_off), return_when=asyncio.FIRST_COMPLETED)
+            if writer.done():
+                writer.result()  # its failure (the client went away) ends the call
+            if watcher.rewound:
+                raise RevocationLogRewound()
+            raise WatcherTooSlow()
+        finally:
+            hub.close(watcher)
+            for task in (writer, cut_off):
+                task.cancel()
+            await asyncio.gather(writer, cut_off, return_exceptions=True)
 
 
-def add_auth_servicer(servicer: AuthServicer, server: grpc.aio.Server) -> None:
+def add_auth_servicer(servicer: AuthServicer, server: HandlerRegistry) -> None:
     add_servicer(servicer, auth_pb2.DESCRIPTOR.services_by_name["AuthService"], server)

@@ -31,6 +31,9 @@ from service.settings import CALL_GROUPS, SettingsError
 log = logging.getLogger(__name__)
 
 VALIDATE_METHOD = "/auth.v1.AuthService/Validate"
+# Validating tokens in the caller's own process needs what this stream sends: the same
+# guard as Validate.
+WATCH_REVOCATIONS_METHOD = "/auth.v1.AuthService/WatchRevocations"
 ADMIN_PREFIX = "/auth.v1.AdminService/"
 MIN_SECRET_LENGTH = 32
 MAX_SECRET_LENGTH = 1024  # of a presented secret; longer ones are no secret of ours
@@ -60,7 +63,7 @@ def calling_service(_context: Context) -> str | None:
 
 def call_group(method: str) -> str | None:
     """The guarded group a full method name belongs to, if any."""
-    if method == VALIDATE_METHOD:
+    if method in (VALIDATE_METHOD, WATCH_REVOCATIONS_METHOD):
         return "validate"
     if method.startswith(ADMIN_PREFIX):
         return "admin"
@@ -253,13 +256,23 @@ class CallerAuthInterceptor(grpc.aio.ServerInterceptor):
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
-        group = call_group(method)
-        if handler is None or group not in self._guarded:
+        if handler is None or call_group(method) not in self._guarded:
             return handler
         guarded_handler: grpc.RpcMethodHandler[Any, Any] | None = self._wrapped.get(
-            method, handler, lambda: self._guarded_handler(handler, group, method)
+            method, handler, lambda: self.wrap(method, handler)
         )
         return guarded_handler
+
+    def wrap(
+        self, method: str, handler: grpc.RpcMethodHandler[Any, Any]
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        """`handler` guarded if `method` is in a guarded group (else `handler` itself: a
+        method with nothing to check costs nothing), or None (cannot be guarded). The layer
+        `service.server` applies once, when the method is registered."""
+        group = call_group(method)
+        if group not in self._guarded:
+            return handler
+        return self._guarded_handler(handler, group, method)
 
     def _guarded_handler(
         self, handler: grpc.RpcMethodHandler[Any, Any], group: str, method: str

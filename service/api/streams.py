@@ -190,13 +190,15 @@ class CallBudgetInterceptor(grpc.aio.ServerInterceptor):
             return None
         method = handler_call_details.method
         budgeted: grpc.RpcMethodHandler[Any, Any] | None = self._wrapped.get(
-            method, handler, lambda: self._wrap(method, handler)
+            method, handler, lambda: self.wrap(method, handler)
         )
         return budgeted
 
-    def _wrap(
+    def wrap(
         self, method: str, handler: grpc.RpcMethodHandler[Any, Any]
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        """`handler` held to its budget, or None (not served: not async). The layer
+        `service.server` applies once, when the method is registered."""
         streaming = handler.request_streaming or handler.response_streaming
         # Typed by the stubs for the sync server; grpc.aio passes its own context.
         behavior: Any = (

@@ -12,6 +12,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError, Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from service.api.wrapped_handlers import HandlerRegistry
 from service.domain.records import CallerInfo
 from service.domain.usernames import escape_text
 
@@ -27,9 +28,9 @@ class UndecodableRequest:
 
 
 def timestamp(seconds: float) -> Timestamp:
-    ts = Timestamp()
-    ts.FromNanoseconds(int(seconds * 1_000_000_000))
-    return ts
+    # Built from its fields in one call (FromNanoseconds is Python code, on every response).
+    whole, nanos = divmod(int(seconds * 1_000_000_000), 1_000_000_000)
+    return Timestamp(seconds=whole, nanos=nanos)
 
 
 MAX_USER_AGENT_CHARS = 256
@@ -74,7 +75,20 @@ def _tolerant_deserializer(cls: type[Message]) -> Callable[[bytes], object]:
     return deserialize
 
 
-def add_servicer(servicer: object, service: ServiceDescriptor, server: grpc.aio.Server) -> None:
+def _serializer(cls: type[Message]) -> Callable[[object], bytes]:
+    """The message's own serializer, except that bytes (a message serialized already, such
+    as the revocation updates shared by every watcher) are sent as they are."""
+    serialize = cls.SerializeToString
+
+    def serializer(message: object) -> bytes:
+        if isinstance(message, bytes):
+            return message
+        return serialize(message)  # type: ignore[arg-type]
+
+    return serializer
+
+
+def add_servicer(servicer: object, service: ServiceDescriptor, server: HandlerRegistry) -> None:
     """Register like the generated `add_*Servicer_to_server`, except that a request that
     does not parse reaches the servicer (and becomes INVALID_ARGUMENT)."""
     handlers = {}
@@ -90,9 +104,7 @@ def add_servicer(servicer: object, service: ServiceDescriptor, server: grpc.aio.
             request_deserializer=_tolerant_deserializer(
                 message_factory.GetMessageClass(method.input_type)
             ),
-            response_serializer=message_factory.GetMessageClass(
-                method.output_type
-            ).SerializeToString,
+            response_serializer=_serializer(message_factory.GetMessageClass(method.output_type)),
         )
     generic = grpc.method_handlers_generic_handler(service.full_name, handlers)
     server.add_generic_rpc_handlers((generic,))

@@ -17,14 +17,13 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-import jwt
 from cryptography.hazmat.primitives.asymmetric import ec
 from jwt.algorithms import Algorithm, get_default_algorithms
 
 from service.clock import Clock
-from service.domain.keys import CurrentKeys, PublicKey
+from service.domain.keys import ACCESS_TOKEN_TYPE, CurrentKeys, PublicKey
 
-TOKEN_TYPE = "at+jwt"
+TOKEN_TYPE = ACCESS_TOKEN_TYPE
 # RFC 9068 §4: "at+jwt"; the full media type is accepted too (RFC 7515 §4.1.9).
 _ACCEPTED_TYPES = frozenset({"at+jwt", "application/at+jwt"})
 _SEGMENT_RE = re.compile(r"[A-Za-z0-9_-]+")
@@ -221,14 +220,17 @@ class AccessTokenCodec:
             "scope": " ".join(scopes),
             GENERATION_CLAIM: generation,
         }
-        token = jwt.encode(
-            claims, key.private_key, algorithm=key.alg, headers={"kid": key.kid, "typ": TOKEN_TYPE}
-        )
+        # What jwt.encode would write, byte for byte, without its per-call work: the header
+        # is the key's, made once; the key object is used as it is.
+        payload = base64.urlsafe_b64encode(
+            json.dumps(claims, separators=(",", ":")).encode()
+        ).rstrip(b"=")
+        signing_input = f"{key.jws_header_b64}.{payload.decode('ascii')}"
+        signature = _ALGORITHMS[key.alg].sign(signing_input.encode("ascii"), key.private_key)
         if isinstance(key.public_key, ec.EllipticCurvePublicKey):
-            signing_input, _, signature_b64 = token.rpartition(".")
-            canonical = _low_s(_b64decode(signature_b64), key.public_key)
-            token = f"{signing_input}.{base64.urlsafe_b64encode(canonical).rstrip(b'=').decode()}"
-        return IssuedAccessToken(token=token, expires_at=exp)
+            signature = _low_s(signature, key.public_key)
+        encoded = base64.urlsafe_b64encode(signature).rstrip(b"=").decode("ascii")
+        return IssuedAccessToken(token=f"{signing_input}.{encoded}", expires_at=exp)
 
     def verify(self, token: str, *, check_time: bool = True) -> AccessClaims:
         """Verify signature and claims; raise TokenRejected naming the first problem."""

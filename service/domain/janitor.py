@@ -1,6 +1,7 @@
 """The janitor: deletes what can never be used again, so the database does not grow without
 bound under steady load (sessions once no access token of theirs can be alive, old security
-events, spent throttle counts, deleted users, retired keys); before that, writes `revoked_at`
+events, spent throttle counts, deleted users, retired keys, the revocation log's expired
+rows); before that, writes `revoked_at`
 into the sessions their user's revocation ended (`CATCH_UP_BATCH` per statement); and
 retires and rotates signing keys. What, when and why: docs/operations.md, "Clean-up".
 
@@ -104,6 +105,8 @@ class Janitor:
             purge("signing_keys", retention),
             purge("security_events", retention),
             purge("login_throttle", throttle_expired),
+            # keep_until holds the leeway and margin already.
+            purge("revocation_log", to_datetime(now)),
         ]
 
     async def run_once(self) -> dict[str, int] | None:

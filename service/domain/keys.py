@@ -7,9 +7,10 @@ for rotation and retirement).
 
 from __future__ import annotations
 
+import base64
 import json
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -24,6 +25,8 @@ PrivateKey = ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey | rsa.RSAPri
 PublicKey = ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey | rsa.RSAPublicKey
 
 _RSA_BITS = 3072
+# The `typ` of our access tokens (RFC 9068 §2.1).
+ACCESS_TOKEN_TYPE = "at+jwt"
 
 
 def _generate_private_key(alg: str) -> PrivateKey:
@@ -60,6 +63,19 @@ class SigningKey:
     created_at: datetime
     activates_at: float
     """Epoch seconds from which it signs (it verifies from the moment it is loaded)."""
+    jws_header_b64: str = field(init=False)
+    """The base64url JWS header of the access tokens it signs (`alg`, `kid`, `typ`, keys
+    sorted, as pyjwt spells it): the same for every token, so made once per key."""
+
+    def __post_init__(self) -> None:
+        header = json.dumps(
+            {"alg": self.alg, "kid": self.kid, "typ": ACCESS_TOKEN_TYPE},
+            separators=(",", ":"),
+            sort_keys=True,
+        ).encode()
+        object.__setattr__(
+            self, "jws_header_b64", base64.urlsafe_b64encode(header).rstrip(b"=").decode()
+        )
 
 
 def generate_signing_key(

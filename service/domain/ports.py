@@ -2,7 +2,7 @@
 owns and the store implements (structurally: it inherits nothing from here).
 
 Each method is one transaction unless it says otherwise; every write that must happen
-together with another (a change and its security event, a revocation and its NOTIFY) is
+together with another (a change and its security event, a revocation and its log row) is
 one call. Unavailable storage raises `DatabaseUnavailable`.
 """
 
@@ -168,6 +168,25 @@ class RefreshTransaction(Protocol):
 
 class RefreshTokenStorage(Protocol):
     """The rotation of refresh tokens."""
+
+    async def rotate_if_fresh(
+        self,
+        token_hash: bytes,
+        *,
+        now: datetime,
+        child_hash: bytes,
+        idle_expires_at: datetime,
+        audiences: frozenset[str],
+        access_expires_at: datetime,
+        user_bound: datetime,
+        peer: str | None,
+    ) -> tuple[RefreshTokenState | None, bool]:
+        """The common case in one step: lock and read the token's state and, exactly when
+        `decide_refresh` would rotate it (with the child expiring at the earlier of
+        `idle_expires_at` and the session's end), rotate it as `RefreshTransaction.rotate`
+        does, the user's bound raised to `user_bound` if the one read is below
+        `access_expires_at`. The state as read (None: unknown token) and whether it rotated;
+        it writes nothing otherwise (also when a revocation stopped the writes)."""
 
     def refreshing(self) -> AbstractAsyncContextManager[RefreshTransaction]:
         """A refresh's transaction: committed when the block ends, rolled back if it raises."""

@@ -170,4 +170,9 @@ def user_bound(state: RefreshTokenState, access_expires_at: datetime) -> datetim
     bound = state.user_access_expires_max
     if bound is not None and bound >= access_expires_at:
         return None
+    return raised_user_bound(access_expires_at)
+
+
+def raised_user_bound(access_expires_at: datetime) -> datetime:
+    """What a user's bound is raised to when it is below `access_expires_at`."""
     return access_expires_at + timedelta(seconds=USER_BOUND_STEP_SECONDS)

@@ -11,9 +11,10 @@ Why and for how long: docs/design.md, "Tokens and sessions" and "Validate at sca
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
 from service.domain.access_tokens import AccessClaims
@@ -22,6 +23,8 @@ from service.settings import MAX_LEEWAY
 # Replicas' clocks differ a little, and a notification takes a moment: keep entries this
 # much longer than the tokens' own lifetime.
 REVOCATION_MARGIN_SECONDS = 60.0
+REMEMBER_PAST_BOUND_SECONDS = MAX_LEEWAY + REVOCATION_MARGIN_SECONDS
+"""How long past its bound a revocation is remembered (the log's `keep_until` too)."""
 
 
 # A user's bound is raised this far past the `exp` that needed it, so most refreshes find it
@@ -54,25 +57,127 @@ class UserRevocation(NamedTuple):
 def remembered_until(access_expires_max: float) -> float:
     """Until when a revocation must be remembered (and its session kept): no validator
     whose leeway is within `MAX_LEEWAY` accepts any of the session's tokens after it."""
-    return access_expires_max + MAX_LEEWAY + REVOCATION_MARGIN_SECONDS
+    return access_expires_max + REMEMBER_PAST_BOUND_SECONDS
 
 
 def forgettable_before(now: float) -> float:
     """Sessions whose `access_expires_max` is older than this need no remembering."""
-    return now - MAX_LEEWAY - REVOCATION_MARGIN_SECONDS
+    return now - REMEMBER_PAST_BOUND_SECONDS
+
+
+class KeysChanged(NamedTuple):
+    """A signing key was added or retired (the log's `keys` rows)."""
+
+    changed_at: float
+    keep_until: float
+
+
+LogRecord = Revocation | UserRevocation | KeysChanged
+
+
+class LogEntry(NamedTuple):
+    """One row of the revocation log: its sequence and what it records."""
+
+    sequence: int
+    record: LogRecord
+
+
+def keep_until(record: LogRecord) -> float:
+    """When a log record may be forgotten."""
+    if isinstance(record, KeysChanged):
+        return record.keep_until
+    return remembered_until(record.access_expires_max)
+
+
+LogListener = Callable[[list[LogEntry], bool], None]
+"""Told each batch of entries applied, in log order, and whether the log went back (a
+database restored to an older point: what was told before may not hold)."""
 
 
 class RevocationState:
-    """Revoked session ids, each kept until its last access token has expired."""
+    """Revoked session ids, each kept until its last access token has expired, and the
+    revocation log's entries this process has applied (its `journal`, in log order), from
+    which a watcher that was at sequence N gets exactly what came after N."""
 
     def __init__(self) -> None:
         self._revoked: dict[str, float] = {}  # session id -> forget after (epoch seconds)
         # user id -> (sessions below this generation are revoked, forget after)
         self._users: dict[str, tuple[int, float]] = {}
+        self._journal: list[LogEntry] = []
+        self._listeners: list[LogListener] = []
+        self.sequence = 0
+        """The log position applied: every entry up to it is in this state."""
+        self.horizon = 0
+        """Every unexpired entry above this sequence is in the journal (below it, some
+        were compacted or pruned: a watcher that far behind gets a snapshot)."""
+        self.version = 0
+        """Raised by every change (what a cached snapshot compares)."""
+        self.forgotten = 0
+        """Raised by every prune that forgot something (a cached snapshot is then stale)."""
         self.synced_at: float | None = None
         """When the state was last known to match the database (None: never, or stale)."""
         self.lag: float | None = None
-        """Seconds between the latest notified revocation and this process hearing it."""
+        """Seconds between the latest logged revocation and this process applying it."""
+
+    def subscribe(self, listener: LogListener) -> None:
+        """Call `listener` with each batch of entries applied (synchronously, right after
+        the state has them)."""
+        self._listeners.append(listener)
+
+    def apply(self, entries: Iterable[LogEntry]) -> list[LogEntry]:
+        """Apply log entries read in order; those past `sequence` are kept and told to the
+        listeners (returned). Entries at or below `sequence` are known already."""
+        fresh = [e for e in entries if e.sequence > self.sequence]
+        if not fresh:
+            return []
+        self._absorb(fresh)
+        self._journal.extend(fresh)
+        self.sequence = fresh[-1].sequence
+        for listener in self._listeners:
+            listener(fresh, False)
+        return fresh
+
+    def reset(self, entries: list[LogEntry], *, sequence: int, horizon: int) -> list[LogEntry]:
+        """A full read of the log at `sequence` (its unexpired entries in order, compacted
+        through `horizon`). Revocations are added, never replaced: one this process made
+        after the read must not vanish. The entries past the previous `sequence` are told
+        to the listeners (returned), as if applied."""
+        self._absorb(entries)
+        rewound = sequence < self.sequence  # a database restored to an older point
+        fresh = [e for e in entries if e.sequence > self.sequence]
+        self._journal = list(entries)
+        self.horizon = sequence if rewound else max(self.horizon, horizon)
+        self.sequence = sequence
+        for listener in self._listeners:
+            listener(fresh, rewound)
+        return fresh
+
+    def entries_after(self, sequence: int) -> list[LogEntry] | None:
+        """The unexpired entries after `sequence`, in order; None if they are not all held
+        (it is below the horizon, or past this state's position)."""
+        if sequence < self.horizon or sequence > self.sequence:
+            return None
+        start = bisect.bisect_right(self._journal, sequence, key=lambda e: e.sequence)
+        return self._journal[start:]
+
+    def revoked_session_entries(self) -> list[tuple[str, float]]:
+        """(session id, forget after) of every revoked session remembered."""
+        return list(self._revoked.items())
+
+    def revoked_user_entries(self) -> list[tuple[str, int, float]]:
+        """(user id, generation, forget after) of every user's revocation remembered."""
+        return [(uid, gen, until) for uid, (gen, until) in self._users.items()]
+
+    def _absorb(self, entries: Iterable[LogEntry]) -> None:
+        sessions: list[Revocation] = []
+        users: list[UserRevocation] = []
+        for entry in entries:
+            if isinstance(entry.record, Revocation):
+                sessions.append(entry.record)
+            elif isinstance(entry.record, UserRevocation):
+                users.append(entry.record)
+        self.add(sessions)
+        self.add_users(users)
 
     def is_revoked(self, session_id: str) -> bool:
         return session_id in self._revoked
@@ -83,6 +188,7 @@ class RevocationState:
         return entry is not None and generation < entry[0]
 
     def add_users(self, revocations: Iterable[UserRevocation]) -> None:
+        self.version += 1
         for revocation in revocations:
             forget_after = remembered_until(revocation.access_expires_max)
             generation, known_until = self._users.get(revocation.user_id, (0, 0.0))
@@ -93,6 +199,7 @@ class RevocationState:
             )
 
     def add(self, revocations: Iterable[Revocation]) -> None:
+        self.version += 1
         for revocation in revocations:
             forget_after = remembered_until(revocation.access_expires_max)
             if self._revoked.get(revocation.session_id, 0.0) < forget_after:
@@ -106,12 +213,26 @@ class RevocationState:
         users = [uid for uid, (_, forget_after) in self._users.items() if forget_after <= now]
         for uid in users:
             del self._users[uid]
+        # The journal's expired entries go too; the horizon rises past them (a watcher
+        # resuming from below it gets a snapshot, which no longer needs them).
+        kept = [e for e in self._journal if keep_until(e.record) > now]
+        if len(kept) != len(self._journal):
+            dropped = max(e.sequence for e in self._journal if keep_until(e.record) <= now)
+            self.horizon = max(self.horizon, dropped)
+            self._journal = kept
+        if expired or users:
+            self.version += 1
+            self.forgotten += 1
         return len(expired) + len(users)
 
     @property
     def revoked_users(self) -> int:
         """How many users' revocations are remembered."""
         return len(self._users)
+
+    @property
+    def journal_size(self) -> int:
+        return len(self._journal)
 
     def __len__(self) -> int:
         return len(self._revoked)

@@ -1,8 +1,8 @@
 """Ending sessions: the one revocation path of this process, and the Revoke operations.
 
 `SessionRevocations` is how anything here revokes: it persists through the port, puts
-the revocation into this process's `RevocationState` at once (the NOTIFY reaches the other
-replicas, and this one, a moment later) and counts it. Revocations persisted as part of
+the revocation into this process's `RevocationState` at once (the revocation log reaches
+the other replicas, and this one, a moment later) and counts it. Revocations persisted as part of
 another change (a login's session cap, reuse detection, a user's disable, password change
 or deletion) are handed to it as well (`remember`, `remember_user`).
 
@@ -107,7 +107,7 @@ class SessionRevocations:
     def remember(
         self, revoked: list[Revocation], target: RevocationTarget, *, counted: bool = True
     ) -> int:
-        """Sessions just revoked in the database: refused here at once (not when the NOTIFY
+        """Sessions just revoked in the database: refused here at once (not when the log row
         arrives) and, if `counted` (revoked by this call), counted; how many."""
         self._state.add(revoked)
         if revoked and counted:

@@ -1,10 +1,10 @@
 """Signing-key rotation without downtime, the same on every replica: a key is created
 (pending: verifies and is published, signs nothing), active from `activates_at`
-(`KEY_ACTIVATION_DELAY` after creation, so the NOTIFY reaches every replica first),
+(`KEY_ACTIVATION_DELAY` after creation, so its log row reaches every replica first),
 superseded when a newer key activates, and retired (private half wiped) once no token it
-signed can be alive. Replicas reload on the NOTIFY, on every reconnect of their listener and
-on each poll. The states and the caveats for offline verifiers: docs/operations.md,
-"Signing-key rotation".
+signed can be alive. Replicas reload when they reach the change's row in the revocation log,
+on every reconnect of their listener and on each poll. The states and the caveats for
+offline verifiers: docs/operations.md, "Signing-key rotation".
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import uuid
 from dataclasses import dataclass
+from datetime import datetime
 
 from service.clock import Clock, to_datetime
 from service.domain.access_tokens import AccessTokenCodec, token_lifetime
@@ -16,6 +17,7 @@ from service.domain.policy import TokenPolicy
 from service.domain.ports import RefreshTokenStorage, SessionStorage
 from service.domain.records import CallerInfo, NewSession, RefreshTokenState, SecurityEvent
 from service.domain.refresh_tokens import (
+    RefreshDecision,
     Reject,
     Replay,
     RevokeForReuse,
@@ -26,6 +28,7 @@ from service.domain.refresh_tokens import (
     hash_token,
     is_well_formed,
     new_refresh_token,
+    raised_user_bound,
     replay_verdict,
     user_bound,
 )
@@ -218,9 +221,11 @@ class TokenService:
     # Refresh
 
     async def refresh(self, refresh_token: str, *, caller: CallerInfo) -> TokenPair:
-        """Rotate a refresh token: one transaction through the port, the token's row locked
-        while `decide_refresh` judges it and the decision is written; the answer (or the
-        error) once it has committed."""
+        """Rotate a refresh token. The common case (a fresh token of a live session) is one
+        step of the store (`rotate_if_fresh`): the token locked, judged and rotated at once.
+        The rest (a used token, a revocation that came meanwhile) is one transaction through
+        the port, the token's row locked while `decide_refresh` judges it and the decision
+        is written; the answer (or the error) once it has committed."""
         if not is_well_formed(refresh_token):
             raise RefreshTokenInvalid()
         child = derive_child_token(refresh_token, self._refresh_secret)
@@ -229,19 +234,103 @@ class TokenService:
         # Stored as the session's bound by the same statement as the rotation, then signed.
         issued_at, access_expires = token_lifetime(clock_now, self._policy.access_ttl)
         signed_until = to_datetime(access_expires)
+        token_hash, child_hash = hash_token(refresh_token), hash_token(child)
+        revoked: list[Revocation] = []
+        newly_revoked = False
+        verdict: tuple[ReplayVerdict, str | None] = ("retry", None)
+        state, rotated = await self._refresh_tokens.rotate_if_fresh(
+            token_hash,
+            now=now,
+            child_hash=child_hash,
+            idle_expires_at=now + self._policy.idle_ttl,
+            audiences=self.issuable_audiences,
+            access_expires_at=signed_until,
+            user_bound=raised_user_bound(signed_until),
+            peer=caller.peer,
+        )
+        decision = self._decide(state, now=now, child_hash=child_hash)
+        if rotated:
+            if not isinstance(decision, Rotate):
+                # The statement's conditions are decide_refresh's (a differential test
+                # holds them to it): this is a bug, never a client's doing.
+                raise RuntimeError("the store rotated a token that decide_refresh would not")
+        elif state is not None and (state.used_at is not None or isinstance(decision, Rotate)):
+            # A used token (a replay, reuse) needs its child's state, read fresh under the
+            # lock; a rotation that a revocation stopped is judged again on the new state.
+            # (A refusal of an unused token, read under its lock, stands as it is.)
+            state, decision, revoked, newly_revoked, verdict = await self._refresh_under_lock(
+                token_hash, child_hash=child_hash, now=now, signed_until=signed_until, caller=caller
+            )
+        match decision:
+            case Reject():
+                raise decision.error()
+            case RevokeForReuse():
+                assert state is not None
+                self._reuse_detected(state, revoked, newly_revoked)
+                raise RefreshTokenReused()
+            case Rotate():
+                assert state is not None
+                child_expires_at = decision.child_expires_at
+            case Replay():
+                assert state is not None
+                assert state.child_expires_at is not None
+                child_expires_at = state.child_expires_at
+                self._replayed(state, verdict, caller.peer)
+        scopes = granted_scopes(state)
+        access = self._codec.sign(
+            subject=str(state.user_id),
+            session_id=str(state.session_id),
+            audience=state.session_audience,
+            scopes=scopes,
+            issued_at=issued_at,
+            expires_at=access_expires,
+            generation=state.session_generation,
+        )
+        return TokenPair(
+            access_token=access.token,
+            access_token_expires_at=access.expires_at,
+            refresh_token=child,
+            refresh_token_expires_at=child_expires_at.timestamp(),
+            session_id=str(state.session_id),
+            scopes=scopes,
+        )
+
+    def _decide(
+        self, state: RefreshTokenState | None, *, now: datetime, child_hash: bytes
+    ) -> RefreshDecision:
+        return decide_refresh(
+            state,
+            now=now,
+            grace=self._policy.reuse_grace,
+            idle_ttl=self._policy.idle_ttl,
+            child_hash=child_hash,
+            audiences=self.issuable_audiences,
+        )
+
+    async def _refresh_under_lock(
+        self,
+        token_hash: bytes,
+        *,
+        child_hash: bytes,
+        now: datetime,
+        signed_until: datetime,
+        caller: CallerInfo,
+    ) -> tuple[
+        RefreshTokenState | None,
+        RefreshDecision,
+        list[Revocation],
+        bool,
+        tuple[ReplayVerdict, str | None],
+    ]:
+        """The refresh in one transaction of several statements: the state, the decision
+        (a write that a revocation stopped: SessionRevoked), the sessions revoked for reuse
+        and whether this call revoked them, and a replay's verdict."""
         revoked: list[Revocation] = []
         newly_revoked = False
         verdict: tuple[ReplayVerdict, str | None] = ("retry", None)
         async with self._refresh_tokens.refreshing() as refreshing:
-            state = await refreshing.lock(hash_token(refresh_token))
-            decision = decide_refresh(
-                state,
-                now=now,
-                grace=self._policy.reuse_grace,
-                idle_ttl=self._policy.idle_ttl,
-                child_hash=hash_token(child),
-                audiences=self.issuable_audiences,
-            )
+            state = await refreshing.lock(token_hash)
+            decision = self._decide(state, now=now, child_hash=child_hash)
             match decision:
                 case Rotate():
                     assert state is not None
@@ -277,39 +366,7 @@ class TokenService:
                     await refreshing.record_event(
                         _reuse_event(state, newly_revoked, caller.peer), now=now
                     )
-        match decision:
-            case Reject():
-                raise decision.error()
-            case RevokeForReuse():
-                assert state is not None
-                self._reuse_detected(state, revoked, newly_revoked)
-                raise RefreshTokenReused()
-            case Rotate():
-                assert state is not None
-                child_expires_at = decision.child_expires_at
-            case Replay():
-                assert state is not None
-                assert state.child_expires_at is not None
-                child_expires_at = state.child_expires_at
-                self._replayed(state, verdict, caller.peer)
-        scopes = granted_scopes(state)
-        access = self._codec.sign(
-            subject=str(state.user_id),
-            session_id=str(state.session_id),
-            audience=state.session_audience,
-            scopes=scopes,
-            issued_at=issued_at,
-            expires_at=access_expires,
-            generation=state.session_generation,
-        )
-        return TokenPair(
-            access_token=access.token,
-            access_token_expires_at=access.expires_at,
-            refresh_token=child,
-            refresh_token_expires_at=child_expires_at.timestamp(),
-            session_id=str(state.session_id),
-            scopes=scopes,
-        )
+        return state, decision, revoked, newly_revoked, verdict
 
     def _reuse_detected(
         self, state: RefreshTokenState, revoked: list[Revocation], newly_revoked: bool

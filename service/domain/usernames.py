@@ -64,6 +64,10 @@ def escape_text(text: str, *, limit: int | None = None) -> str:
     neither forge lines nor drive a terminal, and an escape cannot be mistaken for the
     character. With `limit`, at most that many characters of output, never cutting an
     escape in two."""
+    if text.isascii() and text.isprintable() and "\\" not in text:
+        # Printable ASCII shows as itself (only the backslash is escaped): the common case
+        # (every call's peer address and user agent) without a step per character.
+        return text if limit is None else text[:limit]
     pieces: list[str] = []
     size = 0
     for char in text:

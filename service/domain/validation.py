@@ -74,8 +74,8 @@ class AccessTokenValidator:
         self, access_token: str, *, required_scopes: tuple[str, ...], audience: str | None
     ) -> Validation:
         """`validate`, except that a token naming a key this process has not loaded yet (one
-        rotated in on another replica a moment ago, whose NOTIFY is late) makes it look for
-        new keys once, rate-limited, before answering."""
+        rotated in on another replica a moment ago, whose log row has not reached us yet) makes
+        it look for new keys once, rate-limited, before answering."""
         result = self.validate(access_token, required_scopes=required_scopes, audience=audience)
         if await self._found_new_key(result.unknown_kid):
             result = self.validate(access_token, required_scopes=required_scopes, audience=audience)

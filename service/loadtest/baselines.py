@@ -1,13 +1,13 @@
 """What `authsvc bench` divides by (`service.loadtest.bench`): each figure of the service
-measured without the parts around it, on the same machine in the same run. Refresh's SQL
-alone, argon2id alone, refresh and login through the domain without gRPC, the memory of
-the caches, and the cost of each signing algorithm.
+measured without the parts around it, on the same machine in the same run. argon2id alone,
+refresh and login through the domain without gRPC, the database round trips of each call,
+the memory of the caches, and the cost of each signing algorithm. (Refresh's SQL alone runs
+in the load generator's processes: `service.loadtest.sql_rotation`.)
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import secrets
 import statistics
 import subprocess
@@ -16,86 +16,97 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
-from datetime import UTC, datetime, timedelta
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 
 import asyncpg
 
-from service.components import open_components
+from service.components import build_components, open_components, start_database_clock
 from service.domain.passwords import make_argon2_hasher
 from service.domain.records import CallerInfo
+from service.domain.tokens import TokenPair
 from service.settings import Settings
-from service.store.refresh_tokens import LOCK_REFRESH_TOKEN_SQL, ROTATE_SQL
 
 
-async def sql_rotation_rate(
-    dsn: str, *, concurrency: int, pool_size: int, duration: float
-) -> float:
-    """Refresh's SQL alone: lock and read the token, rotate it, in one transaction."""
-    pool = await asyncpg.create_pool(dsn, min_size=pool_size, max_size=pool_size)
+@dataclass(frozen=True)
+class RoundTrips:
+    """Database round trips per call (statements sent, asyncpg's pool reset included)."""
+
+    refresh: float
+    login: float
+    validate: float
+
+
+async def round_trips_per_call(
+    settings: Settings, usernames: tuple[str, ...], password: str, *, calls: int = 20
+) -> RoundTrips:
+    """Count what a refresh, a login and a Validate send to PostgreSQL, through the same
+    domain and store code the server runs, with asyncpg's query logger on every pooled
+    connection. Each operation runs a few times unmeasured first (statements prepared, key
+    loaded), then `calls` times one after the other: the mean is the count per call."""
+    sent = 0
+
+    def count(_query: asyncpg.connection.LoggedQuery) -> None:
+        nonlocal sent
+        sent += 1
+
+    async def log_queries(conn: asyncpg.Connection) -> None:
+        conn.add_query_logger(count)
+
+    dsn = settings.database_url
+    assert dsn is not None
+    pool = await asyncpg.create_pool(
+        dsn, min_size=1, max_size=settings.db_pool_size, init=log_queries
+    )
     assert pool is not None
-    now = datetime.now(UTC)
-    far = now + timedelta(days=1)
-    chains: list[tuple[uuid.UUID, bytes]] = []
+    caller = CallerInfo(peer="ipv4:127.0.0.1:50000")
     try:
-        async with pool.acquire() as conn:
-            user_id = uuid.uuid4()
-            await conn.execute(
-                """INSERT INTO users (id, username, username_key, password_hash, created_at,
-                                      updated_at)
-                   VALUES ($1, $2, $2, 'x', $3, $3)""",
-                user_id,
-                f"bench-sql-{user_id.hex[:8]}",
-                now,
+        clock = await start_database_clock(settings, pool, refuse=False)
+        components = await build_components(settings, pool=pool, clock=clock)
+        try:
+
+            async def login(i: int) -> TokenPair:
+                return await components.tokens.issue(
+                    username=usernames[i % len(usernames)],
+                    password=password,
+                    scopes=(),
+                    audience=None,
+                    caller=caller,
+                )
+
+            async def per_call(step: Callable[[int], Awaitable[object]]) -> float:
+                nonlocal sent
+                for i in range(3):
+                    await step(i)
+                await asyncio.sleep(0.05)  # the logger is called soon after, not at once
+                sent = 0
+                for i in range(calls):
+                    await step(i)
+                await asyncio.sleep(0.05)
+                return sent / calls
+
+            pair = await login(0)
+            refresh_token = pair.refresh_token
+
+            async def refresh(_i: int) -> None:
+                nonlocal refresh_token
+                refresh_token = (
+                    await components.tokens.refresh(refresh_token, caller=caller)
+                ).refresh_token
+
+            async def validate(_i: int) -> None:
+                result = await components.validator.validate_with_new_keys(
+                    pair.access_token, required_scopes=(), audience=None
+                )
+                assert result.claims is not None
+
+            return RoundTrips(
+                refresh=await per_call(refresh),
+                login=await per_call(login),
+                validate=await per_call(validate),
             )
-            for _ in range(concurrency):
-                session_id, token_hash = uuid.uuid4(), secrets.token_bytes(32)
-                await conn.execute(
-                    """INSERT INTO sessions (id, user_id, scopes, audience, created_at, expires_at,
-                                             access_expires_max)
-                       VALUES ($1, $2, '{}', 'bench', $3, $4, $4)""",
-                    session_id,
-                    user_id,
-                    now,
-                    far,
-                )
-                await conn.execute(
-                    """INSERT INTO refresh_tokens (token_hash, session_id, issued_at, expires_at)
-                       VALUES ($1, $2, $3, $4)""",
-                    token_hash,
-                    session_id,
-                    now,
-                    far,
-                )
-                chains.append((session_id, token_hash))
-        done = 0
-        deadline = time.perf_counter() + duration
-
-        async def walk(session_id: uuid.UUID, token_hash: bytes) -> None:
-            nonlocal done
-            while time.perf_counter() < deadline:
-                child = hashlib.sha256(token_hash).digest()
-                async with pool.acquire() as conn, conn.transaction():
-                    await conn.fetchrow(LOCK_REFRESH_TOKEN_SQL, token_hash)
-                    await conn.execute(
-                        ROTATE_SQL,
-                        token_hash,
-                        session_id,
-                        datetime.now(UTC),
-                        child,
-                        far,
-                        far,
-                        "ipv4:127.0.0.1:50000",  # the rotating peer, as the service stores it
-                        user_id,
-                        0,  # the session's generation (the user's)
-                        None,  # the user's bound is not raised (the service does, in steps)
-                    )
-                token_hash = child
-                done += 1
-
-        start = time.perf_counter()
-        await asyncio.gather(*(walk(s, t) for s, t in chains))
-        return done / (time.perf_counter() - start)
+        finally:
+            components.close()
     finally:
         await pool.close()
 

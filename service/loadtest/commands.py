@@ -87,7 +87,12 @@ def add_load_commands(commands: argparse._SubParsersAction[argparse.ArgumentPars
     )
     bench.add_argument("--concurrency", type=bounded_argument(CONCURRENCY), default=32)
     bench.add_argument("--processes", type=bounded_argument(PROCESSES), default=2)
-    bench.add_argument("--workers", type=bounded_argument(WORKERS), default=default_workers())
+    bench.add_argument(
+        "--workers",
+        type=bounded_argument(WORKERS),
+        default=1,
+        help="workers of the servers started for the run (Refresh's target is for one)",
+    )
     bench.add_argument("--output", type=Path, default=None, help="also write the report here")
     bench.add_argument(
         "--write-docs",

@@ -14,7 +14,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from service.components import open_components
@@ -22,6 +22,16 @@ from service.database import attach_embedded_uri
 from service.settings import Settings
 
 _SERVING_RE = re.compile(r"authsvc serving on (\S+):(\d+)")
+
+
+@dataclass(frozen=True)
+class LocalServer:
+    target: str
+    """HOST:PORT"""
+    settings: Settings
+    """Settings that reach the server's database."""
+    pid: int
+    """The `authsvc serve` process (the supervisor, with several workers)."""
 
 
 @contextmanager
@@ -33,6 +43,15 @@ def local_server(
     Yields the target address and the settings that reach the same database.
     The server is stopped with SIGTERM when the block ends.
     """
+    with local_server_process(workers=workers, extra_env=extra_env) as server:
+        yield server.target, server.settings
+
+
+@contextmanager
+def local_server_process(
+    *, workers: int, extra_env: dict[str, str] | None = None
+) -> Iterator[LocalServer]:
+    """`local_server`, with the server's process id (the bench reads its CPU time)."""
     with tempfile.TemporaryDirectory(prefix="authsvc-load-") as data_dir:
         env = dict(os.environ)
         env.update(extra_env or {})
@@ -60,7 +79,7 @@ def local_server(
             if settings.database_url is None:
                 # Reach the server's embedded PostgreSQL without sharing its lifetime.
                 settings = replace(settings, database_url=attach_embedded_uri(Path(data_dir)))
-            yield target, settings
+            yield LocalServer(target, settings, process.pid)
         finally:
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)

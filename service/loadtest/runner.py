@@ -28,13 +28,17 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing.sharedctypes import Synchronized
 
+import asyncpg
 import grpc
 from authsvc_client.gen.auth.v1 import auth_pb2, auth_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from service.loadtest.sql_rotation import RotationRefused, SqlRotations
 from service.loadtest.stats import ProcessResult, ScenarioSummary, summarize
 
 SCENARIOS = ("validate", "refresh", "issue", "mixed", "health")
+# The bench's SQL baseline (`service.loadtest.sql_rotation`): `target` is a database URL.
+SQL_ROTATION = "sql-rotation"
 # mixed: validate / refresh / issue
 MIXED_WEIGHTS = (0.90, 0.08, 0.02)
 _SETUP_TIMEOUT = 300.0
@@ -64,6 +68,8 @@ class LoadPlan:
     label: str | None = None
     service_token: str | None = None
     """Sent as `authorization: Bearer` on Validate (a server with AUTH_CALLER_AUTH=validate)."""
+    sql_pool_size: int = 2
+    """sql-rotation: database connections in all processes together."""
 
     @property
     def name(self) -> str:
@@ -204,6 +210,8 @@ async def _measured(
         result.errors[error.code().name] += 1
     except _Rejected as rejected:
         result.errors[rejected.label] += 1
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, RotationRefused) as error:
+        result.errors[type(error).__name__] += 1
     else:
         result.latencies.append(time.perf_counter() - started)
 
@@ -215,6 +223,8 @@ async def _run_process(
     barrier: multiprocessing.synchronize.Barrier,
     progress: Synchronized[int],
 ) -> ProcessResult:
+    if plan.scenario == SQL_ROTATION:
+        return await _run_sql_process(plan, index, clients, barrier, progress)
     channels = [
         grpc.aio.insecure_channel(plan.target, options=[("grpc.use_local_subchannel_pool", 1)])
         for _ in range(CONNECTIONS_PER_PROCESS)
@@ -226,41 +236,77 @@ async def _run_process(
             await client.mint_tokens(plan.cold_tokens or plan.hot_tokens)
         if plan.scenario in ("refresh", "mixed"):
             await client.add_sessions(clients)
-        await asyncio.get_running_loop().run_in_executor(None, barrier.wait, _SETUP_TIMEOUT)
-        start = time.perf_counter()
-        deadline = start + plan.duration
-
-        async def report_progress() -> None:
-            while True:
-                await asyncio.sleep(0.25)
-                progress.value = len(result.latencies) + sum(result.errors.values())
-
-        reporter = asyncio.create_task(report_progress())
-        if plan.rate is None:
-            await _closed_loop(client, result, clients, deadline)
-        else:
-            await _open_loop(client, result, plan.rate / plan.processes, clients, start, deadline)
-        result.elapsed = time.perf_counter() - start
-        reporter.cancel()
-        progress.value = len(result.latencies) + sum(result.errors.values())
+        await _measure(plan, client.operation, result, clients, barrier, progress)
     finally:
         for channel in channels:
             await channel.close()
     return result
 
 
+async def _run_sql_process(
+    plan: LoadPlan,
+    index: int,
+    clients: int,
+    barrier: multiprocessing.synchronize.Barrier,
+    progress: Synchronized[int],
+) -> ProcessResult:
+    """sql-rotation: this process's share of the pool, one chain per virtual client."""
+    share = plan.sql_pool_size // plan.processes + (
+        1 if index < plan.sql_pool_size % plan.processes else 0
+    )
+    rotations = SqlRotations(plan.target, chains=clients, pool_size=max(1, share))
+    result = ProcessResult()
+    try:
+        await rotations.open()
+        await _measure(plan, lambda: rotations.rotate, result, clients, barrier, progress)
+    finally:
+        await rotations.close()
+    return result
+
+
+async def _measure(
+    plan: LoadPlan,
+    operation: Callable[[], Callable[[], Awaitable[None]]],
+    result: ProcessResult,
+    clients: int,
+    barrier: multiprocessing.synchronize.Barrier,
+    progress: Synchronized[int],
+) -> None:
+    """Wait for every process to be set up, then run the loop for `plan.duration`."""
+    await asyncio.get_running_loop().run_in_executor(None, barrier.wait, _SETUP_TIMEOUT)
+    start = time.perf_counter()
+    deadline = start + plan.duration
+
+    async def report_progress() -> None:
+        while True:
+            await asyncio.sleep(0.25)
+            progress.value = len(result.latencies) + sum(result.errors.values())
+
+    reporter = asyncio.create_task(report_progress())
+    if plan.rate is None:
+        await _closed_loop(operation, result, clients, deadline)
+    else:
+        await _open_loop(operation, result, plan.rate / plan.processes, clients, start, deadline)
+    result.elapsed = time.perf_counter() - start
+    reporter.cancel()
+    progress.value = len(result.latencies) + sum(result.errors.values())
+
+
 async def _closed_loop(
-    client: _Client, result: ProcessResult, clients: int, deadline: float
+    operation: Callable[[], Callable[[], Awaitable[None]]],
+    result: ProcessResult,
+    clients: int,
+    deadline: float,
 ) -> None:
     async def virtual_client() -> None:
         while time.perf_counter() < deadline:
-            await _measured(client.operation(), result, time.perf_counter())
+            await _measured(operation(), result, time.perf_counter())
 
     await asyncio.gather(*(virtual_client() for _ in range(clients)))
 
 
 async def _open_loop(
-    client: _Client,
+    operation: Callable[[], Callable[[], Awaitable[None]]],
     result: ProcessResult,
     rate: float,
     max_in_flight: int,
@@ -280,7 +326,7 @@ async def _open_loop(
             result.dropped += 1
             continue
         # Latency counts from the scheduled time, not from when we got round to it.
-        task = asyncio.create_task(_measured(client.operation(), result, scheduled))
+        task = asyncio.create_task(_measured(operation(), result, scheduled))
         in_flight.add(task)
         task.add_done_callback(in_flight.discard)
     if in_flight:
@@ -305,9 +351,17 @@ def _process_entry(
     results.put((index, outcome))
 
 
-def run_load(plan: LoadPlan, *, show_progress: bool = True) -> ScenarioSummary:
-    """Run one scenario over `plan.processes` processes; blocks for about its duration."""
-    if plan.scenario not in SCENARIOS:
+def run_load(
+    plan: LoadPlan,
+    *,
+    show_progress: bool = True,
+    on_measuring: Callable[[bool], None] | None = None,
+) -> ScenarioSummary:
+    """Run one scenario over `plan.processes` processes; blocks for about its duration.
+
+    `on_measuring` is told True when every process starts measuring (after its set-up) and
+    False when the measured time is over (the bench reads CPU times then)."""
+    if plan.scenario not in (*SCENARIOS, SQL_ROTATION):
         raise ValueError(f"unknown scenario {plan.scenario!r}")
     context = multiprocessing.get_context("spawn")  # no gRPC state crosses a fork
     barrier = context.Barrier(plan.processes + 1)
@@ -334,7 +388,11 @@ def run_load(plan: LoadPlan, *, show_progress: bool = True) -> ScenarioSummary:
         except threading.BrokenBarrierError:
             pass  # a process failed its setup; its error arrives below
         else:
+            if on_measuring is not None:
+                on_measuring(True)
             _show_progress(plan, counters, processes, show_progress)
+            if on_measuring is not None:
+                on_measuring(False)
         deadline = time.monotonic() + plan.duration + _SETUP_TIMEOUT
         while len(collected) < plan.processes and time.monotonic() < deadline:
             try:

@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 import grpc
 
 from service.api.wrapped_handlers import WrappedHandlers
-from service.metrics.telemetry import PrometheusTelemetry, RpcMetrics
+from service.metrics.telemetry import PrometheusTelemetry
 
 _TRequest = TypeVar("_TRequest")
 _TResponse = TypeVar("_TResponse")
@@ -38,35 +38,41 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[_TRequest, _TResponse] | None:
         handler = await continuation(handler_call_details)
-        if handler is None or handler.request_streaming or handler.response_streaming:
-            return handler
+        if handler is None:
+            return None
         method = handler_call_details.method
         wrapped: grpc.RpcMethodHandler[_TRequest, _TResponse] = self._wrapped.get(
-            method, handler, lambda: self._wrap(self._telemetry.rpc(method), handler)
+            method, handler, lambda: self.wrap(method, handler)
         )
         return wrapped
 
-    @staticmethod
-    def _wrap(
-        metrics: RpcMetrics, handler: grpc.RpcMethodHandler[_TRequest, _TResponse]
+    def wrap(
+        self, method: str, handler: grpc.RpcMethodHandler[_TRequest, _TResponse]
     ) -> grpc.RpcMethodHandler[_TRequest, _TResponse]:
+        """`handler` counted and timed as `method` (a streaming one as it is): the layer
+        `service.server` applies once, when the method is registered."""
+        if handler.request_streaming or handler.response_streaming:
+            return handler
         if handler.unary_unary is None:
             return handler
         # Typed by the stubs for the sync server; grpc.aio passes its own context.
         inner: Callable[..., Any] = handler.unary_unary
         clock = time.perf_counter
+        # Looked up when a call ends (one dict lookup): a method's series appear once it
+        # is called, not when it is registered.
+        rpc = self._telemetry.rpc
 
         async def behavior(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             started = clock()
             try:
                 response = await inner(request, context)
             except asyncio.CancelledError:
-                metrics.finished(_code_when_cancelled(context), clock() - started)
+                rpc(method).finished(_code_when_cancelled(context), clock() - started)
                 raise
             except Exception:
-                metrics.finished(_code_when_raised(context), clock() - started)
+                rpc(method).finished(_code_when_raised(context), clock() - started)
                 raise
-            metrics.finished(_code_when_returned(context), clock() - started)
+            rpc(method).finished(_code_when_returned(context), clock() - started)
             return response
 
         def sync_behavior(request: Any, context: Any) -> Any:
@@ -76,9 +82,9 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
             try:
                 response = inner(request, watched)
             except Exception:
-                metrics.finished(_code_when_raised(watched), clock() - started)
+                rpc(method).finished(_code_when_raised(watched), clock() - started)
                 raise
-            metrics.finished(_code_when_returned(watched), clock() - started)
+            rpc(method).finished(_code_when_returned(watched), clock() - started)
             return response
 
         # grpc.aio runs a plain function differently (in its thread pool if it has one):

@@ -94,6 +94,14 @@ class ProcessSample:
     process does not run on the database's clock)."""
     clock_measured_seconds_ago: float | None = None
     """Age of the database-clock offset in use (grows while the database is away)."""
+    revocation_log_sequence: int = 0
+    """The revocation log position applied here."""
+    revocation_watchers: int = 0
+    """WatchRevocations streams open now."""
+    watch_updates_sent: int = 0
+    """Cumulative, WatchRevocations updates written (heartbeats included)."""
+    watchers_cut_off: int = 0
+    """Cumulative, WatchRevocations streams cut off as too slow."""
 
 
 class PrometheusTelemetry:
@@ -235,9 +243,35 @@ class PrometheusTelemetry:
             registry=r,
             multiprocess_mode="livemax",
         )
+        self._log_sequence = Gauge(
+            "authsvc_revocation_log_sequence",
+            "The revocation log position this process has applied (the smallest over "
+            "workers); compare replicas, or with the database's head, to see one behind.",
+            registry=r,
+            multiprocess_mode="livemin",
+        )
+        self._watchers = Gauge(
+            "authsvc_revocation_watchers",
+            "WatchRevocations streams open, summed over workers.",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self._watch_updates = Counter(
+            "authsvc_revocation_watch_updates",
+            "WatchRevocations updates sent (heartbeats included).",
+            registry=r,
+        )
+        self._watchers_cut_off = Counter(
+            "authsvc_revocation_watchers_cut_off",
+            "WatchRevocations streams ended because their client did not keep up "
+            "(RESOURCE_EXHAUSTED / WATCHER_TOO_SLOW).",
+            registry=r,
+        )
         self._rpc: dict[str, RpcMetrics] = {}
         self._last_hits = 0
         self._last_misses = 0
+        self._last_updates = 0
+        self._last_cut_off = 0
 
     # --- Telemetry (called by the domain) ---
 
@@ -289,6 +323,12 @@ class PrometheusTelemetry:
         self._last_hits = sample.cache_hits
         self._last_misses = sample.cache_misses
         self._revoked_sessions.set(sample.revoked_sessions)
+        self._log_sequence.set(sample.revocation_log_sequence)
+        self._watchers.set(sample.revocation_watchers)
+        self._watch_updates.inc(_delta(sample.watch_updates_sent, self._last_updates))
+        self._watchers_cut_off.inc(_delta(sample.watchers_cut_off, self._last_cut_off))
+        self._last_updates = sample.watch_updates_sent
+        self._last_cut_off = sample.watchers_cut_off
         if sample.revocation_lag_seconds is not None:
             # Both times are the database's clock as each replica measures it: they may
             # disagree by a few milliseconds, never below zero.

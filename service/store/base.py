@@ -38,6 +38,20 @@ UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
 BOOTSTRAP_LOCK_ID = 0x61757468  # "auth"
 
 
+async def release_session_lock(conn: asyncpg.Connection, lock_id: int) -> None:
+    """Let go of a session-level advisory lock taken on a pooled connection. The pool does
+    not reset connections (`service.database.create_pool`): if this cannot be done (the
+    call cut short, the connection broken), the connection is dropped, so that the lock
+    never stays with a connection someone else gets from the pool."""
+    if conn.is_closed():
+        return
+    try:
+        await conn.execute("SELECT pg_advisory_unlock($1)", lock_id)
+    except BaseException:
+        conn.terminate()
+        raise
+
+
 class StoreBase:
     """A pool, a statement timeout and the window of aggregated security events."""
 

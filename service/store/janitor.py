@@ -13,7 +13,7 @@ import asyncpg
 
 from service.domain.ports import PurgeBatch
 from service.errors import DatabaseUnavailable
-from service.store.base import UNAVAILABLE_ERRORS, StoreBase
+from service.store.base import UNAVAILABLE_ERRORS, StoreBase, release_session_lock
 from service.store.revocations import SESSION_PURGE_AFTER, purge_after_on_revoke
 
 # Held by the one replica whose janitor is running.
@@ -90,6 +90,20 @@ _PURGE_SQL = {
                 SELECT id FROM security_events WHERE occurred_at < $1
                  ORDER BY occurred_at LIMIT $2))
             RETURNING 1)
+        SELECT count(*) AS examined, count(*) AS deleted, 0::bigint AS repaired FROM gone""",
+    # The revocation log's rows past their keep_until (the cutoff is now: keep_until has
+    # the margin in it); the horizon rises to the largest sequence deleted, so a reader
+    # whose cursor is below it reads the log in full rather than miss a row.
+    "revocation_log": """
+        WITH gone AS (
+            DELETE FROM revocation_log WHERE id = ANY(ARRAY(
+                SELECT id FROM revocation_log WHERE keep_until < $1
+                 ORDER BY keep_until LIMIT $2))
+            RETURNING sequence),
+        horizon AS (
+            UPDATE revocation_log_horizon
+               SET compacted_through = greatest(compacted_through, (SELECT max(sequence) FROM gone))
+             WHERE EXISTS (SELECT 1 FROM gone) RETURNING 1)
         SELECT count(*) AS examined, count(*) AS deleted, 0::bigint AS repaired FROM gone""",
     "login_throttle": f"""
         WITH gone AS (
@@ -217,8 +231,7 @@ class PostgresJanitor(StoreBase):
                 # the statement timeout, the next pass tries again.
                 yield Purger(conn, lock_timeout=min(1.0, self._timeout * 0.9))
             finally:
-                if not conn.is_closed():
-                    await conn.execute("SELECT pg_advisory_unlock($1)", _JANITOR_LOCK_ID)
+                await release_session_lock(conn, _JANITOR_LOCK_ID)
 
     async def catch_up_user_revocations(self, *, batch: int, max_batches: int) -> int | None:
         """Write revoked_at and revoke_reason (the user's) into sessions that their user's
@@ -264,4 +277,4 @@ class PostgresJanitor(StoreBase):
                         after = (row["user_generation"], row["created_at"], row["id"])
                 return written
             finally:
-                await conn.execute("SELECT pg_advisory_unlock($1)", _CATCH_UP_LOCK_ID)
+                await release_session_lock(conn, _CATCH_UP_LOCK_ID)

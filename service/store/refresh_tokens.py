@@ -109,6 +109,67 @@ UPDATE sessions SET access_expires_max = greatest(access_expires_max, $2),
 """
 
 
+# A refresh in the common case, in one statement and one round trip (autocommit): the
+# presented token locked and read with its session and user (the columns of
+# LOCK_REFRESH_TOKEN_SQL), and, only if `decide_refresh` would rotate it (unused, the session
+# live, its user enabled, its audience still issued, neither expired: `fresh`), ROTATE_SQL's
+# writes: the user's bound raised when the one read is below the access token's `exp` ($6)
+# (to $7, under the user's row lock and only if the generation is still the session's), the
+# session touched and its bound raised (only if not revoked meanwhile: the row lock re-checks
+# it), the parent marked used and its one child ($3) stored. Its row is returned with
+# `rotated`; anything else (a used token, a refusal, a write refused by a revocation that
+# committed meanwhile) writes nothing, and the domain decides on the row or takes the path of
+# several statements. One snapshot serves the whole statement: a call that waited here for
+# the token's lock finds it used (its rotation committed), so it rotates nothing; the
+# revocation of the session or (when the bound is raised) of the user that commits while it
+# waits for their rows stops it, as in ROTATE_SQL. Unknown token: no row.
+ROTATE_FRESH_TOKEN_SQL = """
+WITH presented AS (
+    SELECT rt.token_hash, rt.session_id, s.user_id, rt.issued_at, rt.expires_at, rt.used_at,
+           rt.child_hash, s.scopes AS session_scopes, s.audience,
+           s.expires_at AS session_expires_at,
+           (s.revoked_at IS NOT NULL OR s.user_generation < u.session_generation)
+               AS session_revoked,
+           s.user_generation, u.access_expires_max AS user_access_expires_max,
+           u.scopes AS user_scopes, u.disabled
+      FROM refresh_tokens rt
+      JOIN sessions s ON s.id = rt.session_id
+      JOIN users u ON u.id = s.user_id
+     WHERE rt.token_hash = $1
+       FOR UPDATE OF rt),
+fresh AS (
+    SELECT session_id, user_id, user_generation,
+           least($4::timestamptz, session_expires_at) AS child_expires_at,
+           coalesce(user_access_expires_max >= $6::timestamptz, false) AS bound_covers
+      FROM presented
+     WHERE used_at IS NULL AND NOT session_revoked AND NOT disabled
+       AND audience = ANY($5::text[])
+       AND $2::timestamptz < expires_at AND $2::timestamptz < session_expires_at),
+user_raised AS (
+    UPDATE users u SET access_expires_max = greatest(u.access_expires_max, $7::timestamptz)
+      FROM fresh f
+     WHERE NOT f.bound_covers AND u.id = f.user_id AND u.session_generation <= f.user_generation
+    RETURNING 1),
+session AS (
+    UPDATE sessions s SET last_refreshed_at = $2, last_refreshed_peer = $8,
+                          access_expires_max = greatest(s.access_expires_max, $6),
+                          purge_after = greatest(s.access_expires_max, $6, f.child_expires_at)
+      FROM fresh f
+     WHERE s.id = f.session_id AND s.revoked_at IS NULL
+       AND (f.bound_covers OR EXISTS (SELECT 1 FROM user_raised))
+    RETURNING 1),
+parent AS (
+    UPDATE refresh_tokens SET used_at = $2, child_hash = $3
+     WHERE token_hash = $1 AND used_at IS NULL AND EXISTS (SELECT 1 FROM session)
+    RETURNING 1),
+child AS (
+    INSERT INTO refresh_tokens (token_hash, session_id, parent_hash, issued_at, expires_at)
+    SELECT $3, f.session_id, $1, $2, f.child_expires_at FROM fresh f, parent
+    RETURNING 1)
+SELECT p.*, EXISTS (SELECT 1 FROM child) AS rotated FROM presented p
+"""
+
+
 def _refresh_state(row: asyncpg.Record, rotated: asyncpg.Record | None) -> RefreshTokenState:
     """The presented token's state; `rotated` is the fresh read made when it was used."""
     return RefreshTokenState(
@@ -220,6 +281,35 @@ class PostgresRefresh:
 
 class PostgresRefreshTokens(StoreBase):
     """The `refresh_tokens` table, with the session and user rows a rotation touches."""
+
+    async def rotate_if_fresh(
+        self,
+        token_hash: bytes,
+        *,
+        now: datetime,
+        child_hash: bytes,
+        idle_expires_at: datetime,
+        audiences: frozenset[str],
+        access_expires_at: datetime,
+        user_bound: datetime,
+        peer: str | None,
+    ) -> tuple[RefreshTokenState | None, bool]:
+        """ROTATE_FRESH_TOKEN_SQL: one statement, outside any transaction block."""
+        async with self._connection() as conn:
+            row = await conn.fetchrow(
+                ROTATE_FRESH_TOKEN_SQL,
+                token_hash,
+                now,
+                child_hash,
+                idle_expires_at,
+                sorted(audiences),
+                access_expires_at,
+                user_bound,
+                peer,
+            )
+        if row is None:
+            return None, False
+        return _refresh_state(row, None), bool(row["rotated"])
 
     @asynccontextmanager
     async def refreshing(self) -> AsyncIterator[PostgresRefresh]:

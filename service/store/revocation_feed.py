@@ -1,20 +1,24 @@
-"""Keeps a process's `RevocationState` equal to the database's, without Validate asking it.
+"""Keeps a process's `RevocationState` equal to the database's revocation log, without
+Validate asking it.
 
-Every revocation travels with its session's `access_expires_max` (the latest `exp` of any
-access token the session was issued), which says how long to remember it. A revocation of
-every session of a user travels as one entry (the user's new generation and bound), on
-its own channel, through the same load, notifications and polls.
+The log (migration 0011) holds every revocation (one row per session, one per user-wide
+revocation) and every signing-key change, each with a sequence that grows in commit order,
+and a NOTIFY on `LOG_CHANNEL` that only says "the log advanced to N".
 
-- At start: a full read of the revoked sessions whose tokens may still be alive.
-- Then: PostgreSQL LISTEN on a dedicated connection (not a pooled one, so a busy
-  pool never delays it). Every revoking transaction sends a NOTIFY on commit.
-- When that connection drops: reconnect with backoff, LISTEN again, and read the
-  window in full, so nothing revoked meanwhile is missed.
+- At start: a full read (every unexpired row, the head's sequence and the compaction
+  horizon, in one snapshot).
+- Then: PostgreSQL LISTEN on a dedicated connection (not a pooled one, so a busy pool
+  never delays it). A notification past our position wakes the follower, which reads
+  `sequence > ours` in order, through the pool, in batches.
+- When that connection drops: reconnect with backoff, LISTEN again, then catch up the
+  same way (the rows missed meanwhile are in the log).
 - A periodic poll through the pool is a safety net for anything in between.
+- Only with a cursor below the compaction horizon (the janitor deleted rows past it)
+  is the log read in full again.
 
-The same connection hears when signing keys change (`KEYS_CHANNEL`); the feed then calls
-`on_keys_changed` (which reloads the key ring), and also after every reconnect and poll,
-so a missed key notification is made up the same way as a missed revocation.
+A `keys` row makes the follower reload the key ring (`on_keys_changed`) before the rows
+are applied, so a watcher told of the change gets the new JWK Set; the keys are also
+reloaded after every reconnect and poll (a cheap comparison when nothing changed).
 """
 
 from __future__ import annotations
@@ -28,63 +32,74 @@ import asyncpg
 
 from service.clock import Clock, to_datetime
 from service.domain.revocation import (
+    REMEMBER_PAST_BOUND_SECONDS,
+    KeysChanged,
+    LogEntry,
+    LogRecord,
     Revocation,
     RevocationState,
     UserRevocation,
-    forgettable_before,
 )
 from service.store.base import UNAVAILABLE_ERRORS
-from service.store.notifications import (
-    CHANNEL,
-    KEYS_CHANNEL,
-    USERS_CHANNEL,
-    parse_payload,
-    parse_user_payload,
-)
+from service.store.notifications import LOG_CHANNEL, parse_log_position
 
 log = logging.getLogger(__name__)
 
 LISTENER_APPLICATION_NAME = "authsvc-revocation-listener"
-# Revocations committed late (long transactions) still show up in the poll.
-_POLL_OVERLAP_SECONDS = 60.0
+CATCH_UP_BATCH = 10_000
+"""Log rows per read when catching up."""
 
-# Every revocation still to be remembered, whenever it was made.
-_REMEMBERED_SQL = """
-SELECT id::text AS id, extract(epoch FROM revoked_at)::float8 AS revoked_at,
-       extract(epoch FROM access_expires_max)::float8 AS access_expires_max
-  FROM sessions WHERE revoked_at IS NOT NULL AND access_expires_max >= $1
-"""
-# The safety-net poll: revocations made lately (a missed notification).
-_RECENT_SQL = """
-SELECT id::text AS id, extract(epoch FROM revoked_at)::float8 AS revoked_at,
-       extract(epoch FROM access_expires_max)::float8 AS access_expires_max
-  FROM sessions WHERE revoked_at >= $1
-"""
-
-
-# The same for users' revocations (the latest of each user; it covers the earlier ones).
-_USERS_COLUMNS = """
-SELECT id::text AS id, session_generation,
-       extract(epoch FROM sessions_revoked_at)::float8 AS revoked_at,
-       extract(epoch FROM revoked_sessions_until)::float8 AS access_expires_max
-  FROM users"""
-_REMEMBERED_USERS_SQL = _USERS_COLUMNS + " WHERE revoked_sessions_until >= $1"
-_RECENT_USERS_SQL = _USERS_COLUMNS + " WHERE sessions_revoked_at >= $1"
+_COLUMNS = """sequence, kind, session_id::text AS session_id, user_id::text AS user_id,
+       generation, extract(epoch FROM revoked_at)::float8 AS revoked_at,
+       extract(epoch FROM keep_until)::float8 AS keep_until"""
+_HEAD_SQL = """SELECT (SELECT sequence FROM revocation_log_head) AS head,
+       (SELECT compacted_through FROM revocation_log_horizon) AS horizon"""
+# Every row still to be remembered ($1: now), in log order.
+_FULL_SQL = f"""SELECT {_COLUMNS} FROM revocation_log
+ WHERE keep_until >= $1 AND sequence IS NOT NULL ORDER BY sequence"""  # noqa: S608
+# The horizon and the rows after $1 (at most $2), in one snapshot: a reader whose cursor is
+# below that horizon may have lost rows to the janitor, and reads in full instead.
+_AFTER_SQL = f"""SELECT h.compacted_through AS horizon, l.*
+  FROM revocation_log_horizon h
+  LEFT JOIN LATERAL (SELECT {_COLUMNS} FROM revocation_log
+                      WHERE sequence > $1 ORDER BY sequence LIMIT $2) l ON true
+ ORDER BY l.sequence"""  # noqa: S608
 
 
-def _revocations(rows: list[asyncpg.Record]) -> list[Revocation]:
-    return [Revocation(r["id"], r["revoked_at"], r["access_expires_max"]) for r in rows]
+def log_record(row: asyncpg.Record) -> LogRecord:
+    """What one row of the log says (the bound is recovered from `keep_until`)."""
+    bound = row["keep_until"] - REMEMBER_PAST_BOUND_SECONDS
+    if row["kind"] == "session":
+        return Revocation(row["session_id"], row["revoked_at"], bound)
+    if row["kind"] == "user":
+        return UserRevocation(row["user_id"], row["generation"], row["revoked_at"], bound)
+    return KeysChanged(row["revoked_at"], row["keep_until"])
 
 
-def _user_revocations(rows: list[asyncpg.Record]) -> list[UserRevocation]:
-    return [
-        UserRevocation(r["id"], r["session_generation"], r["revoked_at"], r["access_expires_max"])
-        for r in rows
-    ]
+def log_entries(rows: list[asyncpg.Record]) -> list[LogEntry]:
+    return [LogEntry(r["sequence"], log_record(r)) for r in rows if r["sequence"] is not None]
+
+
+async def read_full_log(conn: asyncpg.Connection, now: float) -> tuple[list[LogEntry], int, int]:
+    """Every unexpired row, the head's sequence and the compaction horizon, all of one
+    snapshot."""
+    async with conn.transaction(isolation="repeatable_read", readonly=True):
+        head = await conn.fetchrow(_HEAD_SQL)
+        rows = await conn.fetch(_FULL_SQL, to_datetime(now))
+    assert head is not None
+    return log_entries(rows), head["head"], head["horizon"]
+
+
+async def read_log_after(
+    conn: asyncpg.Connection, sequence: int, limit: int
+) -> tuple[list[LogEntry], int]:
+    """At most `limit` rows after `sequence`, in order, and the compaction horizon."""
+    rows = await conn.fetch(_AFTER_SQL, sequence, limit)
+    return log_entries(rows), rows[0]["horizon"]
 
 
 class RevocationFeed:
-    """Runs the listener and the poll for one process."""
+    """Runs the listener, the follower and the poll for one process."""
 
     def __init__(
         self,
@@ -106,71 +121,116 @@ class RevocationFeed:
         self._timeout = timeout
         self._on_listening = on_listening
         self._on_keys_changed = on_keys_changed
-        self._key_reloads: set[asyncio.Task[None]] = set()
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._caught_up = asyncio.Condition()
+        # One read at a time: entries are applied in log order, and a full read never
+        # races an incremental one.
+        self._reading = asyncio.Lock()
+        self.notified = 0
+        """The highest sequence a notification announced."""
         self.listening = asyncio.Event()
         """Set while the LISTEN connection is up (tests wait on it)."""
         self.reconnects = 0
         self.polls = 0
         """Polls completed (tests wait on it)."""
+        self.full_reads = 0
+        """Full reads of the log (the start's included)."""
 
     async def start(self) -> None:
-        """Load the window (failing start-up if the database is down), then follow it."""
-        async with self._pool.acquire(timeout=self._timeout) as conn:
-            await self._load_window(conn)
+        """Read the log in full (failing start-up if the database is down), then follow it."""
+        async with self._reading, self._pool.acquire(timeout=self._timeout) as conn:
+            await self._read_in_full(conn)
         self._tasks = [
             asyncio.create_task(self._listen_forever(), name="revocation-listener"),
+            asyncio.create_task(self._follow_forever(), name="revocation-follower"),
             asyncio.create_task(self._poll_forever(), name="revocation-poll"),
         ]
 
     async def stop(self) -> None:
         self._stopping.set()
-        for task in [*self._tasks, *self._key_reloads]:
+        for task in self._tasks:
             task.cancel()
-        for task in [*self._tasks, *self._key_reloads]:
+        for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
 
-    async def _load_window(self, conn: asyncpg.Connection) -> None:
+    def wake(self) -> None:
+        """Read the log after our position soon (a watcher asked for a later one)."""
+        self._wake.set()
+
+    async def wait_for(self, sequence: int, within: float) -> bool:
+        """Whether the state reaches `sequence` within `within` seconds (waking the
+        follower to look)."""
+        if self._state.sequence >= sequence:
+            return True
+        self.wake()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(within), self._caught_up:
+                await self._caught_up.wait_for(lambda: self._state.sequence >= sequence)
+        return self._state.sequence >= sequence
+
+    async def _read_in_full(self, conn: asyncpg.Connection) -> None:
         now = self._clock.now()
-        cutoff = to_datetime(forgettable_before(now))
-        rows = await conn.fetch(_REMEMBERED_SQL, cutoff)
-        users = await conn.fetch(_REMEMBERED_USERS_SQL, cutoff)
-        # Added, never replaced: revocations are never undone, and one made by this
-        # process after the read's snapshot must not vanish until its NOTIFY arrives.
-        self._state.add(_revocations(rows))
-        self._state.add_users(_user_revocations(users))
+        entries, head, horizon = await read_full_log(conn, now)
+        if any(isinstance(e.record, KeysChanged) for e in entries if e.sequence > head):
+            await self._reload_keys()
+        self._state.reset(entries, sequence=head, horizon=horizon)
         self._state.prune(now)
         self._state.synced_at = now
+        self.full_reads += 1
+
+    async def catch_up(self) -> None:
+        """Apply every row after our position, in order (in full if compacted past it)."""
+        async with self._reading, self._pool.acquire(timeout=self._timeout) as conn:
+            while True:
+                entries, horizon = await read_log_after(conn, self._state.sequence, CATCH_UP_BATCH)
+                if horizon > self._state.sequence:
+                    log.info("revocation log compacted past our position; reading it in full")
+                    await self._read_in_full(conn)
+                    break
+                if any(isinstance(e.record, KeysChanged) for e in entries):
+                    await self._reload_keys()
+                applied = self._state.apply(entries)
+                if applied:
+                    # How long the news took to reach us (commit time to applied here).
+                    latest = max(_logged_at(e.record) for e in applied)
+                    self._state.lag = max(0.0, self._clock.now() - latest)
+                if len(entries) < CATCH_UP_BATCH:
+                    break
+        if self.listening.is_set():
+            self._state.synced_at = self._clock.now()
+        async with self._caught_up:
+            self._caught_up.notify_all()
+
+    async def _follow_forever(self) -> None:
+        while not self._stopping.is_set():
+            await self._wake.wait()
+            self._wake.clear()
+            try:
+                await self.catch_up()
+            except Exception as exc:  # the next notification, reconnect or poll tries again
+                log.warning("revocation log read failed (%s)", type(exc).__name__)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), timeout=0.2)
+                self._wake.set()
 
     def _on_notify(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
-        if isinstance(payload, str):
-            revocations = parse_payload(payload)
-            self._state.add(revocations)
-            if revocations:
-                # How long the news took to reach us, for the metrics.
-                latest = max(r.revoked_at for r in revocations)
-                self._state.lag = max(0.0, self._clock.now() - latest)
-
-    def _on_users_notify(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
-        if isinstance(payload, str):
-            revocations = parse_user_payload(payload)
-            self._state.add_users(revocations)
-            if revocations:
-                self._state.lag = max(0.0, self._clock.now() - revocations[0].revoked_at)
-
-    def _on_keys_notify(self, _conn: object, _pid: int, _channel: str, _payload: object) -> None:
-        task = asyncio.get_running_loop().create_task(self._reload_keys())
-        self._key_reloads.add(task)  # a reference, so the task is not collected mid-way
-        task.add_done_callback(self._key_reloads.discard)
+        sequence = parse_log_position(payload)
+        if sequence is None:
+            log.warning("ignored a malformed revocation log notification")
+            return
+        self.notified = max(self.notified, sequence)
+        if sequence > self._state.sequence:
+            self._wake.set()
 
     async def _reload_keys(self) -> None:
         if self._on_keys_changed is None:
             return
         try:
             await self._on_keys_changed()
-        except Exception as exc:  # the next notification, reconnect or poll tries again
+        except Exception as exc:  # the next key row, reconnect or poll tries again
             log.warning("signing keys reload failed (%s)", type(exc).__name__)
 
     async def _listen_forever(self) -> None:
@@ -185,13 +245,12 @@ class RevocationFeed:
                 )
                 lost = asyncio.Event()
                 conn.add_termination_listener(lambda _c, event=lost: event.set())
-                await conn.add_listener(CHANNEL, self._on_notify)
-                await conn.add_listener(USERS_CHANNEL, self._on_users_notify)
-                await conn.add_listener(KEYS_CHANNEL, self._on_keys_notify)
-                # Listening first, then reading: a revocation lands in one or both.
-                await self._load_window(conn)
+                await conn.add_listener(LOG_CHANNEL, self._on_notify)
+                # Listening first, then reading: a row lands in one or both.
+                await self.catch_up()
                 await self._reload_keys()
                 self.listening.set()
+                self._state.synced_at = self._clock.now()
                 await self._tell_listening(True)
                 delay = 0.1
                 while not lost.is_set() and not conn.is_closed():
@@ -224,17 +283,15 @@ class RevocationFeed:
                 await asyncio.wait_for(self._stopping.wait(), timeout=self._poll_interval)
             if self._stopping.is_set():
                 return
-            now = self._clock.now()
             try:
-                since = to_datetime(now - self._poll_interval - _POLL_OVERLAP_SECONDS)
-                async with self._pool.acquire(timeout=self._timeout) as conn:
-                    rows = await conn.fetch(_RECENT_SQL, since)
-                    users = await conn.fetch(_RECENT_USERS_SQL, since)
+                await self.catch_up()
             except Exception as exc:  # any failure: try again next round
                 log.warning("revocation poll failed (%s)", type(exc).__name__)
                 continue
-            self._state.add(_revocations(rows))
-            self._state.add_users(_user_revocations(users))
-            self._state.prune(now)
+            self._state.prune(self._clock.now())
             self.polls += 1
             await self._reload_keys()
+
+
+def _logged_at(record: LogRecord) -> float:
+    return record.changed_at if isinstance(record, KeysChanged) else record.revoked_at

@@ -1,8 +1,9 @@
 """Revoking sessions: one session, or every session of a user at once (one row, the
 user's generation raised). Shared by the parts whose transactions revoke (a logout, a
 user's change or deletion, reuse detection, the session cap). Each revocation returns
-what every replica needs to remember it, and for how long, and is announced to them by
-a NOTIFY on commit.
+what every replica needs to remember it, and for how long, and appends it to the
+revocation log in the same transaction (migration 0011: its sequence and NOTIFY come at
+commit), which is how every other replica and watcher hears of it.
 """
 
 from __future__ import annotations
@@ -12,9 +13,8 @@ from datetime import datetime
 
 import asyncpg
 
-from service.domain.revocation import Revocation, UserRevocation
+from service.domain.revocation import REMEMBER_PAST_BOUND_SECONDS, Revocation, UserRevocation
 from service.settings import MAX_SESSIONS_PER_USER
-from service.store.notifications import CHANNEL, USERS_CHANNEL, notify_payloads, user_notify_payload
 
 # What a revocation of all a user's sessions reports as revoked is counted up to this many
 # (the largest AUTH_MAX_SESSIONS_PER_USER): the count reads a bounded range of the index.
@@ -69,6 +69,21 @@ RETURNING session_generation, revoked_sessions_until,
 """
 
 
+# The log's rows: each remembered until its bound plus the largest leeway and a margin
+# (RevocationState's `remembered_until`).
+_KEEP = f"make_interval(secs => {REMEMBER_PAST_BOUND_SECONDS})"
+LOG_SESSIONS_SQL = f"""
+INSERT INTO revocation_log (kind, session_id, revoked_at, keep_until)
+SELECT 'session', id, to_timestamp(at), to_timestamp(bound) + {_KEEP}
+  FROM unnest($1::uuid[], $2::float8[], $3::float8[]) AS r(id, at, bound)"""  # noqa: S608
+LOG_USER_SQL = f"""
+INSERT INTO revocation_log (kind, user_id, generation, revoked_at, keep_until)
+VALUES ('user', $1, $2, $3, $4::timestamptz + {_KEEP})"""  # noqa: S608
+LOG_KEYS_SQL = f"""
+INSERT INTO revocation_log (kind, revoked_at, keep_until)
+VALUES ('keys', $1, $1::timestamptz + {_KEEP})"""  # noqa: S608
+
+
 def revocations(rows: list[asyncpg.Record]) -> list[Revocation]:
     """Rows of (id, revoked_at, access_expires_max) as revocations."""
     return [
@@ -87,7 +102,7 @@ async def revoke_session(
     """Revoke one session on `conn` (in its transaction): [it] if this call revoked it."""
     rows = await conn.fetch(REVOKE_SESSION_SQL, session_id, now, reason)
     revoked = revocations(rows)
-    await notify_revoked(conn, revoked)
+    await log_revoked(conn, revoked)
     return revoked
 
 
@@ -109,11 +124,24 @@ async def revoke_user_sessions(
         now.timestamp(),
         row["revoked_sessions_until"].timestamp(),
     )
-    await conn.execute("SELECT pg_notify($1, $2)", USERS_CHANNEL, user_notify_payload(revocation))
+    await conn.execute(
+        LOG_USER_SQL, user_id, revocation.generation, now, row["revoked_sessions_until"]
+    )
     return revocation, row["sessions"]
 
 
-async def notify_revoked(conn: asyncpg.Connection, revoked: list[Revocation]) -> None:
-    """Tell every replica, on commit (NOTIFY is transactional)."""
-    for payload in notify_payloads(revoked):
-        await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, payload)
+async def log_revoked(conn: asyncpg.Connection, revoked: list[Revocation]) -> None:
+    """Append revoked sessions to the revocation log, in `conn`'s transaction."""
+    if revoked:
+        await conn.execute(
+            LOG_SESSIONS_SQL,
+            [uuid.UUID(r.session_id) for r in revoked],
+            [r.revoked_at for r in revoked],
+            [r.access_expires_max for r in revoked],
+        )
+
+
+async def log_keys_changed(conn: asyncpg.Connection, now: datetime) -> None:
+    """Append a signing-key change to the revocation log, in `conn`'s transaction: every
+    replica reloads its keys when it reaches it, and watchers get the new JWK Set."""
+    await conn.execute(LOG_KEYS_SQL, now)

@@ -11,7 +11,7 @@ from service.domain.records import NewSession, SecurityEvent, SessionRecord
 from service.domain.revocation import USER_BOUND_STEP_SECONDS, Revocation, UserRevocation
 from service.store.events import EventWriter
 from service.store.revocations import (
-    notify_revoked,
+    log_revoked,
     purge_after_on_revoke,
     revocations,
     revoke_session,
@@ -92,7 +92,7 @@ class PostgresSessions(EventWriter):
     ) -> tuple[int, list[Revocation]] | None:
         """Start a token family: the session, its first token and the login event in one
         statement, and, in the same transaction, the user's oldest sessions beyond
-        `max_sessions` revoked (with the NOTIFY and an event each). The session's
+        `max_sessions` revoked (appended to the revocation log, with an event each). The session's
         generation and the sessions revoked; None if the user was disabled or changed
         password since `verified_hash` was read."""
         async with self._transaction() as conn:
@@ -129,7 +129,7 @@ class PostgresSessions(EventWriter):
                 )
             )
             if evicted:
-                await notify_revoked(conn, evicted)
+                await log_revoked(conn, evicted)
                 for revocation in evicted:
                     await self._insert_event(
                         conn,

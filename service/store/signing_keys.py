@@ -1,5 +1,5 @@
 """Signing keys (their private halves sealed under the KEK) and the server's other
-sealed secrets; every change announced to the replicas by a NOTIFY on commit."""
+sealed secrets; every key change appended to the revocation log (which replicas follow)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from datetime import datetime
 
 from service.domain.records import SecurityEvent, SigningKeyRecord
 from service.store.events import EventWriter
-from service.store.notifications import KEYS_CHANNEL
+from service.store.revocations import log_keys_changed
 
 
 class PostgresSigningKeys(EventWriter):
@@ -57,7 +57,7 @@ class PostgresSigningKeys(EventWriter):
                 key.activates_at,
             )
             await self._insert_event(conn, event, key.created_at)
-            await conn.execute("SELECT pg_notify($1, '')", KEYS_CHANNEL)
+            await log_keys_changed(conn, key.created_at)
 
     async def retire_signing_keys(
         self, kids: list[str], *, now: datetime, event: SecurityEvent
@@ -77,7 +77,7 @@ class PostgresSigningKeys(EventWriter):
                     replace(event, detail={**(event.detail or {}), "kids": ",".join(retired)}),
                     now,
                 )
-                await conn.execute("SELECT pg_notify($1, '')", KEYS_CHANNEL)
+                await log_keys_changed(conn, now)
         return retired
 
     async def server_secret(self, name: str) -> bytes | None:

@@ -111,7 +111,7 @@ class PostgresUsers(EventWriter):
         events: list[SecurityEvent],
     ) -> tuple[UserRevocation | None, int] | None:
         """One transaction: set a new password hash and/or the disabled flag, revoke every
-        session if `revoke_reason` is given (with the NOTIFY), and record the events.
+        session if `revoke_reason` is given (appended to the revocation log), and record the events.
         All of it or none: a change cut short can never leave the old sessions alive.
         The user's revocation (None without `revoke_reason`) and how many sessions it
         revoked, or None if there is no such user."""

@@ -402,6 +402,16 @@ class AuthClient:
         parsed = json.loads(response.jwks_json)
         return Jwks(json=response.jwks_json, keys=tuple(parsed.get("keys", ())))
 
+    def watch_revocations(
+        self, after_sequence: int = 0
+    ) -> grpc.aio.UnaryStreamCall[auth_pb2.WatchRevocationsRequest, auth_pb2.RevocationUpdate]:
+        """The WatchRevocations stream from `after_sequence` (0: a snapshot first), with the
+        service token; no deadline and no retry (`LocalValidator` follows and resumes it)."""
+        return self._stub().WatchRevocations(
+            auth_pb2.WatchRevocationsRequest(after_sequence=after_sequence),
+            metadata=self._service_metadata,
+        )
+
     async def _call(
         self,
         method: str,

@@ -1,32 +1,36 @@
 """A grpc.aio server interceptor that requires an authsvc access token on chosen methods.
 
     auth = AuthClient(target="authsvc:50051", service_token=...)
-    server = grpc.aio.server(interceptors=[RequireAccessToken(auth, {
+    guard = RequireAccessToken(auth, {
         "/example.Orders/Create": ("orders:write",),   # a valid token with this scope
         "/example.Orders/List": (),                      # any valid token
-    }, audience="orders")])
+    }, audience="orders")
+    server = grpc.aio.server(interceptors=[guard])
+    ...
+    await guard.close()
 
 Methods not in the map pass through untouched; handlers read the caller with
-`current_principal()`. The statuses it answers, the Validate cache (`cache_ttl`) and what it
-costs a revocation: docs/clients.md.
+`current_principal()`. Tokens are checked in this process by a `LocalValidator`
+(revocations and keys pushed by authsvc; authsvc's Validate while it is stale, or always
+against an authsvc that does not serve WatchRevocations), or by authsvc's Validate on every
+call with `remote_validate=True`. The statuses it answers: docs/clients.md.
 """
 
 from __future__ import annotations
 
 import contextvars
-import hashlib
 import inspect
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn, TypeAlias
 
 import grpc
 
-from authsvc_client.client import AuthClient, AuthServiceError
+from authsvc_client.client import AuthClient, AuthServiceError, Validation
 from authsvc_client.limited_log import LogRateLimiter
+from authsvc_client.local_validator import LocalValidator
 
 log = logging.getLogger(__name__)
 
@@ -78,54 +82,6 @@ def current_principal() -> Principal:
         ) from None
 
 
-@dataclass(frozen=True)
-class _Entry:
-    principal: Principal
-    stored_at: float
-    good_until: float
-
-
-class _ValidationCache:
-    """Bounded LRU of positive Validate answers: (token digest, audience) → Principal.
-
-    Required scopes are not part of the key: the answer carries all the token's scopes, so one
-    entry serves every method and the scope check is local.
-    """
-
-    def __init__(self, *, ttl: float, max_entries: int, clock: Callable[[], float]) -> None:
-        self._ttl = ttl
-        self._max = max_entries
-        self._clock = clock
-        self._entries: OrderedDict[tuple[bytes, str], _Entry] = OrderedDict()
-
-    def get(self, key: tuple[bytes, str]) -> Principal | None:
-        entry = self._entries.get(key)
-        if entry is None:
-            return None
-        now = self._clock()
-        # `stored_at <= now` also drops entries when the clock jumps back.
-        if not entry.stored_at <= now < entry.good_until:
-            del self._entries[key]
-            return None
-        self._entries.move_to_end(key)
-        return entry.principal
-
-    def put(self, key: tuple[bytes, str], principal: Principal) -> None:
-        if self._ttl <= 0 or self._max <= 0:
-            return
-        now = self._clock()
-        good_until = min(now + self._ttl, principal.expires_at)
-        if good_until <= now:
-            return
-        self._entries[key] = _Entry(principal, now, good_until)
-        self._entries.move_to_end(key)
-        while len(self._entries) > self._max:
-            self._entries.popitem(last=False)
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-
 def _bearer_token(context: Context) -> str | None:
     """The token of the first "authorization" header if it is "Bearer <token>"."""
     for key, value in context.invocation_metadata() or ():
@@ -148,14 +104,16 @@ def _is_async(behavior: Callable[..., Any]) -> bool:
 class RequireAccessToken(grpc.aio.ServerInterceptor):
     """Requires a valid authsvc access token on the methods in `required_scopes`.
 
-    - `auth`: the AuthClient that calls Validate (give it the service token if authsvc
-      requires one).
+    - `auth`: the AuthClient that reaches authsvc (give it the service token if authsvc
+      requires one): the stream of revocations and the fallback Validate go through it.
     - `required_scopes`: full method name ("/package.Service/Method") → scopes the token must
       all carry (empty: any valid token). Other methods are not touched.
     - `audience`: if set, the token's "aud" must contain it.
-    - `cache_ttl`, `cache_size`: the Validate answer cache (see the module docstring).
-    - `clock`: seconds since the epoch, for the cache (the token's expiry is wall-clock time);
-      injectable for tests.
+    - `validator`: the LocalValidator to check tokens with (its owner starts and closes
+      it); by default one is built on `auth` (with `issuer`, `leeway`, `max_staleness`),
+      started on the first protected call and closed by `close()`.
+    - `remote_validate`: ask authsvc's Validate on every call instead (no local checks).
+    - `clock`: seconds since the epoch, for the token's exp/iat/nbf; injectable for tests.
     - `validate_timeout`: the longest wait for authsvc, further capped by the call's deadline.
     """
 
@@ -165,19 +123,41 @@ class RequireAccessToken(grpc.aio.ServerInterceptor):
         required_scopes: Mapping[str, Sequence[str]],
         *,
         audience: str = "",
-        cache_ttl: float = 5.0,
-        cache_size: int = 10_000,
+        validator: LocalValidator | None = None,
+        remote_validate: bool = False,
+        issuer: str = "authsvc",
+        leeway: float = 0.0,
+        max_staleness: float = 5.0,
         clock: Callable[[], float] = time.time,
         validate_timeout: float = 2.0,
     ) -> None:
+        if validator is not None and remote_validate:
+            raise ValueError("give a validator or remote_validate, not both")
         self._auth = auth
         self._required = {method: tuple(scopes) for method, scopes in required_scopes.items()}
         self._audience = audience
-        self._cache = _ValidationCache(ttl=cache_ttl, max_entries=cache_size, clock=clock)
+        self._owns_validator = validator is None and not remote_validate
+        if self._owns_validator:
+            validator = LocalValidator.from_client(
+                auth,
+                audience=audience,
+                issuer=issuer,
+                leeway=leeway,
+                max_staleness=max_staleness,
+                clock=clock,
+                validate_timeout=validate_timeout,
+            )
+        self.validator = validator
+        """The LocalValidator in use (None with `remote_validate`): its metrics."""
         self._validate_timeout = validate_timeout
         # Any caller can make us ask authsvc: while it is down or refuses us, one line per
         # cause a minute, not one per call.
         self._limited_log = LogRateLimiter(log, window=60.0, now=time.monotonic)
+
+    async def close(self) -> None:
+        """Stop the LocalValidator this interceptor built (not one it was given)."""
+        if self._owns_validator and self.validator is not None:
+            await self.validator.close()
 
     async def intercept_service(
         self,
@@ -245,28 +225,40 @@ class RequireAccessToken(grpc.aio.ServerInterceptor):
         token = _bearer_token(context)
         if token is None:
             await _deny(context, grpc.StatusCode.UNAUTHENTICATED, "missing bearer access token")
-        raw = token.encode("utf-8", "surrogatepass")
-        if len(raw) > MAX_TOKEN_BYTES:
+        if len(token.encode("utf-8", "surrogatepass")) > MAX_TOKEN_BYTES:
             await _deny(context, grpc.StatusCode.UNAUTHENTICATED, "invalid access token")
-        key = (hashlib.sha256(raw).digest(), self._audience)
-        principal = self._cache.get(key)
-        if principal is None:
-            principal = await self._ask_authsvc(context, token, scopes)
-            self._cache.put(key, principal)
-        elif not principal.scopes.issuperset(scopes):
+        answer = await self._check(context, token, scopes)
+        if answer.error == "INSUFFICIENT_SCOPE":
             await _deny(context, grpc.StatusCode.PERMISSION_DENIED, "insufficient scope")
-        return principal
+        if answer.error == "VERIFIER_STALE":
+            # Only a fail_closed validator answers this: it cannot tell, the caller may retry.
+            await _deny(context, grpc.StatusCode.UNAVAILABLE, "authentication unavailable")
+        if not answer.valid or answer.expires_at is None:
+            await _deny(context, grpc.StatusCode.UNAUTHENTICATED, "invalid access token")
+        return Principal(
+            subject=answer.subject,
+            scopes=frozenset(answer.scopes),
+            session_id=answer.session_id,
+            token_id=answer.token_id,
+            expires_at=answer.expires_at.timestamp(),
+        )
 
-    async def _ask_authsvc(
-        self, context: Context, token: str, scopes: tuple[str, ...]
-    ) -> Principal:
+    async def _check(self, context: Context, token: str, scopes: tuple[str, ...]) -> Validation:
+        """The verdict: from the LocalValidator (which asks authsvc itself when stale) or
+        from authsvc's Validate; the call is aborted when neither can answer."""
         timeout = self._validate_timeout
         remaining = context.time_remaining()
         if remaining is not None:
             timeout = max(0.001, min(timeout, remaining))
         try:
-            answer = await self._auth.validate(
-                token, required_scopes=scopes, audience=self._audience, timeout=timeout
+            if self.validator is None:
+                return await self._auth.validate(
+                    token, required_scopes=scopes, audience=self._audience, timeout=timeout
+                )
+            if self._owns_validator:
+                self.validator.start_in_background()
+            return await self.validator.validate_async(
+                token, scopes, self._audience, timeout=timeout
             )
         except AuthServiceError as error:
             if error.code == grpc.StatusCode.INVALID_ARGUMENT:
@@ -288,17 +280,6 @@ class RequireAccessToken(grpc.aio.ServerInterceptor):
                 error.reason,
             )
             await _deny(context, grpc.StatusCode.INTERNAL, "authentication misconfigured")
-        if answer.error == "INSUFFICIENT_SCOPE":
-            await _deny(context, grpc.StatusCode.PERMISSION_DENIED, "insufficient scope")
-        if not answer.valid or answer.expires_at is None:
-            await _deny(context, grpc.StatusCode.UNAUTHENTICATED, "invalid access token")
-        return Principal(
-            subject=answer.subject,
-            scopes=frozenset(answer.scopes),
-            session_id=answer.session_id,
-            token_id=answer.token_id,
-            expires_at=answer.expires_at.timestamp(),
-        )
 
 
 async def _deny(context: Context, code: grpc.StatusCode, details: str) -> NoReturn:

@@ -1,0 +1,459 @@
+"""Checking an authsvc access token in the caller's process, exactly as authsvc's Validate
+does: the same checks in the same order, so the same token gets the same verdict.
+
+Pure and synchronous: the keys (a JWK Set) and the revocations are given; `LocalValidator`
+(authsvc_client.local_validator) keeps them current from authsvc's WatchRevocations stream.
+The rules mirrored here live in the server's service/domain/access_tokens.py (signature,
+claims, lifetime), validation.py (order of the checks) and request_limits.py (what a
+ValidateRequest may carry).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import re
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import grpc
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from google.protobuf.timestamp_pb2 import Timestamp
+from jwt.algorithms import Algorithm, get_default_algorithms
+
+from authsvc_client.client import AuthServiceError, Validation
+
+__all__ = [
+    "MAX_AUDIENCE_BYTES",
+    "MAX_SCOPES",
+    "MAX_SCOPE_BYTES",
+    "MAX_TOKEN_BYTES",
+    "START_LEEWAY_SECONDS",
+    "Checked",
+    "KeySet",
+    "Rejected",
+    "Revocations",
+    "TokenChecker",
+    "VerifiedClaims",
+    "check_request",
+]
+
+# ValidateRequest's limits (proto comments; the server's request_limits.py).
+MAX_TOKEN_BYTES = 8 * 1024
+MAX_SCOPES = 32
+MAX_SCOPE_BYTES = 128
+MAX_AUDIENCE_BYTES = 256
+_SCOPE_RE = re.compile(r"[\x21\x23-\x5B\x5D-\x7E]+")
+
+# iat/nbf may be this far ahead of the clock even with leeway 0 (as on the server).
+START_LEEWAY_SECONDS = 5
+_ACCEPTED_TYPES = frozenset({"at+jwt", "application/at+jwt"})
+_SEGMENT_RE = re.compile(r"[A-Za-z0-9_-]+")
+_KID_RE = re.compile(r"[A-Za-z0-9_-]{16}")
+_GENERATION_CLAIM = "ugen"
+_MAX_GENERATION = 2**63 - 1
+_FORBIDDEN_HEADERS = ("jwk", "jku", "x5u", "x5c", "crit")
+_ALGORITHMS: dict[str, Algorithm] = get_default_algorithms()
+# The algorithms authsvc signs with, and the key type each needs.
+_KEY_TYPES: dict[str, type[Any]] = {
+    "EdDSA": ed25519.Ed25519PublicKey,
+    "ES256": ec.EllipticCurvePublicKey,
+    "RS256": rsa.RSAPublicKey,
+}
+_P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+
+PublicKey = ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey | rsa.RSAPublicKey
+
+
+class Rejected(Exception):
+    """A token failed a check; `reason` is the ValidationError name without its prefix."""
+
+    def __init__(
+        self, reason: str, *, unknown_kid: bool = False, wrong_issuer: bool = False
+    ) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.unknown_kid = unknown_kid
+        """The token names a plausible key id this process has not been told of."""
+        self.wrong_issuer = wrong_issuer
+        """Signed by a listed key, but its `iss` is not the configured issuer."""
+
+
+@dataclass(frozen=True, slots=True)
+class Checked:
+    """A verdict, and what the caller may want to act on (look again, log)."""
+
+    validation: Validation
+    unknown_kid: bool = False
+    wrong_issuer: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class VerifiedClaims:
+    """The claims of a token whose signature verified (lifetime not yet checked)."""
+
+    kid: str
+    subject: str
+    session_id: str
+    token_id: str
+    scopes: tuple[str, ...]
+    audiences: tuple[str, ...]
+    issued_at: float
+    expires_at: float
+    not_before: float | None
+    generation: int
+    expires_at_datetime: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class _Key:
+    alg: str
+    algorithm: Algorithm
+    public_key: PublicKey
+
+
+class KeySet:
+    """A JWK Set parsed once into key objects: kid → (alg, key). Keys of an algorithm
+    authsvc does not sign with, or whose material does not parse, are left out (`skipped`)."""
+
+    def __init__(self, jwks_json: str) -> None:
+        document = json.loads(jwks_json)
+        if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
+            raise ValueError("not a JWK Set")
+        keys: dict[str, _Key] = {}
+        skipped = 0
+        for jwk in document["keys"]:
+            parsed = _parse_jwk(jwk)
+            if parsed is None:
+                skipped += 1
+                continue
+            keys[jwk["kid"]] = parsed
+        self.json = jwks_json
+        self.skipped = skipped
+        self._keys = keys
+
+    def get(self, kid: object) -> _Key | None:
+        return self._keys.get(kid) if isinstance(kid, str) else None
+
+    @property
+    def kids(self) -> frozenset[str]:
+        return frozenset(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+def _parse_jwk(jwk: object) -> _Key | None:
+    if not isinstance(jwk, dict):
+        return None
+    kid, alg = jwk.get("kid"), jwk.get("alg")
+    if not isinstance(kid, str) or not isinstance(alg, str) or alg not in _KEY_TYPES:
+        return None
+    if jwk.get("use", "sig") != "sig":
+        return None
+    algorithm = _ALGORITHMS[alg]
+    try:
+        public_key = algorithm.from_jwk(jwk)
+    except Exception:  # any malformed key material: the key is not usable, nothing more
+        return None
+    if not isinstance(public_key, _KEY_TYPES[alg]):
+        return None
+    if isinstance(public_key, ec.EllipticCurvePublicKey) and public_key.curve.name != "secp256r1":
+        return None
+    return _Key(alg=alg, algorithm=algorithm, public_key=public_key)
+
+
+class Revocations:
+    """Revoked sessions and users, each until its `keep_until` (epoch seconds)."""
+
+    def __init__(self) -> None:
+        self.sessions: dict[str, float] = {}
+        self.users: dict[str, tuple[int, float]] = {}  # subject → (generation, keep until)
+
+    def add_session(self, session_id: str, keep_until: float) -> None:
+        if self.sessions.get(session_id, float("-inf")) < keep_until:
+            self.sessions[session_id] = keep_until
+
+    def add_user(self, subject: str, generation: int, keep_until: float) -> None:
+        known_generation, known_until = self.users.get(subject, (0, float("-inf")))
+        # Generations only grow, and each bound covers the ones before it (as on the server).
+        self.users[subject] = (max(known_generation, generation), max(known_until, keep_until))
+
+    def is_revoked(self, claims: VerifiedClaims) -> bool:
+        if claims.session_id in self.sessions:
+            return True
+        user = self.users.get(claims.subject)
+        return user is not None and claims.generation < user[0]
+
+    def prune(self, now: float) -> int:
+        """Forget entries past their keep_until; how many were dropped."""
+        sessions = [sid for sid, until in self.sessions.items() if until <= now]
+        for sid in sessions:
+            del self.sessions[sid]
+        users = [sub for sub, (_, until) in self.users.items() if until <= now]
+        for sub in users:
+            del self.users[sub]
+        return len(sessions) + len(users)
+
+
+def check_request(token: str, required_scopes: Sequence[str], audience: str) -> None:
+    """Raise what authsvc answers a ValidateRequest over its limits: INVALID_ARGUMENT
+    naming the fields (AuthServiceError, as AuthClient.validate raises it)."""
+    fields: list[str] = []
+    for name, value, limit, required in (
+        ("access_token", token, MAX_TOKEN_BYTES, True),
+        ("audience", audience, MAX_AUDIENCE_BYTES, False),
+    ):
+        if not value:
+            if required:
+                fields.append(name)
+        elif (
+            len(value) > limit
+            or len(value.encode("utf-8", "surrogatepass")) > limit
+            or "\x00" in value
+        ):
+            fields.append(name)
+    if len(required_scopes) > MAX_SCOPES:
+        fields.append("required_scopes")
+    else:
+        for i, scope in enumerate(required_scopes):
+            if len(scope) > MAX_SCOPE_BYTES or _SCOPE_RE.fullmatch(scope) is None:
+                fields.append(f"required_scopes[{i}]")
+    if fields:
+        raise AuthServiceError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "INVALID_ARGUMENT",
+            f"invalid request field(s): {', '.join(fields)}",
+            fields=tuple(fields),
+        )
+
+
+def _b64decode(segment: str) -> bytes:
+    # Strict and canonical base64url, as the server: a token has exactly one spelling.
+    if _SEGMENT_RE.fullmatch(segment) is None or len(segment) % 4 == 1:
+        raise Rejected("MALFORMED")
+    try:
+        raw = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+    except (binascii.Error, ValueError):
+        raise Rejected("MALFORMED") from None
+    if base64.urlsafe_b64encode(raw).rstrip(b"=") != segment.encode("ascii"):
+        raise Rejected("MALFORMED")
+    return raw
+
+
+def _json_object(raw: bytes) -> dict[str, Any]:
+    try:
+        value = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise Rejected("MALFORMED") from None
+    if not isinstance(value, dict):
+        raise Rejected("MALFORMED")
+    return value
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _is_canonical(signature: bytes, key: _Key) -> bool:
+    """ES256: 0 < r < n and 0 < s <= n/2 (low s), as the server signs and accepts."""
+    if key.alg != "ES256":
+        return True
+    if len(signature) != 64:
+        return False
+    r = int.from_bytes(signature[:32], "big")
+    s = int.from_bytes(signature[32:], "big")
+    return 0 < r < _P256_ORDER and 0 < s <= _P256_ORDER // 2
+
+
+def _audiences(claims: dict[str, Any]) -> tuple[str, ...]:
+    aud = claims.get("aud")
+    if isinstance(aud, str) and aud:
+        return (aud,)
+    if isinstance(aud, list) and aud and all(isinstance(a, str) for a in aud):
+        return tuple(aud)
+    raise Rejected("MALFORMED")
+
+
+def _check_required(claims: dict[str, Any]) -> None:
+    for name in ("sub", "jti", "sid", "iss"):
+        value = claims.get(name)
+        if not isinstance(value, str) or not value:
+            raise Rejected("MALFORMED")
+    for name in ("exp", "iat"):
+        if not _is_number(claims.get(name)):
+            raise Rejected("MALFORMED")
+    if "nbf" in claims and not _is_number(claims["nbf"]):
+        raise Rejected("MALFORMED")
+    if not isinstance(claims.get("scope", ""), str):
+        raise Rejected("MALFORMED")
+    generation = claims.get(_GENERATION_CLAIM, 0)
+    if (
+        not isinstance(generation, int)
+        or isinstance(generation, bool)
+        or not 0 <= generation <= _MAX_GENERATION
+    ):
+        raise Rejected("MALFORMED")
+    _audiences(claims)
+
+
+def _expiry_datetime(expires_at: float) -> datetime:
+    # The server sends exp as a Timestamp of int(exp * 1e9) nanoseconds; the client reads it
+    # back at microseconds. The same steps give the same datetime.
+    ts = Timestamp()
+    ts.FromNanoseconds(int(expires_at * 1_000_000_000))
+    return ts.ToDatetime(tzinfo=UTC)
+
+
+def verify_signed(token: str, keys: KeySet, issuer: str) -> VerifiedClaims:
+    """Signature and claims (not lifetime, revocation, audience or scope), in the server's
+    order; raises Rejected with the first problem."""
+    parts = token.split(".")
+    if len(parts) != 3:
+        raise Rejected("MALFORMED")
+    header_b64, payload_b64, signature_b64 = parts
+    if _SEGMENT_RE.fullmatch(payload_b64) is None:
+        raise Rejected("MALFORMED")
+    header = _json_object(_b64decode(header_b64))
+    typ = header.get("typ")
+    if not isinstance(typ, str) or typ.lower() not in _ACCEPTED_TYPES:
+        raise Rejected("MALFORMED")
+    if any(name in header for name in _FORBIDDEN_HEADERS):
+        raise Rejected("MALFORMED")
+    kid = header.get("kid")
+    key = keys.get(kid)
+    if key is None:
+        plausible = isinstance(kid, str) and _KID_RE.fullmatch(kid) is not None
+        raise Rejected("BAD_SIGNATURE", unknown_kid=plausible)
+    if header.get("alg") != key.alg:
+        raise Rejected("BAD_SIGNATURE")
+    signature = _b64decode(signature_b64)
+    signing_input = f"{header_b64}.{payload_b64}".encode("ascii")
+    if not _is_canonical(signature, key) or not key.algorithm.verify(
+        signing_input, key.public_key, signature
+    ):
+        raise Rejected("BAD_SIGNATURE")
+    claims = _json_object(_b64decode(payload_b64))
+    _check_required(claims)
+    if claims["iss"] != issuer:
+        raise Rejected("MALFORMED", wrong_issuer=True)
+    return VerifiedClaims(
+        kid=str(kid),
+        subject=claims["sub"],
+        session_id=claims["sid"],
+        token_id=claims["jti"],
+        scopes=tuple(claims.get("scope", "").split()),
+        audiences=_audiences(claims),
+        issued_at=claims["iat"],
+        expires_at=claims["exp"],
+        not_before=claims.get("nbf"),
+        generation=claims.get(_GENERATION_CLAIM, 0),
+        expires_at_datetime=_expiry_datetime(claims["exp"]),
+    )
+
+
+class TokenChecker:
+    """The whole of Validate's verdict from given keys and revocations, with a bounded LRU
+    of tokens whose signature verified (a hit skips base64, JSON and the signature, never
+    the lifetime, revocation, audience and scope checks, and only while its key is listed).
+    """
+
+    def __init__(
+        self,
+        *,
+        issuer: str,
+        leeway: float,
+        clock: Callable[[], float],
+        cache_size: int,
+    ) -> None:
+        self.issuer = issuer
+        self._leeway = leeway
+        self._start_leeway = max(leeway, START_LEEWAY_SECONDS)
+        self._clock = clock
+        self._cache_size = cache_size
+        self._cache: OrderedDict[bytes, VerifiedClaims] = OrderedDict()
+        self.keys: KeySet | None = None
+        self.revocations = Revocations()
+        self.cache_hits = 0
+        self.cache_misses = 0
+
+    def set_keys(self, keys: KeySet) -> None:
+        self.keys = keys
+        # Entries of keys no longer listed would be refused on a hit anyway; drop them now.
+        if self._cache:
+            kids = keys.kids
+            for digest in [d for d, c in self._cache.items() if c.kid not in kids]:
+                del self._cache[digest]
+
+    def signed(self, token: str) -> VerifiedClaims:
+        keys = self.keys
+        if keys is None:
+            raise Rejected("BAD_SIGNATURE")
+        digest = hashlib.blake2b(token.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+        claims = self._cache.get(digest)
+        if claims is not None and keys.get(claims.kid) is not None:
+            self.cache_hits += 1
+            self._cache.move_to_end(digest)
+            return claims
+        self.cache_misses += 1
+        claims = verify_signed(token, keys, self.issuer)
+        if self._cache_size > 0:
+            self._cache[digest] = claims
+            if len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        return claims
+
+    def check(self, token: str, required_scopes: Sequence[str], audience: str) -> Checked:
+        """Validate's answer (the request's limits are checked by the caller)."""
+        try:
+            claims = self.signed(token)
+            now = self._clock()
+            if now >= claims.expires_at + self._leeway:
+                raise Rejected("EXPIRED")
+            latest_start = now + self._start_leeway
+            if claims.issued_at > latest_start or (claims.not_before or 0) > latest_start:
+                raise Rejected("NOT_YET_VALID")
+            if self.revocations.is_revoked(claims):
+                raise Rejected("REVOKED")
+            if audience and audience not in claims.audiences:
+                raise Rejected("WRONG_AUDIENCE")
+            if not set(required_scopes) <= set(claims.scopes):
+                raise Rejected("INSUFFICIENT_SCOPE")
+        except Rejected as rejected:
+            return Checked(
+                invalid(rejected.reason),
+                unknown_kid=rejected.unknown_kid,
+                wrong_issuer=rejected.wrong_issuer,
+            )
+        return Checked(
+            Validation(
+                valid=True,
+                error=None,
+                subject=claims.subject,
+                session_id=claims.session_id,
+                scopes=claims.scopes,
+                expires_at=claims.expires_at_datetime,
+                token_id=claims.token_id,
+            )
+        )
+
+    @property
+    def cached(self) -> int:
+        return len(self._cache)
+
+
+def invalid(reason: str) -> Validation:
+    return Validation(
+        valid=False,
+        error=reason,
+        subject="",
+        session_id="",
+        scopes=(),
+        expires_at=None,
+        token_id="",
+    )

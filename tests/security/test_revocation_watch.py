@@ -1,0 +1,158 @@
+"""WatchRevocations under attack or misuse: a client that never reads is cut off with
+RESOURCE_EXHAUSTED / WATCHER_TOO_SLOW and leaves nothing queued behind; the stream is
+guarded like Validate and held to the stream budget; no request makes it answer
+INTERNAL."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from authsvc_client.gen.auth.v1 import auth_pb2
+
+from tests.helpers import assert_error
+from tests.live_server import LiveServer, ServerFactory
+from tests.watching import Watch
+
+WATCH_METHOD = "/auth.v1.AuthService/WatchRevocations"
+
+
+async def _log_sessions(server: LiveServer, count: int) -> None:
+    """`count` revoked sessions appended to the log in one transaction (as a burst of
+    revocations would), each remembered for an hour."""
+    await server.pool.execute(
+        """INSERT INTO revocation_log (kind, session_id, revoked_at, keep_until)
+           SELECT 'session', gen_random_uuid(), to_timestamp($1),
+                  to_timestamp($1) + interval '1 hour'
+             FROM generate_series(1, $2)""",
+        server.clock.now(),
+        count,
+    )
+
+
+async def _until(condition: object, within: float, what: str) -> None:
+    deadline = time.monotonic() + within
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() < deadline, f"not within {within}s: {what}"
+        await asyncio.sleep(0.02)
+
+
+async def test_a_watcher_that_never_reads_is_cut_off_and_leaves_nothing_queued(
+    server_factory: ServerFactory,
+) -> None:
+    server = await server_factory(watch_queue_bytes=1024)
+    hub = server.running.watch_hub
+    # A snapshot far larger than what HTTP/2 flow control lets through unread.
+    await _log_sessions(server, 30_000)
+    await _until(lambda: server.running.components.revocations.sequence > 30_000, 5, "loaded")
+    # No BDP probing: the client's receive window stays at its initial size.
+    channel = grpc.aio.insecure_channel(server.address, options=[("grpc.http2.bdp_probe", 0)])
+    try:
+        call = channel.unary_stream(
+            WATCH_METHOD,
+            request_serializer=auth_pb2.WatchRevocationsRequest.SerializeToString,
+            response_deserializer=auth_pb2.RevocationUpdate.FromString,
+        )(auth_pb2.WatchRevocationsRequest())
+        await _until(lambda: hub.watchers == 1, 5, "the watcher registered")
+        # Revocations keep coming while it reads nothing.
+        for _ in range(20):
+            await _log_sessions(server, 100)
+            if hub.cut_off:
+                break
+            await asyncio.sleep(0.05)
+        await _until(lambda: hub.cut_off == 1, 5, "the slow watcher cut off")
+        assert hub.watchers == 0  # its queue went with it: nothing more is kept for it
+        more_before = server.running.components.revocations.sequence
+        await _log_sessions(server, 100)
+        await _until(
+            lambda: server.running.components.revocations.sequence > more_before, 5, "applied"
+        )
+        assert hub.watchers == 0 and hub.cut_off == 1
+
+        # When it finally reads: what was in flight, then the status.
+        async def read_all() -> None:
+            async for _update in call:
+                pass
+
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await asyncio.wait_for(read_all(), timeout=10)
+        assert_error(caught.value, grpc.StatusCode.RESOURCE_EXHAUSTED, "WATCHER_TOO_SLOW")
+    finally:
+        await channel.close()
+    # The server serves on.
+    assert (await server.stub.GetJwks(auth_pb2.GetJwksRequest())).jwks_json
+
+
+async def test_a_watcher_that_reads_is_never_cut_off_by_a_burst(
+    server_factory: ServerFactory,
+) -> None:
+    server = await server_factory(watch_queue_bytes=1024)
+    watch = Watch.open(server.channel)
+    await watch.until(lambda w: w.sequence > 0, what="the snapshot")
+    for _ in range(5):
+        await _log_sessions(server, 200)
+    head = await server.pool.fetchval("SELECT sequence FROM revocation_log_head")
+    await watch.until(lambda w: w.sequence == head, within=5.0, what="the burst")
+    assert len(watch.sessions) == 1000
+    assert server.running.watch_hub.cut_off == 0
+    await watch.close()
+
+
+async def test_watch_revocations_needs_a_service_token_where_validate_does(
+    server_factory: ServerFactory, tmp_path: Path
+) -> None:
+    token = secrets.token_urlsafe(30)
+    tokens_file = tmp_path / "service-tokens"
+    tokens_file.write_text(f"orders validate token:{token}\n")
+    server = await server_factory(
+        caller_auth=frozenset({"validate"}), service_tokens_file=tokens_file
+    )
+    for metadata in ((), (("authorization", f"Bearer {secrets.token_urlsafe(30)}"),)):
+        refused = Watch.open(server.channel, metadata=metadata)
+        error = await refused.ended()
+        assert_error(error, grpc.StatusCode.UNAUTHENTICATED, "SERVICE_CREDENTIALS_REQUIRED")
+        assert not refused.updates
+    admitted = Watch.open(server.channel, metadata=(("authorization", f"Bearer {token}"),))
+    await admitted.until(lambda w: w.sequence > 0, what="the snapshot")
+    await admitted.close()
+
+
+async def test_watchers_count_against_the_stream_budget(server_factory: ServerFactory) -> None:
+    server = await server_factory(max_streams_per_peer=2)
+    held = [Watch.open(server.channel) for _ in range(2)]
+    for watch in held:
+        await watch.until(lambda w: w.sequence > 0, what="the snapshot")
+    assert server.running.stream_budget.open_streams == 2
+    third = Watch.open(server.channel)
+    error = await third.ended()
+    assert_error(error, grpc.StatusCode.RESOURCE_EXHAUSTED, "TOO_MANY_STREAMS_FROM_PEER")
+    for watch in held:
+        await watch.close()
+    await _until(lambda: server.running.stream_budget.open_streams == 0, 5, "slots back")
+    assert server.running.watch_hub.watchers == 0
+
+
+@pytest.mark.parametrize("after", [2**64 - 1, 2**63, 12345])
+async def test_an_unknown_or_future_after_sequence_gets_a_snapshot_never_an_error(
+    server: LiveServer, after: int
+) -> None:
+    watch = Watch.open(server.channel, after_sequence=after)
+    await watch.until(lambda w: w.sequence > 0, within=5.0, what="a snapshot")
+    assert watch.updates[0].snapshot
+    await watch.close()
+
+
+async def test_an_undecodable_watch_request_is_invalid_argument(server: LiveServer) -> None:
+    call = server.channel.unary_stream(
+        WATCH_METHOD,
+        request_serializer=lambda raw: raw,
+        response_deserializer=auth_pb2.RevocationUpdate.FromString,
+    )(b"\x08\xff\xff")  # a varint cut short
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for _update in call:
+            pass
+    assert_error(caught.value, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT")
