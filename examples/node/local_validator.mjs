@@ -53,6 +53,7 @@ export class LocalValidator {
     this.sequence = "0";
     this.revokedSessions = new Map(); // session id -> keep until (ms)
     this.revokedUsers = new Map(); // subject -> { generation, keepUntil }
+    this.pending = null; // a snapshot being received in parts
     this.keys = null;
     this.algorithms = [];
     this.lastHeard = 0;
@@ -88,6 +89,7 @@ export class LocalValidator {
     if (this.closed) return;
     const stream = this.client.WatchRevocations({ afterSequence: this.sequence }, this.metadata);
     this.stream = stream;
+    this.pending = null; // a snapshot cut short by a dropped stream is dropped with it
     stream.on("data", (update) => this.apply(update));
     // "error" follows a failed or cancelled stream; "end" a server that closed it.
     const again = () => {
@@ -110,26 +112,32 @@ export class LocalValidator {
       this.keys = createLocalJWKSet(jwks);
       this.algorithms = [...new Set(jwks.keys.map((key) => key.alg))];
     }
-    if (update.sequence === "0" && !update.snapshot) return; // a heartbeat
-    if (update.snapshot) {
-      this.revokedSessions.clear();
-      this.revokedUsers.clear();
-      this.stats.snapshots += 1;
-    }
+    // A large snapshot comes in parts: the first says snapshot, the parts before the
+    // last carry sequence 0, the last one the sequence. Held aside until complete.
+    if (update.snapshot) this.pending = { sessions: new Map(), users: new Map() };
+    const target = this.pending ?? { sessions: this.revokedSessions, users: this.revokedUsers };
+    if (!this.pending && update.sequence === "0") return; // a heartbeat
     for (const revoked of update.revoked) {
-      this.revokedSessions.set(revoked.sessionId, toMillis(revoked.keepUntil));
+      target.sessions.set(revoked.sessionId, toMillis(revoked.keepUntil));
     }
     for (const user of update.revokedUsers) {
-      const held = this.revokedUsers.get(user.subject);
+      const held = target.users.get(user.subject);
       const generation = Number(user.generation);
       if (!held || held.generation < generation) {
-        this.revokedUsers.set(user.subject, { generation, keepUntil: toMillis(user.keepUntil) });
+        target.users.set(user.subject, { generation, keepUntil: toMillis(user.keepUntil) });
       }
+    }
+    if (update.sequence === "0") return; // more parts of the snapshot follow
+    if (this.pending) {
+      this.revokedSessions = this.pending.sessions;
+      this.revokedUsers = this.pending.users;
+      this.pending = null;
+      this.stats.snapshots += 1;
     }
     this.sequence = update.sequence;
     this.stats.updates += 1;
     this.forgetExpired();
-    if (update.snapshot && this.onFirstSnapshot) {
+    if (this.onFirstSnapshot && this.stats.snapshots > 0) {
       this.onFirstSnapshot();
       this.onFirstSnapshot = null;
     }
