@@ -215,7 +215,11 @@ async def test_node_example_walks_the_whole_flow(server: LiveServer, node: str) 
 
     # The local validator (examples/node/local_validator.mjs) follows WatchRevocations.
     local = steps["verify_local"]
-    assert (local["valid"], local["subject"], local["session_id"]) == (True, str(user.id), session_id)
+    assert (local["valid"], local["subject"], local["session_id"]) == (
+        True,
+        str(user.id),
+        session_id,
+    )
     assert local["matches_validate"] is True
 
     tampered = steps["verify_tampered"]
