@@ -11,7 +11,7 @@ import tracemalloc
 
 import grpc
 import pytest
-from authsvc_client.gen.auth.v1 import auth_pb2
+from authsvc_client.gen.auth.v1 import auth_pb2, auth_pb2_grpc
 
 from service.api.revocation_watch import MAX_UPDATE_ENTRIES
 from tests.live_server import LiveServer, ServerFactory
@@ -84,3 +84,29 @@ async def test_never_reading_watchers_do_not_each_hold_a_copy_of_the_revocation_
     await _until(lambda: hub.watchers == 0, 10, "the streams closed")
     # The server serves on.
     assert (await server.stub.GetJwks(auth_pb2.GetJwksRequest())).jwks_json
+
+
+async def test_watchers_claiming_a_future_position_do_not_make_the_server_read_the_log(
+    server_factory: ServerFactory,
+) -> None:
+    """An after_sequence past the log's head (2^64-1, or just past it) makes the stream wait
+    briefly for this replica to get there; while the database's notifications are heard, that
+    wait must not become a read of the log per stream (a loop of queries any client drives
+    by reconnecting)."""
+    server = await server_factory()
+    feed = server.running.revocation_feed
+    await _until(lambda: feed.listening.is_set(), 10, "listening")
+    head = server.running.components.revocations.sequence
+    stub = auth_pb2_grpc.AuthServiceStub(server.channel)
+    reads_before = feed.catch_ups
+    for after in [2**64 - 1, 2**63, head + 1, head + 2] * 8:
+        call = stub.WatchRevocations(auth_pb2.WatchRevocationsRequest(after_sequence=after))
+        await asyncio.sleep(0.05)
+        call.cancel()
+    # Reads of the log from other causes (a poll) may happen meanwhile; one per stream not.
+    assert feed.catch_ups - reads_before <= 3
+    # Such a stream still gets its snapshot once the wait is over.
+    watch = Watch.open(server.channel, after_sequence=2**64 - 1)
+    await watch.until(lambda w: w.sequence > 0, within=10.0, what="a snapshot")
+    assert watch.updates[0].snapshot
+    await watch.close()
