@@ -37,6 +37,9 @@ def test_a_resume_gets_what_came_after_within_the_journal_and_none_outside_it() 
     assert state.entries_after(8) == []
     assert state.entries_after(3) is None  # below the horizon: compacted
     assert state.entries_after(9) is None  # ahead of this state
+    # More than a watcher may be sent as a resume: None, before anything is copied.
+    assert state.entries_after(4, at_most=3) is None
+    assert [e.sequence for e in state.entries_after(5, at_most=3) or []] == [6, 7, 8]
     assert state.is_revoked_for_user("u", 1)
 
 

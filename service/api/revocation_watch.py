@@ -130,6 +130,27 @@ def header(*, sequence: int, snapshot: bool = False, jwks_json: str = "", sent_a
     ).SerializeToString()
 
 
+@dataclass(frozen=True, slots=True)
+class FirstUpdate:
+    """One of a stream's first updates: a shared body and the fields of its own, made into
+    a message only when it is written."""
+
+    body: Body
+    snapshot: bool = False
+    jwks_json: str = ""
+
+    def message(self, sent_at: float) -> bytes:
+        return (
+            header(
+                sequence=self.body.sequence,
+                snapshot=self.snapshot,
+                jwks_json=self.jwks_json,
+                sent_at=sent_at,
+            )
+            + self.body.data
+        )
+
+
 @dataclass(slots=True)
 class SnapshotCache:
     """The last snapshot's bodies and the state position and version it was built at."""
@@ -244,53 +265,68 @@ class RevocationWatchHub:
             return False
         return await self._catch_up(sequence, within)
 
-    def open(self, after_sequence: int) -> tuple[Watcher, list[bytes]]:
+    def open(self, after_sequence: int) -> tuple[Watcher, list[FirstUpdate]]:
         """A new watcher and its first updates: exactly what came after `after_sequence`
-        if this process holds all of it (and it is not 0), else a snapshot. Registered in
-        the same step (no await between): every later batch reaches its queue."""
+        if this process holds all of it (and it is not 0) and it fits in one update, else a
+        snapshot. Registered in the same step (no await between): every later batch
+        reaches its queue.
+
+        The updates are kept as shared bodies and made into messages one at a time as they
+        are written (`write_updates`): a stream that does not read holds one update, never
+        a copy of the snapshot. A resume from further behind gets the snapshot (built once,
+        shared) rather than a serialization of the journal of its own."""
         watcher = Watcher(self._max_pending_bytes)
         self._watchers.add(watcher)
-        now = self._now()
         jwks = self._jwks_json()
         state = self._state
-        missed = state.entries_after(after_sequence) if after_sequence else None
+        missed = (
+            state.entries_after(after_sequence, at_most=MAX_UPDATE_ENTRIES)
+            if after_sequence
+            else None
+        )
         if missed is not None:
             bodies = entry_bodies(missed)
             if not bodies:
-                return watcher, [header(sequence=state.sequence, jwks_json=jwks, sent_at=now)]
-            first = [
-                header(sequence=b.sequence, jwks_json=jwks if i == 0 else "", sent_at=now) + b.data
-                for i, b in enumerate(bodies)
+                return watcher, [FirstUpdate(Body(b"", 0, state.sequence), jwks_json=jwks)]
+            return watcher, [
+                FirstUpdate(b, jwks_json=jwks if i == 0 else "") for i, b in enumerate(bodies)
             ]
-            return watcher, first
         snapshot = self._current_snapshot()
-        # The entries applied since the cached snapshot was built.
-        since = state.entries_after(snapshot.sequence) or []
+        # The entries applied since the cached snapshot was built (a moment's worth; when
+        # more, a newer snapshot is built).
+        since = state.entries_after(snapshot.sequence, at_most=MAX_UPDATE_ENTRIES)
+        if since is None:
+            snapshot = self._current_snapshot(rebuild=True)
+            since = []
         parts = snapshot.bodies or [Body(b"", 0, 0)]
-        first = []
-        for i, body in enumerate(parts):
-            last = i == len(parts) - 1
-            first.append(
-                header(
-                    sequence=snapshot.sequence if last else 0,
-                    snapshot=i == 0,
-                    jwks_json=jwks if i == 0 else "",
-                    sent_at=now,
-                )
-                + body.data
+        first = [
+            FirstUpdate(
+                Body(
+                    body.data,
+                    body.entries,
+                    snapshot.sequence if i == len(parts) - 1 else 0,
+                ),
+                snapshot=i == 0,
+                jwks_json=jwks if i == 0 else "",
             )
-        first.extend(header(sequence=b.sequence, sent_at=now) + b.data for b in entry_bodies(since))
+            for i, body in enumerate(parts)
+        ]
+        first.extend(FirstUpdate(b) for b in entry_bodies(since))
         return watcher, first
 
-    def _current_snapshot(self) -> SnapshotCache:
+    def _current_snapshot(self, *, rebuild: bool = False) -> SnapshotCache:
         state = self._state
         cached = self._snapshot
-        if cached is not None and (
-            cached.version == state.version
-            or (
-                time.monotonic() - cached.built_at < SNAPSHOT_REUSE_SECONDS
-                and cached.forgotten == state.forgotten
-                and state.entries_after(cached.sequence) is not None
+        if (
+            not rebuild
+            and cached is not None
+            and (
+                cached.version == state.version
+                or (
+                    time.monotonic() - cached.built_at < SNAPSHOT_REUSE_SECONDS
+                    and cached.forgotten == state.forgotten
+                    and state.entries_after(cached.sequence, at_most=MAX_UPDATE_ENTRIES) is not None
+                )
             )
         ):
             return cached
@@ -307,15 +343,15 @@ class RevocationWatchHub:
     async def write_updates(
         self,
         watcher: Watcher,
-        first: list[bytes],
+        first: list[FirstUpdate],
         write: Callable[[bytes], Awaitable[None]],
     ) -> None:
         """Write the first updates, then whatever the watcher's queue gets, merged, and a
         heartbeat whenever nothing went out for `heartbeat` seconds. Runs until cancelled."""
         sent_jwks = self._jwks_json()
         last_write = time.monotonic()
-        for update in first:
-            await write(update)
+        for part in first:
+            await write(part.message(self._now()))
             self.updates_sent += 1
             last_write = time.monotonic()
         while True:

@@ -152,12 +152,15 @@ class RevocationState:
             listener(fresh, rewound)
         return fresh
 
-    def entries_after(self, sequence: int) -> list[LogEntry] | None:
+    def entries_after(self, sequence: int, *, at_most: int | None = None) -> list[LogEntry] | None:
         """The unexpired entries after `sequence`, in order; None if they are not all held
-        (it is below the horizon, or past this state's position)."""
+        (it is below the horizon, or past this state's position) or there are more than
+        `at_most` (counted before anything is copied)."""
         if sequence < self.horizon or sequence > self.sequence:
             return None
         start = bisect.bisect_right(self._journal, sequence, key=lambda e: e.sequence)
+        if at_most is not None and len(self._journal) - start > at_most:
+            return None
         return self._journal[start:]
 
     def revoked_session_entries(self) -> list[tuple[str, float]]:

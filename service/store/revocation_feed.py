@@ -137,6 +137,8 @@ class RevocationFeed:
         """Polls completed (tests wait on it)."""
         self.full_reads = 0
         """Full reads of the log (the start's included)."""
+        self.catch_ups = 0
+        """Reads of the log after our position begun (tests count them)."""
 
     async def start(self) -> None:
         """Read the log in full (failing start-up if the database is down), then follow it."""
@@ -165,7 +167,11 @@ class RevocationFeed:
         follower to look)."""
         if self._state.sequence >= sequence:
             return True
-        self.wake()
+        # While notifications are heard, one announcing `sequence` wakes the follower
+        # itself; a position none announced is no reason to read the log (a client could
+        # otherwise drive a query per reconnect). Without them, look now.
+        if not self.listening.is_set() or sequence <= self.notified:
+            self.wake()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(within), self._caught_up:
                 await self._caught_up.wait_for(lambda: self._state.sequence >= sequence)
@@ -183,6 +189,7 @@ class RevocationFeed:
 
     async def catch_up(self) -> None:
         """Apply every row after our position, in order (in full if compacted past it)."""
+        self.catch_ups += 1
         async with self._reading, self._pool.acquire(timeout=self._timeout) as conn:
             while True:
                 entries, horizon = await read_log_after(conn, self._state.sequence, CATCH_UP_BATCH)

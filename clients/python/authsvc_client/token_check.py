@@ -30,6 +30,7 @@ from authsvc_client.client import AuthServiceError, Validation
 
 __all__ = [
     "MAX_AUDIENCE_BYTES",
+    "MAX_LEEWAY_SECONDS",
     "MAX_SCOPES",
     "MAX_SCOPE_BYTES",
     "MAX_TOKEN_BYTES",
@@ -50,6 +51,10 @@ MAX_SCOPE_BYTES = 128
 MAX_AUDIENCE_BYTES = 256
 _SCOPE_RE = re.compile(r"[\x21\x23-\x5B\x5D-\x7E]+")
 
+# authsvc's largest AUTH_LEEWAY: it remembers a revocation (the stream's keep_until) this
+# long past its session's last exp, and this checker forgets it then. A larger leeway would
+# take a revoked session's token as valid again once its revocation is forgotten.
+MAX_LEEWAY_SECONDS = 300
 # iat/nbf may be this far ahead of the clock even with leeway 0 (as on the server).
 START_LEEWAY_SECONDS = 5
 _ACCEPTED_TYPES = frozenset({"at+jwt", "application/at+jwt"})
@@ -371,6 +376,10 @@ class TokenChecker:
         clock: Callable[[], float],
         cache_size: int,
     ) -> None:
+        if not 0 <= leeway <= MAX_LEEWAY_SECONDS:
+            raise ValueError(
+                f"leeway must be within 0..{MAX_LEEWAY_SECONDS} s (authsvc's AUTH_LEEWAY range)"
+            )
         self.issuer = issuer
         self._leeway = leeway
         self._start_leeway = max(leeway, START_LEEWAY_SECONDS)
