@@ -1,8 +1,12 @@
 """The short soak CI runs: `python -m service.loadtest.soak --duration 25 --workers 2`.
 
 Its own server and embedded PostgreSQL, the mixed load, PostgreSQL restarted twice, a
-worker killed, a reuse attack every second; then the family invariants over the whole
-database. The soak's exit code is the verdict; its JSON proves each part really happened.
+worker killed, a reuse attack every second; four LocalValidator watchers (on the server and
+on a second replica) cut off, restarted from scratch, their replicas' LISTEN connections
+killed and the second replica restarted, while a revoker revokes sessions every way there
+is; then the family invariants over the whole database, no revoked token answered valid by
+a watcher past its bound, and every watcher holding exactly the database's revocations. The
+soak's exit code is the verdict; its JSON proves each part really happened.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ def scratch_dir() -> Iterator[Path]:
 
 
 @pytest.mark.timeout(SOAK_TIMEOUT + 60)
-def test_short_soak_survives_restarts_a_killed_worker_and_reuse_attacks(
+def test_short_soak_survives_restarts_a_killed_worker_and_reuse_attacks_and_loses_no_revocation(
     scratch_dir: Path,
 ) -> None:
     report = scratch_dir / "soak.json"
@@ -93,3 +97,35 @@ def test_short_soak_survives_restarts_a_killed_worker_and_reuse_attacks(
     assert data["errors"].get("UNAVAILABLE", 0) + data["attack_errors"].get("UNAVAILABLE", 0) > 0
     for heading in ("requests", "req/s", "errors by code", "PostgreSQL restarts"):
         assert heading in completed.stdout
+
+    # No loss: the watchers went through every kind of trouble and still agree with the
+    # database, and none of them ever answered a revoked token valid past the bound.
+    watch = data["watch"]
+    assert watch["problems"] == [], summary
+    assert watch["revoker_anomalies"] == [], summary
+    assert watch["violations"] == [], summary
+    assert watch["final_differences"] == [], summary
+    for kind in (
+        "refresh_token",
+        "access_token",
+        "session_id",
+        "subject",
+        "admin_revoke_session",
+        "admin_disable_user",
+        "reuse",
+    ):
+        assert watch["revocations"].get(kind, 0) > 0, (kind, summary)
+    assert watch["watcher_disconnects"] > 0, summary
+    assert watch["watcher_restarts"] > 0, summary
+    assert watch["listener_kills"] > 0, summary
+    assert watch["replica_restarts"] == 2, summary
+    assert watch["checks"] > 0 and watch["answers"].get("REVOKED", 0) > 0, summary
+    assert "VALID" not in watch["answers"], summary
+    database = watch["database_final"]
+    assert database["revoked_sessions"] > 0 and database["revoked_users"] > 0, summary
+    assert len(watch["watchers_final"]) == watch["watchers"] == 4, summary
+    for watcher in watch["watchers_final"]:
+        assert watcher["fresh"] and watcher["sequence"] == database["head"], summary
+        assert watcher["revoked_sessions"] == database["revoked_sessions"], summary
+        assert watcher["revoked_users"] == database["revoked_users"], summary
+    assert "watchers = database" in completed.stdout

