@@ -11,6 +11,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import asyncpg
 import grpc
@@ -66,6 +67,21 @@ REVOCATIONS_HEALTH_NAME = "authsvc.revocations"
 # NOT_SERVING while this replica's settings are not the shared ones any more (someone ran
 # `authsvc settings adopt`): it serves on, but should be replaced.
 SHARED_SETTINGS_HEALTH_NAME = "authsvc.settings"
+
+
+class HealthServicer(health_async.HealthServicer):  # type: ignore[misc]  # untyped
+    """grpc.health.v1.Health with `List` served too: grpcio-health-checking's aio servicer
+    leaves it to the generated base (a synchronous UNIMPLEMENTED), which the call budget
+    refuses to serve."""
+
+    async def List(
+        self, request: health_pb2.HealthListRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> health_pb2.HealthListResponse:
+        statuses = {
+            name: health_pb2.HealthCheckResponse(status=status)
+            for name, status in self._server_status.items()
+        }
+        return health_pb2.HealthListResponse(statuses=statuses)
 
 
 @dataclass
@@ -149,7 +165,7 @@ async def start_server(
         undo.callback(components.close)
         if agree_settings:
             await agree_on_shared_settings(components.store, settings, clock=clock)
-        health = health_async.HealthServicer()
+        health = HealthServicer()
 
         async def settings_shared(agreeing: bool) -> None:
             status = (

@@ -73,3 +73,18 @@ async def test_stopping_reports_not_serving(server: LiveServer) -> None:
     update = await asyncio.wait_for(watch.read(), timeout=5)
     assert update.status == NOT_SERVING
     await stopping
+
+
+async def test_list_names_every_health_service_and_start_up_logs_no_error(
+    server: LiveServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Health `List` is served (grpcio-health-checking's aio servicer leaves it a
+    synchronous UNIMPLEMENTED, which the call budget refused with an ERROR line at start)."""
+    stub = health_pb2_grpc.HealthStub(server.channel)
+    reply = await stub.List(health_pb2.HealthListRequest(), timeout=5)
+    assert reply.statuses[""].status == SERVING
+    assert reply.statuses["auth.v1.AuthService"].status == SERVING
+    assert "authsvc.settings" in reply.statuses
+    for name, listed in reply.statuses.items():
+        assert await _status(server, name) == listed.status
+    assert not [r for r in caplog.records if "has no async handler" in r.getMessage()]
