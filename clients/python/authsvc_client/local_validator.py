@@ -137,6 +137,7 @@ class LocalValidator:
         )
         self._limited_log = LogRateLimiter(log, window=60.0, now=monotonic)
         self._synced = False  # a snapshot has been applied
+        self._pending: _PendingSnapshot | None = None  # a snapshot whose last part is due
         self._unsupported = False  # authsvc answered WatchRevocations UNIMPLEMENTED
         self._heard_at: float | None = None
         self._pruned_at = monotonic()
@@ -149,6 +150,8 @@ class LocalValidator:
         """The log position the revocations held here are at."""
         self.updates_applied = 0
         self.snapshots_applied = 0
+        self.snapshot_parts = 0
+        """Updates received that belong to a snapshot (one per snapshot unless split)."""
         self.heartbeats = 0
         self.reconnects = 0
         self.local_answers = 0
@@ -208,6 +211,7 @@ class LocalValidator:
             "sequence": float(self.sequence),
             "updates_applied": float(self.updates_applied),
             "snapshots_applied": float(self.snapshots_applied),
+            "snapshot_parts": float(self.snapshot_parts),
             "heartbeats": float(self.heartbeats),
             "reconnects": float(self.reconnects),
             "local_answers": float(self.local_answers),
@@ -238,6 +242,7 @@ class LocalValidator:
         counters = {
             "updates_applied",
             "snapshots_applied",
+            "snapshot_parts",
             "heartbeats",
             "reconnects",
             "local_answers",
@@ -409,6 +414,7 @@ class LocalValidator:
     async def _follow(self) -> None:
         attempt = 0
         while not self._closed:
+            self._pending = None  # the parts of a snapshot cut short are worth nothing
             call = self._client.watch_revocations(self.sequence if self._synced else 0)
             try:
                 while True:
@@ -458,53 +464,100 @@ class LocalValidator:
             await asyncio.sleep(self._backoff(attempt))
 
     def _apply(self, update: auth_pb2.RevocationUpdate) -> None:
-        """One update; everything it changes is swapped in at once (no await inside)."""
+        """One update; everything it changes is swapped in at once (no await inside).
+
+        A snapshot may come in parts (authsvc splits one of more than 10,000 entries): the
+        first has `snapshot` set, every part but the last has sequence 0, and the last
+        carries the snapshot's sequence. The parts are gathered aside and the snapshot
+        replaces what is held only once complete: until then the held state (and its
+        staleness) stays as it was, and a stream that ends mid-snapshot leaves it untouched.
+        """
+        if update.snapshot or self._pending is not None:
+            self._apply_snapshot_part(update)
+            return
         heartbeat = not (
-            update.snapshot
-            or update.sequence
-            or update.revoked
-            or update.revoked_users
-            or update.jwks_json
+            update.sequence or update.revoked or update.revoked_users or update.jwks_json
         )
         if heartbeat:
             self.heartbeats += 1
             self._heard_at = self._monotonic()
             return
-        keys = None
-        if update.jwks_json:
-            try:
-                keys = KeySet(update.jwks_json)
-            except ValueError:
-                raise _ProtocolError("an unreadable JWK Set") from None
-            if keys.skipped:
-                self._limited_log.warning(
-                    ("keys",), "%d keys of the JWK Set are not usable here", keys.skipped
-                )
-        if update.snapshot:
-            if keys is None and self._checker.keys is None:
-                raise _ProtocolError("a snapshot without keys")
-            revocations = Revocations()
-        elif not self._synced:
+        if not self._synced:
             raise _ProtocolError("an update before any snapshot")
-        else:
-            revocations = self._checker.revocations
-        for session in update.revoked:
-            revocations.add_session(session.session_id, _seconds(session.keep_until))
-        for user in update.revoked_users:
-            revocations.add_user(user.subject, user.generation, _seconds(user.keep_until))
+        if not update.sequence and (update.revoked or update.revoked_users):
+            # Only a part of a snapshot carries entries without a sequence.
+            raise _ProtocolError("revocations without a sequence outside a snapshot")
+        keys = self._keys_of(update)
+        revocations = self._checker.revocations
+        _add_entries(revocations, update)
         if keys is not None:
             self._checker.set_keys(keys)
-        self._checker.revocations = revocations
+        self.sequence = max(self.sequence, update.sequence)
+        self._applied(revocations)
+
+    def _apply_snapshot_part(self, update: auth_pb2.RevocationUpdate) -> None:
         if update.snapshot:
-            self.sequence = update.sequence
-            self.snapshots_applied += 1
-            self._synced = True
-            assert self._ready is not None
-            self._ready.set()
-        else:
-            self.sequence = max(self.sequence, update.sequence)
+            if self._pending is not None:
+                raise _ProtocolError("a snapshot began inside another")
+            self._pending = _PendingSnapshot()
+        pending = self._pending
+        assert pending is not None
+        self.snapshot_parts += 1
+        keys = self._keys_of(update)
+        if keys is not None:
+            pending.keys = keys
+        _add_entries(pending.revocations, update)
+        has_entries = bool(update.revoked or update.revoked_users)
+        # The last part carries the sequence. The one exception: the snapshot of a log
+        # that has never had an entry (position 0) is one part, empty, at sequence 0 (a
+        # first part of several is never empty).
+        complete = update.sequence != 0 or (update.snapshot and not has_entries)
+        if not complete:
+            return
+        self._pending = None
+        if pending.keys is None and self._checker.keys is None:
+            raise _ProtocolError("a snapshot without keys")
+        if pending.keys is not None:
+            self._checker.set_keys(pending.keys)
+        self._checker.revocations = pending.revocations
+        self.sequence = update.sequence
+        self.snapshots_applied += 1
+        self._synced = True
+        assert self._ready is not None
+        self._ready.set()
+        self._applied(pending.revocations)
+
+    def _keys_of(self, update: auth_pb2.RevocationUpdate) -> KeySet | None:
+        if not update.jwks_json:
+            return None
+        try:
+            keys = KeySet(update.jwks_json)
+        except ValueError:
+            raise _ProtocolError("an unreadable JWK Set") from None
+        if keys.skipped:
+            self._limited_log.warning(
+                ("keys",), "%d keys of the JWK Set are not usable here", keys.skipped
+            )
+        return keys
+
+    def _applied(self, revocations: Revocations) -> None:
         self.updates_applied += 1
         self._heard_at = self._monotonic()
         if self._heard_at - self._pruned_at >= _PRUNE_INTERVAL:
             self._pruned_at = self._heard_at
             revocations.prune(self._clock())
+
+
+class _PendingSnapshot:
+    """The parts of a snapshot received so far (applied once the last is in)."""
+
+    def __init__(self) -> None:
+        self.revocations = Revocations()
+        self.keys: KeySet | None = None
+
+
+def _add_entries(revocations: Revocations, update: auth_pb2.RevocationUpdate) -> None:
+    for session in update.revoked:
+        revocations.add_session(session.session_id, _seconds(session.keep_until))
+    for user in update.revoked_users:
+        revocations.add_user(user.subject, user.generation, _seconds(user.keep_until))

@@ -144,6 +144,17 @@ class FakeAuthsvc(auth_pb2_grpc.AuthServiceServicer):
         self.streams: list[asyncio.Queue[StreamItem]] = []
         self.watch_requests: list[int] = []
         self.watch_mode = "serve"  # or "unimplemented", "hold" (never answers)
+        # A snapshot of more entries than this goes out in parts, as authsvc splits one
+        # (its 10,000): the first with `snapshot`, all but the last with sequence 0.
+        self.snapshot_part_entries = 10_000
+        # End the next stream with UNAVAILABLE after this many snapshot parts (then None).
+        self.cut_snapshot_after_parts: int | None = None
+        # Wait for this event between snapshot parts (the test looks at the validator),
+        # except on a stream to be cut (`cut_snapshot_after_parts`).
+        self.between_snapshot_parts: asyncio.Event | None = None
+        self.snapshot_parts_sent = 0
+        # Send a heartbeat before every snapshot part but the first.
+        self.heartbeat_between_snapshot_parts = False
         self.validate_calls: list[auth_pb2.ValidateRequest] = []
         self.validate_answer = auth_pb2.ValidateResponse(
             valid=True,
@@ -250,6 +261,33 @@ class FakeAuthsvc(auth_pb2_grpc.AuthServiceServicer):
             update.revoked_users.add(subject=sub, generation=gen, keep_until=timestamp(until))
         return update
 
+    def _snapshot_parts(self) -> list[auth_pb2.RevocationUpdate]:
+        """The snapshot as authsvc sends it (service/api/revocation_watch.py): chunks of at
+        most `snapshot_part_entries` entries, sessions first; the first part has
+        `snapshot` and the JWK Set, every part but the last has sequence 0."""
+        whole = self._snapshot()
+        entries: list[auth_pb2.RevokedSession | auth_pb2.RevokedUser] = [
+            *whole.revoked,
+            *whole.revoked_users,
+        ]
+        size = self.snapshot_part_entries
+        chunks = [entries[i : i + size] for i in range(0, len(entries), size)] or [[]]
+        parts = []
+        for i, chunk in enumerate(chunks):
+            part = auth_pb2.RevocationUpdate(
+                sequence=whole.sequence if i == len(chunks) - 1 else 0,
+                snapshot=whole.snapshot and i == 0,
+                jwks_json=whole.jwks_json if i == 0 else "",
+                sent_at=whole.sent_at,
+            )
+            for entry in chunk:
+                if isinstance(entry, auth_pb2.RevokedSession):
+                    part.revoked.append(entry)
+                else:
+                    part.revoked_users.append(entry)
+            parts.append(part)
+        return parts
+
     async def WatchRevocations(
         self, request: auth_pb2.WatchRevocationsRequest, context: Context
     ) -> AsyncIterator[auth_pb2.RevocationUpdate]:
@@ -263,7 +301,20 @@ class FakeAuthsvc(auth_pb2_grpc.AuthServiceServicer):
         try:
             after = request.after_sequence
             if after == 0 or after <= self.compacted_through or after > self.head:
-                yield self._snapshot()
+                for sent, part in enumerate(self._snapshot_parts()):
+                    if sent and self.heartbeat_between_snapshot_parts:
+                        yield auth_pb2.RevocationUpdate(sent_at=timestamp(self.clock()))
+                    if sent == self.cut_snapshot_after_parts:
+                        self.cut_snapshot_after_parts = None
+                        await context.abort(grpc.StatusCode.UNAVAILABLE, "cut mid-snapshot")
+                    if (
+                        sent
+                        and self.between_snapshot_parts is not None
+                        and self.cut_snapshot_after_parts is None  # the cut stream goes on
+                    ):
+                        await self.between_snapshot_parts.wait()
+                    yield part
+                    self.snapshot_parts_sent += 1
             else:
                 missed = [e for e in self.log if e.sequence > after]
                 first = self._delta(missed)
