@@ -469,10 +469,10 @@ async def test_key_rotation_and_retirement_get_the_servers_answer(
     retired = await server.running.components.signing_keys.retire_superseded()
     assert retired == [old_key.kid]
     await h.caught_up()
-    # Tokens of the retired key the server has not seen before. (`old` itself, which the
-    # server verified before, is answered EXPIRED by the server from its verified-token
-    # cache, whose hits do not look whether the key is still listed; the validator says
-    # BAD_SIGNATURE: reported, see the server's VerifiedTokenCache.)
+    # `old` itself, which both verified (and cached) before: its key is gone, so
+    # BAD_SIGNATURE, not an answer from the verified-token cache (once EXPIRED there).
+    assert (await h.agree(old, what="the old token, key retired")).error == "BAD_SIGNATURE"
+    # Tokens of the retired key neither has seen before.
     for name, claims in {
         "the old token's claims": claims_of(old),
         "a live exp": {**claims_of(old), "exp": int(clock.now()) + 60},

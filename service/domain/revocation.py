@@ -270,5 +270,8 @@ class VerifiedTokenCache:
         if len(self._entries) > self._max_entries:
             self._entries.popitem(last=False)
 
+    def clear(self) -> None:
+        self._entries.clear()
+
     def __len__(self) -> int:
         return len(self._entries)

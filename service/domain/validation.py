@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from service.domain.access_tokens import AccessClaims, AccessTokenCodec, TokenProblem, TokenRejected
+from service.domain.keys import KeyRing
 from service.domain.revocation import RevocationState, VerifiedTokenCache
 from service.domain.signing_keys import SigningKeys
 
@@ -53,6 +54,8 @@ class AccessTokenValidator:
         self._cache = cache
         self._revocations = revocations
         self._signing_keys = signing_keys
+        self._cached_under: KeyRing | None = None
+        """The key ring the cache's entries were verified under."""
 
     def validate(
         self, access_token: str, *, required_scopes: tuple[str, ...], audience: str | None
@@ -114,6 +117,12 @@ class AccessTokenValidator:
 
     def _signed(self, access_token: str) -> AccessClaims:
         """Signature and claims, from the cache when verified before; lifetime unchecked."""
+        ring = self._signing_keys.ring
+        if ring is not self._cached_under:
+            # The keys changed: an entry may be of a key no longer listed (retired), whose
+            # tokens must fail the signature check, not be answered from the cache.
+            self._cache.clear()
+            self._cached_under = ring
         key = self._cache.key(access_token)
         claims = self._cache.get(key)
         if claims is None:
