@@ -29,13 +29,14 @@ import random
 import secrets
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import asyncpg
 from authsvc_client.client import AuthClient
 from authsvc_client.local_validator import LocalValidator
 
+from service.loadtest.bench_page import BenchReport
 from service.loadtest.local import local_server_process, seed_users
 from service.loadtest.stats import percentile
 from service.setting_parsers import HOUR, bounded_argument, count, duration
@@ -162,7 +163,8 @@ def setup_line(options: FreshnessOptions) -> str:
         f"freshness: two replicas (1 worker each) on one PostgreSQL, a LocalValidator on B "
         f"asked every {POLL_SECONDS * 1000:g} ms after Revoke on A returned "
         f"({WARM_UP} warm-up revocations not counted); listener cut every "
-        f"{options.cut_every[0]:g}-{options.cut_every[1]:g} s for {options.cut_seconds:g} s"
+        f"{options.cut_every[0]:g}-{options.cut_every[1]:g} s for up to {options.cut_seconds:g} s "
+        f"({options.cut_sessions} sessions)"
     )
 
 
@@ -329,6 +331,19 @@ async def _cut_phase(
     result.cut = _delays(samples)
     result.near_cut = sum(
         1 for s in samples if any(0.0 <= s.returned_at - c <= NEAR_CUT_SECONDS for c in cut_times)
+    )
+
+
+def with_freshness(
+    report: BenchReport, extra_env: dict[str, str], options: FreshnessOptions | None = None
+) -> BenchReport:
+    """`report` with the freshness table and setup added (`authsvc bench`)."""
+    options = options or FreshnessOptions()
+    result = run_freshness(options, extra_env)
+    return replace(
+        report,
+        tables=f"{report.tables}\n\n{result.table()}",
+        setup=f"{report.setup}; {setup_line(options)}",
     )
 
 
