@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test test-fast test-system lint fmt docs proto check-proto load bench soak clean
+.PHONY: run test test-fast test-system lint fmt docs proto check-proto load bench freshness soak clean
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -66,6 +66,11 @@ load: $(STAMP)
 # rewrites the figures section of docs/performance.md (command, date, machine, figures).
 bench: $(STAMP)
 	$(VENV)/bin/authsvc bench --write-docs docs/performance.md
+
+# bench's freshness rows alone: Revoke on one replica to refusal by a LocalValidator on
+# another, steady and while that replica's listener is cut (issue 10; about 40 s).
+freshness: $(STAMP)
+	$(PY) -m service.loadtest.freshness
 
 # The mixed load for SOAK_SECONDS (default 180) with scripted faults: PostgreSQL restarted
 # twice, a worker killed, a reuse attack every second; then the invariants. Loopback only.

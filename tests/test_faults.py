@@ -487,7 +487,8 @@ async def test_revocation_while_the_listener_is_held_down_is_seen_on_reconnect(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """As above, but the listener cannot reconnect until the revocation has committed: only
-    its resync on reconnect (not NOTIFY, not the 60 s poll) can bring the news."""
+    the log read while it is down or its resync on reconnect (not NOTIFY, not the 60 s
+    poll) can bring the news."""
     admin = await asyncpg.connect(database_url)
     try:
         first, second, pid = await _two_servers(server_factory, admin)

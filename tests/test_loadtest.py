@@ -121,6 +121,7 @@ def test_bench_runs_end_to_end_and_prints_its_table(database_url: str, tmp_path:
         "--write-docs",
         str(page),
         env=_env(AUTH_DATABASE_URL=database_url),
+        timeout=240,  # the freshness rows: 200 revocations, 10 s of listener cuts, 500 logins
     )
     assert result.returncode == 0, result.stdout + result.stderr
     table = out.read_text()
@@ -151,6 +152,8 @@ def test_bench_runs_end_to_end_and_prints_its_table(database_url: str, tmp_path:
         "argon2id-only",
         "memory: 100k",
         "| ES256 |",
+        "| revocation to refusal on another replica, p99 | 200 |",
+        "| … while its listener is cut, max (",
     ):
         assert row in table, row
     # The errors column of every load row (of the first table: 8 columns) is 0.

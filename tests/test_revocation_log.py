@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import random
+import threading
+import time
 import uuid
 
 import asyncpg
 from authsvc_client.gen.auth.v1 import auth_pb2
 
 from service.clock import ManualClock
+from service.store.revocation_feed import LISTENER_APPLICATION_NAME
 from tests.live_server import LiveServer, ServerFactory
 
 _APPEND = """INSERT INTO revocation_log (kind, session_id, revoked_at, keep_until)
@@ -179,6 +182,64 @@ async def test_a_server_that_missed_notifications_catches_up_from_its_cursor(
     assert all(state.is_revoked(p.session_id) for p in pairs)
     assert feed.full_reads == full_reads  # read after its cursor, never in full
     assert [e.sequence for e in state.entries_after(head - 3) or []] == [head - 2, head - 1, head]
+
+
+async def test_a_server_whose_listener_is_cut_as_soon_as_it_reconnects_still_learns_within_a_second(
+    server_factory: ServerFactory, database_url: str
+) -> None:
+    """Issue 10: a verifier on another replica refuses a revoked token within 1 s even while
+    its replica's database listener is being cut. Without notifications (and with the
+    listener's reconnect backoff grown), the log must still be read well before the
+    safety-net poll (AUTH_REVOCATION_POLL_INTERVAL, 5 s by default)."""
+    first = await server_factory()
+    second = await server_factory()  # the default poll interval
+    feed = second.running.revocation_feed
+    await asyncio.wait_for(feed.listening.wait(), timeout=5)
+    await first.create_user("kim")
+    pairs = [await first.login("kim") for _ in range(4)]
+    state = second.running.components.revocations
+    stop = threading.Event()
+    cuts: list[int] = []
+
+    def cut_listeners() -> None:
+        """Every listener backend (both servers': the first's is not needed to revoke),
+        ended as soon as it shows, from a thread of its own."""
+
+        async def cutting() -> None:
+            conn = await asyncpg.connect(database_url)
+            try:
+                while not stop.is_set():
+                    ended = await conn.fetchval(
+                        "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid))"
+                        " FROM pg_stat_activity WHERE application_name = $1",
+                        LISTENER_APPLICATION_NAME,
+                    )
+                    cuts.append(ended)
+                    await asyncio.sleep(0.002)
+            finally:
+                await conn.close()
+
+        asyncio.run(cutting())
+
+    cutter = threading.Thread(target=cut_listeners, name="listener-cutter")
+    cutter.start()
+    delays: list[float] = []
+    try:
+        await asyncio.sleep(2.0)  # the listener's backoff grows
+        for pair in pairs:
+            await first.stub.Revoke(_revoke(pair.access_token))
+            returned = time.monotonic()
+            while time.monotonic() - returned < 3.0:
+                if state.is_revoked(pair.session_id):
+                    break
+                await asyncio.sleep(0.005)
+            delays.append(time.monotonic() - returned)
+            await asyncio.sleep(random.uniform(0.0, 0.3))
+    finally:
+        stop.set()
+        await asyncio.to_thread(cutter.join, 10)
+    assert sum(cuts) >= 2, "the listener was never cut"
+    assert max(delays) <= 1.0, [f"{d:.3f}" for d in delays]
 
 
 def _revoke(access_token: str) -> auth_pb2.RevokeRequest:

@@ -12,7 +12,10 @@ and a NOTIFY on `LOG_CHANNEL` that only says "the log advanced to N".
   `sequence > ours` in order, through the pool, in batches.
 - When that connection drops: reconnect with backoff, LISTEN again, then catch up the
   same way (the rows missed meanwhile are in the log).
-- A periodic poll through the pool is a safety net for anything in between.
+- A periodic poll through the pool is a safety net for anything in between; while the
+  LISTEN connection is down (reconnecting, its backoff growing), the log is read through
+  the pool every `LISTENER_DOWN_POLL_INTERVAL`, so a revocation still arrives within about
+  that long (issue 10: within 1 s while the listener is being cut).
 - Only with a cursor below the compaction horizon (the janitor deleted rows past it)
   is the log read in full again.
 
@@ -47,6 +50,8 @@ log = logging.getLogger(__name__)
 
 LISTENER_APPLICATION_NAME = "authsvc-revocation-listener"
 CATCH_UP_BATCH = 10_000
+LISTENER_DOWN_POLL_INTERVAL = 0.2
+"""Seconds between reads of the log through the pool while no notification can come."""
 """Log rows per read when catching up."""
 
 _COLUMNS = """sequence, kind, session_id::text AS session_id, user_id::text AS user_id,
@@ -285,11 +290,22 @@ class RevocationFeed:
                 await self._on_listening(listening)
 
     async def _poll_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        tick = min(self._poll_interval, LISTENER_DOWN_POLL_INTERVAL)
+        polled_at = loop.time()
         while not self._stopping.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), timeout=self._poll_interval)
+                await asyncio.wait_for(self._stopping.wait(), timeout=tick)
             if self._stopping.is_set():
                 return
+            # (A timer may fire a hair early: a tick equal to the interval must still poll.)
+            if loop.time() - polled_at < self._poll_interval - 0.001:
+                if not self.listening.is_set():
+                    # No notification can wake the follower: read what it would have.
+                    with contextlib.suppress(Exception):  # the listener logs the outage
+                        await self.catch_up()
+                continue
+            polled_at = loop.time()
             try:
                 await self.catch_up()
             except Exception as exc:  # any failure: try again next round
