@@ -278,10 +278,8 @@ class Watcher:
         self.validator.start_in_background()
 
     def held(self) -> tuple[dict[str, float], dict[str, tuple[int, float]]]:
-        """The revoked sessions and users it holds (copies; read on the loop's thread).
-        The client offers counts and per-id lookups only, so this reads its state."""
-        revocations = self.validator._checker.revocations
-        return dict(revocations.sessions), dict(revocations.users)
+        """The revoked sessions and users it holds (copies; read on the loop's thread)."""
+        return self.validator.held()
 
 
 class Outages:

@@ -203,6 +203,13 @@ class LocalValidator:
         """Whether this session is in the revoked set held here (for tests and audits)."""
         return session_id in self._checker.revocations.sessions
 
+    def held(self) -> tuple[dict[str, float], dict[str, tuple[int, float]]]:
+        """Copies of what is held, for audits (the soak compares them with the database):
+        revoked session id -> keep_until, and revoked subject -> (generation, keep_until)
+        (epoch seconds)."""
+        revocations = self._checker.revocations
+        return dict(revocations.sessions), dict(revocations.users)
+
     def metrics(self) -> dict[str, float]:
         """Every counter and gauge, by name."""
         return {

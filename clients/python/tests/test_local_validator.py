@@ -420,6 +420,9 @@ async def test_revocations_are_forgotten_after_keep_until(
     assert not v.is_session_revoked("short")
     assert v.is_session_revoked("long")
     assert v.revoked_users == 1
+    sessions, users = v.held()
+    assert sessions == {"long": wall() - 11 + 3600}
+    assert users == {"zed": (1, wall() + 5)}
 
 
 async def test_an_update_before_any_snapshot_is_refused(
