@@ -34,6 +34,7 @@ from service.loadtest.baselines import (
 from service.loadtest.bench_page import BenchReport, this_machine
 from service.loadtest.cpu import CpuMeter, CpuSeconds
 from service.loadtest.local import local_server, local_server_process, seed_users
+from service.loadtest.local_validation import local_validation_tables
 from service.loadtest.runner import SQL_ROTATION, LoadPlan, run_load
 from service.loadtest.stats import ScenarioSummary
 
@@ -254,6 +255,10 @@ def _run_bench(
         rss=(rss_before, rss_after),
         algorithms=algorithms,
         costs=_costs(cpu, round_trips),
+    )
+    # The LocalValidator against Validate, and the memory of watching: servers of their own.
+    tables += "\n\n" + local_validation_tables(
+        extra_env, concurrency=options.concurrency, duration=options.duration
     )
     return BenchReport(
         tables=tables,
