@@ -122,6 +122,16 @@ def entry_bodies(entries: list[LogEntry]) -> list[Body]:
     return bodies
 
 
+@dataclass(frozen=True, slots=True)
+class FirstUpdate:
+    """One of a stream's first updates: its own header and a (shared) body, joined only
+    when written, so a stream holds one joined update at a time, never its whole
+    snapshot (a snapshot's bodies are built once and shared by every stream)."""
+
+    header: bytes
+    body: bytes = b""
+
+
 def header(*, sequence: int, snapshot: bool = False, jwks_json: str = "", sent_at: float) -> bytes:
     """An update's own fields, serialized; a body appended to it adds its entries (a
     concatenation of serialized messages parses as their merge)."""
@@ -244,7 +254,7 @@ class RevocationWatchHub:
             return False
         return await self._catch_up(sequence, within)
 
-    def open(self, after_sequence: int) -> tuple[Watcher, list[bytes]]:
+    def open(self, after_sequence: int) -> tuple[Watcher, list[FirstUpdate]]:
         """A new watcher and its first updates: exactly what came after `after_sequence`
         if this process holds all of it (and it is not 0), else a snapshot. Registered in
         the same step (no await between): every later batch reaches its queue."""
@@ -257,9 +267,14 @@ class RevocationWatchHub:
         if missed is not None:
             bodies = entry_bodies(missed)
             if not bodies:
-                return watcher, [header(sequence=state.sequence, jwks_json=jwks, sent_at=now)]
+                return watcher, [
+                    FirstUpdate(header(sequence=state.sequence, jwks_json=jwks, sent_at=now))
+                ]
             first = [
-                header(sequence=b.sequence, jwks_json=jwks if i == 0 else "", sent_at=now) + b.data
+                FirstUpdate(
+                    header(sequence=b.sequence, jwks_json=jwks if i == 0 else "", sent_at=now),
+                    b.data,
+                )
                 for i, b in enumerate(bodies)
             ]
             return watcher, first
@@ -271,15 +286,20 @@ class RevocationWatchHub:
         for i, body in enumerate(parts):
             last = i == len(parts) - 1
             first.append(
-                header(
-                    sequence=snapshot.sequence if last else 0,
-                    snapshot=i == 0,
-                    jwks_json=jwks if i == 0 else "",
-                    sent_at=now,
+                FirstUpdate(
+                    header(
+                        sequence=snapshot.sequence if last else 0,
+                        snapshot=i == 0,
+                        jwks_json=jwks if i == 0 else "",
+                        sent_at=now,
+                    ),
+                    body.data,
                 )
-                + body.data
             )
-        first.extend(header(sequence=b.sequence, sent_at=now) + b.data for b in entry_bodies(since))
+        first.extend(
+            FirstUpdate(header(sequence=b.sequence, sent_at=now), b.data)
+            for b in entry_bodies(since)
+        )
         return watcher, first
 
     def _current_snapshot(self) -> SnapshotCache:
@@ -307,15 +327,19 @@ class RevocationWatchHub:
     async def write_updates(
         self,
         watcher: Watcher,
-        first: list[bytes],
+        first: list[FirstUpdate],
         write: Callable[[bytes], Awaitable[None]],
     ) -> None:
-        """Write the first updates, then whatever the watcher's queue gets, merged, and a
-        heartbeat whenever nothing went out for `heartbeat` seconds. Runs until cancelled."""
+        """Write the first updates (consuming `first`: each is let go once written), then
+        whatever the watcher's queue gets, merged, and a heartbeat whenever nothing went
+        out for `heartbeat` seconds. Runs until cancelled."""
         sent_jwks = self._jwks_json()
         last_write = time.monotonic()
-        for update in first:
-            await write(update)
+        first.reverse()
+        while first:
+            part = first.pop()
+            await write(part.header + part.body)
+            del part
             self.updates_sent += 1
             last_write = time.monotonic()
         while True:
