@@ -49,7 +49,11 @@ def _server_env(database_url: str, tmp_path: Path, **values: str) -> dict[str, s
 
 
 def _authsvc(
-    *args: str, env: dict[str, str], stdin: str = "", cwd: Path | None = None
+    *args: str,
+    env: dict[str, str],
+    stdin: str = "",
+    cwd: Path | None = None,
+    timeout: float = 60,
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "service", *args],
@@ -58,7 +62,7 @@ def _authsvc(
         text=True,
         env=env,
         cwd=cwd,
-        timeout=60,
+        timeout=timeout,
         check=False,
     )
 

@@ -121,6 +121,7 @@ def test_bench_runs_end_to_end_and_prints_its_table(database_url: str, tmp_path:
         "--write-docs",
         str(page),
         env=_env(AUTH_DATABASE_URL=database_url),
+        timeout=180,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     table = out.read_text()
