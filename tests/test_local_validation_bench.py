@@ -38,7 +38,7 @@ async def test_speed_part_measures_every_rate_and_each_cold_check_misses(
     assert speed.cold_misses >= 40
     c = speed.cold_check
     assert c.decode > 0 and c.signature > 0 and c.claims > 0
-    assert c.validate == 1e6 / speed.cold
+    assert c.verify_signed > 0 and c.validate > 0
 
 
 async def test_memory_part_reads_the_server_and_a_validator_process(server: LiveServer) -> None:
