@@ -180,21 +180,26 @@ async def _mint_tokens(
     return tokens[:wanted]
 
 
-def _per_token_us(step: Callable[[int], object], count: int, rounds: int = 5) -> float:
-    """The least over rounds of the mean microseconds of `step(i)` for i in range(count)
-    (the least: what the code costs, with the least of the shared machine's noise)."""
-    means = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        for i in range(count):
-            step(i)
-        means.append((time.perf_counter() - start) / count * 1e6)
-    return min(means)
+PASSES = 5
 
 
-def cold_check_parts(tokens: list[str], keys: KeySet, issuer: str) -> tuple[float, float, float]:
-    """Microseconds per token of decoding, the signature and the claims checks, each
-    timed alone with the functions token_check.verify_signed runs, in its order."""
+def per_token_us(steps: list[Callable[[int], object]], count: int) -> list[float]:
+    """Per step, the least over PASSES of the mean microseconds of `step(i)` for i in
+    range(count). The steps take turns within each pass, so the shared machine's noise
+    hits all alike; the least is what the code costs with the least of it."""
+    means: list[list[float]] = [[] for _ in steps]
+    for _ in range(PASSES):
+        for step, step_means in zip(steps, means, strict=True):
+            start = time.perf_counter()
+            for i in range(count):
+                step(i)
+            step_means.append((time.perf_counter() - start) / count * 1e6)
+    return [min(m) for m in means]
+
+
+def cold_check_steps(tokens: list[str], keys: KeySet, issuer: str) -> list[Callable[[int], object]]:
+    """Decoding, the signature and the claims checks of token i, each alone, with the
+    functions token_check.verify_signed runs, in its order; then verify_signed whole."""
     split = [t.split(".") for t in tokens]
 
     def decode(i: int) -> None:
@@ -223,8 +228,7 @@ def cold_check_parts(tokens: list[str], keys: KeySet, issuer: str) -> tuple[floa
             raise RuntimeError("another issuer")
         _expiry_datetime(claims[i]["exp"])
 
-    n = len(tokens)
-    return _per_token_us(decode, n), _per_token_us(signature, n), _per_token_us(claim_checks, n)
+    return [decode, signature, claim_checks, lambda i: verify_signed(tokens[i], keys, issuer)]
 
 
 async def measure_speed(
@@ -269,12 +273,18 @@ async def measure_speed(
             if cold_misses != cold_checks:
                 raise RuntimeError(f"{cold_checks - cold_misses} cold checks hit the cache")
             keys = KeySet((await client.get_jwks()).json)
-            decode, signature, claims = cold_check_parts(tokens, keys, issuer)
-            whole = _per_token_us(lambda i: verify_signed(tokens[i], keys, issuer), len(tokens))
-            # Each pass goes on where the rates stopped, in order: every check misses.
+            # Each pass of validate goes on where the rates stopped, in order: every check
+            # misses the cache.
             misses_before = validator.metrics()["verified_cache_misses"]
-            validate = _per_token_us(lambda i: validator.validate(tokens[i]), len(tokens))
-            if validator.metrics()["verified_cache_misses"] - misses_before != 5 * len(tokens):
+            decode, signature, claims, whole, validate = per_token_us(
+                [
+                    *cold_check_steps(tokens, keys, issuer),
+                    lambda i: validator.validate(tokens[i]),
+                ],
+                len(tokens),
+            )
+            misses = validator.metrics()["verified_cache_misses"] - misses_before
+            if misses != PASSES * len(tokens):
                 raise RuntimeError("a timed cold check hit the cache")
         finally:
             await validator.close()
