@@ -35,6 +35,7 @@ from service.loadtest.bench_page import BenchReport, this_machine
 from service.loadtest.cpu import CpuMeter, CpuSeconds
 from service.loadtest.freshness import with_freshness
 from service.loadtest.local import local_server, local_server_process, seed_users
+from service.loadtest.local_validation import local_validation_tables
 from service.loadtest.runner import SQL_ROTATION, LoadPlan, run_load
 from service.loadtest.stats import ScenarioSummary
 
@@ -257,6 +258,10 @@ def _run_bench(
         rss=(rss_before, rss_after),
         algorithms=algorithms,
         costs=_costs(cpu, round_trips),
+    )
+    # The LocalValidator against Validate, and the memory of watching: servers of their own.
+    tables += "\n\n" + local_validation_tables(
+        extra_env, concurrency=options.concurrency, duration=options.duration
     )
     return BenchReport(
         tables=tables,
