@@ -112,7 +112,8 @@ class VerifiedClaims:
     expires_at: float
     not_before: float | None
     generation: int
-    expires_at_datetime: datetime
+    accepted: Checked
+    """The answer when every later check passes, built once (a cache hit returns it)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,7 +220,8 @@ def check_request(token: str, required_scopes: Sequence[str], audience: str) -> 
                 fields.append(name)
         elif (
             len(value) > limit
-            or len(value.encode("utf-8", "surrogatepass")) > limit
+            # Only non-ASCII text has more bytes than characters.
+            or (not value.isascii() and len(value.encode("utf-8", "surrogatepass")) > limit)
             or "\x00" in value
         ):
             fields.append(name)
@@ -347,18 +349,30 @@ def verify_signed(token: str, keys: KeySet, issuer: str) -> VerifiedClaims:
     _check_required(claims)
     if claims["iss"] != issuer:
         raise Rejected("MALFORMED", wrong_issuer=True)
+    scopes = tuple(claims.get("scope", "").split())
+    accepted = Checked(
+        Validation(
+            valid=True,
+            error=None,
+            subject=claims["sub"],
+            session_id=claims["sid"],
+            scopes=scopes,
+            expires_at=_expiry_datetime(claims["exp"]),
+            token_id=claims["jti"],
+        )
+    )
     return VerifiedClaims(
         kid=str(kid),
         subject=claims["sub"],
         session_id=claims["sid"],
         token_id=claims["jti"],
-        scopes=tuple(claims.get("scope", "").split()),
+        scopes=scopes,
         audiences=_audiences(claims),
         issued_at=claims["iat"],
         expires_at=claims["exp"],
         not_before=claims.get("nbf"),
         generation=claims.get(_GENERATION_CLAIM, 0),
-        expires_at_datetime=_expiry_datetime(claims["exp"]),
+        accepted=accepted,
     )
 
 
@@ -431,7 +445,7 @@ class TokenChecker:
                 raise Rejected("REVOKED")
             if audience and audience not in claims.audiences:
                 raise Rejected("WRONG_AUDIENCE")
-            if not set(required_scopes) <= set(claims.scopes):
+            if required_scopes and not set(required_scopes) <= set(claims.scopes):
                 raise Rejected("INSUFFICIENT_SCOPE")
         except Rejected as rejected:
             return Checked(
@@ -439,17 +453,7 @@ class TokenChecker:
                 unknown_kid=rejected.unknown_kid,
                 wrong_issuer=rejected.wrong_issuer,
             )
-        return Checked(
-            Validation(
-                valid=True,
-                error=None,
-                subject=claims.subject,
-                session_id=claims.session_id,
-                scopes=claims.scopes,
-                expires_at=claims.expires_at_datetime,
-                token_id=claims.token_id,
-            )
-        )
+        return claims.accepted
 
     @property
     def cached(self) -> int:
