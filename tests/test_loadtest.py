@@ -6,11 +6,16 @@ Speed is not asserted here (see `make bench`); only that the tool works and repo
 from __future__ import annotations
 
 import json
+import os
 import re
+import threading
 from pathlib import Path
 
 import pytest
+from argon2 import PasswordHasher as Argon2Hasher
 
+from service.domain.passwords import make_argon2_hasher
+from service.loadtest.baselines import argon2_rate
 from service.loadtest.bench_page import RESULTS_END, RESULTS_START
 from service.loadtest.stats import ProcessResult, percentile, summarize
 from tests.test_cli import _authsvc, _env, _server_env
@@ -183,3 +188,20 @@ def test_bench_runs_end_to_end_and_prints_its_table(database_url: str, tmp_path:
         server_us, _postgres_us = (float(v.replace(",", "")) for v in costs[operation][1:])
         assert server_us > 0, operation
     assert float(costs["refresh"][2].replace(",", "")) > 0  # PostgreSQL worked for it
+
+
+def test_argon2_baseline_hashes_at_the_priority_of_the_servers_hashing_threads() -> None:
+    """The bench's argon2id-only baseline runs each of its threads at the lowest priority,
+    as the server's hashing threads do: the same work under the same scheduling."""
+    niceness: list[int] = []
+    real_verify = make_argon2_hasher().verify
+
+    def verify_and_note(password_hash: str, password: str) -> bool:
+        niceness.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        return real_verify(password_hash, password)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Argon2Hasher, "verify", lambda _self, h, p: verify_and_note(h, p))
+        assert argon2_rate(threads=2, duration=0.05) > 0
+    assert niceness
+    assert set(niceness) == {19}

@@ -36,7 +36,7 @@ def make_argon2_hasher() -> Argon2Hasher:
     )
 
 
-def _lower_thread_priority() -> None:
+def lower_thread_priority() -> None:
     """Run this thread at the lowest CPU priority (Linux: niceness is per thread).
 
     A login burst then takes only the CPU the event loop leaves over, so Validate,
@@ -74,7 +74,7 @@ class PasswordHasher:
         self._pool = ThreadPoolExecutor(
             max_workers=self.threads,
             thread_name_prefix="argon2",
-            initializer=_lower_thread_priority,
+            initializer=lower_thread_priority,
         )
         # Verified against for unknown usernames, so they cost the same as real ones.
         self._dummy_hash = self._argon2.hash(secrets.token_urlsafe(16))
