@@ -38,6 +38,19 @@ UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
 BOOTSTRAP_LOCK_ID = 0x61757468  # "auth"
 
 
+async def try_session_lock(conn: asyncpg.Connection, lock_id: int) -> bool:
+    """Try to take a session-level advisory lock on a pooled connection. If the call is cut
+    short (cancelled, timed out), the database may have granted the lock with its answer
+    unread: the connection is dropped then, so that the lock never stays with a connection
+    someone else gets from the pool (which does not reset connections)."""
+    try:
+        taken: bool = await conn.fetchval("SELECT pg_try_advisory_lock($1)", lock_id)
+    except BaseException:
+        conn.terminate()
+        raise
+    return taken
+
+
 async def release_session_lock(conn: asyncpg.Connection, lock_id: int) -> None:
     """Let go of a session-level advisory lock taken on a pooled connection. The pool does
     not reset connections (`service.database.create_pool`): if this cannot be done (the

@@ -13,7 +13,12 @@ import asyncpg
 
 from service.domain.ports import PurgeBatch
 from service.errors import DatabaseUnavailable
-from service.store.base import UNAVAILABLE_ERRORS, StoreBase, release_session_lock
+from service.store.base import (
+    UNAVAILABLE_ERRORS,
+    StoreBase,
+    release_session_lock,
+    try_session_lock,
+)
 from service.store.revocations import SESSION_PURGE_AFTER, purge_after_on_revoke
 
 # Held by the one replica whose janitor is running.
@@ -223,7 +228,7 @@ class PostgresJanitor(StoreBase):
         replica's janitor is running). Each call of the Purger is one short transaction
         on that connection."""
         async with self._connection() as conn:
-            if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", _JANITOR_LOCK_ID):
+            if not await try_session_lock(conn, _JANITOR_LOCK_ID):
                 yield None
                 return
             try:
@@ -240,7 +245,7 @@ class PostgresJanitor(StoreBase):
         replica is at it. What revokes those sessions is the user's generation; this only
         lets the admin views and the clean-up catch up."""
         async with self._connection() as conn:
-            if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", _CATCH_UP_LOCK_ID):
+            if not await try_session_lock(conn, _CATCH_UP_LOCK_ID):
                 return None
             try:
                 users = await conn.fetch(
