@@ -23,6 +23,7 @@ from service.domain.records import CallerInfo
 from service.settings import Settings
 from service.store.refresh_tokens import ROTATE_FRESH_TOKEN_SQL
 from service.store.sessions import START_SESSION_SQL
+from service.store.throttle import RESERVE_LOGIN_ATTEMPT_SQL
 
 CALLER = CallerInfo(peer="ipv4:192.0.2.7:5000")
 PASSWORD = "correct horse battery staple"
@@ -84,17 +85,21 @@ async def test_a_fresh_refresh_is_one_round_trip(counted: Counted) -> None:
         assert sent == [ROTATE_FRESH_TOKEN_SQL]
 
 
-async def test_a_login_is_seven_round_trips(counted: Counted) -> None:
+async def test_a_login_is_four_round_trips(counted: Counted) -> None:
     """Issue (throttle on, a user within the session cap, a hash of current parameters):
-    seven statements (ten before the session was started by one function, fourteen before
-    the pool's reset was turned off), in three steps that the rules keep apart.
+    four statements (seven before the throttle's reservation was one function, ten before
+    the session's was, fourteen before the pool's reset was turned off), in three steps
+    that the rules keep apart.
 
-    1. The throttle's reservation, before the password is checked: BEGIN, the keys' rows
-       locked and read, the counts written, COMMIT (4). The decision is the domain's
-       (`LoginThrottle.reserve`) and is made under the rows' lock, between the statements.
+    1. The throttle's reservation, before the password is checked: one call of
+       `reserve_login_attempt` (migration 0013) in autocommit (1): the keys' rows locked,
+       `decide_reservation` applied in SQL under the lock, the counts written. The rule
+       stays the domain's, which judges the rows returned again (the differential test
+       holds the two together).
     2. The user's row (1); the password check (no database); the reservation settled (1),
        in the check's own task, so that a check whose caller gave up still takes its
-       count back.
+       count back. The user's row is not read in the reservation's call: the throttle's
+       keys are the canonical username and the address, a row the store does not join.
     3. The session: one call of `start_session` (migration 0012) in autocommit (1): the
        user's row locked, the session with its first token and the login event, then the
        cap's evictions read in a statement of their own (a function's statements each take
@@ -104,9 +109,9 @@ async def test_a_login_is_seven_round_trips(counted: Counted) -> None:
     await _login(counted)  # prepares the statements on a connection
     await _login(counted)
     sent = await _login(counted)
-    assert [q.split()[0] for q in sent].count("BEGIN;") == 1, sent
+    assert sent[0] == RESERVE_LOGIN_ATTEMPT_SQL, sent
     assert sent[-1] == START_SESSION_SQL, sent
-    assert len(sent) == 7, sent
+    assert len(sent) == 4, sent
 
 
 @pytest.mark.parametrize("counted", [2], indirect=True)
@@ -123,6 +128,6 @@ async def test_a_login_past_the_cap_starts_its_session_in_one_round_trip(
     before = (await counted.pool.fetchval(revoked), await counted.pool.fetchval(logged))
     sent = await _login(counted)
     assert sent[-1] == START_SESSION_SQL, sent
-    assert len(sent) == 7, sent
+    assert len(sent) == 4, sent
     after = (await counted.pool.fetchval(revoked), await counted.pool.fetchval(logged))
     assert after == (before[0] + 1, before[1] + 1)
