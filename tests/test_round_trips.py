@@ -98,8 +98,9 @@ async def test_a_login_is_four_round_trips(counted: Counted) -> None:
        holds the two together).
     2. The user's row (1); the password check (no database); the reservation settled (1),
        in the check's own task, so that a check whose caller gave up still takes its
-       count back. The user's row is not read in the reservation's call: the throttle's
-       keys are the canonical username and the address, a row the store does not join.
+       count back. The rules would allow reading the user's row in the reservation's
+       call (it is read before the hash either way); not done yet: it would tie the
+       throttle's port to users, and a login without the throttle still needs it alone.
     3. The session: one call of `start_session` (migration 0012) in autocommit (1): the
        user's row locked, the session with its first token and the login event, then the
        cap's evictions read in a statement of their own (a function's statements each take
