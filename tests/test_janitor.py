@@ -229,11 +229,13 @@ async def test_every_session_write_keeps_its_purge_time_exact(
 ) -> None:
     """Every statement that changes what decides when a session may go (login, rotation,
     a replay within the grace window, logout, reuse detection, an operator's revocation,
-    a password change, a deletion) leaves `purge_after` equal to what the rows give: the
-    janitor's index finds each session exactly when it may be deleted."""
-    server = await server_factory(**TTL)
+    a password change, a deletion, the session cap's evictions) leaves `purge_after` equal
+    to what the rows give: the janitor's index finds each session exactly when it may be
+    deleted."""
+    # Within the cap for "writer" (five logins); "crowded" goes past it.
+    server = await server_factory(**TTL, max_sessions_per_user=5)
     admin = admin_pb2_grpc.AdminServiceStub(server.channel)
-    for name in ("writer", "changed", "deleted"):
+    for name in ("writer", "changed", "deleted", "crowded"):
         await server.create_user(name)
 
     async def exact() -> None:
@@ -287,4 +289,13 @@ async def test_every_session_write_keeps_its_purge_time_exact(
     idle = await server.login("writer")
     server.clock.advance(300 + 1)  # its refresh token expired
     await server.stub.Revoke(auth_pb2.RevokeRequest(access_token=idle.access_token))
+    await exact()
+    # The session cap's evictions (the first session evicted after its token expired).
+    for _ in range(7):
+        await server.login("crowded")
+        server.clock.advance(100)
+    evicted = await server.pool.fetchval(
+        "SELECT count(*) FROM sessions WHERE revoke_reason = 'session_limit'"
+    )
+    assert evicted == 2
     await exact()

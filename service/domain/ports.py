@@ -227,13 +227,15 @@ class ThrottleStorage(Protocol):
 
     async def reserve_login_attempt(
         self,
-        keys: list[str],
-        decide: Callable[[list[ThrottleState]], dict[str, tuple[int, int]] | None],
+        limits: dict[str, tuple[int, datetime]],
         *,
         now: datetime,
-    ) -> None:
-        """Lock the keys' rows (made if missing) in key order, let `decide`, write the
-        (failures, pending) it returns per key; None writes nothing."""
+        pending_since: datetime,
+    ) -> tuple[list[ThrottleState], bool]:
+        """One step: lock the keys' rows (made if missing) in key order and, exactly when
+        `decide_reservation` would count the attempt (each key's free failures and window
+        start in `limits`, pending counts from `pending_since` on), count it, stamped `now`.
+        The rows as read under the lock, in key order, and whether it was counted."""
 
     async def settle_login_failure(self, until: dict[str, datetime | None]) -> None: ...
 

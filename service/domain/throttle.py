@@ -12,6 +12,7 @@ ignored after PENDING_EXPIRY. The rules, the defaults and the known limits: docs
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING
@@ -68,6 +69,49 @@ class Reservation:
     previous_failure_at: dict[str, datetime]
 
 
+@dataclass(frozen=True, slots=True)
+class ReservationDecision:
+    """What an attempt does to its keys, found in their rows read under their lock."""
+
+    counts: dict[str, tuple[int, int]] | None
+    """Each key's (failures, pending) once the attempt is counted; None: nothing counted."""
+    locked_until: datetime | None
+    """The latest wait of the keys that must wait, or None."""
+
+
+def decide_reservation(
+    states: list[ThrottleState], policies: Mapping[str, ThrottlePolicy], *, now: float
+) -> ReservationDecision:
+    """The throttle's rule for one attempt (its keys' `states`, each key's policy): it waits
+    while a key is locked; it is not counted (busy) while a key's attempts being checked
+    may use up its allowance (taken in turn, this one would come after them); otherwise it
+    is counted against every key. A pending count older than PENDING_EXPIRY is ignored,
+    failures older than the key's window are forgotten. The store's statement
+    (migration 0013) is this rule in SQL, held to it by a differential test."""
+    at = to_datetime(now)
+    pending_since = to_datetime(now - PENDING_EXPIRY)
+    locked_until: list[datetime] = []
+    busy = False
+    counts = {}
+    for state in states:
+        policy = policies[state.key]
+        fresh = state.pending_at is not None and state.pending_at >= pending_since
+        pending = state.pending if fresh else 0
+        failures = state.failures
+        if state.last_failure_at < to_datetime(now - policy.window):
+            failures = 0
+        failures = max(failures, pending)
+        if state.locked_until is not None and state.locked_until > at:
+            locked_until.append(state.locked_until)
+        elif failures > policy.free_failures and pending > 0:
+            busy = True
+        counts[state.key] = (failures + 1, pending + 1)
+    return ReservationDecision(
+        counts=None if locked_until or busy else counts,
+        locked_until=max(locked_until) if locked_until else None,
+    )
+
+
 class LoginThrottle:
     """Applies the policies to logins, with the state in the store."""
 
@@ -114,45 +158,35 @@ class LoginThrottle:
 
         Raises LoginThrottled (with the wait) while any key must wait; None, counting
         nothing, while a key has as many attempts being checked as it may still fail.
+        The store applies `decide_reservation` under the keys' rows lock, in one step;
+        the answer is this rule's, on the rows as the store read them.
         """
         now = self._clock.now()
         at = to_datetime(now)
         pending_since = to_datetime(now - PENDING_EXPIRY)
-        locked_until: list[datetime] = []
-        busy = False
-        reservation: Reservation | None = None
-
-        def decide(states: list[ThrottleState]) -> dict[str, tuple[int, int]] | None:
-            nonlocal busy, reservation
-            counts = {}
-            for state in states:
-                policy = self._policy(state.key)
-                fresh = state.pending_at is not None and state.pending_at >= pending_since
-                pending = state.pending if fresh else 0
-                failures = state.failures
-                if state.last_failure_at < to_datetime(now - policy.window):
-                    failures = 0
-                failures = max(failures, pending)
-                if state.locked_until is not None and state.locked_until > at:
-                    locked_until.append(state.locked_until)
-                elif failures > policy.free_failures and pending > 0:
-                    # The attempts being checked may use up the allowance: taken in
-                    # turn, this one would come after them, so it waits for them.
-                    busy = True
-                counts[state.key] = (failures + 1, pending + 1)
-            if locked_until or busy:
-                return None
-            reservation = Reservation(
-                reserved_at=at,
-                failures={key: failures for key, (failures, _) in counts.items()},
-                previous_failure_at={s.key: s.last_failure_at for s in states},
-            )
-            return counts
-
-        await self._store.reserve_login_attempt(keys, decide, now=at)
-        if locked_until:
-            raise LoginThrottled(retry_after=max(locked_until).timestamp() - now)
-        return reservation
+        policies = {key: self._policy(key) for key in keys}
+        states, reserved = await self._store.reserve_login_attempt(
+            {
+                key: (policy.free_failures, to_datetime(now - policy.window))
+                for key, policy in policies.items()
+            },
+            now=at,
+            pending_since=pending_since,
+        )
+        decision = decide_reservation(states, policies, now=now)
+        if reserved != (decision.counts is not None):
+            # The store's statement is this rule in SQL (a differential test holds it to
+            # it): a disagreement is a bug, never a client's doing.
+            raise RuntimeError("the store's throttle reservation differs from the domain's rule")
+        if decision.locked_until is not None:
+            raise LoginThrottled(retry_after=decision.locked_until.timestamp() - now)
+        if decision.counts is None:
+            return None
+        return Reservation(
+            reserved_at=at,
+            failures={key: failures for key, (failures, _) in decision.counts.items()},
+            previous_failure_at={s.key: s.last_failure_at for s in states},
+        )
 
     async def failed(self, reservation: Reservation) -> None:
         """The attempt failed: it stays counted, and keys over their allowance wait."""

@@ -24,7 +24,7 @@ REVOKED_COUNT_LIMIT = MAX_SESSIONS_PER_USER
 # bound and the moment it died (the earliest of its absolute expiry, its revocation and
 # the expiry of its unused refresh token; with no unused token, it is dead already).
 # Stored as `sessions.purge_after` by every write that changes one of these (the cheap
-# forms are in CREATE_SESSION_SQL, ROTATE_SQL, RAISE_ACCESS_EXPIRES_MAX_SQL and
+# forms are in migration 0012 (start_session), ROTATE_SQL, RAISE_ACCESS_EXPIRES_MAX_SQL and
 # PURGE_AFTER_ON_REVOKE); the janitor's re-check and back-fill use this exact form.
 SESSION_PURGE_AFTER = """greatest(s.access_expires_max, least(s.expires_at, s.revoked_at,
     coalesce((SELECT max(t.expires_at) FROM refresh_tokens t

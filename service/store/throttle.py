@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from datetime import datetime
 
 from service.domain.records import ThrottleState
 from service.store.base import StoreBase
 
-# A login attempt's throttle keys: their rows, made if missing and locked in key order
-# (the no-op update takes the row lock and returns the row as it is).
-LOCK_THROTTLE_KEYS_SQL = """
-INSERT INTO login_throttle AS t (key, failures, last_failure_at, pending)
-SELECT k, 0, $2, 0 FROM unnest($1::text[]) AS k ORDER BY k
-    ON CONFLICT (key) DO UPDATE SET pending = t.pending
-RETURNING key, failures, last_failure_at, locked_until, pending, pending_at
+# A login attempt's reservation in one round trip (autocommit), by the function of
+# migration 0013: the keys' rows locked in key order, `decide_reservation` applied, the
+# counts written if it counts the attempt.
+RESERVE_LOGIN_ATTEMPT_SQL = """
+SELECT r_key, r_failures, r_last_failure_at, r_locked_until, r_pending, r_pending_at,
+       r_reserved
+  FROM reserve_login_attempt($1, $2, $3, $4, $5)
 """
 
 # Settling an attempt locks its keys' rows in key order too, for the same reason.
@@ -47,33 +46,40 @@ class PostgresThrottle(StoreBase):
 
     async def reserve_login_attempt(
         self,
-        keys: list[str],
-        decide: Callable[[list[ThrottleState]], dict[str, tuple[int, int]] | None],
+        limits: dict[str, tuple[int, datetime]],
         *,
         now: datetime,
-    ) -> None:
-        """Lock the keys' rows (made if missing), let the domain `decide`, and write the
-        (failures, pending) it returns for each key, stamped `now`; None writes nothing.
+        pending_since: datetime,
+    ) -> tuple[list[ThrottleState], bool]:
+        """Lock the keys' rows (made if missing) and, when `decide_reservation` counts the
+        attempt (each key's (free failures, window start) in `limits`), count it, stamped
+        `now`: the rows as read, in key order, and whether it was counted. One statement.
 
         The row lock makes check and count one step per key, on every replica; the rows
         are locked in key order, so two attempts sharing keys cannot deadlock.
         """
-        async with self._transaction() as conn:
-            rows = await conn.fetch(LOCK_THROTTLE_KEYS_SQL, sorted(set(keys)), now)
-            counts = decide([ThrottleState(**dict(row)) for row in rows])
-            if counts is None:
-                return
-            await conn.execute(
-                """UPDATE login_throttle AS t
-                      SET failures = v.failures, pending = v.pending,
-                          last_failure_at = $4, pending_at = $4
-                     FROM unnest($1::text[], $2::int[], $3::int[]) AS v(key, failures, pending)
-                    WHERE t.key = v.key""",
-                list(counts),
-                [failures for failures, _ in counts.values()],
-                [pending for _, pending in counts.values()],
+        keys = sorted(limits)
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                RESERVE_LOGIN_ATTEMPT_SQL,
+                keys,
                 now,
+                pending_since,
+                [limits[key][0] for key in keys],
+                [limits[key][1] for key in keys],
             )
+        states = [
+            ThrottleState(
+                key=row["r_key"],
+                failures=row["r_failures"],
+                last_failure_at=row["r_last_failure_at"],
+                locked_until=row["r_locked_until"],
+                pending=row["r_pending"],
+                pending_at=row["r_pending_at"],
+            )
+            for row in rows
+        ]
+        return states, bool(rows) and rows[0]["r_reserved"]
 
     async def settle_login_failure(self, until: dict[str, datetime | None]) -> None:
         """An attempt reserved against these keys failed: it stays counted, is no longer

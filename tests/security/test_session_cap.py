@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import time
+import uuid
+from datetime import timedelta
 
 from authsvc_client.gen.auth.v1 import admin_pb2, admin_pb2_grpc, auth_pb2
 
-from service.clock import ManualClock
+from service.clock import ManualClock, to_datetime
+from service.domain.records import NewSession, SecurityEvent
 from tests.helpers import refresh, refresh_fails, validate
 from tests.live_server import ServerFactory
 
@@ -77,3 +81,72 @@ async def test_concurrent_logins_of_one_user_stay_within_the_cap(
     )
     assert live == 2
     assert await server.pool.fetchval("SELECT count(*) FROM sessions") == 8
+
+
+async def test_session_starts_that_queue_on_the_user_row_stay_within_the_cap(
+    server_factory: ServerFactory,
+) -> None:
+    """Logins of one user that all wait for the user's row at once (here: held by another
+    transaction until every one of them waits) each count the sessions of those before
+    them: the evictions read the sessions after the lock is held, not in a snapshot taken
+    before it (where every waiter would see only the sessions from before, and keep all of
+    the others' sessions beside its own)."""
+    waiters = 6
+    server = await server_factory(max_sessions_per_user=2, db_pool_size=waiters + 2)
+    user = await server.create_user("queue")
+    store = server.running.components.store
+    now = to_datetime(server.clock.now())
+
+    def new_session(n: int) -> NewSession:
+        return NewSession(
+            id=uuid.uuid4(),
+            user_id=user.id,
+            scopes=("read",),
+            audience="a",
+            created_at=now + timedelta(seconds=n),
+            expires_at=now + timedelta(hours=1),
+            first_token_hash=secrets.token_bytes(32),
+            first_token_expires_at=now + timedelta(hours=1),
+            access_expires_at=now + timedelta(minutes=5),
+            peer=None,
+            user_agent=None,
+        )
+
+    holder = await server.pool.acquire()
+    try:
+        async with holder.transaction():
+            await holder.execute("SELECT 1 FROM users WHERE id = $1 FOR UPDATE", user.id)
+            starts = [
+                asyncio.ensure_future(
+                    store.create_session(
+                        new_session(n),
+                        SecurityEvent(kind="login_succeeded", subject=str(user.id)),
+                        verified_hash=user.password_hash,
+                        max_sessions=2,
+                    )
+                )
+                for n in range(waiters)
+            ]
+            deadline = time.monotonic() + 10
+            while (
+                await server.pool.fetchval(
+                    "SELECT count(*) FROM pg_locks WHERE NOT granted AND pid <> pg_backend_pid()"
+                )
+                < waiters
+            ):
+                assert time.monotonic() < deadline, "the logins did not queue on the user's row"
+                await asyncio.sleep(0.01)
+    finally:
+        await server.pool.release(holder)
+    created = await asyncio.gather(*starts)
+    assert all(c is not None for c in created)
+    live = await server.pool.fetchval(
+        "SELECT count(*) FROM sessions WHERE user_id = $1 AND revoked_at IS NULL", user.id
+    )
+    assert live == 2
+    evicted = sum(len(c[1]) for c in created if c is not None)
+    assert evicted == waiters - 2
+    assert (
+        await server.pool.fetchval("SELECT count(*) FROM revocation_log WHERE kind = 'session'")
+        == waiters - 2
+    )
