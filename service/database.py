@@ -10,7 +10,7 @@ import contextlib
 import json
 import logging
 import warnings
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -168,8 +168,14 @@ async def _keep_session_state(conn: asyncpg.Connection) -> None:
     `UNLISTEN *`, ... : one more round trip per use) would only cost time."""
 
 
-async def create_pool(dsn: str, settings: Settings) -> asyncpg.Pool:
-    """The connection pool for one server process."""
+async def create_pool(
+    dsn: str,
+    settings: Settings,
+    *,
+    init: Callable[[asyncpg.Connection], Awaitable[None]] | None = None,
+) -> asyncpg.Pool:
+    """The connection pool for one server process (`init`: run on each new connection;
+    the bench counts statements with it)."""
     with _connect_errors(dsn, settings):
         pool = await asyncpg.create_pool(
             dsn,
@@ -178,6 +184,7 @@ async def create_pool(dsn: str, settings: Settings) -> asyncpg.Pool:
             command_timeout=settings.db_timeout,
             timeout=settings.db_timeout,
             reset=_keep_session_state,
+            init=init,
         )
     assert pool is not None
     return pool
