@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TypeVar
 
 import grpc
 import pytest
+from authsvc_client.client import AuthClient, Validation
 from authsvc_client.gen.auth.v1 import auth_pb2
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2
@@ -72,3 +74,22 @@ async def validate(
             access_token=token, required_scopes=list(required_scopes), audience=audience
         )
     )
+
+
+class CountingAuthClient(AuthClient):
+    """An AuthClient that counts its Validate calls."""
+
+    validations = 0
+
+    async def validate(
+        self,
+        access_token: str,
+        *,
+        required_scopes: Sequence[str] = (),
+        audience: str = "",
+        timeout: float | None = None,  # noqa: ASYNC109 (the signature of AuthClient.validate)
+    ) -> Validation:
+        self.validations += 1
+        return await super().validate(
+            access_token, required_scopes=required_scopes, audience=audience, timeout=timeout
+        )

@@ -24,10 +24,11 @@ from typing import Any
 
 import grpc
 import pytest
-from authsvc_client.client import AuthClient, RetryPolicy, Validation
+from authsvc_client.client import AuthClient, RetryPolicy
 from authsvc_client.interceptor import RequireAccessToken, current_principal
 from google.protobuf.wrappers_pb2 import StringValue
 
+from tests.helpers import CountingAuthClient
 from tests.live_server import LiveServer, ServerFactory
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "python" / "orders_service.py"
@@ -43,25 +44,6 @@ def load_example() -> ModuleType:
 
 
 example = load_example()
-
-
-class CountingAuthClient(AuthClient):
-    """An AuthClient that counts its Validate calls."""
-
-    validations = 0
-
-    async def validate(
-        self,
-        access_token: str,
-        *,
-        required_scopes: Sequence[str] = (),
-        audience: str = "",
-        timeout: float | None = None,  # noqa: ASYNC109 (the signature of AuthClient.validate)
-    ) -> Validation:
-        self.validations += 1
-        return await super().validate(
-            access_token, required_scopes=required_scopes, audience=audience, timeout=timeout
-        )
 
 
 def bearer(token: str) -> tuple[tuple[str, str], ...]:

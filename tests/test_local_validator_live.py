@@ -9,11 +9,10 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Sequence
 from typing import Any
 
 import grpc
-from authsvc_client.client import AuthClient, RetryPolicy, Validation
+from authsvc_client.client import RetryPolicy
 from authsvc_client.gen.auth.v1 import auth_pb2
 from authsvc_client.interceptor import RequireAccessToken, current_principal
 from authsvc_client.local_validator import LocalValidator
@@ -22,6 +21,7 @@ from google.protobuf.wrappers_pb2 import StringValue
 from service.api.revocation_watch import MAX_UPDATE_ENTRIES
 from service.domain.revocation import Revocation
 from service.store.revocations import log_revoked
+from tests.helpers import CountingAuthClient
 from tests.live_server import LiveServer, ServerFactory
 
 LOGGED = MAX_UPDATE_ENTRIES + 2_345
@@ -99,25 +99,6 @@ async def test_a_snapshot_of_more_than_10000_revocations_is_held_whole_and_exact
         assert validator.snapshots_applied == 1
     finally:
         await validator.close()
-
-
-class CountingAuthClient(AuthClient):
-    """An AuthClient that counts its Validate calls."""
-
-    validations = 0
-
-    async def validate(
-        self,
-        access_token: str,
-        *,
-        required_scopes: Sequence[str] = (),
-        audience: str = "",
-        timeout: float | None = None,  # noqa: ASYNC109 (the signature of AuthClient.validate)
-    ) -> Validation:
-        self.validations += 1
-        return await super().validate(
-            access_token, required_scopes=required_scopes, audience=audience, timeout=timeout
-        )
 
 
 async def test_a_guarded_service_refuses_a_token_within_a_second_of_its_revocation_elsewhere(

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 import grpc
 from authsvc_client.gen.auth.v1 import auth_pb2, auth_pb2_grpc
 
+from tests.live_server import LiveServer
+
 
 @dataclass
 class Watch:
@@ -93,3 +95,23 @@ class Watch:
         await asyncio.wait_for(asyncio.shield(self._task), timeout=within)
         assert self.error is not None, "the stream ended without an error status"
         return self.error
+
+
+async def log_revoked_sessions(server: LiveServer, count: int) -> None:
+    """`count` revoked sessions appended to the log in one transaction (as a burst of
+    revocations would), each remembered for an hour."""
+    await server.pool.execute(
+        """INSERT INTO revocation_log (kind, session_id, revoked_at, keep_until)
+           SELECT 'session', gen_random_uuid(), to_timestamp($1),
+                  to_timestamp($1) + interval '1 hour'
+             FROM generate_series(1, $2)""",
+        server.clock.now(),
+        count,
+    )
+
+
+async def wait_until(condition: Callable[[], object], within: float, what: str) -> None:
+    deadline = time.monotonic() + within
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {within}s: {what}"
+        await asyncio.sleep(0.02)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-import time
 import tracemalloc
 from pathlib import Path
 
@@ -17,29 +16,9 @@ from authsvc_client.gen.auth.v1 import auth_pb2
 
 from tests.helpers import assert_error
 from tests.live_server import LiveServer, ServerFactory
-from tests.watching import Watch
+from tests.watching import Watch, log_revoked_sessions, wait_until
 
 WATCH_METHOD = "/auth.v1.AuthService/WatchRevocations"
-
-
-async def _log_sessions(server: LiveServer, count: int) -> None:
-    """`count` revoked sessions appended to the log in one transaction (as a burst of
-    revocations would), each remembered for an hour."""
-    await server.pool.execute(
-        """INSERT INTO revocation_log (kind, session_id, revoked_at, keep_until)
-           SELECT 'session', gen_random_uuid(), to_timestamp($1),
-                  to_timestamp($1) + interval '1 hour'
-             FROM generate_series(1, $2)""",
-        server.clock.now(),
-        count,
-    )
-
-
-async def _until(condition: object, within: float, what: str) -> None:
-    deadline = time.monotonic() + within
-    while not condition():  # type: ignore[operator]
-        assert time.monotonic() < deadline, f"not within {within}s: {what}"
-        await asyncio.sleep(0.02)
 
 
 async def test_a_watcher_that_never_reads_is_cut_off_and_leaves_nothing_queued(
@@ -48,8 +27,8 @@ async def test_a_watcher_that_never_reads_is_cut_off_and_leaves_nothing_queued(
     server = await server_factory(watch_queue_bytes=1024)
     hub = server.running.watch_hub
     # A snapshot far larger than what HTTP/2 flow control lets through unread.
-    await _log_sessions(server, 30_000)
-    await _until(lambda: server.running.components.revocations.sequence > 30_000, 5, "loaded")
+    await log_revoked_sessions(server, 30_000)
+    await wait_until(lambda: server.running.components.revocations.sequence > 30_000, 5, "loaded")
     # No BDP probing: the client's receive window stays at its initial size.
     channel = grpc.aio.insecure_channel(server.address, options=[("grpc.http2.bdp_probe", 0)])
     try:
@@ -58,18 +37,18 @@ async def test_a_watcher_that_never_reads_is_cut_off_and_leaves_nothing_queued(
             request_serializer=auth_pb2.WatchRevocationsRequest.SerializeToString,
             response_deserializer=auth_pb2.RevocationUpdate.FromString,
         )(auth_pb2.WatchRevocationsRequest())
-        await _until(lambda: hub.watchers == 1, 5, "the watcher registered")
+        await wait_until(lambda: hub.watchers == 1, 5, "the watcher registered")
         # Revocations keep coming while it reads nothing.
         for _ in range(20):
-            await _log_sessions(server, 100)
+            await log_revoked_sessions(server, 100)
             if hub.cut_off:
                 break
             await asyncio.sleep(0.05)
-        await _until(lambda: hub.cut_off == 1, 5, "the slow watcher cut off")
+        await wait_until(lambda: hub.cut_off == 1, 5, "the slow watcher cut off")
         assert hub.watchers == 0  # its queue went with it: nothing more is kept for it
         more_before = server.running.components.revocations.sequence
-        await _log_sessions(server, 100)
-        await _until(
+        await log_revoked_sessions(server, 100)
+        await wait_until(
             lambda: server.running.components.revocations.sequence > more_before, 5, "applied"
         )
         assert hub.watchers == 0 and hub.cut_off == 1
@@ -95,7 +74,7 @@ async def test_a_watcher_that_reads_is_never_cut_off_by_a_burst(
     watch = Watch.open(server.channel)
     await watch.until(lambda w: w.sequence > 0, what="the snapshot")
     for _ in range(5):
-        await _log_sessions(server, 200)
+        await log_revoked_sessions(server, 200)
     head = await server.pool.fetchval("SELECT sequence FROM revocation_log_head")
     await watch.until(lambda w: w.sequence == head, within=5.0, what="the burst")
     assert len(watch.sessions) == 1000
@@ -133,7 +112,7 @@ async def test_watchers_count_against_the_stream_budget(server_factory: ServerFa
     assert_error(error, grpc.StatusCode.RESOURCE_EXHAUSTED, "TOO_MANY_STREAMS_FROM_PEER")
     for watch in held:
         await watch.close()
-    await _until(lambda: server.running.stream_budget.open_streams == 0, 5, "slots back")
+    await wait_until(lambda: server.running.stream_budget.open_streams == 0, 5, "slots back")
     assert server.running.watch_hub.watchers == 0
 
 
@@ -168,8 +147,8 @@ async def test_snapshot_copies_are_not_kept_per_watcher_reading_or_not(
     module (tracemalloc), with 8 streams that read their snapshot and 8 that never read:
     at most the shared snapshot plus about one part per stuck stream."""
     server = await server_factory()
-    await _log_sessions(server, 30_000)  # 3 parts of 10,000 entries, ~600 KB each
-    await _until(lambda: server.running.components.revocations.sequence >= 30_000, 5, "loaded")
+    await log_revoked_sessions(server, 30_000)  # 3 parts of 10,000 entries, ~600 KB each
+    await wait_until(lambda: server.running.components.revocations.sequence >= 30_000, 5, "loaded")
     readers = [Watch.open(server.channel) for _ in range(1)]  # builds the shared snapshot
     await readers[0].until(lambda w: len(w.sessions) == 30_000, within=10.0, what="snapshot")
     snapshot_bytes = sum(len(b.data) for b in server.running.watch_hub._current_snapshot().bodies)
@@ -189,7 +168,7 @@ async def test_snapshot_copies_are_not_kept_per_watcher_reading_or_not(
             for _ in range(8)
         ]
         hub = server.running.watch_hub
-        await _until(lambda: hub.watchers == 17, 5, "every watcher registered")
+        await wait_until(lambda: hub.watchers == 17, 5, "every watcher registered")
         await asyncio.sleep(0.5)  # the stuck ones' writes are waiting on flow control
         held = sum(
             stat.size

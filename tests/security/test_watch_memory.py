@@ -6,7 +6,6 @@ being written), and a resume from far behind must cost no more than a snapshot."
 from __future__ import annotations
 
 import asyncio
-import time
 import tracemalloc
 
 import grpc
@@ -14,30 +13,12 @@ import pytest
 from authsvc_client.gen.auth.v1 import auth_pb2, auth_pb2_grpc
 
 from service.api.revocation_watch import MAX_UPDATE_ENTRIES
-from tests.live_server import LiveServer, ServerFactory
-from tests.watching import Watch
+from tests.live_server import ServerFactory
+from tests.watching import Watch, log_revoked_sessions, wait_until
 
 WATCH_METHOD = "/auth.v1.AuthService/WatchRevocations"
 REVOKED = 60_000
 NEVER_READING = 16
-
-
-async def _log_sessions(server: LiveServer, count: int) -> None:
-    await server.pool.execute(
-        """INSERT INTO revocation_log (kind, session_id, revoked_at, keep_until)
-           SELECT 'session', gen_random_uuid(), to_timestamp($1),
-                  to_timestamp($1) + interval '1 hour'
-             FROM generate_series(1, $2)""",
-        server.clock.now(),
-        count,
-    )
-
-
-async def _until(condition: object, within: float, what: str) -> None:
-    deadline = time.monotonic() + within
-    while not condition():  # type: ignore[operator]
-        assert time.monotonic() < deadline, f"not within {within}s: {what}"
-        await asyncio.sleep(0.02)
 
 
 @pytest.mark.parametrize("after_sequence", [0, 1], ids=["snapshot", "resume-from-the-start"])
@@ -46,8 +27,10 @@ async def test_never_reading_watchers_do_not_each_hold_a_copy_of_the_revocation_
 ) -> None:
     server = await server_factory()
     hub = server.running.watch_hub
-    await _log_sessions(server, REVOKED)
-    await _until(lambda: server.running.components.revocations.sequence >= REVOKED, 10, "loaded")
+    await log_revoked_sessions(server, REVOKED)
+    await wait_until(
+        lambda: server.running.components.revocations.sequence >= REVOKED, 10, "loaded"
+    )
     reader = Watch.open(server.channel)
     await reader.until(lambda w: w.sequence >= REVOKED, within=10.0, what="the snapshot")
     snapshot_bytes = sum(u.ByteSize() for u in reader.updates)
@@ -67,7 +50,7 @@ async def test_never_reading_watchers_do_not_each_hold_a_copy_of_the_revocation_
             )(auth_pb2.WatchRevocationsRequest(after_sequence=after_sequence))
             for _ in range(NEVER_READING)
         ]
-        await _until(lambda: hub.watchers == NEVER_READING, 10, "the watchers registered")
+        await wait_until(lambda: hub.watchers == NEVER_READING, 10, "the watchers registered")
         await asyncio.sleep(1.0)  # every writer reaches its stuck write
         held = tracemalloc.get_traced_memory()[0] - before
     finally:
@@ -81,7 +64,7 @@ async def test_never_reading_watchers_do_not_each_hold_a_copy_of_the_revocation_
         f"{held} bytes held by {NEVER_READING} streams for a {snapshot_bytes}-byte set"
     )
     assert REVOKED > 4 * MAX_UPDATE_ENTRIES
-    await _until(lambda: hub.watchers == 0, 10, "the streams closed")
+    await wait_until(lambda: hub.watchers == 0, 10, "the streams closed")
     # The server serves on.
     assert (await server.stub.GetJwks(auth_pb2.GetJwksRequest())).jwks_json
 
@@ -95,7 +78,7 @@ async def test_watchers_claiming_a_future_position_do_not_make_the_server_read_t
     by reconnecting)."""
     server = await server_factory()
     feed = server.running.revocation_feed
-    await _until(lambda: feed.listening.is_set(), 10, "listening")
+    await wait_until(lambda: feed.listening.is_set(), 10, "listening")
     head = server.running.components.revocations.sequence
     stub = auth_pb2_grpc.AuthServiceStub(server.channel)
     reads_before = feed.catch_ups
