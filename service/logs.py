@@ -40,14 +40,16 @@ LIBRARY_LINE_WINDOW = 60.0
 
 class RepeatedLibraryLines(logging.Filter):
     """Lets through one line per logger and message template per window from the
-    libraries whose lines a client can trigger at will (gRPC logs an ERROR with a traceback,
-    three times, for every call carrying metadata that is not UTF-8); the next line let
-    through says how many were held back. Our own repeatable lines are rate-limited where
+    libraries whose lines a client can trigger at will (gRPC logs an ERROR with a
+    traceback, three times, for every call carrying metadata that is not UTF-8), or that
+    repeat for as long as PostgreSQL is down (asyncpg's pool logs a traceback for every
+    failed attempt to restore its connection floor); the next line let through says how
+    many were held back. Our own repeatable lines are rate-limited where
     they are written (`service.domain.events.LogRateLimiter`)."""
 
     def __init__(
         self,
-        prefixes: tuple[str, ...] = ("grpc",),
+        prefixes: tuple[str, ...] = ("grpc", "asyncpg"),
         *,
         window: float = LIBRARY_LINE_WINDOW,
         max_keys: int = 256,

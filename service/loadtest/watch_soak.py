@@ -153,6 +153,9 @@ class CuttableProxy:
         self.upstream = upstream
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        # Connection handlers, awaited at close: a handler still running when the loop
+        # ends is cancelled, and Python 3.11's start_server then logs a traceback for it.
+        self._handlers: set[asyncio.Task[None]] = set()
         self.address = ""
 
     async def start(self) -> str:
@@ -162,6 +165,10 @@ class CuttableProxy:
         return self.address
 
     async def _handle(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        task.add_done_callback(self._handlers.discard)
         host, _, port = self.upstream.rpartition(":")
         try:
             server_r, server_w = await asyncio.wait_for(
@@ -196,9 +203,12 @@ class CuttableProxy:
         return len(writers)
 
     async def close(self) -> None:
-        self.cut()
         if self._server is not None:
             self._server.close()
+        self.cut()
+        if self._handlers:
+            await asyncio.wait(set(self._handlers), timeout=5)
+        if self._server is not None:
             await self._server.wait_closed()
 
 

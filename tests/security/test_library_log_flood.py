@@ -40,6 +40,15 @@ def test_library_lines_are_let_through_once_per_window_with_the_count_held_back(
     assert again.getMessage().endswith("(500 more like it held back)")
 
 
+def test_asyncpg_pool_retries_during_an_outage_are_one_line_per_window() -> None:
+    """asyncpg's pool logs a traceback for every failed attempt to restore its connection
+    floor, for as long as PostgreSQL is down (seen in the soak's outages)."""
+    limit = RepeatedLibraryLines(window=60.0, now=lambda: 0.0)
+    message = "Failed to restore the pool connection floor; retrying %s"
+    assert limit.filter(_record("asyncpg.pool", message))
+    assert not any(limit.filter(_record("asyncpg.pool", message)) for _ in range(100))
+
+
 def test_library_line_keys_are_bounded() -> None:
     limit = RepeatedLibraryLines(window=60.0, max_keys=8, now=lambda: 0.0)
     for n in range(1000):
