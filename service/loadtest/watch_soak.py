@@ -81,7 +81,10 @@ REVOKE_KINDS = (
     "admin_revoke_session",
     "admin_disable_user",
 )
-_RETRYABLE = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED"})
+# What a disruption does to a call in flight (a replica stopping cancels the calls still
+# running when its grace ends: CANCELLED); the call may or may not have taken effect, and
+# the final comparison with the database covers it either way.
+_RETRYABLE = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED"})
 _SERVING_RE = re.compile(r"authsvc serving on (\S+):(\d+)")
 _PROBLEMS_SHOWN = 5  # example ids per difference in a failure line
 
