@@ -336,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGHUP, _ignore_hangup)
     configure_logging("text")
     # Until the settings are read, this much of AUTH_LOG_FORMAT says how to report.
-    log_format = "json" if os.environ.get("AUTH_LOG_FORMAT", "").strip() == "json" else "text"
+    log_format = "json" if os.environ.get("AUTH_LOG_FORMAT") == "json" else "text"
     try:
         settings = Settings.from_env()
         log_format = settings.log_format

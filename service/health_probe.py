@@ -24,7 +24,7 @@ DEFAULT_SERVICE = "auth.v1.AuthService"
 def default_address(environ: dict[str, str] | os._Environ[str]) -> str:
     """127.0.0.1 on AUTH_LISTEN's port: a replica listening on every address answers on
     loopback too."""
-    listen = HostPort.parse(environ.get("AUTH_LISTEN", DEFAULT_LISTEN).strip())
+    listen = HostPort.parse(environ.get("AUTH_LISTEN") or DEFAULT_LISTEN)
     return str(HostPort("127.0.0.1", listen.port))
 
 

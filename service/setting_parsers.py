@@ -43,7 +43,7 @@ class Parser(Generic[T]):
         raise NotImplementedError
 
     def parse(self, raw: str) -> T:
-        """The value of `raw` (stripped, not empty); ValueError if refused."""
+        """The value of `raw` (not empty, no white space around it); ValueError if refused."""
         raise NotImplementedError
 
     def validate(self, value: T) -> None:
@@ -79,17 +79,17 @@ class Number(Parser[N]):
     unit: str = ""
     zero: str | None = None
 
+    # One spelling per kind: digits (no sign, no blanks); a decimal is digits with at most
+    # one point between digits (0.5, not .5, 5. or 5e-1), as the table's column says.
     _WHOLE = re.compile(r"[0-9]{1,19}")
-    _DECIMAL = re.compile(
-        r"(?:[0-9]{1,19}(?:\.[0-9]{0,12})?|\.[0-9]{1,12})(?:[eE][-+]?[0-9]{1,3})?"
-    )
+    _DECIMAL = re.compile(r"[0-9]{1,19}(?:\.[0-9]{1,12})?")
 
     def __post_init__(self) -> None:
         assert 0 < self.low <= self.high or (self.low == 0 and self.zero is None)
 
     @property
     def allowed(self) -> str:
-        what = "a whole number" if self.kind is int else "a number"
+        what = "a whole number" if self.kind is int else "a plain decimal number"
         if self.unit:
             what += f" of {self.unit}"
         low, high = self._with_unit(self.low), self._with_unit(self.high)
@@ -164,17 +164,16 @@ class Choice(Parser[str]):
 
 @dataclass(frozen=True)
 class Switch(Parser[bool]):
-    """on/off (also true/false, yes/no, 1/0)."""
+    """Exactly `on` or `off` (lower case): what the configuration table shows."""
 
     @property
     def allowed(self) -> str:
         return "on or off"
 
     def parse(self, raw: str) -> bool:
-        value = raw.lower()
-        if value in ("on", "true", "1", "yes"):
+        if raw == "on":
             return True
-        if value in ("off", "false", "0", "no"):
+        if raw == "off":
             return False
         raise ValueError(self.allowed)
 
@@ -401,7 +400,7 @@ def bounded_argument(parser: Parser[T]) -> Callable[[str], T]:
 
     def parse(text: str) -> T:
         try:
-            return parser.parse(text.strip())
+            return parser.parse(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"must be {parser.allowed}") from None
 

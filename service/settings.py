@@ -13,7 +13,10 @@ bounds), and `service.settings_table` renders the configuration table of
 docs/operations.md from the declarations (`make docs` rewrites it; a test compares). The
 parsers are in `service.setting_parsers`, `setting()` in `service.setting_declarations`.
 
-Parsing is strict: a bad value raises `SettingsError` whose message is one line naming
+Parsing is strict, one spelling per kind: whole numbers are digits; durations and other
+fractional numbers plain decimals (0.5; no sign, exponent or bare point); switches exactly
+`on` or `off`; no white space around any value (an empty value keeps the default). A bad
+value raises `SettingsError` whose message is one line naming
 the variable and what it may be, and start-up stops there. The value itself is never
 echoed: AUTH_KEK and AUTH_DATABASE_URL hold secrets, and any value may be huge or hold
 control characters. Every number has a lower and an upper bound, chosen so that a value
@@ -424,10 +427,16 @@ class Settings:
         values: dict[str, Any] = {}
         for name, declaration in declarations():
             raw = env.get(declaration.variable)
-            if raw is None or not raw.strip():
+            if not raw:
                 continue  # `AUTH_X=` (as in a compose file) keeps the default
+            if raw != raw.strip():
+                # Not stripped: a stray blank (a quoted `" 5"`) is a mistake to be told of.
+                raise SettingsError(
+                    f"{declaration.variable}: must be {declaration.parser.allowed}, "
+                    "with no white space around it"
+                )
             try:
-                values[name] = declaration.parser.parse(raw.strip())
+                values[name] = declaration.parser.parse(raw)
             except ValueError:
                 raise _refused(declaration) from None
         settings = cls(**values)

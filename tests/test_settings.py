@@ -8,6 +8,7 @@ import argparse
 import dataclasses
 import difflib
 import math
+import re
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -147,7 +148,7 @@ def test_every_number_has_both_bounds_and_refuses_past_them(
     else:
         assert_refused(variable, "0")
     # Whole numbers are whole; no number is nan, inf or in exponent form past the bounds.
-    for bad in ("nan", "inf", "-inf", "1e999", "0x10", "1_000", "١٢", " + 1", "9" * 40):
+    for bad in ("nan", "inf", "-inf", "1e999", "0x10", "1_000", "١٢", "+1", "1 000", "9" * 40):
         assert_refused(variable, bad)
     if whole:
         assert_refused(variable, text(parser.low) + ".5")
@@ -365,3 +366,101 @@ def test_the_list_parsers() -> None:
     assert groups.parse(" admin ,validate,admin,") == {"admin", "validate"}
     with pytest.raises(ValueError, match="validate, admin"):
         groups.parse("validate,tokens")
+
+
+# --- one strict grammar per kind (the operator review) -----------------------------------
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        # Blanks around a value (a quoted `" 5"` in a unit file) were stripped silently.
+        ("AUTH_ACCESS_TTL", " 5"),
+        ("AUTH_ACCESS_TTL", "5 "),
+        ("AUTH_DB_TIMEOUT", "\t0.5"),
+        ("AUTH_LOG_FORMAT", "json "),
+        ("AUTH_ISSUER", " https://auth.example.test"),
+        ("AUTH_LOGIN_THROTTLE", " on"),
+        # A value of blanks only is not the empty value that keeps the default.
+        ("AUTH_ACCESS_TTL", "   "),
+    ],
+)
+def test_a_value_with_blanks_around_it_is_refused_naming_the_variable(
+    variable: str, value: str
+) -> None:
+    message = refusal({variable: value})
+    allowed = declaration_of(variable).parser.allowed
+    assert message == f"{variable}: must be {allowed}, with no white space around it", message
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        # Exponents and bare points were read as numbers: a duration is plain decimal.
+        ("AUTH_DB_TIMEOUT", "1e1"),
+        ("AUTH_STREAM_MAX_AGE", "1e3"),
+        ("AUTH_STREAM_MAX_AGE", "1E3"),
+        ("AUTH_DB_TIMEOUT", ".5"),
+        ("AUTH_DB_TIMEOUT", "5."),
+        ("AUTH_SHUTDOWN_GRACE", "+5"),
+        ("AUTH_ACCESS_TTL", "+5"),
+        ("AUTH_ACCESS_TTL", "1e3"),
+        # A switch is exactly `on` or `off`, as the table says: yes/0/TRUE were read too.
+        ("AUTH_LOGIN_THROTTLE", "yes"),
+        ("AUTH_LOGIN_THROTTLE", "no"),
+        ("AUTH_LOGIN_THROTTLE", "0"),
+        ("AUTH_LOGIN_THROTTLE", "1"),
+        ("AUTH_LOGIN_THROTTLE", "true"),
+        ("AUTH_LOGIN_THROTTLE", "false"),
+        ("AUTH_LOGIN_THROTTLE", "ON"),
+        ("AUTH_LOGIN_THROTTLE", "Off"),
+    ],
+)
+def test_loose_spellings_of_numbers_and_switches_are_refused(variable: str, value: str) -> None:
+    assert_refused(variable, value)
+
+
+def test_the_strict_grammar_accepts_what_the_table_shows() -> None:
+    settings = Settings.from_env(
+        {
+            "AUTH_ACCESS_TTL": "60",
+            "AUTH_DB_TIMEOUT": "0.5",
+            "AUTH_STREAM_MAX_AGE": "1800",
+            "AUTH_SHUTDOWN_GRACE": "2.25",
+            "AUTH_LOGIN_THROTTLE": "off",
+            "AUTH_CALLER_AUTH": "",  # empty: the default, as in a compose file's `AUTH_X=`
+        }
+    )
+    assert (settings.access_ttl, settings.db_timeout, settings.stream_max_age) == (60, 0.5, 1800)
+    assert settings.shutdown_grace == 2.25 and settings.login_throttle is False
+    assert Settings.from_env({"AUTH_LOGIN_THROTTLE": "on"}).login_throttle is True
+    # The table's "allowed" column says the grammar: plain decimal numbers, on or off.
+    assert "on or off" in declaration_of("AUTH_LOGIN_THROTTLE").parser.allowed
+    assert "decimal" in declaration_of("AUTH_DB_TIMEOUT").parser.allowed
+
+
+def test_every_value_in_the_deployment_files_still_parses() -> None:
+    """deploy/, the docs, .ci and the Makefile set AUTH_* variables; each literal value
+    there is accepted by the strict grammar (placeholders and shell expansions aside)."""
+    root = OPERATIONS_PAGE.parent.parent
+    # `AUTH_X=value` (env files, shell, docs) and `- name: AUTH_X` / `value: v` (Kubernetes).
+    assignment = re.compile(r"\b(AUTH_[A-Z0-9_]+)(?:=|\n[ \t]*value:[ \t]*)['\"]?([^'\"\s`)$]+)")
+    declared = {d.variable for _, d in declarations()}
+    files = [root / "Makefile", root / "README.md"]
+    for folder in ("deploy", "docs", ".ci"):
+        files += [p for p in (root / folder).rglob("*") if p.is_file()]
+    checked = 0
+    for path in files:
+        for variable, value in assignment.findall(path.read_text(encoding="utf-8")):
+            if variable not in declared or value.endswith(":"):  # ":" ends a quoted log line
+                continue
+            if variable in ("AUTH_KEK", "AUTH_TLS_CERT", "AUTH_TLS_KEY", "AUTH_TLS_CLIENT_CA"):
+                continue  # secrets and files this machine does not have
+            if variable == "AUTH_SERVICE_TOKENS_FILE":
+                continue
+            try:
+                declaration_of(variable).parser.parse(value)
+            except ValueError:
+                pytest.fail(f"{path.relative_to(root)}: {variable}={value} is refused")
+            checked += 1
+    assert checked >= 5, checked
