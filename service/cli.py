@@ -37,7 +37,13 @@ from service.logs import configure_logging, failure_line
 from service.metrics import remove_abandoned_multiprocess_dirs
 from service.request_limits import RequestCheck
 from service.setting_parsers import DAY, HOUR, bounded_argument
-from service.settings import MAX_AGE, WORKERS, Settings
+from service.settings import (
+    MAX_AGE,
+    MAX_REPORTED_UNKNOWN,
+    WORKERS,
+    Settings,
+    unknown_variables,
+)
 from service.supervisor import run_supervisor
 
 log = logging.getLogger(__name__)
@@ -341,6 +347,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings.from_env()
         log_format = settings.log_format
         configure_logging(settings.log_format)
+        if not (args.command == "serve" and args.worker):  # the supervisor said it once
+            _report_unknown_variables()
         return _run(args, settings)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
@@ -350,6 +358,23 @@ def main(argv: list[str] | None = None) -> int:
         line = failure_line(message, log_format=log_format, exit_code=exit_code, traceback=trace)
         print(line, file=sys.stderr, flush=True)
         return exit_code
+
+
+def _report_unknown_variables() -> None:
+    """One warning line per AUTH_* variable no setting declares (a misspelt setting would
+    otherwise be ignored without a word), with the closest declared name; never a value."""
+    unknown = unknown_variables(os.environ)
+    for name, close in unknown[:MAX_REPORTED_UNKNOWN]:
+        log.warning(
+            "%s is not an authsvc setting and is ignored%s",
+            escape_text(name, limit=100),
+            f"; did you mean {close}?" if close else "",
+        )
+    if len(unknown) > MAX_REPORTED_UNKNOWN:
+        log.warning(
+            "%d more AUTH_* variables are not authsvc settings and are ignored",
+            len(unknown) - MAX_REPORTED_UNKNOWN,
+        )
 
 
 def _run(args: argparse.Namespace, settings: Settings) -> int:

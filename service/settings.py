@@ -26,6 +26,7 @@ busy loop, thousands of processes or connections).
 
 from __future__ import annotations
 
+import difflib
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -493,3 +494,32 @@ def declaration_of(variable: str) -> Declaration[Any]:
         if declaration.variable == variable:
             return declaration
     raise KeyError(variable)
+
+
+OTHER_AUTH_VARIABLES = frozenset(
+    {"AUTH_TARGET", "AUTH_USERNAME", "AUTH_PASSWORD", "AUTH_DEADLINE_MS"}
+)
+"""AUTH_* variables that are not settings but are read by other tools beside the server,
+so their presence is no mistake: AUTH_TARGET by `authsvc load` and `make load`, the rest by
+the Node example (examples/node)."""
+
+MAX_REPORTED_UNKNOWN = 20
+"""Unknown AUTH_* variables named one line each; past this, one line counts the rest."""
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[tuple[str, str | None]]:
+    """(name, closest declared variable or None) of every variable of `environ` that looks
+    like a setting (AUTH_ in any case) but that no setting declares, in name order: a
+    misspelling is otherwise ignored without a word. Names only: values may be secrets."""
+    declared = [declaration.variable for _, declaration in declarations()]
+    known = set(declared) | OTHER_AUTH_VARIABLES
+    # Compared without the shared prefix (which would make every name look close), and
+    # at most 64 characters of it (the comparison's cost grows with the product).
+    suffixes = {variable.removeprefix("AUTH_"): variable for variable in declared}
+    found: list[tuple[str, str | None]] = []
+    for name in sorted(environ):
+        if name in known or not name.upper().startswith("AUTH_"):
+            continue
+        close = difflib.get_close_matches(name.upper()[5:69], list(suffixes), n=1, cutoff=0.75)
+        found.append((name, suffixes[close[0]] if close else None))
+    return found

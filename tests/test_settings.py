@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import json
 import math
 import re
 from datetime import UTC, datetime, timedelta
@@ -21,7 +22,14 @@ from service.clock import to_datetime
 from service.loadtest import soak
 from service.setting_declarations import Declaration
 from service.setting_parsers import DAY, YEAR, Choice, CommaList, CommaSet, Number, Text
-from service.settings import MAX_AGE, Settings, SettingsError, declaration_of, declarations
+from service.settings import (
+    MAX_AGE,
+    Settings,
+    SettingsError,
+    declaration_of,
+    declarations,
+    unknown_variables,
+)
 from service.settings_table import configuration_table, with_table
 from tests.helpers import refresh, validate
 from tests.live_server import ServerFactory
@@ -464,3 +472,48 @@ def test_every_value_in_the_deployment_files_still_parses() -> None:
                 pytest.fail(f"{path.relative_to(root)}: {variable}={value} is refused")
             checked += 1
     assert checked >= 5, checked
+
+
+# --- AUTH_* variables no setting declares (the operator review) --------------------------
+
+
+def test_unknown_auth_variables_are_found_with_the_closest_declared_name() -> None:
+    env = {
+        "AUTH_ACESS_TTL": "60",  # one letter short
+        "AUTH_LOGIN_THROTLE": "off",
+        "auth_workers": "2",  # the right name in the wrong case is not read either
+        "AUTH_NOTHING_LIKE_IT_AT_ALL": "1",
+        "AUTH_ACCESS_TTL": "60",  # declared
+        "AUTH_TARGET": "127.0.0.1:50051",  # read by `authsvc load` and `make load`
+        "AUTH_PASSWORD": MARKER,  # read by the Node example (examples/node)
+        "PATH": "/bin",
+    }
+    assert unknown_variables(env) == [
+        ("AUTH_ACESS_TTL", "AUTH_ACCESS_TTL"),
+        ("AUTH_LOGIN_THROTLE", "AUTH_LOGIN_THROTTLE"),
+        ("AUTH_NOTHING_LIKE_IT_AT_ALL", None),
+        ("auth_workers", "AUTH_WORKERS"),
+    ]
+    assert unknown_variables({"AUTH_ACCESS_TTL": "60", "HOME": "/"}) == []
+
+
+@pytest.mark.system
+def test_a_misspelled_variable_is_reported_in_one_warning_line_without_its_value(
+    database_url: str, tmp_path: Path
+) -> None:
+    """`AUTH_ACESS_TTL=60` used to be ignored without a word: tokens lived 900 s."""
+    env = _server_env(database_url, tmp_path, AUTH_ACESS_TTL=MARKER, AUTH_KEK_FILE=MARKER + "2")
+    result = _authsvc("migrate", env=env)
+    assert result.returncode == 0, result.stderr
+    assert MARKER not in result.stderr, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if "WARNING" in line]
+    assert len(warnings) == 2, result.stderr
+    assert "AUTH_ACESS_TTL is not an authsvc setting" in warnings[0], warnings
+    assert "did you mean AUTH_ACCESS_TTL?" in warnings[0], warnings
+    assert "AUTH_KEK_FILE is not an authsvc setting" in warnings[1], warnings
+    # In JSON mode the same, as JSON lines.
+    result = _authsvc("migrate", env={**env, "AUTH_LOG_FORMAT": "json"})
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in result.stderr.splitlines() if line.strip()]
+    messages = [line["message"] for line in lines if line["level"] == "WARNING"]
+    assert any("did you mean AUTH_ACCESS_TTL?" in m for m in messages), messages
