@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import base64
 import uuid
 from dataclasses import replace
 from datetime import timedelta
+from pathlib import Path
 
 import asyncpg
+import pytest
 
 from service.clock import ManualClock, to_datetime
+from service.failures import EXIT_SCHEMA_MISMATCH
 from service.settings import Settings
 from service.store import apply_migrations
-from service.store.migrations import load_migrations
-from tests.live_server import start_live_server, stop_live_server
+from service.store.migrations import SchemaGap, check_schema, load_migrations
+from tests.live_server import TEST_KEK, start_live_server, stop_live_server
+from tests.test_cli import _authsvc, _env
 
 TEN_YEARS = timedelta(seconds=315_360_000)
 
@@ -168,3 +173,52 @@ async def test_existing_users_get_a_bound_covering_their_sessions_and_generation
         ) == t0 + timedelta(seconds=900)
     finally:
         await stop_live_server(server)
+
+
+async def test_a_gap_in_schema_migrations_is_refused_naming_the_missing_versions(
+    empty_database: str, tmp_path: Path
+) -> None:
+    """A row deleted from schema_migrations (by hand, or a botched restore) made `migrate`
+    run that migration again over its own tables, which failed half-way. Now: refused
+    naming the missing versions, nothing applied; the other commands (which only check the
+    schema) refuse it the same way."""
+    conn = await asyncpg.connect(empty_database)
+    try:
+        await apply_migrations(conn)
+        await conn.execute("DELETE FROM schema_migrations WHERE version IN (3, 5)")
+        with pytest.raises(SchemaGap) as caught:
+            await apply_migrations(conn)
+        message = str(caught.value)
+        assert "versions 3 and 5" in message, message
+        assert "\n" not in message
+        with pytest.raises(SchemaGap):
+            await check_schema(conn)
+        versions = await conn.fetch("SELECT version FROM schema_migrations ORDER BY version")
+        latest = load_migrations()[-1].version
+        assert [r["version"] for r in versions] == [
+            v for v in range(1, latest + 1) if v not in (3, 5)
+        ]
+    finally:
+        await conn.close()
+
+
+@pytest.mark.system
+async def test_migrate_with_a_gap_exits_4_in_one_line(empty_database: str, tmp_path: Path) -> None:
+    """`authsvc migrate` used to print asyncpg's DuplicateColumnError and a traceback."""
+    conn = await asyncpg.connect(empty_database)
+    try:
+        await apply_migrations(conn)
+        await conn.execute("DELETE FROM schema_migrations WHERE version IN (3, 5)")
+    finally:
+        await conn.close()
+    env = _env(
+        AUTH_DATABASE_URL=empty_database,
+        AUTH_DATA_DIR=str(tmp_path / "data"),
+        AUTH_KEK=base64.b64encode(TEST_KEK).decode(),
+    )
+    for command in (("migrate",), ("users", "list")):
+        result = _authsvc(*command, env=env)
+        assert result.returncode == EXIT_SCHEMA_MISMATCH, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+        assert lines[0].startswith("authsvc: ") and "versions 3 and 5" in lines[0], lines

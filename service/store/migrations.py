@@ -14,6 +14,7 @@ import re
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from importlib import resources
 
@@ -130,6 +131,24 @@ class SchemaTooOld(SchemaMismatch):
         )
 
 
+class SchemaGap(SchemaMismatch):
+    """Versions below the newest applied are missing from schema_migrations: a row deleted
+    by hand or a partial restore. Which of their changes the schema holds is unknown, so
+    nothing is applied (running one again would fail half-way over its own tables)."""
+
+    def __init__(self, missing: Sequence[int], newest: int) -> None:
+        shown = [str(v) for v in missing[:10]] + (
+            [f"{len(missing) - 10} more"] if len(missing) > 10 else []
+        )
+        listed = shown[0] if len(shown) == 1 else ", ".join(shown[:-1]) + " and " + shown[-1]
+        super().__init__(
+            f"schema_migrations lacks version{'s' if len(missing) > 1 else ''} {listed} below "
+            f"its newest, {newest}: the schema is in an unknown state and nothing was "
+            "applied. If those migrations were applied, insert their rows again (version and "
+            "file name); if not, restore the database from a backup"
+        )
+
+
 def load_migrations() -> list[Migration]:
     """The migration files shipped in the package, in version order."""
     folder = resources.files("service.store") / "migrations"
@@ -167,6 +186,20 @@ async def schema_version(conn: asyncpg.Connection) -> int:
     return 0 if version is None else int(version)
 
 
+def _check_no_gap(done: AbstractSet[int], latest: int) -> None:
+    """SchemaTooNew past `latest`; SchemaGap if a version below the newest is missing."""
+    newest = max(done, default=0)
+    if newest > latest:
+        raise SchemaTooNew(newest, latest)
+    missing = [version for version in range(1, newest) if version not in done]
+    if missing:
+        raise SchemaGap(missing, newest)
+
+
+async def _applied_versions(conn: asyncpg.Connection) -> set[int]:
+    return {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+
+
 async def check_schema(conn: asyncpg.Connection) -> None:
     """Refuse a database whose schema is not exactly the one this binary was built for
     (commands other than `migrate` and `serve` migrate nothing by the way)."""
@@ -176,6 +209,7 @@ async def check_schema(conn: asyncpg.Connection) -> None:
         raise SchemaTooNew(version, latest)
     if version < latest:
         raise SchemaTooOld(version, latest)
+    _check_no_gap(await _applied_versions(conn), latest)
 
 
 async def apply_migrations(
@@ -210,10 +244,8 @@ async def apply_migrations(
                    name       text NOT NULL,
                    applied_at timestamptz NOT NULL DEFAULT now())"""
         )
-        done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
-        newest = max(done, default=0)
-        if newest > latest:
-            raise SchemaTooNew(newest, latest)
+        done = await _applied_versions(conn)
+        _check_no_gap(done, latest)
         for migration in migrations:
             if migration.version in done:
                 continue
