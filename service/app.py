@@ -15,6 +15,7 @@ from authsvc_client.addresses import HostPort
 
 from service.components import key_encryption_key, start_database_clock
 from service.database import open_database
+from service.logs import json_line
 from service.server import start_server
 from service.settings import Settings
 
@@ -94,10 +95,36 @@ def _tell_supervisor_ready() -> None:
 def print_banner(
     settings: Settings, address: str, *, workers: int, metrics: str | None = None
 ) -> None:
-    """What `make run` shows: the first-user command, the metrics address, then the address."""
+    """What `make run` shows: the first-user command, the metrics address, then the address.
+    Tooling finds the ports with patterns on "metrics on http://..." and "authsvc serving on
+    HOST:PORT": the text lines stay as they are, and with AUTH_LOG_FORMAT=json each line is
+    an object like the log lines' whose message is that text, with the values as fields."""
     where = "AUTH_DATABASE_URL"
     if settings.database_url is None:
         where = "embedded PostgreSQL in " + str(settings.data_dir / "postgres")
+    if settings.log_format == "json":
+        print(
+            json_line(
+                "create a first user (in another terminal, same directory): "
+                ".venv/bin/authsvc users create alice --scope read --password-stdin"
+            ),
+            flush=True,
+        )
+        if metrics is not None:
+            url = f"http://{metrics}/metrics"
+            print(json_line(f"metrics on {url}", metrics=url), flush=True)
+        print(
+            json_line(
+                f"authsvc serving on {address} ({workers} worker{'s' if workers != 1 else ''}, "
+                f"database: {where})",
+                address=address,
+                port=HostPort.parse(address).port,
+                workers=workers,
+                database=where,
+            ),
+            flush=True,
+        )
+        return
     print(
         "create a first user (in another terminal, same directory):\n"
         "  .venv/bin/authsvc users create alice --scope read --password-stdin",

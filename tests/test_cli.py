@@ -246,20 +246,35 @@ async def test_events_command_prints_security_events(server: LiveServer, tmp_pat
     assert bad.returncode == 2
 
 
-def test_json_logs_are_one_object_per_line(database_url: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_json_logs_are_one_object_per_line(database_url: str, tmp_path: Path, workers: str) -> None:
+    """Every line, the banner's too (it was plain text): the banner's objects carry the
+    address, port and metrics address as fields, and their messages still hold the text
+    that tooling's "serving on" and "metrics on" patterns find."""
     env = _server_env(
         database_url,
         tmp_path,
         AUTH_LOG_FORMAT="json",
-        AUTH_WORKERS="1",
+        AUTH_WORKERS=workers,
+        AUTH_METRICS_LISTEN="127.0.0.1:0",
     )
-    with _serving(env) as (_, lines):
+    with _serving(env) as (port, lines):
         pass
-    records = [json.loads(line) for line in lines if line.startswith("{")]
+    records = [json.loads(line) for line in lines if line.strip()]
     assert records, "no JSON log line"
     for record in records:
         assert {"time", "level", "logger", "message", "pid"} <= record.keys()
-    assert any("created signing key" in r["message"] and r["level"] == "WARNING" for r in records)
+    if workers == "1":
+        assert any(
+            "created signing key" in r["message"] and r["level"] == "WARNING" for r in records
+        )
+    serving = [r for r in records if "port" in r]
+    assert len(serving) == 1, records
+    assert serving[0]["port"] == port and serving[0]["workers"] == int(workers)
+    assert serving[0]["address"] == f"127.0.0.1:{port}"
+    metrics = [r for r in records if "metrics" in r]
+    assert len(metrics) == 1 and metrics[0]["metrics"].startswith("http://127.0.0.1:")
+    assert re.search(r"metrics on http://127\.0\.0\.1:(\d+)/metrics", metrics[0]["message"])
     bad = _authsvc("migrate", env=_env(AUTH_LOG_FORMAT="yaml"))
     assert bad.returncode == 2
     assert bad.stderr.startswith("authsvc: AUTH_LOG_FORMAT:")

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
+import re
 import uuid
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -14,6 +16,7 @@ import pytest
 from authsvc_client import addresses
 from authsvc_client.addresses import HostPort
 
+from service.app import print_banner
 from service.domain.records import RefreshTokenState
 from service.domain.refresh_tokens import (
     Reject,
@@ -676,3 +679,31 @@ def test_host_port_refuses_what_is_not_host_and_port(text: str) -> None:
     with pytest.raises(ValueError, match=r"^HOST:PORT") as refused:
         HostPort.parse(text)
     assert str(refused.value) == addresses.ALLOWED  # the text itself is never echoed
+
+
+def test_the_text_banner_is_unchanged(capsys: pytest.CaptureFixture[str]) -> None:
+    """Tooling parses these lines ("serving on", "metrics on"): byte for byte as before."""
+    print_banner(Settings(), "127.0.0.1:50051", workers=2, metrics="127.0.0.1:9464")
+    assert capsys.readouterr().out == (
+        "create a first user (in another terminal, same directory):\n"
+        "  .venv/bin/authsvc users create alice --scope read --password-stdin\n"
+        "metrics on http://127.0.0.1:9464/metrics\n"
+        "authsvc serving on 127.0.0.1:50051 (2 workers, database: embedded PostgreSQL in "
+        ".authsvc/postgres)\n"
+    )
+
+
+def test_the_json_banner_is_one_object_per_line(capsys: pytest.CaptureFixture[str]) -> None:
+    print_banner(Settings(log_format="json"), "[::1]:50051", workers=1)
+    lines = capsys.readouterr().out.splitlines()
+    records = [json.loads(line) for line in lines]
+    assert len(records) == 2, lines
+    for record in records:
+        assert {"time", "level", "logger", "message", "pid"} <= record.keys()
+    assert "users create alice" in records[0]["message"]
+    serving = records[1]
+    assert (serving["address"], serving["port"], serving["workers"]) == ("[::1]:50051", 50051, 1)
+    assert serving["database"] == "embedded PostgreSQL in .authsvc/postgres"
+    # What the loaders' pattern (service/loadtest/local.py) finds in the line itself.
+    found = re.search(r"authsvc serving on (\S+):(\d+)", lines[1])
+    assert found is not None and found.groups() == ("[::1]", "50051"), lines[1]
