@@ -151,3 +151,56 @@ async def test_two_workers_add_up_in_the_supervisor(tmp_path: Path) -> None:
     assert value("authsvc_revocation_lag_seconds") == pytest.approx(0.1)
     assert value("authsvc_rpc_calls_total", method=VALIDATE, code="OK") == 2 * CALLS_PER_WORKER
     assert value("authsvc_token_cache_hits_total") == 30.0
+
+
+# A worker that has read the database's clock: argv[1] is its skew.
+SKEW_WORKER = """
+import os, sys
+from service.metrics import PrometheusTelemetry, ProcessSample, multiprocess_enabled
+
+assert multiprocess_enabled()
+PrometheusTelemetry().record_sample(ProcessSample(
+    cache_hits=0, cache_misses=0, revoked_sessions=0, revocation_lag_seconds=None,
+    revocation_listener_up=True, pool_in_use=0, pool_idle=0, pool_max=1,
+    clock_skew_seconds=float(sys.argv[1]),
+))
+print(os.getpid())
+"""
+
+
+async def _run_skew_worker(directory: Path, skew: float) -> int:
+    env = {**os.environ, MULTIPROC_DIR_VARIABLE: str(directory), "PYTHONPATH": str(REPO)}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        SKEW_WORKER,
+        str(skew),
+        env=env,
+        cwd=REPO,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 0, err.decode()
+    return int(out.decode().strip())
+
+
+@pytest.mark.system
+async def test_a_clock_behind_is_not_hidden_by_another_workers_reading(tmp_path: Path) -> None:
+    """The skew is signed: the max over workers showed one worker's +0.2 and hid the other's
+    -45 (a host clock fallen behind), and `abs(...) > 1` never fired. Each live worker's
+    reading is its own series (label `pid`), so every one of them is seen."""
+    directory = prepare_multiprocess_dir(tmp_path / "metrics")
+    ahead = await _run_skew_worker(directory, 0.2)
+    behind = await _run_skew_worker(directory, -45.0)
+    registry = multiprocess_registry(directory)
+    samples = {
+        sample.labels.get("pid"): sample.value
+        for family in registry.collect()
+        for sample in family.samples
+        if sample.name == "authsvc_clock_skew_seconds"
+    }
+    assert samples == {str(ahead): 0.2, str(behind): -45.0}
+    worker_exited(behind, directory)
+    assert registry.get_sample_value("authsvc_clock_skew_seconds", {"pid": str(behind)}) is None
+    assert registry.get_sample_value("authsvc_clock_skew_seconds", {"pid": str(ahead)}) == 0.2

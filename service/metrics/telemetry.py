@@ -231,9 +231,12 @@ class PrometheusTelemetry:
         self._clock_skew = Gauge(
             "authsvc_clock_skew_seconds",
             "This host's wall clock minus the database's (positive: ahead); the service "
-            "itself runs on the database's time. The largest over workers.",
+            "itself runs on the database's time. One series per worker (label pid).",
             registry=r,
-            multiprocess_mode="livemax",
+            # Signed: no max, min or sum of readings is the skew (the max hid a clock
+            # behind), and each worker re-sets its last reading at every sample, so "most
+            # recent" would be any worker's. Every live worker's own reading, then.
+            multiprocess_mode="liveall",
         )
         self._clock_measured_ago = Gauge(
             "authsvc_clock_measured_seconds_ago",
