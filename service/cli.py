@@ -22,6 +22,7 @@ from service.app import serve
 from service.clock import to_datetime
 from service.components import open_components
 from service.database import migrate_database
+from service.domain.revocation import revoked_count_is_lower_bound
 from service.domain.shared_settings import (
     adopt_shared_settings,
     shared_values,
@@ -78,6 +79,12 @@ def _exit_on_violations(check: RequestCheck) -> None:
         raise SystemExit(f"authsvc: {details}") from None
 
 
+def revoked_sessions_text(count: int) -> str:
+    """A user-wide revocation's count as the commands print it: "at least N" where the
+    count stopped at its limit (it reads a bounded range of the index)."""
+    return f"at least {count}" if revoked_count_is_lower_bound(count) else str(count)
+
+
 async def _with_users(settings: Settings, action: Callable[[UserDirectory], Awaitable[int]]) -> int:
     async with open_components(settings) as components:
         return await action(components.users)
@@ -109,7 +116,8 @@ async def _users_command(settings: Settings, args: argparse.Namespace) -> int:
 
         async def delete(users: UserDirectory) -> int:
             revoked = await users.delete(args.username)
-            print(f"deleted {escape_text(args.username)}; sessions revoked: {revoked}")
+            name = escape_text(args.username)
+            print(f"deleted {name}; sessions revoked: {revoked_sessions_text(revoked)}")
             return 0
 
         return await _with_users(settings, delete)
@@ -119,7 +127,9 @@ async def _users_command(settings: Settings, args: argparse.Namespace) -> int:
         async def set_disabled(users: UserDirectory) -> int:
             revoked = await users.set_disabled(args.username, disabled)
             name = escape_text(args.username)
-            print(f"{args.users_command}d {name}; sessions revoked: {revoked}")
+            print(
+                f"{args.users_command}d {name}; sessions revoked: {revoked_sessions_text(revoked)}"
+            )
             return 0
 
         return await _with_users(settings, set_disabled)

@@ -17,6 +17,7 @@ from service.api.status import Handler, Req, Resp, maps_errors
 from service.api.wire import Context, add_servicer, caller_info, timestamp
 from service.api.wrapped_handlers import HandlerRegistry
 from service.domain.records import CallerInfo, SessionRecord, UserRecord
+from service.domain.revocation import revoked_count_is_lower_bound
 from service.domain.signing_keys import SigningKeyInfo, SigningKeys
 from service.domain.users import UserDirectory, UserRef
 from service.errors import AuthError, FieldViolation
@@ -143,7 +144,10 @@ class AdminServicer:
         revoked = await self._users.set_password(
             user, password, revoke_sessions=not request.keep_sessions, caller=_operator(context)
         )
-        return admin_pb2.SetPasswordResponse(revoked_sessions=revoked)
+        return admin_pb2.SetPasswordResponse(
+            revoked_sessions=revoked,
+            revoked_sessions_is_lower_bound=revoked_count_is_lower_bound(revoked),
+        )
 
     @_admin_method
     async def DisableUser(
@@ -153,7 +157,10 @@ class AdminServicer:
         user = _user_ref(check, request.user, request.HasField("user"))
         check.done()
         revoked = await self._users.set_disabled(user, True, caller=_operator(context))
-        return admin_pb2.DisableUserResponse(revoked_sessions=revoked)
+        return admin_pb2.DisableUserResponse(
+            revoked_sessions=revoked,
+            revoked_sessions_is_lower_bound=revoked_count_is_lower_bound(revoked),
+        )
 
     @_admin_method
     async def EnableUser(
@@ -173,7 +180,10 @@ class AdminServicer:
         user = _user_ref(check, request.user, request.HasField("user"))
         check.done()
         revoked = await self._users.delete(user, caller=_operator(context))
-        return admin_pb2.DeleteUserResponse(revoked_sessions=revoked)
+        return admin_pb2.DeleteUserResponse(
+            revoked_sessions=revoked,
+            revoked_sessions_is_lower_bound=revoked_count_is_lower_bound(revoked),
+        )
 
     @_admin_method
     async def ListSessions(

@@ -13,6 +13,7 @@ from service.api.status import maps_errors
 from service.api.wire import add_servicer, bearer_credential, caller_info, timestamp
 from service.api.wrapped_handlers import HandlerRegistry
 from service.domain.access_tokens import TokenProblem
+from service.domain.revocation import revoked_count_is_lower_bound
 from service.domain.sessions import RevokeService
 from service.domain.signing_keys import SigningKeys
 from service.domain.tokens import UNKNOWN_AUDIENCE, TokenPair, TokenService
@@ -167,7 +168,11 @@ class AuthServicer:
                 caller_token=bearer_credential(context, max_length=MAX_TOKEN_BYTES),
                 caller=caller,
             )
-        return auth_pb2.RevokeResponse(revoked_sessions=count)
+        return auth_pb2.RevokeResponse(
+            revoked_sessions=count,
+            revoked_sessions_is_lower_bound=target == "subject"
+            and revoked_count_is_lower_bound(count),
+        )
 
     @maps_errors
     async def GetJwks(

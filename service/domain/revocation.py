@@ -18,10 +18,22 @@ from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
 from service.domain.access_tokens import AccessClaims
-from service.settings import MAX_LEEWAY
+from service.settings import MAX_LEEWAY, MAX_SESSIONS_PER_USER
 
 # Replicas' clocks differ a little, and a notification takes a moment: keep entries this
 # much longer than the tokens' own lifetime.
+REVOKED_COUNT_LIMIT = MAX_SESSIONS_PER_USER
+"""A revocation of all a user's sessions counts them up to this many (the largest
+AUTH_MAX_SESSIONS_PER_USER), reading a bounded range of the index; `service.store`
+counts to it. Users from before the cap may hold more."""
+
+
+def revoked_count_is_lower_bound(count: int) -> bool:
+    """Whether a user-wide revocation's count of `count` sessions may be short of the
+    truth (it reached REVOKED_COUNT_LIMIT, where counting stops)."""
+    return count >= REVOKED_COUNT_LIMIT
+
+
 REVOCATION_MARGIN_SECONDS = 60.0
 REMEMBER_PAST_BOUND_SECONDS = MAX_LEEWAY + REVOCATION_MARGIN_SECONDS
 """How long past its bound a revocation is remembered (the log's `keep_until` too)."""

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x61uth/v1/admin.proto\x12\x07\x61uth.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"A\n\x0cUserSelector\x12\x11\n\x07user_id\x18\x01 \x01(\tH\x00\x12\x12\n\x08username\x18\x02 \x01(\tH\x00\x42\n\n\x08selector\"{\n\x04User\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x10\n\x08username\x18\x02 \x01(\t\x12\x0e\n\x06scopes\x18\x03 \x03(\t\x12\x10\n\x08\x64isabled\x18\x04 \x01(\x08\x12.\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"G\n\x11\x43reateUserRequest\x12\x10\n\x08username\x18\x01 \x01(\t\x12\x10\n\x08password\x18\x02 \x01(\t\x12\x0e\n\x06scopes\x18\x03 \x03(\t\"1\n\x12\x43reateUserResponse\x12\x1b\n\x04user\x18\x01 \x01(\x0b\x32\r.auth.v1.User\"b\n\x12SetPasswordRequest\x12#\n\x04user\x18\x01 \x01(\x0b\x32\x15.auth.v1.UserSelector\x12\x10\n\x08password\x18\x02 \x01(\t\x12\x15\n\rkeep_sessions\x18\x03 \x01(\x08\"/\n\x13SetPasswordResponse\x12\x18\n\x10revoked_sessions\x18\x01 \x01(\x05\"9\n\x12\x44isableUserRequest\x12#\n\x04user\x18\x01 \x01(\x0b\x32\x15.auth.v1.UserSelector\"/\n\x13\x44isableUserResponse\x12\x18\n\x10revoked_sessions\x18\x01 \x01(\x05\"8\n\x11\x45nableUserRequest\x12#\n\x04user\x18\x01 \x01(\x0b\x32\x15.auth.v1.UserSelector\"\x14\n\x12\x45nableUserResponse\"8\n\x11\x44\x65leteUserRequest\x12#\n\x04user\x18\x01 \x01(\x0b\x32\x15.auth.v1.UserSelector\".\n\x12\x44\x65leteUserResponse\x12\x18\n\x10revoked_sessions\x18\x01 \x01(\x05\"a\n\x13ListSessionsRequest\x12#\n\x04user\x18\x01 \x01(\x0b\x32\x15.auth.v1.UserSelector\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"S\n\x14ListSessionsResponse\x12\"\n\x08sessions\x18\x01 \x03(\x0b\x32\x10.auth.v1.Session\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x89\x02\n\x07Session\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12.\n\ncreated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x11last_refreshed_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06scopes\x18\x06 \x03(\t\x12\x10\n\x08\x61udience\x18\x07 \x01(\t\x12\x0c\n\x04peer\x18\x08 \x01(\t\x12\x12\n\nuser_agent\x18\t \x01(\t\"*\n\x14RevokeSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"1\n\x15RevokeSessionResponse\x12\x18\n\x10revoked_sessions\x18\x01 \x01(\x05\"\x19\n\x17RotateSigningKeyRequest\"<\n\x18RotateSigningKeyResponse\x12 \n\x03key\x18\x01 \x01(\x0b\x32\x13.auth.v1.SigningKey\"\x18\n\x16ListSigningKeysRequest\"<\n\x17ListSigningKeysResponse\x12!\n\x04keys\x18\x01 \x03(\x0b\x32\x13.auth.v1.SigningKey\"\x91\x02\n\nSigningKey\x12\x0b\n\x03kid\x18\x01 \x01(\t\x12\x0b\n\x03\x61lg\x18\x02 \x01(\t\x12\'\n\x05state\x18\x03 \x01(\x0e\x32\x18.auth.v1.SigningKeyState\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0c\x61\x63tivates_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nretires_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nretired_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\xb2\x01\n\x0fSigningKeyState\x12!\n\x1dSIGNING_KEY_STATE_UNSPECIFIED\x10\x00\x12\x1d\n\x19SIGNING_KEY_STATE_PENDING\x10\x01\x12\x1c\n\x18SIGNING_KEY_STATE_ACTIVE\x10\x02\x12 \n\x1cSIGNING_KEY_STATE_SUPERSEDED\x10\x03\x12\x1d\n\x19SIGNING_KEY_STATE_RETIRED\x10\x04\x32\xc3\x05\n\x0c\x41\x64minService\x12\x45\n\nCreateUser\x12\x1a.auth.v1.CreateUserRequest\x1a\x1b.auth.v1.CreateUserResponse\x12H\n\x0bSetPassword\x12\x1b.auth.v1.SetPasswordRequest\x1a\x1c.auth.v1.SetPasswordResponse\x12H\n\x0b\x44isableUser\x12\x1b.auth.v1.DisableUserRequest\x1a\x1c.auth.v1.DisableUserResponse\x12\x45\n\nEnableUser\x12\x1a.auth.v1.EnableUserRequest\x1a\x1b.auth.v1.EnableUserResponse\x12\x45\n\nDeleteUser\x12\x1a.auth.v1.DeleteUserRequest\x1a\x1b.auth.v1.DeleteUserResponse\x12K\n\x0cListSessions\x12\x1c.auth.v1.ListSessionsRequest\x1a\x1d.auth.v1.ListSessionsResponse\x12N\n\rRevokeSession\x12\x1d.auth.v1.RevokeSessionRequest\x1a\x1e.auth.v1.RevokeSessionResponse\x12W\n\x10RotateSigningKey\x12 .auth.v1.RotateSigningKeyRequest\x1a!.auth.v1.RotateSigningKeyResponse\x12T\n\x0fListSigningKeys\x12\x1f.auth.v1.ListSigningKeysRequest\x1a .auth.v1.ListSigningKeysResponseBg\n\x13\x64\x65v.authsvc.auth.v1B\nAdminProtoP\x01Z0github.com/authsvc/authsvc/gen/go/auth/v1;authv1\xaa\x02\x0f\x41uthsvc.Auth.V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x61uth/v1/admin.proto\x12\x07\x61uth.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"A\n\x0cUserSelector\x12\x11\n\x07user_id\x18\x01 \x01(\tH\x00\x12\x12\n\x08username\x18\x02 \x01(\tH\x00\x42\n\n\x08selector\"{\n\x04User\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x10\n\x08username\x18\x02 \x01(\t\x12\x0e\n\x06scopes\x18\x03 \x03(\t\x12\x10\n\x08\x64isabled\x18\x04 \x01(\x08\x12.\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"G\n\x11\x43reateUserRequest\x12\x10\n\x08username\x18\x01 \x01(\t\x12\x10\n\x08password\x18\x02 \x01(\t\x12\x0e\n\x06scopes\x18\x03 \x03(\t\"1\n\x12\x43reateUserResponse\x12\x1b\n\x04user\x18\x01 \x01(\x0b\x32\r.auth.v1.User\"b\n\x12SetPasswordRequest\x12#\n\x04user\x18\x01 \x01(\x0b\x32\x15.auth.v1.UserSelector\x12\x10\n\x08password\x18\x02 \x01(\t\x12\x15\n\rkeep_sessions\x18\x03 \x01(\x08\"X\n\x13SetPasswordResponse\x12\x18\n\x10revoked_sessions\x18\x01 \x01(\x05\x12\'\n\x1frevoked_sessions_is_lower_bound\x18\x02 \x01(\x08\"9\n\x12\x44isableUserRequest\x12#\n\x04user\x18\x01 \x01(\x0b\x32\x15.auth.v1.UserSelector\"X\n\x13\x44isableUserResponse\x12\x18\n\x10revoked_sessions\x18\x01 \x01(\x05\x12\'\n\x1frevoked_sessions_is_lower_bound\x18\x02 \x01(\x08\"8\n\x11\x45nableUserRequest\x12#\n\x04user\x18\x01 \x01(\x0b\x32\x15.auth.v1.UserSelector\"\x14\n\x12\x45nableUserResponse\"8\n\x11\x44\x65leteUserRequest\x12#\n\x04user\x18\x01 \x01(\x0b\x32\x15.auth.v1.UserSelector\"W\n\x12\x44\x65leteUserResponse\x12\x18\n\x10revoked_sessions\x18\x01 \x01(\x05\x12\'\n\x1frevoked_sessions_is_lower_bound\x18\x02 \x01(\x08\"a\n\x13ListSessionsRequest\x12#\n\x04user\x18\x01 \x01(\x0b\x32\x15.auth.v1.UserSelector\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"S\n\x14ListSessionsResponse\x12\"\n\x08sessions\x18\x01 \x03(\x0b\x32\x10.auth.v1.Session\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x89\x02\n\x07Session\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12.\n\ncreated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x11last_refreshed_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06scopes\x18\x06 \x03(\t\x12\x10\n\x08\x61udience\x18\x07 \x01(\t\x12\x0c\n\x04peer\x18\x08 \x01(\t\x12\x12\n\nuser_agent\x18\t \x01(\t\"*\n\x14RevokeSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"1\n\x15RevokeSessionResponse\x12\x18\n\x10revoked_sessions\x18\x01 \x01(\x05\"\x19\n\x17RotateSigningKeyRequest\"<\n\x18RotateSigningKeyResponse\x12 \n\x03key\x18\x01 \x01(\x0b\x32\x13.auth.v1.SigningKey\"\x18\n\x16ListSigningKeysRequest\"<\n\x17ListSigningKeysResponse\x12!\n\x04keys\x18\x01 \x03(\x0b\x32\x13.auth.v1.SigningKey\"\x91\x02\n\nSigningKey\x12\x0b\n\x03kid\x18\x01 \x01(\t\x12\x0b\n\x03\x61lg\x18\x02 \x01(\t\x12\'\n\x05state\x18\x03 \x01(\x0e\x32\x18.auth.v1.SigningKeyState\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0c\x61\x63tivates_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nretires_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nretired_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\xb2\x01\n\x0fSigningKeyState\x12!\n\x1dSIGNING_KEY_STATE_UNSPECIFIED\x10\x00\x12\x1d\n\x19SIGNING_KEY_STATE_PENDING\x10\x01\x12\x1c\n\x18SIGNING_KEY_STATE_ACTIVE\x10\x02\x12 \n\x1cSIGNING_KEY_STATE_SUPERSEDED\x10\x03\x12\x1d\n\x19SIGNING_KEY_STATE_RETIRED\x10\x04\x32\xc3\x05\n\x0c\x41\x64minService\x12\x45\n\nCreateUser\x12\x1a.auth.v1.CreateUserRequest\x1a\x1b.auth.v1.CreateUserResponse\x12H\n\x0bSetPassword\x12\x1b.auth.v1.SetPasswordRequest\x1a\x1c.auth.v1.SetPasswordResponse\x12H\n\x0b\x44isableUser\x12\x1b.auth.v1.DisableUserRequest\x1a\x1c.auth.v1.DisableUserResponse\x12\x45\n\nEnableUser\x12\x1a.auth.v1.EnableUserRequest\x1a\x1b.auth.v1.EnableUserResponse\x12\x45\n\nDeleteUser\x12\x1a.auth.v1.DeleteUserRequest\x1a\x1b.auth.v1.DeleteUserResponse\x12K\n\x0cListSessions\x12\x1c.auth.v1.ListSessionsRequest\x1a\x1d.auth.v1.ListSessionsResponse\x12N\n\rRevokeSession\x12\x1d.auth.v1.RevokeSessionRequest\x1a\x1e.auth.v1.RevokeSessionResponse\x12W\n\x10RotateSigningKey\x12 .auth.v1.RotateSigningKeyRequest\x1a!.auth.v1.RotateSigningKeyResponse\x12T\n\x0fListSigningKeys\x12\x1f.auth.v1.ListSigningKeysRequest\x1a .auth.v1.ListSigningKeysResponseBg\n\x13\x64\x65v.authsvc.auth.v1B\nAdminProtoP\x01Z0github.com/authsvc/authsvc/gen/go/auth/v1;authv1\xaa\x02\x0f\x41uthsvc.Auth.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,8 +33,8 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'auth.v1.admin_pb2', _global
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\023dev.authsvc.auth.v1B\nAdminProtoP\001Z0github.com/authsvc/authsvc/gen/go/auth/v1;authv1\252\002\017Authsvc.Auth.V1'
-  _globals['_SIGNINGKEYSTATE']._serialized_start=1825
-  _globals['_SIGNINGKEYSTATE']._serialized_end=2003
+  _globals['_SIGNINGKEYSTATE']._serialized_start=1948
+  _globals['_SIGNINGKEYSTATE']._serialized_end=2126
   _globals['_USERSELECTOR']._serialized_start=65
   _globals['_USERSELECTOR']._serialized_end=130
   _globals['_USER']._serialized_start=132
@@ -46,39 +46,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SETPASSWORDREQUEST']._serialized_start=381
   _globals['_SETPASSWORDREQUEST']._serialized_end=479
   _globals['_SETPASSWORDRESPONSE']._serialized_start=481
-  _globals['_SETPASSWORDRESPONSE']._serialized_end=528
-  _globals['_DISABLEUSERREQUEST']._serialized_start=530
-  _globals['_DISABLEUSERREQUEST']._serialized_end=587
-  _globals['_DISABLEUSERRESPONSE']._serialized_start=589
-  _globals['_DISABLEUSERRESPONSE']._serialized_end=636
-  _globals['_ENABLEUSERREQUEST']._serialized_start=638
-  _globals['_ENABLEUSERREQUEST']._serialized_end=694
-  _globals['_ENABLEUSERRESPONSE']._serialized_start=696
-  _globals['_ENABLEUSERRESPONSE']._serialized_end=716
-  _globals['_DELETEUSERREQUEST']._serialized_start=718
-  _globals['_DELETEUSERREQUEST']._serialized_end=774
-  _globals['_DELETEUSERRESPONSE']._serialized_start=776
-  _globals['_DELETEUSERRESPONSE']._serialized_end=822
-  _globals['_LISTSESSIONSREQUEST']._serialized_start=824
-  _globals['_LISTSESSIONSREQUEST']._serialized_end=921
-  _globals['_LISTSESSIONSRESPONSE']._serialized_start=923
-  _globals['_LISTSESSIONSRESPONSE']._serialized_end=1006
-  _globals['_SESSION']._serialized_start=1009
-  _globals['_SESSION']._serialized_end=1274
-  _globals['_REVOKESESSIONREQUEST']._serialized_start=1276
-  _globals['_REVOKESESSIONREQUEST']._serialized_end=1318
-  _globals['_REVOKESESSIONRESPONSE']._serialized_start=1320
-  _globals['_REVOKESESSIONRESPONSE']._serialized_end=1369
-  _globals['_ROTATESIGNINGKEYREQUEST']._serialized_start=1371
-  _globals['_ROTATESIGNINGKEYREQUEST']._serialized_end=1396
-  _globals['_ROTATESIGNINGKEYRESPONSE']._serialized_start=1398
-  _globals['_ROTATESIGNINGKEYRESPONSE']._serialized_end=1458
-  _globals['_LISTSIGNINGKEYSREQUEST']._serialized_start=1460
-  _globals['_LISTSIGNINGKEYSREQUEST']._serialized_end=1484
-  _globals['_LISTSIGNINGKEYSRESPONSE']._serialized_start=1486
-  _globals['_LISTSIGNINGKEYSRESPONSE']._serialized_end=1546
-  _globals['_SIGNINGKEY']._serialized_start=1549
-  _globals['_SIGNINGKEY']._serialized_end=1822
-  _globals['_ADMINSERVICE']._serialized_start=2006
-  _globals['_ADMINSERVICE']._serialized_end=2713
+  _globals['_SETPASSWORDRESPONSE']._serialized_end=569
+  _globals['_DISABLEUSERREQUEST']._serialized_start=571
+  _globals['_DISABLEUSERREQUEST']._serialized_end=628
+  _globals['_DISABLEUSERRESPONSE']._serialized_start=630
+  _globals['_DISABLEUSERRESPONSE']._serialized_end=718
+  _globals['_ENABLEUSERREQUEST']._serialized_start=720
+  _globals['_ENABLEUSERREQUEST']._serialized_end=776
+  _globals['_ENABLEUSERRESPONSE']._serialized_start=778
+  _globals['_ENABLEUSERRESPONSE']._serialized_end=798
+  _globals['_DELETEUSERREQUEST']._serialized_start=800
+  _globals['_DELETEUSERREQUEST']._serialized_end=856
+  _globals['_DELETEUSERRESPONSE']._serialized_start=858
+  _globals['_DELETEUSERRESPONSE']._serialized_end=945
+  _globals['_LISTSESSIONSREQUEST']._serialized_start=947
+  _globals['_LISTSESSIONSREQUEST']._serialized_end=1044
+  _globals['_LISTSESSIONSRESPONSE']._serialized_start=1046
+  _globals['_LISTSESSIONSRESPONSE']._serialized_end=1129
+  _globals['_SESSION']._serialized_start=1132
+  _globals['_SESSION']._serialized_end=1397
+  _globals['_REVOKESESSIONREQUEST']._serialized_start=1399
+  _globals['_REVOKESESSIONREQUEST']._serialized_end=1441
+  _globals['_REVOKESESSIONRESPONSE']._serialized_start=1443
+  _globals['_REVOKESESSIONRESPONSE']._serialized_end=1492
+  _globals['_ROTATESIGNINGKEYREQUEST']._serialized_start=1494
+  _globals['_ROTATESIGNINGKEYREQUEST']._serialized_end=1519
+  _globals['_ROTATESIGNINGKEYRESPONSE']._serialized_start=1521
+  _globals['_ROTATESIGNINGKEYRESPONSE']._serialized_end=1581
+  _globals['_LISTSIGNINGKEYSREQUEST']._serialized_start=1583
+  _globals['_LISTSIGNINGKEYSREQUEST']._serialized_end=1607
+  _globals['_LISTSIGNINGKEYSRESPONSE']._serialized_start=1609
+  _globals['_LISTSIGNINGKEYSRESPONSE']._serialized_end=1669
+  _globals['_SIGNINGKEY']._serialized_start=1672
+  _globals['_SIGNINGKEY']._serialized_end=1945
+  _globals['_ADMINSERVICE']._serialized_start=2129
+  _globals['_ADMINSERVICE']._serialized_end=2836
 # @@protoc_insertion_point(module_scope)

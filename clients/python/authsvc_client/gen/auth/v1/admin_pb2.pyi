@@ -72,10 +72,12 @@ class SetPasswordRequest(_message.Message):
     def __init__(self, user: _Optional[_Union[UserSelector, _Mapping]] = ..., password: _Optional[str] = ..., keep_sessions: _Optional[bool] = ...) -> None: ...
 
 class SetPasswordResponse(_message.Message):
-    __slots__ = ("revoked_sessions",)
+    __slots__ = ("revoked_sessions", "revoked_sessions_is_lower_bound")
     REVOKED_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_SESSIONS_IS_LOWER_BOUND_FIELD_NUMBER: _ClassVar[int]
     revoked_sessions: int
-    def __init__(self, revoked_sessions: _Optional[int] = ...) -> None: ...
+    revoked_sessions_is_lower_bound: bool
+    def __init__(self, revoked_sessions: _Optional[int] = ..., revoked_sessions_is_lower_bound: _Optional[bool] = ...) -> None: ...
 
 class DisableUserRequest(_message.Message):
     __slots__ = ("user",)
@@ -84,10 +86,12 @@ class DisableUserRequest(_message.Message):
     def __init__(self, user: _Optional[_Union[UserSelector, _Mapping]] = ...) -> None: ...
 
 class DisableUserResponse(_message.Message):
-    __slots__ = ("revoked_sessions",)
+    __slots__ = ("revoked_sessions", "revoked_sessions_is_lower_bound")
     REVOKED_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_SESSIONS_IS_LOWER_BOUND_FIELD_NUMBER: _ClassVar[int]
     revoked_sessions: int
-    def __init__(self, revoked_sessions: _Optional[int] = ...) -> None: ...
+    revoked_sessions_is_lower_bound: bool
+    def __init__(self, revoked_sessions: _Optional[int] = ..., revoked_sessions_is_lower_bound: _Optional[bool] = ...) -> None: ...
 
 class EnableUserRequest(_message.Message):
     __slots__ = ("user",)
@@ -106,10 +110,12 @@ class DeleteUserRequest(_message.Message):
     def __init__(self, user: _Optional[_Union[UserSelector, _Mapping]] = ...) -> None: ...
 
 class DeleteUserResponse(_message.Message):
-    __slots__ = ("revoked_sessions",)
+    __slots__ = ("revoked_sessions", "revoked_sessions_is_lower_bound")
     REVOKED_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_SESSIONS_IS_LOWER_BOUND_FIELD_NUMBER: _ClassVar[int]
     revoked_sessions: int
-    def __init__(self, revoked_sessions: _Optional[int] = ...) -> None: ...
+    revoked_sessions_is_lower_bound: bool
+    def __init__(self, revoked_sessions: _Optional[int] = ..., revoked_sessions_is_lower_bound: _Optional[bool] = ...) -> None: ...
 
 class ListSessionsRequest(_message.Message):
     __slots__ = ("user", "page_size", "page_token")

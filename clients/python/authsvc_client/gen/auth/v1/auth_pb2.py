@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12\x61uth/v1/auth.proto\x12\x07\x61uth.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"q\n\x0cIssueRequest\x12\x30\n\x08password\x18\x01 \x01(\x0b\x32\x1c.auth.v1.PasswordCredentialsH\x00\x12\x0e\n\x06scopes\x18\x02 \x03(\t\x12\x10\n\x08\x61udience\x18\x03 \x01(\tB\r\n\x0b\x63redentials\"9\n\x13PasswordCredentials\x12\x10\n\x08username\x18\x01 \x01(\t\x12\x10\n\x08password\x18\x02 \x01(\t\"3\n\rIssueResponse\x12\"\n\x06tokens\x18\x01 \x01(\x0b\x32\x12.auth.v1.TokenPair\"\'\n\x0eRefreshRequest\x12\x15\n\rrefresh_token\x18\x01 \x01(\t\"5\n\x0fRefreshResponse\x12\"\n\x06tokens\x18\x01 \x01(\x0b\x32\x12.auth.v1.TokenPair\"\xeb\x01\n\tTokenPair\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x01 \x01(\t\x12\x15\n\rrefresh_token\x18\x02 \x01(\t\x12\x12\n\ntoken_type\x18\x03 \x01(\t\x12;\n\x17\x61\x63\x63\x65ss_token_expires_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12<\n\x18refresh_token_expires_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nsession_id\x18\x06 \x01(\t\x12\x0e\n\x06scopes\x18\x07 \x03(\t\"R\n\x0fValidateRequest\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x01 \x01(\t\x12\x17\n\x0frequired_scopes\x18\x02 \x03(\t\x12\x10\n\x08\x61udience\x18\x03 \x01(\t\"\xc1\x01\n\x10ValidateResponse\x12\r\n\x05valid\x18\x01 \x01(\x08\x12\'\n\x05\x65rror\x18\x02 \x01(\x0e\x32\x18.auth.v1.ValidationError\x12\x0f\n\x07subject\x18\x03 \x01(\t\x12\x12\n\nsession_id\x18\x04 \x01(\t\x12\x0e\n\x06scopes\x18\x05 \x03(\t\x12.\n\nexpires_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08token_id\x18\x07 \x01(\t\"s\n\rRevokeRequest\x12\x17\n\rrefresh_token\x18\x01 \x01(\tH\x00\x12\x16\n\x0c\x61\x63\x63\x65ss_token\x18\x02 \x01(\tH\x00\x12\x14\n\nsession_id\x18\x03 \x01(\tH\x00\x12\x11\n\x07subject\x18\x04 \x01(\tH\x00\x42\x08\n\x06target\"*\n\x0eRevokeResponse\x12\x18\n\x10revoked_sessions\x18\x01 \x01(\x05\"\x10\n\x0eGetJwksRequest\"$\n\x0fGetJwksResponse\x12\x11\n\tjwks_json\x18\x01 \x01(\t\"1\n\x17WatchRevocationsRequest\x12\x16\n\x0e\x61\x66ter_sequence\x18\x01 \x01(\x04\"T\n\x0eRevokedSession\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12.\n\nkeep_until\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"b\n\x0bRevokedUser\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x04\x12.\n\nkeep_until\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xcd\x01\n\x10RevocationUpdate\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x10\n\x08snapshot\x18\x02 \x01(\x08\x12(\n\x07revoked\x18\x03 \x03(\x0b\x32\x17.auth.v1.RevokedSession\x12\x11\n\tjwks_json\x18\x04 \x01(\t\x12+\n\x07sent_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\rrevoked_users\x18\x06 \x03(\x0b\x32\x14.auth.v1.RevokedUser*\xca\x02\n\x0fValidationError\x12 \n\x1cVALIDATION_ERROR_UNSPECIFIED\x10\x00\x12\x1e\n\x1aVALIDATION_ERROR_MALFORMED\x10\x01\x12\"\n\x1eVALIDATION_ERROR_BAD_SIGNATURE\x10\x02\x12\x1c\n\x18VALIDATION_ERROR_EXPIRED\x10\x03\x12\"\n\x1eVALIDATION_ERROR_NOT_YET_VALID\x10\x04\x12\x1c\n\x18VALIDATION_ERROR_REVOKED\x10\x05\x12#\n\x1fVALIDATION_ERROR_WRONG_AUDIENCE\x10\x06\x12\'\n#VALIDATION_ERROR_INSUFFICIENT_SCOPE\x10\x07\x12#\n\x1fVALIDATION_ERROR_VERIFIER_STALE\x10\x08\x32\x90\x03\n\x0b\x41uthService\x12\x36\n\x05Issue\x12\x15.auth.v1.IssueRequest\x1a\x16.auth.v1.IssueResponse\x12<\n\x07Refresh\x12\x17.auth.v1.RefreshRequest\x1a\x18.auth.v1.RefreshResponse\x12?\n\x08Validate\x12\x18.auth.v1.ValidateRequest\x1a\x19.auth.v1.ValidateResponse\x12\x39\n\x06Revoke\x12\x16.auth.v1.RevokeRequest\x1a\x17.auth.v1.RevokeResponse\x12<\n\x07GetJwks\x12\x17.auth.v1.GetJwksRequest\x1a\x18.auth.v1.GetJwksResponse\x12Q\n\x10WatchRevocations\x12 .auth.v1.WatchRevocationsRequest\x1a\x19.auth.v1.RevocationUpdate0\x01\x42\x66\n\x13\x64\x65v.authsvc.auth.v1B\tAuthProtoP\x01Z0github.com/authsvc/authsvc/gen/go/auth/v1;authv1\xaa\x02\x0f\x41uthsvc.Auth.V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12\x61uth/v1/auth.proto\x12\x07\x61uth.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"q\n\x0cIssueRequest\x12\x30\n\x08password\x18\x01 \x01(\x0b\x32\x1c.auth.v1.PasswordCredentialsH\x00\x12\x0e\n\x06scopes\x18\x02 \x03(\t\x12\x10\n\x08\x61udience\x18\x03 \x01(\tB\r\n\x0b\x63redentials\"9\n\x13PasswordCredentials\x12\x10\n\x08username\x18\x01 \x01(\t\x12\x10\n\x08password\x18\x02 \x01(\t\"3\n\rIssueResponse\x12\"\n\x06tokens\x18\x01 \x01(\x0b\x32\x12.auth.v1.TokenPair\"\'\n\x0eRefreshRequest\x12\x15\n\rrefresh_token\x18\x01 \x01(\t\"5\n\x0fRefreshResponse\x12\"\n\x06tokens\x18\x01 \x01(\x0b\x32\x12.auth.v1.TokenPair\"\xeb\x01\n\tTokenPair\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x01 \x01(\t\x12\x15\n\rrefresh_token\x18\x02 \x01(\t\x12\x12\n\ntoken_type\x18\x03 \x01(\t\x12;\n\x17\x61\x63\x63\x65ss_token_expires_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12<\n\x18refresh_token_expires_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nsession_id\x18\x06 \x01(\t\x12\x0e\n\x06scopes\x18\x07 \x03(\t\"R\n\x0fValidateRequest\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x01 \x01(\t\x12\x17\n\x0frequired_scopes\x18\x02 \x03(\t\x12\x10\n\x08\x61udience\x18\x03 \x01(\t\"\xc1\x01\n\x10ValidateResponse\x12\r\n\x05valid\x18\x01 \x01(\x08\x12\'\n\x05\x65rror\x18\x02 \x01(\x0e\x32\x18.auth.v1.ValidationError\x12\x0f\n\x07subject\x18\x03 \x01(\t\x12\x12\n\nsession_id\x18\x04 \x01(\t\x12\x0e\n\x06scopes\x18\x05 \x03(\t\x12.\n\nexpires_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08token_id\x18\x07 \x01(\t\"s\n\rRevokeRequest\x12\x17\n\rrefresh_token\x18\x01 \x01(\tH\x00\x12\x16\n\x0c\x61\x63\x63\x65ss_token\x18\x02 \x01(\tH\x00\x12\x14\n\nsession_id\x18\x03 \x01(\tH\x00\x12\x11\n\x07subject\x18\x04 \x01(\tH\x00\x42\x08\n\x06target\"S\n\x0eRevokeResponse\x12\x18\n\x10revoked_sessions\x18\x01 \x01(\x05\x12\'\n\x1frevoked_sessions_is_lower_bound\x18\x02 \x01(\x08\"\x10\n\x0eGetJwksRequest\"$\n\x0fGetJwksResponse\x12\x11\n\tjwks_json\x18\x01 \x01(\t\"1\n\x17WatchRevocationsRequest\x12\x16\n\x0e\x61\x66ter_sequence\x18\x01 \x01(\x04\"T\n\x0eRevokedSession\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12.\n\nkeep_until\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"b\n\x0bRevokedUser\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x04\x12.\n\nkeep_until\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xcd\x01\n\x10RevocationUpdate\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x10\n\x08snapshot\x18\x02 \x01(\x08\x12(\n\x07revoked\x18\x03 \x03(\x0b\x32\x17.auth.v1.RevokedSession\x12\x11\n\tjwks_json\x18\x04 \x01(\t\x12+\n\x07sent_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\rrevoked_users\x18\x06 \x03(\x0b\x32\x14.auth.v1.RevokedUser*\xca\x02\n\x0fValidationError\x12 \n\x1cVALIDATION_ERROR_UNSPECIFIED\x10\x00\x12\x1e\n\x1aVALIDATION_ERROR_MALFORMED\x10\x01\x12\"\n\x1eVALIDATION_ERROR_BAD_SIGNATURE\x10\x02\x12\x1c\n\x18VALIDATION_ERROR_EXPIRED\x10\x03\x12\"\n\x1eVALIDATION_ERROR_NOT_YET_VALID\x10\x04\x12\x1c\n\x18VALIDATION_ERROR_REVOKED\x10\x05\x12#\n\x1fVALIDATION_ERROR_WRONG_AUDIENCE\x10\x06\x12\'\n#VALIDATION_ERROR_INSUFFICIENT_SCOPE\x10\x07\x12#\n\x1fVALIDATION_ERROR_VERIFIER_STALE\x10\x08\x32\x90\x03\n\x0b\x41uthService\x12\x36\n\x05Issue\x12\x15.auth.v1.IssueRequest\x1a\x16.auth.v1.IssueResponse\x12<\n\x07Refresh\x12\x17.auth.v1.RefreshRequest\x1a\x18.auth.v1.RefreshResponse\x12?\n\x08Validate\x12\x18.auth.v1.ValidateRequest\x1a\x19.auth.v1.ValidateResponse\x12\x39\n\x06Revoke\x12\x16.auth.v1.RevokeRequest\x1a\x17.auth.v1.RevokeResponse\x12<\n\x07GetJwks\x12\x17.auth.v1.GetJwksRequest\x1a\x18.auth.v1.GetJwksResponse\x12Q\n\x10WatchRevocations\x12 .auth.v1.WatchRevocationsRequest\x1a\x19.auth.v1.RevocationUpdate0\x01\x42\x66\n\x13\x64\x65v.authsvc.auth.v1B\tAuthProtoP\x01Z0github.com/authsvc/authsvc/gen/go/auth/v1;authv1\xaa\x02\x0f\x41uthsvc.Auth.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,8 +33,8 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'auth.v1.auth_pb2', _globals
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\023dev.authsvc.auth.v1B\tAuthProtoP\001Z0github.com/authsvc/authsvc/gen/go/auth/v1;authv1\252\002\017Authsvc.Auth.V1'
-  _globals['_VALIDATIONERROR']._serialized_start=1568
-  _globals['_VALIDATIONERROR']._serialized_end=1898
+  _globals['_VALIDATIONERROR']._serialized_start=1609
+  _globals['_VALIDATIONERROR']._serialized_end=1939
   _globals['_ISSUEREQUEST']._serialized_start=64
   _globals['_ISSUEREQUEST']._serialized_end=177
   _globals['_PASSWORDCREDENTIALS']._serialized_start=179
@@ -54,19 +54,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REVOKEREQUEST']._serialized_start=905
   _globals['_REVOKEREQUEST']._serialized_end=1020
   _globals['_REVOKERESPONSE']._serialized_start=1022
-  _globals['_REVOKERESPONSE']._serialized_end=1064
-  _globals['_GETJWKSREQUEST']._serialized_start=1066
-  _globals['_GETJWKSREQUEST']._serialized_end=1082
-  _globals['_GETJWKSRESPONSE']._serialized_start=1084
-  _globals['_GETJWKSRESPONSE']._serialized_end=1120
-  _globals['_WATCHREVOCATIONSREQUEST']._serialized_start=1122
-  _globals['_WATCHREVOCATIONSREQUEST']._serialized_end=1171
-  _globals['_REVOKEDSESSION']._serialized_start=1173
-  _globals['_REVOKEDSESSION']._serialized_end=1257
-  _globals['_REVOKEDUSER']._serialized_start=1259
-  _globals['_REVOKEDUSER']._serialized_end=1357
-  _globals['_REVOCATIONUPDATE']._serialized_start=1360
-  _globals['_REVOCATIONUPDATE']._serialized_end=1565
-  _globals['_AUTHSERVICE']._serialized_start=1901
-  _globals['_AUTHSERVICE']._serialized_end=2301
+  _globals['_REVOKERESPONSE']._serialized_end=1105
+  _globals['_GETJWKSREQUEST']._serialized_start=1107
+  _globals['_GETJWKSREQUEST']._serialized_end=1123
+  _globals['_GETJWKSRESPONSE']._serialized_start=1125
+  _globals['_GETJWKSRESPONSE']._serialized_end=1161
+  _globals['_WATCHREVOCATIONSREQUEST']._serialized_start=1163
+  _globals['_WATCHREVOCATIONSREQUEST']._serialized_end=1212
+  _globals['_REVOKEDSESSION']._serialized_start=1214
+  _globals['_REVOKEDSESSION']._serialized_end=1298
+  _globals['_REVOKEDUSER']._serialized_start=1300
+  _globals['_REVOKEDUSER']._serialized_end=1398
+  _globals['_REVOCATIONUPDATE']._serialized_start=1401
+  _globals['_REVOCATIONUPDATE']._serialized_end=1606
+  _globals['_AUTHSERVICE']._serialized_start=1942
+  _globals['_AUTHSERVICE']._serialized_end=2342
 # @@protoc_insertion_point(module_scope)

@@ -126,10 +126,12 @@ class RevokeRequest(_message.Message):
     def __init__(self, refresh_token: _Optional[str] = ..., access_token: _Optional[str] = ..., session_id: _Optional[str] = ..., subject: _Optional[str] = ...) -> None: ...
 
 class RevokeResponse(_message.Message):
-    __slots__ = ("revoked_sessions",)
+    __slots__ = ("revoked_sessions", "revoked_sessions_is_lower_bound")
     REVOKED_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_SESSIONS_IS_LOWER_BOUND_FIELD_NUMBER: _ClassVar[int]
     revoked_sessions: int
-    def __init__(self, revoked_sessions: _Optional[int] = ...) -> None: ...
+    revoked_sessions_is_lower_bound: bool
+    def __init__(self, revoked_sessions: _Optional[int] = ..., revoked_sessions_is_lower_bound: _Optional[bool] = ...) -> None: ...
 
 class GetJwksRequest(_message.Message):
     __slots__ = ()
