@@ -367,7 +367,9 @@ class AuthClient:
         By `refresh_token` or `access_token`: 0 when already revoked or unknown. By
         `session_id` or `subject`: needs `caller_token`, a live access token of the same
         subject, and fails with CALLER_UNAUTHENTICATED unless it ends a live session (also
-        when a retry finds the session already ended by the first attempt)."""
+        when a retry finds the session already ended by the first attempt). By `subject`
+        the count stops at 10000: that answer means at least 10000 (the response's
+        `revoked_sessions_is_lower_bound`)."""
         targets = {
             "refresh_token": refresh_token,
             "access_token": access_token,
