@@ -5,12 +5,8 @@ and kill one outright."""
 from __future__ import annotations
 
 import asyncio
-import re
-import signal
 import socket
 import subprocess
-import sys
-import time
 import urllib.request
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -19,22 +15,32 @@ from dataclasses import dataclass, field
 from authsvc_client.client import AuthClient, AuthServiceError
 from prometheus_client.parser import text_string_to_metric_families
 
-_METRICS_RE = re.compile(r"metrics on http://(127\.0\.0\.1:\d+)/metrics")
-_SERVING_RE = re.compile(r"authsvc serving on 127\.0\.0\.1:(\d+)")
+from service.loadtest.server_process import ServeCommand, ServerProcess, serving
+
 VALIDATE = "/auth.v1.AuthService/Validate"
 
 
 @dataclass
 class Replica:
-    """One `authsvc serve` process (one worker) listening on 127.0.0.1:`port`."""
+    """One `authsvc serve` process (one worker) listening on 127.0.0.1."""
 
-    process: subprocess.Popen[str]
-    port: int
-    metrics_address: str
+    server: ServerProcess
+
+    @property
+    def process(self) -> subprocess.Popen[str]:
+        return self.server.process
+
+    @property
+    def port(self) -> int:
+        return self.server.port
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return self.server.target
+
+    @property
+    def metrics_address(self) -> str:
+        return self.server.metrics_address
 
     def calls(self, method: str = VALIDATE, code: str = "OK") -> float:
         """How many calls of `method` this replica answered with `code` (its metrics)."""
@@ -53,43 +59,18 @@ class Replica:
 
     def kill(self) -> None:
         """SIGKILL: the replica dies mid-call, as on a host failure (no drain)."""
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(timeout=10)
+        self.server.kill()
 
 
 @contextmanager
 def replica(env: dict[str, str]) -> Iterator[Replica]:
     """Start `authsvc serve` with `env` (plus a metrics endpoint on a free loopback port);
-    stop it with SIGTERM at the end unless the test killed it."""
+    stop it with SIGTERM at the end (it must exit with 0) unless the test killed it."""
     env = {**env, "AUTH_WORKERS": "1", "AUTH_METRICS_LISTEN": "127.0.0.1:0"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "service", "serve"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env=env,
-    )
-    try:
-        assert proc.stdout is not None
-        metrics = port = None
-        deadline = time.monotonic() + 60
-        while port is None and time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            if match := _METRICS_RE.search(line):
-                metrics = match.group(1)
-            if match := _SERVING_RE.search(line):
-                port = int(match.group(1))
-        assert port is not None and metrics is not None, "replica did not start"
-        yield Replica(proc, port, metrics)
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(timeout=30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    with serving(ServeCommand(env), at_end="stop_cleanly") as server:
+        if server.metrics_port is None:
+            raise AssertionError("replica printed no metrics address")
+        yield Replica(server)
 
 
 @contextmanager

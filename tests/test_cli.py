@@ -5,9 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
-import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -21,11 +19,10 @@ import grpc
 import pytest
 from authsvc_client.gen.auth.v1 import auth_pb2, auth_pb2_grpc
 
+from service.loadtest.server_process import ServeCommand, serving
 from tests.live_server import PASSWORD, TEST_KEK, LiveServer
 
 pytestmark = pytest.mark.system  # the `authsvc` command as processes
-
-_SERVING_RE = re.compile(r"authsvc serving on 127\.0\.0\.1:(\d+)")
 
 
 def _env(**values: str) -> dict[str, str]:
@@ -69,36 +66,11 @@ def _authsvc(
 
 @contextmanager
 def _serving(env: dict[str, str], cwd: Path | None = None) -> Iterator[tuple[int, list[str]]]:
-    """Run `authsvc serve`; yield its port and its output lines so far; SIGTERM it after."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "service", "serve"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-        cwd=cwd,
-    )
-    lines: list[str] = []
-    try:
-        assert proc.stdout is not None
-        deadline = time.monotonic() + 60
-        port = None
-        while port is None and time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            match = _SERVING_RE.search(line)
-            if match:
-                port = int(match.group(1))
-        assert port is not None, "server did not start:\n" + "".join(lines)
-        yield port, lines
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0, "serve did not exit cleanly on SIGTERM"
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    """Run `authsvc serve`; yield its port and its output lines (stderr included), read
+    as they come; SIGTERM it after (it must exit with 0)."""
+    command = ServeCommand(env, stderr=subprocess.STDOUT, cwd=cwd)
+    with serving(command, at_end="stop_cleanly") as server:
+        yield server.port, server.output
 
 
 def _login(port: int, username: str) -> auth_pb2.TokenPair:

@@ -13,11 +13,10 @@ import asyncio
 import base64
 import contextlib
 import json
-import signal
-import sys
+import subprocess
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import asyncpg
@@ -28,10 +27,11 @@ from authsvc_client.gen.auth.v1 import admin_pb2, admin_pb2_grpc, auth_pb2, auth
 
 from service.domain.revocation import REVOCATION_MARGIN_SECONDS
 from service.domain.signing_keys import KEY_ACTIVATION_DELAY
+from service.loadtest.server_process import ServeCommand, ServerProcess
 from service.store.base import BOOTSTRAP_LOCK_ID
 from tests.helpers import refresh, validate
 from tests.live_server import PASSWORD, TEST_KEK, LiveServer, ServerFactory
-from tests.test_cli import _SERVING_RE, _env
+from tests.test_cli import _env
 
 PROPAGATION_LIMIT = 1.0  # seconds: a key created on one replica is known to the others
 SIGNING_LIMIT = 1.5  # seconds from RotateSigningKey returning to new tokens everywhere
@@ -374,83 +374,20 @@ async def test_rotations_waiting_for_another_replicas_rotation_do_not_starve_the
 # 5. Two real server processes.
 
 
-@dataclass
-class _Process:
-    proc: asyncio.subprocess.Process
-    port: int
-    output: list[str] = field(default_factory=list)
-    drain: asyncio.Task[None] | None = None
-
-
-async def _start_serve(env: dict[str, str]) -> _Process:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "service",
-        "serve",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-        env=env,
-    )
-    assert proc.stdout is not None
-    lines: list[str] = []
-
-    async def banner() -> int:
-        assert proc.stdout is not None
-        while True:
-            raw = await proc.stdout.readline()
-            if not raw:
-                raise AssertionError("server did not start:\n" + "".join(lines))
-            line = raw.decode(errors="replace")
-            lines.append(line)
-            match = _SERVING_RE.search(line)
-            if match:
-                return int(match.group(1))
-
-    try:
-        port = await asyncio.wait_for(banner(), timeout=60)
-    except BaseException:
-        proc.kill()
-        await proc.wait()
-        raise
-    started = _Process(proc=proc, port=port, output=lines)
-
-    async def drain() -> None:  # keep reading, so a full pipe never blocks the server
-        assert proc.stdout is not None
-        while raw := await proc.stdout.readline():
-            lines.append(raw.decode(errors="replace"))
-
-    started.drain = asyncio.create_task(drain())
-    return started
-
-
-async def _stop_serve(process: _Process) -> int:
-    if process.proc.returncode is None:
-        process.proc.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(process.proc.wait(), timeout=30)
-        except TimeoutError:
-            process.proc.kill()
-            await process.proc.wait()
-    if process.drain is not None:
-        with contextlib.suppress(asyncio.CancelledError):
-            await process.drain
-    code = process.proc.returncode
-    assert code is not None
-    return code
-
-
 @contextlib.asynccontextmanager
 async def _serve_processes(
     envs: list[dict[str, str]],
-) -> AsyncIterator[list[_Process]]:
-    processes: list[_Process] = []
+) -> AsyncIterator[list[ServerProcess]]:
+    """`authsvc serve` per environment (stderr into the output read); each stopped with
+    SIGTERM at the end, and each must exit with 0."""
+    processes: list[ServerProcess] = []
     try:
         for env in envs:  # one after the other, as a rolling deployment would
-            processes.append(await _start_serve(env))
+            command = ServeCommand(env, stderr=subprocess.STDOUT)
+            processes.append(await asyncio.to_thread(command.start))
         yield processes
     finally:
-        codes = [await _stop_serve(p) for p in processes]
+        codes = [await asyncio.to_thread(p.stop) for p in processes]
     for process, code in zip(processes, codes, strict=True):
         tail = "".join(process.output[-20:])
         assert code == 0, f"a server did not exit cleanly on SIGTERM ({code}):\n{tail}"

@@ -8,7 +8,10 @@ issuer and leeway). Tokens are the server's own, and tokens signed with the serv
 private key after editing their claims or header (so the checks after the signature are
 reached), plus forgeries: tampered parts, algorithm confusion, unknown keys, high-s ECDSA.
 Every kind of revocation, a key rotation and a retirement are compared once the validator
-has reached the log's head. Any disagreement is a bug in one of the two.
+has reached the log's head. The spelling, signature and claims checks are one code
+(token_check.verified_claims and lifetime_problem, which the server's codec calls); the
+keys (a JWK Set against the key ring), the revocations, the caches and the order of the
+checks are each side's own: any disagreement is a bug in one of them.
 """
 
 from __future__ import annotations

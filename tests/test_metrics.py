@@ -4,7 +4,6 @@ with `--workers` the supervisor's /metrics adds up every worker exactly."""
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 import urllib.request
 from pathlib import Path
@@ -14,14 +13,13 @@ import pytest
 from authsvc_client.gen.auth.v1 import admin_pb2, admin_pb2_grpc, auth_pb2, auth_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
+from service.loadtest.server_process import ServeCommand, serving
 from tests.helpers import refresh, refresh_fails
 from tests.live_server import PASSWORD, LiveServer, ServerFactory
 from tests.test_cli import _authsvc, _server_env
-from tests.test_replicas import _server_process
 from tests.watching import Watch
 
 AUTH = "/auth.v1.AuthService/"
-_METRICS_RE = re.compile(r"metrics on http://127\.0\.0\.1:(\d+)/metrics")
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -136,9 +134,9 @@ def test_workers_add_up_on_the_supervisors_metrics(database_url: str, tmp_path: 
     )
     created = _authsvc("users", "create", "wes", "--password-stdin", env=env, stdin=PASSWORD + "\n")
     assert created.returncode == 0, created.stderr
-    banner: list[str] = []
-    with _server_process(env, workers=2, banner=banner) as (port, _):
-        metrics_port = _metrics_port(banner)
+    with serving(ServeCommand(env, workers=2), at_end="stop_cleanly") as server:
+        port, metrics_port = server.port, server.metrics_port
+        assert metrics_port is not None, "no metrics address in the banner"
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         with channel:
             stub = auth_pb2_grpc.AuthServiceStub(channel)
@@ -175,13 +173,6 @@ def test_workers_add_up_on_the_supervisors_metrics(database_url: str, tmp_path: 
         # Both workers are in the sums: two pools of 3.
         assert value(samples, "authsvc_db_pool_max_connections") == 6
         assert value(samples, "authsvc_revocation_listener_up") == 1
-
-
-def _metrics_port(banner: list[str]) -> int:
-    for line in banner:
-        if match := _METRICS_RE.search(line):
-            return int(match.group(1))
-    raise AssertionError("no metrics address in the banner:\n" + "".join(banner))
 
 
 async def test_the_revocation_log_position_and_watchers_show_on_metrics(

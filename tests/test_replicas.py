@@ -9,8 +9,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -22,8 +20,9 @@ import psutil
 import pytest
 from authsvc_client.gen.auth.v1 import auth_pb2, auth_pb2_grpc
 
+from service.loadtest.server_process import ServeCommand, serving
 from tests.live_server import PASSWORD
-from tests.test_cli import _SERVING_RE, _authsvc, _server_env
+from tests.test_cli import _authsvc, _server_env
 
 pytestmark = pytest.mark.system  # `authsvc serve` processes as replicas
 
@@ -31,39 +30,11 @@ PROPAGATION_LIMIT = 1.0  # seconds: the contract for other replicas
 
 
 @contextmanager
-def _server_process(
-    env: dict[str, str], workers: int = 1, banner: list[str] | None = None
-) -> Iterator[tuple[int, int]]:
-    """An `authsvc serve` process; yields (port, pid) and stops it with SIGTERM after.
-    The lines it printed up to the address are appended to `banner` if given."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "service", "serve", "--workers", str(workers)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env=env,
-    )
-    try:
-        assert proc.stdout is not None
-        port = None
-        deadline = time.monotonic() + 60
-        while port is None and time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            if banner is not None:
-                banner.append(line)
-            match = _SERVING_RE.search(line)
-            if match:
-                port = int(match.group(1))
-        assert port is not None, "server did not start"
-        yield port, proc.pid
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+def _server_process(env: dict[str, str], workers: int = 1) -> Iterator[tuple[int, int]]:
+    """An `authsvc serve` process; yields (port, pid) and stops it with SIGTERM after (it
+    must exit with 0)."""
+    with serving(ServeCommand(env, workers=workers), at_end="stop_cleanly") as server:
+        yield server.port, server.pid
 
 
 def _stub(port: int) -> tuple[grpc.Channel, auth_pb2_grpc.AuthServiceStub]:

@@ -10,7 +10,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -22,8 +21,9 @@ import psutil
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from service.loadtest.server_process import ServeCommand, serving
 from service.metrics import MULTIPROC_DIR_VARIABLE
-from tests.test_cli import _SERVING_RE, _env
+from tests.test_cli import _env
 
 pytestmark = pytest.mark.system  # `authsvc serve` processes and signals
 
@@ -52,31 +52,11 @@ def _serve_env(data_dir: Path) -> dict[str, str]:
 @contextmanager
 def _serving(data_dir: Path, workers: int) -> Iterator[tuple[subprocess.Popen[str], int]]:
     """`authsvc serve --workers N` in a session of its own (so a signal can go to its
-    whole process group, as a terminal's does); yields the process and its gRPC port."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "service", "serve", "--workers", str(workers)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env=_serve_env(data_dir),
-        start_new_session=True,
-    )
-    try:
-        assert proc.stdout is not None
-        port = None
-        deadline = time.monotonic() + 90
-        while port is None and time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            if found := _SERVING_RE.search(line):
-                port = int(found.group(1))
-        assert port is not None, "server did not start"
-        yield proc, port
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    whole process group, as a terminal's does); yields the process and its gRPC port.
+    Killed afterwards if the test left it running."""
+    command = ServeCommand(_serve_env(data_dir), workers=workers, new_session=True, within=90)
+    with serving(command, at_end="kill") as server:
+        yield server.process, server.port
 
 
 def _postgres_processes(pgdata: Path) -> list[psutil.Process]:

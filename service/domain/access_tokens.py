@@ -2,21 +2,20 @@
 
 Verification parses the token once, checks the signature with the key named by
 `kid` and the algorithm pinned to that key (so `none`, HMAC and algorithm
-confusion are impossible), then checks each claim in a small validator, with
-time from the injected clock.
+confusion are impossible), then checks each claim, with time from the injected clock.
+Those checks are the client package's (authsvc_client.token_check), run with this
+service's key ring: one set of rules for Validate and for a caller checking locally.
 """
 
 from __future__ import annotations
 
 import base64
-import binascii
 import enum
 import json
-import re
 import uuid
 from dataclasses import dataclass
-from typing import Any
 
+from authsvc_client import token_check
 from cryptography.hazmat.primitives.asymmetric import ec
 from jwt.algorithms import Algorithm, get_default_algorithms
 
@@ -24,37 +23,13 @@ from service.clock import Clock
 from service.domain.keys import ACCESS_TOKEN_TYPE, CurrentKeys, PublicKey
 
 TOKEN_TYPE = ACCESS_TOKEN_TYPE
-# RFC 9068 §4: "at+jwt"; the full media type is accepted too (RFC 7515 §4.1.9).
-_ACCEPTED_TYPES = frozenset({"at+jwt", "application/at+jwt"})
-_SEGMENT_RE = re.compile(r"[A-Za-z0-9_-]+")
 _ALGORITHMS: dict[str, Algorithm] = get_default_algorithms()
 # A private claim: the session's generation among its user's (see AccessClaims.generation).
-GENERATION_CLAIM = "ugen"
-_MAX_GENERATION = 2**63 - 1  # a PostgreSQL bigint
-# What our key ids look like (secrets.token_urlsafe(12)); anything else is no key of ours.
-_KID_RE = re.compile(r"[A-Za-z0-9_-]{16}")
-# iat/nbf may be this far ahead of the clock even with AUTH_LEEWAY=0: a token stamped by
-# a clock a little ahead is no risk, and rejecting it breaks clients for nothing.
-START_LEEWAY_SECONDS = 5
-
-# The group order n of each curve pyjwt offers ECDSA on (SEC 2). ECDSA's (r, s) and
-# (r, n - s) both verify; only s <= n/2 ("low s") is signed or accepted, so that a token
-# has one spelling (the verified-token cache and any client's cache key on the string).
-ECDSA_CURVE_ORDERS: dict[str, int] = {
-    "secp256r1": 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551,
-    "secp384r1": int(
-        "FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFF"
-        "C7634D81F4372DDF581A0DB248B0A77AECEC196ACCC52973",
-        16,
-    ),
-    "secp521r1": int(
-        "01FF"
-        + "F" * 56
-        + "FFFFFFFA51868783BF2F966B7FCC0148F709A5D03BB5C9B8899C47AEBB6FB71E91386409",
-        16,
-    ),
-    "secp256k1": 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141,
-}
+GENERATION_CLAIM = token_check.GENERATION_CLAIM
+# iat/nbf may be this far ahead of the clock even with AUTH_LEEWAY=0.
+START_LEEWAY_SECONDS = token_check.START_LEEWAY_SECONDS
+# Signing writes low-s ECDSA signatures only, the one spelling verification accepts.
+ECDSA_CURVE_ORDERS = token_check.ECDSA_CURVE_ORDERS
 
 
 class TokenProblem(enum.Enum):
@@ -105,22 +80,6 @@ class IssuedAccessToken:
     expires_at: int
 
 
-def _b64decode(segment: str) -> bytes:
-    # Strict base64url: urlsafe_b64decode alone would skip stray characters,
-    # letting many strings decode to the same signature.
-    if _SEGMENT_RE.fullmatch(segment) is None or len(segment) % 4 == 1:
-        raise TokenRejected(TokenProblem.MALFORMED)
-    try:
-        raw = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
-    except (binascii.Error, ValueError):
-        raise TokenRejected(TokenProblem.MALFORMED) from None
-    # Canonical only: the spare low bits of the last character must be zero, or many
-    # strings would carry one signature (a token must have exactly one spelling).
-    if base64.urlsafe_b64encode(raw).rstrip(b"=") != segment.encode("ascii"):
-        raise TokenRejected(TokenProblem.MALFORMED)
-    return raw
-
-
 def _ecdsa_halves(signature: bytes, public_key: PublicKey) -> tuple[int, int, int, int] | None:
     """(r, s, n, size of each half) of a raw JWS ECDSA signature; None if it is not one
     for this key's curve (a curve we know no order for counts as not one)."""
@@ -138,18 +97,6 @@ def _ecdsa_halves(signature: bytes, public_key: PublicKey) -> tuple[int, int, in
     )
 
 
-def _is_canonical_signature(signature: bytes, public_key: PublicKey) -> bool:
-    """ECDSA: 0 < r < n and 0 < s <= n/2 (the other algorithms' libraries already allow
-    one encoding only: RSA needs s < n at the modulus' length, Ed25519 S < L)."""
-    if not isinstance(public_key, ec.EllipticCurvePublicKey):
-        return True
-    halves = _ecdsa_halves(signature, public_key)
-    if halves is None:
-        return False
-    r, s, order, _ = halves
-    return 0 < r < order and 0 < s <= order // 2
-
-
 def _low_s(signature: bytes, public_key: PublicKey) -> bytes:
     """An ECDSA signature with s replaced by n - s when s is the high one (both verify)."""
     halves = _ecdsa_halves(signature, public_key)
@@ -159,20 +106,6 @@ def _low_s(signature: bytes, public_key: PublicKey) -> bytes:
     if s <= order // 2:
         return signature
     return r.to_bytes(size, "big") + (order - s).to_bytes(size, "big")
-
-
-def _json_object(raw: bytes) -> dict[str, Any]:
-    try:
-        value = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        raise TokenRejected(TokenProblem.MALFORMED) from None
-    if not isinstance(value, dict):
-        raise TokenRejected(TokenProblem.MALFORMED)
-    return value
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def token_lifetime(now: float, ttl: int) -> tuple[int, int]:
@@ -234,37 +167,20 @@ class AccessTokenCodec:
 
     def verify(self, token: str, *, check_time: bool = True) -> AccessClaims:
         """Verify signature and claims; raise TokenRejected naming the first problem."""
-        parts = token.split(".")
-        if len(parts) != 3:
-            raise TokenRejected(TokenProblem.MALFORMED)
-        header_b64, payload_b64, signature_b64 = parts
-        if _SEGMENT_RE.fullmatch(payload_b64) is None:
-            # Checked before the signature: the signing input must be ASCII.
-            raise TokenRejected(TokenProblem.MALFORMED)
-        header = _json_object(_b64decode(header_b64))
-        self._check_type(header)
-        kid = header.get("kid")
-        key = self._keys.ring.verification_key(kid)
-        if key is None:
-            plausible = isinstance(kid, str) and _KID_RE.fullmatch(kid) is not None
-            raise TokenRejected(TokenProblem.BAD_SIGNATURE, unknown_kid=kid if plausible else None)
-        if header.get("alg") != key.alg:
-            raise TokenRejected(TokenProblem.BAD_SIGNATURE)
-        signature = _b64decode(signature_b64)
-        signing_input = f"{header_b64}.{payload_b64}".encode("ascii")
-        if not _is_canonical_signature(signature, key.public_key) or not _ALGORITHMS[
-            key.alg
-        ].verify(signing_input, key.public_key, signature):
-            raise TokenRejected(TokenProblem.BAD_SIGNATURE)
-        claims = _json_object(_b64decode(payload_b64))
-        self._check_required(claims)
-        self._check_issuer(claims)
+        try:
+            _, claims = token_check.verified_claims(
+                token, self._keys.ring.verification_key, self._issuer
+            )
+        except token_check.Rejected as rejected:
+            # The same reasons, as this service's problem (a wrong `iss` is MALFORMED here:
+            # the client's wrong_issuer flag only tells its caller to look at its setting).
+            raise TokenRejected(TokenProblem(rejected.reason), unknown_kid=rejected.kid) from None
         verified = AccessClaims(
             subject=claims["sub"],
             session_id=claims["sid"],
             token_id=claims["jti"],
             scopes=tuple(claims.get("scope", "").split()),
-            audiences=self._audiences(claims),
+            audiences=token_check.claim_audiences(claims),
             issued_at=claims["iat"],
             expires_at=claims["exp"],
             not_before=claims.get("nbf"),
@@ -277,53 +193,12 @@ class AccessTokenCodec:
     def check_lifetime(self, claims: AccessClaims) -> None:
         """exp, iat and nbf against the clock, with the configured leeway (at least
         START_LEEWAY_SECONDS for iat and nbf)."""
-        now = self._clock.now()
-        if now >= claims.expires_at + self._leeway:
-            raise TokenRejected(TokenProblem.EXPIRED)
-        latest_start = now + max(self._leeway, START_LEEWAY_SECONDS)
-        if claims.issued_at > latest_start or (claims.not_before or 0) > latest_start:
-            raise TokenRejected(TokenProblem.NOT_YET_VALID)
-
-    @staticmethod
-    def _check_type(header: dict[str, Any]) -> None:
-        typ = header.get("typ")
-        if not isinstance(typ, str) or typ.lower() not in _ACCEPTED_TYPES:
-            raise TokenRejected(TokenProblem.MALFORMED)
-        # Keys are never taken from the token: such headers mark a forgery attempt.
-        if any(name in header for name in ("jwk", "jku", "x5u", "x5c", "crit")):
-            raise TokenRejected(TokenProblem.MALFORMED)
-
-    @staticmethod
-    def _check_required(claims: dict[str, Any]) -> None:
-        for name in ("sub", "jti", "sid", "iss"):
-            value = claims.get(name)
-            if not isinstance(value, str) or not value:
-                raise TokenRejected(TokenProblem.MALFORMED)
-        for name in ("exp", "iat"):
-            if not _is_number(claims.get(name)):
-                raise TokenRejected(TokenProblem.MALFORMED)
-        if "nbf" in claims and not _is_number(claims["nbf"]):
-            raise TokenRejected(TokenProblem.MALFORMED)
-        if not isinstance(claims.get("scope", ""), str):
-            raise TokenRejected(TokenProblem.MALFORMED)
-        generation = claims.get(GENERATION_CLAIM, 0)
-        if (
-            not isinstance(generation, int)
-            or isinstance(generation, bool)
-            or not 0 <= generation <= _MAX_GENERATION
-        ):
-            raise TokenRejected(TokenProblem.MALFORMED)
-        AccessTokenCodec._audiences(claims)
-
-    def _check_issuer(self, claims: dict[str, Any]) -> None:
-        if claims["iss"] != self._issuer:
-            raise TokenRejected(TokenProblem.MALFORMED)
-
-    @staticmethod
-    def _audiences(claims: dict[str, Any]) -> tuple[str, ...]:
-        aud = claims.get("aud")
-        if isinstance(aud, str) and aud:
-            return (aud,)
-        if isinstance(aud, list) and aud and all(isinstance(a, str) for a in aud):
-            return tuple(aud)
-        raise TokenRejected(TokenProblem.MALFORMED)
+        problem = token_check.lifetime_problem(
+            self._clock.now(),
+            expires_at=claims.expires_at,
+            issued_at=claims.issued_at,
+            not_before=claims.not_before,
+            leeway=self._leeway,
+        )
+        if problem is not None:
+            raise TokenRejected(TokenProblem(problem))

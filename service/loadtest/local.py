@@ -5,13 +5,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
-import re
 import secrets
-import signal
-import subprocess
-import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -19,9 +14,8 @@ from pathlib import Path
 
 from service.components import open_components
 from service.database import attach_embedded_uri
+from service.loadtest.server_process import ServeCommand, serving
 from service.settings import Settings
-
-_SERVING_RE = re.compile(r"authsvc serving on (\S+):(\d+)")
 
 
 @dataclass(frozen=True)
@@ -67,40 +61,14 @@ def local_server_process(
             env.setdefault("AUTH_MAX_SESSIONS_PER_USER", "10000")
         env["AUTH_DATA_DIR"] = data_dir
         env["AUTH_LISTEN"] = "127.0.0.1:0"
-        process = subprocess.Popen(
-            [sys.executable, "-m", "service", "serve", "--workers", str(workers)],
-            env=env,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        try:
-            target = _wait_for_address(process)
+        # Its stderr is ours (the load run's), as is its lifetime: SIGTERM at the end.
+        command = ServeCommand(env, workers=workers, stderr=None, within=120)
+        with serving(command) as server:
             settings = Settings.from_env(env)
             if settings.database_url is None:
                 # Reach the server's embedded PostgreSQL without sharing its lifetime.
                 settings = replace(settings, database_url=attach_embedded_uri(Path(data_dir)))
-            yield LocalServer(target, settings, process.pid)
-        finally:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
-
-
-def _wait_for_address(process: subprocess.Popen[str]) -> str:
-    assert process.stdout is not None
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        line = process.stdout.readline()
-        if not line:
-            break
-        match = _SERVING_RE.search(line)
-        if match:
-            return f"{match.group(1)}:{match.group(2)}"
-    raise RuntimeError("the load-test server did not start")
+            yield LocalServer(server.target, settings, server.pid)
 
 
 def seed_users(settings: Settings, count: int) -> tuple[tuple[str, ...], str]:

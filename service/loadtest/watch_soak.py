@@ -38,9 +38,6 @@ import multiprocessing
 import os
 import queue
 import random
-import re
-import signal
-import subprocess
 import sys
 import threading
 import time
@@ -57,6 +54,7 @@ from authsvc_client.gen.auth.v1 import admin_pb2, admin_pb2_grpc, auth_pb2, auth
 from authsvc_client.local_validator import LocalValidator
 
 from service.loadtest.reuse_attack import CALL_TIMEOUT, Attack, AttackLog, code_and_reason
+from service.loadtest.server_process import ServeCommand, ServerDidNotStart, ServerProcess
 from service.secrets_box import load_or_create_kek_file
 from service.store.revocation_feed import LISTENER_APPLICATION_NAME
 
@@ -85,7 +83,6 @@ REVOKE_KINDS = (
 # running when its grace ends: CANCELLED); the call may or may not have taken effect, and
 # the final comparison with the database covers it either way.
 _RETRYABLE = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED"})
-_SERVING_RE = re.compile(r"authsvc serving on (\S+):(\d+)")
 _PROBLEMS_SHOWN = 5  # example ids per difference in a failure line
 
 
@@ -233,43 +230,26 @@ class ReplicaProcess:
             }
         )
         self._log_path = log_dir / "replica.log"
-        self._process: subprocess.Popen[str] | None = None
+        self._server: ServerProcess | None = None
         self.address = ""
 
     def start(self, within: float = 60.0) -> str:
         """Start it (again on the port it had, so its clients' addresses stay right)."""
         self._env["AUTH_LISTEN"] = self.address or "127.0.0.1:0"
-        with self._log_path.open("a") as log_file:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "service", "serve"],
-                env=self._env,
-                stdout=subprocess.PIPE,
-                stderr=log_file,
-                text=True,
-            )
-        self._process = process
-        assert process.stdout is not None
-        deadline = time.monotonic() + within
-        while time.monotonic() < deadline:
-            line = process.stdout.readline()
-            if not line:
-                break
-            if match := _SERVING_RE.search(line):
-                self.address = f"{match.group(1)}:{match.group(2)}"
-                return self.address
-        self.stop()
-        raise RuntimeError(f"the second replica did not start (log: {self._log_path})")
+        command = ServeCommand(self._env, stderr=self._log_path, within=within)
+        try:
+            self._server = command.start()
+        except ServerDidNotStart:
+            raise RuntimeError(
+                f"the second replica did not start (log: {self._log_path})"
+            ) from None
+        self.address = self._server.target
+        return self.address
 
     def stop(self) -> None:
-        process, self._process = self._process, None
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+        server, self._server = self._server, None
+        if server is not None:
+            server.stop()
 
 
 class Watcher:

@@ -6,17 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 from authsvc_client.gen.auth.v1 import auth_pb2
 
+from service.loadtest.server_process import ServeCommand, serving
 from service.logs import RepeatedLibraryLines
 from tests.raw_http2 import raw_unary_call
-from tests.test_cli import _SERVING_RE, _server_env
+from tests.test_cli import _server_env
 
 GET_JWKS = "/auth.v1.AuthService/GetJwks"
 
@@ -61,39 +59,19 @@ async def test_metadata_that_is_not_utf8_cannot_flood_the_server_log(
     database_url: str, tmp_path: Path
 ) -> None:
     log_path = tmp_path / "server.log"
-    with log_path.open("w") as log_file:
-        proc = subprocess.Popen(  # noqa: ASYNC220 (started once; read below)
-            [sys.executable, "-m", "service", "serve", "--workers", "1"],
-            stdout=subprocess.PIPE,
-            stderr=log_file,
-            text=True,
-            env=_server_env(database_url, tmp_path),
-        )
-        try:
-            assert proc.stdout is not None
-            port = None
-            deadline = time.monotonic() + 60
-            while port is None and time.monotonic() < deadline:
-                line = proc.stdout.readline()
-                if not line:
-                    break
-                match = _SERVING_RE.search(line)
-                if match:
-                    port = int(match.group(1))
-            assert port is not None, "server did not start"
-            before = len(log_path.read_text().splitlines())
-            for _ in range(100):
-                response = await raw_unary_call(
-                    port,
-                    GET_JWKS,
-                    auth_pb2.GetJwksRequest().SerializeToString(),
-                    [(b"x-anything", b"\xff\xfe")],
-                )
-                assert response.grpc_status is not None
-            await asyncio.sleep(0.5)
-            lines = log_path.read_text().splitlines()[before:]
-            # Without the filter: a traceback of several lines, three times per call.
-            assert len(lines) < 100, "\n".join(lines[:40])
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
+    command = ServeCommand(_server_env(database_url, tmp_path), workers=1, stderr=log_path)
+    with serving(command) as server:
+        port = server.port
+        before = len(log_path.read_text().splitlines())
+        for _ in range(100):
+            response = await raw_unary_call(
+                port,
+                GET_JWKS,
+                auth_pb2.GetJwksRequest().SerializeToString(),
+                [(b"x-anything", b"\xff\xfe")],
+            )
+            assert response.grpc_status is not None
+        await asyncio.sleep(0.5)
+        lines = log_path.read_text().splitlines()[before:]
+        # Without the filter: a traceback of several lines, three times per call.
+        assert len(lines) < 100, "\n".join(lines[:40])

@@ -7,12 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import resource
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -28,15 +26,15 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
+from service.loadtest.server_process import ServeCommand, serving
 from service.metrics import EndpointLimits, MetricsEndpoint
 from tests.live_server import PASSWORD
-from tests.test_cli import _SERVING_RE, _server_env
+from tests.test_cli import _server_env
 from tests.test_replicas import _create_user
 
 FLOOD = 3_000
 """Half-open connections per wave (the number in the operator's report)."""
 HALF_A_HEAD = b"GET /metrics HTTP/1.1\r\nHost: x"
-_METRICS_RE = re.compile(r"metrics on http://[^ ]*:(\d+)/metrics")
 
 
 @pytest.fixture(autouse=True)
@@ -54,31 +52,9 @@ def enough_file_descriptors() -> None:
 def _serve(env: dict[str, str], workers: int) -> Iterator[tuple[subprocess.Popen[str], int, int]]:
     """`authsvc serve --workers N` with metrics on; yields (process, gRPC port, metrics port).
     Killed afterwards if the test left it running."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "service", "serve", "--workers", str(workers)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env=env,
-    )
-    try:
-        assert proc.stdout is not None
-        port = metrics_port = None
-        deadline = time.monotonic() + 60
-        while port is None and time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            if found := _METRICS_RE.search(line):
-                metrics_port = int(found.group(1))
-            if found := _SERVING_RE.search(line):
-                port = int(found.group(1))
-        assert port is not None and metrics_port is not None, "server did not start"
-        yield proc, port, metrics_port
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    with serving(ServeCommand(env, workers=workers), at_end="kill") as server:
+        assert server.metrics_port is not None, "server printed no metrics address"
+        yield server.process, server.port, server.metrics_port
 
 
 async def _half_open(port: int, count: int) -> list[asyncio.StreamWriter]:

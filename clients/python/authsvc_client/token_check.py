@@ -3,9 +3,10 @@ does: the same checks in the same order, so the same token gets the same verdict
 
 Pure and synchronous: the keys (a JWK Set) and the revocations are given; `LocalValidator`
 (authsvc_client.local_validator) keeps them current from authsvc's WatchRevocations stream.
-The rules mirrored here live in the server's service/domain/access_tokens.py (signature,
-claims, lifetime), validation.py (order of the checks) and request_limits.py (what a
-ValidateRequest may carry).
+The server runs the same code for what both decide alone (`verified_claims`: the token's
+spelling, signature and claims; `lifetime_problem`): its AccessTokenCodec calls them with
+its key ring. What stays mirrored: the order of the checks and the revocation rules (the
+server's validation.py and revocation.py) and a ValidateRequest's limits (request_limits.py).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
@@ -29,6 +30,8 @@ from jwt.algorithms import Algorithm, get_default_algorithms
 from authsvc_client.client import AuthServiceError, Validation
 
 __all__ = [
+    "ECDSA_CURVE_ORDERS",
+    "GENERATION_CLAIM",
     "MAX_AUDIENCE_BYTES",
     "MAX_LEEWAY_SECONDS",
     "MAX_SCOPES",
@@ -40,8 +43,12 @@ __all__ = [
     "Rejected",
     "Revocations",
     "TokenChecker",
+    "VerificationKey",
     "VerifiedClaims",
     "check_request",
+    "claim_audiences",
+    "lifetime_problem",
+    "verified_claims",
 ]
 
 # ValidateRequest's limits (proto comments; the server's request_limits.py).
@@ -55,13 +62,18 @@ _SCOPE_RE = re.compile(r"[\x21\x23-\x5B\x5D-\x7E]+")
 # long past its session's last exp, and this checker forgets it then. A larger leeway would
 # take a revoked session's token as valid again once its revocation is forgotten.
 MAX_LEEWAY_SECONDS = 300
-# iat/nbf may be this far ahead of the clock even with leeway 0 (as on the server).
+# iat/nbf may be this far ahead of the clock even with leeway 0: a token stamped by a clock
+# a little ahead is no risk, and rejecting it breaks clients for nothing.
 START_LEEWAY_SECONDS = 5
 _ACCEPTED_TYPES = frozenset({"at+jwt", "application/at+jwt"})
 _SEGMENT_RE = re.compile(r"[A-Za-z0-9_-]+")
+# What authsvc's key ids look like (secrets.token_urlsafe(12)); anything else is no key of
+# its own.
 _KID_RE = re.compile(r"[A-Za-z0-9_-]{16}")
-_GENERATION_CLAIM = "ugen"
-_MAX_GENERATION = 2**63 - 1
+# A private claim: the session's generation among its user's (a revocation of all the
+# user's sessions raises the user's generation; a token with a lower one is revoked).
+GENERATION_CLAIM = "ugen"
+_MAX_GENERATION = 2**63 - 1  # a PostgreSQL bigint
 _FORBIDDEN_HEADERS = ("jwk", "jku", "x5u", "x5c", "crit")
 _ALGORITHMS: dict[str, Algorithm] = get_default_algorithms()
 # The algorithms authsvc signs with, and the key type each needs.
@@ -70,21 +82,56 @@ _KEY_TYPES: dict[str, type[Any]] = {
     "ES256": ec.EllipticCurvePublicKey,
     "RS256": rsa.RSAPublicKey,
 }
-_P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+# The group order n of each curve pyjwt offers ECDSA on (SEC 2). ECDSA's (r, s) and
+# (r, n - s) both verify; only s <= n/2 ("low s") is signed or accepted, so that a token
+# has one spelling (verified-token caches key on the string).
+ECDSA_CURVE_ORDERS: dict[str, int] = {
+    "secp256r1": 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551,
+    "secp384r1": int(
+        "FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFF"
+        "C7634D81F4372DDF581A0DB248B0A77AECEC196ACCC52973",
+        16,
+    ),
+    "secp521r1": int(
+        "01FF"
+        + "F" * 56
+        + "FFFFFFFA51868783BF2F966B7FCC0148F709A5D03BB5C9B8899C47AEBB6FB71E91386409",
+        16,
+    ),
+    "secp256k1": 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141,
+}
 
 PublicKey = ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey | rsa.RSAPublicKey
+
+
+class VerificationKey(Protocol):
+    """A key a token may name (by `kid`): the one algorithm it verifies and its public
+    half. The server's SigningKey is one, and so is a key of a KeySet."""
+
+    @property
+    def alg(self) -> str: ...
+
+    @property
+    def public_key(self) -> PublicKey: ...
 
 
 class Rejected(Exception):
     """A token failed a check; `reason` is the ValidationError name without its prefix."""
 
     def __init__(
-        self, reason: str, *, unknown_kid: bool = False, wrong_issuer: bool = False
+        self,
+        reason: str,
+        *,
+        unknown_kid: bool = False,
+        wrong_issuer: bool = False,
+        kid: str | None = None,
     ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.unknown_kid = unknown_kid
         """The token names a plausible key id this process has not been told of."""
+        self.kid = kid
+        """That key id, when `unknown_kid`."""
         self.wrong_issuer = wrong_issuer
         """Signed by a listed key, but its `iss` is not the configured issuer."""
 
@@ -267,18 +314,25 @@ def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def _is_canonical(signature: bytes, key: _Key) -> bool:
-    """ES256: 0 < r < n and 0 < s <= n/2 (low s), as the server signs and accepts."""
-    if key.alg != "ES256":
+def _is_canonical(signature: bytes, key: VerificationKey) -> bool:
+    """ECDSA: 0 < r < n and 0 < s <= n/2 (low s), as the server signs (the other
+    algorithms' libraries already allow one encoding only: RSA needs s < n at the modulus'
+    length, Ed25519 S < L). A curve with no known order counts as not canonical."""
+    public_key = key.public_key
+    if not isinstance(public_key, ec.EllipticCurvePublicKey):
         return True
-    if len(signature) != 64:
+    order = ECDSA_CURVE_ORDERS.get(public_key.curve.name)
+    size = (public_key.curve.key_size + 7) // 8
+    if order is None or len(signature) != 2 * size:
         return False
-    r = int.from_bytes(signature[:32], "big")
-    s = int.from_bytes(signature[32:], "big")
-    return 0 < r < _P256_ORDER and 0 < s <= _P256_ORDER // 2
+    r = int.from_bytes(signature[:size], "big")
+    s = int.from_bytes(signature[size:], "big")
+    return 0 < r < order and 0 < s <= order // 2
 
 
-def _audiences(claims: dict[str, Any]) -> tuple[str, ...]:
+def claim_audiences(claims: dict[str, Any]) -> tuple[str, ...]:
+    """The `aud` claim as a tuple (a string or a non-empty list of strings); MALFORMED
+    otherwise."""
     aud = claims.get("aud")
     if isinstance(aud, str) and aud:
         return (aud,)
@@ -299,14 +353,14 @@ def _check_required(claims: dict[str, Any]) -> None:
         raise Rejected("MALFORMED")
     if not isinstance(claims.get("scope", ""), str):
         raise Rejected("MALFORMED")
-    generation = claims.get(_GENERATION_CLAIM, 0)
+    generation = claims.get(GENERATION_CLAIM, 0)
     if (
         not isinstance(generation, int)
         or isinstance(generation, bool)
         or not 0 <= generation <= _MAX_GENERATION
     ):
         raise Rejected("MALFORMED")
-    _audiences(claims)
+    claim_audiences(claims)
 
 
 def _expiry_datetime(expires_at: float) -> datetime:
@@ -317,31 +371,39 @@ def _expiry_datetime(expires_at: float) -> datetime:
     return ts.ToDatetime(tzinfo=UTC)
 
 
-def verify_signed(token: str, keys: KeySet, issuer: str) -> VerifiedClaims:
-    """Signature and claims (not lifetime, revocation, audience or scope), in the server's
-    order; raises Rejected with the first problem."""
+def verified_claims(
+    token: str, key_for: Callable[[object], VerificationKey | None], issuer: str
+) -> tuple[str, dict[str, Any]]:
+    """The key id and the claims of a token whose spelling, signature and claims pass (not
+    lifetime, revocation, audience or scope); raises Rejected with the first problem.
+    `key_for` gives the key an (untrusted) `kid` header names, or None: the checks authsvc's
+    Validate runs too, with its key ring."""
     parts = token.split(".")
     if len(parts) != 3:
         raise Rejected("MALFORMED")
     header_b64, payload_b64, signature_b64 = parts
     if _SEGMENT_RE.fullmatch(payload_b64) is None:
+        # Checked before the signature: the signing input must be ASCII.
         raise Rejected("MALFORMED")
     header = _json_object(_b64decode(header_b64))
     typ = header.get("typ")
     if not isinstance(typ, str) or typ.lower() not in _ACCEPTED_TYPES:
         raise Rejected("MALFORMED")
+    # Keys are never taken from the token: such headers mark a forgery attempt.
     if any(name in header for name in _FORBIDDEN_HEADERS):
         raise Rejected("MALFORMED")
     kid = header.get("kid")
-    key = keys.get(kid)
+    key = key_for(kid)
     if key is None:
-        plausible = isinstance(kid, str) and _KID_RE.fullmatch(kid) is not None
-        raise Rejected("BAD_SIGNATURE", unknown_kid=plausible)
+        if isinstance(kid, str) and _KID_RE.fullmatch(kid) is not None:
+            raise Rejected("BAD_SIGNATURE", unknown_kid=True, kid=kid)
+        raise Rejected("BAD_SIGNATURE")
+    # The algorithm is the key's, never the header's choice (no `none`, HMAC or confusion).
     if header.get("alg") != key.alg:
         raise Rejected("BAD_SIGNATURE")
     signature = _b64decode(signature_b64)
     signing_input = f"{header_b64}.{payload_b64}".encode("ascii")
-    if not _is_canonical(signature, key) or not key.algorithm.verify(
+    if not _is_canonical(signature, key) or not _ALGORITHMS[key.alg].verify(
         signing_input, key.public_key, signature
     ):
         raise Rejected("BAD_SIGNATURE")
@@ -349,6 +411,31 @@ def verify_signed(token: str, keys: KeySet, issuer: str) -> VerifiedClaims:
     _check_required(claims)
     if claims["iss"] != issuer:
         raise Rejected("MALFORMED", wrong_issuer=True)
+    return str(kid), claims  # a str: only a str names a key
+
+
+def lifetime_problem(
+    now: float,
+    *,
+    expires_at: float,
+    issued_at: float,
+    not_before: float | None,
+    leeway: float,
+) -> str | None:
+    """EXPIRED or NOT_YET_VALID against the clock with `leeway` (at least
+    START_LEEWAY_SECONDS for iat and nbf), or None."""
+    if now >= expires_at + leeway:
+        return "EXPIRED"
+    latest_start = now + max(leeway, START_LEEWAY_SECONDS)
+    if issued_at > latest_start or (not_before or 0) > latest_start:
+        return "NOT_YET_VALID"
+    return None
+
+
+def verify_signed(token: str, keys: KeySet, issuer: str) -> VerifiedClaims:
+    """Signature and claims (not lifetime, revocation, audience or scope), in the server's
+    order; raises Rejected with the first problem."""
+    kid, claims = verified_claims(token, keys.get, issuer)
     scopes = tuple(claims.get("scope", "").split())
     accepted = Checked(
         Validation(
@@ -362,16 +449,16 @@ def verify_signed(token: str, keys: KeySet, issuer: str) -> VerifiedClaims:
         )
     )
     return VerifiedClaims(
-        kid=str(kid),
+        kid=kid,
         subject=claims["sub"],
         session_id=claims["sid"],
         token_id=claims["jti"],
         scopes=scopes,
-        audiences=_audiences(claims),
+        audiences=claim_audiences(claims),
         issued_at=claims["iat"],
         expires_at=claims["exp"],
         not_before=claims.get("nbf"),
-        generation=claims.get(_GENERATION_CLAIM, 0),
+        generation=claims.get(GENERATION_CLAIM, 0),
         accepted=accepted,
     )
 
@@ -396,7 +483,6 @@ class TokenChecker:
             )
         self.issuer = issuer
         self._leeway = leeway
-        self._start_leeway = max(leeway, START_LEEWAY_SECONDS)
         self._clock = clock
         self._cache_size = cache_size
         self._cache: OrderedDict[bytes, VerifiedClaims] = OrderedDict()
@@ -435,12 +521,15 @@ class TokenChecker:
         """Validate's answer (the request's limits are checked by the caller)."""
         try:
             claims = self.signed(token)
-            now = self._clock()
-            if now >= claims.expires_at + self._leeway:
-                raise Rejected("EXPIRED")
-            latest_start = now + self._start_leeway
-            if claims.issued_at > latest_start or (claims.not_before or 0) > latest_start:
-                raise Rejected("NOT_YET_VALID")
+            problem = lifetime_problem(
+                self._clock(),
+                expires_at=claims.expires_at,
+                issued_at=claims.issued_at,
+                not_before=claims.not_before,
+                leeway=self._leeway,
+            )
+            if problem is not None:
+                raise Rejected(problem)
             if self.revocations.is_revoked(claims):
                 raise Rejected("REVOKED")
             if audience and audience not in claims.audiences:
