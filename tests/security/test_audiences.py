@@ -97,8 +97,12 @@ async def _adopt(server: LiveServer, audiences: frozenset[str]) -> None:
 
 
 def test_auth_audiences_is_a_comma_separated_list() -> None:
-    settings = Settings.from_env({"AUTH_AUDIENCES": " orders-api, https://billing.example/ ,,"})
+    # Blanks between items are allowed; around the whole value they are refused like
+    # every setting's (one strict spelling per kind).
+    settings = Settings.from_env({"AUTH_AUDIENCES": "orders-api, https://billing.example/ ,,"})
     assert settings.audiences == frozenset({"orders-api", "https://billing.example/"})
+    with pytest.raises(SettingsError):
+        Settings.from_env({"AUTH_AUDIENCES": " orders-api"})
     assert Settings.from_env({}).audiences == frozenset()
 
 
