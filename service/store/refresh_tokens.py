@@ -16,16 +16,19 @@ from service.domain.refresh_tokens import Rotate
 from service.domain.revocation import Revocation
 from service.store.base import StoreBase
 from service.store.events import insert_event
-from service.store.revocations import revocations, revoke_session
+from service.store.revocations import revocations, revoke_session, stepped_purge_after
 
 # The refresh path's statements (also run bare by the benchmark's SQL baseline).
 # The common case takes the lock and reads everything in one statement. A token
 # found used needs a second statement: under READ COMMITTED a call that waited
 # for the lock sees the parent's new version, but the joined rows (its child, its
 # session) only as they were before the wait, so they are read again, fresh.
-LOCK_REFRESH_TOKEN_SQL = """
-SELECT rt.token_hash, rt.session_id, s.user_id, rt.issued_at, rt.expires_at, rt.used_at,
-       rt.child_hash, s.scopes AS session_scopes, s.audience,
+
+# The presented token's row, locked, read with its session and user: the first statement
+# of the transaction path, and the `presented` part of ROTATE_FRESH_TOKEN_SQL (one text
+# for both, so that the two paths read the same state).
+_PRESENTED_TOKEN_SELECT = """SELECT rt.token_hash, rt.session_id, s.user_id, rt.issued_at,
+       rt.expires_at, rt.used_at, rt.child_hash, s.scopes AS session_scopes, s.audience,
        s.expires_at AS session_expires_at,
        (s.revoked_at IS NOT NULL OR s.user_generation < u.session_generation)
            AS session_revoked,
@@ -35,7 +38,10 @@ SELECT rt.token_hash, rt.session_id, s.user_id, rt.issued_at, rt.expires_at, rt.
   JOIN sessions s ON s.id = rt.session_id
   JOIN users u ON u.id = s.user_id
  WHERE rt.token_hash = $1
-   FOR UPDATE OF rt
+   FOR UPDATE OF rt"""
+
+LOCK_REFRESH_TOKEN_SQL = f"""
+{_PRESENTED_TOKEN_SELECT}
 """
 
 ROTATED_TOKEN_STATE_SQL = """
@@ -48,6 +54,19 @@ SELECT c.expires_at AS child_expires_at, (c.used_at IS NOT NULL) AS child_used,
   LEFT JOIN refresh_tokens c ON c.token_hash = $2
  WHERE s.id = $1
 """
+
+# The session's purge time after a rotation: the later of its bound and the moment its child
+# ($5 here, the fresh path's child_expires_at) expires, kept as stored within a step of that
+# (revocations.stepped_purge_after: most refreshes then change no indexed column of sessions),
+# and never past the later of its bound and its absolute expiry.
+_ROTATE_PURGE_AFTER = stepped_purge_after(
+    "greatest(access_expires_max, $6, least(expires_at, $5))",
+    "greatest(access_expires_max, $6, expires_at)",
+)
+_ROTATE_FRESH_PURGE_AFTER = stepped_purge_after(
+    "greatest(s.access_expires_max, $6, f.child_expires_at)",
+    "greatest(s.access_expires_max, $6, s.expires_at)",
+)
 
 # bound must cover its `exp`: if the lock query read a bound below it, $10 (a step past it)
 # is written, under the user's row lock and only if the generation is still the session's
@@ -65,7 +84,7 @@ SELECT c.expires_at AS child_expires_at, (c.used_at IS NOT NULL) AS child_used,
 # row, and announces the raised bound.) The same holds for the user's bound (above).
 # The child ($5) is now the only unused token: the session lives until it or the session
 # expires, and is kept until its last access token has expired too.
-ROTATE_SQL = """
+ROTATE_SQL = f"""
 WITH user_raised AS (
     UPDATE users SET access_expires_max = greatest(access_expires_max, $10)
      WHERE $10::timestamptz IS NOT NULL AND id = $8 AND session_generation <= $9
@@ -78,7 +97,7 @@ user_current AS (
 session AS (
     UPDATE sessions SET last_refreshed_at = $3, last_refreshed_peer = $7,
                         access_expires_max = greatest(access_expires_max, $6),
-                        purge_after = greatest(access_expires_max, $6, least(expires_at, $5))
+                        purge_after = {_ROTATE_PURGE_AFTER}
      WHERE id = $2 AND revoked_at IS NULL AND EXISTS (SELECT 1 FROM user_current)
     RETURNING id),
 parent AS (
@@ -87,7 +106,7 @@ parent AS (
     RETURNING 1)
 INSERT INTO refresh_tokens (token_hash, session_id, parent_hash, issued_at, expires_at)
 SELECT $4, $2, $1, $3, $5 FROM parent
-"""
+"""  # noqa: S608 (constants only)
 
 # A replay within the grace window signs another access token: raise the bound to its
 # `exp` ($2), unless the session or its user's generation was revoked meanwhile (as for
@@ -123,20 +142,9 @@ UPDATE sessions SET access_expires_max = greatest(access_expires_max, $2),
 # the token's lock finds it used (its rotation committed), so it rotates nothing; the
 # revocation of the session or (when the bound is raised) of the user that commits while it
 # waits for their rows stops it, as in ROTATE_SQL. Unknown token: no row.
-ROTATE_FRESH_TOKEN_SQL = """
+ROTATE_FRESH_TOKEN_SQL = f"""
 WITH presented AS (
-    SELECT rt.token_hash, rt.session_id, s.user_id, rt.issued_at, rt.expires_at, rt.used_at,
-           rt.child_hash, s.scopes AS session_scopes, s.audience,
-           s.expires_at AS session_expires_at,
-           (s.revoked_at IS NOT NULL OR s.user_generation < u.session_generation)
-               AS session_revoked,
-           s.user_generation, u.access_expires_max AS user_access_expires_max,
-           u.scopes AS user_scopes, u.disabled
-      FROM refresh_tokens rt
-      JOIN sessions s ON s.id = rt.session_id
-      JOIN users u ON u.id = s.user_id
-     WHERE rt.token_hash = $1
-       FOR UPDATE OF rt),
+{_PRESENTED_TOKEN_SELECT}),
 fresh AS (
     SELECT session_id, user_id, user_generation,
            least($4::timestamptz, session_expires_at) AS child_expires_at,
@@ -153,7 +161,7 @@ user_raised AS (
 session AS (
     UPDATE sessions s SET last_refreshed_at = $2, last_refreshed_peer = $8,
                           access_expires_max = greatest(s.access_expires_max, $6),
-                          purge_after = greatest(s.access_expires_max, $6, f.child_expires_at)
+                          purge_after = {_ROTATE_FRESH_PURGE_AFTER}
       FROM fresh f
      WHERE s.id = f.session_id AND s.revoked_at IS NULL
        AND (f.bound_covers OR EXISTS (SELECT 1 FROM user_raised))
@@ -167,7 +175,7 @@ child AS (
     SELECT $3, f.session_id, $1, $2, f.child_expires_at FROM fresh f, parent
     RETURNING 1)
 SELECT p.*, EXISTS (SELECT 1 FROM child) AS rotated FROM presented p
-"""
+"""  # noqa: S608 (constants only)
 
 
 def _refresh_state(row: asyncpg.Record, rotated: asyncpg.Record | None) -> RefreshTokenState:

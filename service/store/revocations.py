@@ -25,10 +25,31 @@ REVOKED_COUNT_LIMIT = MAX_SESSIONS_PER_USER
 # the expiry of its unused refresh token; with no unused token, it is dead already).
 # Stored as `sessions.purge_after` by every write that changes one of these (the cheap
 # forms are in migration 0012 (start_session), ROTATE_SQL, RAISE_ACCESS_EXPIRES_MAX_SQL and
-# PURGE_AFTER_ON_REVOKE); the janitor's re-check and back-fill use this exact form.
+# PURGE_AFTER_ON_REVOKE; a rotation stores it up to a step later: stepped_purge_after); the
+# janitor's re-check and back-fill use this exact form.
 SESSION_PURGE_AFTER = """greatest(s.access_expires_max, least(s.expires_at, s.revoked_at,
     coalesce((SELECT max(t.expires_at) FROM refresh_tokens t
                WHERE t.session_id = s.id AND t.used_at IS NULL), '-infinity'::timestamptz)))"""
+
+
+# A rotation moves a session's purge time (its new refresh token expires later): stored
+# exactly, `purge_after` (indexed: sessions_purge_after) would change on every refresh, so
+# no refresh could be a HOT update and each would add an entry to every index of sessions.
+# It is stored up to this much later than exact instead, and left as it is while it stays
+# within that step: most refreshes write no indexed column. Later is safe (the janitor
+# deletes a session only once the rows themselves say so); it only keeps a dead session
+# up to this much longer.
+PURGE_AFTER_STEP_SECONDS = 3600
+
+
+def stepped_purge_after(exact: str, latest: str) -> str:
+    """The `purge_after` a rotation stores: as it is while in [exact, exact + step],
+    else `exact` + step, but never past `latest` (what it can be at most: the later of
+    the session's bound and its absolute expiry). `exact` and `latest` are SQL
+    expressions; NULL (not computed yet) is computed."""
+    step = f"interval '{PURGE_AFTER_STEP_SECONDS} seconds'"
+    return f"""CASE WHEN purge_after BETWEEN {exact} AND {exact} + {step} THEN purge_after
+                        ELSE least({exact} + {step}, {latest}) END"""
 
 
 def purge_after_on_revoke(at: str) -> str:
