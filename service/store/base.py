@@ -116,6 +116,17 @@ def _release_at_once(pool: asyncpg.Pool, proxy: Any) -> bool:
     return True
 
 
+def _has_free_holder(pool: asyncpg.Pool) -> bool:
+    """True if `pool.acquire()` cannot wait for another user's connection: a holder is in
+    its free queue (O(1), where `get_idle_size` walks every holder). A free holder without
+    a live connection connects, which the pool's connect timeout bounds."""
+    try:
+        free: bool = pool._queue.qsize() > 0
+    except AttributeError:
+        return bool(pool.get_idle_size() > 0)
+    return free
+
+
 class PooledConnection:
     """`async with`: a connection from the pool, given back at the end; database errors
     mapped to `DatabaseUnavailable`. A connection is taken without asyncpg's timeout
@@ -134,7 +145,7 @@ class PooledConnection:
     async def __aenter__(self) -> asyncpg.Connection:
         pool = self._pool
         try:
-            if pool.get_idle_size() > 0:
+            if _has_free_holder(pool):
                 self._conn = await pool.acquire()
             else:
                 self._conn = await pool.acquire(timeout=self._timeout)
