@@ -16,7 +16,7 @@ import pytest
 from service.database import create_pool
 from service.errors import DatabaseUnavailable
 from service.settings import Settings
-from service.store.base import StoreBase, _release_at_once
+from service.store.base import REVIEWED_ASYNCPG_RELEASES, StoreBase, _release_at_once
 
 
 class _Store(StoreBase):
@@ -199,3 +199,10 @@ async def test_connection_killed_mid_statement_is_unavailable_then_replaced(
         await asyncio.wait_for(slow, timeout=10)
     assert await store.backend_pid() != victim
     await _assert_clean(store)
+
+
+def test_the_short_release_was_reviewed_for_the_installed_asyncpg() -> None:
+    """`_release_at_once` repeats asyncpg's release for its common case from its internals:
+    a new asyncpg turns it off (every release through asyncpg, correct but slower), and
+    this fails so that someone reads asyncpg's pool.py again and adds the release."""
+    assert asyncpg.__version__.startswith(REVIEWED_ASYNCPG_RELEASES), asyncpg.__version__

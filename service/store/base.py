@@ -76,6 +76,13 @@ async def keep_session_state(conn: asyncpg.Connection) -> None:
     time."""
 
 
+# The asyncpg releases whose pool internals `_release_at_once` and `_has_free_holder` were
+# checked against (pool.py's PoolConnectionHolder.release and Pool.release); under any
+# other, every connection goes back through asyncpg's own release.
+REVIEWED_ASYNCPG_RELEASES = ("0.32.",)
+_RELEASE_AT_ONCE = asyncpg.__version__.startswith(REVIEWED_ASYNCPG_RELEASES)
+
+
 def _release_at_once(pool: asyncpg.Pool, proxy: Any) -> bool:
     """Give a connection back to `pool` without asyncpg's release coroutine when there is
     nothing for it to do: True if done. asyncpg's `Pool.release` runs in a shielded Task
@@ -87,6 +94,8 @@ def _release_at_once(pool: asyncpg.Pool, proxy: Any) -> bool:
     returns False, and the caller lets asyncpg release it (roll back, wait for the cancel,
     or drop it). Also False if asyncpg's internals are not the ones this was written for.
     """
+    if not _RELEASE_AT_ONCE:
+        return False
     try:
         holder = proxy._holder
         con = proxy._con
@@ -120,11 +129,14 @@ def _has_free_holder(pool: asyncpg.Pool) -> bool:
     """True if `pool.acquire()` cannot wait for another user's connection: a holder is in
     its free queue (O(1), where `get_idle_size` walks every holder). A free holder without
     a live connection connects, which the pool's connect timeout bounds."""
-    try:
-        free: bool = pool._queue.qsize() > 0
-    except AttributeError:
-        return bool(pool.get_idle_size() > 0)
-    return free
+    if _RELEASE_AT_ONCE:
+        try:
+            free: bool = pool._queue.qsize() > 0
+        except AttributeError:
+            pass
+        else:
+            return free
+    return bool(pool.get_idle_size() > 0)
 
 
 class PooledConnection:
