@@ -20,7 +20,7 @@ import psutil
 
 from service.failures import ConfigurationError, DatabaseUnreachable
 from service.settings import Settings
-from service.store.base import UNAVAILABLE_ERRORS
+from service.store.base import UNAVAILABLE_ERRORS, keep_session_state
 from service.store.migrations import MigrationLockTimeout, apply_migrations, check_schema
 
 log = logging.getLogger(__name__)
@@ -160,14 +160,6 @@ def _connect_errors(dsn: str, settings: Settings) -> Iterator[None]:
         raise unreachable(exc, dsn, settings) from None
 
 
-async def _keep_session_state(conn: asyncpg.Connection) -> None:
-    """Nothing to reset when a connection goes back to the pool (asyncpg rolls back an
-    open transaction itself): the service leaves no session state on pooled connections
-    (settings and advisory locks it takes are the transaction's, or, the janitor's, let go
-    before release or the connection dropped), so asyncpg's default reset (`RESET ALL`,
-    `UNLISTEN *`, ... : one more round trip per use) would only cost time."""
-
-
 async def create_pool(
     dsn: str,
     settings: Settings,
@@ -183,7 +175,7 @@ async def create_pool(
             max_size=settings.db_pool_size,
             command_timeout=settings.db_timeout,
             timeout=settings.db_timeout,
-            reset=_keep_session_state,
+            reset=keep_session_state,
             init=init,
         )
     assert pool is not None

@@ -5,15 +5,25 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import secrets
 import time
+import uuid
 from datetime import UTC, datetime
+from typing import Any
 
 import jwt
 import pytest
 
 from service.clock import SystemClock
-from service.domain.access_tokens import TOKEN_TYPE, AccessTokenCodec, TokenProblem, TokenRejected
+from service.domain.access_tokens import (
+    ECDSA_CURVE_ORDERS,
+    TOKEN_TYPE,
+    AccessTokenCodec,
+    TokenProblem,
+    TokenRejected,
+)
+from service.domain.jws_signing import TokenIds
 from service.domain.keys import FixedKeys, KeyRing, generate_signing_key, open_signing_key
 from service.secrets_box import SecretBox
 from service.settings import SIGNING_ALGORITHMS
@@ -93,3 +103,76 @@ def test_a_token_naming_a_key_not_loaded_reports_its_key_id_for_a_look() -> None
         codec.verify(odd.decode() + token[token.index(".") :])
     assert rejected.value.problem is TokenProblem.BAD_SIGNATURE
     assert rejected.value.unknown_kid is None
+
+
+def _es256_codec() -> tuple[AccessTokenCodec, Any]:
+    box = SecretBox(secrets.token_bytes(32))
+    key = open_signing_key(generate_signing_key("ES256", box, datetime.now(UTC)), box)
+    codec = AccessTokenCodec(
+        issuer="https://auth.example", keys=FixedKeys(KeyRing([key])), clock=SystemClock(), leeway=0
+    )
+    return codec, key
+
+
+def test_es256_signatures_are_low_s_and_verify_with_pyjwt() -> None:
+    """Half of ECDSA's signatures come out with the high s: over 64 tokens both kinds are
+    met, and every token carries the low one and verifies with pyjwt."""
+    codec, key = _es256_codec()
+    order = ECDSA_CURVE_ORDERS["secp256r1"]
+    now = int(time.time())
+    for _ in range(64):
+        token = codec.sign(
+            subject="user-1",
+            session_id="session-1",
+            audience="api",
+            scopes=("read",),
+            issued_at=now,
+            expires_at=now + 900,
+            generation=0,
+        ).token
+        signature = _b64d(token.split(".")[2])
+        assert len(signature) == 64
+        assert 0 < int.from_bytes(signature[32:], "big") <= order // 2
+        assert jwt.decode(token, key.public_key, algorithms=["ES256"], audience="api")
+        assert codec.verify(token).subject == "user-1"
+
+
+def test_token_ids_are_uuid4_hex_and_unique() -> None:
+    """jti keeps uuid4().hex's format (version 4, RFC 4122 variant), across refills of the
+    random buffer, and no id repeats."""
+    codec, _ = _es256_codec()
+    now = int(time.time())
+    ids = set()
+    for _ in range(400):  # 400 x 16 bytes: more than one 4 KiB buffer
+        token = codec.sign(
+            subject="u",
+            session_id="s",
+            audience="api",
+            scopes=(),
+            issued_at=now,
+            expires_at=now + 60,
+            generation=0,
+        ).token
+        jti = json.loads(_b64d(token.split(".")[1]))["jti"]
+        assert uuid.UUID(hex=jti).version == 4
+        assert uuid.UUID(hex=jti).variant == uuid.RFC_4122
+        assert uuid.UUID(hex=jti).hex == jti
+        ids.add(jti)
+    assert len(ids) == 400
+
+
+def test_token_ids_differ_in_a_forked_child() -> None:
+    """A buffer of random bytes filled before a fork is not used by both processes."""
+    ids = TokenIds()
+    ids.next_hex()  # the buffer is filled
+    reader, writer = os.pipe()
+    child = os.fork()
+    if child == 0:
+        os.write(writer, ids.next_hex().encode())
+        os._exit(0)
+    os.close(writer)
+    os.waitpid(child, 0)
+    in_child = os.read(reader, 64).decode()
+    os.close(reader)
+    assert len(in_child) == 32
+    assert in_child != ids.next_hex()

@@ -275,6 +275,7 @@ async def _rows(h: Harness, written: Written) -> list[Any]:
 
 
 async def _refresh(h: Harness, grace: int, token: str) -> TokenPair | AuthError:
+    await asyncio.sleep(0)  # the loggers of the statements sent before run first
     h.queries.clear()
     try:
         return await h.services[grace].tokens.refresh(token, caller=CALLER)

@@ -37,6 +37,10 @@ class Counted:
 
     async def sent_by(self, call: object) -> list[str]:
         """The statements sent while awaiting `call`."""
+        # asyncpg calls query loggers soon after each query (loop.call_soon): let those of
+        # the statements sent before run first (a call may return without yielding after
+        # its last statement: the pool gives a connection back without a Task).
+        await asyncio.sleep(0)
         self.queries.clear()
         assert asyncio.iscoroutine(call)
         await call

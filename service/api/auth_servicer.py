@@ -10,7 +10,7 @@ from authsvc_client.gen.auth.v1 import auth_pb2
 
 from service.api.revocation_watch import RevocationWatchHub
 from service.api.status import maps_errors
-from service.api.wire import add_servicer, bearer_credential, caller_info, timestamp
+from service.api.wire import add_servicer, bearer_credential, caller_info, timestamp_fields
 from service.api.wrapped_handlers import HandlerRegistry
 from service.domain.access_tokens import TokenProblem
 from service.domain.revocation import revoked_count_is_lower_bound
@@ -48,10 +48,10 @@ def _token_pair(pair: TokenPair) -> auth_pb2.TokenPair:
         access_token=pair.access_token,
         refresh_token=pair.refresh_token,
         token_type="Bearer",
-        access_token_expires_at=timestamp(pair.access_token_expires_at),
-        refresh_token_expires_at=timestamp(pair.refresh_token_expires_at),
+        access_token_expires_at=timestamp_fields(pair.access_token_expires_at),
+        refresh_token_expires_at=timestamp_fields(pair.refresh_token_expires_at),
         session_id=pair.session_id,
-        scopes=list(pair.scopes),
+        scopes=pair.scopes,
     )
 
 
@@ -131,8 +131,8 @@ class AuthServicer:
             valid=True,
             subject=claims.subject,
             session_id=claims.session_id,
-            scopes=list(claims.scopes),
-            expires_at=timestamp(claims.expires_at),
+            scopes=claims.scopes,
+            expires_at=timestamp_fields(claims.expires_at),
             token_id=claims.token_id,
         )
 

@@ -33,6 +33,14 @@ def timestamp(seconds: float) -> Timestamp:
     return Timestamp(seconds=whole, nanos=nanos)
 
 
+def timestamp_fields(seconds: float) -> dict[str, int]:
+    """`timestamp`'s fields, to initialise a message's Timestamp field with: protobuf
+    builds it in place from these, where a Timestamp message would be built and then
+    copied in (about a microsecond each, on every Refresh, Issue and Validate)."""
+    whole, nanos = divmod(int(seconds * 1_000_000_000), 1_000_000_000)
+    return {"seconds": whole, "nanos": nanos}
+
+
 MAX_USER_AGENT_CHARS = 256
 MAX_PEER_CHARS = 256
 

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import base64
 import enum
-import json
-import uuid
 from dataclasses import dataclass
 
 from authsvc_client import token_check
@@ -20,7 +18,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from jwt.algorithms import Algorithm, get_default_algorithms
 
 from service.clock import Clock
-from service.domain.keys import ACCESS_TOKEN_TYPE, CurrentKeys, PublicKey
+from service.domain.jws_signing import COMPACT_JSON, EcdsaSigner, TokenIds
+from service.domain.keys import ACCESS_TOKEN_TYPE, CurrentKeys, PublicKey, SigningKey
 
 TOKEN_TYPE = ACCESS_TOKEN_TYPE
 _ALGORITHMS: dict[str, Algorithm] = get_default_algorithms()
@@ -125,6 +124,8 @@ class AccessTokenCodec:
         self._keys = keys
         self._clock = clock
         self._leeway = leeway
+        self._token_ids = TokenIds()
+        self._signers: dict[str, tuple[SigningKey, EcdsaSigner | None]] = {}
 
     def sign(
         self,
@@ -140,30 +141,42 @@ class AccessTokenCodec:
         """A token with exactly these `iat` and `exp` (see `token_lifetime`) and the session's
         `generation`, signed with the key active now."""
         key = self._keys.ring.signing_key(self._clock.now())
-        iat = issued_at
-        exp = expires_at
         claims = {
             "iss": self._issuer,
             "sub": subject,
             "aud": audience,
-            "exp": exp,
-            "iat": iat,
-            "jti": uuid.uuid4().hex,
+            "exp": expires_at,
+            "iat": issued_at,
+            "jti": self._token_ids.next_hex(),
             "sid": session_id,
             "scope": " ".join(scopes),
             GENERATION_CLAIM: generation,
         }
         # What jwt.encode would write, byte for byte, without its per-call work: the header
         # is the key's, made once; the key object is used as it is.
-        payload = base64.urlsafe_b64encode(
-            json.dumps(claims, separators=(",", ":")).encode()
-        ).rstrip(b"=")
-        signing_input = f"{key.jws_header_b64}.{payload.decode('ascii')}"
-        signature = _ALGORITHMS[key.alg].sign(signing_input.encode("ascii"), key.private_key)
-        if isinstance(key.public_key, ec.EllipticCurvePublicKey):
-            signature = _low_s(signature, key.public_key)
+        payload = base64.urlsafe_b64encode(COMPACT_JSON.encode(claims).encode()).rstrip(b"=")
+        signing_input = f"{key.jws_header_b64}.{payload.decode('ascii')}".encode("ascii")
+        signer = self._ecdsa_signer(key)
+        if signer is not None:
+            signature = signer.sign(signing_input)
+        else:
+            signature = _ALGORITHMS[key.alg].sign(signing_input, key.private_key)
+            if isinstance(key.public_key, ec.EllipticCurvePublicKey):
+                signature = _low_s(signature, key.public_key)
         encoded = base64.urlsafe_b64encode(signature).rstrip(b"=").decode("ascii")
-        return IssuedAccessToken(token=f"{signing_input}.{encoded}", expires_at=exp)
+        return IssuedAccessToken(
+            token=f"{signing_input.decode('ascii')}.{encoded}", expires_at=expires_at
+        )
+
+    def _ecdsa_signer(self, key: SigningKey) -> EcdsaSigner | None:
+        """The key's ECDSA signer (None: not an EC key), made at its first use."""
+        cached = self._signers.get(key.kid)
+        if cached is not None and cached[0] is key:
+            return cached[1]
+        signer = EcdsaSigner.for_key(key.alg, key.private_key, ECDSA_CURVE_ORDERS)
+        # One entry per key ever used to sign: a handful over a process's life.
+        self._signers[key.kid] = (key, signer)
+        return signer
 
     def verify(self, token: str, *, check_time: bool = True) -> AccessClaims:
         """Verify signature and claims; raise TokenRejected naming the first problem."""

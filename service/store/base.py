@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from types import TracebackType
+from typing import Any
 
 import asyncpg
 
@@ -65,6 +67,128 @@ async def release_session_lock(conn: asyncpg.Connection, lock_id: int) -> None:
         raise
 
 
+async def keep_session_state(conn: asyncpg.Connection) -> None:
+    """The pool's `reset`: nothing to reset when a connection goes back to the pool
+    (asyncpg rolls back an open transaction itself): the service leaves no session state
+    on pooled connections (settings and advisory locks it takes are the transaction's, or,
+    the janitor's, let go before release or the connection dropped), so asyncpg's default
+    reset (`RESET ALL`, `UNLISTEN *`, ... : one more round trip per use) would only cost
+    time."""
+
+
+# The asyncpg releases whose pool internals `_release_at_once` and `_has_free_holder` were
+# checked against (pool.py's PoolConnectionHolder.release and Pool.release); under any
+# other, every connection goes back through asyncpg's own release.
+REVIEWED_ASYNCPG_RELEASES = ("0.32.",)
+_RELEASE_AT_ONCE = asyncpg.__version__.startswith(REVIEWED_ASYNCPG_RELEASES)
+
+
+def _release_at_once(pool: asyncpg.Pool, proxy: Any) -> bool:
+    """Give a connection back to `pool` without asyncpg's release coroutine when there is
+    nothing for it to do: True if done. asyncpg's `Pool.release` runs in a shielded Task
+    under a timeout even when the connection is idle and sound, which cost the refresh path
+    about a tenth of its CPU. This is that release's own sequence for its common case
+    (`PoolConnectionHolder.release` with our no-op reset) and nothing else: any other state
+    (closed, a statement or a cancellation in flight, a transaction open, a listener, the
+    connection due to be recycled or of an expired generation, a reset that does something)
+    returns False, and the caller lets asyncpg release it (roll back, wait for the cancel,
+    or drop it). Also False if asyncpg's internals are not the ones this was written for.
+    """
+    if not _RELEASE_AT_ONCE:
+        return False
+    try:
+        holder = proxy._holder
+        con = proxy._con
+        if con is None:
+            return True  # released already
+        protocol = con._protocol
+        if (
+            pool._reset is not keep_session_state
+            or holder._pool is not pool
+            or holder._in_use is None
+            or con.is_closed()
+            or protocol.is_in_transaction()
+            or con._top_xact is not None
+            or protocol._is_cancelling()
+            or protocol.queries_count >= holder._max_queries
+            or holder._generation != pool._generation
+            or con._listeners
+            or con._log_listeners
+        ):
+            return False
+        con._on_release()
+        holder._timeout = None
+        holder._release()
+        holder._setup_inactive_callback()
+    except AttributeError:
+        return False
+    return True
+
+
+def _has_free_holder(pool: asyncpg.Pool) -> bool:
+    """True if `pool.acquire()` cannot wait for another user's connection: a holder is in
+    its free queue (O(1), where `get_idle_size` walks every holder). A free holder without
+    a live connection connects, which the pool's connect timeout bounds."""
+    if _RELEASE_AT_ONCE:
+        try:
+            free: bool = pool._queue.qsize() > 0
+        except AttributeError:
+            pass
+        else:
+            return free
+    return bool(pool.get_idle_size() > 0)
+
+
+class PooledConnection:
+    """`async with`: a connection from the pool, given back at the end; database errors
+    mapped to `DatabaseUnavailable`. A connection is taken without asyncpg's timeout
+    machinery (a `wait_for` Task) when one is idle, so no wait can happen; otherwise the
+    wait (and any connecting) is bounded by the statement timeout as before. A sound idle
+    connection goes back at once (`_release_at_once`); anything else through asyncpg's
+    release, which rolls back, waits out a cancellation or drops the connection."""
+
+    __slots__ = ("_conn", "_pool", "_timeout")
+
+    def __init__(self, pool: asyncpg.Pool, timeout: float) -> None:
+        self._pool = pool
+        self._timeout = timeout
+        self._conn: Any = None
+
+    async def __aenter__(self) -> asyncpg.Connection:
+        pool = self._pool
+        try:
+            if _has_free_holder(pool):
+                self._conn = await pool.acquire()
+            else:
+                self._conn = await pool.acquire(timeout=self._timeout)
+        except UNAVAILABLE_ERRORS as exc:
+            raise DatabaseUnavailable() from exc
+        return self._conn
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        conn, self._conn = self._conn, None
+        if isinstance(exc, asyncpg.ReadOnlySQLTransactionError):
+            # A standby (or a server made read-only): no write will succeed on this
+            # session. Dropped, so that the pool connects again, which with
+            # target_session_attrs=read-write finds the primary.
+            conn.terminate()
+        if not _release_at_once(self._pool, conn):
+            try:
+                await self._pool.release(conn, timeout=self._timeout)
+            except UNAVAILABLE_ERRORS as release_exc:
+                if exc is None:
+                    raise DatabaseUnavailable() from release_exc
+        if isinstance(exc, asyncpg.ReadOnlySQLTransactionError):
+            raise DatabaseUnavailable() from exc
+        if isinstance(exc, UNAVAILABLE_ERRORS):
+            raise DatabaseUnavailable() from exc
+
+
 class StoreBase:
     """A pool, a statement timeout and the window of aggregated security events."""
 
@@ -74,20 +198,9 @@ class StoreBase:
         # Repeats of an aggregated event within one such window share a row.
         self._event_window = event_window
 
-    @asynccontextmanager
-    async def _connection(self) -> AsyncIterator[asyncpg.Connection]:
-        try:
-            async with self._pool.acquire(timeout=self._timeout) as conn:
-                try:
-                    yield conn
-                except asyncpg.ReadOnlySQLTransactionError as exc:
-                    # A standby (or a server made read-only): no write will succeed on
-                    # this session. Dropped, so that the pool connects again, which with
-                    # target_session_attrs=read-write finds the primary.
-                    conn.terminate()
-                    raise DatabaseUnavailable() from exc
-        except UNAVAILABLE_ERRORS as exc:
-            raise DatabaseUnavailable() from exc
+    def _connection(self) -> PooledConnection:
+        """A pooled connection for one use (`async with`), database errors mapped."""
+        return PooledConnection(self._pool, self._timeout)
 
     @asynccontextmanager
     async def _transaction(self) -> AsyncIterator[asyncpg.Connection]:
