@@ -206,3 +206,29 @@ def test_the_short_release_was_reviewed_for_the_installed_asyncpg() -> None:
     a new asyncpg turns it off (every release through asyncpg, correct but slower), and
     this fails so that someone reads asyncpg's pool.py again and adds the release."""
     assert asyncpg.__version__.startswith(REVIEWED_ASYNCPG_RELEASES), asyncpg.__version__
+
+
+async def test_a_task_giving_a_connection_back_cannot_take_it_again_before_those_waiting(
+    settings: Settings,
+) -> None:
+    """Fair turns: a task that gives its connection back and at once asks for one again
+    (a login's statements one after another) must not take it from under a task already
+    waiting, or waiting tasks starve until their timeout (DatabaseUnavailable) while the
+    pool is busy but never unavailable."""
+    pool = await create_pool(settings.database_url or "", replace(settings, db_pool_size=2))
+    # Each task's turns add up to several times the timeout: a task passed over again and
+    # again would wait past it.
+    store = _Store(pool, timeout=0.5)
+    turns = 0
+
+    async def statements_one_after_another() -> None:
+        nonlocal turns
+        for _ in range(150):
+            await store.value("SELECT pg_sleep(0.001)")
+            turns += 1
+
+    try:
+        await asyncio.gather(*(statements_one_after_another() for _ in range(16)))
+    finally:
+        await pool.close()
+    assert turns == 16 * 150

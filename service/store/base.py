@@ -104,6 +104,7 @@ def _release_at_once(pool: asyncpg.Pool, proxy: Any) -> bool:
         protocol = con._protocol
         if (
             pool._reset is not keep_session_state
+            or _has_waiters(pool)
             or holder._pool is not pool
             or holder._in_use is None
             or con.is_closed()
@@ -125,17 +126,32 @@ def _release_at_once(pool: asyncpg.Pool, proxy: Any) -> bool:
     return True
 
 
+def _has_waiters(pool: asyncpg.Pool) -> bool:
+    """True if a task waits for one of `pool`'s connections (or if that cannot be told).
+
+    Turns must stay fair: asyncpg's free queue hands a connection given back to whoever
+    asks first, and a task that gives one back at once (without the release Task, which
+    let the woken waiter run first) and asks again in the same step would take it from
+    under the waiter, again and again, until the waiter's timeout. While anyone waits,
+    connections go back and are taken through asyncpg's own path, as before."""
+    try:
+        return any(not waiter.done() for waiter in pool._queue._getters)
+    except AttributeError:
+        return True
+
+
 def _has_free_holder(pool: asyncpg.Pool) -> bool:
     """True if `pool.acquire()` cannot wait for another user's connection: a holder is in
-    its free queue (O(1), where `get_idle_size` walks every holder). A free holder without
-    a live connection connects, which the pool's connect timeout bounds."""
+    its free queue (O(1), where `get_idle_size` walks every holder) and no task waits for
+    one (see `_has_waiters`). A free holder without a live connection connects, which the
+    pool's connect timeout bounds."""
     if _RELEASE_AT_ONCE:
         try:
             free: bool = pool._queue.qsize() > 0
         except AttributeError:
             pass
         else:
-            return free
+            return free and not _has_waiters(pool)
     return bool(pool.get_idle_size() > 0)
 
 
