@@ -8,6 +8,7 @@ timeouts and writes refused by a read-only server (a standby) become `DatabaseUn
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from types import TracebackType
@@ -104,7 +105,6 @@ def _release_at_once(pool: asyncpg.Pool, proxy: Any) -> bool:
         protocol = con._protocol
         if (
             pool._reset is not keep_session_state
-            or _has_waiters(pool)
             or holder._pool is not pool
             or holder._in_use is None
             or con.is_closed()
@@ -129,11 +129,13 @@ def _release_at_once(pool: asyncpg.Pool, proxy: Any) -> bool:
 def _has_waiters(pool: asyncpg.Pool) -> bool:
     """True if a task waits for one of `pool`'s connections (or if that cannot be told).
 
-    Turns must stay fair: asyncpg's free queue hands a connection given back to whoever
-    asks first, and a task that gives one back at once (without the release Task, which
-    let the woken waiter run first) and asks again in the same step would take it from
-    under the waiter, again and again, until the waiter's timeout. While anyone waits,
-    connections go back and are taken through asyncpg's own path, as before."""
+    Turns must stay fair: asyncpg's free queue hands a connection to whoever asks first,
+    even ahead of a waiter it has just woken. A task that gave its connection back at once
+    (without asyncpg's release Task, after which the woken waiter ran first) and asked
+    again in the same step would take it from under that waiter, again and again, until
+    the waiter's timeout. So a connection given back to a waiter is followed by one turn of
+    the event loop (the waiter runs first), and nobody takes the quick way in while anyone
+    waits."""
     try:
         return any(not waiter.done() for waiter in pool._queue._getters)
     except AttributeError:
@@ -193,7 +195,11 @@ class PooledConnection:
             # session. Dropped, so that the pool connects again, which with
             # target_session_attrs=read-write finds the primary.
             conn.terminate()
-        if not _release_at_once(self._pool, conn):
+        handed_to_waiter = _has_waiters(self._pool)
+        if _release_at_once(self._pool, conn):
+            if handed_to_waiter:
+                await asyncio.sleep(0)  # the waiter it woke takes it before we go on
+        else:
             try:
                 await self._pool.release(conn, timeout=self._timeout)
             except UNAVAILABLE_ERRORS as release_exc:
