@@ -175,20 +175,23 @@ def test_bench_runs_end_to_end_and_prints_its_table(database_url: str, tmp_path:
         ):
             assert line.split("|")[5].strip() == "0", line
     # Cost per operation: measured round trips (a refresh and a login reach the database,
-    # a Validate does not) and CPU per call of the server and of PostgreSQL.
+    # a Validate does not) and CPU per call of the server, of PostgreSQL and of the load
+    # generator's own processes.
     costs = {
-        cells[1].strip(): [c.strip() for c in cells[2:5]]
+        cells[1].strip(): [c.strip() for c in cells[2:6]]
         for line in table.splitlines()
-        if line.startswith("| ") and len(cells := line.split("|")) == 6
+        if line.startswith("| ") and len(cells := line.split("|")) == 7
     }
     # The counts tests/test_round_trips.py requires, measured through the server's pool.
     assert (costs["refresh"][0], costs["issue (login)"][0]) == ("1.0", "4.0")
     assert float(costs["validate-hot"][0]) == 0
     assert costs["sql rotation, one statement (asyncpg alone)"][0] == "1.0"
-    for operation in ("refresh", "issue (login)", "validate-hot"):
-        server_us, _postgres_us = (float(v.replace(",", "")) for v in costs[operation][1:])
+    for operation in ("refresh", "issue (login)", "validate-hot", "health (empty call)"):
+        server_us, _postgres_us, load_us = (float(v.replace(",", "")) for v in costs[operation][1:])
         assert server_us > 0, operation
+        assert load_us > 0, operation  # the client side of a call costs something too
     assert float(costs["refresh"][2].replace(",", "")) > 0  # PostgreSQL worked for it
+    assert float(costs["sql rotation, one statement (asyncpg alone)"][3].replace(",", "")) > 0
 
 
 def test_argon2_baseline_hashes_at_the_priority_of_the_servers_hashing_threads() -> None:

@@ -138,6 +138,7 @@ class _CpuWindows:
         self.server: dict[str, float] = {}
         self.postgres: dict[str, float | None] = {}
         self.calls: dict[str, int] = {}
+        self.load: dict[str, float] = {}
 
     def run(self, plan: LoadPlan) -> ScenarioSummary:
         self._started = self._ended = None
@@ -155,6 +156,7 @@ class _CpuWindows:
             else previous + after - before
         )
         self.calls[name] = self.calls.get(name, 0) + summary.ok + summary.error_count
+        self.load[name] = self.load.get(name, 0.0) + summary.load_cpu_seconds
         return summary
 
     def _window(self, measuring: bool) -> None:
@@ -163,12 +165,14 @@ class _CpuWindows:
         else:
             self._ended = self._meter.read()
 
-    def per_call_us(self, name: str) -> tuple[float, float | None]:
+    def per_call_us(self, name: str) -> tuple[float, float | None, float]:
+        """Server, PostgreSQL and load-generator CPU microseconds per call."""
         calls = max(1, self.calls.get(name, 0))
         postgres = self.postgres.get(name)
         return (
             self.server.get(name, 0.0) / calls * 1e6,
             None if postgres is None else postgres / calls * 1e6,
+            self.load.get(name, 0.0) / calls * 1e6,
         )
 
 
@@ -285,12 +289,13 @@ class CostRow:
     round_trips: float | None
     server_us: float | None
     postgres_us: float | None
+    load_us: float
 
 
 def _costs(cpu: _CpuWindows, round_trips: RoundTrips) -> list[CostRow]:
     def measured(name: str, label: str, trips: float | None, server: bool = True) -> CostRow:
-        server_us, postgres_us = cpu.per_call_us(name)
-        return CostRow(label, trips, server_us if server else None, postgres_us)
+        server_us, postgres_us, load_us = cpu.per_call_us(name)
+        return CostRow(label, trips, server_us if server else None, postgres_us, load_us)
 
     return [
         measured("refresh", "refresh", round_trips.refresh),
@@ -388,11 +393,12 @@ def _report(
     ]
     cost_lines = [
         "",
-        "| cost per operation | database round trips | server CPU µs | PostgreSQL CPU µs |",
-        "|---|---:|---:|---:|",
+        "| cost per operation | database round trips | server CPU µs | PostgreSQL CPU µs "
+        "| load generator CPU µs |",
+        "|---|---:|---:|---:|---:|",
         *(
             f"| {c.operation} | {_number(c.round_trips, 1)} | {_number(c.server_us)} | "
-            f"{_number(c.postgres_us)} |"
+            f"{_number(c.postgres_us)} | {_number(c.load_us)} |"
             for c in costs
         ),
     ]
@@ -401,10 +407,10 @@ def _report(
         f"{options.processes} processes x {options.concurrency} concurrent calls in all, "
         f"{options.duration:g} s per run (health, validate, {SQL_ROW} and refresh: median of "
         f"{options.rounds} interleaved runs; refresh errors: all its runs); CPU: the server's "
-        f"processes and PostgreSQL's over the measured part of each run, divided by its "
-        f"calls; round trips: statements sent per call through the server's own code with "
-        f"asyncpg's query logger; argon2id m={ARGON2_MEMORY_KIB} KiB t={ARGON2_TIME_COST} "
-        f"p={ARGON2_PARALLELISM}"
+        f"processes, PostgreSQL's and the load processes' own over the measured part of each "
+        f"run, divided by its calls; round trips: statements sent per call through the "
+        f"server's own code with asyncpg's query logger; argon2id m={ARGON2_MEMORY_KIB} KiB "
+        f"t={ARGON2_TIME_COST} p={ARGON2_PARALLELISM}"
     )
     alg_lines = [
         "",

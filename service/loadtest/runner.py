@@ -275,6 +275,7 @@ async def _measure(
     """Wait for every process to be set up, then run the loop for `plan.duration`."""
     await asyncio.get_running_loop().run_in_executor(None, barrier.wait, _SETUP_TIMEOUT)
     start = time.perf_counter()
+    cpu_start = time.process_time()
     deadline = start + plan.duration
 
     async def report_progress() -> None:
@@ -288,6 +289,7 @@ async def _measure(
     else:
         await _open_loop(operation, result, plan.rate / plan.processes, clients, start, deadline)
     result.elapsed = time.perf_counter() - start
+    result.cpu_seconds = time.process_time() - cpu_start
     reporter.cancel()
     progress.value = len(result.latencies) + sum(result.errors.values())
 

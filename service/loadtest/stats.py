@@ -19,6 +19,7 @@ class ProcessResult:
     errors: Counter[str] = field(default_factory=Counter)  # status code name -> count
     dropped: int = 0  # open-loop sends skipped because too many were in flight
     elapsed: float = 0.0
+    cpu_seconds: float = 0.0  # this process's own CPU time over the measured part
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,9 @@ class ScenarioSummary:
     processes: int
     concurrency: int
     rate: float | None
+    # The load processes' own CPU time over the measured part (what each call costs the
+    # client side: the bench's cost table shows it beside the server's and PostgreSQL's).
+    load_cpu_seconds: float = 0.0
 
     @property
     def error_count(self) -> int:
@@ -74,6 +78,7 @@ def summarize(
         processes=processes,
         concurrency=concurrency,
         rate=rate,
+        load_cpu_seconds=sum(r.cpu_seconds for r in results),
     )
 
 
