@@ -235,12 +235,26 @@ class DatabaseUrl(Text):
 
     @property
     def allowed(self) -> str:
-        return f"a postgresql:// URL of at most {self.max_bytes} bytes"
+        return (
+            f"a postgresql:// URL of at most {self.max_bytes} bytes, each host's port "
+            "from 1 to 65535"
+        )
 
     def validate(self, value: str) -> None:
         super().validate(value)
         if not value.startswith(("postgresql://", "postgres://")):
             raise ValueError(self.allowed)
+        # The hosts' ports (asyncpg would fail on one out of range only when connecting,
+        # with an error that is no setting's). user:password@ comes before the hosts.
+        hosts = value.split("://", 1)[1].split("/", 1)[0].split("?", 1)[0].rpartition("@")[2]
+        for host in hosts.split(","):
+            port = host.rpartition("]")[2] if host.startswith("[") else host
+            if ":" in port:
+                digits = port.rpartition(":")[2]
+                if digits and not (
+                    digits.isascii() and digits.isdigit() and 0 < int(digits) < 65536
+                ):
+                    raise ValueError(self.allowed)
 
 
 @dataclass(frozen=True)

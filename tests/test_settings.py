@@ -517,3 +517,34 @@ def test_a_misspelled_variable_is_reported_in_one_warning_line_without_its_value
     lines = [json.loads(line) for line in result.stderr.splitlines() if line.strip()]
     messages = [line["message"] for line in lines if line["level"] == "WARNING"]
     assert any("did you mean AUTH_ACCESS_TTL?" in m for m in messages), messages
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://user:Hunter2Secret@127.0.0.1:99999/x",
+        "postgresql://h1:5432,h2:70000/db?target_session_attrs=read-write",
+        "postgresql://[::1]:0/x",
+        "postgresql://h:5x/x",
+    ],
+)
+def test_a_database_port_out_of_range_is_refused_at_start_without_the_url(url: str) -> None:
+    """asyncpg refuses such a port only when connecting, with an OverflowError that made
+    every command exit 70 ("a bug") with a traceback: the setting is refused instead,
+    naming the variable, never echoing the URL (it holds a password)."""
+    with pytest.raises(SettingsError) as refused:
+        Settings.from_env({"AUTH_DATABASE_URL": url, "AUTH_KEK": "a" * 43 + "="})
+    message = str(refused.value)
+    assert message.startswith("AUTH_DATABASE_URL: ") and "65535" in message
+    assert "Hunter2Secret" not in message and "99999" not in message
+
+
+def test_database_urls_with_several_hosts_and_ports_in_range_still_parse() -> None:
+    for url in (
+        "postgresql://u:p@127.0.0.1:5432/x",
+        "postgresql://h1:5432,h2:5433/db?target_session_attrs=read-write",
+        "postgresql://[::1]:5432/x",
+        "postgresql:///db?host=/tmp",
+        "postgres://u:p%3A@h/x",
+    ):
+        assert Settings.from_env({"AUTH_DATABASE_URL": url, "AUTH_KEK": "a" * 43 + "="})
