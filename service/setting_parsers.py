@@ -89,7 +89,11 @@ class Number(Parser[N]):
 
     @property
     def allowed(self) -> str:
-        what = "a whole number" if self.kind is int else "a plain decimal number"
+        what = (
+            "a whole number"
+            if self.kind is int
+            else "a plain decimal number (at most 12 digits after the point)"
+        )
         if self.unit:
             what += f" of {self.unit}"
         low, high = self._with_unit(self.low), self._with_unit(self.high)

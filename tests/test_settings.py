@@ -548,3 +548,12 @@ def test_database_urls_with_several_hosts_and_ports_in_range_still_parse() -> No
         "postgres://u:p%3A@h/x",
     ):
         assert Settings.from_env({"AUTH_DATABASE_URL": url, "AUTH_KEK": "a" * 43 + "="})
+
+
+def test_a_decimal_with_too_many_digits_is_refused_saying_how_many_are_allowed() -> None:
+    """In range but with 13 digits after the point: the refusal says the limit (it read
+    as if the value were out of range)."""
+    with pytest.raises(SettingsError) as refused:
+        Settings.from_env({"AUTH_DB_TIMEOUT": "5.0000000000000"})
+    assert "at most 12 digits after the point" in str(refused.value)
+    assert Settings.from_env({"AUTH_DB_TIMEOUT": "5.000000000000"}).db_timeout == 5
