@@ -15,6 +15,7 @@ import asyncpg
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from service.domain.shared_settings import shown
 from service.failures import EXIT_CONFIGURATION, StartupError
 from service.settings import Settings
 from tests.helpers import validate
@@ -297,3 +298,10 @@ def test_each_shared_setting_is_named_by_the_variable_that_sets_it() -> None:
         changed = shared_values(Settings.from_env({variable_name(name): raw}))
         assert changed[name] != default, name
         assert {n for n in defaults if changed[n] != defaults[n]} == {name}
+
+
+def test_a_switch_is_shown_as_its_variable_is_spelled() -> None:
+    """Switches are set as on/off (the strict grammar refuses true/false): the log lines
+    and refusals about shared settings say them the same way."""
+    assert (shown(True), shown(False)) == ("on", "off")
+    assert shown("https://auth.example") == '"https://auth.example"'

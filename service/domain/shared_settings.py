@@ -103,7 +103,10 @@ def shared_values(settings: Settings) -> dict[str, SharedValue]:
 
 
 def shown(value: SharedValue) -> str:
-    """A value as one line (JSON: control characters escaped, strings quoted)."""
+    """A value as one line (JSON: control characters escaped, strings quoted), a switch
+    spelled as its variable takes it (on/off)."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
     return json.dumps(value)
 
 
