@@ -20,7 +20,7 @@ import psutil
 
 from service.failures import ConfigurationError, DatabaseUnreachable
 from service.settings import Settings
-from service.store.base import UNAVAILABLE_ERRORS, keep_session_state
+from service.store.base import UNAVAILABLE_ERRORS, connections_available, keep_session_state
 from service.store.migrations import MigrationLockTimeout, apply_migrations, check_schema
 
 log = logging.getLogger(__name__)
@@ -236,6 +236,25 @@ async def migrate_database(settings: Settings) -> tuple[str, list[str]]:
     return dsn, await run_migrations(dsn, settings)
 
 
+def connection_budget_problem(settings: Settings, available: int) -> str | None:
+    """Why this replica alone cannot get the connections it is configured for, or None.
+
+    Each worker holds up to `AUTH_DB_POOL_SIZE` pooled connections and one for the
+    revocation listener. A database that takes fewer fails only under load, with
+    UNAVAILABLE and "too many clients" nowhere in our log: refused at start instead.
+    (Other replicas and tools need connections too; that sum cannot be known here.)
+    """
+    needed = settings.workers * (settings.db_pool_size + 1)
+    if needed <= available:
+        return None
+    return (
+        f"AUTH_DB_POOL_SIZE={settings.db_pool_size} with {settings.workers} "
+        f"worker{'s' if settings.workers != 1 else ''} needs up to {needed} database "
+        f"connections (a pool and a listener each) and the database takes {available}: "
+        "lower AUTH_DB_POOL_SIZE or AUTH_WORKERS, or raise its max_connections"
+    )
+
+
 @contextlib.asynccontextmanager
 async def open_database(settings: Settings, *, migrate: bool = False) -> AsyncIterator[Database]:
     """The configured database, its pool closed on exit.
@@ -252,8 +271,13 @@ async def open_database(settings: Settings, *, migrate: bool = False) -> AsyncIt
         dsn = await resolve_database_url(settings)
     pool = await create_pool(dsn, settings)
     try:
-        if not migrate:
-            async with pool.acquire() as conn:
+        async with pool.acquire() as conn:
+            if migrate:
+                # Once per start (serve or its supervisor), before any worker connects.
+                problem = connection_budget_problem(settings, await connections_available(conn))
+                if problem is not None:
+                    raise ConfigurationError(problem)
+            else:
                 await check_schema(conn)
         yield Database(dsn, pool)
     finally:

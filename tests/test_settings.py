@@ -19,6 +19,7 @@ import pytest
 
 from service.cli import build_parser
 from service.clock import to_datetime
+from service.database import connection_budget_problem
 from service.loadtest import soak
 from service.setting_declarations import Declaration
 from service.setting_parsers import DAY, YEAR, Choice, CommaList, CommaSet, Number, Text
@@ -557,3 +558,10 @@ def test_a_decimal_with_too_many_digits_is_refused_saying_how_many_are_allowed()
         Settings.from_env({"AUTH_DB_TIMEOUT": "5.0000000000000"})
     assert "at most 12 digits after the point" in str(refused.value)
     assert Settings.from_env({"AUTH_DB_TIMEOUT": "5.000000000000"}).db_timeout == 5
+
+
+def test_the_connection_budget_counts_a_pool_and_a_listener_per_worker() -> None:
+    settings = dataclasses.replace(Settings.from_env({}), db_pool_size=10, workers=4)
+    assert connection_budget_problem(settings, 44) is None
+    problem = connection_budget_problem(settings, 43)
+    assert problem is not None and "needs up to 44" in problem and "takes 43" in problem

@@ -222,6 +222,24 @@ def test_a_port_in_use_is_one_line(database_url: str, tmp_path: Path) -> None:
             assert f"127.0.0.1:{port}" in _failure(result, "text")
 
 
+@pytest.mark.system
+def test_a_pool_the_database_cannot_hold_is_refused_at_start(
+    database_url: str, tmp_path: Path
+) -> None:
+    """AUTH_DB_POOL_SIZE x workers (+ a listener each) over the database's connections:
+    refused in one line at start, not UNAVAILABLE under load with the cause nowhere in the
+    log (the test database takes 100)."""
+    for workers in ("1", "2"):
+        env = _server_env(database_url, tmp_path, AUTH_DB_POOL_SIZE="120", AUTH_WORKERS=workers)
+        result = _authsvc("serve", env=env)
+        assert result.returncode == 2, result.stderr
+        message = _failure(result, "text")
+        assert "AUTH_DB_POOL_SIZE=120" in message and "max_connections" in message
+    # What fits still starts: 2 workers x (40 + 1).
+    with _serving(_server_env(database_url, tmp_path, AUTH_DB_POOL_SIZE="40", AUTH_WORKERS="2")):
+        pass
+
+
 # Item 6: an old binary refuses a newer schema.
 
 

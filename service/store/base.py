@@ -157,6 +157,15 @@ def _has_free_holder(pool: asyncpg.Pool) -> bool:
     return bool(pool.get_idle_size() > 0)
 
 
+async def connections_available(conn: asyncpg.Connection) -> int:
+    """How many connections the database takes from roles that are not superusers."""
+    available: int = await conn.fetchval(
+        "SELECT current_setting('max_connections')::int"
+        " - current_setting('superuser_reserved_connections')::int"
+    )
+    return available
+
+
 class PooledConnection:
     """`async with`: a connection from the pool, given back at the end; database errors
     mapped to `DatabaseUnavailable`. A connection is taken without asyncpg's timeout
