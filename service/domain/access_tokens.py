@@ -14,12 +14,11 @@ import enum
 from dataclasses import dataclass
 
 from authsvc_client import token_check
-from cryptography.hazmat.primitives.asymmetric import ec
 from jwt.algorithms import Algorithm, get_default_algorithms
 
 from service.clock import Clock
 from service.domain.jws_signing import COMPACT_JSON, EcdsaSigner, TokenIds
-from service.domain.keys import ACCESS_TOKEN_TYPE, CurrentKeys, PublicKey, SigningKey
+from service.domain.keys import ACCESS_TOKEN_TYPE, CurrentKeys, SigningKey
 
 TOKEN_TYPE = ACCESS_TOKEN_TYPE
 _ALGORITHMS: dict[str, Algorithm] = get_default_algorithms()
@@ -79,34 +78,6 @@ class IssuedAccessToken:
     expires_at: int
 
 
-def _ecdsa_halves(signature: bytes, public_key: PublicKey) -> tuple[int, int, int, int] | None:
-    """(r, s, n, size of each half) of a raw JWS ECDSA signature; None if it is not one
-    for this key's curve (a curve we know no order for counts as not one)."""
-    if not isinstance(public_key, ec.EllipticCurvePublicKey):
-        return None
-    order = ECDSA_CURVE_ORDERS.get(public_key.curve.name)
-    size = (public_key.curve.key_size + 7) // 8
-    if order is None or len(signature) != 2 * size:
-        return None
-    return (
-        int.from_bytes(signature[:size], "big"),
-        int.from_bytes(signature[size:], "big"),
-        order,
-        size,
-    )
-
-
-def _low_s(signature: bytes, public_key: PublicKey) -> bytes:
-    """An ECDSA signature with s replaced by n - s when s is the high one (both verify)."""
-    halves = _ecdsa_halves(signature, public_key)
-    if halves is None:
-        return signature
-    r, s, order, size = halves
-    if s <= order // 2:
-        return signature
-    return r.to_bytes(size, "big") + (order - s).to_bytes(size, "big")
-
-
 def token_lifetime(now: float, ttl: int) -> tuple[int, int]:
     """The `iat` and `exp` of an access token issued at `now` for `ttl` seconds. Computed
     before the database call that records `exp` as the session's bound, and then signed
@@ -156,13 +127,13 @@ class AccessTokenCodec:
         # is the key's, made once; the key object is used as it is.
         payload = base64.urlsafe_b64encode(COMPACT_JSON.encode(claims).encode()).rstrip(b"=")
         signing_input = f"{key.jws_header_b64}.{payload.decode('ascii')}".encode("ascii")
+        # ECDSA through its signer (low s: the one spelling verification accepts); a curve
+        # without a known order has no low s to write, and signs through pyjwt as others do.
         signer = self._ecdsa_signer(key)
         if signer is not None:
             signature = signer.sign(signing_input)
         else:
             signature = _ALGORITHMS[key.alg].sign(signing_input, key.private_key)
-            if isinstance(key.public_key, ec.EllipticCurvePublicKey):
-                signature = _low_s(signature, key.public_key)
         encoded = base64.urlsafe_b64encode(signature).rstrip(b"=").decode("ascii")
         return IssuedAccessToken(
             token=f"{signing_input.decode('ascii')}.{encoded}", expires_at=expires_at

@@ -62,10 +62,12 @@ class TokenIds:
         return f"{value:032x}"
 
 
+# Every ECDSA algorithm pyjwt offers (RFC 7518 §3.4, RFC 8812 §3.2 for ES256K).
 _ECDSA_HASHES: dict[str, type[hashes.HashAlgorithm]] = {
     "ES256": hashes.SHA256,
     "ES384": hashes.SHA384,
     "ES512": hashes.SHA512,
+    "ES256K": hashes.SHA256,
 }
 
 
