@@ -27,7 +27,7 @@ from service.store.revocations import revocations, revoke_session, stepped_purge
 # The presented token's row, locked, read with its session and user: the first statement
 # of the transaction path, and the `presented` part of ROTATE_FRESH_TOKEN_SQL (one text
 # for both, so that the two paths read the same state).
-_PRESENTED_TOKEN_SELECT = """SELECT rt.token_hash, rt.session_id, s.user_id, rt.issued_at,
+LOCK_REFRESH_TOKEN_SQL = """SELECT rt.token_hash, rt.session_id, s.user_id, rt.issued_at,
        rt.expires_at, rt.used_at, rt.child_hash, s.scopes AS session_scopes, s.audience,
        s.expires_at AS session_expires_at,
        (s.revoked_at IS NOT NULL OR s.user_generation < u.session_generation)
@@ -39,10 +39,6 @@ _PRESENTED_TOKEN_SELECT = """SELECT rt.token_hash, rt.session_id, s.user_id, rt.
   JOIN users u ON u.id = s.user_id
  WHERE rt.token_hash = $1
    FOR UPDATE OF rt"""
-
-LOCK_REFRESH_TOKEN_SQL = f"""
-{_PRESENTED_TOKEN_SELECT}
-"""
 
 ROTATED_TOKEN_STATE_SQL = """
 SELECT c.expires_at AS child_expires_at, (c.used_at IS NOT NULL) AS child_used,
@@ -144,7 +140,7 @@ UPDATE sessions SET access_expires_max = greatest(access_expires_max, $2),
 # waits for their rows stops it, as in ROTATE_SQL. Unknown token: no row.
 ROTATE_FRESH_TOKEN_SQL = f"""
 WITH presented AS (
-{_PRESENTED_TOKEN_SELECT}),
+{LOCK_REFRESH_TOKEN_SQL}),
 fresh AS (
     SELECT session_id, user_id, user_generation,
            least($4::timestamptz, session_expires_at) AS child_expires_at,
