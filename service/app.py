@@ -9,7 +9,7 @@ import asyncio
 import logging
 import os
 import signal
-from typing import Final
+from typing import Any, Final
 
 from authsvc_client.addresses import HostPort
 
@@ -102,38 +102,26 @@ def print_banner(
     where = "AUTH_DATABASE_URL"
     if settings.database_url is None:
         where = "embedded PostgreSQL in " + str(settings.data_dir / "postgres")
-    if settings.log_format == "json":
-        print(
-            json_line(
-                "create a first user (in another terminal, same directory): "
-                ".venv/bin/authsvc users create alice --scope read --password-stdin"
-            ),
-            flush=True,
-        )
-        if metrics is not None:
-            url = f"http://{metrics}/metrics"
-            print(json_line(f"metrics on {url}", metrics=url), flush=True)
-        print(
-            json_line(
-                f"authsvc serving on {address} ({workers} worker{'s' if workers != 1 else ''}, "
-                f"database: {where})",
-                address=address,
-                port=HostPort.parse(address).port,
-                workers=workers,
-                database=where,
-            ),
-            flush=True,
-        )
-        return
-    print(
-        "create a first user (in another terminal, same directory):\n"
-        "  .venv/bin/authsvc users create alice --scope read --password-stdin",
-        flush=True,
-    )
+    as_json = settings.log_format == "json"
+    first_user = "create a first user (in another terminal, same directory):"
+    command = ".venv/bin/authsvc users create alice --scope read --password-stdin"
+    lines: list[tuple[str, dict[str, Any]]] = [
+        (f"{first_user} {command}" if as_json else f"{first_user}\n  {command}", {})
+    ]
     if metrics is not None:
-        print(f"metrics on http://{metrics}/metrics", flush=True)
-    print(
-        f"authsvc serving on {address} ({workers} worker{'s' if workers != 1 else ''}, "
-        f"database: {where})",
-        flush=True,
+        url = f"http://{metrics}/metrics"
+        lines.append((f"metrics on {url}", {"metrics": url}))
+    lines.append(
+        (
+            f"authsvc serving on {address} ({workers} worker{'s' if workers != 1 else ''}, "
+            f"database: {where})",
+            {
+                "address": address,
+                "port": HostPort.parse(address).port,
+                "workers": workers,
+                "database": where,
+            },
+        )
     )
+    for text, fields in lines:
+        print(json_line(text, **fields) if as_json else text, flush=True)
