@@ -27,18 +27,17 @@ class UndecodableRequest:
     """
 
 
-def timestamp(seconds: float) -> Timestamp:
-    # Built from its fields in one call (FromNanoseconds is Python code, on every response).
-    whole, nanos = divmod(int(seconds * 1_000_000_000), 1_000_000_000)
-    return Timestamp(seconds=whole, nanos=nanos)
-
-
 def timestamp_fields(seconds: float) -> dict[str, int]:
-    """`timestamp`'s fields, to initialise a message's Timestamp field with: protobuf
+    """A Timestamp's fields, to initialise a message's Timestamp field with: protobuf
     builds it in place from these, where a Timestamp message would be built and then
-    copied in (about a microsecond each, on every Refresh, Issue and Validate)."""
+    copied in (about a microsecond each, on every Refresh, Issue and Validate). From the
+    two fields in one step: FromNanoseconds is Python code."""
     whole, nanos = divmod(int(seconds * 1_000_000_000), 1_000_000_000)
     return {"seconds": whole, "nanos": nanos}
+
+
+def timestamp(seconds: float) -> Timestamp:
+    return Timestamp(**timestamp_fields(seconds))
 
 
 MAX_USER_AGENT_CHARS = 256
