@@ -17,6 +17,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import asyncpg
+from authsvc_client.token_check import VerifiedTokenCache
 
 from service.clock import (
     Clock,
@@ -27,13 +28,13 @@ from service.clock import (
     judge_skew,
 )
 from service.database import open_database
-from service.domain.access_tokens import AccessTokenCodec
+from service.domain.access_tokens import AccessClaims, AccessTokenCodec
 from service.domain.janitor import Janitor
 from service.domain.login import PasswordLogins
 from service.domain.passwords import PasswordHasher
 from service.domain.policy import TokenPolicy
 from service.domain.refresh_secret import load_refresh_secret, open_refresh_secret
-from service.domain.revocation import RevocationState, VerifiedTokenCache
+from service.domain.revocation import RevocationState
 from service.domain.sessions import RevokeService, SessionRevocations
 from service.domain.shared_settings import check_shared_settings
 from service.domain.signing_keys import SigningKeys
@@ -80,7 +81,7 @@ class Components:
     users: UserDirectory
     hasher: PasswordHasher
     revocations: RevocationState
-    token_cache: VerifiedTokenCache
+    token_cache: VerifiedTokenCache[AccessClaims]
     signing_keys: SigningKeys
     janitor: Janitor
     clock: Clock
@@ -149,7 +150,7 @@ async def build_components(
     )
     policy = TokenPolicy.from_settings(settings)
     revocations = RevocationState()
-    token_cache = VerifiedTokenCache(settings.token_cache_size)
+    token_cache = VerifiedTokenCache[AccessClaims](settings.token_cache_size)
     box = SecretBox(key_encryption_key(settings)) if key_material else None
     signing_keys = _signing_keys(settings, store, box, clock, telemetry)
     refresh_secret = None

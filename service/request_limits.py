@@ -8,10 +8,17 @@ limit here is documented in the proto and docs/api.md ("Limits"), and tested.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Collection, Sequence
 
-from service import settings
+# ValidateRequest's limits are the client package's (which checks them before a call).
+from authsvc_client.token_check import (
+    MAX_AUDIENCE_BYTES,
+    MAX_SCOPE_BYTES,
+    MAX_SCOPES,
+    MAX_TOKEN_BYTES,
+    SCOPE_TOKEN_RE,
+)
+
 from service.domain.usernames import (
     MAX_USERNAME_KEY_BYTES,
     new_username_problem,
@@ -19,17 +26,22 @@ from service.domain.usernames import (
 )
 from service.errors import FieldViolation, InvalidArgument
 
-MAX_TOKEN_BYTES = 8 * 1024
+__all__ = [
+    "MAX_AUDIENCE_BYTES",
+    "MAX_ID_BYTES",
+    "MAX_PASSWORD_BYTES",
+    "MAX_SCOPES",
+    "MAX_SCOPE_BYTES",
+    "MAX_TOKEN_BYTES",
+    "MAX_USERNAME_BYTES",
+    "MIN_PASSWORD_LENGTH",
+    "RequestCheck",
+]
+
 MAX_USERNAME_BYTES = 256
 MAX_PASSWORD_BYTES = 1024
-MAX_SCOPES = 32
-MAX_SCOPE_BYTES = 128
-MAX_AUDIENCE_BYTES = settings.MAX_AUDIENCE_BYTES  # AUTH_AUDIENCES entries are held to it too
 MAX_ID_BYTES = 256  # session_id and subject in Revoke
 MIN_PASSWORD_LENGTH = 8  # of a new password (a login is checked against the hash alone)
-
-# RFC 6749 §3.3 scope-token: printable ASCII except space, '"' and '\'.
-_SCOPE_RE = re.compile(r"[\x21\x23-\x5B\x5D-\x7E]+")
 
 
 class RequestCheck:
@@ -83,7 +95,7 @@ class RequestCheck:
                 self._violations.append(
                     FieldViolation(f"{field}[{i}]", f"is longer than {MAX_SCOPE_BYTES} bytes")
                 )
-            elif _SCOPE_RE.fullmatch(scope) is None:
+            elif SCOPE_TOKEN_RE.fullmatch(scope) is None:
                 self._violations.append(
                     FieldViolation(
                         f"{field}[{i}]",

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from authsvc_client.addresses import HostPort
+from authsvc_client.token_check import MAX_AUDIENCE_BYTES, MAX_LEEWAY_SECONDS
 
 from service.setting_declarations import Declaration, declared_fields, setting
 from service.setting_parsers import (
@@ -59,14 +60,13 @@ from service.setting_parsers import (
 SIGNING_ALGORITHMS = ("EdDSA", "ES256", "RS256")
 CALL_GROUPS = ("validate", "admin")
 
-MAX_LEEWAY = 300
+MAX_LEEWAY = MAX_LEEWAY_SECONDS
 """The largest `AUTH_LEEWAY` accepted, seconds. Revocations are remembered for this much
 past the last access token's `exp`, whatever the leeway is now, so that raising the leeway
 later (up to here) can never bring a forgotten revocation's token back."""
 
-MAX_AUDIENCE_BYTES = 256
-"""The longest audience (`AUTH_AUDIENCE`, `AUTH_AUDIENCES` entries, Issue's field), bytes."""
-
+# MAX_AUDIENCE_BYTES (the client package's): the longest audience (`AUTH_AUDIENCE`,
+# `AUTH_AUDIENCES` entries, Issue's and Validate's field), bytes.
 MAX_AGE = 10 * YEAR
 """No duration goes beyond this: now ± any setting stays far inside datetime's years
 1..9999, so no date arithmetic can overflow (a clean-up cut-off, a throttle window)."""

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
+from authsvc_client.token_check import VerifiedTokenCache
+
 from service.clock import ManualClock, to_datetime
 from service.domain.access_tokens import AccessTokenCodec
 from service.domain.login import PasswordLogins
@@ -38,7 +40,6 @@ from service.domain.revocation import (
     Revocation,
     RevocationState,
     UserRevocation,
-    VerifiedTokenCache,
 )
 from service.domain.sessions import RevokeService, SessionRevocations
 from service.domain.signing_keys import SigningKeys

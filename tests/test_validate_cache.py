@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from authsvc_client.gen.auth.v1 import auth_pb2
+from authsvc_client.token_check import VerifiedTokenCache
 
 from service.domain.access_tokens import AccessClaims, token_lifetime
 from service.domain.revocation import (
     REVOCATION_MARGIN_SECONDS,
     Revocation,
     RevocationState,
-    VerifiedTokenCache,
     forgettable_before,
     remembered_until,
 )
@@ -77,19 +77,23 @@ def _claims(n: int) -> AccessClaims:
     )
 
 
-def test_cache_is_bounded_and_evicts_oldest_first() -> None:
-    cache = VerifiedTokenCache(max_entries=3)
+def test_cache_is_bounded_and_evicts_the_least_recently_used_first() -> None:
+    cache = VerifiedTokenCache[AccessClaims](max_entries=3)
     keys = [cache.key(f"token-{n}") for n in range(5)]
-    for n, key in enumerate(keys):
+    for n, key in enumerate(keys[:3]):
         cache.put(key, _claims(n))
+    assert cache.get(keys[0]) == _claims(0)  # used: token-1 is now the least recent
+    cache.put(keys[3], _claims(3))
+    cache.put(keys[4], _claims(4))
     assert len(cache) == 3
-    assert cache.get(keys[0]) is None
     assert cache.get(keys[1]) is None
+    assert cache.get(keys[2]) is None
+    assert cache.get(keys[0]) == _claims(0)
     assert cache.get(keys[4]) == _claims(4)
 
 
 def test_cache_of_size_zero_stores_nothing() -> None:
-    cache = VerifiedTokenCache(max_entries=0)
+    cache = VerifiedTokenCache[AccessClaims](max_entries=0)
     cache.put(cache.key("t"), _claims(1))
     assert cache.get(cache.key("t")) is None
 

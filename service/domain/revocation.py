@@ -12,10 +12,10 @@ Why and for how long: docs/design.md, "Tokens and sessions" and "Validate at sca
 from __future__ import annotations
 
 import bisect
-import hashlib
-from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import NamedTuple
+
+from authsvc_client.token_check import Revocations
 
 from service.domain.access_tokens import AccessClaims
 from service.settings import MAX_LEEWAY, MAX_SESSIONS_PER_USER
@@ -112,9 +112,9 @@ class RevocationState:
     which a watcher that was at sequence N gets exactly what came after N."""
 
     def __init__(self) -> None:
-        self._revoked: dict[str, float] = {}  # session id -> forget after (epoch seconds)
-        # user id -> (sessions below this generation are revoked, forget after)
-        self._users: dict[str, tuple[int, float]] = {}
+        # The revoked sessions and users, each until it may be forgotten: the sets and the
+        # rule that LocalValidator (the client package) applies to the same stream.
+        self._revocations = Revocations()
         self._journal: list[LogEntry] = []
         self._listeners: list[LogListener] = []
         self.sequence = 0
@@ -177,11 +177,11 @@ class RevocationState:
 
     def revoked_session_entries(self) -> list[tuple[str, float]]:
         """(session id, forget after) of every revoked session remembered."""
-        return list(self._revoked.items())
+        return list(self._revocations.sessions.items())
 
     def revoked_user_entries(self) -> list[tuple[str, int, float]]:
         """(user id, generation, forget after) of every user's revocation remembered."""
-        return [(uid, gen, until) for uid, (gen, until) in self._users.items()]
+        return [(uid, gen, until) for uid, (gen, until) in self._revocations.users.items()]
 
     def _absorb(self, entries: Iterable[LogEntry]) -> None:
         sessions: list[Revocation] = []
@@ -194,40 +194,42 @@ class RevocationState:
         self.add(sessions)
         self.add_users(users)
 
+    def is_token_revoked(self, claims: AccessClaims) -> bool:
+        """Whether a token with these claims is revoked: its session is, or its user's
+        sessions were all revoked at a later generation (the one rule, `Revocations`')."""
+        return self._revocations.is_token_revoked(
+            claims.session_id, claims.subject, claims.generation
+        )
+
     def is_revoked(self, session_id: str) -> bool:
-        return session_id in self._revoked
+        """Whether this session is revoked on its own (a token may be revoked through its
+        user too: `is_token_revoked`)."""
+        return session_id in self._revocations.sessions
 
     def is_revoked_for_user(self, user_id: str, generation: int) -> bool:
-        """Whether a token of a session that `user_id` started under `generation` is revoked."""
-        entry = self._users.get(user_id)
-        return entry is not None and generation < entry[0]
+        """Whether a token of a session that `user_id` started under `generation` is revoked
+        through its user."""
+        return self._revocations.is_generation_revoked(user_id, generation)
 
     def add_users(self, revocations: Iterable[UserRevocation]) -> None:
         self.version += 1
         for revocation in revocations:
-            forget_after = remembered_until(revocation.access_expires_max)
-            generation, known_until = self._users.get(revocation.user_id, (0, 0.0))
-            # Generations only grow, and each one's bound covers the ones before it.
-            self._users[revocation.user_id] = (
-                max(generation, revocation.generation),
-                max(known_until, forget_after),
+            self._revocations.add_user(
+                revocation.user_id,
+                revocation.generation,
+                remembered_until(revocation.access_expires_max),
             )
 
     def add(self, revocations: Iterable[Revocation]) -> None:
         self.version += 1
         for revocation in revocations:
-            forget_after = remembered_until(revocation.access_expires_max)
-            if self._revoked.get(revocation.session_id, 0.0) < forget_after:
-                self._revoked[revocation.session_id] = forget_after
+            self._revocations.add_session(
+                revocation.session_id, remembered_until(revocation.access_expires_max)
+            )
 
     def prune(self, now: float) -> int:
         """Forget sessions whose access tokens have all expired; how many were dropped."""
-        expired = [sid for sid, forget_after in self._revoked.items() if forget_after <= now]
-        for sid in expired:
-            del self._revoked[sid]
-        users = [uid for uid, (_, forget_after) in self._users.items() if forget_after <= now]
-        for uid in users:
-            del self._users[uid]
+        forgotten = self._revocations.prune(now)
         # The journal's expired entries go too; the horizon rises past them (a watcher
         # resuming from below it gets a snapshot, which no longer needs them).
         kept = [e for e in self._journal if keep_until(e.record) > now]
@@ -235,55 +237,19 @@ class RevocationState:
             dropped = max(e.sequence for e in self._journal if keep_until(e.record) <= now)
             self.horizon = max(self.horizon, dropped)
             self._journal = kept
-        if expired or users:
+        if forgotten:
             self.version += 1
             self.forgotten += 1
-        return len(expired) + len(users)
+        return forgotten
 
     @property
     def revoked_users(self) -> int:
         """How many users' revocations are remembered."""
-        return len(self._users)
+        return len(self._revocations.users)
 
     @property
     def journal_size(self) -> int:
         return len(self._journal)
 
     def __len__(self) -> int:
-        return len(self._revoked)
-
-
-class VerifiedTokenCache:
-    """A bounded map from token digest to verified claims, oldest entries evicted first."""
-
-    def __init__(self, max_entries: int) -> None:
-        self._max_entries = max_entries
-        self._entries: OrderedDict[bytes, AccessClaims] = OrderedDict()
-        self.hits = 0
-        self.misses = 0
-
-    @staticmethod
-    def key(token: str) -> bytes:
-        # A 16-byte digest instead of the token text keeps 100k entries small.
-        return hashlib.blake2b(token.encode("utf-8", "surrogatepass"), digest_size=16).digest()
-
-    def get(self, key: bytes) -> AccessClaims | None:
-        claims = self._entries.get(key)
-        if claims is None:
-            self.misses += 1
-        else:
-            self.hits += 1
-        return claims
-
-    def put(self, key: bytes, claims: AccessClaims) -> None:
-        if self._max_entries <= 0:
-            return
-        self._entries[key] = claims
-        if len(self._entries) > self._max_entries:
-            self._entries.popitem(last=False)
-
-    def clear(self) -> None:
-        self._entries.clear()
-
-    def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._revocations.sessions)

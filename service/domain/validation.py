@@ -8,9 +8,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
+from authsvc_client.token_check import VerifiedTokenCache
+
 from service.domain.access_tokens import AccessClaims, AccessTokenCodec, TokenProblem, TokenRejected
 from service.domain.keys import KeyRing
-from service.domain.revocation import RevocationState, VerifiedTokenCache
+from service.domain.revocation import RevocationState
 from service.domain.signing_keys import SigningKeys
 
 CallerTokenState = Literal["none", "invalid", "expired", "revoked", "live"]
@@ -46,7 +48,7 @@ class AccessTokenValidator:
         self,
         *,
         codec: AccessTokenCodec,
-        cache: VerifiedTokenCache,
+        cache: VerifiedTokenCache[AccessClaims],
         revocations: RevocationState,
         signing_keys: SigningKeys,
     ) -> None:
@@ -101,7 +103,7 @@ class AccessTokenValidator:
             self._codec.check_lifetime(claims)
         except TokenRejected:
             return CallerToken("expired", claims)
-        if self._revocations.is_revoked(claims.session_id):
+        if self._revocations.is_token_revoked(claims):
             return CallerToken("revoked", claims)
         return CallerToken("live", claims)
 
@@ -109,9 +111,7 @@ class AccessTokenValidator:
         """Signature, claims, lifetime and revocation: all but audience and scope."""
         claims = self._signed(access_token)
         self._codec.check_lifetime(claims)
-        if self._revocations.is_revoked(claims.session_id) or self._revocations.is_revoked_for_user(
-            claims.subject, claims.generation
-        ):
+        if self._revocations.is_token_revoked(claims):
             raise TokenRejected(TokenProblem.REVOKED)
         return claims
 

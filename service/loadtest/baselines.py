@@ -192,7 +192,8 @@ MEMORY_PROBE = """
 import os, uuid, resource, psutil
 import service.app  # everything a worker imports
 from service.domain.access_tokens import AccessClaims
-from service.domain.revocation import Revocation, RevocationState, VerifiedTokenCache
+from service.domain.revocation import Revocation, RevocationState
+from authsvc_client.token_check import VerifiedTokenCache
 before = psutil.Process().memory_info().rss
 cache = VerifiedTokenCache(100_000)
 state = RevocationState()

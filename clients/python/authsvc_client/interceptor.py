@@ -31,13 +31,12 @@ import grpc
 from authsvc_client.client import AuthClient, AuthServiceError, Validation
 from authsvc_client.limited_log import LogRateLimiter
 from authsvc_client.local_validator import LocalValidator
+from authsvc_client.token_check import MAX_TOKEN_BYTES
 
 log = logging.getLogger(__name__)
 
 __all__ = ["Principal", "RequireAccessToken", "current_principal"]
 
-# authsvc refuses longer tokens with INVALID_ARGUMENT; refusing them here saves the call.
-MAX_TOKEN_BYTES = 8 * 1024
 # Codes from authsvc that mean "cannot tell right now", not "your token is bad".
 _UNAVAILABLE_CODES = frozenset(
     {

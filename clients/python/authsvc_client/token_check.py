@@ -3,10 +3,11 @@ does: the same checks in the same order, so the same token gets the same verdict
 
 Pure and synchronous: the keys (a JWK Set) and the revocations are given; `LocalValidator`
 (authsvc_client.local_validator) keeps them current from authsvc's WatchRevocations stream.
-The server runs the same code for what both decide alone (`verified_claims`: the token's
-spelling, signature and claims; `lifetime_problem`): its AccessTokenCodec calls them with
-its key ring. What stays mirrored: the order of the checks and the revocation rules (the
-server's validation.py and revocation.py) and a ValidateRequest's limits (request_limits.py).
+The server runs the same code for what both decide alone: `verified_claims` (the token's
+spelling, signature and claims) and `lifetime_problem` (its AccessTokenCodec calls them with
+its key ring), the revocation rule (`Revocations`: its RevocationState holds one), the
+verified-token cache, a ValidateRequest's limits and the leeway's cap. What stays mirrored
+is only the order of the checks (the server's validation.py).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 import grpc
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
@@ -37,6 +38,7 @@ __all__ = [
     "MAX_SCOPES",
     "MAX_SCOPE_BYTES",
     "MAX_TOKEN_BYTES",
+    "SCOPE_TOKEN_RE",
     "START_LEEWAY_SECONDS",
     "Checked",
     "KeySet",
@@ -45,18 +47,21 @@ __all__ = [
     "TokenChecker",
     "VerificationKey",
     "VerifiedClaims",
+    "VerifiedTokenCache",
     "check_request",
     "claim_audiences",
     "lifetime_problem",
     "verified_claims",
 ]
 
-# ValidateRequest's limits (proto comments; the server's request_limits.py).
+# A request's limits (the proto's comments say them; the server's request_limits.py holds
+# every request to them, and AUTH_AUDIENCES entries to MAX_AUDIENCE_BYTES).
 MAX_TOKEN_BYTES = 8 * 1024
 MAX_SCOPES = 32
 MAX_SCOPE_BYTES = 128
 MAX_AUDIENCE_BYTES = 256
-_SCOPE_RE = re.compile(r"[\x21\x23-\x5B\x5D-\x7E]+")
+# RFC 6749 §3.3 scope-token: printable ASCII except space, '"' and '\'.
+SCOPE_TOKEN_RE = re.compile(r"[\x21\x23-\x5B\x5D-\x7E]+")
 
 # authsvc's largest AUTH_LEEWAY: it remembers a revocation (the stream's keep_until) this
 # long past its session's last exp, and this checker forgets it then. A larger leeway would
@@ -238,10 +243,17 @@ class Revocations:
         self.users[subject] = (max(known_generation, generation), max(known_until, keep_until))
 
     def is_revoked(self, claims: VerifiedClaims) -> bool:
-        if claims.session_id in self.sessions:
-            return True
-        user = self.users.get(claims.subject)
-        return user is not None and claims.generation < user[0]
+        return self.is_token_revoked(claims.session_id, claims.subject, claims.generation)
+
+    def is_token_revoked(self, session_id: str, subject: str, generation: int) -> bool:
+        """The rule: a token is revoked when its session is, or when its user's sessions
+        were all revoked at a generation above the one its session was started under."""
+        return session_id in self.sessions or self.is_generation_revoked(subject, generation)
+
+    def is_generation_revoked(self, subject: str, generation: int) -> bool:
+        """Whether the sessions `subject` started under `generation` were all revoked."""
+        user = self.users.get(subject)
+        return user is not None and generation < user[0]
 
     def prune(self, now: float) -> int:
         """Forget entries past their keep_until; how many were dropped."""
@@ -276,7 +288,7 @@ def check_request(token: str, required_scopes: Sequence[str], audience: str) -> 
         fields.append("required_scopes")
     else:
         for i, scope in enumerate(required_scopes):
-            if len(scope) > MAX_SCOPE_BYTES or _SCOPE_RE.fullmatch(scope) is None:
+            if len(scope) > MAX_SCOPE_BYTES or SCOPE_TOKEN_RE.fullmatch(scope) is None:
                 fields.append(f"required_scopes[{i}]")
     if fields:
         raise AuthServiceError(
@@ -463,6 +475,53 @@ def verify_signed(token: str, keys: KeySet, issuer: str) -> VerifiedClaims:
     )
 
 
+ClaimsT = TypeVar("ClaimsT")
+
+
+class VerifiedTokenCache(Generic[ClaimsT]):
+    """A bounded map from a token's digest to the claims its verification gave, the least
+    recently used evicted first: a hit skips base64, JSON and the signature, never the
+    checks after them. TokenChecker keeps one, and so does authsvc's own Validate."""
+
+    def __init__(self, max_entries: int) -> None:
+        self._max_entries = max_entries
+        self._entries: OrderedDict[bytes, ClaimsT] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    @staticmethod
+    def key(token: str) -> bytes:
+        # A 16-byte digest instead of the token text keeps 100k entries small.
+        return hashlib.blake2b(token.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+
+    def get(self, key: bytes) -> ClaimsT | None:
+        claims = self._entries.get(key)
+        if claims is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+            self._entries.move_to_end(key)
+        return claims
+
+    def put(self, key: bytes, claims: ClaimsT) -> None:
+        if self._max_entries <= 0:
+            return
+        self._entries[key] = claims
+        if len(self._entries) > self._max_entries:
+            self._entries.popitem(last=False)
+
+    def discard_if(self, stale: Callable[[ClaimsT], bool]) -> None:
+        """Drop the entries `stale` is true of (those of a key no longer listed)."""
+        for key in [k for k, claims in self._entries.items() if stale(claims)]:
+            del self._entries[key]
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
 class TokenChecker:
     """The whole of Validate's verdict from given keys and revocations, with a bounded LRU
     of tokens whose signature verified (a hit skips base64, JSON and the signature, never
@@ -484,37 +543,28 @@ class TokenChecker:
         self.issuer = issuer
         self._leeway = leeway
         self._clock = clock
-        self._cache_size = cache_size
-        self._cache: OrderedDict[bytes, VerifiedClaims] = OrderedDict()
+        self._cache: VerifiedTokenCache[VerifiedClaims] = VerifiedTokenCache(cache_size)
         self.keys: KeySet | None = None
         self.revocations = Revocations()
-        self.cache_hits = 0
-        self.cache_misses = 0
 
     def set_keys(self, keys: KeySet) -> None:
         self.keys = keys
         # Entries of keys no longer listed would be refused on a hit anyway; drop them now.
         if self._cache:
             kids = keys.kids
-            for digest in [d for d, c in self._cache.items() if c.kid not in kids]:
-                del self._cache[digest]
+            self._cache.discard_if(lambda claims: claims.kid not in kids)
 
     def signed(self, token: str) -> VerifiedClaims:
         keys = self.keys
         if keys is None:
             raise Rejected("BAD_SIGNATURE")
-        digest = hashlib.blake2b(token.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+        digest = self._cache.key(token)
         claims = self._cache.get(digest)
+        # The key check too: only the keys listed now may vouch for a token.
         if claims is not None and keys.get(claims.kid) is not None:
-            self.cache_hits += 1
-            self._cache.move_to_end(digest)
             return claims
-        self.cache_misses += 1
         claims = verify_signed(token, keys, self.issuer)
-        if self._cache_size > 0:
-            self._cache[digest] = claims
-            if len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
+        self._cache.put(digest, claims)
         return claims
 
     def check(self, token: str, required_scopes: Sequence[str], audience: str) -> Checked:
@@ -547,6 +597,14 @@ class TokenChecker:
     @property
     def cached(self) -> int:
         return len(self._cache)
+
+    @property
+    def cache_hits(self) -> int:
+        return self._cache.hits
+
+    @property
+    def cache_misses(self) -> int:
+        return self._cache.misses
 
 
 def invalid(reason: str) -> Validation:
