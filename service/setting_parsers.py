@@ -340,21 +340,36 @@ class Kek(Parser[bytes]):
         return "(secret)"
 
 
+def _list_items(raw: str) -> list[str]:
+    """The items of a list setting: separated by bare commas, none empty, none with white
+    space around it, none repeated (one spelling, as for every setting: `a,,b`, `a, b` or
+    a trailing comma are mistakes to be told of, not tidied away). ValueError if not."""
+    items = raw.split(",")
+    if any(not item or item != item.strip() for item in items):
+        raise ValueError("not a bare comma-separated list")
+    if len(set(items)) != len(items):
+        raise ValueError("a repeated item")
+    return items
+
+
+LIST_SPELLING = "separated by commas (no blanks, no empty or repeated item)"
+
+
 @dataclass(frozen=True)
 class CommaSet(Parser[frozenset[T]]):
-    """Comma-separated items, each read by `item`, at most `max_items` of them; blanks
-    around items and empty items are ignored, repeats count once."""
+    """Items separated by bare commas (`_list_items`), each read by `item`, at most
+    `max_items` of them, in no particular order."""
 
     item: Parser[T]
     max_items: int
 
     @property
     def allowed(self) -> str:
-        return f"a comma-separated list of at most {self.max_items} items, each {self.item.allowed}"
+        return f"at most {self.max_items} items {LIST_SPELLING}, each {self.item.allowed}"
 
     def parse(self, raw: str) -> frozenset[T]:
         try:
-            value = frozenset(self.item.parse(p.strip()) for p in raw.split(",") if p.strip())
+            value = frozenset(self.item.parse(item) for item in _list_items(raw))
         except ValueError:
             raise ValueError(self.allowed) from None
         self.validate(value)
@@ -375,23 +390,20 @@ class CommaSet(Parser[frozenset[T]]):
 
 @dataclass(frozen=True)
 class CommaList(Parser[tuple[T, ...]]):
-    """Comma-separated items in order, each read by `item`, 1 to `max_items` of them
-    (e.g. several accepted audiences: `CommaList(Text(256), max_items=32)`); blanks around
-    items are ignored, an empty item or a repeat is refused."""
+    """Items in order, separated by bare commas (`_list_items`), each read by `item`, 1 to
+    `max_items` of them (e.g. several accepted audiences: `CommaList(Text(256),
+    max_items=32)`)."""
 
     item: Parser[T]
     max_items: int
 
     @property
     def allowed(self) -> str:
-        return (
-            f"a comma-separated list of 1 to {self.max_items} distinct items, "
-            f"each {self.item.allowed}"
-        )
+        return f"1 to {self.max_items} items {LIST_SPELLING}, each {self.item.allowed}"
 
     def parse(self, raw: str) -> tuple[T, ...]:
         try:
-            value = tuple(self.item.parse(piece.strip()) for piece in raw.split(","))
+            value = tuple(self.item.parse(item) for item in _list_items(raw))
         except ValueError:
             raise ValueError(self.allowed) from None
         self.validate(value)

@@ -366,15 +366,16 @@ def test_declarations_are_plain_data() -> None:
 def test_the_list_parsers() -> None:
     """For settings with several values (AUTH_CALLER_AUTH; several audiences, later)."""
     audiences = CommaList(Text(256), max_items=3)
-    assert audiences.parse("orders, billing") == ("orders", "billing")
-    for bad in ("", "orders,,billing", "a,a", "a,b,c,d", "a,\x07"):
-        with pytest.raises(ValueError, match=r"^a comma-separated list") as caught:
+    assert audiences.parse("orders,billing") == ("orders", "billing")
+    for bad in ("", "orders,,billing", "orders, billing", "a,a", "a,b,c,d", "a,\x07", "a,"):
+        with pytest.raises(ValueError, match=r"^1 to 3 items separated by commas") as caught:
             audiences.parse(bad)
         assert "\x07" not in str(caught.value)
     groups = CommaSet(Choice(("validate", "admin")), max_items=2)
-    assert groups.parse(" admin ,validate,admin,") == {"admin", "validate"}
-    with pytest.raises(ValueError, match="validate, admin"):
-        groups.parse("validate,tokens")
+    assert groups.parse("admin,validate") == {"admin", "validate"}
+    for bad in (" admin ,validate", "admin,validate,", "admin,admin", "validate,tokens"):
+        with pytest.raises(ValueError, match="validate, admin"):
+            groups.parse(bad)
 
 
 # --- one strict grammar per kind (the operator review) -----------------------------------
@@ -565,3 +566,36 @@ def test_the_connection_budget_counts_a_pool_and_a_listener_per_worker() -> None
     assert connection_budget_problem(settings, 44) is None
     problem = connection_budget_problem(settings, 43)
     assert problem is not None and "needs up to 44" in problem and "takes 43" in problem
+
+
+# --- lists: one spelling too (the outside-in review) -------------------------------------
+
+
+@pytest.mark.parametrize("variable", ["AUTH_AUDIENCES", "AUTH_CALLER_AUTH"])
+@pytest.mark.parametrize(
+    "value",
+    [
+        "admin,,validate",  # an empty item was dropped without a word
+        "admin, validate",  # blanks around items were stripped
+        "admin ,validate",
+        "admin,",  # a trailing comma
+        ",admin",
+        ",",
+        "admin,admin",  # a repeat counted once
+    ],
+)
+def test_a_list_setting_takes_items_separated_by_bare_commas_only(
+    variable: str, value: str
+) -> None:
+    # Exactly the declared sentence: nothing of the value comes back.
+    assert_refused(variable, value)
+
+
+def test_the_list_spelling_the_table_shows_is_accepted() -> None:
+    settings = Settings.from_env({"AUTH_AUDIENCES": "orders-api,https://billing.example/"})
+    assert settings.audiences == {"orders-api", "https://billing.example/"}
+    groups = declaration_of("AUTH_CALLER_AUTH").parser
+    assert groups.parse("validate,admin") == groups.parse("admin,validate") == {"validate", "admin"}
+    for variable in ("AUTH_AUDIENCES", "AUTH_CALLER_AUTH"):
+        allowed = declaration_of(variable).parser.allowed
+        assert "no blanks" in allowed and "repeated" in allowed, allowed

@@ -122,7 +122,7 @@ def test_every_variable_is_read(tmp_path: Path) -> None:
         "AUTH_TLS_KEY": str(files["key.pem"]),
         "AUTH_TLS_CLIENT_CA": str(files["ca.pem"]),
         "AUTH_SERVICE_TOKENS_FILE": str(files["services"]),
-        "AUTH_CALLER_AUTH": "validate, admin",
+        "AUTH_CALLER_AUTH": "validate,admin",
     }
     settings = Settings.from_env(env)
     assert settings == Settings(
