@@ -320,11 +320,14 @@ class ReadableFile(Parser[Path]):
 
 @dataclass(frozen=True)
 class Kek(Parser[bytes]):
-    """Base64 (standard or URL-safe) of exactly 32 bytes."""
+    """Standard padded base64 of exactly 32 bytes (`parse_kek`)."""
 
     @property
     def allowed(self) -> str:
-        return "base64 of exactly 32 random bytes (openssl rand -base64 32)"
+        return (
+            "standard base64 with its padding (44 characters) of exactly 32 random bytes, "
+            "as openssl rand -base64 32 prints"
+        )
 
     def parse(self, raw: str) -> bytes:
         try:
@@ -438,14 +441,14 @@ def bounded_argument(parser: Parser[T]) -> Callable[[str], T]:
 
 
 def parse_kek(raw: str) -> bytes:
-    """Decode a base64 key-encryption key; it must be exactly 32 bytes."""
+    """Decode a key-encryption key: standard base64 with its padding (`+`, `/`, `=`), of
+    exactly 32 bytes, in the one spelling that encodes them, as `openssl rand -base64 32`
+    prints it. URL-safe, unpadded or non-canonical spellings (spare bits set), line breaks
+    and anything else are refused: the same key has one spelling everywhere it is stored."""
     try:
-        key = base64.b64decode(raw, validate=True)
+        key = base64.b64decode(raw.encode("ascii"), validate=True)
     except (binascii.Error, ValueError):
-        try:
-            key = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4))
-        except (binascii.Error, ValueError):
-            raise ValueError("must be base64 of 32 random bytes") from None
-    if len(key) != 32:
-        raise ValueError("must be base64 of exactly 32 bytes")
+        raise ValueError("must be base64 of 32 random bytes") from None
+    if len(key) != 32 or base64.b64encode(key).decode("ascii") != raw:
+        raise ValueError("must be standard padded base64 of exactly 32 bytes")
     return key

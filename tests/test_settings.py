@@ -5,6 +5,7 @@ table of docs/operations.md generated from the declarations."""
 from __future__ import annotations
 
 import argparse
+import base64
 import dataclasses
 import difflib
 import json
@@ -535,7 +536,7 @@ def test_a_database_port_out_of_range_is_refused_at_start_without_the_url(url: s
     every command exit 70 ("a bug") with a traceback: the setting is refused instead,
     naming the variable, never echoing the URL (it holds a password)."""
     with pytest.raises(SettingsError) as refused:
-        Settings.from_env({"AUTH_DATABASE_URL": url, "AUTH_KEK": "a" * 43 + "="})
+        Settings.from_env({"AUTH_DATABASE_URL": url, "AUTH_KEK": "A" * 43 + "="})
     message = str(refused.value)
     assert message.startswith("AUTH_DATABASE_URL: ") and "65535" in message
     assert "Hunter2Secret" not in message and "99999" not in message
@@ -549,7 +550,7 @@ def test_database_urls_with_several_hosts_and_ports_in_range_still_parse() -> No
         "postgresql:///db?host=/tmp",
         "postgres://u:p%3A@h/x",
     ):
-        assert Settings.from_env({"AUTH_DATABASE_URL": url, "AUTH_KEK": "a" * 43 + "="})
+        assert Settings.from_env({"AUTH_DATABASE_URL": url, "AUTH_KEK": "A" * 43 + "="})
 
 
 def test_a_decimal_with_too_many_digits_is_refused_saying_how_many_are_allowed() -> None:
@@ -599,3 +600,34 @@ def test_the_list_spelling_the_table_shows_is_accepted() -> None:
     for variable in ("AUTH_AUDIENCES", "AUTH_CALLER_AUTH"):
         allowed = declaration_of(variable).parser.allowed
         assert "no blanks" in allowed and "repeated" in allowed, allowed
+
+
+# --- AUTH_KEK: one spelling, what `openssl rand -base64 32` prints (the outside-in review) ---
+
+KEK_BYTES = bytes([0xFB, 0xFF, 0xBF] * 10 + [0xFB, 0xFF])  # "+" and "/" in standard base64
+STANDARD_KEK = base64.b64encode(KEK_BYTES).decode()
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        pytest.param(base64.urlsafe_b64encode(KEK_BYTES).decode(), id="url-safe"),
+        pytest.param(STANDARD_KEK.rstrip("="), id="unpadded"),
+        pytest.param(base64.urlsafe_b64encode(KEK_BYTES).decode().rstrip("="), id="url-unpadded"),
+        pytest.param(STANDARD_KEK + "=", id="extra-padding"),
+        pytest.param(STANDARD_KEK[:20] + "\n" + STANDARD_KEK[20:], id="line-break"),
+        # The last character carries 2 bits beyond the 32 bytes: only one spelling has them 0.
+        pytest.param("a" * 43 + "=", id="non-canonical"),
+        pytest.param(base64.b64encode(KEK_BYTES[:31]).decode(), id="31-bytes"),
+        pytest.param(base64.b64encode(KEK_BYTES + b"!").decode(), id="33-bytes"),
+    ],
+)
+def test_auth_kek_takes_only_standard_padded_base64_of_32_bytes(value: str) -> None:
+    assert STANDARD_KEK.count("+") and STANDARD_KEK.count("/")
+    message = assert_refused("AUTH_KEK", value)
+    assert value not in message and value[:8] not in message
+
+
+def test_the_kek_openssl_prints_is_accepted() -> None:
+    assert Settings.from_env({"AUTH_KEK": STANDARD_KEK}).kek == KEK_BYTES
+    assert "openssl rand -base64 32" in declaration_of("AUTH_KEK").parser.allowed
