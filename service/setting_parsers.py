@@ -29,6 +29,9 @@ HOUR = 3600
 DAY = 86_400
 YEAR = 365 * DAY
 
+# A port as a setting spells it: digits with no leading zero (but 0 itself).
+_PORT = re.compile(r"0|[1-9][0-9]{0,4}")
+
 # A parser's `allowed` says what it accepts; it is the whole of the error message, so no
 # error can echo the value. `validate` checks a typed value (a Settings built in code).
 
@@ -79,10 +82,11 @@ class Number(Parser[N]):
     unit: str = ""
     zero: str | None = None
 
-    # One spelling per kind: digits (no sign, no blanks); a decimal is digits with at most
-    # one point between digits (0.5, not .5, 5. or 5e-1), as the table's column says.
-    _WHOLE = re.compile(r"[0-9]{1,19}")
-    _DECIMAL = re.compile(r"[0-9]{1,19}(?:\.[0-9]{1,12})?")
+    # One spelling per kind: digits (no sign, no blanks, no leading zero but in 0 itself:
+    # 0900 reads as octal to some tools and people); a decimal is such digits with at most
+    # one point between digits (0.5, not .5, 5., 00.5 or 5e-1), as the table's column says.
+    _WHOLE = re.compile(r"0|[1-9][0-9]{0,18}")
+    _DECIMAL = re.compile(r"(?:0|[1-9][0-9]{0,18})(?:\.[0-9]{1,12})?")
 
     def __post_init__(self) -> None:
         assert 0 < self.low <= self.high or (self.low == 0 and self.zero is None)
@@ -255,9 +259,7 @@ class DatabaseUrl(Text):
             port = host.rpartition("]")[2] if host.startswith("[") else host
             if ":" in port:
                 digits = port.rpartition(":")[2]
-                if digits and not (
-                    digits.isascii() and digits.isdigit() and 0 < int(digits) < 65536
-                ):
+                if digits and not (_PORT.fullmatch(digits) is not None and 0 < int(digits) < 65536):
                     raise ValueError(self.allowed)
 
 
@@ -275,6 +277,9 @@ class Address(Parser[str]):
 
     def validate(self, value: str) -> None:
         HostPort.parse(value)
+        # HostPort (shared with clients) takes 0080; a setting's number has one spelling.
+        if _PORT.fullmatch(value.rpartition(":")[2]) is None:
+            raise ValueError(self.allowed)
 
 
 @dataclass(frozen=True)

@@ -631,3 +631,43 @@ def test_auth_kek_takes_only_standard_padded_base64_of_32_bytes(value: str) -> N
 def test_the_kek_openssl_prints_is_accepted() -> None:
     assert Settings.from_env({"AUTH_KEK": STANDARD_KEK}).kek == KEK_BYTES
     assert "openssl rand -base64 32" in declaration_of("AUTH_KEK").parser.allowed
+
+
+# --- leading zeros (the outside-in review) ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("AUTH_ACCESS_TTL", "0900"),  # 900 to us, 0o900 (invalid) or 0o644-style to a reader
+        ("AUTH_WORKERS", "04"),
+        ("AUTH_TOKEN_CACHE_SIZE", "00"),  # 0 is allowed here, but spelt `0`
+        ("AUTH_THROTTLE_USER_FAILURES", "007"),
+        ("AUTH_DB_TIMEOUT", "05"),
+        ("AUTH_DB_TIMEOUT", "00.5"),
+        ("AUTH_SHUTDOWN_GRACE", "00"),
+        ("AUTH_LISTEN", "127.0.0.1:05005"),
+        ("AUTH_METRICS_LISTEN", "[::1]:09464"),
+        ("AUTH_DATABASE_URL", "postgresql://db:05432/auth"),
+        ("AUTH_DATABASE_URL", "postgresql://a:5432,b:06432/auth"),
+    ],
+)
+def test_a_number_with_leading_zeros_is_refused(variable: str, value: str) -> None:
+    assert_refused(variable, value)
+
+
+def test_zero_itself_and_decimals_below_one_are_accepted() -> None:
+    settings = Settings.from_env(
+        {"AUTH_TOKEN_CACHE_SIZE": "0", "AUTH_DB_TIMEOUT": "0.5", "AUTH_SHUTDOWN_GRACE": "0"}
+    )
+    assert (settings.token_cache_size, settings.db_timeout, settings.shutdown_grace) == (0, 0.5, 0)
+    assert Settings.from_env({"AUTH_ACCESS_TTL": "900"}).access_ttl == 900
+    assert Settings.from_env({"AUTH_LISTEN": "127.0.0.1:0"}).listen == "127.0.0.1:0"
+    url = "postgresql://a:5432,b:6432/auth"
+    assert Settings.from_env({"AUTH_DATABASE_URL": url, "AUTH_KEK": "A" * 43 + "="})
+
+
+def test_cli_numbers_refuse_leading_zeros_too(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--workers", "04"])
+    assert "must be a whole number from 1 to" in capsys.readouterr().err
