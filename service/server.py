@@ -226,7 +226,10 @@ async def start_server(
             reuse_port,
         )
         undo.pop_all()  # started: from here on RunningServer.stop undoes it all
-    _log_start_up(settings, port, components, clock)
+    # The address bound (port 0 picks one), as the banner shows it; a --workers child
+    # was given the supervisor's bound address as its AUTH_METRICS_LISTEN.
+    metrics = settings.metrics_listen if endpoint is None else str(endpoint.address)
+    _log_start_up(settings, port, components, clock, metrics=metrics)
     background = [
         asyncio.create_task(
             settings_watch.run_forever(settings.janitor_interval), name="shared-settings"
@@ -379,8 +382,11 @@ async def _serve_grpc(
     return server, port
 
 
-def _log_start_up(settings: Settings, port: int, components: Components, clock: Clock) -> None:
-    """One line an operator can check the deployment against (no secrets in it)."""
+def _log_start_up(
+    settings: Settings, port: int, components: Components, clock: Clock, *, metrics: str | None
+) -> None:
+    """One line an operator can check the deployment against (no secrets in it); `metrics`
+    is the metrics address bound, None when off."""
     signing = components.signing_keys.ring.signing_key(clock.now())
     log.info(
         "serving auth.v1 on port %d: tls=%s client-certificates=%s caller-auth=%s metrics=%s "
@@ -390,7 +396,7 @@ def _log_start_up(settings: Settings, port: int, components: Components, clock: 
         "on" if settings.tls_cert else "off",
         "required" if settings.tls_client_ca else "off",
         ",".join(sorted(settings.caller_auth)) or "off",
-        settings.metrics_listen or "off",
+        metrics or "off",
         signing.kid,
         signing.alg,
         settings.access_ttl,

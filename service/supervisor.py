@@ -116,9 +116,11 @@ class WorkerSupervisor:
         dsn: str,
         address: HostPort,
         metrics_dir: Path | None = None,
+        metrics_address: HostPort | None = None,
     ):
         self._settings = settings
         self._metrics_dir = metrics_dir
+        self._metrics_address = metrics_address
         self._count = workers
         self._dsn = dsn
         self._address = address
@@ -137,6 +139,10 @@ class WorkerSupervisor:
             # Set before the worker's interpreter starts, so its prometheus_client writes
             # the shared files the supervisor's /metrics sums.
             env[MULTIPROC_DIR_VARIABLE] = str(self._metrics_dir)
+        if self._metrics_address is not None:
+            # What the worker's start-up line names (it binds nothing: we serve /metrics),
+            # the port bound rather than the 0 asked for, like AUTH_LISTEN above.
+            env["AUTH_METRICS_LISTEN"] = str(self._metrics_address)
         # Workers get the database's URL (also the embedded one's): with it they need
         # AUTH_KEK, which the supervisor read from its KEK file if it was not set.
         env["AUTH_KEK"] = base64.b64encode(key_encryption_key(self._settings)).decode()
@@ -259,6 +265,7 @@ def run_supervisor(settings: Settings, workers: int) -> int:
             dsn=dsn,
             address=address,
             metrics_dir=None if metrics_dir is None else metrics_dir.path,
+            metrics_address=None if endpoint is None else endpoint.address,
         )
         supervisor.start()
         print_banner(

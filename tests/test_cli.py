@@ -248,6 +248,13 @@ def test_json_logs_are_one_object_per_line(database_url: str, tmp_path: Path, wo
     metrics = [r for r in records if "metrics" in r]
     assert len(metrics) == 1 and metrics[0]["metrics"].startswith("http://127.0.0.1:")
     assert re.search(r"metrics on http://127\.0\.0\.1:(\d+)/metrics", metrics[0]["message"])
+    # Each process's start-up line names the metrics address bound (port 0 asked for),
+    # the banner's: it said metrics=127.0.0.1:0 (outside-in review).
+    bound = metrics[0]["metrics"].removeprefix("http://").removesuffix("/metrics")
+    started = [r["message"] for r in records if "serving auth.v1 on port" in r["message"]]
+    assert len(started) == int(workers), records
+    for message in started:
+        assert f" metrics={bound} " in message, (message, bound)
     bad = _authsvc("migrate", env=_env(AUTH_LOG_FORMAT="yaml"))
     assert bad.returncode == 2
     assert bad.stderr.startswith("authsvc: AUTH_LOG_FORMAT:")
