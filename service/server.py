@@ -67,6 +67,8 @@ REVOCATIONS_HEALTH_NAME = "authsvc.revocations"
 # NOT_SERVING while this replica's settings are not the shared ones any more (someone ran
 # `authsvc settings adopt`): it serves on, but should be replaced.
 SHARED_SETTINGS_HEALTH_NAME = "authsvc.settings"
+# The longest a stopping server refuses new calls before gRPC's stop (RunningServer.stop).
+MAX_SHUTDOWN_QUIESCE = 1.0
 
 
 class HealthServicer(health_async.HealthServicer):  # type: ignore[misc]  # untyped
@@ -97,6 +99,7 @@ class RunningServer:
     background: list[asyncio.Task[None]]
     """The janitor, the shared-settings watch and, with metrics on, the sampler."""
     stream_budget: StreamBudget
+    unary_budget: UnaryBudget
     settings_watch: SharedSettingsWatch
     telemetry: PrometheusTelemetry | None = None
     metrics_endpoint: MetricsEndpoint | None = None
@@ -118,7 +121,14 @@ class RunningServer:
         for task in self.background:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        await self.server.stop(grace)
+        # Calls still coming (a client that does not watch health) are refused with
+        # UNAVAILABLE until none is in progress or arriving: gRPC's stop ends the calls it
+        # has received but not handed to us yet with CANCELLED (grpc/grpc#41785), which
+        # no client retries. At most half the grace; the calls in flight have all of it.
+        loop = asyncio.get_running_loop()
+        give_up = None if grace is None else loop.time() + grace
+        await self.unary_budget.close(within=min(MAX_SHUTDOWN_QUIESCE, (grace or 0.0) / 2))
+        await self.server.stop(None if give_up is None else max(0.0, give_up - loop.time()))
         await self.components.logins.finish_password_checks()
         if self.metrics_endpoint is not None:
             self.metrics_endpoint.close()
@@ -208,6 +218,7 @@ async def start_server(
             now=clock.now,
             catch_up=feed.wait_for,
         )
+        unary_budget = UnaryBudget(settings.max_concurrent_rpcs)
         stream_budget = StreamBudget(
             limit=settings.max_streams,
             per_peer=settings.max_streams_per_peer,
@@ -219,6 +230,7 @@ async def start_server(
             health,
             telemetry,
             directory,
+            unary_budget,
             stream_budget,
             watch_hub,
             credentials,
@@ -281,6 +293,7 @@ async def start_server(
         health=health,
         background=background,
         stream_budget=stream_budget,
+        unary_budget=unary_budget,
         settings_watch=settings_watch,
         telemetry=telemetry,
         metrics_endpoint=endpoint,
@@ -293,6 +306,7 @@ async def _serve_grpc(
     health: health_async.HealthServicer,
     telemetry: PrometheusTelemetry | None,
     directory: ServiceDirectory | None,
+    unary_budget: UnaryBudget,
     stream_budget: StreamBudget,
     watch_hub: RevocationWatchHub,
     credentials: grpc.ServerCredentials | None,
@@ -310,9 +324,7 @@ async def _serve_grpc(
         # First, so refused calls are counted too.
         interceptors.append(MetricsInterceptor(telemetry))
     # Before the caller check, so calls that fail it are held to the budgets too.
-    interceptors.append(
-        CallBudgetInterceptor(UnaryBudget(settings.max_concurrent_rpcs), stream_budget)
-    )
+    interceptors.append(CallBudgetInterceptor(unary_budget, stream_budget))
     refusals = AdminRefusals(components.users)
     if directory is not None:
         interceptors.append(
