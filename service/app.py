@@ -72,6 +72,7 @@ async def serve(settings: Settings, *, worker: bool = False) -> None:
                 str(HostPort.parse(settings.listen).with_port(running.port)),
                 workers=1,
                 metrics=None if endpoint is None else str(endpoint.address),
+                has_users=await running.components.store.has_live_users(),
             )
         await stop.wait()
         drain = shutdown_drain(settings.shutdown_grace)
@@ -93,9 +94,15 @@ def _tell_supervisor_ready() -> None:
 
 
 def print_banner(
-    settings: Settings, address: str, *, workers: int, metrics: str | None = None
+    settings: Settings,
+    address: str,
+    *,
+    workers: int,
+    has_users: bool,
+    metrics: str | None = None,
 ) -> None:
-    """What `make run` shows: the first-user command, the metrics address, then the address.
+    """What `make run` shows: the first-user command (only while the database has no
+    user), the metrics address, then the address.
     Tooling finds the ports with patterns on "metrics on http://..." and "authsvc serving on
     HOST:PORT": the text lines stay as they are, and with AUTH_LOG_FORMAT=json each line is
     an object like the log lines' whose message is that text, with the values as fields."""
@@ -105,9 +112,9 @@ def print_banner(
     as_json = settings.log_format == "json"
     first_user = "create a first user (in another terminal, same directory):"
     command = ".venv/bin/authsvc users create alice --scope read --password-stdin"
-    lines: list[tuple[str, dict[str, Any]]] = [
-        (f"{first_user} {command}" if as_json else f"{first_user}\n  {command}", {})
-    ]
+    lines: list[tuple[str, dict[str, Any]]] = []
+    if not has_users:
+        lines.append((f"{first_user} {command}" if as_json else f"{first_user}\n  {command}", {}))
     if metrics is not None:
         url = f"http://{metrics}/metrics"
         lines.append((f"metrics on {url}", {"metrics": url}))

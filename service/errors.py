@@ -190,6 +190,16 @@ class TooManyCalls(AuthError):
     message = "the server has too many calls in progress; retry later"
 
 
+class ShuttingDown(AuthError):
+    """The process is stopping (SIGTERM): calls that come after its drain are refused at
+    once, before gRPC's own stop, which would end calls it holds unread with CANCELLED
+    (a code no client retries; grpc/grpc#41785)."""
+
+    code: StatusName = "UNAVAILABLE"
+    reason = "SHUTTING_DOWN"
+    message = "the server is shutting down; retry (another replica)"
+
+
 class TooManyStreams(AuthError):
     """The process already holds `AUTH_MAX_STREAMS` open streams."""
 

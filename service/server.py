@@ -67,6 +67,8 @@ REVOCATIONS_HEALTH_NAME = "authsvc.revocations"
 # NOT_SERVING while this replica's settings are not the shared ones any more (someone ran
 # `authsvc settings adopt`): it serves on, but should be replaced.
 SHARED_SETTINGS_HEALTH_NAME = "authsvc.settings"
+# The longest a stopping server refuses new calls before gRPC's stop (RunningServer.stop).
+MAX_SHUTDOWN_QUIESCE = 1.0
 
 
 class HealthServicer(health_async.HealthServicer):  # type: ignore[misc]  # untyped
@@ -97,6 +99,7 @@ class RunningServer:
     background: list[asyncio.Task[None]]
     """The janitor, the shared-settings watch and, with metrics on, the sampler."""
     stream_budget: StreamBudget
+    unary_budget: UnaryBudget
     settings_watch: SharedSettingsWatch
     telemetry: PrometheusTelemetry | None = None
     metrics_endpoint: MetricsEndpoint | None = None
@@ -118,7 +121,14 @@ class RunningServer:
         for task in self.background:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        await self.server.stop(grace)
+        # Calls still coming (a client that does not watch health) are refused with
+        # UNAVAILABLE until none is in progress or arriving: gRPC's stop ends the calls it
+        # has received but not handed to us yet with CANCELLED (grpc/grpc#41785), which
+        # no client retries. At most half the grace; the calls in flight have all of it.
+        loop = asyncio.get_running_loop()
+        give_up = None if grace is None else loop.time() + grace
+        await self.unary_budget.close(within=min(MAX_SHUTDOWN_QUIESCE, (grace or 0.0) / 2))
+        await self.server.stop(None if give_up is None else max(0.0, give_up - loop.time()))
         await self.components.logins.finish_password_checks()
         if self.metrics_endpoint is not None:
             self.metrics_endpoint.close()
@@ -208,6 +218,7 @@ async def start_server(
             now=clock.now,
             catch_up=feed.wait_for,
         )
+        unary_budget = UnaryBudget(settings.max_concurrent_rpcs)
         stream_budget = StreamBudget(
             limit=settings.max_streams,
             per_peer=settings.max_streams_per_peer,
@@ -219,6 +230,7 @@ async def start_server(
             health,
             telemetry,
             directory,
+            unary_budget,
             stream_budget,
             watch_hub,
             credentials,
@@ -226,7 +238,10 @@ async def start_server(
             reuse_port,
         )
         undo.pop_all()  # started: from here on RunningServer.stop undoes it all
-    _log_start_up(settings, port, components, clock)
+    # The address bound (port 0 picks one), as the banner shows it; a --workers child
+    # was given the supervisor's bound address as its AUTH_METRICS_LISTEN.
+    metrics = settings.metrics_listen if endpoint is None else str(endpoint.address)
+    _log_start_up(settings, port, components, clock, metrics=metrics)
     background = [
         asyncio.create_task(
             settings_watch.run_forever(settings.janitor_interval), name="shared-settings"
@@ -278,6 +293,7 @@ async def start_server(
         health=health,
         background=background,
         stream_budget=stream_budget,
+        unary_budget=unary_budget,
         settings_watch=settings_watch,
         telemetry=telemetry,
         metrics_endpoint=endpoint,
@@ -290,6 +306,7 @@ async def _serve_grpc(
     health: health_async.HealthServicer,
     telemetry: PrometheusTelemetry | None,
     directory: ServiceDirectory | None,
+    unary_budget: UnaryBudget,
     stream_budget: StreamBudget,
     watch_hub: RevocationWatchHub,
     credentials: grpc.ServerCredentials | None,
@@ -307,9 +324,7 @@ async def _serve_grpc(
         # First, so refused calls are counted too.
         interceptors.append(MetricsInterceptor(telemetry))
     # Before the caller check, so calls that fail it are held to the budgets too.
-    interceptors.append(
-        CallBudgetInterceptor(UnaryBudget(settings.max_concurrent_rpcs), stream_budget)
-    )
+    interceptors.append(CallBudgetInterceptor(unary_budget, stream_budget))
     refusals = AdminRefusals(components.users)
     if directory is not None:
         interceptors.append(
@@ -379,8 +394,11 @@ async def _serve_grpc(
     return server, port
 
 
-def _log_start_up(settings: Settings, port: int, components: Components, clock: Clock) -> None:
-    """One line an operator can check the deployment against (no secrets in it)."""
+def _log_start_up(
+    settings: Settings, port: int, components: Components, clock: Clock, *, metrics: str | None
+) -> None:
+    """One line an operator can check the deployment against (no secrets in it); `metrics`
+    is the metrics address bound, None when off."""
     signing = components.signing_keys.ring.signing_key(clock.now())
     log.info(
         "serving auth.v1 on port %d: tls=%s client-certificates=%s caller-auth=%s metrics=%s "
@@ -390,7 +408,7 @@ def _log_start_up(settings: Settings, port: int, components: Components, clock: 
         "on" if settings.tls_cert else "off",
         "required" if settings.tls_client_ca else "off",
         ",".join(sorted(settings.caller_auth)) or "off",
-        settings.metrics_listen or "off",
+        metrics or "off",
         signing.kid,
         signing.alg,
         settings.access_ttl,

@@ -29,6 +29,9 @@ HOUR = 3600
 DAY = 86_400
 YEAR = 365 * DAY
 
+# A port as a setting spells it: digits with no leading zero (but 0 itself).
+_PORT = re.compile(r"0|[1-9][0-9]{0,4}")
+
 # A parser's `allowed` says what it accepts; it is the whole of the error message, so no
 # error can echo the value. `validate` checks a typed value (a Settings built in code).
 
@@ -79,10 +82,11 @@ class Number(Parser[N]):
     unit: str = ""
     zero: str | None = None
 
-    # One spelling per kind: digits (no sign, no blanks); a decimal is digits with at most
-    # one point between digits (0.5, not .5, 5. or 5e-1), as the table's column says.
-    _WHOLE = re.compile(r"[0-9]{1,19}")
-    _DECIMAL = re.compile(r"[0-9]{1,19}(?:\.[0-9]{1,12})?")
+    # One spelling per kind: digits (no sign, no blanks, no leading zero but in 0 itself:
+    # 0900 reads as octal to some tools and people); a decimal is such digits with at most
+    # one point between digits (0.5, not .5, 5., 00.5 or 5e-1), as the table's column says.
+    _WHOLE = re.compile(r"0|[1-9][0-9]{0,18}")
+    _DECIMAL = re.compile(r"(?:0|[1-9][0-9]{0,18})(?:\.[0-9]{1,12})?")
 
     def __post_init__(self) -> None:
         assert 0 < self.low <= self.high or (self.low == 0 and self.zero is None)
@@ -255,9 +259,7 @@ class DatabaseUrl(Text):
             port = host.rpartition("]")[2] if host.startswith("[") else host
             if ":" in port:
                 digits = port.rpartition(":")[2]
-                if digits and not (
-                    digits.isascii() and digits.isdigit() and 0 < int(digits) < 65536
-                ):
+                if digits and not (_PORT.fullmatch(digits) is not None and 0 < int(digits) < 65536):
                     raise ValueError(self.allowed)
 
 
@@ -275,6 +277,9 @@ class Address(Parser[str]):
 
     def validate(self, value: str) -> None:
         HostPort.parse(value)
+        # HostPort (shared with clients) takes 0080; a setting's number has one spelling.
+        if _PORT.fullmatch(value.rpartition(":")[2]) is None:
+            raise ValueError(self.allowed)
 
 
 @dataclass(frozen=True)
@@ -320,11 +325,14 @@ class ReadableFile(Parser[Path]):
 
 @dataclass(frozen=True)
 class Kek(Parser[bytes]):
-    """Base64 (standard or URL-safe) of exactly 32 bytes."""
+    """Standard padded base64 of exactly 32 bytes (`parse_kek`)."""
 
     @property
     def allowed(self) -> str:
-        return "base64 of exactly 32 random bytes (openssl rand -base64 32)"
+        return (
+            "standard base64 with its padding (44 characters) of exactly 32 random bytes, "
+            "as openssl rand -base64 32 prints"
+        )
 
     def parse(self, raw: str) -> bytes:
         try:
@@ -340,21 +348,36 @@ class Kek(Parser[bytes]):
         return "(secret)"
 
 
+def _list_items(raw: str) -> list[str]:
+    """The items of a list setting: separated by bare commas, none empty, none with white
+    space around it, none repeated (one spelling, as for every setting: `a,,b`, `a, b` or
+    a trailing comma are mistakes to be told of, not tidied away). ValueError if not."""
+    items = raw.split(",")
+    if any(not item or item != item.strip() for item in items):
+        raise ValueError("not a bare comma-separated list")
+    if len(set(items)) != len(items):
+        raise ValueError("a repeated item")
+    return items
+
+
+LIST_SPELLING = "separated by commas (no blanks, no empty or repeated item)"
+
+
 @dataclass(frozen=True)
 class CommaSet(Parser[frozenset[T]]):
-    """Comma-separated items, each read by `item`, at most `max_items` of them; blanks
-    around items and empty items are ignored, repeats count once."""
+    """Items separated by bare commas (`_list_items`), each read by `item`, at most
+    `max_items` of them, in no particular order."""
 
     item: Parser[T]
     max_items: int
 
     @property
     def allowed(self) -> str:
-        return f"a comma-separated list of at most {self.max_items} items, each {self.item.allowed}"
+        return f"at most {self.max_items} items {LIST_SPELLING}, each {self.item.allowed}"
 
     def parse(self, raw: str) -> frozenset[T]:
         try:
-            value = frozenset(self.item.parse(p.strip()) for p in raw.split(",") if p.strip())
+            value = frozenset(self.item.parse(item) for item in _list_items(raw))
         except ValueError:
             raise ValueError(self.allowed) from None
         self.validate(value)
@@ -375,23 +398,20 @@ class CommaSet(Parser[frozenset[T]]):
 
 @dataclass(frozen=True)
 class CommaList(Parser[tuple[T, ...]]):
-    """Comma-separated items in order, each read by `item`, 1 to `max_items` of them
-    (e.g. several accepted audiences: `CommaList(Text(256), max_items=32)`); blanks around
-    items are ignored, an empty item or a repeat is refused."""
+    """Items in order, separated by bare commas (`_list_items`), each read by `item`, 1 to
+    `max_items` of them (e.g. several accepted audiences: `CommaList(Text(256),
+    max_items=32)`)."""
 
     item: Parser[T]
     max_items: int
 
     @property
     def allowed(self) -> str:
-        return (
-            f"a comma-separated list of 1 to {self.max_items} distinct items, "
-            f"each {self.item.allowed}"
-        )
+        return f"1 to {self.max_items} items {LIST_SPELLING}, each {self.item.allowed}"
 
     def parse(self, raw: str) -> tuple[T, ...]:
         try:
-            value = tuple(self.item.parse(piece.strip()) for piece in raw.split(","))
+            value = tuple(self.item.parse(item) for item in _list_items(raw))
         except ValueError:
             raise ValueError(self.allowed) from None
         self.validate(value)
@@ -426,14 +446,14 @@ def bounded_argument(parser: Parser[T]) -> Callable[[str], T]:
 
 
 def parse_kek(raw: str) -> bytes:
-    """Decode a base64 key-encryption key; it must be exactly 32 bytes."""
+    """Decode a key-encryption key: standard base64 with its padding (`+`, `/`, `=`), of
+    exactly 32 bytes, in the one spelling that encodes them, as `openssl rand -base64 32`
+    prints it. URL-safe, unpadded or non-canonical spellings (spare bits set), line breaks
+    and anything else are refused: the same key has one spelling everywhere it is stored."""
     try:
-        key = base64.b64decode(raw, validate=True)
+        key = base64.b64decode(raw.encode("ascii"), validate=True)
     except (binascii.Error, ValueError):
-        try:
-            key = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4))
-        except (binascii.Error, ValueError):
-            raise ValueError("must be base64 of 32 random bytes") from None
-    if len(key) != 32:
-        raise ValueError("must be base64 of exactly 32 bytes")
+        raise ValueError("must be base64 of 32 random bytes") from None
+    if len(key) != 32 or base64.b64encode(key).decode("ascii") != raw:
+        raise ValueError("must be standard padded base64 of exactly 32 bytes")
     return key

@@ -13,9 +13,11 @@ bounds), and `service.settings_table` renders the configuration table of
 docs/operations.md from the declarations (`make docs` rewrites it; a test compares). The
 parsers are in `service.setting_parsers`, `setting()` in `service.setting_declarations`.
 
-Parsing is strict, one spelling per kind: whole numbers are digits; durations and other
-fractional numbers plain decimals (0.5; no sign, exponent or bare point); switches exactly
-`on` or `off`; no white space around any value (an empty value keeps the default). A bad
+Parsing is strict, one spelling per kind: whole numbers are digits with no leading
+zero (but 0 itself); durations and other fractional numbers plain decimals (0.5; no sign,
+exponent, bare point or leading zero); switches exactly
+`on` or `off`; lists items separated by bare commas (no blanks, no empty or repeated
+item); no white space around any value (an empty value keeps the default). A bad
 value raises `SettingsError` whose message is one line naming
 the variable and what it may be, and start-up stops there. The value itself is never
 echoed: AUTH_KEK and AUTH_DATABASE_URL hold secrets, and any value may be huge or hold

@@ -49,10 +49,11 @@ _START_TIMEOUT = 60.0
 _RESTART_BACKOFF_MAX = 10.0
 
 
-async def _prepare_database(settings: Settings) -> str:
+async def _prepare_database(settings: Settings) -> tuple[str, bool]:
     """Migrate, record or compare the shared settings, then open (or, on first start,
     create) the key material once, so that settings another replica does not share, or a
-    wrong or missing KEK, stop the supervisor with one line instead of every worker."""
+    wrong or missing KEK, stop the supervisor with one line instead of every worker.
+    Returns the database's URL and whether it has a user (for the banner)."""
     async with open_database(settings, migrate=True) as database:
         store = PostgresStore(database.pool, timeout=settings.db_timeout)
         await check_shared_settings(store, settings)
@@ -60,7 +61,8 @@ async def _prepare_database(settings: Settings) -> str:
         clock = await start_database_clock(settings, database.pool)
         await prepare_key_material(settings, database.pool, clock)
         await agree_on_shared_settings(store, settings, clock=clock)
-    return database.dsn
+        has_users = await store.has_live_users()
+    return database.dsn, has_users
 
 
 def _reserve_port(listen: str) -> tuple[HostPort, socket.socket]:
@@ -116,9 +118,11 @@ class WorkerSupervisor:
         dsn: str,
         address: HostPort,
         metrics_dir: Path | None = None,
+        metrics_address: HostPort | None = None,
     ):
         self._settings = settings
         self._metrics_dir = metrics_dir
+        self._metrics_address = metrics_address
         self._count = workers
         self._dsn = dsn
         self._address = address
@@ -137,6 +141,10 @@ class WorkerSupervisor:
             # Set before the worker's interpreter starts, so its prometheus_client writes
             # the shared files the supervisor's /metrics sums.
             env[MULTIPROC_DIR_VARIABLE] = str(self._metrics_dir)
+        if self._metrics_address is not None:
+            # What the worker's start-up line names (it binds nothing: we serve /metrics),
+            # the port bound rather than the 0 asked for, like AUTH_LISTEN above.
+            env["AUTH_METRICS_LISTEN"] = str(self._metrics_address)
         # Workers get the database's URL (also the embedded one's): with it they need
         # AUTH_KEK, which the supervisor read from its KEK file if it was not set.
         env["AUTH_KEK"] = base64.b64encode(key_encryption_key(self._settings)).decode()
@@ -236,7 +244,7 @@ def run_supervisor(settings: Settings, workers: int) -> int:
     if settings.caller_auth:
         service_directory(settings)
     key_encryption_key(settings)  # a missing AUTH_KEK stops us before the database is touched
-    dsn = asyncio.run(_prepare_database(settings))
+    dsn, has_users = asyncio.run(_prepare_database(settings))
     address, holder = _reserve_port(settings.listen)
     stop_requested = [False]
 
@@ -259,6 +267,7 @@ def run_supervisor(settings: Settings, workers: int) -> int:
             dsn=dsn,
             address=address,
             metrics_dir=None if metrics_dir is None else metrics_dir.path,
+            metrics_address=None if endpoint is None else endpoint.address,
         )
         supervisor.start()
         print_banner(
@@ -266,6 +275,7 @@ def run_supervisor(settings: Settings, workers: int) -> int:
             str(address),
             workers=workers,
             metrics=None if endpoint is None else str(endpoint.address),
+            has_users=has_users,
         )
         supervisor.watch(stop_requested)
         log.info("stopping %d workers: in-flight calls get %.1fs", workers, settings.shutdown_grace)

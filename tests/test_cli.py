@@ -248,9 +248,37 @@ def test_json_logs_are_one_object_per_line(database_url: str, tmp_path: Path, wo
     metrics = [r for r in records if "metrics" in r]
     assert len(metrics) == 1 and metrics[0]["metrics"].startswith("http://127.0.0.1:")
     assert re.search(r"metrics on http://127\.0\.0\.1:(\d+)/metrics", metrics[0]["message"])
+    # Each process's start-up line names the metrics address bound (port 0 asked for),
+    # the banner's: it said metrics=127.0.0.1:0 (outside-in review).
+    bound = metrics[0]["metrics"].removeprefix("http://").removesuffix("/metrics")
+    started = [r["message"] for r in records if "serving auth.v1 on port" in r["message"]]
+    assert len(started) == int(workers), records
+    for message in started:
+        assert f" metrics={bound} " in message, (message, bound)
     bad = _authsvc("migrate", env=_env(AUTH_LOG_FORMAT="yaml"))
     assert bad.returncode == 2
     assert bad.stderr.startswith("authsvc: AUTH_LOG_FORMAT:")
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_the_first_user_hint_shows_only_while_there_is_no_user(
+    database_url: str, tmp_path: Path, workers: str
+) -> None:
+    """The banner's "create a first user" is for an empty database: it was printed on
+    every start, users or not (outside-in review). Text and JSON banners alike."""
+    for log_format in ("text", "json"):
+        env = _server_env(database_url, tmp_path, AUTH_WORKERS=workers, AUTH_LOG_FORMAT=log_format)
+        with _serving(env) as (_, lines):
+            pass
+        assert any("create a first user" in line for line in lines), lines
+    created = _authsvc("users", "create", "dana", "--password-stdin", env=env, stdin=PASSWORD)
+    assert created.returncode == 0, created.stderr
+    for log_format in ("text", "json"):
+        env = _server_env(database_url, tmp_path, AUTH_WORKERS=workers, AUTH_LOG_FORMAT=log_format)
+        with _serving(env) as (_, lines):
+            pass
+        assert any("authsvc serving on" in line for line in lines), lines
+        assert not any("create a first user" in line or "users create" in line for line in lines)
 
 
 def _jwks_kids(port: int) -> set[str]:

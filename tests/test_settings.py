@@ -5,6 +5,7 @@ table of docs/operations.md generated from the declarations."""
 from __future__ import annotations
 
 import argparse
+import base64
 import dataclasses
 import difflib
 import json
@@ -366,15 +367,16 @@ def test_declarations_are_plain_data() -> None:
 def test_the_list_parsers() -> None:
     """For settings with several values (AUTH_CALLER_AUTH; several audiences, later)."""
     audiences = CommaList(Text(256), max_items=3)
-    assert audiences.parse("orders, billing") == ("orders", "billing")
-    for bad in ("", "orders,,billing", "a,a", "a,b,c,d", "a,\x07"):
-        with pytest.raises(ValueError, match=r"^a comma-separated list") as caught:
+    assert audiences.parse("orders,billing") == ("orders", "billing")
+    for bad in ("", "orders,,billing", "orders, billing", "a,a", "a,b,c,d", "a,\x07", "a,"):
+        with pytest.raises(ValueError, match=r"^1 to 3 items separated by commas") as caught:
             audiences.parse(bad)
         assert "\x07" not in str(caught.value)
     groups = CommaSet(Choice(("validate", "admin")), max_items=2)
-    assert groups.parse(" admin ,validate,admin,") == {"admin", "validate"}
-    with pytest.raises(ValueError, match="validate, admin"):
-        groups.parse("validate,tokens")
+    assert groups.parse("admin,validate") == {"admin", "validate"}
+    for bad in (" admin ,validate", "admin,validate,", "admin,admin", "validate,tokens"):
+        with pytest.raises(ValueError, match="validate, admin"):
+            groups.parse(bad)
 
 
 # --- one strict grammar per kind (the operator review) -----------------------------------
@@ -534,7 +536,7 @@ def test_a_database_port_out_of_range_is_refused_at_start_without_the_url(url: s
     every command exit 70 ("a bug") with a traceback: the setting is refused instead,
     naming the variable, never echoing the URL (it holds a password)."""
     with pytest.raises(SettingsError) as refused:
-        Settings.from_env({"AUTH_DATABASE_URL": url, "AUTH_KEK": "a" * 43 + "="})
+        Settings.from_env({"AUTH_DATABASE_URL": url, "AUTH_KEK": "A" * 43 + "="})
     message = str(refused.value)
     assert message.startswith("AUTH_DATABASE_URL: ") and "65535" in message
     assert "Hunter2Secret" not in message and "99999" not in message
@@ -548,7 +550,7 @@ def test_database_urls_with_several_hosts_and_ports_in_range_still_parse() -> No
         "postgresql:///db?host=/tmp",
         "postgres://u:p%3A@h/x",
     ):
-        assert Settings.from_env({"AUTH_DATABASE_URL": url, "AUTH_KEK": "a" * 43 + "="})
+        assert Settings.from_env({"AUTH_DATABASE_URL": url, "AUTH_KEK": "A" * 43 + "="})
 
 
 def test_a_decimal_with_too_many_digits_is_refused_saying_how_many_are_allowed() -> None:
@@ -565,3 +567,107 @@ def test_the_connection_budget_counts_a_pool_and_a_listener_per_worker() -> None
     assert connection_budget_problem(settings, 44) is None
     problem = connection_budget_problem(settings, 43)
     assert problem is not None and "needs up to 44" in problem and "takes 43" in problem
+
+
+# --- lists: one spelling too (the outside-in review) -------------------------------------
+
+
+@pytest.mark.parametrize("variable", ["AUTH_AUDIENCES", "AUTH_CALLER_AUTH"])
+@pytest.mark.parametrize(
+    "value",
+    [
+        "admin,,validate",  # an empty item was dropped without a word
+        "admin, validate",  # blanks around items were stripped
+        "admin ,validate",
+        "admin,",  # a trailing comma
+        ",admin",
+        ",",
+        "admin,admin",  # a repeat counted once
+    ],
+)
+def test_a_list_setting_takes_items_separated_by_bare_commas_only(
+    variable: str, value: str
+) -> None:
+    # Exactly the declared sentence: nothing of the value comes back.
+    assert_refused(variable, value)
+
+
+def test_the_list_spelling_the_table_shows_is_accepted() -> None:
+    settings = Settings.from_env({"AUTH_AUDIENCES": "orders-api,https://billing.example/"})
+    assert settings.audiences == {"orders-api", "https://billing.example/"}
+    groups = declaration_of("AUTH_CALLER_AUTH").parser
+    assert groups.parse("validate,admin") == groups.parse("admin,validate") == {"validate", "admin"}
+    for variable in ("AUTH_AUDIENCES", "AUTH_CALLER_AUTH"):
+        allowed = declaration_of(variable).parser.allowed
+        assert "no blanks" in allowed and "repeated" in allowed, allowed
+
+
+# --- AUTH_KEK: one spelling, what `openssl rand -base64 32` prints (the outside-in review) ---
+
+KEK_BYTES = bytes([0xFB, 0xFF, 0xBF] * 10 + [0xFB, 0xFF])  # "+" and "/" in standard base64
+STANDARD_KEK = base64.b64encode(KEK_BYTES).decode()
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        pytest.param(base64.urlsafe_b64encode(KEK_BYTES).decode(), id="url-safe"),
+        pytest.param(STANDARD_KEK.rstrip("="), id="unpadded"),
+        pytest.param(base64.urlsafe_b64encode(KEK_BYTES).decode().rstrip("="), id="url-unpadded"),
+        pytest.param(STANDARD_KEK + "=", id="extra-padding"),
+        pytest.param(STANDARD_KEK[:20] + "\n" + STANDARD_KEK[20:], id="line-break"),
+        # The last character carries 2 bits beyond the 32 bytes: only one spelling has them 0.
+        pytest.param("a" * 43 + "=", id="non-canonical"),
+        pytest.param(base64.b64encode(KEK_BYTES[:31]).decode(), id="31-bytes"),
+        pytest.param(base64.b64encode(KEK_BYTES + b"!").decode(), id="33-bytes"),
+    ],
+)
+def test_auth_kek_takes_only_standard_padded_base64_of_32_bytes(value: str) -> None:
+    assert STANDARD_KEK.count("+") and STANDARD_KEK.count("/")
+    message = assert_refused("AUTH_KEK", value)
+    assert value not in message and value[:8] not in message
+
+
+def test_the_kek_openssl_prints_is_accepted() -> None:
+    assert Settings.from_env({"AUTH_KEK": STANDARD_KEK}).kek == KEK_BYTES
+    assert "openssl rand -base64 32" in declaration_of("AUTH_KEK").parser.allowed
+
+
+# --- leading zeros (the outside-in review) ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("AUTH_ACCESS_TTL", "0900"),  # 900 to us, 0o900 (invalid) or 0o644-style to a reader
+        ("AUTH_WORKERS", "04"),
+        ("AUTH_TOKEN_CACHE_SIZE", "00"),  # 0 is allowed here, but spelt `0`
+        ("AUTH_THROTTLE_USER_FAILURES", "007"),
+        ("AUTH_DB_TIMEOUT", "05"),
+        ("AUTH_DB_TIMEOUT", "00.5"),
+        ("AUTH_SHUTDOWN_GRACE", "00"),
+        ("AUTH_LISTEN", "127.0.0.1:05005"),
+        ("AUTH_METRICS_LISTEN", "[::1]:09464"),
+        ("AUTH_DATABASE_URL", "postgresql://db:05432/auth"),
+        ("AUTH_DATABASE_URL", "postgresql://a:5432,b:06432/auth"),
+    ],
+)
+def test_a_number_with_leading_zeros_is_refused(variable: str, value: str) -> None:
+    assert_refused(variable, value)
+
+
+def test_zero_itself_and_decimals_below_one_are_accepted() -> None:
+    settings = Settings.from_env(
+        {"AUTH_TOKEN_CACHE_SIZE": "0", "AUTH_DB_TIMEOUT": "0.5", "AUTH_SHUTDOWN_GRACE": "0"}
+    )
+    assert (settings.token_cache_size, settings.db_timeout, settings.shutdown_grace) == (0, 0.5, 0)
+    assert Settings.from_env({"AUTH_ACCESS_TTL": "900"}).access_ttl == 900
+    assert Settings.from_env({"AUTH_LISTEN": "127.0.0.1:0"}).listen == "127.0.0.1:0"
+    url = "postgresql://a:5432,b:6432/auth"
+    assert Settings.from_env({"AUTH_DATABASE_URL": url, "AUTH_KEK": "A" * 43 + "="})
+
+
+def test_cli_numbers_refuse_leading_zeros_too(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--workers", "04"])
+    assert "must be a whole number from 1 to" in capsys.readouterr().err

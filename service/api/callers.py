@@ -169,9 +169,13 @@ def _parse_line(fields: list[str]) -> KnownService:
     name, groups_text, credential = fields
     if _NAME_RE.fullmatch(name) is None:
         raise ValueError("the name must be letters, digits, '.', '_', ':' or '-'")
-    groups = frozenset(groups_text.split(","))
-    if not groups <= set(CALL_GROUPS):
-        raise ValueError(f"groups must be among {', '.join(CALL_GROUPS)}")
+    # The spelling of AUTH_CALLER_AUTH: bare commas, no empty or repeated group.
+    group_list = groups_text.split(",")
+    groups = frozenset(group_list)
+    if not groups <= set(CALL_GROUPS) or len(groups) != len(group_list):
+        raise ValueError(
+            f"groups must be among {', '.join(CALL_GROUPS)}, separated by commas, none repeated"
+        )
     kind, _, value = credential.partition(":")
     if kind == "token":
         if len(value) < MIN_SECRET_LENGTH:

@@ -29,6 +29,7 @@ from service.api.wrapped_handlers import WrappedHandlers
 from service.domain.events import peer_address
 from service.errors import (
     AuthError,
+    ShuttingDown,
     StreamMaxAgeReached,
     TooManyCalls,
     TooManyStreams,
@@ -53,6 +54,8 @@ KEEPALIVE_SECONDS = 60
 KEEPALIVE_TIMEOUT_SECONDS = 20
 # At most one log line per this many seconds about refused calls, however many there are.
 _REFUSAL_LOG_INTERVAL = 10.0
+# Seconds without a new unary call after which a closed UnaryBudget lets gRPC stop.
+QUIET_BEFORE_STOP = 0.05
 
 
 def transport_options(settings: Settings) -> list[tuple[str, int]]:
@@ -76,17 +79,34 @@ def transport_options(settings: Settings) -> list[tuple[str, int]]:
 
 
 class UnaryBudget:
-    """Unary calls in progress in this process, at most `limit`."""
+    """Unary calls in progress in this process, at most `limit`; none once `close`d."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.in_progress = 0
+        self.closed = False
+        self.last_arrival = 0.0
+        """time.monotonic() of the last unary call that reached us, taken or refused."""
 
     def enter(self) -> None:
-        """Count a call in, or raise TooManyCalls."""
+        """Count a call in, or raise TooManyCalls (or ShuttingDown once closed)."""
+        self.last_arrival = time.monotonic()
+        if self.closed:
+            raise ShuttingDown()
         if self.in_progress >= self.limit:
             raise TooManyCalls()
         self.in_progress += 1
+
+    async def close(self, *, within: float, quiet: float = QUIET_BEFORE_STOP) -> None:
+        """Refuse new calls (UNAVAILABLE), then wait, at most `within` seconds, until no
+        call is in progress and none came for `quiet` seconds: gRPC's stop then finds no
+        call it received but had not handed to us yet (those it ends with CANCELLED)."""
+        self.closed = True
+        give_up = time.monotonic() + within
+        while (now := time.monotonic()) < give_up:
+            if self.in_progress == 0 and now - self.last_arrival >= quiet:
+                return
+            await asyncio.sleep(quiet / 5)
 
     def leave(self) -> None:
         self.in_progress -= 1
@@ -244,7 +264,7 @@ class CallBudgetInterceptor(grpc.aio.ServerInterceptor):
         async def budgeted(request: Any, context: Context) -> Any:
             try:
                 budget.enter()
-            except TooManyCalls as error:
+            except (TooManyCalls, ShuttingDown) as error:
                 await self._refuse(error, context)
             try:
                 return await behavior(request, context)

@@ -39,12 +39,29 @@ def _generate_private_key(alg: str) -> PrivateKey:
     raise ValueError(f"unsupported signing algorithm {alg!r}")
 
 
-def _public_jwk(public_key: PublicKey) -> dict[str, Any]:
+# The public members of each key type (RFC 7518 §6.2.1, §6.3.1; RFC 8037 §2), the only
+# ones taken from pyjwt's export: its RSA export adds `key_ops`, which no other type has.
+_PUBLIC_MEMBERS: dict[str, tuple[str, ...]] = {
+    "OKP": ("kty", "crv", "x"),
+    "EC": ("kty", "crv", "x", "y"),
+    "RSA": ("kty", "n", "e"),
+}
+
+
+def public_jwk(public_key: PublicKey, *, kid: str, alg: str) -> dict[str, str]:
+    """The JWK GetJwks publishes for a key: its type's public members, `kid`, `alg` and
+    `use: sig`, the same for every algorithm. No `key_ops`: RFC 7517 §4.3 says not to give
+    both, and `use` is what JOSE libraries read. Built from the key, so nothing else (a
+    private member) can be in it."""
+    exported: dict[str, Any]
     if isinstance(public_key, ed25519.Ed25519PublicKey):
-        return OKPAlgorithm.to_jwk(public_key, as_dict=True)
-    if isinstance(public_key, ec.EllipticCurvePublicKey):
-        return ECAlgorithm.to_jwk(public_key, as_dict=True)
-    return RSAAlgorithm.to_jwk(public_key, as_dict=True)
+        exported = OKPAlgorithm.to_jwk(public_key, as_dict=True)
+    elif isinstance(public_key, ec.EllipticCurvePublicKey):
+        exported = ECAlgorithm.to_jwk(public_key, as_dict=True)
+    else:
+        exported = RSAAlgorithm.to_jwk(public_key, as_dict=True)
+    jwk = {name: exported[name] for name in _PUBLIC_MEMBERS[exported["kty"]]}
+    return {**jwk, "kid": kid, "alg": alg, "use": "sig"}
 
 
 def _seal_label(kid: str) -> str:
@@ -84,7 +101,7 @@ def generate_signing_key(
     """A new key pair, its private half sealed for storage."""
     private_key = _generate_private_key(alg)
     kid = secrets.token_urlsafe(12)
-    jwk = {**_public_jwk(private_key.public_key()), "kid": kid, "alg": alg, "use": "sig"}
+    jwk = public_jwk(private_key.public_key(), kid=kid, alg=alg)
     der = private_key.private_bytes(
         serialization.Encoding.DER,
         serialization.PrivateFormat.PKCS8,
@@ -109,12 +126,15 @@ def open_signing_key(record: SigningKeyRecord, box: SecretBox) -> SigningKey:
     private_key = serialization.load_der_private_key(der, password=None)
     if not isinstance(private_key, PrivateKey):
         raise ValueError(f"signing key {record.kid}: unsupported key type")
+    public_key = private_key.public_key()
     return SigningKey(
         kid=record.kid,
         alg=record.alg,
         private_key=private_key,
-        public_key=private_key.public_key(),
-        public_jwk=record.public_jwk,
+        public_key=public_key,
+        # From the key, not the stored JSON: keys stored before `public_jwk` had one form
+        # (RS256 ones carry `key_ops`) are published like new ones.
+        public_jwk=public_jwk(public_key, kid=record.kid, alg=record.alg),
         created_at=record.created_at,
         activates_at=record.activates_at.timestamp(),
     )

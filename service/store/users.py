@@ -72,6 +72,15 @@ class PostgresUsers(EventWriter):
             )
         return None if row is None else _user(row)
 
+    async def has_live_users(self) -> bool:
+        """Whether any user (not deleted) exists: the banner's first-user hint is for
+        an empty database only."""
+        async with self._connection() as conn:
+            found = await conn.fetchval(
+                "SELECT EXISTS (SELECT 1 FROM users WHERE deleted_at IS NULL)"
+            )
+        return bool(found)
+
     async def list_users(self) -> list[UserRecord]:
         async with self._connection() as conn:
             rows = await conn.fetch(

@@ -97,12 +97,13 @@ async def _adopt(server: LiveServer, audiences: frozenset[str]) -> None:
 
 
 def test_auth_audiences_is_a_comma_separated_list() -> None:
-    # Blanks between items are allowed; around the whole value they are refused like
-    # every setting's (one strict spelling per kind).
-    settings = Settings.from_env({"AUTH_AUDIENCES": "orders-api, https://billing.example/ ,,"})
+    # Bare commas only: blanks around items or the value, empty items and repeats are
+    # refused like every setting's loose spelling (one strict spelling per kind).
+    settings = Settings.from_env({"AUTH_AUDIENCES": "orders-api,https://billing.example/"})
     assert settings.audiences == frozenset({"orders-api", "https://billing.example/"})
-    with pytest.raises(SettingsError):
-        Settings.from_env({"AUTH_AUDIENCES": " orders-api"})
+    for loose in (" orders-api", "orders-api, billing", "orders-api,,billing", "orders-api,"):
+        with pytest.raises(SettingsError):
+            Settings.from_env({"AUTH_AUDIENCES": loose})
     assert Settings.from_env({}).audiences == frozenset()
 
 

@@ -31,7 +31,7 @@ from service.api.streams import (
     transport_options,
 )
 from service.domain.events import peer_address
-from service.errors import TooManyCalls, TooManyStreams, TooManyStreamsFromPeer
+from service.errors import ShuttingDown, TooManyCalls, TooManyStreams, TooManyStreamsFromPeer
 from service.settings import Settings, SettingsError
 from tests.helpers import assert_error
 from tests.live_server import LiveServer, ServerFactory
@@ -461,3 +461,20 @@ async def test_a_future_streaming_rpc_gets_the_stream_budget_and_the_caller_chec
             )
             # It ends at its maximum age, and its slot goes to the next method's stream.
             await ends_at_max_age(feed.read())
+
+
+async def test_a_closed_unary_budget_refuses_with_unavailable_and_waits_for_calls_in_flight() -> (
+    None
+):
+    budget = UnaryBudget(limit=2)
+    budget.enter()
+    closing = asyncio.create_task(budget.close(within=5.0, quiet=0.01))
+    await asyncio.sleep(0.05)
+    with pytest.raises(ShuttingDown) as refused:
+        budget.enter()
+    assert refused.value.code == "UNAVAILABLE"
+    assert not closing.done()  # the call in flight is still running
+    budget.leave()
+    async with asyncio.timeout(2):  # liveness only
+        await closing
+    assert budget.in_progress == 0

@@ -212,7 +212,7 @@ def _parse_jwk(jwk: object) -> _Key | None:
     kid, alg = jwk.get("kid"), jwk.get("alg")
     if not isinstance(kid, str) or not isinstance(alg, str) or alg not in _KEY_TYPES:
         return None
-    if jwk.get("use", "sig") != "sig":
+    if not _for_verifying(jwk):
         return None
     algorithm = _ALGORITHMS[alg]
     try:
@@ -224,6 +224,19 @@ def _parse_jwk(jwk: object) -> _Key | None:
     if isinstance(public_key, ec.EllipticCurvePublicKey) and public_key.curve.name != "secp256r1":
         return None
     return _Key(alg=alg, algorithm=algorithm, public_key=public_key)
+
+
+# Members only a private JWK has (RFC 7518 §6.2.2, §6.3.2, §6.4; RFC 8037 §2).
+_PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
+
+
+def _for_verifying(jwk: dict[str, Any]) -> bool:
+    """Whether a JWK may verify signatures (RFC 7517 §4.2, §4.3): `use`, if given, is
+    `sig`; `key_ops`, if given, is a list holding `verify`; no private member."""
+    if jwk.get("use", "sig") != "sig" or _PRIVATE_MEMBERS & jwk.keys():
+        return False
+    key_ops = jwk.get("key_ops", ["verify"])
+    return isinstance(key_ops, list) and "verify" in key_ops
 
 
 class Revocations:
