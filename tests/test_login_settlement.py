@@ -194,3 +194,21 @@ async def test_logins_racing_changes_of_their_user_never_deadlock(
     assert set(reasons) <= {"OK", "INVALID_CREDENTIALS"}, reasons
     pending = dict(await server.pool.fetch("SELECT key, pending FROM login_throttle"))
     assert pending == {user_key("contested"): 0, peer_key(PEER): 0}
+
+
+async def test_a_right_password_refused_a_scope_is_settled_as_a_success(
+    server_factory: ServerFactory,
+) -> None:
+    """A right password asking for a scope the user lacks starts no session (so no session
+    statement carries its settlement): it is settled on its own, nothing left pending or
+    counted."""
+    server = await server_factory(throttle_user_failures=5, throttle_peer_failures=100)
+    await server.create_user("modest", scopes=("read",))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await server.login("modest", scopes=("admin",))
+    assert error_info(caught.value).reason == "SCOPE_NOT_ALLOWED"
+    counts = await _counts(server)
+    assert {key: (c[0], c[3]) for key, c in counts.items()} == {
+        user_key("modest"): (0, 0),
+        peer_key(PEER): (0, 0),
+    }
