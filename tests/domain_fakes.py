@@ -31,6 +31,7 @@ from service.domain.records import (
     SecurityEvent,
     SessionRecord,
     SigningKeyRecord,
+    ThrottleSettlement,
     UserRecord,
 )
 from service.domain.refresh_secret import load_refresh_secret
@@ -201,7 +202,13 @@ class FakeStore:
         )
 
     async def create_session(
-        self, session: NewSession, event: SecurityEvent, *, verified_hash: str, max_sessions: int
+        self,
+        session: NewSession,
+        event: SecurityEvent,
+        *,
+        verified_hash: str,
+        max_sessions: int,
+        settlement: ThrottleSettlement | None = None,
     ) -> tuple[int, list[Revocation]] | None:
         user = self.users[session.user_id]
         if user.record.disabled or user.record.password_hash != verified_hash:

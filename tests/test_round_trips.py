@@ -89,34 +89,46 @@ async def test_a_fresh_refresh_is_one_round_trip(counted: Counted) -> None:
         assert sent == [ROTATE_FRESH_TOKEN_SQL]
 
 
-async def test_a_login_is_four_round_trips(counted: Counted) -> None:
+async def test_a_login_is_two_round_trips(counted: Counted) -> None:
     """Issue (throttle on, a user within the session cap, a hash of current parameters):
-    four statements (seven before the throttle's reservation was one function, ten before
-    the session's was, fourteen before the pool's reset was turned off), in three steps
-    that the rules keep apart.
+    two statements, each in autocommit (two commits). It was four (seven before the
+    throttle's reservation was one function, ten before the session's was, fourteen before
+    the pool's reset was turned off). Two is what the rules allow: the password check (the
+    slow hash) must come after the reservation and before the session, so each side of it
+    is one round trip.
 
-    1. The throttle's reservation, before the password is checked: one call of
-       `reserve_login_attempt` (migration 0013) in autocommit (1): the keys' rows locked,
-       `decide_reservation` applied in SQL under the lock, the counts written. The rule
-       stays the domain's, which judges the rows returned again (the differential test
-       holds the two together).
-    2. The user's row (1); the password check (no database); the reservation settled (1),
-       in the check's own task, so that a check whose caller gave up still takes its
-       count back. The rules would allow reading the user's row in the reservation's
-       call (it is read before the hash either way); not done yet: it would tie the
-       throttle's port to users, and a login without the throttle still needs it alone.
-    3. The session: one call of `start_session` (migration 0012) in autocommit (1): the
-       user's row locked, the session with its first token and the login event, then the
-       cap's evictions read in a statement of their own (a function's statements each take
-       a new snapshot in READ COMMITTED; in one statement's snapshot a concurrent login of
-       the same user would be missed, and the cap overrun), their log rows and events.
+    1. The throttle's reservation and the user's row: one call of `reserve_login_attempt`
+       (migrations 0013 and 0015): the keys' rows locked (no row written for that),
+       `decide_reservation` applied in SQL under the lock, the counts written, then the
+       user's row read (for a counted attempt). The rule stays the domain's, which judges
+       the rows returned again (the differential test holds the two together).
+    2. The password check (no database), then the session: one call of `start_session`
+       (migrations 0012 and 0015): the user's row locked, the session with its first token
+       and the login event, then the cap's evictions read in a statement of their own (a
+       function's statements each take a new snapshot in READ COMMITTED; in one
+       statement's snapshot a concurrent login of the same user would be missed, and the
+       cap overrun), their log rows and events, and last the reservation settled as a
+       success (before, a round trip and a commit of its own).
     """
     await _login(counted)  # prepares the statements on a connection
     await _login(counted)
     sent = await _login(counted)
-    assert sent[0] == RESERVE_LOGIN_ATTEMPT_SQL, sent
-    assert sent[-1] == START_SESSION_SQL, sent
-    assert len(sent) == 4, sent
+    assert sent == [RESERVE_LOGIN_ATTEMPT_SQL, START_SESSION_SQL], sent
+
+
+@pytest.mark.parametrize("counted", [100], indirect=True)
+async def test_a_login_without_the_throttle_is_two_round_trips(
+    counted: Counted, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the throttle off (AUTH_LOGIN_THROTTLE=off): the user's row alone, then the
+    session, with nothing to settle."""
+    monkeypatch.setattr(counted.components.logins, "_throttle", None)
+    await _login(counted)
+    await _login(counted)
+    sent = await _login(counted)
+    assert len(sent) == 2, sent
+    assert "FROM users WHERE username_key" in sent[0], sent
+    assert sent[1] == START_SESSION_SQL, sent
 
 
 @pytest.mark.parametrize("counted", [2], indirect=True)
@@ -132,7 +144,6 @@ async def test_a_login_past_the_cap_starts_its_session_in_one_round_trip(
     logged = "SELECT count(*) FROM revocation_log WHERE kind = 'session'"
     before = (await counted.pool.fetchval(revoked), await counted.pool.fetchval(logged))
     sent = await _login(counted)
-    assert sent[-1] == START_SESSION_SQL, sent
-    assert len(sent) == 4, sent
+    assert sent == [RESERVE_LOGIN_ATTEMPT_SQL, START_SESSION_SQL], sent
     after = (await counted.pool.fetchval(revoked), await counted.pool.fetchval(logged))
     assert after == (before[0] + 1, before[1] + 1)

@@ -21,6 +21,7 @@ from service.domain.records import (
     SecurityEvent,
     SessionRecord,
     SigningKeyRecord,
+    ThrottleSettlement,
     ThrottleState,
     UserRecord,
 )
@@ -89,11 +90,19 @@ class SessionStorage(Protocol):
     """Sessions (token families) and their revocation."""
 
     async def create_session(
-        self, session: NewSession, event: SecurityEvent, *, verified_hash: str, max_sessions: int
+        self,
+        session: NewSession,
+        event: SecurityEvent,
+        *,
+        verified_hash: str,
+        max_sessions: int,
+        settlement: ThrottleSettlement | None = None,
     ) -> tuple[int, list[Revocation]] | None:
         """Start a family (session, first token, login event) if the user is still enabled
-        with `verified_hash`, revoking their oldest sessions beyond `max_sessions`: the
-        session's generation and the sessions revoked; None if the user changed."""
+        with `verified_hash`, revoking their oldest sessions beyond `max_sessions`, and
+        apply the login's throttle `settlement` (also if the user changed), all in one
+        transaction: the session's generation and the sessions revoked; None if the user
+        changed."""
 
     async def session_of_refresh_token(self, token_hash: bytes) -> uuid.UUID | None: ...
 
@@ -231,17 +240,19 @@ class ThrottleStorage(Protocol):
         *,
         now: datetime,
         pending_since: datetime,
-    ) -> tuple[list[ThrottleState], bool]:
+        username_key: str | None = None,
+    ) -> tuple[list[ThrottleState], bool, UserRecord | None]:
         """One step: lock the keys' rows (made if missing) in key order and, exactly when
         `decide_reservation` would count the attempt (each key's free failures and window
         start in `limits`, pending counts from `pending_since` on), count it, stamped `now`.
-        The rows as read under the lock, in key order, and whether it was counted."""
+        The rows as read under the lock, in key order, whether it was counted, and, for a
+        counted attempt given `username_key`, the live user of that key (read after the
+        lock, as `UserStorage.find_user` would)."""
 
     async def settle_login_failure(self, until: dict[str, datetime | None]) -> None: ...
 
-    async def settle_login_success(
-        self, previous_failure_at: dict[str, datetime], *, clear: set[str], reserved_at: datetime
-    ) -> None: ...
+    async def settle_login_success(self, settlement: ThrottleSettlement) -> None:
+        """A success whose settlement no session statement carries."""
 
 
 class SharedSettingsStorage(Protocol):

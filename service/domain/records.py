@@ -122,6 +122,20 @@ class ThrottleState:
 
 
 @dataclass(frozen=True, slots=True)
+class ThrottleSettlement:
+    """What a login whose password was right does to its throttle keys (the domain's rule,
+    `LoginThrottle.success`): each key gives back the attempt's pending count; the keys in
+    `clear` forget their failures and waits, the others take back the failure the attempt
+    was counted as and, unless a later attempt came (`last_failure_at` is no longer
+    `reserved_at`), the time of their previous failure. The store applies it as given."""
+
+    previous_failure_at: dict[str, datetime]
+    """Each key's latest failure before the attempt, in key order."""
+    clear: frozenset[str]
+    reserved_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
 class CallerInfo:
     """Where a call came from, recorded with sessions and security events."""
 

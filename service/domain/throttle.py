@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from service.clock import Clock, to_datetime
 from service.domain.events import peer_address
 from service.domain.ports import ThrottleStorage
-from service.domain.records import ThrottleState
+from service.domain.records import ThrottleSettlement, ThrottleState, UserRecord
 from service.errors import LoginThrottled
 
 if TYPE_CHECKING:
@@ -161,17 +161,26 @@ class LoginThrottle:
         The store applies `decide_reservation` under the keys' rows lock, in one step;
         the answer is this rule's, on the rows as the store read them.
         """
+        reservation, _ = await self.reserve_and_find_user(keys, username_key=None)
+        return reservation
+
+    async def reserve_and_find_user(
+        self, keys: list[str], *, username_key: str | None
+    ) -> tuple[Reservation | None, UserRecord | None]:
+        """`reserve`, and with it (in the same step of the store) the live user of
+        `username_key` when the attempt is counted (None otherwise, or if there is none)."""
         now = self._clock.now()
         at = to_datetime(now)
         pending_since = to_datetime(now - PENDING_EXPIRY)
         policies = {key: self._policy(key) for key in keys}
-        states, reserved = await self._store.reserve_login_attempt(
+        states, reserved, user = await self._store.reserve_login_attempt(
             {
                 key: (policy.free_failures, to_datetime(now - policy.window))
                 for key, policy in policies.items()
             },
             now=at,
             pending_since=pending_since,
+            username_key=username_key,
         )
         decision = decide_reservation(states, policies, now=now)
         if reserved != (decision.counts is not None):
@@ -181,11 +190,14 @@ class LoginThrottle:
         if decision.locked_until is not None:
             raise LoginThrottled(retry_after=decision.locked_until.timestamp() - now)
         if decision.counts is None:
-            return None
-        return Reservation(
-            reserved_at=at,
-            failures={key: failures for key, (failures, _) in decision.counts.items()},
-            previous_failure_at={s.key: s.last_failure_at for s in states},
+            return None, None
+        return (
+            Reservation(
+                reserved_at=at,
+                failures={key: failures for key, (failures, _) in decision.counts.items()},
+                previous_failure_at={s.key: s.last_failure_at for s in states},
+            ),
+            user,
         )
 
     async def failed(self, reservation: Reservation) -> None:
@@ -197,11 +209,17 @@ class LoginThrottle:
             until[key] = to_datetime(now + delay) if delay > 0 else None
         await self._store.settle_login_failure(until)
 
-    async def succeeded(self, reservation: Reservation) -> None:
-        """The attempt succeeded: the username's count is cleared, the address's count
-        takes the attempt back."""
-        await self._store.settle_login_success(
-            reservation.previous_failure_at,
-            clear={key for key in reservation.failures if key.startswith("user:")},
+    @staticmethod
+    def success(reservation: Reservation) -> ThrottleSettlement:
+        """What a right password does to the attempt's keys: the username's count is
+        cleared, the address's count takes the attempt back. Applied by the store with the
+        login's session (`SessionStorage.create_session`), or alone by `settle_success`."""
+        return ThrottleSettlement(
+            previous_failure_at=dict(reservation.previous_failure_at),
+            clear=frozenset(key for key in reservation.failures if key.startswith("user:")),
             reserved_at=reservation.reserved_at,
         )
+
+    async def settle_success(self, settlement: ThrottleSettlement) -> None:
+        """Apply a success's settlement on its own (a right password that starts no session)."""
+        await self._store.settle_login_success(settlement)

@@ -155,10 +155,13 @@ class TokenService:
         aud = audience or self._policy.audience
         if aud not in self.issuable_audiences:
             raise InvalidArgument([FieldViolation("audience", UNKNOWN_AUDIENCE)])
-        user = await self._logins.authenticate(username, password, caller)
+        authenticated = await self._logins.authenticate(username, password, caller)
+        user = authenticated.user
         now = self._clock.now()
         granted = scopes or user.scopes
         if not set(granted) <= set(user.scopes):
+            # The password was right: for the throttle, a success.
+            await self._logins.settle(authenticated)
             raise ScopeNotAllowed()
         session_id = uuid.uuid4()
         refresh_token = new_refresh_token()
@@ -167,28 +170,33 @@ class TokenService:
         # The access token's exp is stored with the session before it is signed: how long
         # a revocation of this session must be remembered.
         issued_at, access_expires = token_lifetime(now, self._policy.access_ttl)
-        created = await self._sessions.create_session(
-            NewSession(
-                id=session_id,
-                user_id=user.id,
-                scopes=granted,
-                audience=aud,
-                created_at=to_datetime(now),
-                expires_at=to_datetime(session_expires),
-                first_token_hash=hash_token(refresh_token),
-                first_token_expires_at=to_datetime(token_expires),
-                access_expires_at=to_datetime(access_expires),
-                peer=caller.peer,
-                user_agent=caller.user_agent,
+        # The throttle's settlement goes with the session, in its statement.
+        created = await self._logins.start_session(
+            authenticated,
+            self._sessions.create_session(
+                NewSession(
+                    id=session_id,
+                    user_id=user.id,
+                    scopes=granted,
+                    audience=aud,
+                    created_at=to_datetime(now),
+                    expires_at=to_datetime(session_expires),
+                    first_token_hash=hash_token(refresh_token),
+                    first_token_expires_at=to_datetime(token_expires),
+                    access_expires_at=to_datetime(access_expires),
+                    peer=caller.peer,
+                    user_agent=caller.user_agent,
+                ),
+                SecurityEvent(
+                    kind="login_succeeded",
+                    subject=str(user.id),
+                    session_id=session_id,
+                    peer=caller.peer,
+                ),
+                verified_hash=user.password_hash,
+                max_sessions=self._policy.max_sessions_per_user,
+                settlement=authenticated.settlement,
             ),
-            SecurityEvent(
-                kind="login_succeeded",
-                subject=str(user.id),
-                session_id=session_id,
-                peer=caller.peer,
-            ),
-            verified_hash=user.password_hash,
-            max_sessions=self._policy.max_sessions_per_user,
         )
         if created is None:
             # Disabled, or the password changed, while we were checking it.

@@ -7,7 +7,7 @@ import uuid
 from dataclasses import replace
 from datetime import datetime, timedelta
 
-from service.domain.records import NewSession, SecurityEvent, SessionRecord
+from service.domain.records import NewSession, SecurityEvent, SessionRecord, ThrottleSettlement
 from service.domain.revocation import (
     REMEMBER_PAST_BOUND_SECONDS,
     USER_BOUND_STEP_SECONDS,
@@ -16,6 +16,7 @@ from service.domain.revocation import (
 )
 from service.store.events import EventWriter
 from service.store.revocations import revoke_session, revoke_user_sessions
+from service.store.throttle import settlement_arguments
 
 # Sessions a login revokes beyond the cap at most (more only for users who had more than
 # the cap before it existed: their excess goes this many per login).
@@ -35,11 +36,13 @@ MAX_EVICTIONS_PER_LOGIN = 100
 # the user's bound is raised to $16 (a step past it) if below it. The session may be
 # deleted once that token and the session (its expiry, its first refresh token's) are
 # both past. $17 is the cap - 1 (the others kept besides the new one), $18 the most
-# evicted, $19 how long past its bound an evicted session's log row is kept.
+# evicted, $19 how long past its bound an evicted session's log row is kept. $20-$23: the
+# login's throttle settlement (`settle_login_success`'s arguments; NULL: none), applied
+# last (migration 0015), in the same transaction, also if the user changed.
 START_SESSION_SQL = """
 SELECT generation, evicted_ids, evicted_at, evicted_bounds
   FROM start_session($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16,
-                     $17, $18, $19)
+                     $17, $18, $19, $20, $21, $22, $23)
 """
 
 
@@ -53,12 +56,17 @@ class PostgresSessions(EventWriter):
         *,
         verified_hash: str,
         max_sessions: int,
+        settlement: ThrottleSettlement | None = None,
     ) -> tuple[int, list[Revocation]] | None:
         """Start a token family in one statement: the session, its first token and the
         login event, and the user's oldest sessions beyond `max_sessions` revoked (appended
-        to the revocation log, with an event each). The session's generation and the
-        sessions revoked; None if the user was disabled or changed password since
-        `verified_hash` was read."""
+        to the revocation log, with an event each), and the login's throttle `settlement`
+        applied (also if the user changed). The session's generation and the sessions
+        revoked; None if the user was disabled or changed password since `verified_hash`
+        was read."""
+        settle: tuple[object, ...] = (
+            (None,) * 4 if settlement is None else settlement_arguments(settlement)
+        )
         async with self._connection() as conn:
             row = await conn.fetchrow(
                 START_SESSION_SQL,
@@ -81,6 +89,7 @@ class PostgresSessions(EventWriter):
                 max_sessions - 1,
                 MAX_EVICTIONS_PER_LOGIN,
                 float(REMEMBER_PAST_BOUND_SECONDS),
+                *settle,
             )
         assert row is not None
         if row["generation"] is None:

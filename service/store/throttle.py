@@ -4,16 +4,17 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from service.domain.records import ThrottleState
+from service.domain.records import ThrottleSettlement, ThrottleState, UserRecord
 from service.store.base import StoreBase
 
 # A login attempt's reservation in one round trip (autocommit), by the function of
-# migration 0013: the keys' rows locked in key order, `decide_reservation` applied, the
-# counts written if it counts the attempt.
+# migration 0013 (as migration 0015 changed it): the keys' rows locked in key order,
+# `decide_reservation` applied, the counts written if it counts the attempt; with $6, the
+# live user of that username key read under the keys' locks (for a counted attempt only).
 RESERVE_LOGIN_ATTEMPT_SQL = """
 SELECT r_key, r_failures, r_last_failure_at, r_locked_until, r_pending, r_pending_at,
-       r_reserved
-  FROM reserve_login_attempt($1, $2, $3, $4, $5)
+       r_reserved, u_id, u_username, u_password_hash, u_scopes, u_disabled, u_created_at
+  FROM reserve_login_attempt($1, $2, $3, $4, $5, $6)
 """
 
 # Settling an attempt locks its keys' rows in key order too, for the same reason.
@@ -27,18 +28,22 @@ UPDATE login_throttle AS t
  WHERE t.key = locked.key AND v.key = t.key
 """
 
-SETTLE_LOGIN_SUCCESS_SQL = """
-WITH locked AS (
-    SELECT key FROM login_throttle WHERE key = ANY($1::text[]) ORDER BY key FOR UPDATE)
-UPDATE login_throttle AS t
-   SET pending = greatest(t.pending - 1, 0),
-       failures = CASE WHEN v.clear THEN 0 ELSE greatest(t.failures - 1, 0) END,
-       locked_until = CASE WHEN v.clear THEN NULL ELSE t.locked_until END,
-       last_failure_at = CASE WHEN t.last_failure_at = $4 THEN v.previous
-                              ELSE t.last_failure_at END
-  FROM locked, unnest($1::text[], $2::bool[], $3::timestamptz[]) AS v(key, clear, previous)
- WHERE t.key = locked.key AND v.key = t.key
-"""
+# A success is settled by the login's session statement (`start_session`, migration
+# 0015); this is the same function called alone, for a success that starts no session.
+SETTLE_LOGIN_SUCCESS_SQL = "SELECT settle_login_success($1, $2, $3, $4)"
+
+
+def settlement_arguments(
+    settlement: ThrottleSettlement,
+) -> tuple[list[str], list[bool], list[datetime], datetime]:
+    """`settle_login_success`'s arguments (keys, clear, previous failure, reserved at)."""
+    keys = list(settlement.previous_failure_at)
+    return (
+        keys,
+        [key in settlement.clear for key in keys],
+        list(settlement.previous_failure_at.values()),
+        settlement.reserved_at,
+    )
 
 
 class PostgresThrottle(StoreBase):
@@ -50,10 +55,12 @@ class PostgresThrottle(StoreBase):
         *,
         now: datetime,
         pending_since: datetime,
-    ) -> tuple[list[ThrottleState], bool]:
+        username_key: str | None = None,
+    ) -> tuple[list[ThrottleState], bool, UserRecord | None]:
         """Lock the keys' rows (made if missing) and, when `decide_reservation` counts the
         attempt (each key's (free failures, window start) in `limits`), count it, stamped
-        `now`: the rows as read, in key order, and whether it was counted. One statement.
+        `now`: the rows as read, in key order, whether it was counted, and (for a counted
+        attempt, with `username_key`) the live user of that key. One statement.
 
         The row lock makes check and count one step per key, on every replica; the rows
         are locked in key order, so two attempts sharing keys cannot deadlock.
@@ -67,6 +74,7 @@ class PostgresThrottle(StoreBase):
                 pending_since,
                 [limits[key][0] for key in keys],
                 [limits[key][1] for key in keys],
+                username_key,
             )
         states = [
             ThrottleState(
@@ -79,7 +87,18 @@ class PostgresThrottle(StoreBase):
             )
             for row in rows
         ]
-        return states, bool(rows) and rows[0]["r_reserved"]
+        user = None
+        if rows and rows[0]["u_id"] is not None:
+            first = rows[0]
+            user = UserRecord(
+                id=first["u_id"],
+                username=first["u_username"],
+                password_hash=first["u_password_hash"],
+                scopes=tuple(first["u_scopes"]),
+                disabled=first["u_disabled"],
+                created_at=first["u_created_at"],
+            )
+        return states, bool(rows) and rows[0]["r_reserved"], user
 
     async def settle_login_failure(self, until: dict[str, datetime | None]) -> None:
         """An attempt reserved against these keys failed: it stays counted, is no longer
@@ -91,21 +110,7 @@ class PostgresThrottle(StoreBase):
                 list(until.values()),
             )
 
-    async def settle_login_success(
-        self,
-        previous_failure_at: dict[str, datetime],
-        *,
-        clear: set[str],
-        reserved_at: datetime,
-    ) -> None:
-        """An attempt reserved at `reserved_at` succeeded: keys in `clear` forget their
-        failures and waits; the others take back the failure the attempt was counted as
-        (and, unless a later attempt came, the time of their previous failure)."""
+    async def settle_login_success(self, settlement: ThrottleSettlement) -> None:
+        """A success that starts no session (the session's statement settles the others)."""
         async with self._connection() as conn:
-            await conn.execute(
-                SETTLE_LOGIN_SUCCESS_SQL,
-                list(previous_failure_at),
-                [key in clear for key in previous_failure_at],
-                list(previous_failure_at.values()),
-                reserved_at,
-            )
+            await conn.execute(SETTLE_LOGIN_SUCCESS_SQL, *settlement_arguments(settlement))

@@ -145,6 +145,42 @@ async def test_logins_cut_short_by_their_deadline_are_still_counted(
     }
 
 
+async def test_right_passwords_whose_callers_left_are_not_counted_as_failures(
+    server_factory: ServerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Right passwords whose calls are cut short by their deadline during the (slowed)
+    hash: the check runs to its end and its success is settled on its own (the session's
+    statement, which would have carried the settlement, is never sent), so neither the
+    username nor the address keeps a failure or a pending count."""
+    server = await server_factory(
+        throttle_user_failures=NOBODY_WAITS, throttle_peer_failures=NOBODY_WAITS
+    )
+    await server.create_user("hurried")
+    spy = VerificationSpy(server.running.components.hasher, monkeypatch, slowdown=0.2)
+    for _ in range(5):
+        await eventually(lambda: _true(spy.running == 0))
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await server.stub.Issue(
+                auth_pb2.IssueRequest(
+                    password=auth_pb2.PasswordCredentials(username="hurried", password=PASSWORD)
+                ),
+                timeout=0.05,
+            )
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+    async def settled() -> bool:
+        rows = await server.pool.fetch("SELECT failures, pending FROM login_throttle")
+        return bool(
+            spy.started > 0
+            and spy.running == 0
+            and rows
+            and all(r["failures"] == 0 and r["pending"] == 0 for r in rows)
+        )
+
+    await eventually(settled, within=10)
+    assert await server.pool.fetchval("SELECT count(*) FROM sessions") == 0
+
+
 async def test_checks_whose_callers_left_cannot_pile_up(
     server_factory: ServerFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
