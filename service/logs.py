@@ -34,6 +34,28 @@ class JsonLineFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
+class WithheldRequestBytes(logging.Filter):
+    """A library line's bytes arguments are replaced by their length. gRPC writes a
+    metadata value that is not UTF-8 in full ('Invalid encoding on %s'), and such a value
+    may be an `authorization` header: a live access or service token. What a library logs
+    as bytes comes off the wire; its length is all the line needs."""
+
+    def __init__(self, prefixes: tuple[str, ...] = ("grpc", "asyncpg")) -> None:
+        super().__init__()
+        self._prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith(self._prefixes) and isinstance(record.args, tuple):
+            record.args = tuple(_withheld(arg) for arg in record.args)
+        return True
+
+
+def _withheld(arg: object) -> object:
+    if isinstance(arg, bytes | bytearray | memoryview):
+        return f"<{len(arg)} bytes withheld>"
+    return arg
+
+
 LIBRARY_LINE_WINDOW = 60.0
 """Seconds in which one library log line (by logger and message) is written once."""
 
@@ -89,6 +111,9 @@ def configure_logging(log_format: str) -> None:
     handler.setFormatter(
         JsonLineFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT)
     )
+    # First: RepeatedLibraryLines writes the arguments into the message of a line it lets
+    # through after holding some back.
+    handler.addFilter(WithheldRequestBytes())
     handler.addFilter(RepeatedLibraryLines())
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -12,7 +12,7 @@ import pytest
 from authsvc_client.gen.auth.v1 import auth_pb2
 
 from service.loadtest.server_process import ServeCommand, serving
-from service.logs import RepeatedLibraryLines
+from service.logs import RepeatedLibraryLines, WithheldRequestBytes
 from tests.raw_http2 import raw_unary_call
 from tests.test_cli import _server_env
 
@@ -75,3 +75,45 @@ async def test_metadata_that_is_not_utf8_cannot_flood_the_server_log(
         lines = log_path.read_text().splitlines()[before:]
         # Without the filter: a traceback of several lines, three times per call.
         assert len(lines) < 100, "\n".join(lines[:40])
+
+
+def test_request_bytes_in_library_lines_are_withheld() -> None:
+    """gRPC logs a metadata value that is not UTF-8 in full ('Invalid encoding on %s'):
+    an `authorization` value is a live credential."""
+    record = logging.LogRecord(
+        "grpc._cython.cygrpc",
+        logging.ERROR,
+        __file__,
+        1,
+        "Invalid encoding on %s",
+        (b"Bearer secret-credential\xff",),
+        None,
+    )
+    assert WithheldRequestBytes().filter(record)
+    assert "secret-credential" not in record.getMessage()
+    assert "25 bytes" in record.getMessage()
+
+
+@pytest.mark.system
+async def test_a_credential_in_metadata_that_is_not_utf8_is_not_written_to_the_log(
+    database_url: str, tmp_path: Path
+) -> None:
+    log_path = tmp_path / "server.log"
+    command = ServeCommand(_server_env(database_url, tmp_path), workers=1, stderr=log_path)
+    credential = "a-service-token-of-forty-characters-xyz0"
+    with serving(command) as server:
+        for method, request in (
+            (GET_JWKS, auth_pb2.GetJwksRequest()),
+            ("/auth.v1.AuthService/Validate", auth_pb2.ValidateRequest(access_token="x")),
+        ):
+            response = await raw_unary_call(
+                server.port,
+                method,
+                request.SerializeToString(),
+                [(b"authorization", f"Bearer {credential}".encode() + b"\xff")],
+            )
+            assert response.grpc_status is not None
+        await asyncio.sleep(0.5)
+        log = log_path.read_text()
+    assert "Invalid encoding" in log  # the line is still written, without the value
+    assert credential not in log
