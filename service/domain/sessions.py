@@ -255,12 +255,13 @@ class RevokeService:
                         session_id=None if claims is None else parse_uuid(claims.session_id),
                         peer=caller.peer,
                         detail=detail,
-                        # Repeats by one address, with one token, at one target share a row.
+                        # Repeats by one address, with one token, at one kind of target
+                        # share a row (its detail names the first target): the targets are
+                        # the client's to vary, and each new one must not be a new row.
                         aggregate_key=aggregate_key(
                             address,
                             target,
                             token.state,
-                            target_id or "",
                             "" if claims is None else claims.session_id,
                         ),
                     ),

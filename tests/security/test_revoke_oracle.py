@@ -207,3 +207,28 @@ async def test_a_flood_of_probes_records_a_bounded_number_of_events(
         )
         == recorded + 1
     )
+
+
+async def test_probes_of_ever_new_targets_from_one_address_share_a_row(server: LiveServer) -> None:
+    """Rows are grouped by address, caller token and kind of target, not by the target: a
+    new random session id or subject in each probe would otherwise be a row each (up to
+    the per-second budget, every second, for as long as events are kept)."""
+    await server.create_user("gail")
+    dead = await server.login("gail")
+    await server.stub.Revoke(auth_pb2.RevokeRequest(refresh_token=dead.refresh_token))
+    for _ in range(5):
+        for _ in range(30):
+            for request in (
+                auth_pb2.RevokeRequest(session_id=str(uuid.uuid4())),
+                auth_pb2.RevokeRequest(subject=str(uuid.uuid4())),
+            ):
+                for metadata in ((), bearer(dead.access_token)):
+                    with pytest.raises(grpc.aio.AioRpcError):
+                        await server.stub.Revoke(request, metadata=metadata)
+        server.clock.advance(1.5)  # a fresh per-second budget each round
+    rows = await server.pool.fetch(
+        "SELECT detail, occurrences FROM security_events WHERE kind = 'revoke_refused'"
+    )
+    # One row per kind of target and caller token: no token, or the revoked one.
+    assert len(rows) == 4
+    assert sum(row["occurrences"] for row in rows) >= 4 * 5
