@@ -10,7 +10,15 @@ import pytest
 from authsvc_client.gen.auth.v1 import auth_pb2
 from google.rpc import error_details_pb2
 
-from service.domain.throttle import ThrottlePolicy, peer_key
+from service.clock import to_datetime
+from service.domain.records import ThrottleState
+from service.domain.throttle import (
+    PENDING_EXPIRY,
+    ThrottlePolicy,
+    decide_failure_waits,
+    peer_key,
+    settled_failures,
+)
 from tests.helpers import assert_error, error_info, status_detail
 from tests.live_server import PASSWORD, LiveServer, ServerFactory
 
@@ -157,6 +165,47 @@ def test_policy_delays_double_from_the_first_failure_over_the_allowance() -> Non
         failures += 1
         elapsed += policy.delay_after(failures)
     assert failures < 25
+
+
+NOW = 1_900_000_000.0
+
+
+def _row(
+    failures: int, pending: int, *, pending_age: float = 0.0, failure_age: float = 0.0
+) -> ThrottleState:
+    return ThrottleState(
+        key="peer:ipv4:192.0.2.7",
+        failures=failures,
+        last_failure_at=to_datetime(NOW - failure_age),
+        locked_until=None,
+        pending=pending,
+        pending_at=to_datetime(NOW - pending_age),
+    )
+
+
+def test_a_failure_waits_for_the_failures_settled_so_far() -> None:
+    """`settled_failures`: the key's count at settlement less the other attempts pending
+    (counted when reserved, they may yet succeed); this failure always counts."""
+    policy = ThrottlePolicy(free_failures=5)
+    assert settled_failures(_row(6, 4), policy, now=NOW) == 3  # 3 others pending
+    assert settled_failures(_row(6, 1), policy, now=NOW) == 6  # only this one pending
+    # A pending count older than PENDING_EXPIRY is ignored, as by the reservation.
+    assert settled_failures(_row(6, 4, pending_age=PENDING_EXPIRY + 1), policy, now=NOW) == 6
+    # Failures older than the window are forgotten: only this one is left.
+    assert settled_failures(_row(6, 1, failure_age=policy.window + 1), policy, now=NOW) == 1
+    # A username cleared by a success while others were pending (failures 0, pending 2).
+    assert settled_failures(_row(0, 2), policy, now=NOW) == 1
+
+
+def test_the_last_failure_of_a_burst_to_settle_sets_the_wait() -> None:
+    """free + 1 parallel guesses (the most the reservation counts at once): each settles
+    with the others still pending but the last, which sees them all settled and waits."""
+    policies = {"peer:ipv4:192.0.2.7": ThrottlePolicy(free_failures=5)}
+    waits = [
+        decide_failure_waits([_row(6, pending)], policies, now=NOW)["peer:ipv4:192.0.2.7"]
+        for pending in range(6, 0, -1)
+    ]
+    assert waits == [None] * 5 + [to_datetime(NOW + 1.0)]
 
 
 def test_peer_keys_drop_the_port() -> None:

@@ -249,7 +249,15 @@ class ThrottleStorage(Protocol):
         counted attempt given `username_key`, the live user of that key (read after the
         lock, as `UserStorage.find_user` would)."""
 
-    async def settle_login_failure(self, until: dict[str, datetime | None]) -> None: ...
+    async def settle_login_failure(
+        self,
+        keys: list[str],
+        decide: Callable[[list[ThrottleState]], dict[str, datetime | None]],
+    ) -> None:
+        """A failed attempt reserved against `keys`: one transaction that locks their rows
+        in key order, reads them (missing rows are left out), lets `decide` say until when
+        each key waits (`decide_failure_waits`), and takes the attempt off the pending
+        count, setting each wait (never shortening one)."""
 
     async def settle_login_success(self, settlement: ThrottleSettlement) -> None:
         """A success whose settlement no session statement carries."""

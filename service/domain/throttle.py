@@ -112,6 +112,36 @@ def decide_reservation(
     )
 
 
+def settled_failures(state: ThrottleState, policy: ThrottlePolicy, *, now: float) -> int:
+    """A failed attempt's key's failures known to be failures when it is settled (its
+    `state` read under the key's lock): the key's count less the OTHER attempts still
+    being checked, which were counted when reserved but may yet succeed (a pending count
+    older than PENDING_EXPIRY is ignored, failures older than the window are forgotten,
+    as in `decide_reservation`). At least 1: this attempt's own failure."""
+    fresh = state.pending_at is not None and state.pending_at >= to_datetime(now - PENDING_EXPIRY)
+    others_pending = max((state.pending if fresh else 0) - 1, 0)
+    failures = state.failures
+    if state.last_failure_at < to_datetime(now - policy.window):
+        failures = 0
+    return max(failures - others_pending, 1)
+
+
+def decide_failure_waits(
+    states: list[ThrottleState], policies: Mapping[str, ThrottlePolicy], *, now: float
+) -> dict[str, datetime | None]:
+    """The throttle's rule for a failed attempt (its keys' `states` read under their lock
+    at settlement): each key waits `delay_after` its settled failures (None: no wait).
+    Parallel guesses stay bounded: the reservation's busy rule counts no attempt while
+    pending ones may use up the allowance, and the last of a burst to settle sees them
+    all settled and sets the wait."""
+    until: dict[str, datetime | None] = {}
+    for state in states:
+        policy = policies[state.key]
+        delay = policy.delay_after(settled_failures(state, policy, now=now))
+        until[state.key] = to_datetime(now + delay) if delay > 0 else None
+    return until
+
+
 class LoginThrottle:
     """Applies the policies to logins, with the state in the store."""
 
@@ -201,13 +231,16 @@ class LoginThrottle:
         )
 
     async def failed(self, reservation: Reservation) -> None:
-        """The attempt failed: it stays counted, and keys over their allowance wait."""
-        now = self._clock.now()
-        until: dict[str, datetime | None] = {}
-        for key, failures in reservation.failures.items():
-            delay = self._policy(key).delay_after(failures)
-            until[key] = to_datetime(now + delay) if delay > 0 else None
-        await self._store.settle_login_failure(until)
+        """The attempt failed: it stays counted, and keys whose settled failures are over
+        their allowance wait (`decide_failure_waits`, applied by the store under the keys'
+        row locks: the count at reservation included attempts then pending, which a
+        gateway's other users may yet settle as successes)."""
+        policies = {key: self._policy(key) for key in reservation.failures}
+
+        def decide(states: list[ThrottleState]) -> dict[str, datetime | None]:
+            return decide_failure_waits(states, policies, now=self._clock.now())
+
+        await self._store.settle_login_failure(list(policies), decide)
 
     @staticmethod
     def success(reservation: Reservation) -> ThrottleSettlement:

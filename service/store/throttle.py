@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
+
+import asyncpg
 
 from service.domain.records import ThrottleSettlement, ThrottleState, UserRecord
 from service.store.base import StoreBase
@@ -17,15 +20,20 @@ SELECT r_key, r_failures, r_last_failure_at, r_locked_until, r_pending, r_pendin
   FROM reserve_login_attempt($1, $2, $3, $4, $5, $6)
 """
 
-# Settling an attempt locks its keys' rows in key order too, for the same reason.
+# A failed attempt is settled in a transaction: its keys' rows locked in key order (as
+# everywhere, so attempts sharing keys cannot deadlock) and read, the domain's rule
+# (`decide_failure_waits`) applied to them, then the update.
+LOCK_THROTTLE_KEYS_SQL = """
+SELECT key, failures, last_failure_at, locked_until, pending, pending_at
+  FROM login_throttle WHERE key = ANY($1::text[]) ORDER BY key FOR UPDATE
+"""
+
 SETTLE_LOGIN_FAILURE_SQL = """
-WITH locked AS (
-    SELECT key FROM login_throttle WHERE key = ANY($1::text[]) ORDER BY key FOR UPDATE)
 UPDATE login_throttle AS t
    SET pending = greatest(t.pending - 1, 0),
        locked_until = greatest(t.locked_until, v.until)
-  FROM locked, unnest($1::text[], $2::timestamptz[]) AS v(key, until)
- WHERE t.key = locked.key AND v.key = t.key
+  FROM unnest($1::text[], $2::timestamptz[]) AS v(key, until)
+ WHERE v.key = t.key
 """
 
 # A success is settled by the login's session statement (`start_session`, migration
@@ -43,6 +51,17 @@ def settlement_arguments(
         [key in settlement.clear for key in keys],
         list(settlement.previous_failure_at.values()),
         settlement.reserved_at,
+    )
+
+
+def _state(row: asyncpg.Record, *, prefix: str = "") -> ThrottleState:
+    return ThrottleState(
+        key=row[prefix + "key"],
+        failures=row[prefix + "failures"],
+        last_failure_at=row[prefix + "last_failure_at"],
+        locked_until=row[prefix + "locked_until"],
+        pending=row[prefix + "pending"],
+        pending_at=row[prefix + "pending_at"],
     )
 
 
@@ -76,17 +95,7 @@ class PostgresThrottle(StoreBase):
                 [limits[key][1] for key in keys],
                 username_key,
             )
-        states = [
-            ThrottleState(
-                key=row["r_key"],
-                failures=row["r_failures"],
-                last_failure_at=row["r_last_failure_at"],
-                locked_until=row["r_locked_until"],
-                pending=row["r_pending"],
-                pending_at=row["r_pending_at"],
-            )
-            for row in rows
-        ]
+        states = [_state(row, prefix="r_") for row in rows]
         user = None
         if rows and rows[0]["u_id"] is not None:
             first = rows[0]
@@ -100,15 +109,18 @@ class PostgresThrottle(StoreBase):
             )
         return states, bool(rows) and rows[0]["r_reserved"], user
 
-    async def settle_login_failure(self, until: dict[str, datetime | None]) -> None:
-        """An attempt reserved against these keys failed: it stays counted, is no longer
-        pending, and each key with a time waits until then (never shortening a wait)."""
-        async with self._connection() as conn:
-            await conn.execute(
-                SETTLE_LOGIN_FAILURE_SQL,
-                list(until),
-                list(until.values()),
-            )
+    async def settle_login_failure(
+        self,
+        keys: list[str],
+        decide: Callable[[list[ThrottleState]], dict[str, datetime | None]],
+    ) -> None:
+        """An attempt reserved against these keys failed: under their rows' lock, it stays
+        counted, is no longer pending, and each key waits until `decide` says (never
+        shortening a wait). A row the janitor deleted meanwhile is left out."""
+        async with self._transaction() as conn:
+            rows = await conn.fetch(LOCK_THROTTLE_KEYS_SQL, sorted(keys))
+            until = decide([_state(row) for row in rows])
+            await conn.execute(SETTLE_LOGIN_FAILURE_SQL, list(until), list(until.values()))
 
     async def settle_login_success(self, settlement: ThrottleSettlement) -> None:
         """A success that starts no session (the session's statement settles the others)."""

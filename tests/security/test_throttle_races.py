@@ -20,6 +20,7 @@ from tests.live_server import PASSWORD, LiveServer, ServerFactory
 WRONG = "not the password"
 PEER_ALLOWANCE = 20  # the default AUTH_THROTTLE_PEER_FAILURES
 NOBODY_WAITS = 10**6
+PEER = "ipv4:127.0.0.1:1"  # the test client's address (the port does not count)
 
 
 class VerificationSpy:
@@ -96,6 +97,53 @@ async def test_concurrent_right_passwords_from_one_address_all_succeed(
     assert reasons == ["OK"] * 12
     rows = await server.pool.fetch("SELECT key, failures FROM login_throttle WHERE failures > 0")
     assert rows == []
+
+
+async def test_a_failure_amid_pending_right_passwords_waits_only_for_settled_failures(
+    server_factory: ServerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A gateway (one address for many users): 2 real failures of its allowance of 5,
+    then 3 right passwords of other users held in their check, then a typo that fails
+    meanwhile. The typo's reservation counted the 3 pending ones as failures (6 > 5), but
+    at its settlement only 3 failures are settled: the address must not be made to wait,
+    and once the 3 succeed a fourth user logs in."""
+    server = await server_factory(throttle_peer_failures=5)
+    for i in range(5):
+        await server.create_user(f"behind-gateway-{i}")
+    for i in range(2):
+        assert await _reason_of_login(server, f"nobody-{i}", WRONG) == "INVALID_CREDENTIALS"
+    hasher = server.running.components.hasher
+    verify = hasher.verify
+    release = asyncio.Event()
+    held = 0
+
+    async def held_if_right(password_hash: str | None, password: str) -> bool:
+        nonlocal held
+        if password == PASSWORD:
+            held += 1
+            await release.wait()
+        return await verify(password_hash, password)
+
+    monkeypatch.setattr(hasher, "verify", held_if_right)
+    pending = [
+        asyncio.create_task(_reason_of_login(server, f"behind-gateway-{i}", PASSWORD))
+        for i in range(3)
+    ]
+    try:  # released whatever happens: the server's stop waits for its checks
+        await eventually(lambda: _true(held == 3))
+        assert await _reason_of_login(server, "behind-gateway-3", WRONG) == "INVALID_CREDENTIALS"
+        locked = await server.pool.fetchval(
+            "SELECT locked_until FROM login_throttle WHERE key = $1", peer_key(PEER)
+        )
+        assert locked is None
+    finally:
+        release.set()
+    assert await asyncio.gather(*pending) == ["OK"] * 3
+    assert await _reason_of_login(server, "behind-gateway-4", PASSWORD) == "OK"
+    failures = await server.pool.fetchval(
+        "SELECT failures FROM login_throttle WHERE key = $1", peer_key(PEER)
+    )
+    assert failures == 3
 
 
 @pytest.mark.system  # timing: 100 calls cut short by 20 ms deadlines
