@@ -36,6 +36,15 @@ def error_info(error: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
     return status_detail(error, error_details_pb2.ErrorInfo)
 
 
+async def login_reason(server: LiveServer, username: str, password: str) -> str:
+    """How a login ends: "OK", or the ErrorInfo reason of its refusal."""
+    try:
+        await server.login(username, password=password)
+    except grpc.aio.AioRpcError as error:
+        return error_info(error).reason
+    return "OK"
+
+
 def bad_request_fields(error: grpc.aio.AioRpcError) -> list[str]:
     """The field names of the BadRequest detail of a failed call."""
     return [v.field for v in status_detail(error, error_details_pb2.BadRequest).field_violations]

@@ -15,20 +15,12 @@ import pytest
 from service.clock import to_datetime
 from service.domain.records import CallerInfo, SecurityEvent
 from service.domain.throttle import peer_key, user_key
-from tests.helpers import error_info
+from tests.helpers import error_info, login_reason
 from tests.live_server import PASSWORD, LiveServer, ServerFactory
 
 WRONG = "not the password"
 PEER = "ipv4:127.0.0.1:1"  # how the live server's client appears to the throttle
 NOBODY_WAITS = 10**6
-
-
-async def _reason_of_login(server: LiveServer, username: str, password: str) -> str:
-    try:
-        await server.login(username, password=password)
-    except grpc.aio.AioRpcError as error:
-        return error_info(error).reason
-    return "OK"
 
 
 async def _counts(server: LiveServer) -> dict[str, tuple[object, ...]]:
@@ -48,9 +40,9 @@ async def test_a_failed_then_successful_login_leaves_the_counts_the_settlement_l
     server = await server_factory(throttle_user_failures=5, throttle_peer_failures=100)
     await server.create_user("settled")
     failed_at = to_datetime(server.clock.now())
-    assert await _reason_of_login(server, "settled", WRONG) == "INVALID_CREDENTIALS"
+    assert await login_reason(server, "settled", WRONG) == "INVALID_CREDENTIALS"
     server.clock.advance(2)
-    assert await _reason_of_login(server, "settled", PASSWORD) == "OK"
+    assert await login_reason(server, "settled", PASSWORD) == "OK"
     assert await _counts(server) == {
         user_key("settled"): (0, failed_at, None, 0),
         peer_key(PEER): (1, failed_at, None, 0),
@@ -90,7 +82,7 @@ async def test_a_password_right_when_checked_is_a_success_even_if_the_user_chang
     username's earlier failure is cleared, not joined by another."""
     server = await server_factory(throttle_user_failures=5, throttle_peer_failures=100)
     await server.create_user("moving")
-    assert await _reason_of_login(server, "moving", WRONG) == "INVALID_CREDENTIALS"
+    assert await login_reason(server, "moving", WRONG) == "INVALID_CREDENTIALS"
     components = server.running.components
     verify = components.hasher.verify
     changed: list[bool] = []
@@ -103,7 +95,7 @@ async def test_a_password_right_when_checked_is_a_success_even_if_the_user_chang
         return matches
 
     monkeypatch.setattr(components.hasher, "verify", verify_then_change)
-    assert await _reason_of_login(server, "moving", PASSWORD) == "INVALID_CREDENTIALS"
+    assert await login_reason(server, "moving", PASSWORD) == "INVALID_CREDENTIALS"
     assert changed == [True]
     assert await server.pool.fetchval("SELECT count(*) FROM sessions") == 0
     counts = await _counts(server)
@@ -116,8 +108,8 @@ async def test_without_the_throttle_a_login_reserves_and_settles_nothing(
 ) -> None:
     server = await server_factory(login_throttle=False)
     await server.create_user("unthrottled")
-    assert await _reason_of_login(server, "unthrottled", WRONG) == "INVALID_CREDENTIALS"
-    assert await _reason_of_login(server, "unthrottled", PASSWORD) == "OK"
+    assert await login_reason(server, "unthrottled", WRONG) == "INVALID_CREDENTIALS"
+    assert await login_reason(server, "unthrottled", PASSWORD) == "OK"
     assert await server.pool.fetchval("SELECT count(*) FROM sessions") == 1
     assert await _counts(server) == {}
 
@@ -131,7 +123,7 @@ async def test_the_reservation_locks_its_keys_rows_without_writing_them(
     writes none, where it wrote one."""
     server = await server_factory(throttle_user_failures=1, throttle_peer_failures=100)
     await server.create_user("versions")
-    assert await _reason_of_login(server, "versions", PASSWORD) == "OK"  # the rows exist
+    assert await login_reason(server, "versions", PASSWORD) == "OK"  # the rows exist
     async with server.pool.acquire() as conn:
         await conn.execute(
             """CREATE TABLE throttle_versions (key text NOT NULL);
@@ -146,12 +138,12 @@ async def test_the_reservation_locks_its_keys_rows_without_writing_them(
         await server.pool.execute("DELETE FROM throttle_versions")
         return dict(rows)
 
-    assert await _reason_of_login(server, "versions", PASSWORD) == "OK"
+    assert await login_reason(server, "versions", PASSWORD) == "OK"
     assert await versions_written() == {user_key("versions"): 2, peer_key(PEER): 2}
     for _ in range(2):  # the second failure over the allowance of one makes the name wait
-        assert await _reason_of_login(server, "versions", WRONG) == "INVALID_CREDENTIALS"
+        assert await login_reason(server, "versions", WRONG) == "INVALID_CREDENTIALS"
     await versions_written()
-    assert await _reason_of_login(server, "versions", PASSWORD) == "LOGIN_THROTTLED"
+    assert await login_reason(server, "versions", PASSWORD) == "LOGIN_THROTTLED"
     assert await versions_written() == {}
 
 
@@ -184,7 +176,7 @@ async def test_logins_racing_changes_of_their_user_never_deadlock(
 
     async def logins() -> list[str]:
         return await asyncio.gather(
-            *(_reason_of_login(server, "contested", PASSWORD) for _ in range(24))
+            *(login_reason(server, "contested", PASSWORD) for _ in range(24))
         )
 
     # A liveness bound: a deadlock would be broken by PostgreSQL after deadlock_timeout

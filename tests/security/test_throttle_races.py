@@ -14,8 +14,8 @@ from authsvc_client.gen.auth.v1 import auth_pb2, auth_pb2_grpc
 from service.domain.login import CHECKS_PER_HASHING_THREAD
 from service.domain.passwords import PasswordHasher
 from service.domain.throttle import peer_key, user_key
-from tests.helpers import error_info
-from tests.live_server import PASSWORD, LiveServer, ServerFactory
+from tests.helpers import error_info, login_reason
+from tests.live_server import PASSWORD, ServerFactory
 
 WRONG = "not the password"
 PEER_ALLOWANCE = 20  # the default AUTH_THROTTLE_PEER_FAILURES
@@ -56,14 +56,6 @@ async def eventually(condition: Callable[[], Awaitable[bool]], *, within: float 
         await asyncio.sleep(0.02)
 
 
-async def _reason_of_login(server: LiveServer, username: str, password: str) -> str:
-    try:
-        await server.login(username, password=password)
-    except grpc.aio.AioRpcError as error:
-        return error_info(error).reason
-    return "OK"
-
-
 async def test_concurrent_guesses_from_one_address_check_no_more_passwords_than_its_allowance(
     server_factory: ServerFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -75,7 +67,7 @@ async def test_concurrent_guesses_from_one_address_check_no_more_passwords_than_
         VerificationSpy(replica.running.components.hasher, monkeypatch) for replica in replicas
     ]
     reasons = await asyncio.gather(
-        *(_reason_of_login(replicas[i % 2], f"sprayed-{i}", WRONG) for i in range(100))
+        *(login_reason(replicas[i % 2], f"sprayed-{i}", WRONG) for i in range(100))
     )
     checked = sum(spy.started for spy in spies)
     assert checked == PEER_ALLOWANCE + 1
@@ -92,7 +84,7 @@ async def test_concurrent_right_passwords_from_one_address_all_succeed(
     for i in range(4):
         await server.create_user(f"colleague-{i}")
     reasons = await asyncio.gather(
-        *(_reason_of_login(server, f"colleague-{i % 4}", PASSWORD) for i in range(12))
+        *(login_reason(server, f"colleague-{i % 4}", PASSWORD) for i in range(12))
     )
     assert reasons == ["OK"] * 12
     rows = await server.pool.fetch("SELECT key, failures FROM login_throttle WHERE failures > 0")
@@ -111,7 +103,7 @@ async def test_a_failure_amid_pending_right_passwords_waits_only_for_settled_fai
     for i in range(5):
         await server.create_user(f"behind-gateway-{i}")
     for i in range(2):
-        assert await _reason_of_login(server, f"nobody-{i}", WRONG) == "INVALID_CREDENTIALS"
+        assert await login_reason(server, f"nobody-{i}", WRONG) == "INVALID_CREDENTIALS"
     hasher = server.running.components.hasher
     verify = hasher.verify
     release = asyncio.Event()
@@ -126,12 +118,11 @@ async def test_a_failure_amid_pending_right_passwords_waits_only_for_settled_fai
 
     monkeypatch.setattr(hasher, "verify", held_if_right)
     pending = [
-        asyncio.create_task(_reason_of_login(server, f"behind-gateway-{i}", PASSWORD))
-        for i in range(3)
+        asyncio.create_task(login_reason(server, f"behind-gateway-{i}", PASSWORD)) for i in range(3)
     ]
     try:  # released whatever happens: the server's stop waits for its checks
         await eventually(lambda: _true(held == 3))
-        assert await _reason_of_login(server, "behind-gateway-3", WRONG) == "INVALID_CREDENTIALS"
+        assert await login_reason(server, "behind-gateway-3", WRONG) == "INVALID_CREDENTIALS"
         locked = await server.pool.fetchval(
             "SELECT locked_until FROM login_throttle WHERE key = $1", peer_key(PEER)
         )
@@ -139,7 +130,7 @@ async def test_a_failure_amid_pending_right_passwords_waits_only_for_settled_fai
     finally:
         release.set()
     assert await asyncio.gather(*pending) == ["OK"] * 3
-    assert await _reason_of_login(server, "behind-gateway-4", PASSWORD) == "OK"
+    assert await login_reason(server, "behind-gateway-4", PASSWORD) == "OK"
     failures = await server.pool.fetchval(
         "SELECT failures FROM login_throttle WHERE key = $1", peer_key(PEER)
     )
