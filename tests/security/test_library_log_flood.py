@@ -5,6 +5,7 @@ count of those held back: a cheap request cannot grow the logs at will."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from pathlib import Path
 
@@ -117,3 +118,30 @@ async def test_a_credential_in_metadata_that_is_not_utf8_is_not_written_to_the_l
         log = log_path.read_text()
     assert "Invalid encoding" in log  # the line is still written, without the value
     assert credential not in log
+
+
+@pytest.mark.system
+async def test_grpc_core_writes_no_lines_a_client_can_cause(
+    database_url: str, tmp_path: Path
+) -> None:
+    """gRPC's C core logs to stderr outside Python's logging (not JSON, not rate-limited):
+    one line per call whose `grpc-timeout` does not parse, for instance. The server keeps
+    it quiet unless the operator sets GRPC_VERBOSITY."""
+    log_path = tmp_path / "server.log"
+    env = _server_env(database_url, tmp_path, AUTH_LOG_FORMAT="json")
+    env.pop("GRPC_VERBOSITY", None)
+    with serving(ServeCommand(env, workers=1, stderr=log_path)) as server:
+        before = len(log_path.read_text().splitlines())
+        for n in range(20):
+            response = await raw_unary_call(
+                server.port,
+                GET_JWKS,
+                auth_pb2.GetJwksRequest().SerializeToString(),
+                [(b"grpc-timeout", f"{n}Sx".encode())],
+            )
+            assert response.grpc_status is not None
+        await asyncio.sleep(0.5)
+        lines = log_path.read_text().splitlines()[before:]
+    assert len(lines) < 5, "\n".join(lines[:10])
+    for line in lines:
+        json.loads(line)  # every line the server writes is one JSON object
