@@ -129,6 +129,12 @@ class RunningServer:
         give_up = None if grace is None else loop.time() + grace
         await self.unary_budget.close(within=min(MAX_SHUTDOWN_QUIESCE, (grace or 0.0) / 2))
         await self.server.stop(None if give_up is None else max(0.0, give_up - loop.time()))
+        if self.unary_budget.refused_while_closed:
+            log.info(
+                "stopping: %d calls that came after the drain were refused (UNAVAILABLE,"
+                " SHUTTING_DOWN)",
+                self.unary_budget.refused_while_closed,
+            )
         await self.components.logins.finish_password_checks()
         if self.metrics_endpoint is not None:
             self.metrics_endpoint.close()

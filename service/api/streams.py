@@ -85,6 +85,8 @@ class UnaryBudget:
         self.limit = limit
         self.in_progress = 0
         self.closed = False
+        self.refused_while_closed = 0
+        """Calls refused once closed (told in one line at the stop's end)."""
         self.last_arrival = 0.0
         """time.monotonic() of the last unary call that reached us, taken or refused."""
 
@@ -92,6 +94,7 @@ class UnaryBudget:
         """Count a call in, or raise TooManyCalls (or ShuttingDown once closed)."""
         self.last_arrival = time.monotonic()
         if self.closed:
+            self.refused_while_closed += 1
             raise ShuttingDown()
         if self.in_progress >= self.limit:
             raise TooManyCalls()
@@ -264,7 +267,10 @@ class CallBudgetInterceptor(grpc.aio.ServerInterceptor):
         async def budgeted(request: Any, context: Context) -> Any:
             try:
                 budget.enter()
-            except (TooManyCalls, ShuttingDown) as error:
+            except ShuttingDown as error:
+                # Part of a stop, not over budget: counted, and told once at its end.
+                await context.abort_with_status(to_status(error))
+            except TooManyCalls as error:
                 await self._refuse(error, context)
             try:
                 return await behavior(request, context)

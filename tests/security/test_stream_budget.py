@@ -478,3 +478,5 @@ async def test_a_closed_unary_budget_refuses_with_unavailable_and_waits_for_call
     async with asyncio.timeout(2):  # liveness only
         await closing
     assert budget.in_progress == 0
+    # Refusals of a stop are counted for one line at its end, not logged as over budget.
+    assert budget.refused_while_closed == 1
