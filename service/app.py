@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shlex
 import signal
 from typing import Any, Final
 
@@ -110,8 +111,13 @@ def print_banner(
     if settings.database_url is None:
         where = "embedded PostgreSQL in " + str(settings.data_dir / "postgres")
     as_json = settings.log_format == "json"
+    # Followed as printed, the command must reach this server's database.
     first_user = "create a first user (in another terminal, same directory):"
     command = ".venv/bin/authsvc users create alice --scope read --password-stdin"
+    if settings.database_url is not None:
+        first_user = "create a first user (in another terminal, with the same AUTH_* environment):"
+    elif settings.data_dir != Settings().data_dir:  # not AUTH_DATA_DIR's default
+        command = f"AUTH_DATA_DIR={shlex.quote(str(settings.data_dir))} {command}"
     lines: list[tuple[str, dict[str, Any]]] = []
     if not has_users:
         lines.append((f"{first_user} {command}" if as_json else f"{first_user}\n  {command}", {}))

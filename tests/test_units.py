@@ -695,6 +695,29 @@ def test_the_text_banner_is_unchanged(capsys: pytest.CaptureFixture[str]) -> Non
     )
 
 
+def test_the_first_user_hint_names_the_database_the_server_uses(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Followed as printed, the command must reach the server's database, not the default
+    data directory's."""
+    print_banner(
+        Settings(data_dir=Path("/srv/auth data")), "127.0.0.1:1", workers=1, has_users=False
+    )
+    assert (
+        "  AUTH_DATA_DIR='/srv/auth data' .venv/bin/authsvc users create alice"
+        in capsys.readouterr().out
+    )
+    print_banner(
+        Settings(database_url="postgresql://db.internal/authsvc"),
+        "127.0.0.1:1",
+        workers=1,
+        has_users=False,
+    )
+    out = capsys.readouterr().out
+    assert "with the same AUTH_* environment" in out
+    assert "db.internal" not in out  # a URL may carry a password: never printed
+
+
 @pytest.mark.parametrize("log_format", ["text", "json"])
 def test_the_banner_gives_no_first_user_hint_once_users_exist(
     capsys: pytest.CaptureFixture[str], log_format: str
