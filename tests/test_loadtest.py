@@ -183,7 +183,7 @@ def test_bench_runs_end_to_end_and_prints_its_table(database_url: str, tmp_path:
         if line.startswith("| ") and len(cells := line.split("|")) == 7
     }
     # The counts tests/test_round_trips.py requires, measured through the server's pool.
-    assert (costs["refresh"][0], costs["issue (login)"][0]) == ("1.0", "4.0")
+    assert (costs["refresh"][0], costs["issue (login)"][0]) == ("1.0", "2.0")
     assert float(costs["validate-hot"][0]) == 0
     assert costs["sql rotation, one statement (asyncpg alone)"][0] == "1.0"
     for operation in ("refresh", "issue (login)", "validate-hot", "health (empty call)"):
