@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -148,17 +148,10 @@ class PasswordLogins:
         busy_wait = BUSY_WAIT_FIRST
         while True:
             await self._check_slots.acquire()
-            check = asyncio.create_task(
-                self._check_password(username, password, throttle_keys, caller)
+            authenticated = await self._run_to_end(
+                self._check_password(username, password, throttle_keys, caller),
+                if_caller_left=self._settle_when_caller_left,
             )
-            self._checks.add(check)
-            check.add_done_callback(self._check_ended)
-            try:
-                authenticated = await asyncio.shield(check)
-            except asyncio.CancelledError:
-                check.add_done_callback(_log_unexpected_failure)
-                check.add_done_callback(self._settle_when_caller_left)
-                raise
             if authenticated is not None:
                 return authenticated
             await asyncio.sleep(busy_wait)
@@ -213,16 +206,28 @@ class PasswordLogins:
         if not check.cancelled():
             check.exception()  # seen by the caller if it still waits; else expected
 
-    async def _run_to_end(self, work: Coroutine[Any, Any, T]) -> T:
-        """Await `work` in a task of its own that a cancelled caller does not stop (waited
-        for at shutdown; an error nobody awaits any more is logged)."""
-        task = asyncio.create_task(work)
+    def _keep(self, task: asyncio.Task[T]) -> asyncio.Task[T]:
+        """Hold `task` until it ends (`finish_password_checks` waits for it)."""
         self._checks.add(task)
         task.add_done_callback(self._check_ended)
+        return task
+
+    async def _run_to_end(
+        self,
+        work: Coroutine[Any, Any, T],
+        *,
+        if_caller_left: Callable[[asyncio.Task[T]], None] | None = None,
+    ) -> T:
+        """Await `work` in a task of its own that a cancelled caller does not stop (waited
+        for at shutdown; an error nobody awaits any more is logged, and `if_caller_left`
+        is called with the task once it ends)."""
+        task = self._keep(asyncio.create_task(work))
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
             task.add_done_callback(_log_unexpected_failure)
+            if if_caller_left is not None:
+                task.add_done_callback(if_caller_left)
             raise
 
     def _settle_when_caller_left(self, check: asyncio.Task[Authenticated | None]) -> None:
@@ -234,6 +239,4 @@ class PasswordLogins:
         if self._throttle is None or authenticated is None or authenticated.settlement is None:
             return
         settling = asyncio.ensure_future(self._throttle.settle_success(authenticated.settlement))
-        self._checks.add(settling)
-        settling.add_done_callback(self._check_ended)
-        settling.add_done_callback(_log_unexpected_failure)
+        self._keep(settling).add_done_callback(_log_unexpected_failure)
