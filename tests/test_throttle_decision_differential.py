@@ -139,7 +139,7 @@ def _check(h: Harness, user_row: ThrottleState | None, peer_row: ThrottleState |
 
     outcome: Reservation | LoginThrottled | None
     try:
-        outcome = h.loop.run_until_complete(h.throttle.reserve(KEYS))
+        outcome, _ = h.loop.run_until_complete(h.throttle.reserve(KEYS))
     except LoginThrottled as throttled:
         outcome = throttled
     after = h.loop.run_until_complete(_read(h.pool))

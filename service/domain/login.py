@@ -170,9 +170,7 @@ class PasswordLogins:
             if throttle is None:
                 user = await self._users.find_user(key)
             else:
-                reservation, user = await throttle.reserve_and_find_user(
-                    throttle_keys, username_key=key
-                )
+                reservation, user = await throttle.reserve(throttle_keys, username_key=key)
                 if reservation is None:
                     return None
             # Unknown users are verified against a dummy hash: the same work, the same answer.

@@ -183,22 +183,18 @@ class LoginThrottle:
     def _policy(self, key: str) -> ThrottlePolicy:
         return self._policies[key.partition(":")[0]]
 
-    async def reserve(self, keys: list[str]) -> Reservation | None:
-        """Count an attempt as failed against every key before its password is checked.
+    async def reserve(
+        self, keys: list[str], *, username_key: str | None = None
+    ) -> tuple[Reservation | None, UserRecord | None]:
+        """Count an attempt as failed against every key before its password is checked,
+        and read (in the same step of the store) the live user of `username_key` for a
+        counted attempt (None otherwise, or if there is none).
 
-        Raises LoginThrottled (with the wait) while any key must wait; None, counting
-        nothing, while a key has as many attempts being checked as it may still fail.
-        The store applies `decide_reservation` under the keys' rows lock, in one step;
+        Raises LoginThrottled (with the wait) while any key must wait; no reservation,
+        counting nothing, while a key has as many attempts being checked as it may still
+        fail. The store applies `decide_reservation` under the keys' rows lock, in one step;
         the answer is this rule's, on the rows as the store read them.
         """
-        reservation, _ = await self.reserve_and_find_user(keys, username_key=None)
-        return reservation
-
-    async def reserve_and_find_user(
-        self, keys: list[str], *, username_key: str | None
-    ) -> tuple[Reservation | None, UserRecord | None]:
-        """`reserve`, and with it (in the same step of the store) the live user of
-        `username_key` when the attempt is counted (None otherwise, or if there is none)."""
         now = self._clock.now()
         at = to_datetime(now)
         pending_since = to_datetime(now - PENDING_EXPIRY)
