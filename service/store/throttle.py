@@ -9,6 +9,7 @@ import asyncpg
 
 from service.domain.records import ThrottleSettlement, ThrottleState, UserRecord
 from service.store.base import StoreBase
+from service.store.users import user_record
 
 # A login attempt's reservation in one round trip (autocommit), by the function of
 # migration 0013 (as migration 0015 changed it): the keys' rows locked in key order,
@@ -98,15 +99,7 @@ class PostgresThrottle(StoreBase):
         states = [_state(row, prefix="r_") for row in rows]
         user = None
         if rows and rows[0]["u_id"] is not None:
-            first = rows[0]
-            user = UserRecord(
-                id=first["u_id"],
-                username=first["u_username"],
-                password_hash=first["u_password_hash"],
-                scopes=tuple(first["u_scopes"]),
-                disabled=first["u_disabled"],
-                created_at=first["u_created_at"],
-            )
+            user = user_record(rows[0], prefix="u_")
         return states, bool(rows) and rows[0]["r_reserved"], user
 
     async def settle_login_failure(

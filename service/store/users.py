@@ -14,14 +14,15 @@ from service.store.events import EventWriter
 from service.store.revocations import revoke_user_sessions
 
 
-def _user(row: asyncpg.Record) -> UserRecord:
+def user_record(row: asyncpg.Record, *, prefix: str = "") -> UserRecord:
+    """A `users` row (its columns named with `prefix` when read beside another table's)."""
     return UserRecord(
-        id=row["id"],
-        username=row["username"],
-        password_hash=row["password_hash"],
-        scopes=tuple(row["scopes"]),
-        disabled=row["disabled"],
-        created_at=row["created_at"],
+        id=row[prefix + "id"],
+        username=row[prefix + "username"],
+        password_hash=row[prefix + "password_hash"],
+        scopes=tuple(row[prefix + "scopes"]),
+        disabled=row[prefix + "disabled"],
+        created_at=row[prefix + "created_at"],
     )
 
 
@@ -55,7 +56,7 @@ class PostgresUsers(EventWriter):
         except asyncpg.UniqueViolationError:
             raise UserAlreadyExists() from None
         assert row is not None
-        return _user(row)
+        return user_record(row)
 
     async def find_user(self, username_key: str) -> UserRecord | None:
         """The live user whose username has this canonical key."""
@@ -63,14 +64,14 @@ class PostgresUsers(EventWriter):
             row = await conn.fetchrow(
                 "SELECT * FROM users WHERE username_key = $1 AND deleted_at IS NULL", username_key
             )
-        return None if row is None else _user(row)
+        return None if row is None else user_record(row)
 
     async def find_user_by_id(self, user_id: uuid.UUID) -> UserRecord | None:
         async with self._connection() as conn:
             row = await conn.fetchrow(
                 "SELECT * FROM users WHERE id = $1 AND deleted_at IS NULL", user_id
             )
-        return None if row is None else _user(row)
+        return None if row is None else user_record(row)
 
     async def has_live_users(self) -> bool:
         """Whether any user (not deleted) exists: the banner's first-user hint is for
@@ -86,7 +87,7 @@ class PostgresUsers(EventWriter):
             rows = await conn.fetch(
                 "SELECT * FROM users WHERE deleted_at IS NULL ORDER BY username"
             )
-        return [_user(r) for r in rows]
+        return [user_record(r) for r in rows]
 
     async def set_password_hash(
         self,
