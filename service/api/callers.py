@@ -26,7 +26,7 @@ from service.api.wire import Context, bearer_credential
 from service.api.wrapped_handlers import WrappedHandlers
 from service.domain.events import LogRateLimiter, peer_address
 from service.errors import AuthError, ServiceCredentialsRequired, ServiceNotPermitted
-from service.settings import CALL_GROUPS, SettingsError
+from service.settings import SettingsError, declaration_of
 
 log = logging.getLogger(__name__)
 
@@ -169,13 +169,8 @@ def _parse_line(fields: list[str]) -> KnownService:
     name, groups_text, credential = fields
     if _NAME_RE.fullmatch(name) is None:
         raise ValueError("the name must be letters, digits, '.', '_', ':' or '-'")
-    # The spelling of AUTH_CALLER_AUTH: bare commas, no empty or repeated group.
-    group_list = groups_text.split(",")
-    groups = frozenset(group_list)
-    if not groups <= set(CALL_GROUPS) or len(groups) != len(group_list):
-        raise ValueError(
-            f"groups must be among {', '.join(CALL_GROUPS)}, separated by commas, none repeated"
-        )
+    # Spelt as AUTH_CALLER_AUTH is, read by its parser (its message says what it takes).
+    groups: frozenset[str] = declaration_of("AUTH_CALLER_AUTH").parser.parse(groups_text)
     kind, _, value = credential.partition(":")
     if kind == "token":
         if len(value) < MIN_SECRET_LENGTH:
