@@ -19,6 +19,7 @@ from authsvc_client.token_check import (
     SCOPE_TOKEN_RE,
 )
 
+from service.domain.audiences import audience_problem
 from service.domain.usernames import (
     MAX_USERNAME_KEY_BYTES,
     new_username_problem,
@@ -104,6 +105,13 @@ class RequestCheck:
                 )
         # Order kept, duplicates dropped.
         return tuple(dict.fromkeys(values))
+
+    def audience(self, field: str, value: str) -> str:
+        """An audience to grant, if named: the rule the settings hold audiences to
+        (`audience_problem`), so that a client naming an impossible one is told why."""
+        if value and (problem := audience_problem(value)) is not None:
+            self._violations.append(FieldViolation(field, problem))
+        return value
 
     def one_of(self, field: str, value: str, allowed: Collection[str], description: str) -> None:
         """A non-empty `value` must be in `allowed` (unless the field is already reported)."""

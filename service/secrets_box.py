@@ -45,6 +45,12 @@ class SecretBox:
             ) from None
 
 
+def one_repeated_byte(key: bytes) -> bool:
+    """Whether `key` is one byte over and over (all zeros, the `"A" * 43 + "="` of a
+    placeholder): no key-encryption key, whatever its length."""
+    return len(set(key)) <= 1
+
+
 def load_or_create_kek_file(path: Path) -> bytes:
     """Read the KEK from `path`, creating it (mode 0600) with 32 random bytes if absent.
 
@@ -74,6 +80,11 @@ def _read_kek_file(path: Path) -> bytes:
         raise ConfigurationError(f"{path}: cannot read the KEK file ({exc.strerror})") from None
     if len(key) != 32:
         raise ConfigurationError(f"{path}: expected a 32-byte KEK file")
+    if one_repeated_byte(key):
+        raise ConfigurationError(
+            f"{path}: the KEK file holds one byte repeated 32 times, a placeholder rather "
+            "than a key"
+        )
     if mode & 0o077:
         raise ConfigurationError(f"{path}: the KEK file must not be readable by group or others")
     return key

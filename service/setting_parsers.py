@@ -12,28 +12,37 @@ import binascii
 import math
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Generic, TypeVar
 
 from authsvc_client import addresses
-from authsvc_client.addresses import HostPort
+from authsvc_client.addresses import HostPort, is_port
+from authsvc_client.token_check import MAX_AUDIENCE_BYTES
+
+from service.domain.audiences import COMMA_LOOK_ALIKES, audience_problem, code_point
+from service.secrets_box import one_repeated_byte
 
 T = TypeVar("T")
 N = TypeVar("N", int, float)
+V = TypeVar("V")
+R = TypeVar("R")
 
 MINUTE = 60
 HOUR = 3600
 DAY = 86_400
 YEAR = 365 * DAY
 
-# A port as a setting spells it: digits with no leading zero (but 0 itself).
-_PORT = re.compile(r"0|[1-9][0-9]{0,4}")
-
 # A parser's `allowed` says what it accepts; it is the whole of the error message, so no
 # error can echo the value. `validate` checks a typed value (a Settings built in code).
+
+
+class Refusal(ValueError):
+    """A refusal that says why the value is refused rather than what the variable may be
+    (`allowed`): "holds U+FF0C (FULLWIDTH COMMA), ...". Its words are the parser's own and
+    name at most a code point, never the value (a secret, huge, or with control bytes)."""
 
 
 class Parser(Generic[T]):
@@ -218,21 +227,32 @@ class Text(Parser[str]):
 
 
 @dataclass(frozen=True)
-class Word(Text):
-    """Printable text without white space (an audience: compared exactly, listed with
-    commas)."""
+class AudienceName(Parser[str]):
+    """An audience (`service.domain.audiences`: the rule Issue holds a client's to);
+    `note` is added to a refusal for a comma (AUTH_AUDIENCE: the list is elsewhere)."""
+
+    note: str = ""
 
     @property
     def allowed(self) -> str:
-        return f"printable text without spaces of at most {self.max_bytes} bytes"
+        return (
+            f"an audience: 1 to {MAX_AUDIENCE_BYTES} bytes of NFC text with no comma (or "
+            "look-alike), space or invisible character; a URI if it holds ':'"
+        )
+
+    def parse(self, raw: str) -> str:
+        self.validate(raw)
+        return raw
 
     def validate(self, value: str) -> None:
-        try:
-            super().validate(value)
-        except ValueError:
-            raise ValueError(self.allowed) from None
-        if any(c.isspace() for c in value):
+        if not isinstance(value, str):
             raise ValueError(self.allowed)
+        problem = audience_problem(value)
+        if problem is None:
+            return
+        if self.note and "comma" in problem:
+            problem += f"; {self.note}"
+        raise Refusal(problem)
 
 
 @dataclass(frozen=True)
@@ -245,7 +265,7 @@ class DatabaseUrl(Text):
     def allowed(self) -> str:
         return (
             f"a postgresql:// URL of at most {self.max_bytes} bytes, each host's port "
-            "from 1 to 65535"
+            "from 1 to 65535, an IPv6 host in brackets"
         )
 
     def validate(self, value: str) -> None:
@@ -256,16 +276,20 @@ class DatabaseUrl(Text):
         # with an error that is no setting's). user:password@ comes before the hosts.
         hosts = value.split("://", 1)[1].split("/", 1)[0].split("?", 1)[0].rpartition("@")[2]
         for host in hosts.split(","):
+            if host.count(":") > 1 and not host.startswith("["):
+                # `::1:5432`: asyncpg fails on it only when connecting.
+                raise ValueError(self.allowed)
             port = host.rpartition("]")[2] if host.startswith("[") else host
             if ":" in port:
                 digits = port.rpartition(":")[2]
-                if digits and not (_PORT.fullmatch(digits) is not None and 0 < int(digits) < 65536):
+                if digits and not (is_port(digits) and int(digits) > 0):
                     raise ValueError(self.allowed)
 
 
 @dataclass(frozen=True)
 class Address(Parser[str]):
-    """HOST:PORT (an IPv6 host in brackets), port 0 to 65535 (`authsvc_client.addresses`)."""
+    """HOST:PORT (an IPv6 host in brackets), port 0 to 65535: `authsvc_client.addresses`,
+    the rule the client package holds addresses to."""
 
     @property
     def allowed(self) -> str:
@@ -277,9 +301,6 @@ class Address(Parser[str]):
 
     def validate(self, value: str) -> None:
         HostPort.parse(value)
-        # HostPort (shared with clients) takes 0080; a setting's number has one spelling.
-        if _PORT.fullmatch(value.rpartition(":")[2]) is None:
-            raise ValueError(self.allowed)
 
 
 @dataclass(frozen=True)
@@ -330,19 +351,27 @@ class Kek(Parser[bytes]):
     @property
     def allowed(self) -> str:
         return (
-            "standard base64 with its padding (44 characters) of exactly 32 random bytes, "
-            "as openssl rand -base64 32 prints"
+            "standard base64 with its padding (44 characters) of exactly 32 random bytes "
+            "(not one byte repeated), as openssl rand -base64 32 prints"
         )
 
     def parse(self, raw: str) -> bytes:
         try:
-            return parse_kek(raw)
+            key = parse_kek(raw)
         except ValueError:
             raise ValueError(self.allowed) from None
+        self.validate(key)
+        return key
 
     def validate(self, value: bytes) -> None:
         if not isinstance(value, bytes) or len(value) != 32:
             raise ValueError(self.allowed)
+        if one_repeated_byte(value):
+            # All zeros (`"A" * 43 + "="`) and the like: a placeholder, not a key.
+            raise Refusal(
+                "is one byte repeated 32 times, a placeholder rather than a key: make one "
+                "with openssl rand -base64 32"
+            )
 
     def show(self, value: bytes) -> str:
         return "(secret)"
@@ -352,6 +381,12 @@ def _list_items(raw: str) -> list[str]:
     """The items of a list setting: separated by bare commas, none empty, none with white
     space around it, none repeated (one spelling, as for every setting: `a,,b`, `a, b` or
     a trailing comma are mistakes to be told of, not tidied away). ValueError if not."""
+    for character in raw:
+        if character in COMMA_LOOK_ALIKES:
+            raise Refusal(
+                f"holds {code_point(character)}, which looks like a comma but is not one: "
+                "items are separated by a plain comma (,)"
+            )
     items = raw.split(",")
     if any(not item or item != item.strip() for item in items):
         raise ValueError("not a bare comma-separated list")
@@ -361,6 +396,34 @@ def _list_items(raw: str) -> list[str]:
 
 
 LIST_SPELLING = "separated by commas (no blanks, no empty or repeated item)"
+
+
+def _list_items_or_refusal(raw: str, allowed: str) -> list[str]:
+    """`_list_items`, its refusal a Refusal (a comma look-alike) or ValueError(allowed)."""
+    try:
+        return _list_items(raw)
+    except Refusal:
+        raise
+    except ValueError:
+        raise ValueError(allowed) from None
+
+
+def _item(read: Callable[[V], R], item: V) -> R:
+    """`read(item)`, a Refusal of it said of "an item"."""
+    try:
+        return read(item)
+    except Refusal as refusal:
+        raise Refusal(f"an item {refusal}") from None
+
+
+def _validate_items(parser: Parser[T], items: Iterable[T], allowed: str) -> None:
+    for item in items:
+        try:
+            _item(parser.validate, item)
+        except Refusal:
+            raise
+        except ValueError:
+            raise ValueError(allowed) from None
 
 
 @dataclass(frozen=True)
@@ -376,8 +439,11 @@ class CommaSet(Parser[frozenset[T]]):
         return f"at most {self.max_items} items {LIST_SPELLING}, each {self.item.allowed}"
 
     def parse(self, raw: str) -> frozenset[T]:
+        items = _list_items_or_refusal(raw, self.allowed)
         try:
-            value = frozenset(self.item.parse(item) for item in _list_items(raw))
+            value = frozenset(_item(self.item.parse, item) for item in items)
+        except Refusal:
+            raise
         except ValueError:
             raise ValueError(self.allowed) from None
         self.validate(value)
@@ -386,11 +452,7 @@ class CommaSet(Parser[frozenset[T]]):
     def validate(self, value: frozenset[T]) -> None:
         if not isinstance(value, AbstractSet) or len(value) > self.max_items:
             raise ValueError(self.allowed)
-        for item in value:
-            try:
-                self.item.validate(item)
-            except ValueError:
-                raise ValueError(self.allowed) from None
+        _validate_items(self.item, value, self.allowed)
 
     def show(self, value: frozenset[T]) -> str:
         return f"`{','.join(sorted(map(str, value)))}`" if value else "empty"
@@ -410,8 +472,11 @@ class CommaList(Parser[tuple[T, ...]]):
         return f"1 to {self.max_items} items {LIST_SPELLING}, each {self.item.allowed}"
 
     def parse(self, raw: str) -> tuple[T, ...]:
+        items = _list_items_or_refusal(raw, self.allowed)
         try:
-            value = tuple(self.item.parse(item) for item in _list_items(raw))
+            value = tuple(_item(self.item.parse, item) for item in items)
+        except Refusal:
+            raise
         except ValueError:
             raise ValueError(self.allowed) from None
         self.validate(value)
@@ -422,11 +487,7 @@ class CommaList(Parser[tuple[T, ...]]):
             raise ValueError(self.allowed)
         if len(set(value)) != len(value):
             raise ValueError(self.allowed)
-        for item in value:
-            try:
-                self.item.validate(item)
-            except ValueError:
-                raise ValueError(self.allowed) from None
+        _validate_items(self.item, value, self.allowed)
 
     def show(self, value: tuple[T, ...]) -> str:
         return f"`{','.join(map(str, value))}`"

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from authsvc_client.addresses import HostPort
-from authsvc_client.token_check import MAX_AUDIENCE_BYTES, MAX_LEEWAY_SECONDS
+from authsvc_client.token_check import MAX_LEEWAY_SECONDS
 
 from service.setting_declarations import Declaration, declared_fields, setting
 from service.setting_parsers import (
@@ -45,15 +45,16 @@ from service.setting_parsers import (
     MINUTE,
     YEAR,
     Address,
+    AudienceName,
     Choice,
     CommaSet,
     DatabaseUrl,
     Directory,
     Kek,
     ReadableFile,
+    Refusal,
     Switch,
     Text,
-    Word,
     count,
     duration,
     seconds,
@@ -67,8 +68,8 @@ MAX_LEEWAY = MAX_LEEWAY_SECONDS
 past the last access token's `exp`, whatever the leeway is now, so that raising the leeway
 later (up to here) can never bring a forgotten revocation's token back."""
 
-# MAX_AUDIENCE_BYTES (the client package's): the longest audience (`AUTH_AUDIENCE`,
-# `AUTH_AUDIENCES` entries, Issue's and Validate's field), bytes.
+# An audience (`AUTH_AUDIENCE`, each of `AUTH_AUDIENCES`, Issue's field) is held to one
+# rule, service.domain.audiences; its longest (MAX_AUDIENCE_BYTES) is the client package's.
 MAX_AGE = 10 * YEAR
 """No duration goes beyond this: now ± any setting stays far inside datetime's years
 1..9999, so no date arithmetic can overflow (a clean-up cut-off, a throttle window)."""
@@ -127,13 +128,13 @@ class Settings:
     )
     audience: str = setting(
         "AUTH_AUDIENCE",
-        Text(MAX_AUDIENCE_BYTES),
+        AudienceName(note="AUTH_AUDIENCE names one audience, further ones go in AUTH_AUDIENCES"),
         default="authsvc",
         doc="the `aud` claim when Issue names none",
     )
     audiences: frozenset[str] = setting(
         "AUTH_AUDIENCES",
-        CommaSet(Word(MAX_AUDIENCE_BYTES), max_items=64),
+        CommaSet(AudienceName(), max_items=64),
         default=frozenset(),
         doc="""further audiences Issue may name (comma-separated); any other is refused, so a
         client cannot mint tokens for every service that trusts authsvc""",
@@ -440,8 +441,8 @@ class Settings:
                 )
             try:
                 values[name] = declaration.parser.parse(raw)
-            except ValueError:
-                raise _refused(declaration) from None
+            except ValueError as error:
+                raise _refused(declaration, error) from None
         settings = cls(**values)
         settings.check()
         return settings
@@ -455,8 +456,8 @@ class Settings:
                 continue
             try:
                 declaration.parser.validate(value)
-            except ValueError:
-                raise _refused(declaration) from None
+            except ValueError as error:
+                raise _refused(declaration, error) from None
         if 0 < self.clock_skew_max < self.clock_skew_warn:
             raise SettingsError("AUTH_CLOCK_SKEW_MAX: at least AUTH_CLOCK_SKEW_WARN (or 0: never)")
         self.check_transport()
@@ -480,8 +481,10 @@ class Settings:
             )
 
 
-def _refused(declaration: Declaration[Any]) -> SettingsError:
-    # Only the declaration's words: the value may be a secret, huge, or hold control bytes.
+def _refused(declaration: Declaration[Any], error: ValueError) -> SettingsError:
+    # Only the parser's words: the value may be a secret, huge, or hold control bytes.
+    if isinstance(error, Refusal):
+        return SettingsError(f"{declaration.variable}: {error}")
     return SettingsError(f"{declaration.variable}: must be {declaration.parser.allowed}")
 
 

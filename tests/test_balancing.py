@@ -171,7 +171,7 @@ async def test_grpc_accepts_the_service_config_with_its_retry_policy(server: Liv
     ("addresses", "target"),
     [
         (["10.0.0.5:50051", "10.0.0.6:50051"], "ipv4:10.0.0.5:50051,10.0.0.6:50051"),
-        (["[fd00::5]:50051", "fd00::6:50051"], "ipv6:[fd00::5]:50051,[fd00::6]:50051"),
+        (["[fd00::5]:50051", "[fd00::6]:50051"], "ipv6:[fd00::5]:50051,[fd00::6]:50051"),
         (["127.0.0.1:1"], "ipv4:127.0.0.1:1"),
     ],
 )
@@ -188,6 +188,8 @@ def test_addresses_become_one_static_target(addresses: list[str], target: str) -
         ["10.0.0.5:50051", "[fd00::6]:50051"],  # mixed families
         ["10.0.0.5"],  # no port
         ["10.0.0.5:0"],
+        ["[fd00::5]:50051", "fd00::6:50051"],  # host fd00::6 port 50051, or fd00::6:50051?
+        ["10.0.0.5:050051"],
         ["10.0.0.5:50051,10.0.0.6:50051"],  # one element holding two
     ],
 )

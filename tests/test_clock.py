@@ -454,7 +454,7 @@ def test_skew_verdicts() -> None:
 
 
 def test_clock_settings_are_parsed_strictly() -> None:
-    base = {"AUTH_KEK": "A" * 43 + "="}
+    base = {"AUTH_KEK": "Xq3mZ8vR0bT5nL2wK7yD4hF9sJ1cG6pA0eU3iO8tN5w="}
     settings = Settings.from_env(base)
     assert (settings.clock_skew_warn, settings.clock_skew_max) == (1.0, 30.0)
     assert settings.clock_check_interval == 30.0

@@ -139,7 +139,7 @@ def test_the_settings_the_deploy_files_set_are_accepted_together(tmp_path: Path)
     tokens = tmp_path / "service-tokens"
     tokens.write_text((DEPLOY / "service-tokens.example").read_text())
     secrets = {
-        "AUTH_KEK": "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+        "AUTH_KEK": "m4Rk9TzP2vQ7xW1cN8bY5hL0gD3fJ6sA9uE2iK7oV4s=",
         "AUTH_DATABASE_URL": "postgresql://authsvc:pw@db.example.test:5432/authsvc",
         "AUTH_SERVICE_TOKENS_FILE": str(tokens),
     }

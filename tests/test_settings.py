@@ -21,7 +21,9 @@ import pytest
 from service.cli import build_parser
 from service.clock import to_datetime
 from service.database import connection_budget_problem
+from service.failures import ConfigurationError
 from service.loadtest import soak
+from service.secrets_box import load_or_create_kek_file
 from service.setting_declarations import Declaration
 from service.setting_parsers import DAY, YEAR, Choice, CommaList, CommaSet, Number, Text
 from service.settings import (
@@ -40,6 +42,8 @@ from tests.test_startup_failures import _failure
 
 OPERATIONS_PAGE = Path(__file__).resolve().parent.parent / "docs" / "operations.md"
 MARKER = "s3cr3t-MARKER"
+# A fixed KEK of random-looking bytes (never all one byte: such a key is refused).
+FIXTURE_KEK = "q7V0cS9kJ2mX4bLw8nR1fT6yH3pE5aZuG0iD9oKjM2s="
 
 
 def refusal(env: dict[str, str]) -> str:
@@ -536,7 +540,7 @@ def test_a_database_port_out_of_range_is_refused_at_start_without_the_url(url: s
     every command exit 70 ("a bug") with a traceback: the setting is refused instead,
     naming the variable, never echoing the URL (it holds a password)."""
     with pytest.raises(SettingsError) as refused:
-        Settings.from_env({"AUTH_DATABASE_URL": url, "AUTH_KEK": "A" * 43 + "="})
+        Settings.from_env({"AUTH_DATABASE_URL": url, "AUTH_KEK": FIXTURE_KEK})
     message = str(refused.value)
     assert message.startswith("AUTH_DATABASE_URL: ") and "65535" in message
     assert "Hunter2Secret" not in message and "99999" not in message
@@ -550,7 +554,7 @@ def test_database_urls_with_several_hosts_and_ports_in_range_still_parse() -> No
         "postgresql:///db?host=/tmp",
         "postgres://u:p%3A@h/x",
     ):
-        assert Settings.from_env({"AUTH_DATABASE_URL": url, "AUTH_KEK": "A" * 43 + "="})
+        assert Settings.from_env({"AUTH_DATABASE_URL": url, "AUTH_KEK": FIXTURE_KEK})
 
 
 def test_a_decimal_with_too_many_digits_is_refused_saying_how_many_are_allowed() -> None:
@@ -664,10 +668,122 @@ def test_zero_itself_and_decimals_below_one_are_accepted() -> None:
     assert Settings.from_env({"AUTH_ACCESS_TTL": "900"}).access_ttl == 900
     assert Settings.from_env({"AUTH_LISTEN": "127.0.0.1:0"}).listen == "127.0.0.1:0"
     url = "postgresql://a:5432,b:6432/auth"
-    assert Settings.from_env({"AUTH_DATABASE_URL": url, "AUTH_KEK": "A" * 43 + "="})
+    assert Settings.from_env({"AUTH_DATABASE_URL": url, "AUTH_KEK": FIXTURE_KEK})
 
 
 def test_cli_numbers_refuse_leading_zeros_too(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--workers", "04"])
     assert "must be a whole number from 1 to" in capsys.readouterr().err
+
+
+# --- trivially weak KEKs (the outside-in review) -----------------------------------------
+
+
+@pytest.mark.parametrize(
+    "key",
+    [bytes(32), b"\xff" * 32, b"A" * 32, b"\x01" * 32],
+    ids=["all-zero", "all-ff", "all-A", "all-01"],
+)
+def test_a_kek_of_one_repeated_byte_is_refused_naming_auth_kek_not_its_value(key: bytes) -> None:
+    """`"A" * 43 + "="` (32 zero bytes, once our own fixtures' KEK) was taken as a key: a
+    placeholder, not a secret. Refused at start, in a message naming AUTH_KEK and saying
+    why, without the value."""
+    value = base64.b64encode(key).decode()
+    message = refusal({"AUTH_KEK": value})
+    assert message.startswith("AUTH_KEK: "), message
+    assert "repeated" in message and "openssl rand -base64 32" in message, message
+    assert value not in message and value[:8] not in message, message
+    # Built in code too (the server checks its settings at start).
+    with pytest.raises(SettingsError, match=r"^AUTH_KEK: .*repeated"):
+        Settings(kek=key).check()
+
+
+def test_a_kek_file_of_one_repeated_byte_is_refused(tmp_path: Path) -> None:
+    """The embedded database's AUTH_DATA_DIR/kek is held to the same rule (one written by
+    hand, or zeroed): refused in one line naming the file, not its bytes."""
+    path = tmp_path / "kek"
+    path.write_bytes(bytes(32))
+    path.chmod(0o600)
+    with pytest.raises(ConfigurationError, match=r"kek: the KEK file holds one byte repeated"):
+        load_or_create_kek_file(path)
+    path.unlink()
+    made = load_or_create_kek_file(path)  # a new one: random, so accepted when read again
+    assert load_or_create_kek_file(path) == made and len(set(made)) > 1
+
+
+def test_the_fixture_kek_is_accepted() -> None:
+    assert len(Settings.from_env({"AUTH_KEK": FIXTURE_KEK}).kek or b"") == 32
+
+
+# --- one spelling of an address (the outside-in review) ----------------------------------
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        # Host ::1 port 0, or host ::1:0 and no port? IPv6 is written in brackets.
+        ("AUTH_LISTEN", "::1:0"),
+        ("AUTH_LISTEN", "::1:50051"),
+        ("AUTH_METRICS_LISTEN", "::1:9464"),
+        ("AUTH_METRICS_LISTEN", ":::9464"),
+        ("AUTH_LISTEN", "[127.0.0.1]:50051"),  # brackets are for IPv6 alone
+        ("AUTH_LISTEN", "127.1:50051"),  # 127.0.0.1 to getaddrinfo, not to a reader
+        ("AUTH_LISTEN", "127.0.0.1:0080"),
+    ],
+)
+def test_an_ambiguous_address_is_refused(variable: str, value: str) -> None:
+    assert_refused(variable, value)
+
+
+def test_bracketed_ipv6_addresses_are_accepted() -> None:
+    settings = Settings.from_env({"AUTH_LISTEN": "[::1]:0", "AUTH_METRICS_LISTEN": "[::]:9464"})
+    assert (settings.listen, settings.metrics_listen) == ("[::1]:0", "[::]:9464")
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://u:Hunter2Secret@::1:5432/x",
+        "postgresql://u:Hunter2Secret@::1/x",
+        "postgresql://a:5432,::1:6543/db?target_session_attrs=read-write",
+    ],
+)
+def test_an_unbracketed_ipv6_database_host_is_refused_at_start(url: str) -> None:
+    """asyncpg refuses it only when connecting (a ValueError from its port parsing)."""
+    with pytest.raises(SettingsError) as refused:
+        Settings.from_env({"AUTH_DATABASE_URL": url, "AUTH_KEK": FIXTURE_KEK})
+    message = str(refused.value)
+    assert message.startswith("AUTH_DATABASE_URL: ") and "brackets" in message, message
+    assert "Hunter2Secret" not in message
+
+
+def test_the_load_target_is_an_address_in_its_one_spelling(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    for bad in ("::1:50051", "127.0.0.1:050051"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["load", "--target", bad])
+        assert "HOST:PORT" in capsys.readouterr().err
+    args = build_parser().parse_args(["load", "--target", "[::1]:50051"])
+    assert args.target == "[::1]:50051"
+
+
+# --- list settings: comma look-alikes (the outside-in review) ----------------------------
+
+COMMA_LOOK_ALIKES = ("\uff0c", "\u3001", "\ufe50", "\ufe51", "\uff64")
+
+
+@pytest.mark.parametrize("comma", COMMA_LOOK_ALIKES, ids=lambda c: f"U+{ord(c):04X}")
+def test_a_list_with_a_comma_look_alike_is_refused_saying_so(comma: str) -> None:
+    """`validate<U+FF0C>admin` (a full-width comma) is no list of two: the refusal says which
+    character it is and that items are separated by a plain comma."""
+    for variable, value in (
+        ("AUTH_CALLER_AUTH", f"validate{comma}admin"),
+        ("AUTH_AUDIENCES", f"orders{comma}billing"),
+        ("AUTH_AUDIENCES", f"orders,billing{comma}shipping"),
+    ):
+        message = refusal({variable: value, "AUTH_SERVICE_TOKENS_FILE": __file__})
+        assert message.startswith(f"{variable}: "), message
+        assert f"U+{ord(comma):04X}" in message and "plain comma" in message, message
+        assert "orders" not in message and "\n" not in message, message

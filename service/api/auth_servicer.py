@@ -85,9 +85,7 @@ class AuthServicer:
             "password.password", request.password.password, limit=MAX_PASSWORD_BYTES
         )
         scopes = check.scopes("scopes", request.scopes)
-        audience = check.text(
-            "audience", request.audience, limit=MAX_AUDIENCE_BYTES, required=False
-        )
+        audience = check.audience("audience", request.audience)
         check.one_of("audience", audience, self._tokens.issuable_audiences, UNKNOWN_AUDIENCE)
         check.done()
         pair = await self._tokens.issue(

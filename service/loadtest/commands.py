@@ -10,7 +10,7 @@ import shlex
 from pathlib import Path
 
 from service.failures import ConfigurationError
-from service.setting_parsers import DAY, Number, bounded_argument, count, duration
+from service.setting_parsers import DAY, Address, Number, bounded_argument, count, duration
 from service.settings import WORKERS, Settings, default_workers
 
 # Bounds of the load-testing options: enough for any real run on one machine, and none
@@ -32,6 +32,9 @@ def add_load_commands(commands: argparse._SubParsersAction[argparse.ArgumentPars
     )
     load.add_argument(
         "--target",
+        # HOST:PORT as AUTH_LISTEN spells it (an IPv6 host in brackets); argparse reads a
+        # string default (AUTH_TARGET) by `type` too.
+        type=bounded_argument(Address()),
         default=os.environ.get("AUTH_TARGET") or None,
         help="HOST:PORT of a running server (default: AUTH_TARGET, else start one); "
         "its users are seeded through the AUTH_* database configuration",

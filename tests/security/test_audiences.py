@@ -11,10 +11,19 @@ from dataclasses import replace
 import grpc
 import pytest
 from authsvc_client.gen.auth.v1 import auth_pb2
+from google.rpc import error_details_pb2
 
 from service.domain.shared_settings import adopt_shared_settings
-from service.settings import Settings, SettingsError
-from tests.helpers import assert_error, bad_request_fields, refresh, refresh_fails, validate
+from service.errors import InvalidArgument
+from service.settings import Settings, SettingsError, declaration_of
+from tests.helpers import (
+    assert_error,
+    bad_request_fields,
+    refresh,
+    refresh_fails,
+    status_detail,
+    validate,
+)
 from tests.live_server import LiveServer, ServerFactory
 
 
@@ -115,3 +124,149 @@ def test_a_bad_auth_audiences_value_stops_start_up(raw: str) -> None:
     with pytest.raises(SettingsError) as caught:
         Settings.from_env({"AUTH_AUDIENCES": raw})
     assert str(caught.value).startswith("AUTH_AUDIENCES: ")
+
+
+# What an audience may be (the outside-in review): one rule for the settings and for Issue.
+
+COMMA_LOOK_ALIKES = ("\uff0c", "\u3001", "\ufe50", "\ufe51", "\uff64")
+# Separators and invisible characters (Unicode categories Z* and C*): a name holding one
+# looks like another name, or like two.
+INVISIBLE = (
+    "\u00a0",  # Zs no-break space
+    "\u3000",  # Zs ideographic space
+    "\u2028",  # Zl line separator
+    "\u2029",  # Zp paragraph separator
+    "\u200b",  # Cf zero width space
+    "\u200d",  # Cf zero width joiner
+    "\u202e",  # Cf right-to-left override
+    "\ufeff",  # Cf byte order mark
+    "\u00ad",  # Cf soft hyphen
+    "\x7f",  # Cc delete
+    "\ue000",  # Co private use
+)
+
+
+def audience_refusal(variable: str, value: str) -> str:
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_env({variable: value})
+    message = str(caught.value)
+    assert message.startswith(f"{variable}: ") and "\n" not in message, message
+    assert len(message) < 300, message
+    return message
+
+
+@pytest.mark.parametrize("comma", COMMA_LOOK_ALIKES, ids=lambda c: f"U+{ord(c):04X}")
+def test_a_comma_look_alike_in_an_audience_setting_is_refused_saying_why(comma: str) -> None:
+    """`AUTH_AUDIENCES=orders<U+FF0C>billing` (a full-width comma) was ONE audience: a client
+    naming `orders` or `billing` was refused, and the operator was not told why."""
+    for variable in ("AUTH_AUDIENCES", "AUTH_AUDIENCE"):
+        message = audience_refusal(variable, f"orders{comma}billing")
+        assert f"U+{ord(comma):04X}" in message and "comma" in message, message
+        assert "orders" not in message, message
+
+
+@pytest.mark.parametrize("character", INVISIBLE, ids=lambda c: f"U+{ord(c):04X}")
+def test_an_invisible_or_separator_character_in_an_audience_is_refused(character: str) -> None:
+    for variable in ("AUTH_AUDIENCES", "AUTH_AUDIENCE"):
+        message = audience_refusal(variable, f"orders{character}api")
+        assert f"U+{ord(character):04X}" in message, message
+        assert character not in message, message
+
+
+@pytest.mark.parametrize(
+    ("value", "says"),
+    [
+        # One audience, not two (and no item of AUTH_AUDIENCES can hold a comma).
+        ("orders,billing", "AUTH_AUDIENCES"),
+        ("orders billing", "U+0020"),
+        # JWT's aud is a StringOrURI: a value with ':' must be a URI.
+        ("orders_api:v1", "URI"),  # `_` is no scheme character
+        (":orders", "URI"),
+        ("1orders://x", "URI"),
+        ("https://bad host/", "U+0020"),
+        ("https://b\u00fccher.example/", "URI"),
+        # What a client sends is compared as is: NFD `é` never matches a client's NFC one.
+        ("caf\u0065\u0301", "NFC"),
+    ],
+)
+def test_auth_audience_is_held_to_the_audience_rule(value: str, says: str) -> None:
+    """AUTH_AUDIENCE was any printable text: spaces, commas, a non-URI with ':'."""
+    message = audience_refusal("AUTH_AUDIENCE", value)
+    assert says in message, message
+
+
+def test_audience_names_in_their_one_spelling_are_accepted() -> None:
+    names = (
+        "orders-api",
+        "https://billing.example/",
+        "urn:example:orders",
+        "spiffe://prod/ns/orders/sa/api",
+        "api.example.com",
+        "commandes-\u00e9t\u00e9",  # non-ASCII, NFC, no ':'
+        "a" * 256,
+    )
+    for name in names:
+        assert Settings.from_env({"AUTH_AUDIENCE": name}).audience == name
+    settings = Settings.from_env({"AUTH_AUDIENCES": ",".join(names)})
+    assert settings.audiences == frozenset(names)
+
+
+def test_the_settings_and_issue_use_one_audience_rule() -> None:
+    """The setting cannot accept a name Issue would refuse a client for, nor the
+    reverse: both ask `audience_problem`."""
+    from service.domain.audiences import audience_problem
+    from service.request_limits import RequestCheck
+
+    names = (
+        "orders",
+        "https://billing.example/",
+        "orders,billing",
+        "orders\uff0cbilling",
+        "orders_api:v1",
+        "orders:api",  # scheme `orders`: a URI
+        "a b",
+        "caf\u0065\u0301",
+        "x" * 257,
+        "\u200b",
+    )
+    for name in names:
+        problem = audience_problem(name)
+        try:
+            declaration_of("AUTH_AUDIENCE").parser.parse(name)
+        except ValueError:
+            refused_by_setting = True
+        else:
+            refused_by_setting = False
+        check = RequestCheck()
+        check.audience("audience", name)
+        try:
+            check.done()
+        except InvalidArgument as refused:
+            [violation] = refused.violations
+            assert violation.description == problem, name
+            refused_by_issue = True
+        else:
+            refused_by_issue = False
+        assert refused_by_setting == refused_by_issue == (problem is not None), name
+
+
+async def test_issue_refuses_an_impossible_audience_saying_why(
+    server_factory: ServerFactory,
+) -> None:
+    """A client naming `orders<U+FF0C>billing` is told what is wrong with the name, not only that
+    it is not configured (INVALID_ARGUMENT on the `audience` field, before the password)."""
+    server = await server_factory(audiences=frozenset({"orders"}))
+    await server.create_user("nina")
+    for audience, says in (
+        ("orders\uff0cbilling", "U+FF0C"),
+        ("orders\u200b", "U+200B"),
+        ("orders_api:v1", "URI"),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await server.login("nina", audience=audience)
+        assert_error(caught.value, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT")
+        detail = status_detail(caught.value, error_details_pb2.BadRequest)
+        [violation] = detail.field_violations
+        assert violation.field == "audience" and says in violation.description, violation
+    assert await server.pool.fetchval("SELECT count(*) FROM login_throttle") == 0
+    await server.login("nina", audience="orders")

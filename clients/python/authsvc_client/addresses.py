@@ -1,7 +1,13 @@
 """HOST:PORT, the form of every address authsvc listens on (`AUTH_LISTEN`,
 `AUTH_METRICS_LISTEN`): parsed, checked and written back in one place.
 
-An IPv6 host is written in brackets (`[::1]:50051`); `host` holds it without them.
+One spelling per address, the one gRPC targets and URLs use: an IPv6 host in brackets
+(`[::1]:50051`; `::1:0` could be host ::1 port 0 or host ::1:0 with no port), brackets for
+nothing else; a port in digits without leading zeros (`0080` is refused); a host of
+numbers only as a dotted quad (`127.1`, `0x7f.0.0.1` or `2130706433` are IPv4 addresses to
+getaddrinfo, but not to the loopback test or a reader). `host` holds an IPv6 address
+without its brackets. The service parses its address settings with this module, so the
+two agree.
 """
 
 from __future__ import annotations
@@ -10,11 +16,15 @@ import ipaddress
 import re
 from dataclasses import dataclass
 
-ALLOWED = "HOST:PORT, for example 127.0.0.1:50051"
+ALLOWED = "HOST:PORT, for example 127.0.0.1:50051 or [::1]:50051 (an IPv6 host in brackets)"
 """What an address may be: the whole of the error message, so it never echoes the text."""
 
 _MAX_ADDRESS_CHARS = 300
 _MAX_HOST_CHARS = 255
+_PORT = re.compile(r"0|[1-9][0-9]{0,4}")
+# A label inet_aton reads as a number (decimal, octal or hex): a host of such labels only
+# is an IPv4 address in disguise unless it is a dotted quad in its one spelling.
+_NUMERIC_LABEL = re.compile(r"[0-9]+|0[xX][0-9A-Fa-f]*")
 _HOSTNAME = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(?:\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
 
 
@@ -27,12 +37,12 @@ class HostPort:
 
     @classmethod
     def parse(cls, text: str) -> HostPort:
-        """`text` as HOST:PORT (an IPv6 host in brackets or not), port 0 to 65535;
-        ValueError(ALLOWED) otherwise."""
+        """`text` as HOST:PORT (an IPv6 host in brackets), port 0 to 65535 without
+        leading zeros; ValueError(ALLOWED) otherwise."""
         if not isinstance(text, str) or len(text) > _MAX_ADDRESS_CHARS or not text.isprintable():
             raise ValueError(ALLOWED)
         host, separator, port = text.rpartition(":")
-        if not separator or not _is_port(port) or not _is_host(host):
+        if not separator or not is_port(port) or not _is_host(host):
             raise ValueError(ALLOWED)
         return cls(_unbracketed(host), int(port))
 
@@ -60,15 +70,28 @@ def _unbracketed(host: str) -> str:
 
 
 def _is_host(text: str) -> bool:
-    """A host name, an IPv4 address, or an IPv6 address (in brackets or not)."""
+    """A host name, an IPv4 address, or an IPv6 address in brackets."""
     if len(text) > _MAX_HOST_CHARS:
         return False
+    if text.startswith("[") and text.endswith("]"):
+        try:
+            ipaddress.IPv6Address(text[1:-1])
+        except ValueError:
+            return False
+        return True
     try:
-        ipaddress.ip_address(_unbracketed(text))
+        ipaddress.IPv4Address(text)
     except ValueError:
-        return _HOSTNAME.fullmatch(text) is not None
-    return True
+        pass
+    else:
+        return True
+    if _HOSTNAME.fullmatch(text) is None:
+        return False
+    labels = text.removesuffix(".").split(".")
+    return not all(_NUMERIC_LABEL.fullmatch(label) for label in labels)
 
 
-def _is_port(text: str) -> bool:
-    return text.isascii() and text.isdigit() and len(text) <= 5 and int(text) <= 65535
+def is_port(text: str) -> bool:
+    """Whether `text` is a port number, 0 to 65535, in digits without leading zeros (but
+    0 itself): the one spelling of a port in an address or a database URL."""
+    return _PORT.fullmatch(text) is not None and int(text) <= 65535

@@ -80,8 +80,9 @@ def service_config(
 
 def addresses_target(addresses: Sequence[str]) -> str:
     """One gRPC target naming several replicas: "ipv4:10.0.0.5:50051,10.0.0.6:50051" (or
-    "ipv6:..."). Each address is IP:PORT, all of one family; for host names use one DNS
-    name with a record per replica ("dns:///name:port") instead."""
+    "ipv6:..."). Each address is IP:PORT (an IPv6 address in brackets: `[fd00::5]:50051`),
+    all of one family; for host names use one DNS name with a record per replica
+    ("dns:///name:port") instead."""
     if isinstance(addresses, str) or not addresses:
         raise ValueError("addresses: a non-empty list of IP:PORT")
     families = set()
