@@ -1,6 +1,7 @@
-"""Fresh rotations held in a batch, for tests: sessions written as rows, and every batch slot
-of a process held by a refresh blocked on a row lock, so that the refreshes started
-meanwhile wait in the process and go, once the lock is let go, in one statement."""
+"""Fresh rotations held in a batch, for tests: sessions written as rows, and a process's
+batch in flight held by a refresh blocked on a row lock, so that the refreshes started
+meanwhile (fewer than a full batch) wait in the process and go, once the lock is let go,
+in one statement."""
 
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ import asyncpg
 from service.domain.records import CallerInfo
 from service.domain.refresh_tokens import hash_token, new_refresh_token
 from service.domain.tokens import TokenPair, TokenService
-from service.store.fresh_rotations import MAX_BATCHES_IN_FLIGHT
 
 CALLER = CallerInfo(peer="ipv4:192.0.2.7:5000")
 
@@ -78,22 +78,21 @@ async def wait_for_lock_waiters(watcher: asyncpg.Connection, count: int) -> None
 
 
 @asynccontextmanager
-async def batch_slots_held(
+async def batch_in_flight_held(
     dsn: str, tokens: TokenService, *, now: datetime
 ) -> AsyncIterator[list[asyncio.Task[TokenPair]]]:
-    """Inside: every batch slot of `tokens`' store is taken by a refresh (one each, of
-    sessions written here) whose statement waits for a row lock held by this block, so
-    that refreshes started inside wait in the process. On leaving, the lock goes, and they
-    go together. Gives the blocked refreshes' tasks (awaited on leaving, unless done)."""
+    """Inside: `tokens`' store has a batch in flight, a refresh (of a session written here)
+    whose statement waits for a row lock held by this block, so that refreshes started
+    inside (fewer than a full batch) wait in the process. On leaving, the lock goes, and
+    they go together. Gives the blocked refresh's task (in a list; awaited on leaving,
+    unless done)."""
     audience = sorted(tokens.issuable_audiences)[0]
     locker = await asyncpg.connect(dsn)
     watcher = await asyncpg.connect(dsn)
     pilots: list[asyncio.Task[TokenPair]] = []
     try:
         user_id = await insert_user(locker, now)
-        pilot_tokens = await insert_sessions(
-            locker, user_id, count=MAX_BATCHES_IN_FLIGHT, audience=audience, now=now
-        )
+        pilot_tokens = await insert_sessions(locker, user_id, count=1, audience=audience, now=now)
         lock = locker.transaction()
         await lock.start()
         await locker.execute(
@@ -103,7 +102,7 @@ async def batch_slots_held(
         pilots = [
             asyncio.create_task(tokens.refresh(token, caller=CALLER)) for token in pilot_tokens
         ]
-        await wait_for_lock_waiters(watcher, MAX_BATCHES_IN_FLIGHT)
+        await wait_for_lock_waiters(watcher, 1)
         try:
             yield pilots
         finally:

@@ -20,9 +20,9 @@ from service.database import create_pool
 from service.domain.refresh_tokens import derive_child_token, hash_token
 from service.domain.tokens import TokenPair
 from service.settings import Settings
-from service.store.fresh_rotations import MAX_BATCHES_IN_FLIGHT
+from service.store.fresh_rotations import MAX_BATCH_SIZE, MAX_BATCHES_IN_FLIGHT
 from service.store.refresh_tokens import LOCK_REFRESH_TOKEN_SQL, ROTATE_FRESH_TOKEN_SQL
-from tests.batching import CALLER, batch_slots_held, insert_sessions, insert_user
+from tests.batching import CALLER, batch_in_flight_held, insert_sessions, insert_user
 
 POOL_SIZE = MAX_BATCHES_IN_FLIGHT + 2
 
@@ -137,7 +137,7 @@ async def test_refreshes_started_together_share_statements_and_each_rotates_once
 
 async def test_refreshes_waiting_for_a_batch_go_in_one_statement(logged: Logged) -> None:
     tokens = await logged.sessions(9)
-    async with batch_slots_held(logged.dsn, logged.components.tokens, now=logged.now()):
+    async with batch_in_flight_held(logged.dsn, logged.components.tokens, now=logged.now()):
         calls = asyncio.gather(
             *(logged.components.tokens.refresh(t, caller=CALLER) for t in tokens)
         )
@@ -159,7 +159,7 @@ async def test_the_same_token_twice_at_once_rotates_once_and_replays_once(
     path of a used token: a replay within the grace window, the same child."""
     tokens = await logged.sessions(6)
     twice = tokens[2]
-    async with batch_slots_held(logged.dsn, logged.components.tokens, now=logged.now()):
+    async with batch_in_flight_held(logged.dsn, logged.components.tokens, now=logged.now()):
         refresh = logged.components.tokens.refresh
         calls = asyncio.gather(*(refresh(token, caller=CALLER) for token in [*tokens, twice]))
         await asyncio.sleep(0.05)
@@ -198,7 +198,7 @@ async def test_a_batch_postgresql_refuses_fails_only_the_item_that_caused_it(
              WHEN (NEW.token_hash = '\\x{refused_child.hex()}'::bytea)
              EXECUTE FUNCTION refuse_child()"""
     )
-    async with batch_slots_held(logged.dsn, logged.components.tokens, now=logged.now()):
+    async with batch_in_flight_held(logged.dsn, logged.components.tokens, now=logged.now()):
         refresh = logged.components.tokens.refresh
         calls = asyncio.gather(
             *(refresh(token, caller=CALLER) for token in tokens), return_exceptions=True
@@ -228,7 +228,7 @@ async def test_a_caller_that_leaves_stops_waiting_and_the_others_go_on(logged: L
     goes on, for the others in it too."""
     tokens = await logged.sessions(4)
     refresh = logged.components.tokens.refresh
-    async with batch_slots_held(logged.dsn, logged.components.tokens, now=logged.now()) as held:
+    async with batch_in_flight_held(logged.dsn, logged.components.tokens, now=logged.now()) as held:
         calls = [asyncio.create_task(refresh(token, caller=CALLER)) for token in tokens]
         await asyncio.sleep(0.05)
         calls[0].cancel()  # waiting in the process
@@ -249,5 +249,23 @@ async def test_a_caller_that_leaves_stops_waiting_and_the_others_go_on(logged: L
             WHERE s.last_refreshed_peer = $1 AND t.parent_hash IS NULL""",
         CALLER.peer,
     )
-    assert len(left) == len(tokens) - 1 + MAX_BATCHES_IN_FLIGHT
+    assert len(left) == len(tokens)  # the others and the held one
     assert all(row["used_at"] is not None for row in left)
+
+
+async def test_a_full_batch_goes_beside_a_batch_stuck_on_a_lock(logged: Logged) -> None:
+    """A batch waiting for a row lock (a transaction of someone else) does not hold up
+    the process's other refreshes for as long: once a full batch waits, it goes beside
+    it, and answers while the stuck one still waits."""
+    tokens = await logged.sessions(MAX_BATCH_SIZE + 3)
+    refresh = logged.components.tokens.refresh
+    async with batch_in_flight_held(logged.dsn, logged.components.tokens, now=logged.now()) as held:
+        calls = [asyncio.create_task(refresh(token, caller=CALLER)) for token in tokens]
+        done, _ = await asyncio.wait(calls[:MAX_BATCH_SIZE], timeout=10)
+        assert len(done) == MAX_BATCH_SIZE  # a full batch went beside the stuck one
+        assert not held[0].done()
+        await asyncio.sleep(0.05)
+        assert not any(call.done() for call in calls[MAX_BATCH_SIZE:])  # two in flight
+    results = await asyncio.gather(*calls)
+    for token, pair in zip(tokens, results, strict=True):
+        await _assert_rotated_once(logged, token, pair)

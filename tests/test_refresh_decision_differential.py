@@ -49,7 +49,7 @@ from service.domain.tokens import TokenPair
 from service.errors import AuthError, RefreshTokenReused
 from service.settings import Settings
 from service.store.refresh_tokens import LOCK_REFRESH_TOKEN_SQL, ROTATE_FRESH_TOKEN_SQL
-from tests.batching import batch_slots_held
+from tests.batching import batch_in_flight_held
 
 T = TypeVar("T")
 GRACE = 10
@@ -422,8 +422,8 @@ def batches(draw: st.DrawFn) -> Batch:
 async def _refresh_in_one_batch(
     h: Harness, grace: int, tokens: list[str]
 ) -> list[TokenPair | AuthError]:
-    """Refreshes of `tokens` that wait in the process while every batch slot is held, then
-    go together."""
+    """Refreshes of `tokens` that wait in the process while a batch in flight is held,
+    then go together."""
     service = h.services[grace].tokens
 
     async def refresh(token: str) -> TokenPair | AuthError:
@@ -433,7 +433,7 @@ async def _refresh_in_one_batch(
             return exc
 
     now = to_datetime(h.clock.now())
-    async with batch_slots_held(h.dsn, service, now=now):
+    async with batch_in_flight_held(h.dsn, service, now=now):
         calls = asyncio.gather(*(refresh(token) for token in tokens))
         for _ in range(3):
             await asyncio.sleep(0)  # each call reaches the store and waits there
