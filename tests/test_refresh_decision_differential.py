@@ -34,6 +34,7 @@ from service.database import create_pool
 from service.domain.access_tokens import token_lifetime
 from service.domain.records import CallerInfo, RefreshTokenState
 from service.domain.refresh_tokens import (
+    RefreshDecision,
     Reject,
     Replay,
     RevokeForReuse,
@@ -48,6 +49,7 @@ from service.domain.tokens import TokenPair
 from service.errors import AuthError, RefreshTokenReused
 from service.settings import Settings
 from service.store.refresh_tokens import LOCK_REFRESH_TOKEN_SQL, ROTATE_FRESH_TOKEN_SQL
+from tests.batching import batch_in_flight_held
 
 T = TypeVar("T")
 GRACE = 10
@@ -65,7 +67,9 @@ class Harness:
     clock: ManualClock
     services: dict[int, Components]
     secret: bytes
+    dsn: str
     queries: list[str] = field(default_factory=list)
+    logged: list[asyncpg.connection.LoggedQuery] = field(default_factory=list)
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         return self.loop.run_until_complete(coro)
@@ -79,11 +83,16 @@ def harness(settings: Settings) -> Iterator[Harness]:
     two_connections = replace(settings, db_pool_size=2, refresh_idle_ttl=IDLE_TTL)
     pool = loop.run_until_complete(create_pool(settings.database_url or "", two_connections))
     queries: list[str] = []
+    logged: list[asyncpg.connection.LoggedQuery] = []
+
+    def log(record: asyncpg.connection.LoggedQuery) -> None:
+        queries.append(record.query)
+        logged.append(record)
 
     async def build() -> dict[int, Components]:
         async with pool.acquire() as first, pool.acquire() as second:
             for conn in (first, second):
-                conn.add_query_logger(lambda record: queries.append(record.query))
+                conn.add_query_logger(log)
         return {
             grace: await build_components(
                 replace(two_connections, refresh_reuse_grace=grace), pool=pool, clock=clock
@@ -94,7 +103,9 @@ def harness(settings: Settings) -> Iterator[Harness]:
     try:
         services = loop.run_until_complete(build())
         secret = services[GRACE].tokens._refresh_secret
-        yield Harness(loop, pool, clock, services, secret, queries)
+        yield Harness(
+            loop, pool, clock, services, secret, settings.database_url or "", queries, logged
+        )
     finally:
         loop.run_until_complete(pool.close())
         loop.close()
@@ -167,13 +178,17 @@ class Written:
     signed_until: datetime
 
 
-async def _write(h: Harness, case: Case, now: datetime, audience: str) -> Written:
-    """The case's rows, and the state they stand for (as `decide_refresh` reads it)."""
+async def _write(
+    h: Harness, case: Case, now: datetime, audience: str, user_id: uuid.UUID | None = None
+) -> Written:
+    """The case's rows, and the state they stand for (as `decide_refresh` reads it). With
+    `user_id`, the user's row was written by an earlier case (its user's part the same)."""
 
     def at(seconds: int) -> datetime:
         return now + timedelta(seconds=seconds)
 
-    user_id, session_id = uuid.uuid4(), uuid.uuid4()
+    new_user = user_id is None
+    user_id, session_id = user_id or uuid.uuid4(), uuid.uuid4()
     token = new_refresh_token()
     token_hash = hash_token(token)
     derived = hash_token(derive_child_token(token, h.secret))
@@ -185,18 +200,19 @@ async def _write(h: Harness, case: Case, now: datetime, audience: str) -> Writte
     user_bound = signed_until if case.user_bound_covers else at(-1)
     session_expires_at = at(case.session_expires_in)
     async with h.pool.acquire() as conn:
-        await conn.execute(
-            """INSERT INTO users (id, username, username_key, password_hash, scopes, disabled,
+        if new_user:
+            await conn.execute(
+                """INSERT INTO users (id, username, username_key, password_hash, scopes, disabled,
                                   created_at, updated_at, session_generation,
                                   access_expires_max)
                VALUES ($1, $2, $2, 'x', '{read,write}', $3, $4, $4, $5, $6)""",
-            user_id,
-            f"d-{user_id.hex}",
-            case.user_disabled,
-            at(-7200),
-            generation,
-            user_bound,
-        )
+                user_id,
+                f"d-{user_id.hex}",
+                case.user_disabled,
+                at(-7200),
+                generation,
+                user_bound,
+            )
         await conn.execute(
             """INSERT INTO sessions (id, user_id, scopes, audience, created_at, expires_at,
                                      access_expires_max, user_generation, revoked_at,
@@ -285,13 +301,9 @@ async def _refresh(h: Harness, grace: int, token: str) -> TokenPair | AuthError:
         await asyncio.sleep(0)  # query loggers are called soon after each query
 
 
-def _check(h: Harness, case: Case) -> None:
-    h.clock.advance(7)
-    now = to_datetime(h.clock.now())
+def _expected(h: Harness, case: Case, written: Written, now: datetime) -> RefreshDecision:
     tokens = h.services[case.grace].tokens
-    issued = sorted(tokens.issuable_audiences)[0]
-    written = h.run(_write(h, case, now, issued if case.audience_issued else "retired-audience"))
-    expected = decide_refresh(
+    return decide_refresh(
         written.state if case.known else None,
         now=now,
         grace=timedelta(seconds=case.grace),
@@ -299,17 +311,49 @@ def _check(h: Harness, case: Case) -> None:
         child_hash=hash_token(derive_child_token(written.token, h.secret)),
         audiences=tokens.issuable_audiences,
     )
+
+
+def _audience(h: Harness, case: Case) -> str:
+    issued = sorted(h.services[case.grace].tokens.issuable_audiences)[0]
+    return issued if case.audience_issued else "retired-audience"
+
+
+def _check(h: Harness, case: Case) -> None:
+    h.clock.advance(7)
+    now = to_datetime(h.clock.now())
+    written = h.run(_write(h, case, now, _audience(h, case)))
+    expected = _expected(h, case, written, now)
     before = h.run(_rows(h, written))
     outcome = h.run(_refresh(h, case.grace, written.token))
     after = h.run(_rows(h, written))
-    child = derive_child_token(written.token, h.secret)
     assert h.queries.count(ROTATE_FRESH_TOKEN_SQL) == 1, h.queries
+    if isinstance(expected, Rotate):
+        assert LOCK_REFRESH_TOKEN_SQL not in h.queries  # the one statement decided
+    _assert_as_decided(
+        h, case, written, expected, outcome, before, after, now=now, user_shared=False
+    )
+
+
+def _assert_as_decided(
+    h: Harness,
+    case: Case,
+    written: Written,
+    expected: RefreshDecision,
+    outcome: TokenPair | AuthError,
+    before: list[Any],
+    after: list[Any],
+    *,
+    now: datetime,
+    user_shared: bool,
+) -> None:
+    """`outcome` and the rows after it are what `expected` says. With `user_shared`, a
+    refresh of another session of the user may have raised the user's bound."""
+    child = derive_child_token(written.token, h.secret)
     match expected:
         case Rotate():
             assert isinstance(outcome, TokenPair), (expected, outcome)
             assert outcome.refresh_token == child
             assert outcome.refresh_token_expires_at == expected.child_expires_at.timestamp()
-            assert LOCK_REFRESH_TOKEN_SQL not in h.queries  # the one statement decided
             rows = {bytes(r["token_hash"]): r for r in after[:-2]}
             parent, stored_child = rows[written.state.token_hash], rows[hash_token(child)]
             assert parent["used_at"] == now and parent["child_hash"] == hash_token(child)
@@ -339,7 +383,113 @@ def _check(h: Harness, case: Case) -> None:
             assert after[:-2] == before[:-2]
         case Reject():
             assert type(outcome) is expected.error, (expected, outcome)
-            assert after == before  # nothing written
+            # Nothing written (but a bound raised for another session of the user).
+            assert after[:-1] == before[:-1]
+            assert user_shared or after[-1] == before[-1]
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Generated cases refreshed together, in one statement; `users[i]` is the index of
+    case i's user (a user's part of the case is that of its first case)."""
+
+    cases: tuple[Case, ...]
+    users: tuple[int, ...]
+
+
+@st.composite
+def batches(draw: st.DrawFn) -> Batch:
+    """Two to six cases of one grace (one service: one process's batches), some sharing a
+    user, each of its own session."""
+    grace = draw(st.sampled_from([0, GRACE]))
+    drawn = draw(st.lists(cases(), min_size=2, max_size=6))
+    users = tuple(draw(st.integers(0, index)) for index in range(len(drawn)))
+    shared: list[Case] = []
+    for case, user in zip(drawn, users, strict=True):
+        first = shared[user] if user < len(shared) else case
+        shared.append(
+            replace(
+                case,
+                grace=grace,
+                generation_revoked=first.generation_revoked,
+                user_disabled=first.user_disabled,
+                user_bound_covers=first.user_bound_covers,
+            )
+        )
+    return Batch(tuple(shared), users)
+
+
+async def _refresh_in_one_batch(
+    h: Harness, grace: int, tokens: list[str]
+) -> list[TokenPair | AuthError]:
+    """Refreshes of `tokens` that wait in the process while a batch in flight is held,
+    then go together."""
+    service = h.services[grace].tokens
+
+    async def refresh(token: str) -> TokenPair | AuthError:
+        try:
+            return await service.refresh(token, caller=CALLER)
+        except AuthError as exc:
+            return exc
+
+    now = to_datetime(h.clock.now())
+    async with batch_in_flight_held(h.dsn, service, now=now):
+        calls = asyncio.gather(*(refresh(token) for token in tokens))
+        for _ in range(3):
+            await asyncio.sleep(0)  # each call reaches the store and waits there
+        assert not calls.done()
+        await asyncio.sleep(0)
+        h.logged.clear()
+    outcomes = await calls
+    await asyncio.sleep(0)  # query loggers are called soon after each query
+    return outcomes
+
+
+def _check_batch(h: Harness, batch: Batch) -> None:
+    h.clock.advance(7)
+    now = to_datetime(h.clock.now())
+    grace = batch.cases[0].grace
+    written: list[Written] = []
+    for case, user in zip(batch.cases, batch.users, strict=True):
+        user_id = written[user].state.user_id if user < len(written) else None
+        written.append(h.run(_write(h, case, now, _audience(h, case), user_id)))
+    expected = [
+        _expected(h, case, one, now) for case, one in zip(batch.cases, written, strict=True)
+    ]
+    before = [h.run(_rows(h, one)) for one in written]
+    outcomes = h.run(_refresh_in_one_batch(h, grace, [one.token for one in written]))
+    after = [h.run(_rows(h, one)) for one in written]
+    hashes = [one.state.token_hash for one in written]
+    sent = [
+        [bytes(token_hash) for token_hash in logged.args[0]]
+        for logged in h.logged
+        if logged.query == ROTATE_FRESH_TOKEN_SQL and set(hashes) & set(map(bytes, logged.args[0]))
+    ]
+    assert [sorted(tokens) for tokens in sent] == [sorted(hashes)]  # one statement, all of them
+    locked = [
+        bytes(logged.args[0][0]) for logged in h.logged if logged.query == LOCK_REFRESH_TOKEN_SQL
+    ]
+    for index, case in enumerate(batch.cases):
+        if isinstance(expected[index], Rotate):
+            assert written[index].state.token_hash not in locked  # the one statement decided
+        user = batch.users[index]
+        # Another session of the user refreshed with a token signed: its bound may rise.
+        user_shared = any(
+            batch.users[other] == user and isinstance(expected[other], Rotate | Replay)
+            for other in range(len(batch.cases))
+            if other != index
+        )
+        _assert_as_decided(
+            h,
+            case,
+            written[index],
+            expected[index],
+            outcomes[index],
+            before[index],
+            after[index],
+            now=now,
+            user_shared=user_shared,
+        )
 
 
 @hypothesis_settings(
@@ -386,3 +536,20 @@ def test_refresh_through_postgresql_decides_as_decide_refresh_in_named_cases(
     """The cases the generated ones must reach, each named once (so a narrower
     strategy cannot silently leave one out)."""
     _check(harness, case)
+
+
+@hypothesis_settings(
+    max_examples=60,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(batch=batches())
+def test_refreshes_in_one_statement_each_decide_as_decide_refresh(
+    harness: Harness, batch: Batch
+) -> None:
+    """Independent states (each its own session, some of one user) refreshed together, in
+    one statement: each outcome is what `decide_refresh` says for its own state, as if it
+    had been alone."""
+    _check_batch(harness, batch)

@@ -254,11 +254,14 @@ async def wait_for_lock_waiters(server: LiveServer, count: int) -> None:
 
 
 async def test_refresh_calls_queued_on_the_row_lock_agree_on_one_child(
-    server: LiveServer,
+    server: LiveServer, server_factory: ServerFactory
 ) -> None:
-    """A deterministic form of the race above: two Refresh calls of one token queue
-    behind a lock held by the test; when it is released, one rotates and the other
-    (whose statement started before that rotation committed) must replay its child."""
+    """A deterministic form of the race above: two Refresh calls of one token, one to each
+    of two replicas, queue behind a lock held by the test; when it is released, one
+    rotates and the other (whose statement started before that rotation committed) must
+    replay its child. (Within one process the second call would not start its statement
+    beside the first: the batches of fresh rotations never hold one token twice.)"""
+    replica = await server_factory()
     await server.create_user("alice")
     pair = await server.login("alice")
     token_hash = await server.pool.fetchval(
@@ -273,9 +276,9 @@ async def test_refresh_calls_queued_on_the_row_lock_agree_on_one_child(
         )
         calls = [
             asyncio.ensure_future(
-                server.stub.Refresh(auth_pb2.RefreshRequest(refresh_token=pair.refresh_token))
+                live.stub.Refresh(auth_pb2.RefreshRequest(refresh_token=pair.refresh_token))
             )
-            for _ in range(2)
+            for live in (server, replica)
         ]
         await wait_for_lock_waiters(server, 2)
         await transaction.rollback()

@@ -5,7 +5,7 @@ decides between the statements (`service.domain.tokens`)."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
 
@@ -16,6 +16,7 @@ from service.domain.refresh_tokens import Rotate
 from service.domain.revocation import Revocation
 from service.store.base import StoreBase
 from service.store.events import insert_event
+from service.store.fresh_rotations import FreshRotation, FreshRotationBatches
 from service.store.revocations import revocations, revoke_session, stepped_purge_after
 
 # The refresh path's statements (also run bare by the benchmark's SQL baseline).
@@ -24,9 +25,12 @@ from service.store.revocations import revocations, revoke_session, stepped_purge
 # for the lock sees the parent's new version, but the joined rows (its child, its
 # session) only as they were before the wait, so they are read again, fresh.
 
-# The presented token's row, locked, read with its session and user: the first statement
-# of the transaction path, and the `presented` part of ROTATE_FRESH_TOKEN_SQL (one text
-# for both, so that the two paths read the same state).
+# The presented tokens' rows, locked, read with their sessions and users: the first
+# statement of the transaction path (with one token), and the `presented` part of
+# ROTATE_FRESH_TOKEN_SQL (one text for both, so that the two paths read the same state).
+# $1 is an array: a batch of fresh rotations locks all its tokens here, in token-hash order
+# (the lock is taken row by row as the sorted rows come out), so that two statements
+# locking overlapping tokens cannot each hold one the other waits for.
 LOCK_REFRESH_TOKEN_SQL = """SELECT rt.token_hash, rt.session_id, s.user_id, rt.issued_at,
        rt.expires_at, rt.used_at, rt.child_hash, s.scopes AS session_scopes, s.audience,
        s.expires_at AS session_expires_at,
@@ -37,7 +41,8 @@ LOCK_REFRESH_TOKEN_SQL = """SELECT rt.token_hash, rt.session_id, s.user_id, rt.i
   FROM refresh_tokens rt
   JOIN sessions s ON s.id = rt.session_id
   JOIN users u ON u.id = s.user_id
- WHERE rt.token_hash = $1
+ WHERE rt.token_hash = ANY($1::bytea[])
+ ORDER BY rt.token_hash
    FOR UPDATE OF rt"""
 
 ROTATED_TOKEN_STATE_SQL = """
@@ -60,8 +65,8 @@ _ROTATE_PURGE_AFTER = stepped_purge_after(
     "greatest(access_expires_max, $6, expires_at)",
 )
 _ROTATE_FRESH_PURGE_AFTER = stepped_purge_after(
-    "greatest(s.access_expires_max, $6, f.child_expires_at)",
-    "greatest(s.access_expires_max, $6, s.expires_at)",
+    "greatest(s.access_expires_max, f.access_expires_at, f.child_expires_at)",
+    "greatest(s.access_expires_max, f.access_expires_at, s.expires_at)",
 )
 
 # bound must cover its `exp`: if the lock query read a bound below it, $10 (a step past it)
@@ -124,53 +129,91 @@ UPDATE sessions SET access_expires_max = greatest(access_expires_max, $2),
 """
 
 
-# A refresh in the common case, in one statement and one round trip (autocommit): the
-# presented token locked and read with its session and user (the columns of
-# LOCK_REFRESH_TOKEN_SQL), and, only if `decide_refresh` would rotate it (unused, the session
-# live, its user enabled, its audience still issued, neither expired: `fresh`), ROTATE_SQL's
-# writes: the user's bound raised when the one read is below the access token's `exp` ($6)
-# (to $7, under the user's row lock and only if the generation is still the session's), the
-# session touched and its bound raised (only if not revoked meanwhile: the row lock re-checks
-# it), the parent marked used and its one child ($3) stored. Its row is returned with
-# `rotated`; anything else (a used token, a refusal, a write refused by a revocation that
-# committed meanwhile) writes nothing, and the domain decides on the row or takes the path of
-# several statements. One snapshot serves the whole statement: a call that waited here for
-# the token's lock finds it used (its rotation committed), so it rotates nothing; the
-# revocation of the session or (when the bound is raised) of the user that commits while it
-# waits for their rows stops it, as in ROTATE_SQL. Unknown token: no row.
+# Refreshes in the common case, in one statement and one round trip (autocommit), for one
+# token or a batch of them (`service.store.fresh_rotations` sends the refreshes that arrive
+# while others are in flight together: a statement's fixed costs, paid once). Per item
+# (the arrays $1..$4 and $6..$8, an item's ordinal its index there; the audiences $5 are
+# the batch's): the presented token locked and read with its session and user (the
+# columns of LOCK_REFRESH_TOKEN_SQL), and, only if `decide_refresh` would rotate it
+# (unused, the session live, its user enabled, its audience still issued, neither expired:
+# `fresh`), ROTATE_SQL's writes: the user's bound raised when the one read is below the
+# access token's `exp` ($6) (to $7, under the user's row lock and only if the generation is
+# still the session's), the session touched and its bound raised (only if not revoked
+# meanwhile: the row lock re-checks it), the parent marked used and its one child ($3)
+# stored. Each item's row is returned with its `ordinal` and `rotated`; anything else (a
+# used token, a refusal, a write refused by a revocation that committed meanwhile) writes
+# nothing for that item, and the domain decides on the row or takes the path of several
+# statements. One snapshot serves the whole statement: a call that waited here for the
+# token's lock finds it used (its rotation committed), so it rotates nothing; the
+# revocation of the session or (when the bound is raised) of the user that commits while
+# it waits for their rows stops it, as in ROTATE_SQL. Unknown token: no row for it.
+#
+# The items of a batch are independent: distinct tokens (the sender's rule: the same
+# token twice would be rotated twice), so distinct sessions for the fresh ones (a session
+# has one unused token), but possibly one user for several. Such a user's row is updated
+# once, to the greatest bound its items need, if the generation is still that of one of
+# them; each item's session is written only if its own check holds on the row written
+# (its generation, a bound covering its token). Users are locked in id order (as tokens
+# are), so that two batches raising the bounds of the same users cannot deadlock.
 ROTATE_FRESH_TOKEN_SQL = f"""
 WITH presented AS (
 {LOCK_REFRESH_TOKEN_SQL}),
+item AS (
+    SELECT * FROM unnest($1::bytea[], $2::timestamptz[], $3::bytea[], $4::timestamptz[],
+                         $6::timestamptz[], $7::timestamptz[], $8::text[])
+           WITH ORDINALITY AS i(token_hash, refreshed_at, child_hash, idle_expires_at,
+                                access_expires_at, user_bound, peer, ordinal)),
 fresh AS (
-    SELECT session_id, user_id, user_generation,
-           least($4::timestamptz, session_expires_at) AS child_expires_at,
-           coalesce(user_access_expires_max >= $6::timestamptz, false) AS bound_covers
-      FROM presented
-     WHERE used_at IS NULL AND NOT session_revoked AND NOT disabled
-       AND audience = ANY($5::text[])
-       AND $2::timestamptz < expires_at AND $2::timestamptz < session_expires_at),
+    SELECT p.token_hash, p.session_id, p.user_id, p.user_generation, i.refreshed_at,
+           i.child_hash, i.access_expires_at, i.user_bound, i.peer,
+           least(i.idle_expires_at, p.session_expires_at) AS child_expires_at,
+           coalesce(p.user_access_expires_max >= i.access_expires_at, false) AS bound_covers
+      FROM presented p
+      JOIN item i ON i.token_hash = p.token_hash
+     WHERE p.used_at IS NULL AND NOT p.session_revoked AND NOT p.disabled
+       AND p.audience = ANY($5::text[])
+       AND i.refreshed_at < p.expires_at AND i.refreshed_at < p.session_expires_at),
+user_locked AS (
+    SELECT u.id FROM users u
+     WHERE u.id IN (SELECT user_id FROM fresh WHERE NOT bound_covers)
+     ORDER BY u.id
+       FOR UPDATE),
 user_raised AS (
-    UPDATE users u SET access_expires_max = greatest(u.access_expires_max, $7::timestamptz)
-      FROM fresh f
-     WHERE NOT f.bound_covers AND u.id = f.user_id AND u.session_generation <= f.user_generation
-    RETURNING 1),
+    UPDATE users u SET access_expires_max = greatest(u.access_expires_max, r.user_bound)
+      FROM (SELECT f.user_id, max(f.user_bound) AS user_bound,
+                   max(f.user_generation) AS user_generation
+              FROM fresh f JOIN user_locked l ON l.id = f.user_id
+             WHERE NOT f.bound_covers
+             GROUP BY f.user_id) r
+     WHERE u.id = r.user_id AND u.session_generation <= r.user_generation
+    RETURNING u.id, u.session_generation, u.access_expires_max),
 session AS (
-    UPDATE sessions s SET last_refreshed_at = $2, last_refreshed_peer = $8,
-                          access_expires_max = greatest(s.access_expires_max, $6),
+    UPDATE sessions s SET last_refreshed_at = f.refreshed_at, last_refreshed_peer = f.peer,
+                          access_expires_max = greatest(s.access_expires_max,
+                                                        f.access_expires_at),
                           purge_after = {_ROTATE_FRESH_PURGE_AFTER}
       FROM fresh f
      WHERE s.id = f.session_id AND s.revoked_at IS NULL
-       AND (f.bound_covers OR EXISTS (SELECT 1 FROM user_raised))
-    RETURNING 1),
+       AND (f.bound_covers
+            OR EXISTS (SELECT 1 FROM user_raised r
+                        WHERE r.id = f.user_id AND r.session_generation <= f.user_generation
+                          AND r.access_expires_max >= f.access_expires_at))
+    RETURNING s.id),
 parent AS (
-    UPDATE refresh_tokens SET used_at = $2, child_hash = $3
-     WHERE token_hash = $1 AND used_at IS NULL AND EXISTS (SELECT 1 FROM session)
-    RETURNING 1),
+    UPDATE refresh_tokens rt SET used_at = f.refreshed_at, child_hash = f.child_hash
+      FROM fresh f
+     WHERE rt.token_hash = f.token_hash AND rt.used_at IS NULL
+       AND EXISTS (SELECT 1 FROM session s WHERE s.id = f.session_id)
+    RETURNING rt.token_hash),
 child AS (
     INSERT INTO refresh_tokens (token_hash, session_id, parent_hash, issued_at, expires_at)
-    SELECT $3, f.session_id, $1, $2, f.child_expires_at FROM fresh f, parent
-    RETURNING 1)
-SELECT p.*, EXISTS (SELECT 1 FROM child) AS rotated FROM presented p
+    SELECT f.child_hash, f.session_id, f.token_hash, f.refreshed_at, f.child_expires_at
+      FROM fresh f JOIN parent p ON p.token_hash = f.token_hash
+    RETURNING parent_hash)
+SELECT p.*, i.ordinal,
+       EXISTS (SELECT 1 FROM child c WHERE c.parent_hash = p.token_hash) AS rotated
+  FROM presented p
+  JOIN item i ON i.token_hash = p.token_hash
 """  # noqa: S608 (constants only)
 
 
@@ -208,7 +251,7 @@ class PostgresRefresh:
     async def lock(self, token_hash: bytes) -> RefreshTokenState | None:
         """The presented token's state, its row locked until the end of the transaction:
         every call presenting the same token waits here for the one before it."""
-        row = await self._conn.fetchrow(LOCK_REFRESH_TOKEN_SQL, token_hash)
+        row = await self._conn.fetchrow(LOCK_REFRESH_TOKEN_SQL, [token_hash])
         if row is None:
             return None
         rotated = None
@@ -286,6 +329,10 @@ class PostgresRefresh:
 class PostgresRefreshTokens(StoreBase):
     """The `refresh_tokens` table, with the session and user rows a rotation touches."""
 
+    def __init__(self, pool: asyncpg.Pool, *, timeout: float, event_window: float = 300) -> None:
+        super().__init__(pool, timeout=timeout, event_window=event_window)
+        self._fresh_rotations = FreshRotationBatches(self._rotate_fresh)
+
     async def rotate_if_fresh(
         self,
         token_hash: bytes,
@@ -298,22 +345,43 @@ class PostgresRefreshTokens(StoreBase):
         user_bound: datetime,
         peer: str | None,
     ) -> tuple[RefreshTokenState | None, bool]:
-        """ROTATE_FRESH_TOKEN_SQL: one statement, outside any transaction block."""
-        async with self._connection() as conn:
-            row = await conn.fetchrow(
-                ROTATE_FRESH_TOKEN_SQL,
-                token_hash,
-                now,
-                child_hash,
-                idle_expires_at,
-                sorted(audiences),
-                access_expires_at,
-                user_bound,
-                peer,
+        """ROTATE_FRESH_TOKEN_SQL: one statement, outside any transaction block, shared
+        with the calls that arrive while others are in flight (`FreshRotationBatches`)."""
+        row = await self._fresh_rotations.rotate(
+            FreshRotation(
+                token_hash=token_hash,
+                now=now,
+                child_hash=child_hash,
+                idle_expires_at=idle_expires_at,
+                audiences=audiences,
+                access_expires_at=access_expires_at,
+                user_bound=user_bound,
+                peer=peer,
             )
+        )
         if row is None:
             return None, False
         return _refresh_state(row, None), bool(row["rotated"])
+
+    async def _rotate_fresh(self, batch: Sequence[FreshRotation]) -> list[asyncpg.Record | None]:
+        """One batch (distinct tokens, one set of audiences) in one statement: each item's
+        row, in order (None: unknown token)."""
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                ROTATE_FRESH_TOKEN_SQL,
+                [item.token_hash for item in batch],
+                [item.now for item in batch],
+                [item.child_hash for item in batch],
+                [item.idle_expires_at for item in batch],
+                sorted(batch[0].audiences),
+                [item.access_expires_at for item in batch],
+                [item.user_bound for item in batch],
+                [item.peer for item in batch],
+            )
+        answers: list[asyncpg.Record | None] = [None] * len(batch)
+        for row in rows:
+            answers[row["ordinal"] - 1] = row
+        return answers
 
     @asynccontextmanager
     async def refreshing(self) -> AsyncIterator[PostgresRefresh]:
