@@ -22,7 +22,13 @@ from service.domain.tokens import TokenPair
 from service.settings import Settings
 from service.store.fresh_rotations import MAX_BATCH_SIZE, MAX_BATCHES_IN_FLIGHT
 from service.store.refresh_tokens import LOCK_REFRESH_TOKEN_SQL, ROTATE_FRESH_TOKEN_SQL
-from tests.batching import CALLER, batch_in_flight_held, insert_sessions, insert_user
+from tests.batching import (
+    CALLER,
+    batch_in_flight_held,
+    insert_sessions,
+    insert_user,
+    wait_for_lock_waiters,
+)
 
 POOL_SIZE = MAX_BATCHES_IN_FLIGHT + 2
 
@@ -222,35 +228,57 @@ async def test_a_batch_postgresql_refuses_fails_only_the_item_that_caused_it(
             await _assert_rotated_once(logged, token, result)
 
 
-async def test_a_caller_that_leaves_stops_waiting_and_the_others_go_on(logged: Logged) -> None:
-    """A caller cancelled while its item waits: the item is never sent (its token stays
-    fresh). A caller cancelled while its statement runs: the statement (a task of its own)
-    goes on, for the others in it too."""
-    tokens = await logged.sessions(4)
+async def test_callers_that_leave_stop_only_their_own_work(logged: Logged) -> None:
+    """A caller cancelled while its item waits in the process: the item is never sent. A
+    batch whose every caller left while its statement ran: the statement is cancelled (a
+    deadline stops the database work done for that call alone, as before batches). A
+    batch some of whose callers are still there: it goes on for them (and rotates the
+    left one's token too; nobody gets that child)."""
+    alone, waits, leaves, stays = await logged.sessions(4)
     refresh = logged.components.tokens.refresh
-    async with batch_in_flight_held(logged.dsn, logged.components.tokens, now=logged.now()) as held:
-        calls = [asyncio.create_task(refresh(token, caller=CALLER)) for token in tokens]
+    locker = await asyncpg.connect(logged.dsn)
+    watcher = await asyncpg.connect(logged.dsn)
+    try:
+        lock = locker.transaction()
+        await lock.start()
+        await locker.execute(
+            "SELECT 1 FROM refresh_tokens WHERE token_hash = ANY($1) FOR UPDATE",
+            [hash_token(token) for token in (alone, leaves, stays)],
+        )
+        first = asyncio.create_task(refresh(alone, caller=CALLER))
+        await wait_for_lock_waiters(watcher, 1)  # its batch (of one) waits for the lock
+        calls = {t: asyncio.create_task(refresh(t, caller=CALLER)) for t in (waits, leaves, stays)}
         await asyncio.sleep(0.05)
-        calls[0].cancel()  # waiting in the process
-        held[0].cancel()  # its statement waits for the lock in PostgreSQL
+        calls[waits].cancel()  # waiting in the process
         await asyncio.sleep(0.05)
-        assert calls[0].cancelled() and held[0].cancelled()
         logged.statements.clear()
-    results = await asyncio.gather(*calls[1:])
-    await asyncio.sleep(0)
-    assert [set(batch) for batch in logged.rotations(tokens)] == [set(map(hash_token, tokens[1:]))]
-    rows = await logged.token_rows(tokens[0])
-    assert len(rows) == 1 and rows[0]["used_at"] is None
-    for token, pair in zip(tokens[1:], results, strict=True):
-        await _assert_rotated_once(logged, token, pair)
-    # The left caller's statement rotated its token all the same (nobody got the child).
-    left = await logged.pool.fetch(
-        """SELECT t.used_at FROM refresh_tokens t JOIN sessions s ON s.id = t.session_id
-            WHERE s.last_refreshed_peer = $1 AND t.parent_hash IS NULL""",
-        CALLER.peer,
-    )
-    assert len(left) == len(tokens)  # the others and the held one
-    assert all(row["used_at"] is not None for row in left)
+        first.cancel()  # every caller of the batch in flight left: its statement stops
+        for _ in range(200):  # at once, not at the statement's timeout
+            if logged.rotations([alone]):  # logged when it ended (cancelled)
+                break
+            await asyncio.sleep(0.01)
+        assert [batch for batch in logged.rotations([alone])] == [[hash_token(alone)]]
+        assert logged.statements[0].exception is not None
+        await wait_for_lock_waiters(watcher, 1)  # the next batch: leaves and stays
+        assert logged.rotations([leaves, stays]) == []  # sent, not back
+        calls[leaves].cancel()  # one of two callers left: the statement goes on
+        await asyncio.sleep(0.05)
+        assert not calls[stays].done()
+        await lock.rollback()
+        pair = await calls[stays]
+    finally:
+        await locker.close()
+        await watcher.close()
+    assert first.cancelled() and calls[waits].cancelled() and calls[leaves].cancelled()
+    await _assert_rotated_once(logged, stays, pair)
+    assert [set(batch) for batch in logged.rotations([leaves, stays])] == [
+        {hash_token(leaves), hash_token(stays)}
+    ]
+    for fresh in (alone, waits):
+        rows = await logged.token_rows(fresh)
+        assert len(rows) == 1 and rows[0]["used_at"] is None, "its statement was not stopped"
+    rows = await logged.token_rows(leaves)
+    assert rows[0]["used_at"] is not None  # rotated for nobody
 
 
 async def test_a_full_batch_goes_beside_a_batch_stuck_on_a_lock(logged: Logged) -> None:

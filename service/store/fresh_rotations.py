@@ -55,11 +55,14 @@ class FreshRotation:
 SendBatch = Callable[[Sequence[FreshRotation]], Awaitable[Sequence[asyncpg.Record | None]]]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Waiting:
     rotation: FreshRotation
     # Its caller's answer: done (cancelled) when the caller stopped waiting.
     answer: asyncio.Future[asyncpg.Record | None]
+    # Once sent: its batch and the task running the batch's statement.
+    batch: list[_Waiting] | None = None
+    task: asyncio.Task[None] | None = None
 
 
 class FreshRotationBatches:
@@ -85,12 +88,22 @@ class FreshRotationBatches:
 
     async def rotate(self, rotation: FreshRotation) -> asyncpg.Record | None:
         """The statement's row for `rotation` (None: unknown token), sent in a batch.
-        Cancelled, the caller stops waiting: its item is dropped if not sent yet, and a
-        batch already sent goes on for the others."""
+        Cancelled (its caller left: a deadline, a cancelled call), the caller stops waiting:
+        its item is dropped if not sent yet; a batch already sent goes on for the others in
+        it, and is cancelled, its statement with it, once all of them have left (a caller's
+        deadline still stops the database work done for it alone, as a statement of its own
+        would)."""
         answer: asyncio.Future[asyncpg.Record | None] = asyncio.get_running_loop().create_future()
-        self._waiting.append(_Waiting(rotation, answer))
+        waiting = _Waiting(rotation, answer)
+        self._waiting.append(waiting)
         self._send_what_can_go()
-        return await answer
+        try:
+            return await answer
+        except asyncio.CancelledError:
+            batch, task = waiting.batch, waiting.task
+            if batch is not None and task is not None and all(i.answer.done() for i in batch):
+                task.cancel()
+            raise
 
     def _send_what_can_go(self) -> None:
         while self._in_flight < self._max_in_flight:
@@ -103,6 +116,8 @@ class FreshRotationBatches:
             self._tokens_in_flight.update(item.rotation.token_hash for item in batch)
             # A task of its own: no caller's cancellation cancels the others' statement.
             task = asyncio.get_running_loop().create_task(self._run(batch))
+            for item in batch:
+                item.batch, item.task = batch, task
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
