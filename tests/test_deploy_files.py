@@ -28,7 +28,7 @@ from service.server import (
     SHARED_SETTINGS_HEALTH_NAME,
 )
 from service.settings import Settings, declarations
-from tests.live_server import LiveServer
+from tests.live_server import LiveServer, ServerFactory
 from tests.replica_processes import free_loopback_port
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
@@ -284,15 +284,44 @@ async def test_the_container_health_check_tells_serving_from_not(server: LiveSer
     ("listen", "address"),
     [
         ("0.0.0.0:50051", "127.0.0.1:50051"),
-        ("[::]:7000", "127.0.0.1:7000"),
+        ("[::]:7000", "[::1]:7000"),
+        ("[0:0:0:0:0:0:0:0]:7000", "[::1]:7000"),
         (None, "127.0.0.1:50051"),
+        ("[::1]:50051", "[::1]:50051"),
+        ("127.0.0.2:50051", "127.0.0.2:50051"),
+        ("10.1.2.3:50051", "10.1.2.3:50051"),
+        ("[2001:db8::5]:50051", "[2001:db8::5]:50051"),
+        ("localhost:7000", "localhost:7000"),
+        ("authsvc-1.example:7000", "authsvc-1.example:7000"),
     ],
 )
-def test_the_health_check_probes_loopback_on_the_listen_port(
+def test_the_health_check_probes_the_listen_address_or_loopback_for_a_wildcard(
     listen: str | None, address: str
 ) -> None:
     environ = {} if listen is None else {"AUTH_LISTEN": listen}
     assert health_probe.default_address(environ) == address
+
+
+async def test_the_health_check_reaches_a_server_listening_on_ipv6_loopback_only(
+    server_factory: ServerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    live = await server_factory(listen="[::1]:0")
+    monkeypatch.setenv("AUTH_LISTEN", f"[::1]:{live.running.port}")
+    assert await asyncio.to_thread(health_probe.main, ["--timeout", "5"]) == 0
+
+
+@pytest.mark.parametrize(
+    "listen", ["::1:50051", "not an address", "127.0.0.1:0050051", "127.0.0.1:0"]
+)
+def test_the_health_check_names_auth_listen_when_it_is_bad(
+    listen: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("AUTH_LISTEN", listen)
+    with pytest.raises(SystemExit) as exit_info:
+        health_probe.main([])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "AUTH_LISTEN" in error and "address:" not in error
 
 
 @pytest.mark.parametrize("argv", [["not an address"], ["127.0.0.1:1", "--timeout", "0"]])
