@@ -377,8 +377,8 @@ class Settings:
         Address(),
         default=None,
         shown_default="unset (off)",
-        doc="""`HOST:PORT` serving Prometheus `/metrics`; with `--workers`, the supervisor
-        serves the sum of all workers""",
+        doc="""`HOST:PORT` serving Prometheus `/metrics` (`[::]` takes IPv4 too, as
+        `AUTH_LISTEN` does); with `--workers`, the supervisor serves the sum of all workers""",
     )
     tls_cert: Path | None = setting(
         "AUTH_TLS_CERT",

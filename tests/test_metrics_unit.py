@@ -486,3 +486,26 @@ async def test_endpoint_answers_404_elsewhere_and_close_frees_the_port(
 def test_endpoint_rejects_a_listen_without_port(listen: str) -> None:
     with pytest.raises(ValueError, match="HOST:PORT"):
         MetricsEndpoint.start(listen, CollectorRegistry())
+
+
+@pytest.mark.parametrize("wildcard", ["[::]", "[0:0:0:0:0:0:0:0]"])
+async def test_endpoint_on_the_ipv6_wildcard_answers_ipv4_too(wildcard: str) -> None:
+    """`[::]` takes both families, as AUTH_LISTEN's gRPC listener does (asyncio alone
+    would bind IPv6 only). Binds the wildcard, but connects over loopback only."""
+    endpoint = MetricsEndpoint.start(f"{wildcard}:0", CollectorRegistry())
+    try:
+        for host in ("127.0.0.1", "[::1]"):
+            status, _, _ = await asyncio.to_thread(fetch, f"http://{host}:{endpoint.port}/metrics")
+            assert status == 200, host
+    finally:
+        endpoint.close()
+
+
+async def test_endpoint_on_ipv6_loopback_answers_there() -> None:
+    endpoint = MetricsEndpoint.start("[::1]:0", CollectorRegistry())
+    try:
+        assert endpoint.address.host == "::1"
+        status, _, _ = await asyncio.to_thread(fetch, f"http://[::1]:{endpoint.port}/metrics")
+        assert status == 200
+    finally:
+        endpoint.close()

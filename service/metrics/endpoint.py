@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import socket
 import threading
@@ -161,6 +162,30 @@ class _MetricsHttp:
             return body, content_type
 
 
+def _is_ipv6_wildcard(host: str) -> bool:
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return address.version == 6 and address.is_unspecified
+
+
+def _dual_stack_socket(port: int) -> socket.socket:
+    """`[::]:port` taking IPv4 too, as gRPC's listener on `[::]` does (asyncio's own
+    bind sets IPV6_V6ONLY, so AUTH_METRICS_LISTEN=[::]:9464 missed IPv4 scrapers)."""
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(("::", port))
+        sock.listen(socket.SOMAXCONN)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 class MetricsEndpoint:
     """HTTP GET /metrics for a registry, served by an asyncio loop in one thread of its own
     (so neither the gRPC loop nor the supervisor's watch loop serves it), within `limits`."""
@@ -215,12 +240,17 @@ class MetricsEndpoint:
         self._stop = asyncio.Event()
         http = _MetricsHttp(self._registry, self._limits)
         try:
-            family = socket.getaddrinfo(
-                host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-            )[0][0]
-            server = await asyncio.start_server(
-                http.handle, host, port, family=family, limit=self._limits.max_head_bytes
-            )
+            if _is_ipv6_wildcard(host):
+                server = await asyncio.start_server(
+                    http.handle, sock=_dual_stack_socket(port), limit=self._limits.max_head_bytes
+                )
+            else:
+                family = socket.getaddrinfo(
+                    host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+                )[0][0]
+                server = await asyncio.start_server(
+                    http.handle, host, port, family=family, limit=self._limits.max_head_bytes
+                )
         except Exception as exc:  # handed to start()'s caller
             self._failure = exc
             self._started.set()
