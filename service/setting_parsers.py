@@ -12,6 +12,7 @@ import binascii
 import math
 import os
 import re
+import urllib.parse
 from collections.abc import Callable, Iterable
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
@@ -265,25 +266,57 @@ class DatabaseUrl(Text):
     def allowed(self) -> str:
         return (
             f"a postgresql:// URL of at most {self.max_bytes} bytes, each host's port "
-            "from 1 to 65535, an IPv6 host in brackets"
+            "from 1 to 65535, an IPv6 host in brackets without a zone id, no empty host "
+            "in a list or before a port"
         )
 
     def validate(self, value: str) -> None:
         super().validate(value)
         if not value.startswith(("postgresql://", "postgres://")):
             raise ValueError(self.allowed)
-        # The hosts' ports (asyncpg would fail on one out of range only when connecting,
-        # with an error that is no setting's). user:password@ comes before the hosts.
+        # Each host the way asyncpg reads it (connect_utils._parse_hostlist): it fails on
+        # these only when connecting, with an error that is no setting's. user:password@
+        # comes before the hosts.
         hosts = value.split("://", 1)[1].split("/", 1)[0].split("?", 1)[0].rpartition("@")[2]
-        for host in hosts.split(","):
-            if host.count(":") > 1 and not host.startswith("["):
-                # `::1:5432`: asyncpg fails on it only when connecting.
-                raise ValueError(self.allowed)
-            port = host.rpartition("]")[2] if host.startswith("[") else host
-            if ":" in port:
-                digits = port.rpartition(":")[2]
-                if digits and not (is_port(digits) and int(digits) > 0):
+        if hosts:
+            for host in hosts.split(","):
+                if not _is_database_host(host, percent_encoded=True):
                     raise ValueError(self.allowed)
+                port = host.rpartition("]")[2] if host.startswith("[") else host
+                if ":" in port:
+                    digits = port.rpartition(":")[2]
+                    if digits and not (is_port(digits) and int(digits) > 0):
+                        raise ValueError(self.allowed)
+            return
+        # No host before the path: asyncpg takes the (last) `host=` parameter's list.
+        query = urllib.parse.urlsplit(value).query
+        given = urllib.parse.parse_qs(query, keep_blank_values=True).get("host")
+        if given and given[-1]:
+            for host in given[-1].split(","):
+                if not _is_database_host(host, percent_encoded=False):
+                    raise ValueError(self.allowed)
+
+
+def _is_database_host(host: str, *, percent_encoded: bool) -> bool:
+    """One entry of a database URL's host list that asyncpg can connect to: not empty, a
+    socket directory, an IPv6 address in brackets (`::1:5432` fails; a zone id `%eth0`
+    fails to resolve), or a name or IPv4 address with an optional port."""
+    if not host:
+        return False  # IndexError in asyncpg
+    if host.startswith("/"):
+        return True
+    if host.startswith("["):
+        inside = re.match(r"\[([^\]]+)\]", host)
+        if inside is None:
+            return False
+        address = inside.group(1)
+    else:
+        address, _, port = host.partition(":")
+        if not address or ":" in port:
+            return False
+    if percent_encoded:
+        address = urllib.parse.unquote(address)
+    return "%" not in address
 
 
 @dataclass(frozen=True)

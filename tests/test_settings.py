@@ -758,6 +758,53 @@ def test_an_unbracketed_ipv6_database_host_is_refused_at_start(url: str) -> None
     assert "Hunter2Secret" not in message
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://u:Hunter2Secret@/db?host=::1&port=5432",
+        "postgresql://u:Hunter2Secret@/db?host=127.0.0.1,::1&port=5432,5433",
+        "postgresql://u:Hunter2Secret@/db?host=fe80::1%25eth0&port=5432",
+        "postgresql://u:Hunter2Secret@:5432/db",
+        "postgresql://u:Hunter2Secret@h1:5432,/db",
+        "postgresql://u:Hunter2Secret@h1:5432,,h2:5432/db",
+        "postgresql://u:Hunter2Secret@/db?host=h1,,h2",
+        "postgresql://u:Hunter2Secret@/db?host=:5432",
+        "postgresql://u:Hunter2Secret@[fe80::1%25eth0]:5432/db",
+        "postgresql://u:Hunter2Secret@[::1%lo]:5432/db",
+        "postgresql://u:Hunter2Secret@[]:5432/db",
+        "postgresql://u:Hunter2Secret@/db?host=[fe80::1%25eth0]&port=5432",
+        "postgresql://u:Hunter2Secret@/db?host=[::1%lo]:5432",
+    ],
+)
+def test_a_database_host_asyncpg_cannot_connect_to_is_refused_at_start(url: str) -> None:
+    """An unbracketed IPv6 address in the `host=` parameter, an empty host before a port
+    or in a list, a zone id (asyncpg fails on each only when connecting: gaierror,
+    IndexError): refused at start naming the variable, the URL never echoed."""
+    with pytest.raises(SettingsError) as refused:
+        Settings.from_env({"AUTH_DATABASE_URL": url, "AUTH_KEK": FIXTURE_KEK})
+    message = str(refused.value)
+    assert message.startswith("AUTH_DATABASE_URL: ") and "brackets" in message, message
+    assert "Hunter2Secret" not in message and "eth0" not in message
+
+
+def test_database_hosts_asyncpg_connects_to_still_parse() -> None:
+    """The spellings asyncpg 0.32 reaches (checked against a listener on loopback)."""
+    for url in (
+        "postgresql://u:p@/db?host=[::1]&port=5432",
+        "postgresql://u:p@/db?host=[::1]:5432",
+        "postgresql://u:p@/db?host=%5B::1%5D&port=5432",
+        "postgresql://u:p@/db?host=127.0.0.1,[::1]&port=5432,5433",
+        "postgresql://u:p@/db?host=127.0.0.1:5432",
+        "postgresql://u:p@/db?host=/var/run/postgresql",
+        "postgresql://u:p@/db",
+        "postgresql:///db",
+        # asyncpg takes the authority's hosts and ignores host= then.
+        "postgresql://u:p@127.0.0.1:5432/db?host=::1",
+        "postgresql://u:p@%2Fvar%2Frun%2Fpostgresql/db",
+    ):
+        assert Settings.from_env({"AUTH_DATABASE_URL": url, "AUTH_KEK": FIXTURE_KEK}), url
+
+
 def test_the_load_target_is_an_address_in_its_one_spelling(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
