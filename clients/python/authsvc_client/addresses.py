@@ -6,7 +6,8 @@ One spelling per address, the one gRPC targets and URLs use: an IPv6 host in bra
 nothing else; a port in digits without leading zeros (`0080` is refused); a host of
 numbers only as a dotted quad (`127.1`, `0x7f.0.0.1` or `2130706433` are IPv4 addresses to
 getaddrinfo, but not to the loopback test or a reader). `host` holds an IPv6 address
-without its brackets. The service parses its address settings with this module, so the
+without its brackets; a zone id (`[fe80::1%eth0]:80`) only of RFC 6874's characters
+(letters, digits, `-._~`). The service parses its address settings with this module, so the
 two agree.
 """
 
@@ -25,6 +26,10 @@ _PORT = re.compile(r"0|[1-9][0-9]{0,4}")
 # A label inet_aton reads as a number (decimal, octal or hex): a host of such labels only
 # is an IPv4 address in disguise unless it is a dotted quad in its one spelling.
 _NUMERIC_LABEL = re.compile(r"[0-9]+|0[xX][0-9A-Fa-f]*")
+# RFC 6874's ZoneID characters (unreserved): an interface name or index (`eth0`, `1`).
+# Anything else in a zone id (`]`, `,`, `:`, `/`, non-ASCII) could end the host early in a
+# gRPC target or URL, or smuggle a second address into a target list.
+_ZONE_ID = re.compile(r"[A-Za-z0-9._~-]+")
 _HOSTNAME = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(?:\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
 
 
@@ -74,6 +79,9 @@ def _is_host(text: str) -> bool:
     if len(text) > _MAX_HOST_CHARS:
         return False
     if text.startswith("[") and text.endswith("]"):
+        _, percent, zone = text[1:-1].partition("%")
+        if percent and _ZONE_ID.fullmatch(zone) is None:
+            return False
         try:
             ipaddress.IPv6Address(text[1:-1])
         except ValueError:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 from authsvc_client import addresses
 from authsvc_client.addresses import HostPort, is_port
+from authsvc_client.channel import addresses_target
 
 
 @pytest.mark.parametrize(
@@ -67,3 +68,36 @@ def test_a_port_is_digits_without_leading_zeros_up_to_65535() -> None:
         assert is_port(good)
     for bad in ("", "00", "0080", "65536", "+80", "8 0", "٨٠", "99999999999999999999"):
         assert not is_port(bad), bad
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[fe80::1%x,[::1]:50051]:9",  # a second address smuggled into a gRPC target
+        "[::1%x]y]:0",  # a bracket inside the zone id: counted as loopback
+        "[::1%a:b]:0",
+        "[::1%a/b]:0",
+        "[::1%a\tb]:0",
+        "[::1%\u00e9]:0",
+        "[::1%\u0661]:0",
+        "[::1%]:0",
+        "[fe80::1%eth0%1]:80",
+    ],
+)
+def test_a_zone_id_outside_rfc_6874s_characters_is_refused(text: str) -> None:
+    with pytest.raises(ValueError, match=r"^HOST:PORT") as refused:
+        HostPort.parse(text)
+    assert str(refused.value) == addresses.ALLOWED
+
+
+@pytest.mark.parametrize("zone", ["eth0", "lo", "enp0s31f6", "1", "br-1.a_b~c"])
+def test_a_zone_id_of_rfc_6874s_characters_is_accepted(zone: str) -> None:
+    address = HostPort.parse(f"[fe80::1%{zone}]:80")
+    assert address.host == f"fe80::1%{zone}"
+    assert str(address) == f"[fe80::1%{zone}]:80"
+
+
+def test_a_zone_id_cannot_smuggle_a_second_address_into_a_grpc_target() -> None:
+    with pytest.raises(ValueError, match="IP:PORT"):
+        addresses_target(["[fe80::1%x,[::1]:50051]:9"])
+    assert addresses_target(["[fe80::1%eth0]:9"]) == "ipv6:[fe80::1%eth0]:9"
