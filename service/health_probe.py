@@ -76,9 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.address:
         try:
-            address = str(HostPort.parse(args.address))
+            given = HostPort.parse(args.address)
         except ValueError as error:
             parser.error(f"address: {error}")
+        if given.port == 0:
+            parser.error("address: port 0 is no address to call")
+        address = str(given)
     else:
         try:
             address = default_address(os.environ)

@@ -322,10 +322,15 @@ def _is_database_host(host: str, *, percent_encoded: bool) -> bool:
 @dataclass(frozen=True)
 class Address(Parser[str]):
     """HOST:PORT (an IPv6 host in brackets), port 0 to 65535: `authsvc_client.addresses`,
-    the rule the client package holds addresses to."""
+    the rule the client package holds addresses to. `to_call`: an address to call, where
+    port 0 (any free one, when listening) reaches nothing."""
+
+    to_call: bool = False
 
     @property
     def allowed(self) -> str:
+        if self.to_call:
+            return f"{addresses.ALLOWED}; port 0 is no address to call"
         return addresses.ALLOWED
 
     def parse(self, raw: str) -> str:
@@ -333,7 +338,8 @@ class Address(Parser[str]):
         return raw
 
     def validate(self, value: str) -> None:
-        HostPort.parse(value)
+        if HostPort.parse(value).port == 0 and self.to_call:
+            raise ValueError(self.allowed)
 
 
 @dataclass(frozen=True)

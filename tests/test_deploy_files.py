@@ -324,7 +324,9 @@ def test_the_health_check_names_auth_listen_when_it_is_bad(
     assert "AUTH_LISTEN" in error and "address:" not in error
 
 
-@pytest.mark.parametrize("argv", [["not an address"], ["127.0.0.1:1", "--timeout", "0"]])
+@pytest.mark.parametrize(
+    "argv", [["not an address"], ["127.0.0.1:1", "--timeout", "0"], ["[::1]:0"]]
+)
 def test_the_health_check_refuses_bad_arguments(argv: list[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         health_probe.main(argv)

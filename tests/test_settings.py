@@ -816,6 +816,20 @@ def test_the_load_target_is_an_address_in_its_one_spelling(
     assert args.target == "[::1]:50051"
 
 
+@pytest.mark.parametrize("target", ["[::1]:0", "127.0.0.1:0", "localhost:0"])
+def test_the_load_target_refuses_port_0_which_no_call_reaches(
+    target: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Port 0 binds any free port, but no call reaches it: every call of the run failed."""
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["load", "--target", target])
+    assert "port 0" in capsys.readouterr().err
+    monkeypatch.setenv("AUTH_TARGET", target)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["load"])
+    assert "port 0" in capsys.readouterr().err
+
+
 # --- list settings: comma look-alikes (the outside-in review) ----------------------------
 
 COMMA_LOOK_ALIKES = ("\uff0c", "\u3001", "\ufe50", "\ufe51", "\uff64")

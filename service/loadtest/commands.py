@@ -34,7 +34,7 @@ def add_load_commands(commands: argparse._SubParsersAction[argparse.ArgumentPars
         "--target",
         # HOST:PORT as AUTH_LISTEN spells it (an IPv6 host in brackets); argparse reads a
         # string default (AUTH_TARGET) by `type` too.
-        type=bounded_argument(Address()),
+        type=bounded_argument(Address(to_call=True)),
         default=os.environ.get("AUTH_TARGET") or None,
         help="HOST:PORT of a running server (default: AUTH_TARGET, else start one); "
         "its users are seeded through the AUTH_* database configuration",
