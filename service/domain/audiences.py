@@ -13,12 +13,14 @@ by every verifier. So it is:
 - free of commas and comma look-alikes (U+FF0C, U+3001, U+FE50, U+FE51, U+FF64): a comma
   separates `AUTH_AUDIENCES`' items, and `orders<U+FF0C>billing` is surely meant as two;
 - in Unicode normal form NFC: clients send NFC, and an NFD `é` would never equal theirs;
-- a URI (RFC 3986: scheme `:` then URI characters, ASCII only) when it holds a `:`, as
-  RFC 7519 requires of a StringOrURI such as `aud`.
+- a URI (RFC 3986: scheme `:` then an authority, path, query and fragment each of its
+  own characters, ASCII only, `%` only in %XX) when it holds a `:`, as RFC 7519 requires
+  of a StringOrURI such as `aud`; a refusal names the part and the character.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import unicodedata
 
@@ -30,10 +32,21 @@ COMMA_LOOK_ALIKES = frozenset("\uff0c\u3001\ufe50\ufe51\uff64")
 """Characters that look like a comma (full-width, ideographic, small, small ideographic,
 half-width ideographic) but separate nothing."""
 
-# RFC 3986: scheme ":" then unreserved, reserved (but the comma) and %XX.
-_URI = re.compile(
-    r"[A-Za-z][A-Za-z0-9+.-]*:(?:[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+;=]|%[0-9A-Fa-f]{2})*"
-)
+# RFC 3986's pieces (the comma, a sub-delim, is refused before: it separates audiences).
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")
+_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+_SUB_DELIMS = frozenset("!$&'()*+,;=")
+_URI_CHARACTERS = _UNRESERVED | _SUB_DELIMS | frozenset(":/?#[]@%")
+_PCHAR = _UNRESERVED | _SUB_DELIMS | frozenset(":@%")  # %: checked as %XX beforehand
+_ALLOWED_IN = {
+    "userinfo": _UNRESERVED | _SUB_DELIMS | frozenset(":%"),
+    "host": _UNRESERVED | _SUB_DELIMS | frozenset("%"),
+    "path": _PCHAR | frozenset("/"),
+    "query": _PCHAR | frozenset("/?"),
+    "fragment": _PCHAR | frozenset("/?"),
+}
+_BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
+_IP_FUTURE = re.compile(r"[vV][0-9A-Fa-f]+\.[A-Za-z0-9\-._~!$&'()*+;=:]+")
 
 
 def code_point(character: str) -> str:
@@ -67,6 +80,71 @@ def audience_problem(name: str) -> str | None:
             )
     if unicodedata.normalize("NFC", name) != name:
         return "is not in Unicode normal form NFC"
-    if ":" in name and _URI.fullmatch(name) is None:
-        return "holds ':' but is no URI (a JWT aud value with ':' must be one: scheme:rest, ASCII)"
+    if ":" in name:
+        wrong = _uri_problem(name)
+        if wrong is not None:
+            return (
+                f"holds ':' but is no URI (RFC 3986, as a JWT aud value with ':' must be): {wrong}"
+            )
+    return None
+
+
+def _uri_problem(name: str) -> str | None:
+    """What keeps `name` from being an RFC 3986 URI (scheme ":" hier-part ["?" query]
+    ["#" fragment]), naming the part and the character, or None."""
+    scheme, _, rest = name.partition(":")
+    if _SCHEME.fullmatch(scheme) is None:
+        return "its scheme (before the first ':') is a letter, then letters, digits, + - or ."
+    for character in name:
+        if character not in _URI_CHARACTERS:
+            encode = " (percent-encode its UTF-8)" if ord(character) > 0x7F else ""
+            return f"it holds {code_point(character)}, which no URI holds{encode}"
+    if _BAD_PERCENT.search(name) is not None:
+        return "it holds a '%' that begins no percent-encoding (% and two hex digits)"
+    rest, _, fragment = rest.partition("#")
+    rest, _, query = rest.partition("?")
+    parts = [("fragment", fragment), ("query", query)]
+    if rest.startswith("//"):
+        authority, slash, path = rest[2:].partition("/")
+        userinfo, _, host_and_port = authority.rpartition("@")
+        wrong = _host_and_port_problem(host_and_port)
+        if wrong is not None:
+            return wrong
+        parts += [("userinfo", userinfo), ("path", slash + path)]
+    else:
+        parts.append(("path", rest))
+    for part, text in parts:
+        for character in text:
+            if character not in _ALLOWED_IN[part]:
+                return f"its {part} holds {code_point(character)}"
+    return None
+
+
+def _host_and_port_problem(text: str) -> str | None:
+    """What is wrong with an authority's host[:port], or None."""
+    if text.startswith("["):
+        close = text.find("]")
+        if close < 0:
+            return f"its host holds {code_point('[')} that no ']' closes"
+        literal, after = text[1:close], text[close + 1 :]
+        if _IP_FUTURE.fullmatch(literal) is None:
+            try:
+                ipaddress.IPv6Address(literal)
+            except ValueError:
+                return "its host in brackets is no IPv6 address"
+            if "%" in literal:
+                return "its host in brackets is no IPv6 address (a zone id is no part of one)"
+        if after and not after.startswith(":"):
+            return f"its host holds {code_point(after[0])} after its ']'"
+        port = after[1:]
+    else:
+        host, _, port = text.partition(":")
+        for character in host:
+            if character not in _ALLOWED_IN["host"]:
+                where = " (brackets enclose an IPv6 address, all of the host)"
+                return f"its host holds {code_point(character)}" + (
+                    where if character in "[]" else ""
+                )
+    if port and not (port.isascii() and port.isdigit()):
+        return "its port (after the host's ':') is not digits"
     return None

@@ -211,6 +211,77 @@ def test_audience_names_in_their_one_spelling_are_accepted() -> None:
     assert settings.audiences == frozenset(names)
 
 
+@pytest.mark.parametrize(
+    ("value", "says"),
+    [
+        # Characters a URI may hold, in places RFC 3986's structure does not allow them.
+        ("http://[::1", "U+005B (LEFT SQUARE BRACKET)"),
+        ("https://a[b]c/", "U+005B (LEFT SQUARE BRACKET)"),
+        ("https://example.com/a]b", "U+005D (RIGHT SQUARE BRACKET)"),
+        ("https://[2001:db8::g]/", "IPv6"),
+        ("https://[orders]/", "IPv6"),
+        ("https://example.com:abc/", "port"),
+        ("https://example.com:80:80/", "port"),
+        ("a:b#c#d", "U+0023 (NUMBER SIGN)"),
+        ("urn:a[1]", "U+005B (LEFT SQUARE BRACKET)"),
+        ("https://api.example.com/%zz", "percent"),
+        ("https://api.example.com/%2", "percent"),
+        ("https://u@v@example.com/", "U+0040 (COMMERCIAL AT)"),
+        # Characters no URI holds, named (the value is ASCII: the old message said ASCII).
+        ("https://example.com/<x>", "U+003C (LESS-THAN SIGN)"),
+        ('urn:x"y', "U+0022 (QUOTATION MARK)"),
+        ("https://example.com/a\\b", "U+005C (REVERSE SOLIDUS)"),
+        ("https://b\u00fccher.example/", "U+00FC"),
+        ("orders_api:v1", "scheme"),
+        ("1orders://x", "scheme"),
+        (":orders", "scheme"),
+    ],
+)
+def test_an_audience_with_a_colon_is_held_to_rfc_3986s_structure_saying_what_is_wrong(
+    value: str, says: str
+) -> None:
+    """The URI check looked at characters only: `http://[::1`, `https://a[b]c/` or
+    `https://example.com:abc/` were accepted, and a refusal named no character."""
+    for variable in ("AUTH_AUDIENCE", "AUTH_AUDIENCES"):
+        message = audience_refusal(variable, value)
+        assert "URI" in message and says in message, message
+
+
+def test_realistic_uri_audiences_are_still_accepted() -> None:
+    """What the outside-in review saw accepted, and should be."""
+    names = (
+        "https://api.example.com",
+        "https://api.example.com:8443",
+        "https://api.example.com:8443/v1/orders",
+        "https://api.example.com/v1/orders?tenant=acme&x=1",
+        "https://api.example.com/v1#frag",
+        "https://api.example.com/v1?q=a/b?c#x/y?z",
+        "https://[2001:db8::1]:8443/api",
+        "https://[::ffff:192.0.2.1]/",
+        "https://[v1.fe80::a+en1]/",
+        "https://user@api.example.com:/x",
+        "https://192.0.2.1:443/",
+        "https://api.example.com/%20",
+        "https://api.example.com/a:b@c;d=e!f$g'h(i)j*k+l~m",
+        "urn:example:orders",
+        "urn:ietf:params:oauth:token-type:jwt",
+        "api://orders",
+        "spiffe://cluster.local/ns/prod/sa/orders",
+        "file:///etc/authsvc",
+        "mailto:orders@example.com",
+        "x:y:z",
+        "orders:",
+        "orders:api",
+        "a+b.c-d:x",
+        "orders.v1-beta_2/api",
+        "team/orders",
+        "orders_service",
+    )
+    for name in names:
+        assert Settings.from_env({"AUTH_AUDIENCE": name}).audience == name
+    assert Settings.from_env({"AUTH_AUDIENCES": ",".join(names)}).audiences == frozenset(names)
+
+
 def test_the_settings_and_issue_use_one_audience_rule() -> None:
     """The setting cannot accept a name Issue would refuse a client for, nor the
     reverse: both ask `audience_problem`."""
