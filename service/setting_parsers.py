@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Generic, TypeVar
 
 from authsvc_client import addresses
-from authsvc_client.addresses import HostPort, is_port
+from authsvc_client.addresses import AddressRefusal, HostPort, is_port
 from authsvc_client.token_check import MAX_AUDIENCE_BYTES
 
 from service.domain.audiences import COMMA_LOOK_ALIKES, audience_problem, code_point
@@ -338,7 +338,12 @@ class Address(Parser[str]):
         return raw
 
     def validate(self, value: str) -> None:
-        if HostPort.parse(value).port == 0 and self.to_call:
+        try:
+            address = HostPort.parse(value)
+        except AddressRefusal as refusal:
+            # The part at fault ("its port has a leading zero"), never the text.
+            raise Refusal(f"must be {self.allowed}: {refusal.reason}") from None
+        if address.port == 0 and self.to_call:
             raise ValueError(self.allowed)
 
 

@@ -25,7 +25,16 @@ from service.failures import ConfigurationError
 from service.loadtest import soak
 from service.secrets_box import load_or_create_kek_file
 from service.setting_declarations import Declaration
-from service.setting_parsers import DAY, YEAR, Choice, CommaList, CommaSet, Number, Text
+from service.setting_parsers import (
+    DAY,
+    YEAR,
+    Address,
+    Choice,
+    CommaList,
+    CommaSet,
+    Number,
+    Text,
+)
 from service.settings import (
     MAX_AGE,
     Settings,
@@ -56,7 +65,12 @@ def assert_refused(variable: str, value: str) -> str:
     """`variable=value` is refused in one line naming it and what it may be."""
     message = refusal({variable: value})
     # Exactly the declared sentence, whatever the value: nothing of it can be echoed.
-    assert message == f"{variable}: must be {declaration_of(variable).parser.allowed}"
+    declared = f"{variable}: must be {declaration_of(variable).parser.allowed}"
+    if isinstance(declaration_of(variable).parser, Address):
+        # An address refusal adds the part at fault ("its port has a leading zero").
+        assert message.startswith(f"{declared}: "), message
+    else:
+        assert message == declared, message
     assert "\n" not in message and "\r" not in message, message
     assert len(message) < 300, message
     return message
@@ -734,6 +748,24 @@ def test_the_fixture_kek_is_accepted() -> None:
 )
 def test_an_ambiguous_address_is_refused(variable: str, value: str) -> None:
     assert_refused(variable, value)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "reason"),
+    [
+        ("AUTH_LISTEN", "127.0.0.1:050051", "its port has a leading zero"),
+        ("AUTH_LISTEN", "[::1]:65536", "its port is above 65535"),
+        ("AUTH_METRICS_LISTEN", "127.1:0", "its host is numbers but not a dotted quad"),
+        ("AUTH_METRICS_LISTEN", ":9464", "its host is empty"),
+        ("AUTH_LISTEN", "[127.0.0.1]:0", "brackets are only for an IPv6 host"),
+    ],
+)
+def test_an_address_refusal_names_the_part_at_fault(variable: str, value: str, reason: str) -> None:
+    message = refusal({variable: value})
+    assert message.startswith(f"{variable}: must be HOST:PORT"), message
+    assert "from 0 to 65535 without leading zeros" in message, message
+    assert f"): {reason}" in message, message
+    assert value not in message
 
 
 def test_bracketed_ipv6_addresses_are_accepted() -> None:
