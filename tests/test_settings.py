@@ -768,6 +768,29 @@ def test_an_address_refusal_names_the_part_at_fault(variable: str, value: str, r
     assert value not in message
 
 
+def test_localhost_in_capitals_is_a_loopback_listen_address() -> None:
+    """Start-up said "must include admin when AUTH_LISTEN is not a loopback address"."""
+    assert Settings.from_env({"AUTH_LISTEN": "LOCALHOST:0"}).listen == "LOCALHOST:0"
+
+
+@pytest.mark.parametrize("variable", ["AUTH_LISTEN", "AUTH_METRICS_LISTEN"])
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        ("localhost.:0", "localhost with a trailing dot"),
+        ("[::ffff:127.0.0.1]:0", "IPv4-mapped IPv6 address"),
+    ],
+)
+def test_a_listen_address_of_unsure_loopback_is_refused_at_parse(
+    variable: str, value: str, reason: str
+) -> None:
+    """Not the AUTH_CALLER_AUTH refusal (AUTH_LISTEN) nor "invalid argument" at bind
+    (AUTH_METRICS_LISTEN): refused where it is read, saying why."""
+    message = refusal({variable: value})
+    assert message.startswith(f"{variable}: must be HOST:PORT"), message
+    assert reason in message, message
+
+
 def test_bracketed_ipv6_addresses_are_accepted() -> None:
     settings = Settings.from_env({"AUTH_LISTEN": "[::1]:0", "AUTH_METRICS_LISTEN": "[::]:9464"})
     assert (settings.listen, settings.metrics_listen) == ("[::1]:0", "[::]:9464")

@@ -655,7 +655,7 @@ def test_all_violations_are_reported_at_once() -> None:
     [
         ("127.0.0.1:50051", "127.0.0.1", 50051, True),
         ("[::1]:0", "::1", 0, True),
-        ("[::ffff:127.0.0.1]:9464", "::ffff:127.0.0.1", 9464, False),
+        ("LOCALHOST:9464", "LOCALHOST", 9464, True),
         ("localhost:80", "localhost", 80, True),
         ("0.0.0.0:6000", "0.0.0.0", 6000, False),
         ("auth.internal:65535", "auth.internal", 65535, False),
@@ -683,6 +683,7 @@ def test_host_port_is_parsed_and_written_back(
         "-x:1",
         "::1:9464",  # IPv6 only in brackets: host ::1 port 9464, or host ::1:9464?
         "127.0.0.1:0080",  # one spelling of a port, as the settings have
+        "[::ffff:127.0.0.1]:9464",  # IPv4 in IPv6 clothing: written 127.0.0.1:9464
     ],
 )
 def test_host_port_refuses_what_is_not_host_and_port(text: str) -> None:

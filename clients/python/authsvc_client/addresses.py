@@ -85,8 +85,9 @@ class HostPort:
 
     @property
     def is_loopback(self) -> bool:
-        """Whether it binds only the loopback interface."""
-        if self.host == "localhost":
+        """Whether it binds only the loopback interface: `localhost` in any case (glibc
+        matches /etc/hosts names case-insensitively) or a loopback address."""
+        if self.host.lower() == "localhost":
             return True
         try:
             return ipaddress.ip_address(self.host).is_loopback
@@ -136,13 +137,19 @@ def _check_ipv6(inside: str) -> None:
     if percent and _ZONE_ID.fullmatch(zone) is None:
         raise AddressRefusal("its zone id holds a character other than letters, digits, -._~")
     try:
-        ipaddress.IPv6Address(inside)
+        ipv6 = ipaddress.IPv6Address(inside)
     except ValueError:
         try:
             _check_host(address)
         except AddressRefusal:
             raise AddressRefusal("its host in brackets is no IPv6 address") from None
         raise AddressRefusal("brackets are only for an IPv6 host") from None
+    if ipv6.ipv4_mapped is not None:
+        # ::ffff:127.0.0.1 is 127.0.0.1 to a reader but not to the loopback test, and gRPC
+        # fails to bind it ("invalid argument"): IPv4 is written as IPv4.
+        raise AddressRefusal(
+            "its host is an IPv4-mapped IPv6 address: write the IPv4 address, as in 127.0.0.1:50051"
+        )
 
 
 def _check_name(text: str) -> None:
@@ -169,6 +176,12 @@ def _check_name(text: str) -> None:
             )
         if label.startswith("-") or label.endswith("-"):
             raise AddressRefusal("a label of its host name starts or ends with '-'")
+    if text.endswith(".") and text[:-1].lower() == "localhost":
+        # `localhost.` is looked up in DNS, not in /etc/hosts: no sure loopback address.
+        raise AddressRefusal(
+            "its host is localhost with a trailing dot, which is looked up in DNS rather "
+            "than /etc/hosts: write localhost"
+        )
 
 
 def is_port(text: str) -> bool:

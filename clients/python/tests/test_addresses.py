@@ -158,3 +158,36 @@ def test_an_underscore_in_a_host_name_is_accepted(text: str) -> None:
     """Docker Compose service names may hold `_`; glibc's getaddrinfo and gRPC bind and
     connect to such names (checked with an /etc/hosts entry `127.0.0.1 auth_svc`)."""
     assert str(HostPort.parse(text)) == text
+
+
+@pytest.mark.parametrize("text", ["localhost:0", "LOCALHOST:0", "LocalHost:50051"])
+def test_localhost_in_any_case_is_loopback(text: str) -> None:
+    """/etc/hosts names match case-insensitively: LOCALHOST binds 127.0.0.1 as localhost does,
+    and start-up refused it as "not a loopback address"."""
+    assert HostPort.parse(text).is_loopback
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        # `localhost.` is a DNS lookup (getaddrinfo fails here, no /etc/hosts entry): no
+        # sure loopback address, so neither loopback nor network: refused, saying why.
+        ("localhost.:0", "localhost with a trailing dot"),
+        ("LOCALHOST.:50051", "localhost with a trailing dot"),
+        # 127.0.0.1 in IPv6 clothing: not loopback to ipaddress, "invalid argument" at bind.
+        ("[::ffff:127.0.0.1]:0", "IPv4-mapped IPv6 address: write the IPv4 address"),
+        ("[::FFFF:127.0.0.1]:0", "IPv4-mapped IPv6 address: write the IPv4 address"),
+        ("[::ffff:7f00:1]:9464", "IPv4-mapped IPv6 address: write the IPv4 address"),
+        ("[::ffff:10.0.0.5]:50051", "IPv4-mapped IPv6 address: write the IPv4 address"),
+    ],
+)
+def test_hosts_of_unsure_loopback_are_refused_saying_why(text: str, reason: str) -> None:
+    with pytest.raises(addresses.AddressRefusal) as refused:
+        HostPort.parse(text)
+    assert reason in refused.value.reason
+    assert text not in str(refused.value)
+
+
+def test_a_name_with_a_trailing_dot_other_than_localhost_is_accepted() -> None:
+    assert str(HostPort.parse("example.com.:443")) == "example.com.:443"
+    assert not HostPort.parse("example.com.:443").is_loopback
