@@ -29,6 +29,7 @@ busy loop, thousands of processes or connections).
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -378,7 +379,8 @@ class Settings:
         default=None,
         shown_default="unset (off)",
         doc="""`HOST:PORT` serving Prometheus `/metrics` (`[::]` takes IPv4 too, as
-        `AUTH_LISTEN` does); with `--workers`, the supervisor serves the sum of all workers""",
+        `AUTH_LISTEN` does), not `AUTH_LISTEN`'s address; with `--workers`, the supervisor
+        serves the sum of all workers""",
     )
     tls_cert: Path | None = setting(
         "AUTH_TLS_CERT",
@@ -460,6 +462,12 @@ class Settings:
                 raise _refused(declaration, error) from None
         if 0 < self.clock_skew_max < self.clock_skew_warn:
             raise SettingsError("AUTH_CLOCK_SKEW_MAX: at least AUTH_CLOCK_SKEW_WARN (or 0: never)")
+        if self.metrics_listen is not None and _overlap(self.listen, self.metrics_listen):
+            # Else the second bind fails as "in use by another process": it is in use by us.
+            raise SettingsError(
+                "AUTH_METRICS_LISTEN: must not be AUTH_LISTEN's address (the same port on "
+                "the same or a wildcard host): give the metrics another port"
+            )
         self.check_transport()
 
     def check_transport(self) -> None:
@@ -479,6 +487,28 @@ class Settings:
                 "AUTH_CALLER_AUTH: must include admin when AUTH_LISTEN is not a loopback "
                 "address (the admin API would be open to the network)"
             )
+
+
+def _overlap(first: str, second: str) -> bool:
+    """Whether two listen addresses would bind the same socket address: the same port (not
+    0, any free one) on the same host or with a wildcard host (`[::]` takes IPv4 too)."""
+    one, other = HostPort.parse(first), HostPort.parse(second)
+    if one.port == 0 or one.port != other.port:
+        return False
+    hosts: list[ipaddress.IPv4Address | ipaddress.IPv6Address | None] = []
+    for host in (one.host, other.host):
+        try:
+            hosts.append(ipaddress.ip_address(host))
+        except ValueError:
+            hosts.append(None)
+    a, b = hosts
+    if a is None or b is None:
+        return one.host.lower().removesuffix(".") == other.host.lower().removesuffix(".")
+    if a == b:
+        return True
+    if any(host.is_unspecified and host.version == 6 for host in (a, b)):
+        return True
+    return any(host.is_unspecified for host in (a, b)) and a.version == b.version
 
 
 def _refused(declaration: Declaration[Any], error: ValueError) -> SettingsError:

@@ -791,6 +791,39 @@ def test_a_listen_address_of_unsure_loopback_is_refused_at_parse(
     assert reason in message, message
 
 
+@pytest.mark.parametrize(
+    ("listen", "metrics"),
+    [
+        ("127.0.0.1:50051", "127.0.0.1:50051"),
+        ("[::1]:50051", "[0:0:0:0:0:0:0:1]:50051"),
+        ("localhost:50051", "LOCALHOST:50051"),
+        ("0.0.0.0:50051", "127.0.0.1:50051"),
+        ("[::]:9464", "127.0.0.1:9464"),  # [::] takes IPv4 too
+        ("10.0.0.5:9464", "[::]:9464"),
+    ],
+)
+def test_metrics_on_the_grpc_address_is_refused_naming_both(listen: str, metrics: str) -> None:
+    """The second bind failed saying AUTH_LISTEN was "in use by another process"."""
+    message = refusal({"AUTH_LISTEN": listen, "AUTH_METRICS_LISTEN": metrics})
+    assert message.startswith("AUTH_METRICS_LISTEN: must not be AUTH_LISTEN's address"), message
+    with pytest.raises(SettingsError, match="AUTH_LISTEN's address"):
+        Settings(listen=listen, metrics_listen=metrics).check()
+
+
+@pytest.mark.parametrize(
+    ("listen", "metrics"),
+    [
+        ("127.0.0.1:0", "127.0.0.1:0"),  # two free ports
+        ("127.0.0.1:50051", "127.0.0.1:9464"),
+        ("127.0.0.1:50051", "127.0.0.2:50051"),
+        ("127.0.0.1:50051", "[::1]:50051"),  # one port, two families
+    ],
+)
+def test_metrics_on_another_port_or_host_is_accepted(listen: str, metrics: str) -> None:
+    settings = Settings.from_env({"AUTH_LISTEN": listen, "AUTH_METRICS_LISTEN": metrics})
+    assert (settings.listen, settings.metrics_listen) == (listen, metrics)
+
+
 def test_bracketed_ipv6_addresses_are_accepted() -> None:
     settings = Settings.from_env({"AUTH_LISTEN": "[::1]:0", "AUTH_METRICS_LISTEN": "[::]:9464"})
     assert (settings.listen, settings.metrics_listen) == ("[::1]:0", "[::]:9464")
