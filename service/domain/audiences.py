@@ -10,8 +10,9 @@ by every verifier. So it is:
   line and paragraph separators, controls, format characters such as U+200B or U+202E,
   private-use and unassigned code points): a name holding one looks like another, or like
   two;
-- free of commas and comma look-alikes (U+FF0C, U+3001, U+FE50, U+FE51, U+FF64): a comma
-  separates `AUTH_AUDIENCES`' items, and `orders<U+FF0C>billing` is surely meant as two;
+- free of commas and comma look-alikes (`COMMA_LOOK_ALIKES`: U+FF0C, U+3001, U+FE50, U+FE51,
+  U+FF64, U+201A, U+060C, U+2E34, U+A4FE, U+1363, U+07F8, U+2E41, U+2E4C): a comma separates
+  `AUTH_AUDIENCES`' items, and `orders<U+FF0C>billing` is surely meant as two;
 - in Unicode normal form NFC: clients send NFC, and an NFD `é` would never equal theirs;
 - a URI (RFC 3986: scheme `:` then an authority, path, query and fragment each of its
   own characters, ASCII only, `%` only in %XX) when it holds a `:`, as RFC 7519 requires
@@ -28,9 +29,12 @@ from authsvc_client.token_check import MAX_AUDIENCE_BYTES
 
 __all__ = ["COMMA_LOOK_ALIKES", "MAX_AUDIENCE_BYTES", "audience_problem", "code_point"]
 
-COMMA_LOOK_ALIKES = frozenset("\uff0c\u3001\ufe50\ufe51\uff64")
-"""Characters that look like a comma (full-width, ideographic, small, small ideographic,
-half-width ideographic) but separate nothing."""
+COMMA_LOOK_ALIKES = frozenset(
+    "\uff0c\u3001\ufe50\ufe51\uff64\u201a\u060c\u2e34\ua4fe\u1363\u07f8\u2e41\u2e4c"
+)
+"""Characters that look like a comma but separate nothing: full-width, ideographic, small,
+small ideographic, half-width ideographic; single low-9 quotation mark; Arabic, raised,
+Lisu, Ethiopic, NKo, reversed and medieval commas."""
 
 # RFC 3986's pieces (the comma, a sub-delim, is refused before: it separates audiences).
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")

@@ -128,7 +128,22 @@ def test_a_bad_auth_audiences_value_stops_start_up(raw: str) -> None:
 
 # What an audience may be (the outside-in review): one rule for the settings and for Issue.
 
-COMMA_LOOK_ALIKES = ("\uff0c", "\u3001", "\ufe50", "\ufe51", "\uff64")
+COMMA_LOOK_ALIKES = (
+    "\uff0c",
+    "\u3001",
+    "\ufe50",
+    "\ufe51",
+    "\uff64",
+    # The outside-in review's second round: commas of other scripts and a quotation mark.
+    "\u201a",  # SINGLE LOW-9 QUOTATION MARK
+    "\u060c",  # ARABIC COMMA
+    "\u2e34",  # RAISED COMMA
+    "\ua4fe",  # LISU PUNCTUATION COMMA
+    "\u1363",  # ETHIOPIC COMMA
+    "\u07f8",  # NKO COMMA
+    "\u2e41",  # REVERSED COMMA
+    "\u2e4c",  # MEDIEVAL COMMA
+)
 # Separators and invisible characters (Unicode categories Z* and C*): a name holding one
 # looks like another name, or like two.
 INVISIBLE = (
