@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import os
 import secrets
@@ -72,6 +74,18 @@ def load_or_create_kek_file(path: Path) -> bytes:
     return _read_kek_file(path)
 
 
+_MAKE_KEK_FILE = "head -c 32 /dev/urandom > FILE && chmod 600 FILE"
+
+
+def _is_base64_of_32_bytes(content: bytes) -> bool:
+    """Whether `content` is what `openssl rand -base64 32` prints (44 characters, and a
+    newline): AUTH_KEK's form, written to the file instead of the bytes."""
+    try:
+        return len(base64.b64decode(content.strip(), validate=True)) == 32
+    except (binascii.Error, ValueError):
+        return False
+
+
 def _read_kek_file(path: Path) -> bytes:
     try:
         key = path.read_bytes()
@@ -79,11 +93,21 @@ def _read_kek_file(path: Path) -> bytes:
     except OSError as exc:
         raise ConfigurationError(f"{path}: cannot read the KEK file ({exc.strerror})") from None
     if len(key) != 32:
-        raise ConfigurationError(f"{path}: expected a 32-byte KEK file")
+        if _is_base64_of_32_bytes(key):
+            raise ConfigurationError(
+                f"{path}: the KEK file holds base64 text (AUTH_KEK's form), not the raw 32 "
+                f"bytes of a KEK: {_MAKE_KEK_FILE}, or decode this one with base64 -d"
+            )
+        raise ConfigurationError(
+            f"{path}: a KEK file holds the raw 32 bytes of a KEK, this one holds {len(key)}: "
+            f"{_MAKE_KEK_FILE}"
+        )
     if one_repeated_byte(key):
         raise ConfigurationError(
             f"{path}: the KEK file holds one byte repeated 32 times, a placeholder rather "
-            "than a key"
+            f"than a key: replace it with 32 random bytes ({_MAKE_KEK_FILE}); the signing "
+            "keys and refresh-token secret stored in the database were sealed with it and "
+            "cannot be opened with a new one (docs/operations.md, The KEK file)"
         )
     if mode & 0o077:
         raise ConfigurationError(f"{path}: the KEK file must not be readable by group or others")

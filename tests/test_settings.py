@@ -726,6 +726,50 @@ def test_a_kek_file_of_one_repeated_byte_is_refused(tmp_path: Path) -> None:
     assert load_or_create_kek_file(path) == made and len(set(made)) > 1
 
 
+def test_a_placeholder_kek_file_refusal_says_how_to_replace_it_and_what_that_costs(
+    tmp_path: Path,
+) -> None:
+    """It said "a placeholder rather than a key" and no more: replacing the file is the fix,
+    but what the old KEK sealed (the stored signing keys) no longer opens."""
+    path = tmp_path / "kek"
+    path.write_bytes(b"\x5a" * 32)
+    path.chmod(0o600)
+    with pytest.raises(ConfigurationError) as refused:
+        load_or_create_kek_file(path)
+    message = str(refused.value)
+    assert "32 random bytes" in message, message
+    assert "head -c 32 /dev/urandom" in message, message
+    assert "signing keys" in message and "cannot be opened" in message, message
+    assert "docs/operations.md" in message, message
+    assert "Z" * 8 not in message and "\n" not in message
+
+
+@pytest.mark.parametrize("newline", [b"", b"\n"])
+def test_a_kek_file_of_base64_text_is_refused_saying_it_holds_raw_bytes(
+    tmp_path: Path, newline: bytes
+) -> None:
+    """`openssl rand -base64 32 > kek` (AUTH_KEK's form) was refused as "expected a 32-byte
+    KEK file": it is 32 bytes, once decoded. Say so, and how to write the raw bytes."""
+    text = base64.b64encode(bytes(range(1, 33))) + newline
+    path = tmp_path / "kek"
+    path.write_bytes(text)
+    path.chmod(0o600)
+    with pytest.raises(ConfigurationError) as refused:
+        load_or_create_kek_file(path)
+    message = str(refused.value)
+    assert "base64 text" in message and "raw 32 bytes" in message, message
+    assert "head -c 32 /dev/urandom" in message, message
+    assert text.decode().strip() not in message and text.decode()[:8] not in message
+
+
+def test_a_kek_file_of_another_length_is_refused_saying_its_length(tmp_path: Path) -> None:
+    path = tmp_path / "kek"
+    path.write_bytes(bytes(range(1, 17)))
+    path.chmod(0o600)
+    with pytest.raises(ConfigurationError, match=r"raw 32 bytes.*holds 16"):
+        load_or_create_kek_file(path)
+
+
 def test_the_fixture_kek_is_accepted() -> None:
     assert len(Settings.from_env({"AUTH_KEK": FIXTURE_KEK}).kek or b"") == 32
 
