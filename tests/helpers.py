@@ -102,3 +102,23 @@ class CountingAuthClient(AuthClient):
         return await super().validate(
             access_token, required_scopes=required_scopes, audience=audience, timeout=timeout
         )
+
+
+# Characters that look like a comma but are not one, which an audience or a list setting
+# must refuse (written out here, not taken from the service, so that dropping one fails).
+COMMA_LOOK_ALIKES = (
+    "\uff0c",
+    "\u3001",
+    "\ufe50",
+    "\ufe51",
+    "\uff64",
+    # The outside-in review's second round: commas of other scripts and a quotation mark.
+    "\u201a",  # SINGLE LOW-9 QUOTATION MARK
+    "\u060c",  # ARABIC COMMA
+    "\u2e34",  # RAISED COMMA
+    "\ua4fe",  # LISU PUNCTUATION COMMA
+    "\u1363",  # ETHIOPIC COMMA
+    "\u07f8",  # NKO COMMA
+    "\u2e41",  # REVERSED COMMA
+    "\u2e4c",  # MEDIEVAL COMMA
+)

@@ -44,7 +44,7 @@ from service.settings import (
     unknown_variables,
 )
 from service.settings_table import configuration_table, with_table
-from tests.helpers import refresh, validate
+from tests.helpers import COMMA_LOOK_ALIKES, refresh, validate
 from tests.live_server import ServerFactory
 from tests.test_cli import _authsvc, _server_env
 from tests.test_startup_failures import _failure
@@ -963,23 +963,6 @@ def test_the_load_target_refuses_port_0_which_no_call_reaches(
 
 
 # --- list settings: comma look-alikes (the outside-in review) ----------------------------
-
-COMMA_LOOK_ALIKES = (
-    "\uff0c",
-    "\u3001",
-    "\ufe50",
-    "\ufe51",
-    "\uff64",
-    # The outside-in review's second round: commas of other scripts and a quotation mark.
-    "\u201a",  # SINGLE LOW-9 QUOTATION MARK
-    "\u060c",  # ARABIC COMMA
-    "\u2e34",  # RAISED COMMA
-    "\ua4fe",  # LISU PUNCTUATION COMMA
-    "\u1363",  # ETHIOPIC COMMA
-    "\u07f8",  # NKO COMMA
-    "\u2e41",  # REVERSED COMMA
-    "\u2e4c",  # MEDIEVAL COMMA
-)
 
 
 @pytest.mark.parametrize("comma", COMMA_LOOK_ALIKES, ids=lambda c: f"U+{ord(c):04X}")

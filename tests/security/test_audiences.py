@@ -17,6 +17,7 @@ from service.domain.shared_settings import adopt_shared_settings
 from service.errors import InvalidArgument
 from service.settings import Settings, SettingsError, declaration_of
 from tests.helpers import (
+    COMMA_LOOK_ALIKES,
     assert_error,
     bad_request_fields,
     refresh,
@@ -128,22 +129,6 @@ def test_a_bad_auth_audiences_value_stops_start_up(raw: str) -> None:
 
 # What an audience may be (the outside-in review): one rule for the settings and for Issue.
 
-COMMA_LOOK_ALIKES = (
-    "\uff0c",
-    "\u3001",
-    "\ufe50",
-    "\ufe51",
-    "\uff64",
-    # The outside-in review's second round: commas of other scripts and a quotation mark.
-    "\u201a",  # SINGLE LOW-9 QUOTATION MARK
-    "\u060c",  # ARABIC COMMA
-    "\u2e34",  # RAISED COMMA
-    "\ua4fe",  # LISU PUNCTUATION COMMA
-    "\u1363",  # ETHIOPIC COMMA
-    "\u07f8",  # NKO COMMA
-    "\u2e41",  # REVERSED COMMA
-    "\u2e4c",  # MEDIEVAL COMMA
-)
 # Separators and invisible characters (Unicode categories Z* and C*): a name holding one
 # looks like another name, or like two.
 INVISIBLE = (
