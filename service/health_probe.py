@@ -13,7 +13,6 @@ by the orchestrator, or with grpcurl).
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import os
 import sys
 
@@ -38,11 +37,8 @@ def default_address(environ: dict[str, str] | os._Environ[str]) -> str:
         raise BadListenSetting(f"AUTH_LISTEN: {error}") from None
     if listen.port == 0:
         raise BadListenSetting("AUTH_LISTEN: port 0 (any free port) is no port to probe")
-    try:
-        host = ipaddress.ip_address(listen.host)
-    except ValueError:
-        return str(listen)  # a name: it resolves to the address the server bound
-    if host.is_unspecified:
+    host = listen.ip  # None for a name: it resolves to the address the server bound
+    if host is not None and host.is_unspecified:
         loopback = "127.0.0.1" if host.version == 4 else "::1"
         return str(HostPort(loopback, listen.port))
     return str(listen)

@@ -29,7 +29,6 @@ busy loop, thousands of processes or connections).
 from __future__ import annotations
 
 import difflib
-import ipaddress
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -495,13 +494,7 @@ def _overlap(first: str, second: str) -> bool:
     one, other = HostPort.parse(first), HostPort.parse(second)
     if one.port == 0 or one.port != other.port:
         return False
-    hosts: list[ipaddress.IPv4Address | ipaddress.IPv6Address | None] = []
-    for host in (one.host, other.host):
-        try:
-            hosts.append(ipaddress.ip_address(host))
-        except ValueError:
-            hosts.append(None)
-    a, b = hosts
+    a, b = one.ip, other.ip
     if a is None or b is None:
         return one.host.lower().removesuffix(".") == other.host.lower().removesuffix(".")
     if a == b:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import socket
 import threading
@@ -162,14 +161,6 @@ class _MetricsHttp:
             return body, content_type
 
 
-def _is_ipv6_wildcard(host: str) -> bool:
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return address.version == 6 and address.is_unspecified
-
-
 def _dual_stack_socket(port: int) -> socket.socket:
     """`[::]:port` taking IPv4 too, as gRPC's listener on `[::]` does (asyncio's own
     bind sets IPV6_V6ONLY, so AUTH_METRICS_LISTEN=[::]:9464 missed IPv4 scrapers)."""
@@ -240,7 +231,8 @@ class MetricsEndpoint:
         self._stop = asyncio.Event()
         http = _MetricsHttp(self._registry, self._limits)
         try:
-            if _is_ipv6_wildcard(host):
+            ip = HostPort(host, port).ip
+            if ip is not None and ip.version == 6 and ip.is_unspecified:
                 server = await asyncio.start_server(
                     http.handle, sock=_dual_stack_socket(port), limit=self._limits.max_head_bytes
                 )

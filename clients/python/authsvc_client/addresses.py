@@ -84,15 +84,20 @@ class HostPort:
         return HostPort(self.host, port)
 
     @property
+    def ip(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+        """The host as an IP address; None for a name."""
+        try:
+            return ipaddress.ip_address(self.host)
+        except ValueError:
+            return None
+
+    @property
     def is_loopback(self) -> bool:
         """Whether it binds only the loopback interface: `localhost` in any case (glibc
         matches /etc/hosts names case-insensitively) or a loopback address."""
         if self.host.lower() == "localhost":
             return True
-        try:
-            return ipaddress.ip_address(self.host).is_loopback
-        except ValueError:
-            return False
+        return self.ip is not None and self.ip.is_loopback
 
 
 def _unbracketed(host: str) -> str:
