@@ -23,7 +23,7 @@ from service.domain.access_tokens import (
     TokenProblem,
     TokenRejected,
 )
-from service.domain.jws_signing import TokenIds
+from service.domain.jws_signing import TokenIds, compact_json
 from service.domain.keys import FixedKeys, KeyRing, generate_signing_key, open_signing_key
 from service.secrets_box import SecretBox
 from service.settings import SIGNING_ALGORITHMS
@@ -135,6 +135,26 @@ def test_es256_signatures_are_low_s_and_verify_with_pyjwt() -> None:
         assert 0 < int.from_bytes(signature[32:], "big") <= order // 2
         assert jwt.decode(token, key.public_key, algorithms=["ES256"], audience="api")
         assert codec.verify(token).subject == "user-1"
+
+
+@pytest.mark.parametrize(
+    "claims",
+    [
+        {"iss": "https://auth.example.com", "exp": 1700000900, "scope": "a b", "ugen": 0},
+        # Non-ASCII, quotes, backslashes and control characters escaped as json.dumps does.
+        {"aud": "caf\u00e9 \U0001f600", "sub": 'a"b\\c\n\x00', "empty": ""},
+        {"f": 1.5, "big": 2**70, "neg": -3, "t": True, "n": None, "l": [1, "x"], "d": {"k": 1}},
+        {},
+    ],
+)
+def test_compact_json_is_json_dumps_with_compact_separators(claims: dict[str, Any]) -> None:
+    assert compact_json(claims) == json.dumps(claims, separators=(",", ":"))
+    assert compact_json(claims) == json.dumps(claims, separators=(",", ":"))  # reused
+
+
+def test_compact_json_refuses_what_json_dumps_refuses() -> None:
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        compact_json({"when": datetime.now(UTC)})
 
 
 def test_token_ids_are_uuid4_hex_and_unique() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 import json
 import re
 import uuid
@@ -15,7 +16,9 @@ from pathlib import Path
 import pytest
 from authsvc_client import addresses
 from authsvc_client.addresses import HostPort
+from authsvc_client.gen.auth.v1 import auth_pb2
 
+from service.api.wire import set_timestamp, timestamp, timestamp_fields
 from service.app import print_banner
 from service.domain.records import RefreshTokenState
 from service.domain.refresh_tokens import (
@@ -508,6 +511,17 @@ def test_derive_child_token_is_deterministic_per_parent_and_secret() -> None:
     assert len(set(chain)) == len(chain)
 
 
+def test_derive_child_token_is_hmac_sha256_of_the_parent_text() -> None:
+    # Children of tokens issued before an upgrade must come out the same (a replay within
+    # the grace window compares them with the stored child's hash).
+    parent = "A" * 43
+    expected = hmac.new(SECRET_A, parent.encode("ascii"), hashlib.sha256).digest()
+    assert derive_child_token(parent, SECRET_A) == base64.urlsafe_b64encode(expected).rstrip(
+        b"="
+    ).decode("ascii")
+    assert derive_child_token(parent, b"k" * 32) == "XKmPkbURfV5h9HK89Aj3mDXVDtn8mheGgJAjZo1e1eI"
+
+
 def test_hash_token_is_sha256_of_the_token_text() -> None:
     token = new_refresh_token()
     digest = hash_token(token)
@@ -758,3 +772,15 @@ def test_the_json_banner_is_one_object_per_line(capsys: pytest.CaptureFixture[st
     # What the loaders' pattern (service/loadtest/local.py) finds in the line itself.
     found = re.search(r"authsvc serving on (\S+):(\d+)", lines[1])
     assert found is not None and found.groups() == ("[::1]", "50051"), lines[1]
+
+
+@pytest.mark.parametrize("seconds", [0, 1, 1700000900, 1700086400.123456, 1.999999999, -1.5])
+def test_set_timestamp_writes_what_timestamp_builds(seconds: float) -> None:
+    """Responses write their times in place (set_timestamp): the same bytes as a Timestamp
+    built from timestamp_fields, the field set even at the epoch."""
+    built = auth_pb2.TokenPair(access_token_expires_at=timestamp_fields(seconds))
+    written = auth_pb2.TokenPair()
+    set_timestamp(written.access_token_expires_at, seconds)
+    assert written.HasField("access_token_expires_at")
+    assert written.SerializeToString() == built.SerializeToString()
+    assert written.access_token_expires_at == timestamp(seconds)

@@ -40,6 +40,12 @@ def timestamp(seconds: float) -> Timestamp:
     return Timestamp(**timestamp_fields(seconds))
 
 
+def set_timestamp(field: Timestamp, seconds: float) -> None:
+    """Write `seconds` into a message's Timestamp field, in place (the field is set even
+    at the epoch, as when initialised with `timestamp_fields`)."""
+    field.seconds, field.nanos = divmod(int(seconds * 1_000_000_000), 1_000_000_000)
+
+
 MAX_USER_AGENT_CHARS = 256
 MAX_PEER_CHARS = 256
 
@@ -54,11 +60,19 @@ def caller_info(context: Context) -> CallerInfo:
             if isinstance(value, bytes):
                 value = value.decode("utf-8", "replace")
             user_agent = escape_text(value, limit=MAX_USER_AGENT_CHARS)
+    return CallerInfo(peer=_peer(context), user_agent=user_agent)
+
+
+def caller_peer(context: Context) -> CallerInfo:
+    """The caller's address alone (`caller_info` without the user agent, whose metadata
+    is not even looked at), for a call that records no agent: Refresh stores the peer
+    with a rotation and its events, never the agent."""
+    return CallerInfo(peer=_peer(context))
+
+
+def _peer(context: Context) -> str | None:
     peer = context.peer()
-    return CallerInfo(
-        peer=None if peer is None else escape_text(peer, limit=MAX_PEER_CHARS),
-        user_agent=user_agent,
-    )
+    return None if peer is None else escape_text(peer, limit=MAX_PEER_CHARS)
 
 
 def bearer_credential(context: Context, *, max_length: int) -> str | None:

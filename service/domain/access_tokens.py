@@ -17,7 +17,7 @@ from authsvc_client import token_check
 from jwt.algorithms import Algorithm, get_default_algorithms
 
 from service.clock import Clock
-from service.domain.jws_signing import COMPACT_JSON, EcdsaSigner, TokenIds
+from service.domain.jws_signing import EcdsaSigner, TokenIds, compact_json
 from service.domain.keys import ACCESS_TOKEN_TYPE, CurrentKeys, SigningKey
 
 TOKEN_TYPE = ACCESS_TOKEN_TYPE
@@ -125,7 +125,7 @@ class AccessTokenCodec:
         }
         # What jwt.encode would write, byte for byte, without its per-call work: the header
         # is the key's, made once; the key object is used as it is.
-        payload = base64.urlsafe_b64encode(COMPACT_JSON.encode(claims).encode()).rstrip(b"=")
+        payload = base64.urlsafe_b64encode(compact_json(claims).encode()).rstrip(b"=")
         signing_input = f"{key.jws_header_b64}.{payload.decode('ascii')}".encode("ascii")
         # ECDSA through its signer (low s: the one spelling verification accepts); a curve
         # without a known order has no low s to write, and signs through pyjwt as others do.

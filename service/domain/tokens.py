@@ -120,6 +120,9 @@ class TokenService:
         telemetry: Telemetry | None = None,
     ) -> None:
         self._policy = policy
+        # The policy's windows as timedeltas, made once (each refresh uses them).
+        self._idle_ttl = policy.idle_ttl
+        self._reuse_grace = policy.reuse_grace
         self._sessions = sessions
         self._refresh_tokens = refresh_tokens
         self._logins = logins
@@ -250,7 +253,7 @@ class TokenService:
             token_hash,
             now=now,
             child_hash=child_hash,
-            idle_expires_at=now + self._policy.idle_ttl,
+            idle_expires_at=now + self._idle_ttl,
             audiences=self.issuable_audiences,
             access_expires_at=signed_until,
             user_bound=raised_user_bound(signed_until),
@@ -285,9 +288,10 @@ class TokenService:
                 child_expires_at = state.child_expires_at
                 self._replayed(state, verdict, caller.peer)
         scopes = granted_scopes(state)
+        session_id = str(state.session_id)
         access = self._codec.sign(
             subject=str(state.user_id),
-            session_id=str(state.session_id),
+            session_id=session_id,
             audience=state.session_audience,
             scopes=scopes,
             issued_at=issued_at,
@@ -299,7 +303,7 @@ class TokenService:
             access_token_expires_at=access.expires_at,
             refresh_token=child,
             refresh_token_expires_at=child_expires_at.timestamp(),
-            session_id=str(state.session_id),
+            session_id=session_id,
             scopes=scopes,
         )
 
@@ -309,8 +313,8 @@ class TokenService:
         return decide_refresh(
             state,
             now=now,
-            grace=self._policy.reuse_grace,
-            idle_ttl=self._policy.idle_ttl,
+            grace=self._reuse_grace,
+            idle_ttl=self._idle_ttl,
             child_hash=child_hash,
             audiences=self.issuable_audiences,
         )
