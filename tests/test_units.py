@@ -22,6 +22,7 @@ from service.api.wire import set_timestamp, timestamp, timestamp_fields
 from service.app import print_banner
 from service.domain.records import RefreshTokenState
 from service.domain.refresh_tokens import (
+    ChildTokens,
     Reject,
     Replay,
     RevokeForReuse,
@@ -784,3 +785,13 @@ def test_set_timestamp_writes_what_timestamp_builds(seconds: float) -> None:
     assert written.HasField("access_token_expires_at")
     assert written.SerializeToString() == built.SerializeToString()
     assert written.access_token_expires_at == timestamp(seconds)
+
+
+def test_child_tokens_derive_what_derive_child_token_does() -> None:
+    """The keyed HMAC made once gives each parent the child derive_child_token gives it,
+    whatever was derived before (the keyed state is copied, never consumed)."""
+    children = ChildTokens(SECRET_A)
+    parents = [new_refresh_token() for _ in range(5)]
+    for parent in [*parents, *parents]:
+        assert children.derive(parent) == derive_child_token(parent, SECRET_A)
+    assert ChildTokens(SECRET_B).derive(parents[0]) != children.derive(parents[0])

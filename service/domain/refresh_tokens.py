@@ -50,6 +50,21 @@ def derive_child_token(parent: str, secret: bytes) -> str:
     return _encode(hmac.digest(secret, parent.encode("ascii"), "sha256"))
 
 
+class ChildTokens:
+    """`derive_child_token` under one secret, its HMAC keyed once: each child then costs a
+    copy of the keyed state and one message, not an HMAC set up from the key."""
+
+    __slots__ = ("_keyed",)
+
+    def __init__(self, secret: bytes) -> None:
+        self._keyed = hmac.new(secret, digestmod=hashlib.sha256)
+
+    def derive(self, parent: str) -> str:
+        mac = self._keyed.copy()
+        mac.update(parent.encode("ascii"))
+        return _encode(mac.digest())
+
+
 def hash_token(token: str) -> bytes:
     """What the database stores and looks up: SHA-256 of the token text."""
     return hashlib.sha256(token.encode("ascii")).digest()

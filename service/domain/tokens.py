@@ -17,13 +17,13 @@ from service.domain.policy import TokenPolicy
 from service.domain.ports import RefreshTokenStorage, SessionStorage
 from service.domain.records import CallerInfo, NewSession, RefreshTokenState, SecurityEvent
 from service.domain.refresh_tokens import (
+    ChildTokens,
     RefreshDecision,
     Reject,
     Replay,
     RevokeForReuse,
     Rotate,
     decide_refresh,
-    derive_child_token,
     granted_scopes,
     hash_token,
     is_well_formed,
@@ -131,6 +131,7 @@ class TokenService:
         # None in an operator's command (`authsvc users`): it revokes, never issues, and
         # must not need (or create) key material.
         self._refresh_secret_or_none = refresh_secret
+        self._child_tokens = None if refresh_secret is None else ChildTokens(refresh_secret)
         self._clock = clock
         self._telemetry = telemetry or NoTelemetry()
         # What a client can repeat at will is logged once per source and window.
@@ -143,6 +144,11 @@ class TokenService:
         if self._refresh_secret_or_none is None:
             raise RuntimeError("this TokenService was built without key material")
         return self._refresh_secret_or_none
+
+    def _child_token(self, parent: str) -> str:
+        if self._child_tokens is None:
+            raise RuntimeError("this TokenService was built without key material")
+        return self._child_tokens.derive(parent)
 
     # Issue
 
@@ -239,7 +245,7 @@ class TokenService:
         is written; the answer (or the error) once it has committed."""
         if not is_well_formed(refresh_token):
             raise RefreshTokenInvalid()
-        child = derive_child_token(refresh_token, self._refresh_secret)
+        child = self._child_token(refresh_token)
         clock_now = self._clock.now()
         now = to_datetime(clock_now)
         # Stored as the session's bound by the same statement as the rotation, then signed.
