@@ -45,14 +45,13 @@ def new_refresh_token() -> str:
 
 def derive_child_token(parent: str, secret: bytes) -> str:
     """The one child of `parent`: HMAC-SHA256 under the server's derivation secret."""
-    # hmac.digest: OpenSSL's one-shot HMAC, the same bytes as hmac.new(...).digest()
-    # without an HMAC object and its two hash objects per call.
-    return _encode(hmac.digest(secret, parent.encode("ascii"), "sha256"))
+    return ChildTokens(secret).derive(parent)
 
 
 class ChildTokens:
-    """`derive_child_token` under one secret, its HMAC keyed once: each child then costs a
-    copy of the keyed state and one message, not an HMAC set up from the key."""
+    """`derive_child_token` under one secret, its HMAC keyed once (the server keeps one):
+    each child then costs a copy of the keyed state and one message, not an HMAC set up
+    from the key."""
 
     __slots__ = ("_keyed",)
 
