@@ -2,10 +2,11 @@
 
 Used by the soak (`service.loadtest.soak`) and the fault tests: after any crash, cut
 connection or restart, every live session has exactly one unused refresh token, every
-used token exactly one child (the one it names), and no token has a parent that is not
-marked used; and every session's stored purge time (`purge_after`, when computed) is
-the one its rows give, or later by at most PURGE_AFTER_STEP_SECONDS (a rotation moves it in
-steps), never earlier.
+used token exactly one child (the one it names), no token has a parent that is not
+marked used (or missing: only the oldest token kept, after pruning), no session holds
+more tokens than pruning allows; and every session's stored purge time (`purge_after`,
+when computed) is the one its rows give, or later by at most PURGE_AFTER_STEP_SECONDS (a
+rotation moves it in steps), never earlier.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from datetime import datetime
 
 import asyncpg
 
+from service.store.refresh_tokens import REFRESH_TOKEN_PRUNE_STEP, REFRESH_TOKENS_KEPT
 from service.store.revocations import PURGE_AFTER_STEP_SECONDS, SESSION_PURGE_AFTER
 
 _LIVE_SESSIONS_WITHOUT_ONE_CURRENT_TOKEN = """
@@ -47,12 +49,23 @@ SELECT encode(token_hash, 'hex') AS token, session_id
   FROM refresh_tokens WHERE used_at IS NULL AND child_hash IS NOT NULL
 """
 
+# A parent may be missing only where the session's older tokens were pruned: the oldest
+# token kept has none.
 _TOKENS_WHOSE_PARENT_IS_NOT_USED = """
 SELECT encode(c.token_hash, 'hex') AS token, c.session_id, (p.token_hash IS NULL) AS parent_missing
   FROM refresh_tokens c
   LEFT JOIN refresh_tokens p ON p.token_hash = c.parent_hash
- WHERE c.parent_hash IS NOT NULL AND (p.token_hash IS NULL OR p.used_at IS NULL)
+ WHERE c.parent_hash IS NOT NULL
+   AND (p.used_at IS NULL AND p.token_hash IS NOT NULL
+        OR p.token_hash IS NULL
+           AND EXISTS (SELECT 1 FROM refresh_tokens o
+                        WHERE o.session_id = c.session_id AND o.rotation < c.rotation))
 """
+
+_SESSIONS_HOLDING_TOO_MANY_TOKENS = f"""
+SELECT session_id, count(*) AS tokens FROM refresh_tokens
+ GROUP BY session_id HAVING count(*) > {REFRESH_TOKENS_KEPT + REFRESH_TOKEN_PRUNE_STEP}
+"""  # noqa: S608 (constants only)
 
 _PARENTS_WITH_SEVERAL_CHILDREN = """
 SELECT encode(parent_hash, 'hex') AS parent, count(*) AS children
@@ -97,6 +110,11 @@ async def family_invariant_violations(
     for r in await conn.fetch(_TOKENS_WHOSE_PARENT_IS_NOT_USED):
         what = "does not exist" if r["parent_missing"] else "is not marked used"
         problems.append(f"token {r['token'][:12]} (session {r['session_id']}): its parent {what}")
+    for r in await conn.fetch(_SESSIONS_HOLDING_TOO_MANY_TOKENS):
+        problems.append(
+            f"session {r['session_id']} holds {r['tokens']} refresh tokens "
+            f"(max {REFRESH_TOKENS_KEPT + REFRESH_TOKEN_PRUNE_STEP})"
+        )
     for r in await conn.fetch(_PARENTS_WITH_SEVERAL_CHILDREN):
         problems.append(f"parent {r['parent'][:12]} has {r['children']} children (max 1)")
     for r in await conn.fetch(_SESSIONS_WITH_A_WRONG_PURGE_TIME):

@@ -32,7 +32,8 @@ from service.store.revocations import revocations, revoke_session, stepped_purge
 # (the lock is taken row by row as the sorted rows come out), so that two statements
 # locking overlapping tokens cannot each hold one the other waits for.
 LOCK_REFRESH_TOKEN_SQL = """SELECT rt.token_hash, rt.session_id, s.user_id, rt.issued_at,
-       rt.expires_at, rt.used_at, rt.child_hash, s.scopes AS session_scopes, s.audience,
+       rt.expires_at, rt.used_at, rt.child_hash, rt.rotation, s.scopes AS session_scopes,
+       s.audience,
        s.expires_at AS session_expires_at,
        (s.revoked_at IS NOT NULL OR s.user_generation < u.session_generation)
            AS session_revoked,
@@ -69,7 +70,18 @@ _ROTATE_FRESH_PURGE_AFTER = stepped_purge_after(
     "greatest(s.access_expires_max, f.access_expires_at, s.expires_at)",
 )
 
-# bound must cover its `exp`: if the lock query read a bound below it, $10 (a step past it)
+# A session keeps its REFRESH_TOKENS_KEPT newest refresh tokens at most, and STEP more
+# between prunings (migration 0017): a rotation whose child is the session's
+# (multiple of STEP)th deletes the tokens more than KEPT places behind the child, in the
+# same statement. A client rotating in a loop then holds at most KEPT + STEP rows, not one
+# a refresh; a replay of a token older than that is an unknown token (refused, nothing
+# revoked). KEPT is about ten days of a client refreshing every 15 minutes (the default
+# AUTH_ACCESS_TTL); reuse of any token within it revokes the session.
+REFRESH_TOKENS_KEPT = 1000
+REFRESH_TOKEN_PRUNE_STEP = 100
+
+# ROTATE_SQL, the rotation of the path of several statements. The user's bound must cover
+# the access token's `exp`: if the lock query read a bound below it, $10 (a step past it)
 # is written, under the user's row lock and only if the generation is still the session's
 # (a revocation of the user that committed first announced the bound as it was, so nothing
 # may be signed past it; one that comes later waits for the row and announces the raised
@@ -84,7 +96,8 @@ _ROTATE_FRESH_PURGE_AFTER = stepped_purge_after(
 # no token may be signed past it. (A revocation that comes after this commit waits for the
 # row, and announces the raised bound.) The same holds for the user's bound (above).
 # The child ($5) is now the only unused token: the session lives until it or the session
-# expires, and is kept until its last access token has expired too.
+# expires, and is kept until its last access token has expired too. Every STEP-th child
+# prunes the session's oldest tokens (REFRESH_TOKENS_KEPT, above).
 ROTATE_SQL = f"""
 WITH user_raised AS (
     UPDATE users SET access_expires_max = greatest(access_expires_max, $10)
@@ -104,9 +117,14 @@ session AS (
 parent AS (
     UPDATE refresh_tokens SET used_at = $3, child_hash = $4
      WHERE token_hash = $1 AND used_at IS NULL AND EXISTS (SELECT 1 FROM session)
-    RETURNING 1)
-INSERT INTO refresh_tokens (token_hash, session_id, parent_hash, issued_at, expires_at)
-SELECT $4, $2, $1, $3, $5 FROM parent
+    RETURNING rotation + 1 AS child_rotation),
+pruned AS (
+    DELETE FROM refresh_tokens old USING parent p
+     WHERE p.child_rotation % {REFRESH_TOKEN_PRUNE_STEP} = 0
+       AND old.session_id = $2 AND old.rotation <= p.child_rotation - {REFRESH_TOKENS_KEPT})
+INSERT INTO refresh_tokens (token_hash, session_id, parent_hash, issued_at, expires_at,
+                            rotation)
+SELECT $4, $2, $1, $3, $5, child_rotation FROM parent
 """  # noqa: S608 (constants only)
 
 # A replay within the grace window signs another access token: raise the bound to its
@@ -140,7 +158,8 @@ UPDATE sessions SET access_expires_max = greatest(access_expires_max, $2),
 # access token's `exp` ($6) (to $7, under the user's row lock and only if the generation is
 # still the session's), the session touched and its bound raised (only if not revoked
 # meanwhile: the row lock re-checks it), the parent marked used and its one child ($3)
-# stored. Each item's row is returned with its `ordinal` and `rotated`; anything else (a
+# stored (every STEP-th child of a session prunes its oldest tokens, as in ROTATE_SQL).
+# Each item's row is returned with its `ordinal` and `rotated`; anything else (a
 # used token, a refusal, a write refused by a revocation that committed meanwhile) writes
 # nothing for that item, and the domain decides on the row or takes the path of several
 # statements. One snapshot serves the whole statement: a call that waited here for the
@@ -167,6 +186,7 @@ fresh AS (
     SELECT p.token_hash, p.session_id, p.user_id, p.user_generation, i.refreshed_at,
            i.child_hash, i.access_expires_at, i.user_bound, i.peer,
            least(i.idle_expires_at, p.session_expires_at) AS child_expires_at,
+           p.rotation + 1 AS child_rotation,
            coalesce(p.user_access_expires_max >= i.access_expires_at, false) AS bound_covers
       FROM presented p
       JOIN item i ON i.token_hash = p.token_hash
@@ -206,10 +226,18 @@ parent AS (
        AND EXISTS (SELECT 1 FROM session s WHERE s.id = f.session_id)
     RETURNING rt.token_hash),
 child AS (
-    INSERT INTO refresh_tokens (token_hash, session_id, parent_hash, issued_at, expires_at)
-    SELECT f.child_hash, f.session_id, f.token_hash, f.refreshed_at, f.child_expires_at
+    INSERT INTO refresh_tokens (token_hash, session_id, parent_hash, issued_at, expires_at,
+                                rotation)
+    SELECT f.child_hash, f.session_id, f.token_hash, f.refreshed_at, f.child_expires_at,
+           f.child_rotation
       FROM fresh f JOIN parent p ON p.token_hash = f.token_hash
-    RETURNING parent_hash)
+    RETURNING parent_hash),
+pruned AS (
+    DELETE FROM refresh_tokens old
+     USING fresh f JOIN parent p ON p.token_hash = f.token_hash
+     WHERE f.child_rotation % {REFRESH_TOKEN_PRUNE_STEP} = 0
+       AND old.session_id = f.session_id
+       AND old.rotation <= f.child_rotation - {REFRESH_TOKENS_KEPT})
 SELECT p.*, i.ordinal,
        EXISTS (SELECT 1 FROM child c WHERE c.parent_hash = p.token_hash) AS rotated
   FROM presented p

@@ -1,0 +1,15 @@
+-- A session's used refresh tokens are kept to recognise a replay (reuse detection), but not
+-- all of them: a client holding a session could otherwise grow `refresh_tokens` without end
+-- by rotating in a loop, one row a refresh for up to AUTH_REFRESH_ABSOLUTE_TTL. Each token
+-- now carries its place in its session's chain (the first, stored at login, is 0; a child
+-- is its parent's + 1), and the rotation whose child's place is a multiple of
+-- REFRESH_TOKEN_PRUNE_STEP deletes the session's tokens more than REFRESH_TOKENS_KEPT places
+-- behind it (service/store/refresh_tokens.py): at most KEPT + STEP rows a session. A token
+-- pruned that way is unknown when presented again (refused, no revocation).
+--
+-- The default (0) needs no table rewrite. Tokens stored before this migration are 0, so a
+-- chain counts from its current token. A child that an older replica stores during a rolling
+-- upgrade is 0 as well: its chain counts again from there, and the rows before it are pruned
+-- later (once the new count passes theirs), not never. Pruning finds the session's rows by
+-- the existing refresh_tokens_session index.
+ALTER TABLE refresh_tokens ADD COLUMN rotation integer NOT NULL DEFAULT 0;
