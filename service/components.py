@@ -146,7 +146,10 @@ async def build_components(
     """
     telemetry = telemetry or NoTelemetry()
     store = PostgresStore(
-        pool, timeout=settings.db_timeout, event_window=settings.event_aggregation_window
+        pool,
+        timeout=settings.db_timeout,
+        event_window=settings.event_aggregation_window,
+        clock=clock,
     )
     policy = TokenPolicy.from_settings(settings)
     revocations = RevocationState()

@@ -20,7 +20,7 @@ from service.database import create_pool
 from service.domain.refresh_tokens import derive_child_token, hash_token
 from service.domain.tokens import TokenPair
 from service.settings import Settings
-from service.store.fresh_rotations import MAX_BATCH_SIZE, MAX_BATCHES_IN_FLIGHT
+from service.store.fresh_rotations import MAX_BATCH_SIZE, MAX_BATCHES_IN_FLIGHT, STUCK_AFTER
 from service.store.refresh_tokens import LOCK_REFRESH_TOKEN_SQL, ROTATE_FRESH_TOKEN_SQL
 from tests.batching import (
     CALLER,
@@ -297,3 +297,22 @@ async def test_a_full_batch_goes_beside_a_batch_stuck_on_a_lock(logged: Logged) 
     results = await asyncio.gather(*calls)
     for token, pair in zip(tokens, results, strict=True):
         await _assert_rotated_once(logged, token, pair)
+
+
+async def test_a_refresh_does_not_wait_long_for_a_batch_stuck_on_a_lock(logged: Logged) -> None:
+    """Fewer than a full batch behind a batch stuck on a row lock wait for it only until it
+    has been in flight for `STUCK_AFTER` (by the service's clock, here a manual one): then
+    they go, and answer while the stuck one still waits."""
+    tokens = await logged.sessions(2)
+    refresh = logged.components.tokens.refresh
+    async with batch_in_flight_held(logged.dsn, logged.components.tokens, now=logged.now()) as held:
+        calls = [asyncio.create_task(refresh(token, caller=CALLER)) for token in tokens]
+        await asyncio.sleep(STUCK_AFTER * 4)
+        assert not any(call.done() for call in calls)  # the stuck batch is not old yet
+        logged.clock.advance(STUCK_AFTER * 2)
+        done, _ = await asyncio.wait(calls, timeout=10)
+        assert len(done) == len(calls)
+        assert not held[0].done()
+    assert len(logged.rotations(tokens)) == 1  # the two went together
+    for token, call in zip(tokens, calls, strict=True):
+        await _assert_rotated_once(logged, token, call.result())

@@ -11,6 +11,7 @@ from datetime import datetime
 
 import asyncpg
 
+from service.clock import Clock, SystemClock
 from service.domain.records import RefreshTokenState, SecurityEvent
 from service.domain.refresh_tokens import Rotate
 from service.domain.revocation import Revocation
@@ -357,9 +358,20 @@ class PostgresRefresh:
 class PostgresRefreshTokens(StoreBase):
     """The `refresh_tokens` table, with the session and user rows a rotation touches."""
 
-    def __init__(self, pool: asyncpg.Pool, *, timeout: float, event_window: float = 300) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        *,
+        timeout: float,
+        event_window: float = 300,
+        clock: Clock | None = None,
+    ) -> None:
+        """`clock`: what tells how long a batch of fresh rotations has been in flight (the
+        service's; this host's when not given)."""
         super().__init__(pool, timeout=timeout, event_window=event_window)
-        self._fresh_rotations = FreshRotationBatches(self._rotate_fresh)
+        self._fresh_rotations = FreshRotationBatches(
+            self._rotate_fresh, clock=clock or SystemClock()
+        )
 
     async def rotate_if_fresh(
         self,
