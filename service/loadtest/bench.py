@@ -13,6 +13,7 @@ import secrets
 import statistics
 import tempfile
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -224,6 +225,9 @@ def _run_bench(
             for i, plan in enumerate(interleaved):
                 runs[i].append(cpu.run(plan))
         health, hot, cold, hot_production, sql, refresh = (_median(r) for r in runs)
+        h, hot_rates, cold_rates, production_rates, sql_rates, refresh_rates = (
+            [s.requests_per_second for s in r] for r in runs
+        )
         refresh_errors = _errors_of_all(runs[-1])
         # Logins and their baseline alternate, each right after the other (the server idle
         # while argon2id runs alone), as many times as the rows above; medians count.
@@ -235,6 +239,15 @@ def _run_bench(
         issue = _median(issue_runs)
         issue_errors = _errors_of_all(issue_runs)
         argon2 = statistics.median(argon2_rates)
+        spreads = {
+            "validate-hot": round_ratios(hot_rates, h),
+            "validate-cold": round_ratios(cold_rates, h),
+            PRODUCTION_ROW: round_ratios(production_rates, hot_rates),
+            "refresh": round_ratios(
+                refresh_rates, [composite_limit(*pair) for pair in zip(h, sql_rates, strict=True)]
+            ),
+            "issue": round_ratios([s.requests_per_second for s in issue_runs], argon2_rates),
+        }
         under_login, _ = _concurrently(
             replace(base, scenario="validate", label="validate-hot+login"),
             replace(base, scenario="issue", processes=1, concurrency=8, label="login-load"),
@@ -267,6 +280,7 @@ def _run_bench(
         issue_errors=issue_errors,
         under_login=under_login,
         argon2_rate=argon2,
+        spreads=spreads,
         in_process=(in_process_refresh, in_process_issue),
         rss=(rss_before, rss_after),
         algorithms=algorithms,
@@ -324,6 +338,16 @@ def composite_limit(health_rate: float, sql_rate: float) -> float:
     return 1.0 / (1.0 / health_rate + 1.0 / sql_rate)
 
 
+def round_ratios(rates: Sequence[float], baselines: Sequence[float]) -> tuple[float, float] | None:
+    """The lowest and highest of each round's rate over the same round's baseline (the
+    rounds are interleaved, so a round's rows shared its minutes): how far one round's
+    ratio lies from another's in this run. None with fewer than two rounds."""
+    ratios = [rate / base for rate, base in zip(rates, baselines, strict=True) if base > 0]
+    if len(ratios) < 2:
+        return None
+    return min(ratios), max(ratios)
+
+
 def _number(value: float | None, digits: int = 0) -> str:
     return "n/a" if value is None else f"{value:,.{digits}f}"
 
@@ -342,6 +366,7 @@ def _report(
     issue_errors: dict[str, int],
     under_login: ScenarioSummary,
     argon2_rate: float,
+    spreads: dict[str, tuple[float, float] | None],
     in_process: tuple[float, float],
     rss: tuple[float, float],
     algorithms: list[tuple[str, float, float, int]],
@@ -357,6 +382,9 @@ def _report(
         errors: int | None = None,
     ) -> str:
         ratio_text = "" if ratio is None else f"{ratio:.2f}"
+        spread = spreads.get(s.scenario)
+        if ratio is not None and spread is not None:
+            ratio_text += f" ({spread[0]:.2f}-{spread[1]:.2f})"
         return (
             f"| {s.scenario} | {s.requests_per_second:,.0f} | {s.latency_ms['p50']:.2f} | "
             f"{s.latency_ms['p99']:.2f} | {s.error_count if errors is None else errors} | "
@@ -418,7 +446,9 @@ def _report(
         f"{options.processes} processes x {options.concurrency} concurrent calls in all, "
         f"{options.duration:g} s per run (health, validate, {SQL_ROW} and refresh: median of "
         f"{options.rounds} interleaved runs; issue and argon2id-only: median of "
-        f"{options.rounds} alternated runs; refresh and issue errors: all their runs); "
+        f"{options.rounds} alternated runs; refresh and issue errors: all their runs; in "
+        f"parentheses after a ratio, the lowest and highest of the rounds' own ratios, each "
+        f"round's row against that round's baseline); "
         f"CPU: the server's processes, PostgreSQL's and the load processes' own over the "
         f"measured part of each run, divided by its calls; round trips: statements sent per "
         f"call through the server's own code with asyncpg's query logger; argon2id "
