@@ -29,6 +29,7 @@ from service.api.streams import (
     CallBudgetInterceptor,
     StreamBudget,
     UnaryBudget,
+    calls_limit,
     transport_options,
 )
 from service.api.wrapped_handlers import LayeredRegistration
@@ -342,9 +343,10 @@ async def _serve_grpc(
             )
         )
     server = grpc.aio.server(
-        # No maximum_concurrent_rpcs: it counts streams and unary calls alike, so idle
-        # streams could use it up. CallBudgetInterceptor refuses calls beyond their own
-        # budget at once (RESOURCE_EXHAUSTED) instead of queueing them without bound.
+        # CallBudgetInterceptor refuses calls beyond their own budget at once
+        # (RESOURCE_EXHAUSTED); gRPC's limit, both budgets together, also counts the calls
+        # whose request has not arrived, which the budgets never see.
+        maximum_concurrent_rpcs=calls_limit(settings),
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             # Off unless we are one of several workers: a second server started

@@ -1,6 +1,7 @@
 """Call budgets: unary calls and long-lived streams are limited separately, so that idle
 streams (health Watch, reflection) cannot starve Issue, Validate and GetJwks. grpc's own
-`maximum_concurrent_rpcs` counts every call alike, so the server leaves it off and
+`maximum_concurrent_rpcs` counts every call alike, so it is set to the two budgets
+together (`calls_limit`: a bound on calls the budgets cannot see) and
 `CallBudgetInterceptor` keeps the two budgets (`UnaryBudget`, `StreamBudget`);
 `transport_options` caps HTTP/2 streams per connection and pings idle ones. The limits and
 their statuses: docs/api.md, "Limits" and "Streams".
@@ -43,6 +44,7 @@ __all__ = [
     "CallBudgetInterceptor",
     "StreamBudget",
     "UnaryBudget",
+    "calls_limit",
     "transport_options",
 ]
 
@@ -65,7 +67,14 @@ def transport_options(settings: Settings) -> list[tuple[str, int]]:
     streams too, and a client queues its calls beyond the cap). It is the whole unary budget
     plus one peer's share of streams: a client holding all the streams it may hold can still
     make as many unary calls on the same connection as the server would serve at all.
+
+    A connection is told to go (GOAWAY; its client opens another) after AUTH_STREAM_MAX_AGE,
+    and closed as long again later with whatever it still holds. The budgets only see a
+    unary call once its request is whole: a call whose request never comes (headers sent,
+    then nothing) would otherwise hold its memory for as long as its client keeps the
+    connection up. A stream opened just before the GOAWAY still ends by itself first.
     """
+    max_age_ms = min(round(settings.stream_max_age * 1000), _MAX_CHANNEL_ARG)
     return [
         (
             "grpc.max_concurrent_streams",
@@ -75,7 +84,17 @@ def transport_options(settings: Settings) -> list[tuple[str, int]]:
         ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_SECONDS * 1000),
         # Keep pinging a connection whose only call is an idle stream (no data frames).
         ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.max_connection_age_ms", max_age_ms),
+        ("grpc.max_connection_age_grace_ms", max_age_ms),
     ]
+
+
+def calls_limit(settings: Settings) -> int:
+    """gRPC's own limit on the calls of one process (`maximum_concurrent_rpcs`): it counts a
+    call from its headers, so it also holds the calls the budgets never see (a unary call
+    whose request has not arrived). Both budgets fit under it: legitimate calls are refused
+    by the budgets first, with their own reasons."""
+    return settings.max_concurrent_rpcs + settings.max_streams
 
 
 class UnaryBudget:
