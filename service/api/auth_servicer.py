@@ -213,7 +213,12 @@ class AuthServicer:
         try:
             await asyncio.wait((writer, cut_off), return_when=asyncio.FIRST_COMPLETED)
             if writer.done():
-                writer.result()  # its failure (the client went away) ends the call
+                if isinstance(writer.exception(), grpc.aio.InternalError):
+                    # gRPC could not send (ExecuteBatchError): the client's connection is
+                    # gone, cut while a write waited on flow control. The stream is over;
+                    # nobody is there for a status, and it is no error of ours.
+                    return
+                writer.result()  # any other failure is unexpected
             if watcher.rewound:
                 raise RevocationLogRewound()
             raise WatcherTooSlow()

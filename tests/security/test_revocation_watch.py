@@ -6,6 +6,7 @@ INTERNAL."""
 from __future__ import annotations
 
 import asyncio
+import importlib
 import secrets
 import tracemalloc
 from pathlib import Path
@@ -14,6 +15,7 @@ import grpc
 import pytest
 from authsvc_client.gen.auth.v1 import auth_pb2
 
+from service.api.auth_servicer import AuthServicer
 from tests.helpers import assert_error
 from tests.live_server import LiveServer, ServerFactory
 from tests.watching import Watch, log_revoked_sessions, wait_until
@@ -185,3 +187,52 @@ async def test_snapshot_copies_are_not_kept_per_watcher_reading_or_not(
         await channel.close()
     # Kept per stream before: the whole snapshot (8 readers + 8 stuck = 16 copies).
     assert held < snapshot_bytes + 8 * 1.5 * part_bytes, (held, snapshot_bytes)
+
+
+class _ConnectionGoneContext:
+    """A stream's context whose writes fail as gRPC's do once the client's connection was
+    cut while a write waited on flow control (seen from a client that set its window to 0
+    and reset its TCP connection)."""
+
+    def __init__(self) -> None:
+        self.aborted: list[grpc.StatusCode] = []
+
+    async def send_initial_metadata(self, metadata: object) -> None:
+        return None
+
+    async def write(self, message: bytes) -> None:
+        cygrpc = importlib.import_module("grpc._cython.cygrpc")  # what gRPC raises, not typed
+        raise cygrpc.ExecuteBatchError('Failed "execute_batch": (SendMessageOperation,)')
+
+    async def abort(self, code: grpc.StatusCode, details: str = "") -> None:
+        self.aborted.append(code)
+        raise grpc.aio.AbortError()
+
+    async def abort_with_status(self, status: object) -> None:
+        self.aborted.append(grpc.StatusCode.UNKNOWN)
+        raise grpc.aio.AbortError()
+
+
+async def test_a_client_whose_connection_is_cut_mid_write_ends_its_stream_quietly(
+    server: LiveServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A write that fails because the client's connection is gone is the stream's end, not
+    an unexpected error: no ERROR line and traceback a client can cause at will, no INTERNAL
+    path. (Found by an outside review: 3 of 12 rounds of 32 such streams logged one each.)"""
+    context = _ConnectionGoneContext()
+    components = server.running.components
+    servicer = AuthServicer(
+        tokens=components.tokens,
+        validator=components.validator,
+        revoke=components.revoke,
+        keys=components.signing_keys,
+        watch=server.running.watch_hub,
+    )
+    with caplog.at_level("DEBUG"):
+        await asyncio.wait_for(
+            servicer.WatchRevocations(auth_pb2.WatchRevocationsRequest(), context),  # type: ignore[arg-type]
+            timeout=10,
+        )
+    assert context.aborted == []
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "WARNING")]
+    assert not server.running.watch_hub._watchers  # closed with the stream
