@@ -13,6 +13,7 @@ import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import asyncpg
@@ -50,8 +51,28 @@ def embedded_server_uri(data_dir: Path, database: str | None = None) -> str:
         # Registered after the package's own exit handler, so it runs before it: a user
         # that died while we ran must not keep the server up after we, the last, exit.
         atexit.register(_forget_dead_users, pgdata)
+        _log_own_events_only(server, pgdata)
     uri: str = server.get_uri(database)
     return uri
+
+
+# The embedded PostgreSQL's log keeps its own events (start, stop, checkpoints: LOG and
+# above), not the errors and warnings of our statements: the service reports those itself,
+# and a client can make statements fail at will (its deadline cancels its call's
+# statement), each of which PostgreSQL logged with the statement's whole text (~60 lines
+# for a batch of refreshes). An operator's own PostgreSQL: docs/operations.md.
+_EMBEDDED_LOG_SETTINGS = (("log_min_messages", "log"), ("log_min_error_statement", "panic"))
+
+
+def _log_own_events_only(server: Any, pgdata: Path) -> None:
+    """Set `_EMBEDDED_LOG_SETTINGS` (ALTER SYSTEM, once a cluster; kept across restarts)."""
+    lines = [f"{name} = '{value}'" for name, value in _EMBEDDED_LOG_SETTINGS]
+    auto_conf = pgdata / "postgresql.auto.conf"
+    if auto_conf.exists() and all(line in auto_conf.read_text() for line in lines):
+        return
+    server.psql(
+        "".join(f"ALTER SYSTEM SET {line};\n" for line in lines) + "SELECT pg_reload_conf();\n"
+    )
 
 
 def _forget_dead_users(pgdata: Path) -> None:
