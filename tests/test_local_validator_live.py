@@ -170,3 +170,29 @@ async def test_a_guarded_service_refuses_a_token_within_a_second_of_its_revocati
         await service.stop(None)
         await guard.close()
         await auth.close()
+
+
+async def test_a_validator_follows_revocations_across_connection_age_goaways(
+    server_factory: ServerFactory,
+) -> None:
+    """A server tells each connection to go after AUTH_STREAM_MAX_AGE and closes it as long
+    again later (bounding calls whose request never arrives): a LocalValidator's stream
+    ends with STREAM_MAX_AGE, it resumes on a new connection, and revocations made after
+    several such cycles still reach it."""
+    server = await server_factory(stream_max_age=0.5)
+    await server.create_user("rover")
+    pairs = [await server.login("rover") for _ in range(4)]
+    validator = LocalValidator(server.address, clock=server.clock.now)
+    try:
+        await validator.start()
+        for pair in pairs:
+            await asyncio.sleep(1.2)  # past a GOAWAY and a forced close of the first connection
+            assert validator.validate(pair.access_token).valid
+            await server.stub.Revoke(auth_pb2.RevokeRequest(access_token=pair.access_token))
+            deadline = time.monotonic() + 5.0
+            while validator.validate(pair.access_token).valid:
+                assert time.monotonic() < deadline, "a revocation did not reach the validator"
+                await asyncio.sleep(0.01)
+        assert validator.snapshots_applied == 1  # every stream after the first resumed
+    finally:
+        await validator.close()
