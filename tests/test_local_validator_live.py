@@ -45,6 +45,17 @@ async def until_server_applied(server: LiveServer, head: int, within: float = 10
         await asyncio.sleep(0.02)
 
 
+async def revoke_until_refused(
+    server: LiveServer, validator: LocalValidator, access_token: str, within: float = 5.0
+) -> None:
+    """Revoke `access_token`'s session on `server`; wait until `validator` refuses it."""
+    await server.stub.Revoke(auth_pb2.RevokeRequest(access_token=access_token))
+    deadline = time.monotonic() + within
+    while validator.validate(access_token).valid:
+        assert time.monotonic() < deadline, "the revocation did not reach the validator"
+        await asyncio.sleep(0.01)
+
+
 async def test_a_snapshot_of_more_than_10000_revocations_is_held_whole_and_exact(
     server_factory: ServerFactory,
 ) -> None:
@@ -90,11 +101,7 @@ async def test_a_snapshot_of_more_than_10000_revocations_is_held_whole_and_exact
         assert validator.validate(joes.access_token).error == "REVOKED"
         assert validator.validate(kept.access_token).valid
         # And it follows on from there: one more revocation arrives as a delta.
-        await server.stub.Revoke(auth_pb2.RevokeRequest(access_token=kept.access_token))
-        deadline = time.monotonic() + 5.0
-        while validator.validate(kept.access_token).valid:
-            assert time.monotonic() < deadline, "the revocation after the snapshot did not arrive"
-            await asyncio.sleep(0.01)
+        await revoke_until_refused(server, validator, kept.access_token)
         assert validator.revoked_sessions == len(sessions) + 1
         assert validator.snapshots_applied == 1
     finally:
@@ -188,11 +195,7 @@ async def test_a_validator_follows_revocations_across_connection_age_goaways(
         for pair in pairs:
             await asyncio.sleep(1.2)  # past a GOAWAY and a forced close of the first connection
             assert validator.validate(pair.access_token).valid
-            await server.stub.Revoke(auth_pb2.RevokeRequest(access_token=pair.access_token))
-            deadline = time.monotonic() + 5.0
-            while validator.validate(pair.access_token).valid:
-                assert time.monotonic() < deadline, "a revocation did not reach the validator"
-                await asyncio.sleep(0.01)
+            await revoke_until_refused(server, validator, pair.access_token)
         assert validator.snapshots_applied == 1  # every stream after the first resumed
     finally:
         await validator.close()
