@@ -4,7 +4,8 @@ reserved through the real `LoginThrottle` over the real store (one statement, th
 of migration 0013), and the outcome and the rows written must be what the pure
 `decide_reservation` says for the same state, every time: a wait (LoginThrottled with the
 same retry), busy (nothing counted, nothing written), or counted (each key's failures and
-pending as the rule says, stamped now). `LoginThrottle.reserve` also refuses to go on when
+pending as the rule says, stamped now); a refused attempt (a wait, or busy) leaves no row
+for a key that had none. `LoginThrottle.reserve` also refuses to go on when
 the statement counted an attempt the rule would not, or the reverse (RuntimeError).
 
 Plain sync tests driving a private event loop (as tests/test_refresh_decision_differential.py),
@@ -127,6 +128,7 @@ async def _read(pool: asyncpg.Pool) -> dict[str, tuple[object, ...]]:
 
 def _check(h: Harness, user_row: ThrottleState | None, peer_row: ThrottleState | None) -> None:
     h.loop.run_until_complete(_write(h.pool, [user_row, peer_row]))
+    rows_given = [row for row in (user_row, peer_row) if row is not None]
     # The states the rule sees: a missing row is made as (0 failures, now, unlocked, none
     # pending), in key order as the store returns them.
     found = {
@@ -148,13 +150,16 @@ def _check(h: Harness, user_row: ThrottleState | None, peer_row: ThrottleState |
         s.key: (s.failures, s.last_failure_at, s.locked_until, s.pending, s.pending_at)
         for s in states
     }
+    # A refused attempt (a wait, or busy) writes nothing: not even the rows of keys it had
+    # not seen (migration 0018).
+    unchanged = {key: before[key] for key in before if key in {r.key for r in rows_given}}
     if expected.locked_until is not None:
         assert isinstance(outcome, LoginThrottled)
         assert outcome.retry_after == expected.locked_until.timestamp() - NOW
-        assert after == before
+        assert after == unchanged
     elif expected.counts is None:
         assert outcome is None
-        assert after == before
+        assert after == unchanged
     else:
         assert isinstance(outcome, Reservation)
         assert outcome.failures == {k: f for k, (f, _) in expected.counts.items()}
