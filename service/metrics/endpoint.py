@@ -28,7 +28,9 @@ class EndpointLimits:
     connections costs the server a bounded number of sockets and no threads."""
 
     max_connections: int = 32
-    """Connections served at once; one more is closed as soon as it is accepted."""
+    """Connections open at once. One more takes the place of the oldest that has not sent
+    its whole head yet (a scraper sends its head at once: only a client holding connections
+    idle loses one); if every open one has, it is closed as soon as it is accepted."""
     head_timeout: float = 5.0
     """Seconds to send the whole request head (not per read: trickling does not help)."""
     max_head_bytes: int = 8192
@@ -66,7 +68,8 @@ class _MetricsHttp:
     def __init__(self, registry: CollectorRegistry, limits: EndpointLimits) -> None:
         self._registry = registry
         self._limits = limits
-        self._open: set[asyncio.StreamWriter] = set()
+        self._open: dict[asyncio.StreamWriter, bool] = {}
+        """The open connections, oldest first, and whether each has sent its whole head."""
         self._handlers: set[asyncio.Task[None]] = set()
         self._render_lock = asyncio.Lock()
         self._latest: tuple[str, float, bytes] | None = None
@@ -74,27 +77,40 @@ class _MetricsHttp:
         self._next_render_at = 0.0
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if len(self._open) >= self._limits.max_connections:
+        if len(self._open) >= self._limits.max_connections and not self._make_room():
             writer.transport.abort()
             return
         handler = asyncio.current_task()
         if handler is not None:
             self._handlers.add(handler)
             handler.add_done_callback(self._handlers.discard)
-        self._open.add(writer)
+        self._open[writer] = False
         try:
-            answer = await self._answer(reader)
-            if answer is not None:
-                async with asyncio.timeout(self._limits.answer_timeout):
-                    writer.write(answer)
-                    await writer.drain()
-                writer.close()
+            head = await self._read_head(reader)
+            if head is None or writer not in self._open:  # too slow, or closed for another
+                return
+            self._open[writer] = True
+            answer = await self._answer(head)
+            async with asyncio.timeout(self._limits.answer_timeout):
+                writer.write(answer)
+                await writer.drain()
+            writer.close()
         except (OSError, TimeoutError):
             pass  # the client went away or was too slow: nothing to tell it
         finally:
-            self._open.discard(writer)
+            self._open.pop(writer, None)
             if not writer.is_closing():
                 writer.transport.abort()
+
+    def _make_room(self) -> bool:
+        """Close the oldest connection still without its whole head, if there is one: its
+        handler sees the end and lets go of its slot."""
+        for writer, has_head in self._open.items():
+            if not has_head:
+                del self._open[writer]
+                writer.transport.abort()
+                return True
+        return False
 
     async def abort_all(self, *, wait: float = 1.0) -> None:
         """Drop every open connection, and let their handlers see it and end: a handler
@@ -106,15 +122,21 @@ class _MetricsHttp:
         if self._handlers:
             await asyncio.wait(list(self._handlers), timeout=wait)
 
-    async def _answer(self, reader: asyncio.StreamReader) -> bytes | None:
-        """The response to send, or None to just close (no complete head in time)."""
+    async def _read_head(self, reader: asyncio.StreamReader) -> bytes | None:
+        """The request head, b"" when it is over the limit, or None to just close (no
+        complete head in time)."""
         try:
             async with asyncio.timeout(self._limits.head_timeout):
-                head = await reader.readuntil(_HEAD_END)
+                return await reader.readuntil(_HEAD_END)
         except asyncio.LimitOverrunError:
-            return _response("431 Request Header Fields Too Large", b"request head too large\n")
+            return b""
         except (TimeoutError, asyncio.IncompleteReadError):
             return None
+
+    async def _answer(self, head: bytes) -> bytes:
+        """The response to send for `head` (b"": a head over the limit)."""
+        if not head:
+            return _response("431 Request Header Fields Too Large", b"request head too large\n")
         lines = head[: -len(_HEAD_END)].decode("latin-1").split("\r\n")
         parts = lines[0].split(" ")
         if len(parts) != 3 or not parts[2].startswith("HTTP/1."):

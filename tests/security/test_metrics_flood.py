@@ -189,29 +189,66 @@ async def _exchange(port: int, request: bytes, within: float = 5.0) -> bytes:
 
 
 @pytest.mark.system  # a flood of held connections
-async def test_connections_over_the_cap_are_closed_at_once(
+async def test_a_connection_over_the_cap_takes_the_place_of_the_oldest_without_a_head(
     small_endpoint: tuple[MetricsEndpoint, _CountingCollector],
 ) -> None:
+    """At the cap, a new connection does not wait for a slot: the oldest connection that has
+    not sent its whole head yet is closed for it (a scraper sends its head at once; only a
+    client holding connections idle loses one)."""
     endpoint, _ = small_endpoint
-    held = await _half_open(endpoint.port, SMALL.max_connections)
-    try:
-        assert len(held) == SMALL.max_connections
-        await asyncio.sleep(0.2)
-        # Closed without an answer long before the head timeout would end it.
+    held = []
+    for _ in range(SMALL.max_connections):
         reader, writer = await asyncio.open_connection("127.0.0.1", endpoint.port)
-        try:
-            async with asyncio.timeout(SMALL.head_timeout / 2):
-                assert await reader.read() == b""
-        except ConnectionResetError:
-            pass  # closed with a reset: as good
-        finally:
-            writer.transport.abort()
+        writer.write(HALF_A_HEAD)
+        held.append((reader, writer))
+        await asyncio.sleep(0.01)  # in this order
+    try:
+        await asyncio.sleep(0.2)
+        answer = await _exchange(endpoint.port, b"GET /metrics HTTP/1.1\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 200 OK") and b"test_collections" in answer
+        # The oldest held connection was closed for it, long before the head timeout.
+        async with asyncio.timeout(SMALL.head_timeout / 2):
+            with contextlib.suppress(ConnectionResetError):
+                assert await held[0][0].read() == b""
+        with pytest.raises(TimeoutError):  # the next oldest still waits for its head
+            async with asyncio.timeout(0.3):
+                await held[1][0].read()
     finally:
+        for _, writer in held:
+            writer.transport.abort()
+
+
+@pytest.mark.system  # a client that keeps the endpoint full of idle connections
+async def test_a_scraper_gets_through_while_one_client_holds_every_slot_idle(
+    small_endpoint: tuple[MetricsEndpoint, _CountingCollector],
+) -> None:
+    """Found by an outside review: 32 idle connections, each reopened as the server dropped
+    it, made every scrape fail for as long as the client liked (0 of 60)."""
+    endpoint, _ = small_endpoint
+    held: list[asyncio.StreamWriter] = []
+    stop = asyncio.Event()
+
+    async def keep_full() -> None:
+        while not stop.is_set():
+            held[:] = [w for w in held if not w.transport.is_closing()]
+            while len(held) < SMALL.max_connections:
+                _, writer = await asyncio.open_connection("127.0.0.1", endpoint.port)
+                held.append(writer)
+            await asyncio.sleep(0.01)
+
+    holder = asyncio.create_task(keep_full())
+    try:
+        await asyncio.sleep(0.3)
+        answers = [
+            await _exchange(endpoint.port, b"GET /metrics HTTP/1.1\r\n\r\n", within=3)
+            for _ in range(5)
+        ]
+    finally:
+        stop.set()
+        await asyncio.wait_for(holder, timeout=5)
         for writer in held:
             writer.transport.abort()
-    # Their slots are free again.
-    text = await _scrape_eventually(endpoint.port, within=5)
-    assert "test_collections" in text
+    assert all(a.startswith(b"HTTP/1.1 200 OK") for a in answers)
 
 
 @pytest.mark.system  # a slow client against a timeout
