@@ -64,8 +64,9 @@ async def serve(settings: Settings, *, worker: bool = False) -> None:
             reuse_port=worker,
             agree_settings=not worker,
         )
+        heartbeat: asyncio.Task[None] | None = None
         if worker:
-            _tell_supervisor_ready()
+            heartbeat = _tell_supervisor_ready()
         else:
             endpoint = running.metrics_endpoint
             print_banner(
@@ -85,13 +86,38 @@ async def serve(settings: Settings, *, worker: bool = False) -> None:
         )
         # The pool closes after the server, so in-flight calls could finish.
         await running.stop(settings.shutdown_grace - drain, drain=drain)
+        if heartbeat is not None:
+            heartbeat.cancel()
 
 
-def _tell_supervisor_ready() -> None:
+HEARTBEAT_INTERVAL: Final = 1.0
+"""Seconds between a worker's heartbeats to its supervisor (`service.supervisor`)."""
+
+
+def _tell_supervisor_ready() -> asyncio.Task[None] | None:
+    """Tell the supervisor through its pipe that we serve, then beat on the same pipe from
+    this event loop for as long as we run: a worker whose loop stops turning (stopped,
+    deadlocked, pinned) is seen by its silence and replaced."""
     fd = os.environ.get(READY_FD_VARIABLE)
-    if fd is not None:
-        os.write(int(fd), b"r")
-        os.close(int(fd))
+    if fd is None:
+        return None
+    os.write(int(fd), b"r")
+    os.set_blocking(int(fd), False)  # a full pipe must never hold up this loop
+    return asyncio.get_running_loop().create_task(_beat(int(fd)))
+
+
+async def _beat(fd: int) -> None:
+    try:
+        while True:
+            await asyncio.sleep(HEARTBEAT_INTERVAL)
+            try:
+                os.write(fd, b"h")
+            except BlockingIOError:
+                pass  # the supervisor reads late; its pipe is full of earlier beats
+            except OSError:
+                return  # the supervisor is gone (we die with it)
+    finally:
+        os.close(fd)
 
 
 def print_banner(

@@ -52,6 +52,9 @@ _RESTART_BACKOFF_MAX = 10.0
 # multiple of it past which a worker told to stop is killed instead of left to drain.
 _MEMORY_CHECK_INTERVAL = 1.0
 _KILL_PAST = 1.5
+# Seconds without a heartbeat (a worker beats every second from its event loop) after
+# which a worker is taken for stuck and killed.
+_SILENT_AFTER = 10.0
 
 
 async def _prepare_database(settings: Settings) -> tuple[str, bool]:
@@ -112,6 +115,10 @@ class _Worker:
     started_at: float = field(default_factory=time.monotonic)
     retiring: bool = False
     """Told to stop for its memory: replaced once it has exited."""
+    ready: bool = False
+    """It said it serves (then its pipe carries heartbeats)."""
+    last_heard: float = field(default_factory=time.monotonic)
+    """When its last heartbeat (or its ready byte) was read."""
 
 
 class WorkerSupervisor:
@@ -169,10 +176,11 @@ class WorkerSupervisor:
         while time.monotonic() < deadline:
             readable, _, _ = select.select([worker.ready_read], [], [], 0.2)
             if readable:
-                ok = os.read(worker.ready_read, 1) == b"r"
-                os.close(worker.ready_read)
-                worker.ready_read = -1
-                return ok
+                worker.ready = os.read(worker.ready_read, 1) == b"r"
+                # Kept open for the heartbeats that follow, read without waiting.
+                os.set_blocking(worker.ready_read, False)
+                worker.last_heard = time.monotonic()
+                return worker.ready
             if worker.process.poll() is not None:
                 break
         return False
@@ -201,6 +209,7 @@ class WorkerSupervisor:
             if time.monotonic() >= next_memory_check:
                 next_memory_check = time.monotonic() + _MEMORY_CHECK_INTERVAL
                 self._retire_the_overgrown()
+                self._kill_the_silent()
             for index, worker in list(self._workers.items()):
                 code = worker.process.poll()
                 if code is None or stop_requested[0]:
@@ -209,6 +218,8 @@ class WorkerSupervisor:
                     "worker %d (pid %d) exited with %s; restarting", index, worker.process.pid, code
                 )
                 self._forget_metrics(worker)
+                with contextlib.suppress(OSError):
+                    os.close(worker.ready_read)
                 # A worker that dies at once is crash-looping: slow the restarts down.
                 if time.monotonic() - worker.started_at < 5.0:
                     time.sleep(backoff)
@@ -220,6 +231,26 @@ class WorkerSupervisor:
                 self.restarts += 1
                 if not self._wait_ready(replacement, time.monotonic() + _START_TIMEOUT):
                     log.warning("restarted worker %d is not ready yet", index)
+
+    def _kill_the_silent(self) -> None:
+        """SIGKILL to each worker whose heartbeats stopped for `_SILENT_AFTER` seconds (its
+        event loop no longer turns: stopped, deadlocked, pinned): the kernel still hands it
+        connections, which would hang. `watch` starts its replacement."""
+        now = time.monotonic()
+        for index, worker in self._workers.items():
+            if not worker.ready or worker.process.poll() is not None:
+                continue
+            with contextlib.suppress(BlockingIOError):
+                if os.read(worker.ready_read, 4096):
+                    worker.last_heard = now
+            if now - worker.last_heard > _SILENT_AFTER:
+                log.warning(
+                    "worker %d (pid %d) sent no heartbeat for %.0f s: killing it",
+                    index,
+                    worker.process.pid,
+                    now - worker.last_heard,
+                )
+                worker.process.kill()
 
     def _retire_the_overgrown(self) -> None:
         """SIGTERM to each worker whose resident memory passed AUTH_WORKER_MAX_MEMORY: it
