@@ -104,6 +104,7 @@ def test_summaries_merge_processes_exactly() -> None:
 
 
 @pytest.mark.system
+@pytest.mark.timeout(400)  # the run's own limit is the subprocess's 360 s below
 def test_bench_runs_end_to_end_and_prints_its_table(database_url: str, tmp_path: Path) -> None:
     """`make bench` in miniature (half-second runs): every row is there, with zero errors,
     and the figures section of a copy of docs/performance.md is rewritten with them."""
