@@ -48,9 +48,10 @@ log = logging.getLogger(__name__)
 
 _START_TIMEOUT = 60.0
 _RESTART_BACKOFF_MAX = 10.0
-# How often the workers' resident memory is read against AUTH_WORKER_MAX_MEMORY, and the
-# multiple of it past which a worker told to stop is killed instead of left to drain.
-_MEMORY_CHECK_INTERVAL = 1.0
+# How often the workers' heartbeats and resident memory (against AUTH_WORKER_MAX_MEMORY)
+# are read, and the multiple of that limit past which a worker told to stop is killed
+# instead of left to drain.
+_WORKER_CHECK_INTERVAL = 1.0
 _KILL_PAST = 1.5
 # Seconds without a heartbeat (a worker beats every second from its event loop) after
 # which a worker is taken for stuck and killed.
@@ -200,14 +201,14 @@ class WorkerSupervisor:
                 )
 
     def watch(self, stop_requested: list[bool]) -> None:
-        """Restart workers that die, and retire those past AUTH_WORKER_MAX_MEMORY, until a
-        stop is requested."""
+        """Restart workers that die, retire those past AUTH_WORKER_MAX_MEMORY and kill
+        those whose heartbeat stopped, until a stop is requested."""
         backoff = 0.5
-        next_memory_check = 0.0
+        next_worker_check = 0.0
         while not stop_requested[0]:
             time.sleep(0.2)
-            if time.monotonic() >= next_memory_check:
-                next_memory_check = time.monotonic() + _MEMORY_CHECK_INTERVAL
+            if time.monotonic() >= next_worker_check:
+                next_worker_check = time.monotonic() + _WORKER_CHECK_INTERVAL
                 self._retire_the_overgrown()
                 self._kill_the_silent()
             for index, worker in list(self._workers.items()):
