@@ -78,11 +78,14 @@ def _reserve_port(listen: str) -> tuple[HostPort, socket.socket]:
     """Resolve port 0 to a concrete free port and hold it with SO_REUSEPORT.
 
     A port held by something else (another server without SO_REUSEPORT, or
-    another authsvc) is refused here, instead of silently shared.
+    another authsvc) is refused here, instead of silently shared. A port whose only
+    sockets are an earlier server's closing connections (TIME_WAIT, after a restart) is
+    taken, as gRPC's own bind (SO_REUSEADDR) would.
     """
     address = HostPort.parse(listen)
     family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
     probe = socket.socket(family, socket.SOCK_STREAM)
+    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         probe.bind((address.host, address.port))  # no SO_REUSEPORT: fails if anyone holds it
         port = probe.getsockname()[1]
@@ -92,6 +95,8 @@ def _reserve_port(listen: str) -> tuple[HostPort, socket.socket]:
         ) from None
     finally:
         probe.close()
+    # Without SO_REUSEADDR: another authsvc's probe is refused by this hold even before
+    # our workers listen.
     holder = socket.socket(family, socket.SOCK_STREAM)
     holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     holder.bind((address.host, port))  # bound, never listening: receives no connections
