@@ -1,6 +1,6 @@
-"""`authsvc serve` in one process (or as one `--workers` child): migrate, start the
-server (`service.server`), and stop it gracefully on a signal. The `--workers` parent is
-`service.supervisor`.
+"""One worker of `authsvc serve` (`serve --worker`, started by `service.supervisor`, which
+migrates and watches it): start the server (`service.server`), say so to the supervisor
+and beat, and stop gracefully on a signal.
 """
 
 from __future__ import annotations
@@ -35,25 +35,23 @@ def shutdown_drain(grace: float) -> float:
 
 
 STOP_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
-"""Each asks `authsvc serve` (one process, or the supervisor) for the graceful stop;
+"""Each asks `authsvc serve` (the supervisor, or a worker) for the graceful stop;
 SIGQUIT too, so it leaves no embedded PostgreSQL or metrics files behind."""
 
 
-async def serve(settings: Settings, *, worker: bool = False) -> None:
-    """`authsvc serve` in one process: migrate, start, and run until SIGTERM, SIGINT or
-    SIGQUIT (SIGHUP is ignored by the command, see `service.cli`).
-
-    As a `--workers` child (`worker=True`) it binds with SO_REUSEPORT beside its
-    siblings and tells the supervisor through a pipe when it is ready.
-    """
+async def serve(settings: Settings) -> None:
+    """One worker: start, and run until SIGTERM, SIGINT or SIGQUIT (SIGHUP is ignored by
+    the command, see `service.cli`). It binds with SO_REUSEPORT beside its siblings (and,
+    while one is replaced, beside its replacement) and tells the supervisor through a pipe
+    when it is ready, then beats on it."""
     # From here on a signal asks for a graceful stop (even one that arrives while starting).
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, stop.set)
     key_encryption_key(settings)  # a missing AUTH_KEK stops us before the database is touched
-    # A --workers child only checks the schema: the supervisor migrated.
-    async with open_database(settings, migrate=not worker) as database:
+    # A worker only checks the schema: the supervisor migrated.
+    async with open_database(settings, migrate=False) as database:
         # Before serving: refused here (one line) if this host's clock is too far off.
         clock = await start_database_clock(settings, database.pool)
         running = await start_server(
@@ -61,21 +59,10 @@ async def serve(settings: Settings, *, worker: bool = False) -> None:
             dsn=database.dsn,
             pool=database.pool,
             clock=clock,
-            reuse_port=worker,
-            agree_settings=not worker,
+            reuse_port=True,
+            agree_settings=False,
         )
-        heartbeat: asyncio.Task[None] | None = None
-        if worker:
-            heartbeat = _tell_supervisor_ready()
-        else:
-            endpoint = running.metrics_endpoint
-            print_banner(
-                settings,
-                str(HostPort.parse(settings.listen).with_port(running.port)),
-                workers=1,
-                metrics=None if endpoint is None else str(endpoint.address),
-                has_users=await running.components.store.has_live_users(),
-            )
+        heartbeat = _tell_supervisor_ready()
         await stop.wait()
         drain = shutdown_drain(settings.shutdown_grace)
         log.info(

@@ -393,9 +393,11 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
         settings = replace(settings, workers=workers)
         if not args.worker:
             remove_abandoned_multiprocess_dirs()
-        if workers > 1 and not args.worker:
+        if not args.worker:
+            # Even one worker runs under the supervisor, which replaces it when its memory
+            # passes AUTH_WORKER_MAX_MEMORY or its heartbeat stops (docs/security.md).
             return run_supervisor(settings, workers)
-        asyncio.run(serve(settings, worker=args.worker))
+        asyncio.run(serve(settings))
         return 0
     if args.command == "migrate":
         return asyncio.run(_migrate_command(settings))

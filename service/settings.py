@@ -219,9 +219,10 @@ class Settings:
         "AUTH_WORKER_MAX_MEMORY",
         count(64, 1_048_576, zero="never", unit="MiB"),
         default=1024,
-        doc="""MiB of resident memory past which `serve` with several workers replaces a
-        worker: it is told to stop (SIGTERM: it drains its calls) and a new one takes its
-        place. A bound on what a leak below our code costs (gRPC's, docs/security.md)""",
+        doc="""MiB of resident memory past which `serve`'s supervisor replaces a worker (one
+        or several): a new one starts beside it, then it is told to stop (SIGTERM: it drains
+        its calls); killed past 1.5 times this. A bound on what a leak below our code costs
+        (gRPC's, docs/security.md)""",
     )
     max_concurrent_rpcs: int = setting(
         "AUTH_MAX_CONCURRENT_RPCS",

@@ -1,12 +1,14 @@
-"""`authsvc serve --workers N`: N server processes on one port, one command for the operator.
+"""`authsvc serve`: N server processes (one or more) on one port, one command for the operator.
 
 The supervisor itself creates no gRPC object: it prepares the database (starts
 the embedded PostgreSQL if configured so, applies migrations, opens or creates the key
 material, so that a wrong KEK is its one line rather than every worker's), then starts N
 worker processes that each run their own event loop, pool, revocation listener
 and gRPC server bound with SO_REUSEPORT, so the kernel spreads connections over
-them. It restarts a worker that dies and turns SIGTERM, SIGINT or SIGQUIT into a
-graceful stop of every worker (SIGHUP is ignored, see `service.cli`).
+them. It restarts a worker that dies, replaces one that stops beating or outgrows
+AUTH_WORKER_MAX_MEMORY (a lone worker too: `serve --workers 1` is one supervisor and one
+worker), and turns SIGTERM, SIGINT or SIGQUIT into a graceful stop of every worker (SIGHUP
+is ignored, see `service.cli`).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from service.metrics import (
     multiprocess_registry,
     worker_exited,
 )
+from service.processes import die_with_parent
 from service.settings import Settings
 from service.startup_checks import service_directory, start_metrics_endpoint
 from service.store import PostgresStore
@@ -103,16 +106,6 @@ def _reserve_port(listen: str) -> tuple[HostPort, socket.socket]:
     return address.with_port(port), holder
 
 
-def _die_with_parent() -> None:
-    """In the worker, before exec: SIGTERM it if the supervisor dies (even by SIGKILL),
-    so no orphaned worker keeps serving the port (Linux only; elsewhere a no-op)."""
-    with contextlib.suppress(Exception):
-        import ctypes
-
-        pr_set_pdeathsig = 1
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
-
-
 @dataclass
 class _Worker:
     index: int
@@ -120,7 +113,10 @@ class _Worker:
     ready_read: int
     started_at: float = field(default_factory=time.monotonic)
     retiring: bool = False
-    """Told to stop for its memory: replaced once it has exited."""
+    """Over its memory: replaced, its replacement started beside it."""
+    replacement: _Worker | None = None
+    stop_sent_at: float | None = None
+    """When a retiring worker was told to stop (once its replacement serves)."""
     ready: bool = False
     """It said it serves (then its pipe carries heartbeats)."""
     last_heard: float = field(default_factory=time.monotonic)
@@ -147,6 +143,8 @@ class WorkerSupervisor:
         self._dsn = dsn
         self._address = address
         self._workers: dict[int, _Worker] = {}
+        self._retiring: list[_Worker] = []
+        """Told to stop for their memory, draining beside their replacements."""
         self._stopping = False
         self.restarts = 0
 
@@ -173,18 +171,20 @@ class WorkerSupervisor:
             [sys.executable, "-m", "service", "serve", "--worker"],
             env=env,
             pass_fds=(ready_write,),
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,  # no orphaned worker keeps serving the port
         )
         os.close(ready_write)
+        # Read without waiting (`_wait_ready` selects first): a replacement started beside a
+        # retiring worker is heard by the periodic check, not waited for.
+        os.set_blocking(ready_read, False)
         return _Worker(index=index, process=process, ready_read=ready_read)
 
     def _wait_ready(self, worker: _Worker, deadline: float) -> bool:
         while time.monotonic() < deadline:
             readable, _, _ = select.select([worker.ready_read], [], [], 0.2)
             if readable:
+                # Kept open for the heartbeats that follow.
                 worker.ready = os.read(worker.ready_read, 1) == b"r"
-                # Kept open for the heartbeats that follow, read without waiting.
-                os.set_blocking(worker.ready_read, False)
                 worker.last_heard = time.monotonic()
                 return worker.ready
             if worker.process.poll() is not None:
@@ -214,8 +214,9 @@ class WorkerSupervisor:
             time.sleep(0.2)
             if time.monotonic() >= next_worker_check:
                 next_worker_check = time.monotonic() + _WORKER_CHECK_INTERVAL
-                self._retire_the_overgrown()
                 self._kill_the_silent()
+                self._retire_the_overgrown()
+                self._follow_the_retiring()
             for index, worker in list(self._workers.items()):
                 code = worker.process.poll()
                 if code is None or stop_requested[0]:
@@ -223,9 +224,7 @@ class WorkerSupervisor:
                 log.warning(
                     "worker %d (pid %d) exited with %s; restarting", index, worker.process.pid, code
                 )
-                self._forget_metrics(worker)
-                with contextlib.suppress(OSError):
-                    os.close(worker.ready_read)
+                self._forget(worker)
                 # A worker that dies at once is crash-looping: slow the restarts down.
                 if time.monotonic() - worker.started_at < 5.0:
                     time.sleep(backoff)
@@ -240,15 +239,29 @@ class WorkerSupervisor:
 
     def _kill_the_silent(self) -> None:
         """SIGKILL to each worker whose heartbeats stopped for `_SILENT_AFTER` seconds (its
-        event loop no longer turns: stopped, deadlocked, pinned): the kernel still hands it
-        connections, which would hang. `watch` starts its replacement."""
+        event loop no longer turns: stopped, deadlocked, pinned), or that did not say it
+        serves within `_START_TIMEOUT`: the kernel still hands it connections, which would
+        hang. `watch` starts its replacement."""
         now = time.monotonic()
         for index, worker in self._workers.items():
-            if not worker.ready or worker.process.poll() is not None:
+            if worker.process.poll() is not None:
                 continue
             with contextlib.suppress(BlockingIOError):
-                if os.read(worker.ready_read, 4096):
+                heard = os.read(worker.ready_read, 4096)
+                if heard and not worker.ready:
+                    worker.ready = heard[:1] == b"r"  # a replacement's first byte
+                if heard:
                     worker.last_heard = now
+            if not worker.ready:
+                if now - worker.started_at > _START_TIMEOUT:
+                    log.warning(
+                        "worker %d (pid %d) did not start in %.0f s: killing it",
+                        index,
+                        worker.process.pid,
+                        _START_TIMEOUT,
+                    )
+                    worker.process.kill()
+                continue
             if now - worker.last_heard > _SILENT_AFTER:
                 log.warning(
                     "worker %d (pid %d) sent no heartbeat for %.0f s: killing it",
@@ -259,31 +272,20 @@ class WorkerSupervisor:
                 worker.process.kill()
 
     def _retire_the_overgrown(self) -> None:
-        """SIGTERM to each worker whose resident memory passed AUTH_WORKER_MAX_MEMORY: it
-        drains its calls and exits, and `watch` starts its replacement; SIGKILL if it goes
-        past `_KILL_PAST` times that meanwhile."""
+        """Replace each worker whose resident memory passed AUTH_WORKER_MAX_MEMORY: its
+        replacement starts at once, beside it, and once that serves it gets SIGTERM,
+        drains its calls and exits (`_follow_the_retiring`): even a lone worker's port is
+        never without a listener."""
         limit_mib = self._settings.worker_max_memory
         if not limit_mib:
             return
-        for index, worker in self._workers.items():
+        for index, worker in list(self._workers.items()):
             if worker.process.poll() is not None:
-                continue
+                continue  # `watch` restarts it
             try:
                 rss = psutil.Process(worker.process.pid).memory_info().rss
             except psutil.Error:
                 continue  # gone meanwhile: `watch` sees it
-            if worker.retiring:
-                # Still growing while it drains (what grows it may still be sending): its
-                # calls' grace is not worth the machine's memory.
-                if rss > _KILL_PAST * limit_mib * 1024 * 1024:
-                    log.warning(
-                        "worker %d (pid %d) grew to %d MiB while stopping: killing it",
-                        index,
-                        worker.process.pid,
-                        rss // (1024 * 1024),
-                    )
-                    worker.process.kill()
-                continue
             if rss > limit_mib * 1024 * 1024:
                 log.warning(
                     "worker %d (pid %d) holds %d MiB, over AUTH_WORKER_MAX_MEMORY=%d: replacing it",
@@ -293,28 +295,70 @@ class WorkerSupervisor:
                     limit_mib,
                 )
                 worker.retiring = True
+                worker.replacement = self._spawn(index)
+                self._workers[index] = worker.replacement
+                self._retiring.append(worker)
+                self.restarts += 1
+
+    def _follow_the_retiring(self) -> None:
+        """SIGTERM to each retiring worker once its replacement serves (or is gone or
+        late: then the memory matters more); forget it once it exited. SIGKILL one that
+        grows past `_KILL_PAST` times AUTH_WORKER_MAX_MEMORY meanwhile (what grows it may
+        still be sending: its calls' grace is not worth the machine's memory) or that is
+        still there well after its grace."""
+        limit = _KILL_PAST * self._settings.worker_max_memory * 1024 * 1024
+        overdue = self._settings.shutdown_grace + 10.0
+        now = time.monotonic()
+        for worker in list(self._retiring):
+            if worker.process.poll() is not None:
+                self._retiring.remove(worker)
+                self._forget(worker)
+                continue
+            replacement = worker.replacement
+            if worker.stop_sent_at is None and (
+                replacement is None
+                or replacement.ready
+                or replacement.process.poll() is not None
+                or now - replacement.started_at > _START_TIMEOUT
+            ):
+                worker.stop_sent_at = now
                 worker.process.send_signal(signal.SIGTERM)
+            try:
+                rss = psutil.Process(worker.process.pid).memory_info().rss
+            except psutil.Error:
+                continue  # gone meanwhile: seen next time
+            late = worker.stop_sent_at is not None and now - worker.stop_sent_at > overdue
+            if rss > limit or late:
+                log.warning(
+                    "worker %d (pid %d) still there while stopping (%d MiB): killing it",
+                    worker.index,
+                    worker.process.pid,
+                    rss // (1024 * 1024),
+                )
+                worker.process.kill()
 
     def stop(self, grace: float) -> None:
         """SIGTERM every worker, wait for the graceful stop, then kill stragglers."""
-        for worker in self._workers.values():
-            if worker.process.poll() is None:
+        every = [*self._workers.values(), *self._retiring]
+        for worker in every:
+            if worker.process.poll() is None and worker.stop_sent_at is None:
                 worker.process.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + grace + 5.0
-        for worker in self._workers.values():
+        for worker in every:
             try:
                 worker.process.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 log.warning("worker %d did not stop in time; killing it", worker.index)
                 worker.process.kill()
                 worker.process.wait()
-            if worker.ready_read >= 0:
-                with contextlib.suppress(OSError):
-                    os.close(worker.ready_read)
-            self._forget_metrics(worker)
+            self._forget(worker)
+        self._retiring.clear()
 
-    def _forget_metrics(self, worker: _Worker) -> None:
-        """A dead worker's gauges leave the totals (its counters stay counted)."""
+    def _forget(self, worker: _Worker) -> None:
+        """An exited worker: its pipe closed, its gauges out of the totals (its counters
+        stay counted)."""
+        with contextlib.suppress(OSError):
+            os.close(worker.ready_read)
         if self._metrics_dir is not None:
             worker_exited(worker.process.pid, self._metrics_dir)
 
@@ -364,7 +408,12 @@ def run_supervisor(settings: Settings, workers: int) -> int:
             has_users=has_users,
         )
         supervisor.watch(stop_requested)
-        log.info("stopping %d workers: in-flight calls get %.1fs", workers, settings.shutdown_grace)
+        log.info(
+            "stopping %d worker%s: in-flight calls get %.1fs",
+            workers,
+            "s" if workers != 1 else "",
+            settings.shutdown_grace,
+        )
         supervisor.stop(settings.shutdown_grace)
     finally:
         holder.close()
