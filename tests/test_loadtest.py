@@ -5,12 +5,17 @@ Speed is not asserted here (see `make bench`); only that the tool works and repo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 from argon2 import PasswordHasher as Argon2Hasher
 
@@ -210,3 +215,70 @@ def test_argon2_baseline_hashes_at_the_priority_of_the_servers_hashing_threads()
         assert argon2_rate(threads=2, duration=0.05) > 0
     assert niceness
     assert set(niceness) == {19}
+
+
+def _serve_processes_of(load: psutil.Process) -> list[psutil.Process]:
+    """The `serve` supervisor `load` started (first), then its workers."""
+    found = [p for p in load.children(recursive=True) if "serve" in p.cmdline()]
+    return sorted(found, key=lambda p: "--worker" in p.cmdline())
+
+
+def _postgres_of(data_dir: str) -> list[psutil.Process]:
+    return [
+        p
+        for p in psutil.process_iter(["name", "cmdline"])
+        if p.info["name"] == "postgres" and data_dir in " ".join(p.info["cmdline"] or [])
+    ]
+
+
+@pytest.mark.system
+@pytest.mark.timeout(180)
+def test_a_killed_load_run_leaves_no_server_behind(tmp_path: Path) -> None:
+    """SIGKILL to `authsvc load` (as a timeout kills it) ends the server it started, with
+    its embedded PostgreSQL: they stayed behind and had to be killed by hand."""
+    out = tmp_path / "load.out"
+    load = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "service",
+            "load",
+            "--duration",
+            "120",
+            "--workers",
+            "1",
+            "--processes",
+            "1",
+            "--concurrency",
+            "2",
+            "--users",
+            "2",
+            "--scenario",
+            "health",
+        ],
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=out.open("w"),  # its progress lines
+    )
+    servers: list[psutil.Process] = []
+    postgres: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + 90
+        while "requests" not in out.read_text():  # measuring: the server has started
+            assert load.poll() is None, "the load run ended early"
+            assert time.monotonic() < deadline, "the load run started no server"
+            time.sleep(0.5)
+        servers = _serve_processes_of(psutil.Process(load.pid))
+        assert len(servers) == 2, servers  # the supervisor, its worker
+        postgres = _postgres_of(servers[0].environ()["AUTH_DATA_DIR"])
+        assert postgres, "precondition: the server's embedded PostgreSQL"
+        load.kill()
+        load.wait()
+        _, alive = psutil.wait_procs([*servers, *postgres], timeout=30)
+        assert not alive, f"left running after the load run was killed: {alive}"
+    finally:
+        if load.poll() is None:
+            load.kill()
+        for process in [*servers, *postgres]:  # a failed run must not leave them running
+            with contextlib.suppress(psutil.Error):
+                process.kill()

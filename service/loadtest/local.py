@@ -61,8 +61,9 @@ def local_server_process(
             env.setdefault("AUTH_MAX_SESSIONS_PER_USER", "10000")
         env["AUTH_DATA_DIR"] = data_dir
         env["AUTH_LISTEN"] = "127.0.0.1:0"
-        # Its stderr is ours (the load run's), as is its lifetime: SIGTERM at the end.
-        command = ServeCommand(env, workers=workers, stderr=None, within=120)
+        # Its stderr is ours (the load run's), as is its lifetime: SIGTERM at the end, or
+        # when we die (a killed bench left its servers running).
+        command = ServeCommand(env, workers=workers, stderr=None, within=120, die_with_parent=True)
         with serving(command) as server:
             settings = Settings.from_env(env)
             if settings.database_url is None:

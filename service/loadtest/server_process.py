@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, TypeAlias
 
+from service.processes import die_with_parent
+
 SERVING_RE = re.compile(r"authsvc serving on (\S+):(\d+)")
 METRICS_RE = re.compile(r"metrics on http://(\S+):(\d+)/metrics")
 
@@ -44,6 +46,10 @@ class ServeCommand:
     whole group as a terminal does."""
     within: float = 60.0
     """Seconds to wait for its address."""
+    die_with_parent: bool = False
+    """SIGTERM to it (a graceful stop) when the process that started it dies, even by
+    SIGKILL: a load run or bench that is killed leaves no server behind. Linux; start it
+    from the main thread (the signal follows the thread that started it)."""
 
     def argv(self) -> list[str]:
         workers = [] if self.workers is None else ["--workers", str(self.workers)]
@@ -74,6 +80,7 @@ class ServeCommand:
             text=True,
             cwd=self.cwd,
             start_new_session=self.new_session,
+            preexec_fn=die_with_parent if self.die_with_parent else None,
         )
 
 
