@@ -235,7 +235,9 @@ def _postgres_of(data_dir: str) -> list[psutil.Process]:
 @pytest.mark.timeout(180)
 def test_a_killed_load_run_leaves_no_server_behind(tmp_path: Path) -> None:
     """SIGKILL to `authsvc load` (as a timeout kills it) ends the server it started, with
-    its embedded PostgreSQL: they stayed behind and had to be killed by hand."""
+    its embedded PostgreSQL, and its load processes: they stayed behind (the server and its
+    database until killed by hand, the load processes calling a dead server until the
+    run's duration had passed)."""
     out = tmp_path / "load.out"
     load = subprocess.Popen(
         [
@@ -262,6 +264,7 @@ def test_a_killed_load_run_leaves_no_server_behind(tmp_path: Path) -> None:
     )
     servers: list[psutil.Process] = []
     postgres: list[psutil.Process] = []
+    load_processes: list[psutil.Process] = []
     try:
         deadline = time.monotonic() + 90
         while "requests" not in out.read_text():  # measuring: the server has started
@@ -272,13 +275,16 @@ def test_a_killed_load_run_leaves_no_server_behind(tmp_path: Path) -> None:
         assert len(servers) == 2, servers  # the supervisor, its worker
         postgres = _postgres_of(servers[0].environ()["AUTH_DATA_DIR"])
         assert postgres, "precondition: the server's embedded PostgreSQL"
+        load_processes = [p for p in psutil.Process(load.pid).children() if p not in servers]
+        assert load_processes, "precondition: the load processes"
         load.kill()
         load.wait()
-        _, alive = psutil.wait_procs([*servers, *postgres], timeout=30)
+        _, alive = psutil.wait_procs([*servers, *postgres, *load_processes], timeout=30)
         assert not alive, f"left running after the load run was killed: {alive}"
     finally:
         if load.poll() is None:
             load.kill()
-        for process in [*servers, *postgres]:  # a failed run must not leave them running
+        # A failed run must not leave them running.
+        for process in [*servers, *postgres, *load_processes]:
             with contextlib.suppress(psutil.Error):
                 process.kill()

@@ -35,6 +35,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.loadtest.sql_rotation import RotationRefused, SqlRotations
 from service.loadtest.stats import ProcessResult, ScenarioSummary, summarize
+from service.processes import die_with_parent
 
 SCENARIOS = ("validate", "refresh", "issue", "mixed", "health")
 # The bench's SQL baseline (`service.loadtest.sql_rotation`): `target` is a database URL.
@@ -343,6 +344,8 @@ def _process_entry(
     progress: Synchronized[int],
     results: multiprocessing.Queue[tuple[int, ProcessResult | str]],
 ) -> None:
+    # A killed run must not leave its load processes calling on for the run's duration.
+    die_with_parent()
     try:
         outcome: ProcessResult | str = asyncio.run(
             _run_process(plan, index, clients, barrier, progress)
