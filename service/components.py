@@ -43,7 +43,7 @@ from service.domain.throttle import LoginThrottle
 from service.domain.tokens import TokenService
 from service.domain.users import UserDirectory
 from service.domain.validation import AccessTokenValidator
-from service.failures import KekMissing
+from service.failures import ConfigurationError, KekMissing
 from service.secrets_box import SecretBox, load_or_create_kek_file
 from service.settings import Settings
 from service.store import PostgresStore
@@ -66,7 +66,14 @@ def key_encryption_key(settings: Settings) -> bytes:
         return settings.kek
     if settings.database_url is not None:
         raise KekMissing()
-    return load_or_create_kek_file(settings.data_dir / "kek")
+    try:
+        return load_or_create_kek_file(settings.data_dir / "kek")
+    except (FileExistsError, FileNotFoundError, NotADirectoryError, PermissionError) as exc:
+        # A file where the directory should be, no such parent, no permission: the
+        # operator's to fix (one line, exit 2), as the embedded PostgreSQL's own check says.
+        raise ConfigurationError(
+            f"AUTH_DATA_DIR: cannot hold the KEK file there ({exc.strerror})"
+        ) from None
 
 
 @dataclass(frozen=True)

@@ -52,9 +52,10 @@ log = logging.getLogger(__name__)
 _START_TIMEOUT = 60.0
 _RESTART_BACKOFF_MAX = 10.0
 # How often the workers' heartbeats and resident memory (against AUTH_WORKER_MAX_MEMORY)
-# are read, and the multiple of that limit past which a worker told to stop is killed
-# instead of left to drain.
-_WORKER_CHECK_INTERVAL = 1.0
+# are read, and the multiple of that limit past which a worker being replaced is killed
+# instead of left to drain. Often: what grows a worker below our code (gRPC core's HPACK
+# bomb) can add 400-600 MiB a second, and the later it is seen the further past the limit.
+_WORKER_CHECK_INTERVAL = 0.2
 _KILL_PAST = 1.5
 # Seconds without a heartbeat (a worker beats every second from its event loop) after
 # which a worker is taken for stuck and killed.
@@ -330,10 +331,13 @@ class WorkerSupervisor:
             late = worker.stop_sent_at is not None and now - worker.stop_sent_at > overdue
             if rss > limit or late:
                 log.warning(
-                    "worker %d (pid %d) still there while stopping (%d MiB): killing it",
+                    "worker %d (pid %d) %s: killing it",
                     worker.index,
                     worker.process.pid,
-                    rss // (1024 * 1024),
+                    f"still there {overdue:.0f} s after it was told to stop"
+                    if late
+                    else f"grew to {rss // (1024 * 1024)} MiB, past {_KILL_PAST} x "
+                    "AUTH_WORKER_MAX_MEMORY, while being replaced",
                 )
                 worker.process.kill()
 
@@ -374,8 +378,13 @@ def run_supervisor(settings: Settings, workers: int) -> int:
     if settings.caller_auth:
         service_directory(settings)
     key_encryption_key(settings)  # a missing AUTH_KEK stops us before the database is touched
-    dsn, has_users = asyncio.run(_prepare_database(settings))
+    # The port too: a second server on it is refused before it migrates or writes anything.
     address, holder = _reserve_port(settings.listen)
+    try:
+        dsn, has_users = asyncio.run(_prepare_database(settings))
+    except BaseException:
+        holder.close()
+        raise
     stop_requested = [False]
 
     def request_stop(_signum: int, _frame: object) -> None:

@@ -202,6 +202,13 @@ def test_an_operators_mistake_is_one_line_not_a_bug(tmp_path: Path) -> None:
         message = _failure(result, "text")
         assert "AUTH_DATABASE_URL" in message or "AUTH_DATA_DIR" in message, message
         assert password not in result.stderr and "Traceback" not in result.stderr
+    # `serve` too, which first makes the KEK file there (outside-in review: exit 70 and a
+    # traceback from its mkdir).
+    for case in cases[2:]:
+        env = _env(AUTH_LOG_FORMAT="text", AUTH_LISTEN="127.0.0.1:0", **case)
+        result = _authsvc("serve", env=env)
+        assert result.returncode == 2, result.stderr
+        assert "AUTH_DATA_DIR" in _failure(result, "text")
 
 
 @pytest.mark.system
@@ -220,6 +227,12 @@ def test_a_port_in_use_is_one_line(database_url: str, tmp_path: Path) -> None:
             result = _authsvc("serve", env=taken)
             assert result.returncode == 2, result.stderr
             assert f"127.0.0.1:{port}" in _failure(result, "text")
+        # Before any database work (outside-in review: a refused server first migrated and
+        # wrote key material and settings): with no database to reach, still the port's line.
+        unreachable = {**taken, "AUTH_DATABASE_URL": "postgresql://u@127.0.0.1:1/x"}
+        result = _authsvc("serve", env=unreachable)
+        assert result.returncode == 2, result.stderr
+        assert f"127.0.0.1:{port}" in _failure(result, "text")
 
 
 @pytest.mark.system
