@@ -372,26 +372,15 @@ class WorkerSupervisor:
 
 
 def run_supervisor(settings: Settings, workers: int) -> int:
-    """The `serve --workers N` parent: returns the process exit code."""
+    """The `serve` parent, with one worker or several: returns the process exit code."""
     # A file every worker would fail on, checked once here first (TLS files were checked
     # readable with the settings; their contents only gRPC reads, in the workers).
     if settings.caller_auth:
         service_directory(settings)
     key_encryption_key(settings)  # a missing AUTH_KEK stops us before the database is touched
-    # The port too: a second server on it is refused before it migrates or writes anything.
+    # The ports too: a second server on them is refused before it migrates or writes
+    # anything (and before an unreachable database could hide why).
     address, holder = _reserve_port(settings.listen)
-    try:
-        dsn, has_users = asyncio.run(_prepare_database(settings))
-    except BaseException:
-        holder.close()
-        raise
-    stop_requested = [False]
-
-    def request_stop(_signum: int, _frame: object) -> None:
-        stop_requested[0] = True
-
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, request_stop)
     metrics_dir: OwnedMultiprocessDir | None = None
     endpoint: MetricsEndpoint | None = None
     try:
@@ -400,6 +389,14 @@ def run_supervisor(settings: Settings, workers: int) -> int:
             endpoint = start_metrics_endpoint(
                 settings.metrics_listen, multiprocess_registry(metrics_dir.path)
             )
+        dsn, has_users = asyncio.run(_prepare_database(settings))
+        stop_requested = [False]
+
+        def request_stop(_signum: int, _frame: object) -> None:
+            stop_requested[0] = True
+
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, request_stop)
         supervisor = WorkerSupervisor(
             settings,
             workers=workers,

@@ -233,6 +233,15 @@ def test_a_port_in_use_is_one_line(database_url: str, tmp_path: Path) -> None:
         result = _authsvc("serve", env=unreachable)
         assert result.returncode == 2, result.stderr
         assert f"127.0.0.1:{port}" in _failure(result, "text")
+        # The metrics port as well.
+        metrics_taken = {
+            **unreachable,
+            "AUTH_LISTEN": "127.0.0.1:0",
+            "AUTH_METRICS_LISTEN": f"127.0.0.1:{port}",
+        }
+        result = _authsvc("serve", env=metrics_taken)
+        assert result.returncode == 2, result.stderr
+        assert _failure(result, "text").startswith("authsvc: AUTH_METRICS_LISTEN:")
 
 
 @pytest.mark.system
