@@ -4,6 +4,7 @@ way the load runs, the soak and the tests start a real server (one place reads t
 
 from __future__ import annotations
 
+import contextlib
 import re
 import signal
 import subprocess
@@ -15,6 +16,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, TypeAlias
+
+import psutil
 
 from service.processes import die_with_parent
 
@@ -157,9 +160,22 @@ class ServerProcess:
         return self._finished()
 
     def kill(self) -> int:
-        """SIGKILL (unless it has exited): it dies as on a host failure, without a drain."""
+        """SIGKILL to it and its workers (unless it has exited): they die as on a host
+        failure, without a drain. (Killed alone, the supervisor's death would send its
+        workers SIGTERM, and they would drain. Its embedded PostgreSQL is left to the next
+        start to adopt, as a killed supervisor leaves it.)"""
         if self.process.poll() is None:
+            workers = []
+            with contextlib.suppress(psutil.Error):
+                workers = [
+                    child
+                    for child in psutil.Process(self.process.pid).children()
+                    if "--worker" in child.cmdline()
+                ]
             self.process.kill()
+            for worker in workers:
+                with contextlib.suppress(psutil.Error):
+                    worker.kill()
             self.process.wait()
             self.killed = True
         return self._finished()
