@@ -393,7 +393,6 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
         settings = replace(settings, workers=workers)
         if not args.worker:
             remove_abandoned_multiprocess_dirs()
-        if not args.worker:
             # Even one worker runs under the supervisor, which replaces it when its memory
             # passes AUTH_WORKER_MAX_MEMORY or its heartbeat stops (docs/security.md).
             return run_supervisor(settings, workers)

@@ -113,9 +113,8 @@ class _Worker:
     process: subprocess.Popen[bytes]
     ready_read: int
     started_at: float = field(default_factory=time.monotonic)
-    retiring: bool = False
-    """Over its memory: replaced, its replacement started beside it."""
     replacement: _Worker | None = None
+    """Set when it is over its memory: the worker started beside it to take its place."""
     stop_sent_at: float | None = None
     """When a retiring worker was told to stop (once its replacement serves)."""
     ready: bool = False
@@ -295,7 +294,6 @@ class WorkerSupervisor:
                     rss // (1024 * 1024),
                     limit_mib,
                 )
-                worker.retiring = True
                 worker.replacement = self._spawn(index)
                 self._workers[index] = worker.replacement
                 self._retiring.append(worker)
