@@ -5,13 +5,18 @@ the validator's cache, the memory probes ran. Speed is not asserted (`make bench
 
 from __future__ import annotations
 
+import asyncio
 import os
+import time
+
+import pytest
 
 from service.loadtest.local_validation import (
     ColdCheck,
     MemoryFigures,
     ValidationSpeed,
     _measure_memory,
+    _Streams,
     measure_speed,
     report_tables,
 )
@@ -56,6 +61,29 @@ async def test_memory_part_reads_the_server_and_a_validator_process(server: Live
     for rss in (memory.server_base, memory.server_watchers, memory.validator_revoked):
         assert rss > 10  # MiB: a Python process, read
     assert memory.validator_revoked >= memory.validator_base > 0
+
+
+async def test_closing_the_streams_is_bounded_when_grpc_never_finishes_closing(
+    server: LiveServer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A fresh-clone run's bench once waited until its test's timeout in this part. Closing
+    1,000 streams is where grpc.aio is known to wait forever; each wait is bounded now."""
+    streams = _Streams(server.address, channels=2)
+    streams.open(4, after_sequence=0)
+    await streams.until_synced(4, within=10)
+    never = asyncio.Event()
+
+    async def close_that_never_ends(grace: float | None = None) -> None:
+        await never.wait()
+
+    stuck = streams._channels[0]
+    monkeypatch.setattr(stuck, "close", close_that_never_ends)
+    started = time.monotonic()
+    await asyncio.wait_for(streams.close(within=0.3), 10)
+    assert time.monotonic() - started < 5
+    assert "a channel did not close" in capsys.readouterr().err
+    monkeypatch.undo()
+    await stuck.close()
 
 
 def test_report_has_the_ratio_rows_and_their_targets() -> None:

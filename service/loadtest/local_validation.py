@@ -32,6 +32,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import asyncpg
 import grpc
@@ -58,6 +59,9 @@ misses (LRU)."""
 HOT_TARGET = 50.0
 COLD_TARGET = 3.0
 REVOKED_SESSIONS = 100_000
+CLOSE_WITHIN = 10.0
+"""Seconds any one close or database statement of the memory part may take: a stall
+becomes an error naming its step, not a bench that never ends."""
 WATCHERS = 1000
 WATCHER_CHANNELS = 10
 SNAPSHOT_WATCHERS = 10
@@ -330,6 +334,11 @@ asyncio.run(main(sys.argv[1], int(sys.argv[2])))
 """
 
 
+def _step(text: str) -> None:
+    """A progress line: which step a slow or stalled bench is in."""
+    print(f"bench: LocalValidator part: {text}", file=sys.stderr, flush=True)
+
+
 def _server_rss(pid: int) -> float:
     """MiB: the server process and its workers (not the PostgreSQL it started)."""
     server = psutil.Process(pid)
@@ -349,7 +358,7 @@ async def _settled_rss(pid: int, seconds: float) -> float:
 async def _append_revoked_sessions(database_url: str, count: int) -> tuple[int, list[int]]:
     """`count` made-up revoked sessions appended to the log in one transaction (kept ten
     minutes); the log's head after them, and their row ids."""
-    conn = await asyncpg.connect(database_url)
+    conn = await asyncpg.connect(database_url, timeout=CLOSE_WITHIN)
     try:
         ids = await conn.fetchval(
             """WITH added AS (
@@ -359,16 +368,18 @@ async def _append_revoked_sessions(database_url: str, count: int) -> tuple[int, 
                    RETURNING id)
                SELECT array_agg(id) FROM added""",
             count,
+            timeout=6 * CLOSE_WITHIN,
         )
-        return int(await conn.fetchval("SELECT sequence FROM revocation_log_head")), list(ids)
+        head = await conn.fetchval("SELECT sequence FROM revocation_log_head", timeout=CLOSE_WITHIN)
+        return int(head), list(ids)
     finally:
-        await conn.close()
+        await asyncio.wait_for(conn.close(), CLOSE_WITHIN)
 
 
 async def _remove_log_rows(database_url: str, ids: list[int]) -> None:
     """Delete those rows as the janitor does (raising the compaction horizon past them), so
     a database the bench was pointed at (AUTH_DATABASE_URL) keeps none of them."""
-    conn = await asyncpg.connect(database_url)
+    conn = await asyncpg.connect(database_url, timeout=CLOSE_WITHIN)
     try:
         await conn.execute(
             """WITH gone AS (DELETE FROM revocation_log WHERE id = ANY($1) RETURNING sequence)
@@ -377,9 +388,10 @@ async def _remove_log_rows(database_url: str, ids: list[int]) -> None:
                                                    (SELECT max(sequence) FROM gone))
                 WHERE EXISTS (SELECT 1 FROM gone)""",
             ids,
+            timeout=6 * CLOSE_WITHIN,
         )
     finally:
-        await conn.close()
+        await asyncio.wait_for(conn.close(), CLOSE_WITHIN)
 
 
 class _Streams:
@@ -387,6 +399,7 @@ class _Streams:
 
     def __init__(self, target: str, channels: int) -> None:
         self._channels = [grpc.aio.insecure_channel(target) for _ in range(channels)]
+        self._calls: list[grpc.aio.UnaryStreamCall[Any, Any]] = []
         self._tasks: list[asyncio.Task[None]] = []
         self.synced = 0
         self.failed: list[str] = []
@@ -397,6 +410,7 @@ class _Streams:
             call = stub.WatchRevocations(
                 auth_pb2.WatchRevocationsRequest(after_sequence=after_sequence)
             )
+            self._calls.append(call)
             self._tasks.append(asyncio.create_task(self._read(call)))
 
     async def _read(
@@ -421,12 +435,23 @@ class _Streams:
                 raise RuntimeError(f"{self.synced} of {count} watch streams synced")
             await asyncio.sleep(0.05)
 
-    async def close(self) -> None:
+    async def close(self, within: float = CLOSE_WITHIN) -> None:
+        """Each call cancelled first, then its reader and the channels, every wait bounded:
+        grpc.aio's channel close and a cancelled reader of a stream have been known to wait
+        forever (grpc/grpc#32005, #41875), and the figures are already taken."""
+        for call in self._calls:
+            call.cancel()
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._tasks:
+            _, pending = await asyncio.wait(self._tasks, timeout=within)
+            if pending:
+                print(f"bench: {len(pending)} watch readers did not stop", file=sys.stderr)
         for channel in self._channels:
-            await channel.close()
+            try:
+                await asyncio.wait_for(channel.close(), within)
+            except TimeoutError:
+                print("bench: a channel did not close", file=sys.stderr)
 
 
 async def _measure_memory(
@@ -442,9 +467,11 @@ async def _measure_memory(
     """`settle`: seconds to wait before each reading (the server finishes what it was
     doing; the streams' heartbeats flow)."""
     server_base = await _settled_rss(pid, settle)
+    _step(f"appending {revoked:,} revoked sessions")
     head, added = await _append_revoked_sessions(database_url, revoked)
     try:
         # The validator's process: once it holds all of them, so does the server it asked.
+        _step("a LocalValidator process takes them in")
         probe = await asyncio.create_subprocess_exec(
             sys.executable,
             "-c",
@@ -461,22 +488,27 @@ async def _measure_memory(
             raise RuntimeError(f"the validator held {held} revoked sessions")
         server_revoked = await _settled_rss(pid, settle)
 
+        _step(f"{watchers:,} WatchRevocations streams")
         resuming = _Streams(target, WATCHER_CHANNELS)
         try:
             resuming.open(watchers, after_sequence=head)  # nothing missed: no snapshot
             await resuming.until_synced(watchers, within=60)
             server_watchers = await _settled_rss(pid, settle)
         finally:
+            _step("closing them")
             await resuming.close()
         server_before_snapshots = await _settled_rss(pid, settle)
+        _step(f"{snapshot_watchers} streams sent the whole snapshot")
         snapshots = _Streams(target, 1)
         try:
             snapshots.open(snapshot_watchers, after_sequence=0)
             await snapshots.until_synced(snapshot_watchers, within=60)
             server_snapshots = await _settled_rss(pid, settle)
         finally:
+            _step("closing them")
             await snapshots.close()
     finally:
+        _step("removing the revoked sessions")
         await _remove_log_rows(database_url, added)
     return MemoryFigures(
         server_base=server_base,
@@ -510,6 +542,7 @@ def measure_local_validation(
         usernames, password = seed_users(server.settings, 8)
 
         async def both() -> tuple[ValidationSpeed, MemoryFigures]:
+            _step("speed against Validate over gRPC")
             speed = await measure_speed(
                 server.target,
                 usernames,
