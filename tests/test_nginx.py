@@ -28,13 +28,11 @@ from tests.test_replicas import _create_user
 NGINX = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin")
 CONF = Path(__file__).resolve().parent.parent / "deploy" / "nginx" / "authsvc.conf"
 
-pytestmark = [
-    pytest.mark.system,
-    pytest.mark.skipif(
-        NGINX is None,
-        reason="nginx is not installed (apt-get install nginx-light; .ci/run installs it)",
-    ),
-]
+NEEDS_NGINX = pytest.mark.skipif(
+    NGINX is None,
+    reason="nginx is not installed (apt-get install nginx-light; .ci/run installs it)",
+)
+pytestmark = [pytest.mark.system, NEEDS_NGINX]
 
 _UPSTREAM_SERVER = re.compile(r"^(\s*server )authsvc-\d:50051( .*;)$", re.MULTILINE)
 _LISTEN = re.compile(r"^(\s*listen )50051( http2;)$", re.MULTILINE)

@@ -16,16 +16,9 @@ import pytest
 from service.loadtest.server_process import ServeCommand, serving
 from tests.security.test_worker_memory import _bomb, _jwks_answers, _workers
 from tests.test_cli import _server_env
-from tests.test_nginx import NGINX, nginx
+from tests.test_nginx import NEEDS_NGINX, nginx
 
-pytestmark = [
-    pytest.mark.system,
-    pytest.mark.timeout(180),
-    pytest.mark.skipif(
-        NGINX is None,
-        reason="nginx is not installed (apt-get install nginx-light; .ci/run installs it)",
-    ),
-]
+pytestmark = [pytest.mark.system, pytest.mark.timeout(180), NEEDS_NGINX]
 
 
 def _resident_mib(process: psutil.Process) -> int:
