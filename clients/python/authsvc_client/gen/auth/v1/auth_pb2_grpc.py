@@ -86,7 +86,9 @@ class AuthServiceServicer:
         and retires the presented refresh token. Presenting the same refresh token
         again within the grace window returns the same new refresh token (so a
         lost response can be retried); presenting it later, or after its child was
-        used, is treated as theft and revokes the whole session.
+        used, is treated as theft and revokes the whole session. After
+        UNAVAILABLE, DEADLINE_EXCEEDED or CANCELLED the rotation may have
+        happened: retry within the grace window (docs/api.md).
         Errors: UNAUTHENTICATED with reason REFRESH_TOKEN_INVALID,
         REFRESH_TOKEN_EXPIRED, SESSION_REVOKED or REFRESH_TOKEN_REUSED;
         INVALID_ARGUMENT; UNAVAILABLE/DATABASE_UNAVAILABLE.

@@ -57,7 +57,9 @@ class AuthServiceStub:
     and retires the presented refresh token. Presenting the same refresh token
     again within the grace window returns the same new refresh token (so a
     lost response can be retried); presenting it later, or after its child was
-    used, is treated as theft and revokes the whole session.
+    used, is treated as theft and revokes the whole session. After
+    UNAVAILABLE, DEADLINE_EXCEEDED or CANCELLED the rotation may have
+    happened: retry within the grace window (docs/api.md).
     Errors: UNAUTHENTICATED with reason REFRESH_TOKEN_INVALID,
     REFRESH_TOKEN_EXPIRED, SESSION_REVOKED or REFRESH_TOKEN_REUSED;
     INVALID_ARGUMENT; UNAVAILABLE/DATABASE_UNAVAILABLE.
@@ -112,7 +114,9 @@ class AuthServiceAsyncStub(AuthServiceStub):
     and retires the presented refresh token. Presenting the same refresh token
     again within the grace window returns the same new refresh token (so a
     lost response can be retried); presenting it later, or after its child was
-    used, is treated as theft and revokes the whole session.
+    used, is treated as theft and revokes the whole session. After
+    UNAVAILABLE, DEADLINE_EXCEEDED or CANCELLED the rotation may have
+    happened: retry within the grace window (docs/api.md).
     Errors: UNAUTHENTICATED with reason REFRESH_TOKEN_INVALID,
     REFRESH_TOKEN_EXPIRED, SESSION_REVOKED or REFRESH_TOKEN_REUSED;
     INVALID_ARGUMENT; UNAVAILABLE/DATABASE_UNAVAILABLE.
@@ -176,7 +180,9 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         and retires the presented refresh token. Presenting the same refresh token
         again within the grace window returns the same new refresh token (so a
         lost response can be retried); presenting it later, or after its child was
-        used, is treated as theft and revokes the whole session.
+        used, is treated as theft and revokes the whole session. After
+        UNAVAILABLE, DEADLINE_EXCEEDED or CANCELLED the rotation may have
+        happened: retry within the grace window (docs/api.md).
         Errors: UNAUTHENTICATED with reason REFRESH_TOKEN_INVALID,
         REFRESH_TOKEN_EXPIRED, SESSION_REVOKED or REFRESH_TOKEN_REUSED;
         INVALID_ARGUMENT; UNAVAILABLE/DATABASE_UNAVAILABLE.
