@@ -13,9 +13,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import asyncpg
 import pytest
 
 from service.loadtest.freshness import (
+    _CUT_SQL,
+    _LISTENERS_SQL,
     CUT_TARGET_MS,
     STEADY_TARGET_MS,
     Delays,
@@ -23,6 +26,7 @@ from service.loadtest.freshness import (
     FreshnessResult,
     run_freshness,
 )
+from service.store.revocation_feed import LISTENER_APPLICATION_NAME
 
 
 @pytest.mark.system
@@ -63,3 +67,32 @@ def test_the_verdict_needs_200_revocations_and_both_bounds() -> None:
     lost = FreshnessResult(FreshnessOptions(), steady=fast, cut=Delays([0.1], not_refused=1))
     assert not lost.passed
     assert FreshnessResult(FreshnessOptions(cut_seconds=0), steady=fast).passed
+
+
+async def test_listener_cuts_end_only_the_listeners_of_the_measured_database(
+    database_url: str, empty_database: str
+) -> None:
+    """`make freshness` and `authsvc bench` may be pointed at a PostgreSQL that other
+    databases share (AUTH_DATABASE_URL): the listeners of another database's authsvc are
+    neither counted nor cut."""
+    other = await asyncpg.connect(
+        empty_database, server_settings={"application_name": LISTENER_APPLICATION_NAME}
+    )
+    ours = await asyncpg.connect(
+        database_url, server_settings={"application_name": LISTENER_APPLICATION_NAME}
+    )
+    cutter = await asyncpg.connect(database_url)
+    try:
+        other_pid, ours_pid = other.get_server_pid(), ours.get_server_pid()
+        listed = {r["pid"] for r in await cutter.fetch(_LISTENERS_SQL, LISTENER_APPLICATION_NAME)}
+        assert listed == {ours_pid}
+        assert await cutter.fetchval(_CUT_SQL, LISTENER_APPLICATION_NAME, []) == 1
+        assert await other.fetchval("SELECT 1") == 1  # still connected
+        alive = await cutter.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE pid = $1", other_pid
+        )
+        assert alive == 1
+    finally:
+        await cutter.close()
+        await other.close()
+        ours.terminate()

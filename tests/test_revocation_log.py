@@ -211,7 +211,10 @@ async def test_a_server_whose_listener_is_cut_as_soon_as_it_reconnects_still_lea
                 while not stop.is_set():
                     ended = await conn.fetchval(
                         "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid))"
-                        " FROM pg_stat_activity WHERE application_name = $1",
+                        " FROM pg_stat_activity WHERE application_name = $1"
+                        # This test's database only: the tests running beside it (make
+                        # test-fast, -n 2) share the cluster, and their listeners.
+                        " AND datname = current_database()",
                         LISTENER_APPLICATION_NAME,
                     )
                     cuts.append(ended)

@@ -59,9 +59,13 @@ NEAR_CUT_SECONDS = 0.3
 REVOCATIONS = count(1, 100_000)
 CUT_SECONDS = duration(1.0, HOUR, zero="skip the listener-cut phase")
 
-_LISTENERS_SQL = "SELECT pid FROM pg_stat_activity WHERE application_name = $1"
+# This database's listeners only: a cluster shared with other databases (AUTH_DATABASE_URL)
+# holds their services' listeners too.
+_LISTENERS_SQL = """SELECT pid FROM pg_stat_activity
+  WHERE application_name = $1 AND datname = current_database()"""
 _CUT_SQL = """SELECT count(*) FILTER (WHERE pg_terminate_backend(pid))
-  FROM pg_stat_activity WHERE application_name = $1 AND NOT pid = ANY($2::int[])"""
+  FROM pg_stat_activity WHERE application_name = $1 AND datname = current_database()
+   AND NOT pid = ANY($2::int[])"""
 
 
 @dataclass(frozen=True)

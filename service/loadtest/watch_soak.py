@@ -487,7 +487,8 @@ class WatchSoak:
             pids = [
                 r["pid"]
                 for r in await conn.fetch(
-                    "SELECT pid FROM pg_stat_activity WHERE application_name = $1",
+                    "SELECT pid FROM pg_stat_activity WHERE application_name = $1"
+                    " AND datname = current_database()",
                     LISTENER_APPLICATION_NAME,
                 )
             ]
