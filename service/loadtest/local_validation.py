@@ -435,10 +435,11 @@ class _Streams:
                 raise RuntimeError(f"{self.synced} of {count} watch streams synced")
             await asyncio.sleep(0.05)
 
-    async def close(self, within: float = CLOSE_WITHIN) -> None:
-        """Each call cancelled first, then its reader and the channels, every wait bounded:
-        grpc.aio's channel close and a cancelled reader of a stream have been known to wait
-        forever (grpc/grpc#32005, #41875), and the figures are already taken."""
+    async def close(self) -> None:
+        """Each call cancelled first, then its reader and the channels, every wait bounded
+        (CLOSE_WITHIN): grpc.aio's channel close and a cancelled reader of a stream have
+        been known to wait forever (grpc/grpc#32005, #41875), and the figures are taken."""
+        within = CLOSE_WITHIN
         for call in self._calls:
             call.cancel()
         for task in self._tasks:
