@@ -17,9 +17,9 @@ import asyncpg
 import pytest
 
 from service.loadtest.freshness import (
-    _CUT_SQL,
-    _LISTENERS_SQL,
+    CUT_LISTENERS_SQL,
     CUT_TARGET_MS,
+    LISTENERS_SQL,
     STEADY_TARGET_MS,
     Delays,
     FreshnessOptions,
@@ -84,9 +84,9 @@ async def test_listener_cuts_end_only_the_listeners_of_the_measured_database(
     cutter = await asyncpg.connect(database_url)
     try:
         other_pid, ours_pid = other.get_server_pid(), ours.get_server_pid()
-        listed = {r["pid"] for r in await cutter.fetch(_LISTENERS_SQL, LISTENER_APPLICATION_NAME)}
+        listed = {r["pid"] for r in await cutter.fetch(LISTENERS_SQL, LISTENER_APPLICATION_NAME)}
         assert listed == {ours_pid}
-        assert await cutter.fetchval(_CUT_SQL, LISTENER_APPLICATION_NAME, []) == 1
+        assert await cutter.fetchval(CUT_LISTENERS_SQL, LISTENER_APPLICATION_NAME, []) == 1
         assert await other.fetchval("SELECT 1") == 1  # still connected
         alive = await cutter.fetchval(
             "SELECT count(*) FROM pg_stat_activity WHERE pid = $1", other_pid

@@ -15,6 +15,7 @@ import asyncpg
 from authsvc_client.gen.auth.v1 import auth_pb2
 
 from service.clock import ManualClock
+from service.loadtest.freshness import CUT_LISTENERS_SQL
 from service.store.revocation_feed import LISTENER_APPLICATION_NAME
 from tests.live_server import LiveServer, ServerFactory
 
@@ -209,14 +210,9 @@ async def test_a_server_whose_listener_is_cut_as_soon_as_it_reconnects_still_lea
             conn = await asyncpg.connect(database_url)
             try:
                 while not stop.is_set():
-                    ended = await conn.fetchval(
-                        "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid))"
-                        " FROM pg_stat_activity WHERE application_name = $1"
-                        # This test's database only: the tests running beside it (make
-                        # test-fast, -n 2) share the cluster, and their listeners.
-                        " AND datname = current_database()",
-                        LISTENER_APPLICATION_NAME,
-                    )
+                    # This test's database only: the tests running beside it (make
+                    # test-fast, -n 2) share the cluster, and their listeners.
+                    ended = await conn.fetchval(CUT_LISTENERS_SQL, LISTENER_APPLICATION_NAME, [])
                     cuts.append(ended)
                     await asyncio.sleep(0.002)
             finally:

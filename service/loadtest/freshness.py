@@ -59,11 +59,12 @@ NEAR_CUT_SECONDS = 0.3
 REVOCATIONS = count(1, 100_000)
 CUT_SECONDS = duration(1.0, HOUR, zero="skip the listener-cut phase")
 
-# This database's listeners only: a cluster shared with other databases (AUTH_DATABASE_URL)
-# holds their services' listeners too.
-_LISTENERS_SQL = """SELECT pid FROM pg_stat_activity
+# This database's revocation listeners only (freshness, the watch soak, the tests that cut
+# them): a cluster shared with other databases (AUTH_DATABASE_URL) holds their services'
+# listeners too. $1: LISTENER_APPLICATION_NAME; $2 (the cut only): the pids to spare.
+LISTENERS_SQL = """SELECT pid FROM pg_stat_activity
   WHERE application_name = $1 AND datname = current_database()"""
-_CUT_SQL = """SELECT count(*) FILTER (WHERE pg_terminate_backend(pid))
+CUT_LISTENERS_SQL = """SELECT count(*) FILTER (WHERE pg_terminate_backend(pid))
   FROM pg_stat_activity WHERE application_name = $1 AND datname = current_database()
    AND NOT pid = ANY($2::int[])"""
 
@@ -208,7 +209,7 @@ async def _wait_for_listeners(
         deadline = time.monotonic() + within
         while True:
             pids = tuple(
-                r["pid"] for r in await conn.fetch(_LISTENERS_SQL, LISTENER_APPLICATION_NAME)
+                r["pid"] for r in await conn.fetch(LISTENERS_SQL, LISTENER_APPLICATION_NAME)
             )
             new = tuple(p for p in pids if p not in known)
             if new:
@@ -312,7 +313,9 @@ async def _cut_phase(
                     await asyncio.wait_for(stop.wait(), rng.uniform(*options.cut_every))
                 if stop.is_set():
                     return
-                ended = await conn.fetchval(_CUT_SQL, LISTENER_APPLICATION_NAME, list(a_listeners))
+                ended = await conn.fetchval(
+                    CUT_LISTENERS_SQL, LISTENER_APPLICATION_NAME, list(a_listeners)
+                )
                 if ended:
                     result.listener_cuts += ended
                     cut_times.append(time.perf_counter())

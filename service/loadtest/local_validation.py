@@ -60,8 +60,9 @@ HOT_TARGET = 50.0
 COLD_TARGET = 3.0
 REVOKED_SESSIONS = 100_000
 CLOSE_WITHIN = 10.0
-"""Seconds any one close or database statement of the memory part may take: a stall
-becomes an error naming its step, not a bench that never ends."""
+"""Seconds any one close or small database statement of the memory part may take (the
+statements over the 100k rows six times as long): a stall becomes an error or a line naming
+its step, not a bench that never ends."""
 WATCHERS = 1000
 WATCHER_CHANNELS = 10
 SNAPSHOT_WATCHERS = 10
@@ -447,12 +448,12 @@ class _Streams:
         if self._tasks:
             _, pending = await asyncio.wait(self._tasks, timeout=within)
             if pending:
-                print(f"bench: {len(pending)} watch readers did not stop", file=sys.stderr)
+                _step(f"{len(pending)} watch readers did not stop")
         for channel in self._channels:
             try:
                 await asyncio.wait_for(channel.close(), within)
             except TimeoutError:
-                print("bench: a channel did not close", file=sys.stderr)
+                _step("a channel did not close")
 
 
 async def _measure_memory(

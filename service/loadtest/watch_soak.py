@@ -53,6 +53,7 @@ import jwt
 from authsvc_client.gen.auth.v1 import admin_pb2, admin_pb2_grpc, auth_pb2, auth_pb2_grpc
 from authsvc_client.local_validator import LocalValidator
 
+from service.loadtest.freshness import LISTENERS_SQL
 from service.loadtest.reuse_attack import CALL_TIMEOUT, Attack, AttackLog, code_and_reason
 from service.loadtest.server_process import ServeCommand, ServerDidNotStart, ServerProcess
 from service.secrets_box import load_or_create_kek_file
@@ -484,14 +485,7 @@ class WatchSoak:
             self._event(f"listener kill skipped: database unreachable ({type(exc).__name__})")
             return
         try:
-            pids = [
-                r["pid"]
-                for r in await conn.fetch(
-                    "SELECT pid FROM pg_stat_activity WHERE application_name = $1"
-                    " AND datname = current_database()",
-                    LISTENER_APPLICATION_NAME,
-                )
-            ]
+            pids = [r["pid"] for r in await conn.fetch(LISTENERS_SQL, LISTENER_APPLICATION_NAME)]
             if not pids:
                 self._event("listener kill skipped: no listener connected")
                 return
