@@ -82,15 +82,16 @@ class Logged:
 @pytest.fixture
 async def logged(settings: Settings) -> AsyncIterator[Logged]:
     sized = replace(settings, db_pool_size=POOL_SIZE)
-    pool = await create_pool(settings.database_url or "", sized)
     statements: list[asyncpg.connection.LoggedQuery] = []
+
+    async def log_queries(conn: asyncpg.Connection) -> None:
+        # On every connection the pool opens, those that replace a closed one too (after a
+        # cancelled statement the pool may close its connection): none goes unlogged.
+        conn.add_query_logger(statements.append)
+
+    pool = await create_pool(settings.database_url or "", sized, init=log_queries)
     clock = ManualClock(start=1.9e9)
     try:
-        connections = [await pool.acquire() for _ in range(POOL_SIZE)]
-        for conn in connections:
-            conn.add_query_logger(statements.append)
-        for conn in connections:
-            await pool.release(conn)
         components = await build_components(sized, pool=pool, clock=clock)
         yield Logged(components, pool, settings.database_url or "", clock, statements)
     finally:
