@@ -14,17 +14,20 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import json
 import re
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Generic, Protocol, TypeVar
 
 import grpc
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from google.protobuf.timestamp_pb2 import Timestamp
 from jwt.algorithms import Algorithm, get_default_algorithms
 
@@ -339,20 +342,45 @@ def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def _is_canonical(signature: bytes, key: VerificationKey) -> bool:
-    """ECDSA: 0 < r < n and 0 < s <= n/2 (low s), as the server signs (the other
-    algorithms' libraries already allow one encoding only: RSA needs s < n at the modulus'
-    length, Ed25519 S < L). A curve with no known order counts as not canonical."""
-    public_key = key.public_key
-    if not isinstance(public_key, ec.EllipticCurvePublicKey):
-        return True
+def _ecdsa_numbers(
+    signature: bytes, public_key: ec.EllipticCurvePublicKey
+) -> tuple[int, int] | None:
+    """(r, s) of a JWS ECDSA signature (r ‖ s) in its one accepted spelling, else None:
+    0 < r < n and 0 < s <= n/2 (low s), as the server signs (the other algorithms'
+    libraries already allow one encoding only: RSA needs s < n at the modulus' length,
+    Ed25519 S < L). A curve with no known order has no accepted spelling."""
     order = ECDSA_CURVE_ORDERS.get(public_key.curve.name)
     size = (public_key.curve.key_size + 7) // 8
     if order is None or len(signature) != 2 * size:
-        return False
+        return None
     r = int.from_bytes(signature[:size], "big")
     s = int.from_bytes(signature[size:], "big")
-    return 0 < r < order and 0 < s <= order // 2
+    return (r, s) if 0 < r < order and 0 < s <= order // 2 else None
+
+
+@functools.cache
+def _ecdsa(alg: str) -> ec.ECDSA:
+    # pyjwt's hash for the algorithm, made once (its ECAlgorithm.verify makes one a call).
+    hash_alg = _ALGORITHMS[alg].hash_alg  # type: ignore[attr-defined]
+    return ec.ECDSA(hash_alg())
+
+
+def signature_verifies(signing_input: bytes, signature: bytes, key: VerificationKey) -> bool:
+    """Whether `signature` (as a JWS carries it) is `key`'s over `signing_input`, in its one
+    accepted spelling (`_ecdsa_numbers`). ECDSA goes to `cryptography` directly, from the
+    numbers the spelling check read (what pyjwt's ECAlgorithm.verify does, without
+    decoding them again); the other algorithms through pyjwt."""
+    public_key = key.public_key
+    if isinstance(public_key, ec.EllipticCurvePublicKey):
+        numbers = _ecdsa_numbers(signature, public_key)
+        if numbers is None:
+            return False
+        try:
+            public_key.verify(encode_dss_signature(*numbers), signing_input, _ecdsa(key.alg))
+        except InvalidSignature:
+            return False
+        return True
+    return _ALGORITHMS[key.alg].verify(signing_input, public_key, signature)
 
 
 def claim_audiences(claims: dict[str, Any]) -> tuple[str, ...]:
@@ -388,12 +416,25 @@ def _check_required(claims: dict[str, Any]) -> None:
     claim_audiences(claims)
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 def _expiry_datetime(expires_at: float) -> datetime:
     # The server sends exp as a Timestamp of int(exp * 1e9) nanoseconds; the client reads it
-    # back at microseconds. The same steps give the same datetime.
+    # back at microseconds. The same steps give the same datetime; for a whole number of
+    # seconds (authsvc's own tokens) they come to the epoch plus that many seconds.
+    if type(expires_at) is int:
+        return _EPOCH + timedelta(seconds=expires_at)
     ts = Timestamp()
     ts.FromNanoseconds(int(expires_at * 1_000_000_000))
     return ts.ToDatetime(tzinfo=UTC)
+
+
+@functools.lru_cache(maxsize=64)
+def _header(header_b64: str) -> dict[str, Any]:
+    # Every token of one key has the same header: decoded once, not once a token (a
+    # spelling that fails raises, and is not kept). Read only: the same dict every time.
+    return _json_object(_b64decode(header_b64))
 
 
 def verified_claims(
@@ -410,7 +451,7 @@ def verified_claims(
     if _SEGMENT_RE.fullmatch(payload_b64) is None:
         # Checked before the signature: the signing input must be ASCII.
         raise Rejected("MALFORMED")
-    header = _json_object(_b64decode(header_b64))
+    header = _header(header_b64)
     typ = header.get("typ")
     if not isinstance(typ, str) or typ.lower() not in _ACCEPTED_TYPES:
         raise Rejected("MALFORMED")
@@ -428,9 +469,7 @@ def verified_claims(
         raise Rejected("BAD_SIGNATURE")
     signature = _b64decode(signature_b64)
     signing_input = f"{header_b64}.{payload_b64}".encode("ascii")
-    if not _is_canonical(signature, key) or not _ALGORITHMS[key.alg].verify(
-        signing_input, key.public_key, signature
-    ):
+    if not signature_verifies(signing_input, signature, key):
         raise Rejected("BAD_SIGNATURE")
     claims = _json_object(_b64decode(payload_b64))
     _check_required(claims)
