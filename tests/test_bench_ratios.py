@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from service.loadtest.bench import composite_limit, round_ratios
+from service.loadtest.bench import BenchOptions, composite_limit, per_process, round_ratios
 
 
 def test_the_composite_limit_adds_the_two_costs_per_call() -> None:
@@ -24,3 +24,11 @@ def test_one_round_has_no_spread_and_a_baseline_of_zero_is_left_out() -> None:
     assert round_ratios([100.0], [100.0]) is None
     assert round_ratios([100.0, 50.0], [0.0, 100.0]) is None
     assert round_ratios([100.0, 50.0, 90.0], [0.0, 100.0, 100.0]) == (0.5, 0.9)
+
+
+def test_the_bench_runs_issue_12s_load_by_default() -> None:
+    # "2 load processes x 32 concurrent calls": 32 in each, 64 in flight in all.
+    options = BenchOptions()
+    assert (options.processes, options.concurrency) == (2, 64)
+    assert per_process(options) == "32"
+    assert per_process(BenchOptions(processes=2, concurrency=5)) == "2-3"

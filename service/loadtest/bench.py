@@ -34,6 +34,7 @@ from service.loadtest.baselines import (
     signing_algorithm_costs,
 )
 from service.loadtest.bench_page import BenchReport, this_machine
+from service.loadtest.commands import BENCH_CONCURRENCY
 from service.loadtest.cpu import CpuMeter, CpuSeconds
 from service.loadtest.freshness import with_freshness
 from service.loadtest.local import local_server, local_server_process, seed_users
@@ -57,7 +58,7 @@ class BenchOptions:
     times, and so do logins with argon2id alone; medians count."""
     duration: float = 6.0
     processes: int = 2
-    concurrency: int = 32
+    concurrency: int = BENCH_CONCURRENCY
     workers: int = 1
 
 
@@ -66,6 +67,12 @@ class Baseline:
     name: str
     per_second: float
     note: str
+
+
+def per_process(options: BenchOptions) -> str:
+    """The virtual clients of each load process (the runner's split of `concurrency`)."""
+    low, extra = divmod(options.concurrency, options.processes)
+    return str(low) if extra == 0 else f"{low}-{low + 1}"
 
 
 def _median(runs: list[ScenarioSummary]) -> ScenarioSummary:
@@ -443,7 +450,8 @@ def _report(
     ]
     setup = (
         f"server: {options.workers} worker{'s' if options.workers != 1 else ''}, load: "
-        f"{options.processes} processes x {options.concurrency} concurrent calls in all, "
+        f"{options.processes} processes, {options.concurrency} concurrent calls in all "
+        f"({per_process(options)} each), "
         f"{options.duration:g} s per run (health, validate, {SQL_ROW} and refresh: median of "
         f"{options.rounds} interleaved runs; issue and argon2id-only: median of "
         f"{options.rounds} alternated runs; refresh and issue errors: all their runs; in "
