@@ -6,6 +6,8 @@ once is decoded as before (a bad one still refused, every time)."""
 from __future__ import annotations
 
 import base64
+import binascii
+import re
 from datetime import UTC, datetime
 from typing import Any
 
@@ -109,3 +111,39 @@ def test_headers_kept_are_bounded() -> None:
     for i in range(1_000):
         token_check._header(_segment(b'{"n":%d}' % i))
     assert token_check._header.cache_info().currsize <= 64
+
+
+def _b64decode_by_reencoding(segment: str) -> bytes | None:
+    """The check as it was: decode, encode again, compare (None: refused)."""
+    if re.fullmatch(r"[A-Za-z0-9_-]+", segment) is None or len(segment) % 4 == 1:
+        return None
+    try:
+        raw = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+    except (binascii.Error, ValueError):
+        return None
+    if base64.urlsafe_b64encode(raw).rstrip(b"=") != segment.encode("ascii"):
+        return None
+    return raw
+
+
+def _decoded(segment: str) -> bytes | None:
+    try:
+        return token_check._b64decode(segment)
+    except Rejected:
+        return None
+
+
+@given(st.binary(min_size=1, max_size=300), st.text("AQgw_-=+/ .\n\x00é", max_size=3))
+def test_a_segment_decodes_exactly_when_its_one_spelling_would(raw: bytes, tail: str) -> None:
+    segment = _segment(raw)
+    assert _decoded(segment) == raw
+    for variant in (segment + tail, segment[:-1] + tail, tail + segment, segment[:-1]):
+        assert _decoded(variant) == _b64decode_by_reencoding(variant), variant
+
+
+def test_every_last_character_of_a_partial_group_is_judged_as_before() -> None:
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    for raw in (b"a", b"ab", b"abc", b"abcd", b"abcde"):
+        for last in alphabet:
+            segment = _segment(raw)[:-1] + last
+            assert _decoded(segment) == _b64decode_by_reencoding(segment), segment
