@@ -20,7 +20,7 @@ import grpc
 import pytest
 from authsvc_client.gen.auth.v1 import auth_pb2, auth_pb2_grpc
 
-from service.loadtest.server_process import ServeCommand, serving
+from service.loadtest.server_process import ServeCommand, ServerDidNotStart, serving
 from tests.live_server import PASSWORD, TEST_KEK, LiveServer
 
 pytestmark = pytest.mark.system  # the `authsvc` command as processes
@@ -330,3 +330,16 @@ def test_keys_and_user_deletion_from_the_cli_reach_a_running_server(
         again = _authsvc("users", "create", "dana", "--password-stdin", env=env, stdin=PASSWORD)
         assert again.returncode == 0, again.stderr
         assert _authsvc("users", "delete", "nobody", env=env).returncode == 1
+
+
+def test_a_server_that_did_not_start_is_reported_with_how_it_ended(tmp_path: Path) -> None:
+    """The load tools' ServeCommand says how a server that printed no address ended (its
+    exit code, or the signal that ended it), not only what it printed."""
+    command = ServeCommand(
+        _env(AUTH_LISTEN="nowhere", AUTH_DATA_DIR=str(tmp_path)),
+        stderr=subprocess.STDOUT,
+        within=60,
+    )
+    with pytest.raises(ServerDidNotStart, match=r"did not start \(exit code 2\)") as failed:
+        command.start()
+    assert "AUTH_LISTEN" in str(failed.value)

@@ -139,7 +139,21 @@ class ServerProcess:
                 )
                 self._reader.start()
                 return
-        raise ServerDidNotStart("authsvc serve did not start:\n" + "".join(self.output[-40:]))
+        raise ServerDidNotStart(
+            f"authsvc serve did not start ({self._how_it_ended()}):\n" + "".join(self.output[-40:])
+        )
+
+    def _how_it_ended(self) -> str:
+        """Its exit status, for a start that failed: a signal says someone stopped it."""
+        try:
+            code = self.process.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            return f"still running, no address after {self.command.within:g} s"
+        if code < 0:
+            with contextlib.suppress(ValueError):
+                return f"ended by {signal.Signals(-code).name}"
+            return f"ended by signal {-code}"
+        return f"exit code {code}"
 
     def _read_rest(self) -> None:
         stdout = self.process.stdout
