@@ -342,8 +342,20 @@ def _json_object(raw: bytes) -> dict[str, Any]:
     return value
 
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+# The last second a protobuf Timestamp (Validate's expires_at) and a datetime can hold:
+# 9999-12-31T23:59:59Z.
+_MAX_TIMESTAMP = 253_402_300_799
+
+
+def _is_timestamp(value: object) -> bool:
+    """A NumericDate this checker and authsvc's answer can hold: a number (not a bool) from
+    the epoch to `_MAX_TIMESTAMP`. NaN compares false with everything (an `exp` of NaN would
+    never expire), and a larger or negative one cannot become the answer's Timestamp."""
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and 0 <= value <= _MAX_TIMESTAMP
+    )
 
 
 def _ecdsa_numbers(
@@ -404,9 +416,9 @@ def _check_required(claims: dict[str, Any]) -> None:
         if not isinstance(value, str) or not value:
             raise Rejected("MALFORMED")
     for name in ("exp", "iat"):
-        if not _is_number(claims.get(name)):
+        if not _is_timestamp(claims.get(name)):
             raise Rejected("MALFORMED")
-    if "nbf" in claims and not _is_number(claims["nbf"]):
+    if "nbf" in claims and not _is_timestamp(claims["nbf"]):
         raise Rejected("MALFORMED")
     if not isinstance(claims.get("scope", ""), str):
         raise Rejected("MALFORMED")

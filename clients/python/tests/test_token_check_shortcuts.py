@@ -147,3 +147,51 @@ def test_every_last_character_of_a_partial_group_is_judged_as_before() -> None:
         for last in alphabet:
             segment = _segment(raw)[:-1] + last
             assert _decoded(segment) == _b64decode_by_reencoding(segment), segment
+
+
+class _EcKey:
+    alg = "ES256"
+
+    def __init__(self) -> None:
+        self.private_key = ec.generate_private_key(ec.SECP256R1())
+        self.public_key = self.private_key.public_key()
+
+
+def _signed_token(key: _EcKey, claims: str) -> str:
+    """A token over `claims` (JSON text as given: NaN and Infinity too), low-s signed."""
+    header = _segment(b'{"alg":"ES256","typ":"at+jwt","kid":"kid-1"}')
+    signing_input = f"{header}.{_segment(claims.encode())}"
+    signature = ALGORITHMS["ES256"].sign(signing_input.encode(), key.private_key)
+    if int.from_bytes(signature[32:], "big") > P256_ORDER // 2:
+        signature = _high_s(signature)
+    return f"{signing_input}.{_segment(signature)}"
+
+
+def _claims(**times: str) -> str:
+    values = {"exp": "2000000000", "iat": "1900000000", **times}
+    fields = ",".join(f'"{name}":{value}' for name, value in values.items())
+    return '{"iss":"iss","sub":"u","aud":"a","jti":"j","sid":"s",' + fields + "}"
+
+
+@pytest.mark.parametrize("name", ["exp", "iat", "nbf"])
+@pytest.mark.parametrize(
+    "value", ["NaN", "Infinity", "-Infinity", "-1", "1e300", "253402300800", "1e20"]
+)
+def test_a_signed_time_claim_no_answer_can_hold_is_malformed(name: str, value: str) -> None:
+    """Found by an outside review: a signed exp of 1e300 or Infinity raised from
+    TokenChecker.check (OverflowError) instead of answering, and an iat or exp of NaN
+    passed every comparison (NaN compares false: never expired, never too early)."""
+    key = _EcKey()
+    token = _signed_token(key, _claims(**{name: value}))
+    with pytest.raises(Rejected) as rejected:
+        token_check.verified_claims(token, lambda kid: key, "iss")
+    assert rejected.value.reason == "MALFORMED"
+
+
+def test_the_last_second_a_timestamp_holds_is_accepted() -> None:
+    key = _EcKey()
+    token = _signed_token(key, _claims(exp="253402300799", nbf="0.5"))
+    _, claims = token_check.verified_claims(token, lambda kid: key, "iss")
+    assert token_check._expiry_datetime(claims["exp"]) == datetime(
+        9999, 12, 31, 23, 59, 59, tzinfo=UTC
+    )
