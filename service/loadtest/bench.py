@@ -39,7 +39,7 @@ from service.loadtest.cpu import CpuMeter, CpuSeconds
 from service.loadtest.freshness import with_freshness
 from service.loadtest.local import local_server, local_server_process, seed_users
 from service.loadtest.local_validation import local_validation_tables
-from service.loadtest.runner import SQL_ROTATION, LoadPlan, run_load
+from service.loadtest.runner import SQL_ROTATION, LoadPlan, run_load, virtual_clients
 from service.loadtest.stats import ScenarioSummary
 
 # The bench server's verified-token cache is smaller than the cold token set,
@@ -70,9 +70,10 @@ class Baseline:
 
 
 def per_process(options: BenchOptions) -> str:
-    """The virtual clients of each load process (the runner's split of `concurrency`)."""
-    low, extra = divmod(options.concurrency, options.processes)
-    return str(low) if extra == 0 else f"{low}-{low + 1}"
+    """The virtual clients of each load process, as the runner splits `concurrency`."""
+    shares = virtual_clients(options.concurrency, options.processes)
+    low, high = min(shares), max(shares)
+    return str(low) if low == high else f"{low}-{high}"
 
 
 def _median(runs: list[ScenarioSummary]) -> ScenarioSummary:

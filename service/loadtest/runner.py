@@ -356,6 +356,15 @@ def _process_entry(
     results.put((index, outcome))
 
 
+def virtual_clients(concurrency: int, processes: int) -> list[int]:
+    """Each load process's share of `concurrency` (the first ones one more when it does not
+    divide evenly)."""
+    return [
+        concurrency // processes + (1 if i < concurrency % processes else 0)
+        for i in range(processes)
+    ]
+
+
 def run_load(
     plan: LoadPlan,
     *,
@@ -372,10 +381,7 @@ def run_load(
     barrier = context.Barrier(plan.processes + 1)
     results: multiprocessing.Queue[tuple[int, ProcessResult | str]] = context.Queue()
     counters = [context.Value("q", 0) for _ in range(plan.processes)]
-    shares = [
-        plan.concurrency // plan.processes + (1 if i < plan.concurrency % plan.processes else 0)
-        for i in range(plan.processes)
-    ]
+    shares = virtual_clients(plan.concurrency, plan.processes)
     processes = [
         context.Process(
             target=_process_entry,
