@@ -41,6 +41,7 @@ from service.domain.shared_settings import (
     check_shared_settings,
 )
 from service.failures import ConfigurationError
+from service.listening_sockets import listening_tcp_sockets, stop_accepting
 from service.metrics import (
     MetricsEndpoint,
     MetricsInterceptor,
@@ -102,6 +103,8 @@ class RunningServer:
     stream_budget: StreamBudget
     unary_budget: UnaryBudget
     settings_watch: SharedSettingsWatch
+    listening_sockets: frozenset[int]
+    """The inodes of the sockets gRPC listens on for us (`service.listening_sockets`)."""
     telemetry: PrometheusTelemetry | None = None
     metrics_endpoint: MetricsEndpoint | None = None
 
@@ -122,6 +125,10 @@ class RunningServer:
         for task in self.background:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        # New connections go to a worker beside us on the port (a replacement, a sibling)
+        # or are refused, instead of being taken only to have their calls refused.
+        if stop_accepting(self.listening_sockets):
+            log.info("stopping: no longer accepting connections")
         # Calls still coming (a client that does not watch health) are refused with
         # UNAVAILABLE until none is in progress or arriving: gRPC's stop ends the calls it
         # has received but not handed to us yet with CANCELLED (grpc/grpc#41785), which
@@ -231,7 +238,7 @@ async def start_server(
             per_peer=settings.max_streams_per_peer,
             max_age=settings.stream_max_age,
         )
-        server, port = await _serve_grpc(
+        server, port, listening_sockets = await _serve_grpc(
             settings,
             components,
             health,
@@ -302,6 +309,7 @@ async def start_server(
         stream_budget=stream_budget,
         unary_budget=unary_budget,
         settings_watch=settings_watch,
+        listening_sockets=listening_sockets,
         telemetry=telemetry,
         metrics_endpoint=endpoint,
     )
@@ -319,8 +327,9 @@ async def _serve_grpc(
     credentials: grpc.ServerCredentials | None,
     listen: str | None,
     reuse_port: bool,
-) -> tuple[grpc.aio.Server, int]:
-    """The gRPC server with every service and interceptor, bound and started.
+) -> tuple[grpc.aio.Server, int, frozenset[int]]:
+    """The gRPC server with every service and interceptor, bound and started; its port
+    and the inodes of the sockets it listens on.
 
     The interceptors are not given to grpc.aio (which would ask each of them on every
     call): each method's handler is wrapped in them once, when it is registered
@@ -384,6 +393,7 @@ async def _serve_grpc(
         registration,
     )
     address = listen or settings.listen
+    listening_before = listening_tcp_sockets()
     try:
         if credentials is None:
             port = server.add_insecure_port(address)
@@ -399,7 +409,7 @@ async def _serve_grpc(
     await server.start()
     for service_name in ("", AUTH_SERVICE_NAME, ADMIN_SERVICE_NAME):
         await health.set(service_name, health_pb2.HealthCheckResponse.SERVING)
-    return server, port
+    return server, port, listening_tcp_sockets(port) - listening_before
 
 
 def _log_start_up(
