@@ -129,6 +129,9 @@ class RunningServer:
         # or are refused, instead of being taken only to have their calls refused.
         if stop_accepting(self.listening_sockets):
             log.info("stopping: no longer accepting connections")
+        # Watchers go on with another replica (they resume from their position), rather
+        # than holding the stop for the whole grace.
+        self.watch_hub.end_streams()
         # Calls still coming (a client that does not watch health) are refused with
         # UNAVAILABLE until none is in progress or arriving: gRPC's stop ends the calls it
         # has received but not handed to us yet with CANCELLED (grpc/grpc#41785), which

@@ -25,7 +25,7 @@ from service.domain.sessions import RevokeService
 from service.domain.signing_keys import SigningKeys
 from service.domain.tokens import UNKNOWN_AUDIENCE, TokenPair, TokenService
 from service.domain.validation import AccessTokenValidator
-from service.errors import RevocationLogRewound, WatcherTooSlow
+from service.errors import RevocationLogRewound, ShuttingDown, WatcherTooSlow
 from service.request_limits import (
     MAX_AUDIENCE_BYTES,
     MAX_ID_BYTES,
@@ -219,6 +219,8 @@ class AuthServicer:
                     # nobody is there for a status, and it is no error of ours.
                     return
                 writer.result()  # any other failure is unexpected
+            if watcher.stopping:
+                raise ShuttingDown()
             if watcher.rewound:
                 raise RevocationLogRewound()
             raise WatcherTooSlow()

@@ -37,6 +37,7 @@ from service.domain.revocation import (
     UserRevocation,
     remembered_until,
 )
+from service.errors import ShuttingDown
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +174,8 @@ class Watcher:
     cut_off: asyncio.Event = field(default_factory=asyncio.Event)
     rewound: bool = False
     """The database's log went back (a restore): this stream must start over."""
+    stopping: bool = False
+    """This process is stopping: the client goes on with another replica."""
 
     def push(self, bodies: list[Body]) -> bool:
         """Queue bodies; False (and cut off) if that would pass the bound."""
@@ -228,6 +231,7 @@ class RevocationWatchHub:
         self._catch_up = catch_up
         self._watchers: set[Watcher] = set()
         self._snapshot: SnapshotCache | None = None
+        self._stopping = False
         self.updates_sent = 0
         self.cut_off = 0
         self.snapshots_built = 0
@@ -249,6 +253,16 @@ class RevocationWatchHub:
         for watcher in self._watchers:
             if not watcher.push(bodies):
                 self._cut(watcher)
+
+    def end_streams(self) -> None:
+        """This process is stopping: end every open stream and refuse new ones (each with
+        ShuttingDown, which verifiers retry on another replica), so that no stream holds
+        the stop for its whole grace."""
+        self._stopping = True
+        for watcher in self._watchers:
+            watcher.stopping = True
+            watcher.cut_off.set()
+        self._watchers.clear()
 
     def _cut(self, watcher: Watcher) -> None:
         if watcher in self._watchers:
@@ -274,7 +288,10 @@ class RevocationWatchHub:
         The updates are kept as shared bodies and made into messages one at a time as they
         are written (`write_updates`): a stream that does not read holds one update, never
         a copy of the snapshot. A resume from further behind gets the snapshot (built once,
-        shared) rather than a serialization of the journal of its own."""
+        shared) rather than a serialization of the journal of its own. Refused
+        (ShuttingDown) once `end_streams` ran."""
+        if self._stopping:
+            raise ShuttingDown()
         watcher = Watcher(self._max_pending_bytes)
         self._watchers.add(watcher)
         jwks = self._jwks_json()
