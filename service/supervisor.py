@@ -100,10 +100,26 @@ def _reserve_port(listen: str) -> tuple[HostPort, socket.socket]:
     finally:
         probe.close()
     # Without SO_REUSEADDR: another authsvc's probe is refused by this hold even before
-    # our workers listen.
+    # our workers listen. Bound, never listening: it receives no connections.
     holder = socket.socket(family, socket.SOCK_STREAM)
     holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    holder.bind((address.host, port))  # bound, never listening: receives no connections
+    try:
+        holder.bind((address.host, port))
+    except OSError:
+        # The probe found the port free, so what is there is a closing connection (TIME_WAIT)
+        # of a socket without SO_REUSEPORT, which only SO_REUSEADDR binds beside. Held so,
+        # another authsvc's probe is refused only once our workers listen.
+        holder.close()
+        holder = socket.socket(family, socket.SOCK_STREAM)
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        try:
+            holder.bind((address.host, port))
+        except OSError as exc:
+            holder.close()
+            raise ConfigurationError(
+                f"AUTH_LISTEN: cannot listen on {listen} ({exc.strerror})"
+            ) from None
     return address.with_port(port), holder
 
 
