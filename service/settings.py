@@ -217,7 +217,9 @@ class Settings:
     )
     worker_max_memory: int = setting(
         "AUTH_WORKER_MAX_MEMORY",
-        count(64, 1_048_576, zero="never", unit="MiB"),
+        # A fresh worker holds ~70 MiB, one with 100k revocations ~220 (performance.md):
+        # a lower ceiling would replace workers as soon as they serve.
+        count(256, 1_048_576, zero="never", unit="MiB"),
         default=1024,
         doc="""MiB of resident memory past which `serve`'s supervisor replaces a worker (one
         or several): a new one starts beside it, then it is told to stop (SIGTERM: it drains

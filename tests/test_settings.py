@@ -114,6 +114,9 @@ def text(value: float) -> str:
         ("AUTH_THROTTLE_MAX_DELAY", "99999999999", "86400"),
         ("AUTH_STREAM_MAX_AGE", "1e300", "86400"),
         ("AUTH_SHUTDOWN_GRACE", "99999999999", "3600"),
+        # Accepted before (the bound was 64): a fresh worker holds 65-72 MiB, so every
+        # worker was replaced as soon as it served, without end (outside-in review).
+        ("AUTH_WORKER_MAX_MEMORY", "64", "256"),
     ],
 )
 def test_the_issues_examples_are_refused_in_one_line_naming_the_bounds(
