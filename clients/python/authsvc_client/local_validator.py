@@ -424,9 +424,14 @@ class LocalValidator:
             self._pending = None  # the parts of a snapshot cut short are worth nothing
             call = self._client.watch_revocations(self.sequence if self._synced else 0)
             try:
-                while True:
+                # `_closed` is looked at on every turn, and the read is bounded with
+                # asyncio.timeout, not wait_for: Python 3.11's wait_for returns a result
+                # that came as its task was cancelled and drops the cancellation, and this
+                # loop then read on for good while close() waited for it.
+                while not self._closed:
                     # A connection that went quiet (no heartbeat) is as good as gone.
-                    update = await asyncio.wait_for(call.read(), self._max_staleness)
+                    async with asyncio.timeout(self._max_staleness):
+                        update = await call.read()
                     if update is grpc.aio.EOF:
                         self._limited_log.warning(("ended",), "WatchRevocations stream ended")
                         break
